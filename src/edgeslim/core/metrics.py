@@ -1,0 +1,86 @@
+"""Metrics with provenance: every figure says where it came from.
+
+A :class:`Figure` is one number with its unit and its source, e.g. ``measured on onnxruntime 1.32
+(CPUExecutionProvider), 1 thread, batch 1, host AMD EPYC 7B13`` or ``computed by torch.utils.flop_counter``
+or ``predicted for raspberry-pi-4``. :class:`Metrics` is an ordered collection of figures for one model
+or artifact, plus the host it was measured on.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Figure:
+    """One number and where it came from.
+
+    Attributes:
+        name: e.g. ``accuracy``, ``size_bytes``, ``macs``, ``latency_p50_ms``.
+        value: the number.
+        unit: e.g. ``fraction``, ``bytes``, ``ms``, ``MACs``.
+        source: ``measured``, ``computed`` or ``predicted``.
+        detail: how: runtime and version, threads, batch, samples, host; or the device predicted for.
+    """
+
+    name: str
+    value: float
+    unit: str
+    source: str
+    detail: str = ""
+
+
+@dataclass
+class Metrics:
+    """Figures for one model or artifact, in insertion order."""
+
+    label: str
+    figures: dict[str, Figure] = field(default_factory=dict)
+    context: dict[str, Any] = field(default_factory=dict)
+
+    def add(self, name: str, value: float, unit: str, source: str, detail: str = "") -> Figure:
+        f = Figure(name, float(value), unit, source, detail)
+        self.figures[name] = f
+        return f
+
+    def __getitem__(self, name: str) -> float:
+        return self.figures[name].value
+
+    def get(self, name: str, default: float | None = None) -> float | None:
+        f = self.figures.get(name)
+        return f.value if f else default
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.figures
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"label": self.label, "figures": {k: asdict(v) for k, v in self.figures.items()},
+                "context": self.context}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Metrics:
+        return cls(d["label"], {k: Figure(**v) for k, v in d.get("figures", {}).items()}, d.get("context", {}))
+
+
+def host_info() -> dict[str, Any]:
+    """The CPU, core count and software versions of this machine (for every measured figure)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    info: dict[str, Any] = {"cpu": cpu, "cores": os.cpu_count(), "os": platform.platform(),
+                            "python": platform.python_version()}
+    for mod in ("torch", "onnxruntime", "onnx"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except ImportError:
+            pass
+    return info

@@ -1,0 +1,5 @@
+"""Export: ONNX FP32 / FP16 / INT8 (QDQ) / dynamic INT8, each validated against the torch model."""
+
+from edgeslim.export._api import DEFAULT_FLOORS, FORMATS, ValidationFloors, compare, export
+
+__all__ = ["DEFAULT_FLOORS", "FORMATS", "ValidationFloors", "compare", "export"]

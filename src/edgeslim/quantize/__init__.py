@@ -1,0 +1,15 @@
+"""Quantization: static post-training INT8 (calibrated), dynamic INT8, FP16.
+
+>>> q = edgeslim.quantize(model, edgeslim.QuantConfig(calibration="entropy"), calib=train)
+>>> q.report.summary()
+"""
+
+from edgeslim.quantize._api import QuantizedModel, QuantReport, quantize
+from edgeslim.quantize._calibrate import CALIBRATORS, Observer, Stats
+from edgeslim.quantize._config import ActivationType, QuantConfig, QuantMode
+from edgeslim.quantize._modules import ActQuant, QuantWeight
+
+__all__ = [
+    "CALIBRATORS", "ActQuant", "ActivationType", "Observer", "QuantConfig", "QuantMode", "QuantReport",
+    "QuantWeight", "QuantizedModel", "Stats", "quantize",
+]

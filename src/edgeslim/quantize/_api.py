@@ -1,0 +1,231 @@
+"""The ``quantize`` verb and the model it returns."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from edgeslim.core.errors import DataError, QuantizationError
+from edgeslim.quantize import _graph
+from edgeslim.quantize._calibrate import CALIBRATORS
+from edgeslim.quantize._config import ActivationType, QuantConfig, QuantMode
+from edgeslim.quantize._modules import ActQuant, QuantWeight
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class QuantReport:
+    """What ``quantize`` did: which layers were quantized, which were not and why, and the ranges used."""
+
+    mode: str
+    precision: str
+    calibration: str | None
+    calibration_samples: int
+    quantized_layers: list[dict[str, Any]] = field(default_factory=list)
+    skipped_layers: list[dict[str, str]] = field(default_factory=list)
+    float_ops: list[dict[str, str]] = field(default_factory=list)
+    activations: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary(self) -> str:
+        return (
+            f"{self.precision}: {len(self.quantized_layers)} layers quantized, {len(self.skipped_layers)} kept in "
+            f"float, {len(self.activations)} activation ranges ({self.calibration or 'none'}, "
+            f"{self.calibration_samples} samples), {self.seconds:.1f} s"
+        )
+
+
+class QuantizedModel(nn.Module):
+    """A quantized model: the BatchNorm-folded float graph with fake-quantization inserted.
+
+    Its forward simulates the integer model; :func:`edgeslim.export` writes the integer ONNX model.
+    ``float_reference()`` switches the fake-quantization off (the folded float model, for comparisons).
+
+    Attributes:
+        graph_module: the rewritten ``torch.fx.GraphModule``.
+        config: the :class:`QuantConfig` used.
+        report: the :class:`QuantReport`.
+        edgeslim_precision: ``int8``, ``int8-dynamic`` or ``fp16`` (read by export).
+    """
+
+    def __init__(self, graph_module: torch.fx.GraphModule, config: QuantConfig, report: QuantReport) -> None:
+        super().__init__()
+        self.graph_module = graph_module
+        self.config = config
+        self.report = report
+        self.edgeslim_precision = report.precision
+        self.edgeslim_export = {"per_channel": config.per_channel}
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.graph_module(*args, **kwargs)
+
+    def act_quants(self) -> list[ActQuant]:
+        return [m for m in self.modules() if isinstance(m, ActQuant)]
+
+    def weight_quants(self) -> list[QuantWeight]:
+        return [m for m in self.modules() if isinstance(m, QuantWeight)]
+
+    @contextlib.contextmanager
+    def float_reference(self) -> Iterator[QuantizedModel]:
+        """Within the block the model computes in float (no fake quantization)."""
+        saved = [(a, a.state) for a in self.act_quants()]
+        ws = [(w, w.enabled) for w in self.weight_quants()]
+        for a, _ in saved:
+            a.state = "off"
+        for w, _ in ws:
+            w.enabled = False
+        try:
+            yield self
+        finally:
+            for a, s in saved:
+                a.state = s
+            for w, e in ws:
+                w.enabled = e
+
+
+def _calibration_batches(calib: Any, config: QuantConfig, batch_size: int = 128) -> list[torch.Tensor]:
+    """Turn the calibration argument into a list of input batches (class-balanced when labels are known)."""
+    if calib is None:
+        raise DataError(
+            "static quantization needs calibration data: pass calib=<dataset or tensor of real samples> "
+            "(edgeslim never calibrates on random data)"
+        )
+    from edgeslim.data import ImageDataset, calibration_subset
+
+    if isinstance(calib, ImageDataset):
+        if len(calib) == 0:
+            raise DataError(f"calibration dataset {calib.name!r} ({calib.split}) is empty")
+        sub = calibration_subset(calib, config.num_samples, seed=config.seed)
+        x = sub.normalized()
+    elif isinstance(calib, torch.Tensor):
+        x = calib[: config.num_samples]
+    else:
+        xs = []
+        for b in calib:
+            xs.append(b[0] if isinstance(b, (tuple, list)) else b)
+            if sum(len(t) for t in xs) >= config.num_samples:
+                break
+        x = torch.cat(xs)[: config.num_samples] if xs else torch.empty(0)
+    if len(x) == 0:
+        raise DataError("calibration data is empty: pass at least one real sample")
+    return [x[i : i + batch_size] for i in range(0, len(x), batch_size)]
+
+
+def _check_fits(model: nn.Module, x: torch.Tensor) -> None:
+    try:
+        with torch.no_grad():
+            model(x[:1])
+    except Exception as e:  # a shape mismatch surfaces as RuntimeError deep in torch
+        raise DataError(
+            f"input of shape {tuple(x.shape[1:])} does not fit {type(model).__name__}: "
+            f"{str(e).splitlines()[0][:200]}"
+        ) from None
+
+
+def _link_input_scales(gm: torch.fx.GraphModule) -> None:
+    """Give every quantized layer whose input is quantized that input's scale (for its int32 bias)."""
+    for n in gm.graph.nodes:
+        if n.op != "call_module" or not isinstance(gm.get_submodule(str(n.target)), QuantWeight):
+            continue
+        src = n.args[0]
+        if isinstance(src, torch.fx.Node) and src.op == "call_module":
+            aq = gm.get_submodule(str(src.target))
+            if isinstance(aq, ActQuant):
+                gm.get_submodule(str(n.target)).set_input_scale(float(aq.scale))
+
+
+@torch.no_grad()
+def quantize(
+    model: nn.Module,
+    config: QuantConfig = QuantConfig(),
+    *,
+    calib: Any = None,
+    example_inputs: torch.Tensor | None = None,
+) -> QuantizedModel:
+    """Quantize a copy of ``model`` (the input is never modified).
+
+    Args:
+        model: a float ``nn.Module`` traceable by torch.fx.
+        config: the :class:`QuantConfig`.
+        calib: calibration data (static mode, required): an ImageDataset (a class-balanced subset of
+            ``config.num_samples`` is drawn), a tensor of inputs, or an iterable of batches.
+        example_inputs: an input batch for dynamic/fp16 modes (to check the shape fits).
+
+    Returns:
+        a :class:`QuantizedModel` whose ``report`` lists what was quantized and what was not, and why.
+    """
+    t0 = time.perf_counter()
+    if not isinstance(config, QuantConfig):
+        raise QuantizationError(f"config must be a QuantConfig, got {type(config).__name__}")
+    static = config.mode == QuantMode.STATIC
+    batches = _calibration_batches(calib, config) if static else []
+    probe = batches[0] if batches else example_inputs
+    if probe is not None:
+        _check_fits(model, probe)
+    gm = _graph.trace_and_fold(copy.deepcopy(model))
+    placement = _graph.plan(gm, config.exclude, config.quantize_output)
+    signed = config.activation_type == ActivationType.INT8
+    qmin, qmax = (-128, 127) if signed else (0, 255)
+    weight_qmax = 63 if config.reduce_range else 127
+    fp16 = config.mode == QuantMode.FP16
+    gm, quants = _graph.apply(gm, placement, qmin=qmin, qmax=qmax, per_channel=config.per_channel,
+                              weight_qmax=weight_qmax, fp16=fp16)
+    precision = {QuantMode.STATIC: "int8", QuantMode.DYNAMIC: "int8-dynamic", QuantMode.FP16: "fp16"}[config.mode]
+    report = QuantReport(
+        mode=config.mode.value, precision=precision, calibration=config.calibration if static else None,
+        calibration_samples=sum(len(b) for b in batches),
+    )
+    if static:
+        aqs = list(quants.values())
+        for state in ("observe_range", "observe_hist"):
+            for a in aqs:
+                a.state = state
+            for b in batches:
+                gm(b)
+        method = CALIBRATORS.get(config.calibration)
+        inputs = {n.name for n in gm.graph.nodes if n.op == "placeholder"}
+        for key, a in quants.items():
+            value = key.split(":")[1]
+            if a.observer.lo == float("inf"):
+                raise QuantizationError(f"activation {value!r} was never reached during calibration")
+            # the model's input keeps its observed range: clipping input data only loses information
+            fn = CALIBRATORS.get("minmax") if value in inputs else method
+            lo, hi = fn(a.observer.stats(qmin, qmax, config.percentile))
+            a.set_range(lo, hi)
+            a.state = "quant"
+            a.observer = type(a.observer)()  # drop the histograms
+            r = a.range
+            report.activations.append({"value": key.split(":")[1], "module": key.split(":")[0],
+                                       "range": [round(r[0], 6), round(r[1], 6)],
+                                       "scale": float(a.scale), "zero_point": int(a.zero_point)})
+        _link_input_scales(gm)
+    elif config.mode == QuantMode.DYNAMIC:
+        for a in quants.values():
+            a.state = "dynamic"
+    wdesc = "fp16" if fp16 else (
+        f"int8 {'per-channel' if config.per_channel else 'per-tensor'} symmetric"
+        + (" (7-bit range)" if config.reduce_range else "")
+    )
+    for name in placement.weighted:
+        layer = gm.get_submodule(name).layer
+        report.quantized_layers.append({"name": name, "type": type(layer).__name__, "weights": wdesc,
+                                        "params": int(sum(p.numel() for p in layer.parameters()))})
+    for name, why in placement.excluded.items():
+        report.skipped_layers.append({"name": name, "type": type(gm.get_submodule(name)).__name__, "reason": why})
+    report.float_ops = [{"node": k, "reason": v} for k, v in placement.float_ops.items()]
+    qm = QuantizedModel(gm, config, report).eval()
+    report.seconds = round(time.perf_counter() - t0, 3)
+    log.info("quantize: %s", report.summary())
+    return qm

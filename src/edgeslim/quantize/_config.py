@@ -1,0 +1,72 @@
+"""QuantConfig: what to quantize and how."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from edgeslim.core.config import Config, StrEnum
+
+
+class QuantMode(StrEnum):
+    """``static``: INT8 weights and activations, activation ranges from calibration data.
+    ``dynamic``: INT8 weights, activation ranges computed per batch at run time.
+    ``fp16``: half-precision weights and activations."""
+
+    STATIC = "static"
+    DYNAMIC = "dynamic"
+    FP16 = "fp16"
+
+
+class ActivationType(StrEnum):
+    """Activation integer type. ``uint8`` with ``int8`` weights is the fast path on x86 without VNNI."""
+
+    UINT8 = "uint8"
+    INT8 = "int8"
+
+
+@dataclass(frozen=True)
+class QuantConfig(Config):
+    """Post-training quantization settings.
+
+    Attributes:
+        mode: ``static``, ``dynamic`` or ``fp16``.
+        calibration: activation-range method for static mode: one of
+            :data:`edgeslim.quantize.CALIBRATORS` (``minmax``, ``percentile``, ``entropy``, ``mse``).
+        per_channel: one weight scale per output channel (else one per tensor).
+        activation_type: ``uint8`` (default, asymmetric) or ``int8`` (symmetric).
+        weight_bits: weight bit width (8; the weights are symmetric signed integers).
+        reduce_range: use 7-bit weights, which avoids the u8 x s8 int16 saturation of AVX2 kernels
+            (exact on every x86 CPU; costs a little resolution).
+        percentile: the kept mass for ``percentile`` calibration, in percent (e.g. 99.99).
+        num_samples: calibration samples drawn (class-balanced) from the calibration data.
+        exclude: module names or fnmatch patterns (``features.0.*``) of layers kept in floating point.
+        quantize_output: also quantize the network's final layer output (logits).
+        seed: seed of the calibration subset.
+    """
+
+    kind = "quantize"
+    mode: QuantMode = QuantMode.STATIC
+    calibration: str = "mse"
+    per_channel: bool = True
+    activation_type: ActivationType = ActivationType.UINT8
+    weight_bits: int = 8
+    reduce_range: bool = False
+    percentile: float = 99.99
+    num_samples: int = 512
+    exclude: tuple[str, ...] = ()
+    quantize_output: bool = False
+    seed: int = 0
+
+    def validate(self) -> None:
+        from edgeslim.quantize._calibrate import CALIBRATORS
+
+        if self.calibration not in CALIBRATORS:
+            CALIBRATORS.get(self.calibration)  # raises, listing the valid names
+        if self.weight_bits != 8:
+            raise self._bad("weight_bits", "supported: 8")
+        if not 50.0 < self.percentile <= 100.0:
+            raise self._bad("percentile", "must be in (50, 100]")
+        if self.num_samples < 1:
+            raise self._bad("num_samples", "must be >= 1")
+        if not all(isinstance(e, str) and e for e in self.exclude):
+            raise self._bad("exclude", "must be non-empty module names or fnmatch patterns")

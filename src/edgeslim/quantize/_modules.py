@@ -1,0 +1,129 @@
+"""Fake-quantization modules: activations (per tensor) and weights (per channel or per tensor).
+
+They simulate integer arithmetic in floating point with ``torch.fake_quantize_per_*_affine``, which the
+ONNX exporter turns into QuantizeLinear/DequantizeLinear pairs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from edgeslim.quantize._calibrate import Observer
+
+
+class ActQuant(nn.Module):
+    """Per-tensor activation fake-quantizer with an observer for calibration.
+
+    States: ``observe_range`` / ``observe_hist`` (calibration passes; pass-through), ``quant``
+    (fake-quantize with the calibrated scale), ``dynamic`` (range from each batch), ``off`` (pass-through).
+    """
+
+    def __init__(self, qmin: int, qmax: int, clamp: tuple[float | None, float | None] = (None, None)) -> None:
+        super().__init__()
+        self.qmin, self.qmax = int(qmin), int(qmax)
+        self.clamp = clamp
+        self.register_buffer("scale", torch.tensor(1.0))
+        self.register_buffer("zero_point", torch.tensor(0, dtype=torch.int32))
+        self.state = "off"
+        self.observer = Observer()
+
+    def set_range(self, lo: float, hi: float) -> None:
+        lo_c, hi_c = self.clamp
+        if lo_c is not None:
+            lo = max(lo, lo_c)
+        if hi_c is not None:
+            hi = min(hi, hi_c)
+        lo, hi = min(lo, 0.0), max(hi, 0.0)
+        if self.qmin < 0:  # signed: symmetric, zero point 0
+            a = max(abs(lo), abs(hi), 1e-8)
+            scale, zp = a / self.qmax, 0
+        else:
+            scale = max((hi - lo) / (self.qmax - self.qmin), 1e-8)
+            zp = int(round(self.qmin - lo / scale))
+            zp = min(max(zp, self.qmin), self.qmax)
+        self.scale.fill_(scale)
+        self.zero_point.fill_(zp)
+
+    @property
+    def range(self) -> tuple[float, float]:
+        s, z = float(self.scale), int(self.zero_point)
+        return (self.qmin - z) * s, (self.qmax - z) * s
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        state = self.state
+        if state == "quant":
+            return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, self.qmin, self.qmax)
+        if state == "observe_range":
+            self.observer.observe_range(x)
+        elif state == "observe_hist":
+            self.observer.observe_hist(x)
+        elif state == "dynamic":
+            lo, hi = float(x.min()), float(x.max())
+            self.set_range(lo, hi)
+            return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, self.qmin, self.qmax)
+        return x
+
+    def extra_repr(self) -> str:
+        return f"q=[{self.qmin},{self.qmax}], state={self.state}, scale={float(self.scale):.4g}, zp={int(self.zero_point)}"
+
+
+class QuantWeight(nn.Module):
+    """Wraps a Conv/Linear layer and fake-quantizes its weight to symmetric signed integers.
+
+    The wrapped layer is kept as ``self.layer`` with its float weight (the quantization is applied in
+    ``forward``), so disabling the wrapper gives back the float layer exactly.
+    """
+
+    def __init__(self, layer: nn.Module, *, per_channel: bool, qmax: int = 127, fp16: bool = False) -> None:
+        super().__init__()
+        self.layer = layer
+        self.per_channel = per_channel
+        self.fp16 = fp16
+        self.enabled = True
+        w = layer.weight.detach()
+        if per_channel:
+            amax = w.abs().flatten(1).amax(dim=1)
+        else:
+            amax = w.abs().max().reshape(1)
+        self.register_buffer("scale", (amax.clamp_min(1e-12) / qmax).float())
+        self.register_buffer("zero_point", torch.zeros_like(self.scale, dtype=torch.int32))
+        # scale of the layer's quantized input; once set, the bias is rounded to int32 at scale
+        # input_scale * weight_scale, exactly as the integer kernel adds it
+        self.register_buffer("input_scale", torch.tensor(0.0))
+
+    def set_input_scale(self, input_scale: float) -> None:
+        """Record the input's scale; raise weight scales where the int32 bias would overflow."""
+        self.input_scale.fill_(float(input_scale))
+        b = self.layer.bias
+        if b is not None and input_scale > 0:
+            floor = b.detach().abs().float() / (float(input_scale) * (2**31 - 1) * 0.5)
+            if self.scale.numel() == 1:
+                floor = floor.max().reshape(1)
+            self.scale.copy_(torch.maximum(self.scale, floor))
+
+    def quantized_bias(self) -> torch.Tensor | None:
+        b = self.layer.bias
+        if b is None or not self.enabled or self.fp16 or float(self.input_scale) <= 0:
+            return b
+        bs = (self.input_scale * self.scale).expand_as(b)
+        return torch.round(b / bs) * bs
+
+    def quantized_weight(self) -> torch.Tensor:
+        w = self.layer.weight
+        if not self.enabled:
+            return w
+        if self.fp16:
+            return w.half().float()
+        if self.per_channel:
+            return torch.fake_quantize_per_channel_affine(w, self.scale, self.zero_point, 0, -128, 127)
+        return torch.fake_quantize_per_tensor_affine(w, self.scale[0], self.zero_point[0], -128, 127)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.quantized_weight()
+        layer = self.layer
+        b = self.quantized_bias()
+        if isinstance(layer, nn.Linear):
+            return F.linear(x, w, b)
+        return layer._conv_forward(x, w, b)

@@ -1,0 +1,90 @@
+import collections
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import numpy_helper
+from tiny import TinyCNN, TinyMLP
+
+from edgeslim import Artifact, ValidationFloors, export, quantize, QuantConfig
+from edgeslim.core.errors import ConfigError, DataError, ExportError, OutputExistsError
+
+
+def optimized_ops(path: Path, tmp_path: Path) -> collections.Counter:
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return collections.Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)
+
+
+def test_fp32_export_matches_torch_and_keeps_a_record(tmp_path):
+    model = TinyCNN().eval()
+    x = TinyCNN.example_inputs(16)
+    art = export(model, "onnx", example_inputs=x, path=tmp_path / "m.onnx")
+    assert art.precision == "fp32" and art.path.is_file()
+    assert art.validation["cosine"] > 0.99999 and art.validation["top1_agreement"] == 1.0
+    assert art.meta["macs"] > 0
+    again = Artifact.load(art.path)
+    assert again.validation == art.validation and again.input_shape == (1, 8, 8)
+
+
+def test_int8_export_runs_integer_kernels_in_onnxruntime(tmp_path, digits_model):
+    model, train, val = digits_model
+    q = quantize(model, QuantConfig(num_samples=256), calib=train)
+    art = export(q, "onnx", example_inputs=val, path=tmp_path / "q.onnx")
+    ops = optimized_ops(art.path, tmp_path)
+    assert ops["QLinearConv"] == 3 and ops["QLinearAdd"] == 1
+    assert "Conv" not in ops and "FusedConv" not in ops  # no float convolution left
+    weights = [numpy_helper.to_array(i) for i in onnx.load(str(art.path)).graph.initializer]
+    assert sum(w.size for w in weights if w.dtype == np.int8) > 0.9 * sum(w.size for w in weights if w.ndim >= 2)
+    v = art.validation
+    assert v["cosine"] > 0.99 and v["top1_agreement"] > 0.95
+    assert abs(v["accuracy_artifact"] - v["accuracy_torch"]) <= 0.02
+    assert "vs_float_reference" in v and art.meta["quantization"]["precision"] == "int8"
+
+
+def test_fp16_and_dynamic_exports(tmp_path):
+    x = TinyMLP.example_inputs(8)
+    h = export(TinyMLP(), "onnx", example_inputs=x, path=tmp_path / "h.onnx", precision="fp16")
+    dtypes = {numpy_helper.to_array(i).dtype.name for i in onnx.load(str(h.path)).graph.initializer if i.dims}
+    assert "float16" in dtypes and "float32" not in dtypes
+    d = quantize(TinyMLP(), QuantConfig(mode="dynamic"), example_inputs=x)
+    art = export(d, "onnx", example_inputs=x, path=tmp_path / "d.onnx")
+    ops = {n.op_type for n in onnx.load(str(art.path)).graph.node}
+    assert "DynamicQuantizeLinear" in ops and ("MatMulInteger" in ops or "DynamicQuantizeMatMul" in ops)
+
+
+def test_failed_validation_writes_nothing(tmp_path):
+    x = TinyCNN.example_inputs(8)
+    q = quantize(TinyCNN(), QuantConfig(num_samples=8), calib=x)
+    with pytest.raises(ExportError, match="failed validation.*sqnr_db"):
+        export(q, "onnx", example_inputs=x, path=tmp_path / "q.onnx", floors=ValidationFloors(min_sqnr_db=200.0))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_output_is_refused_unless_forced(tmp_path):
+    x = TinyCNN.example_inputs(4)
+    p = tmp_path / "m.onnx"
+    p.write_text("user's file")
+    with pytest.raises(OutputExistsError, match="already exists.*force"):
+        export(TinyCNN(), "onnx", example_inputs=x, path=p)
+    assert p.read_text() == "user's file"
+    export(TinyCNN(), "onnx", example_inputs=x, path=p, force=True)
+    assert onnx.load(str(p)).graph.node
+
+
+def test_bad_arguments(tmp_path):
+    x = TinyCNN.example_inputs(4)
+    with pytest.raises(ConfigError, match="unknown export format 'tflite'.*valid: onnx"):
+        export(TinyCNN(), "tflite", example_inputs=x)
+    with pytest.raises(ConfigError, match="needs a quantized model"):
+        export(TinyCNN(), "onnx", example_inputs=x, precision="int8", path=tmp_path / "a.onnx")
+    with pytest.raises(DataError, match="example_inputs"):
+        export(TinyCNN(), "onnx", path=tmp_path / "b.onnx")
+    with pytest.raises(DataError, match=r"\(3, 8, 8\) do not fit TinyCNN"):
+        export(TinyCNN(), "onnx", example_inputs=torch.randn(2, 3, 8, 8), path=tmp_path / "c.onnx")
+    assert not any(tmp_path.iterdir())

@@ -1,0 +1,160 @@
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from tiny import NoWeights, TinyCNN, TinyMLP
+
+from edgeslim.core.config import CONFIGS
+from edgeslim.core.errors import ConfigError, DataError, QuantizationError
+from edgeslim.quantize import CALIBRATORS, ActQuant, QuantConfig, QuantWeight, Stats, quantize
+from edgeslim.quantize._calibrate import BINS, Observer, _quant_mse
+from edgeslim.train import evaluate
+
+
+def _stats(x: np.ndarray, qmin: int = 0, qmax: int = 255, pct: float = 99.9) -> Stats:
+    o = Observer()
+    t = torch.from_numpy(x.astype(np.float32))
+    o.observe_range(t)
+    o.observe_hist(t)
+    return o.stats(qmin, qmax, pct)
+
+
+def test_every_registered_config_round_trips_through_yaml():
+    assert {"quantize", "train", "validation"} <= set(CONFIGS)
+    for cls in CONFIGS.values():
+        cfg = cls()
+        again = cls.from_yaml(cfg.to_yaml())
+        assert again == cfg
+        assert cls.from_dict(cfg.to_dict()) == cfg
+
+
+def test_config_rejects_unknown_keys_and_values_with_the_valid_ones():
+    with pytest.raises(ConfigError, match="calibraton.*did you mean 'calibration'"):
+        QuantConfig.from_dict({"calibraton": "mse"})
+    with pytest.raises(ConfigError, match="valid: entropy, minmax, mse, percentile"):
+        QuantConfig(calibration="kl")
+    with pytest.raises(ConfigError, match="mode='int4'.*valid: static, dynamic, fp16"):
+        QuantConfig(mode="int4")
+    with pytest.raises(ConfigError, match="weight_bits=4"):
+        QuantConfig(weight_bits=4)
+    assert QuantConfig(mode="dynamic").mode == "dynamic"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        QuantConfig().mode = "fp16"
+
+
+def test_calibrators_on_a_heavy_tailed_distribution():
+    rng = np.random.default_rng(0)
+    x = np.abs(rng.standard_normal(100_000))
+    x[:5] = 50.0  # rare outliers
+    s = _stats(x)
+    assert CALIBRATORS.get("minmax")(s) == pytest.approx((0.0, 50.0), abs=1e-4)
+    for name in ("percentile", "entropy"):
+        lo, hi = CALIBRATORS.get(name)(s)
+        assert lo == 0.0 and 2.0 < hi < 25.0, (name, hi)  # outliers clipped, bulk kept
+    # mse weighs the outliers' clipping error against the bulk's rounding error: never worse than minmax
+    lo, hi = CALIBRATORS.get("mse")(s)
+    assert lo == 0.0 and hi <= 50.0 and _quant_mse(s, lo, hi) <= _quant_mse(s, 0.0, 50.0)
+    signed = _stats(rng.standard_normal(100_000), -128, 127)
+    lo, hi = CALIBRATORS.get("percentile")(signed)
+    assert lo < -2.5 and hi > 2.5
+    assert len(s.hist) == BINS
+
+
+def test_quantize_returns_a_new_model_and_leaves_the_input_alone():
+    model = TinyCNN().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    q = quantize(model, QuantConfig(num_samples=16), calib=TinyCNN.example_inputs(16))
+    assert q is not model
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not any(isinstance(m, (ActQuant, QuantWeight)) for m in model.modules())
+    names = [r["name"] for r in q.report.quantized_layers]
+    assert names == ["stem.0", "dw.0", "pw.0", "fc"]
+    assert q.report.skipped_layers == []
+    # BatchNorm was folded away, every activation has a calibrated uint8 range
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in q.modules())
+    assert all(a.state == "quant" and 0 <= int(a.zero_point) <= 255 for a in q.act_quants())
+    assert len(q.report.activations) == len(q.act_quants())
+
+
+def test_relu6_outputs_get_a_range_within_0_and_6():
+    q = quantize(TinyCNN(), QuantConfig(calibration="minmax", num_samples=8), calib=TinyCNN.example_inputs(8) * 50)
+    clamped = [a for a in q.act_quants() if a.clamp == (0.0, 6.0)]
+    assert clamped, "ReLU6 outputs should be folded into their producer's quantization range"
+    for a in clamped:
+        lo, hi = a.range
+        assert lo == pytest.approx(0.0, abs=1e-6) and hi <= 6.0 + 1e-5
+
+
+def test_float_reference_switches_fake_quantization_off():
+    model = TinyCNN().eval()
+    x = TinyCNN.example_inputs(8)
+    q = quantize(model, QuantConfig(num_samples=8), calib=x)
+    with torch.no_grad():
+        ref = model(x)
+        with q.float_reference():
+            folded = q(x)
+        simulated = q(x)
+    assert torch.allclose(ref, folded, atol=1e-5)
+    assert not torch.allclose(ref, simulated, atol=1e-5)
+
+
+def test_quantized_accuracy_stays_close_on_real_digits(digits_model):
+    model, train, val = digits_model
+    base = evaluate(model, val)
+    assert base > 0.85
+    for method in ("minmax", "percentile", "mse"):
+        q = quantize(model, QuantConfig(calibration=method, num_samples=256), calib=train)
+        assert evaluate(q, val) >= base - 0.02, method
+    # KL-divergence calibration clips hard on this tiny model: still far above chance, ranges tighter
+    e = quantize(model, QuantConfig(calibration="entropy", num_samples=256), calib=train)
+    m = quantize(model, QuantConfig(calibration="minmax", num_samples=256), calib=train)
+    assert evaluate(e, val) > 0.3
+    assert sum(a["range"][1] for a in e.report.activations) < sum(a["range"][1] for a in m.report.activations)
+
+
+def test_exclusion_is_reported_and_unknown_patterns_fail_with_near_names():
+    x = TinyCNN.example_inputs(8)
+    q = quantize(TinyCNN(), QuantConfig(exclude=("fc",), num_samples=8), calib=x)
+    assert [s["name"] for s in q.report.skipped_layers] == ["fc"]
+    assert "exclude pattern 'fc'" in q.report.skipped_layers[0]["reason"]
+    assert "fc" not in [r["name"] for r in q.report.quantized_layers]
+    q2 = quantize(TinyCNN(), QuantConfig(exclude=("dw.*", "pw.*"), num_samples=8), calib=x)
+    assert {s["name"] for s in q2.report.skipped_layers} == {"dw.0", "pw.0"}
+    with pytest.raises(QuantizationError, match=r"'stem\.1' matches no quantizable layer.*did you mean 'stem\.0'"):
+        quantize(TinyCNN(), QuantConfig(exclude=("stem.1",)), calib=x)
+
+
+def test_bad_inputs_get_clear_errors():
+    with pytest.raises(QuantizationError, match="no quantizable layers"):
+        quantize(NoWeights(), QuantConfig(), calib=NoWeights.example_inputs())
+    with pytest.raises(DataError, match="never calibrates on random data"):
+        quantize(TinyCNN(), QuantConfig())
+    with pytest.raises(DataError, match="empty"):
+        quantize(TinyCNN(), QuantConfig(), calib=torch.empty(0, 1, 8, 8))
+    with pytest.raises(DataError, match=r"input of shape \(3, 8, 8\) does not fit TinyCNN"):
+        quantize(TinyCNN(), QuantConfig(), calib=torch.randn(4, 3, 8, 8))
+
+
+def test_dynamic_and_fp16_modes_need_no_calibration():
+    x = TinyMLP.example_inputs()
+    d = quantize(TinyMLP(), QuantConfig(mode="dynamic"), example_inputs=x)
+    assert d.edgeslim_precision == "int8-dynamic" and all(a.state == "dynamic" for a in d.act_quants())
+    m = TinyMLP().eval()
+    h = quantize(m, QuantConfig(mode="fp16"), example_inputs=x)
+    assert h.edgeslim_precision == "fp16" and not h.act_quants()
+    with torch.no_grad():
+        err = (h(x) - m(x)).abs().max()
+    assert 0 < err < 1e-2  # weights rounded to half precision, nothing else
+    assert h.report.quantized_layers[0]["weights"] == "fp16"
+
+
+def test_int32_bias_never_overflows_when_a_channel_is_dead():
+    model = TinyCNN().eval()
+    with torch.no_grad():
+        model.pw[0].weight[0].zero_()  # a dead channel: weight scale would be ~0
+        model.pw[1].bias[0] = 5.0
+    q = quantize(model, QuantConfig(num_samples=8), calib=TinyCNN.example_inputs(8))
+    w = q.graph_module.get_submodule("pw.0")
+    b = w.layer.bias.detach()
+    assert (b.abs() / (w.input_scale * w.scale) < 2**31 - 1).all()

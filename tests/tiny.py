@@ -1,0 +1,65 @@
+"""The one shared file of tiny models for tests; each has ``example_inputs()``."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class TinyCNN(nn.Module):
+    """Conv-BN-ReLU6, a depthwise conv, a residual add, global pooling and a linear head (1x8x8 input)."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU6())
+        self.dw = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False), nn.BatchNorm2d(8), nn.ReLU6())
+        self.pw = nn.Sequential(nn.Conv2d(8, 8, 1, bias=False), nn.BatchNorm2d(8))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.stem(x)
+        y = y + self.pw(self.dw(y))
+        return self.fc(torch.flatten(self.pool(y), 1))
+
+    @staticmethod
+    def example_inputs(batch: int = 4) -> torch.Tensor:
+        return torch.randn(batch, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+
+
+class TinyMLP(nn.Module):
+    """Flatten, two Linear layers with ReLU (1x8x8 input)."""
+
+    def __init__(self, in_features: int = 64, num_classes: int = 10) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(in_features, 32), nn.ReLU(), nn.Linear(32, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    @staticmethod
+    def example_inputs(batch: int = 4) -> torch.Tensor:
+        return torch.randn(batch, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+
+
+class NoWeights(nn.Module):
+    """A model with nothing to quantize."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x).flatten(1)
+
+    @staticmethod
+    def example_inputs(batch: int = 4) -> torch.Tensor:
+        return torch.randn(batch, 1, 8, 8)
+
+
+def trained_tiny_cnn(epochs: int = 15) -> tuple[nn.Module, object, object]:
+    """TinyCNN trained on scikit-learn digits for a few epochs (seconds): (model, train, val)."""
+    from edgeslim.data import load
+    from edgeslim.train import TrainConfig, fit
+
+    train, val = load("digits")
+    torch.manual_seed(0)
+    res = fit(TinyCNN(), train, val, TrainConfig(epochs=epochs, lr=0.1, batch_size=32, augment=False, warmup_steps=20),
+              progress=False)
+    return res.model, train, val

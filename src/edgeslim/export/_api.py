@@ -23,7 +23,7 @@ from torch import nn
 from edgeslim.core.artifact import Artifact
 from edgeslim.core.config import Config
 from edgeslim.core.errors import ConfigError, DataError, ExportError, near
-from edgeslim.core.io import check_output
+from edgeslim.core.io import atomic_path, check_output
 from edgeslim.export._qdq import compact_names, fold_qdq
 
 log = logging.getLogger(__name__)
@@ -184,44 +184,16 @@ def export(
                         f"{str(e).splitlines()[0][:200]}") from None
     t0 = time.perf_counter()
     float_ctx = getattr(model, "float_reference", None)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        with tempfile.TemporaryDirectory() as td:
-            raw = Path(td) / "raw.onnx"
-            with (float_ctx() if float_ctx and prec in ("int8-dynamic", "fp16") else contextlib.nullcontext()):
-                _torch_export(model, x, raw, opset)
-            with float_ctx() if float_ctx else contextlib.nullcontext():
-                macs = _macs(model, x)
-            _convert(raw, tmp, prec, getattr(model, "edgeslim_export", {}))
+    with atomic_path(target, force=force) as tmp, tempfile.TemporaryDirectory() as td:
+        raw = Path(td) / "raw.onnx"
+        with (float_ctx() if float_ctx and prec in ("int8-dynamic", "fp16") else contextlib.nullcontext()):
+            _torch_export(model, x, raw, opset)
+        with float_ctx() if float_ctx else contextlib.nullcontext():
+            macs = _macs(model, x)
+        _convert(raw, tmp, prec, getattr(model, "edgeslim_export", {}))
         validation: dict[str, Any] = {}
         if validate:
-            out = _ort_run(tmp, x.numpy())
-            validation = {"samples": len(x), "reference": "torch model passed to export", **compare(ref.numpy(), out)}
-            if labels is not None:
-                validation["accuracy_torch"] = float((ref.numpy().argmax(1) == labels).mean())
-                validation["accuracy_artifact"] = float((out.argmax(1) == labels).mean())
-            if float_ctx:
-                with float_ctx(), torch.no_grad():
-                    fref = model(x).numpy()
-                validation["vs_float_reference"] = compare(fref, out)
-            cmin, smin, tmin = floors.resolve(prec)
-            validation["floors"] = {"cosine": cmin, "sqnr_db": smin, "top1_agreement": tmin}
-            bad = [
-                f"{k} {validation[k]:.4f} < {v}"
-                for k, v in (("cosine", cmin), ("sqnr_db", smin), ("top1_agreement", tmin))
-                if validation[k] < v
-            ]
-            if bad:
-                raise ExportError(
-                    f"{prec} ONNX export of {type(model).__name__} failed validation on {len(x)} samples: "
-                    + "; ".join(bad) + " (floors are set by ValidationFloors)"
-                )
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+            validation = _validate(model, tmp, x, ref, labels, prec, floors)
     art = Artifact(
         target, "onnx", prec, tuple(x.shape[1:]), validation,
         {"macs": macs, "opset": opset, "source_model": type(model).__name__,
@@ -231,6 +203,34 @@ def export(
     art.save_record(force=True)
     log.info("exported %s (%s, %d bytes)", target, prec, art.size_bytes)
     return art
+
+
+def _validate(model: nn.Module, path: Path, x: torch.Tensor, ref: torch.Tensor, labels: np.ndarray | None,
+              prec: str, floors: ValidationFloors) -> dict[str, Any]:
+    """Run the file in ONNX Runtime on the samples and compare with the torch model; raise below the floors."""
+    out = _ort_run(path, x.numpy())
+    validation: dict[str, Any] = {"samples": len(x), "reference": "torch model passed to export",
+                                  **compare(ref.numpy(), out)}
+    if labels is not None:
+        validation["accuracy_torch"] = float((ref.numpy().argmax(1) == labels).mean())
+        validation["accuracy_artifact"] = float((out.argmax(1) == labels).mean())
+    float_ctx = getattr(model, "float_reference", None)
+    if float_ctx:
+        with float_ctx(), torch.no_grad():
+            validation["vs_float_reference"] = compare(model(x).numpy(), out)
+    cmin, smin, tmin = floors.resolve(prec)
+    validation["floors"] = {"cosine": cmin, "sqnr_db": smin, "top1_agreement": tmin}
+    bad = [
+        f"{k} {validation[k]:.4f} < {v}"
+        for k, v in (("cosine", cmin), ("sqnr_db", smin), ("top1_agreement", tmin))
+        if validation[k] < v
+    ]
+    if bad:
+        raise ExportError(
+            f"{prec} ONNX export of {type(model).__name__} failed validation on {len(x)} samples: "
+            + "; ".join(bad) + " (floors are set by ValidationFloors)"
+        )
+    return validation
 
 
 def _convert(raw: Path, out: Path, precision: str, opts: dict) -> None:

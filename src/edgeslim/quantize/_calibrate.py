@@ -27,6 +27,7 @@ class Stats:
     qmin: int
     qmax: int
     percentile: float
+    zeros: float = 0.0  # exact zeros observed (e.g. after ReLU); zero is exact on the integer grid
 
     @property
     def edges(self) -> np.ndarray:
@@ -101,6 +102,9 @@ def entropy(s: Stats) -> tuple[float, float]:
     mag_edges = np.linspace(0, amax, BINS + 1)
     centers = np.abs(s.centers)
     mag = np.histogram(centers, bins=mag_edges, weights=s.hist)[0]
+    # exact zeros (half of every post-ReLU tensor) quantize exactly: leave them out, or their spike in the
+    # first bin dominates the divergence and drags the threshold down
+    mag[0] = max(0.0, mag[0] - s.zeros)
     levels = (s.qmax - s.qmin + 1) // (2 if s.lo < 0 else 1)
     levels = max(levels, 2)
     best_kl, best_i = float("inf"), BINS
@@ -138,7 +142,7 @@ class Observer:
         self.lo = float("inf")
         self.hi = float("-inf")
         self.hist: np.ndarray | None = None
-        self.passes_done = 0
+        self.zeros = 0.0
 
     def observe_range(self, x: torch.Tensor) -> None:
         x = x.detach()
@@ -148,8 +152,10 @@ class Observer:
     def observe_hist(self, x: torch.Tensor) -> None:
         if self.hi <= self.lo:
             return
-        h = torch.histc(x.detach().float().flatten(), bins=BINS, min=self.lo, max=self.hi).numpy()
+        x = x.detach().float().flatten()
+        h = torch.histc(x, bins=BINS, min=self.lo, max=self.hi).numpy().astype(np.float64)
         self.hist = h if self.hist is None else self.hist + h
+        self.zeros += float((x == 0).sum())
 
     def stats(self, qmin: int, qmax: int, percentile_: float) -> Stats:
-        return Stats(self.lo, self.hi, self.hist, qmin, qmax, percentile_)
+        return Stats(self.lo, self.hi, self.hist, qmin, qmax, percentile_, self.zeros)

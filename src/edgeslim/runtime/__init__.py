@@ -1,0 +1,13 @@
+"""Runtimes behind one interface (``load(target, runtime, threads=...) -> Runner``; ``runner.run(x) -> y``),
+the latency harness, static ONNX counts, and the ``measure`` verb.
+
+>>> m = edgeslim.runtime.measure(artifact, data=val, threads=(1, 2), batch_sizes=(1, 8))
+>>> m["latency_p50_ms@t1b1"], m["accuracy"], m["peak_memory_mb"]
+"""
+
+from edgeslim.runtime._measure import latency, measure
+from edgeslim.runtime._runners import RUNTIMES, OrtRunner, Runner, TorchRunner, load, optimized_op_types
+from edgeslim.runtime._static import onnx_macs, onnx_params
+
+__all__ = ["RUNTIMES", "OrtRunner", "Runner", "TorchRunner", "latency", "load", "measure", "onnx_macs",
+           "onnx_params", "optimized_op_types"]

@@ -1,0 +1,31 @@
+import subprocess
+import sys
+
+import edgeslim
+
+
+def test_public_surface_is_pinned():
+    assert sorted(edgeslim.__all__) == sorted([
+        "Artifact", "ConfigError", "DataError", "EdgeslimError", "ExportError", "Figure", "Metrics", "ModelError",
+        "OutputExistsError", "QuantConfig", "QuantizationError", "QuantizedModel", "RuntimeBackendError",
+        "TrainConfig", "ValidationFloors", "__version__", "data", "export", "measure", "models", "quantize", "report",
+    ])
+    for name in ("quantize", "export", "measure", "report"):
+        assert callable(getattr(edgeslim, name)), name
+
+
+def test_import_stays_light():
+    # optional and heavy backends load only when a verb needs them (torch itself is the one heavy import)
+    code = (
+        "import sys, torch; before = set(sys.modules); import edgeslim; "
+        "heavy = [m for m in ('onnx', 'onnxruntime', 'yaml', 'sklearn', 'mlxtend', 'nncf', 'openvino', "
+        "'onnxconverter_common', 'PIL', 'tqdm') if m in sys.modules and m not in before]; print(','.join(heavy))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "", f"import edgeslim pulled in: {out}"
+
+
+def test_errors_form_one_tree():
+    for name in ("ConfigError", "DataError", "ExportError", "ModelError", "OutputExistsError", "QuantizationError",
+                 "RuntimeBackendError"):
+        assert issubclass(getattr(edgeslim, name), edgeslim.EdgeslimError)

@@ -248,7 +248,10 @@ def _convert(raw: Path, out: Path, precision: str, opts: dict) -> None:
     if precision == "int8":
         fold_qdq(model)  # compacts names too
     elif precision == "fp16":
-        from onnxconverter_common import float16
+        try:
+            from onnxconverter_common import float16
+        except ImportError:
+            raise ExportError("FP16 export needs onnxconverter-common: pip install onnxconverter-common") from None
 
         model = float16.convert_float_to_float16(model, keep_io_types=True)
         compact_names(model)

@@ -88,3 +88,17 @@ def test_bad_arguments(tmp_path):
     with pytest.raises(DataError, match=r"\(3, 8, 8\) do not fit TinyCNN"):
         export(TinyCNN(), "onnx", example_inputs=torch.randn(2, 3, 8, 8), path=tmp_path / "c.onnx")
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("options", [{"per_channel": False}, {"activation_type": "int8"}, {"reduce_range": True}])
+def test_other_int8_variants_export_and_validate(tmp_path, digits_model, options):
+    model, train, val = digits_model
+    q = quantize(model, QuantConfig(num_samples=256, **options), calib=train)
+    art = export(q, "onnx", example_inputs=val, path=tmp_path / "q.onnx")
+    assert art.validation["top1_agreement"] > 0.95
+    assert abs(art.validation["accuracy_artifact"] - art.validation["accuracy_torch"]) <= 0.02
+    ops = optimized_ops(art.path, tmp_path)
+    assert ops["QLinearConv"] + ops["ConvInteger"] >= 1 or options.get("activation_type") == "int8"
+    if not options.get("per_channel", True):
+        scales = [numpy_helper.to_array(i) for i in onnx.load(str(art.path)).graph.initializer]
+        assert all(s.size == 1 for s in scales if s.dtype == np.float32)  # one scale per tensor

@@ -158,3 +158,55 @@ def test_int32_bias_never_overflows_when_a_channel_is_dead():
     w = q.graph_module.get_submodule("pw.0")
     b = w.layer.bias.detach()
     assert (b.abs() / (w.input_scale * w.scale) < 2**31 - 1).all()
+
+
+@pytest.mark.parametrize("method", ["ste", "lsq"])
+def test_qat_trains_scales_and_exports_them_to_integer_onnx(tmp_path, digits_model, method):
+    import collections
+
+    import onnx
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    from edgeslim.export import export
+    from edgeslim.quantize import QATConfig, qat
+    from edgeslim.train import TrainConfig
+
+    model, train, val = digits_model
+    ptq = quantize(model, QuantConfig(calibration="minmax", num_samples=256), calib=train)
+    before = [float(a.scale) for a in ptq.act_quants()]
+    q = qat(ptq, QATConfig(method=method), data=(train, val),
+            train_config=TrainConfig(epochs=2, lr=1e-3, optimizer="adamw", weight_decay=0.0, warmup_steps=0,
+                                     augment=False, batch_size=32), progress=False)
+    after = [float(a.scale.detach()) for a in q.act_quants()]
+    assert [float(a.scale) for a in ptq.act_quants()] == before  # the input model is untouched
+    assert (after != before) == (method == "lsq")  # LSQ learns activation scales; STE keeps the calibrated ones
+    assert evaluate(q, val) >= evaluate(ptq, val) - 0.02
+    art = export(q, "onnx", example_inputs=val, path=tmp_path / "qat.onnx")
+    g = onnx.load(str(art.path)).graph
+    inits = {i.name: numpy_helper.to_array(i) for i in g.initializer}
+    act_scales = sorted(float(inits[n.input[1]]) for n in g.node if n.op_type == "QuantizeLinear")
+    assert act_scales and all(any(abs(s - a) <= 1e-6 * a for a in after) for s in act_scales)
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(str(art.path), so, providers=["CPUExecutionProvider"])
+    ops = collections.Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)
+    assert ops["QLinearConv"] == 3 and "Conv" not in ops
+
+
+def test_saved_quantized_model_replays_exactly(tmp_path, digits_model):
+    from edgeslim.core.errors import ModelError
+    from edgeslim.quantize import restore_quantized, save_quantized
+
+    model, train, val = digits_model
+    q = quantize(model, QuantConfig(num_samples=128, exclude=("fc",)), calib=train)
+    path = save_quantized(q, tmp_path / "q.pt")
+    blob = torch.load(path, weights_only=True)  # plain data: no pickled modules
+    assert blob["recipe"]["exclude"] == ["fc"]
+    r = restore_quantized(model, path)
+    x = val.normalized()[:64]
+    with torch.no_grad():
+        assert torch.equal(q(x), r(x))
+    with pytest.raises(ModelError, match="does not match"):
+        restore_quantized(TinyMLP(), path)

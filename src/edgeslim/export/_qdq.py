@@ -98,9 +98,9 @@ def fold_qdq(model):
                 b = _np(inits[n.input[2]]).astype(np.float64)
                 sx = _np(inits[dq_x.input[1]]).astype(np.float64)
                 sw = _np(inits[dq_w.input[1]]).astype(np.float64)
-                bscale = (sx.astype(np.float32) * sw.astype(np.float32)).reshape(-1).astype(np.float64)
-                if bscale.size == 1 and b.size > 1:
-                    bscale = np.full(b.shape, bscale[0])
+                bscale = (sx.astype(np.float32) * sw.astype(np.float32)).astype(np.float64)
+                if bscale.size == 1:  # per-tensor weights: one bias scale
+                    bscale = bscale.reshape(())
                 qb = np.clip(np.round(b / bscale), -(2**31), 2**31 - 1).astype(np.int32)
                 base = n.input[2]
                 g.initializer.extend([
@@ -109,7 +109,7 @@ def fold_qdq(model):
                 ])
                 new_nodes.append(helper.make_node(
                     "DequantizeLinear", [base + "_int32", base + "_int32_scale"],
-                    [base + "_dq"], name=base + "_DequantizeLinear", axis=0,
+                    [base + "_dq"], name=base + "_DequantizeLinear", **({"axis": 0} if bscale.ndim else {}),
                 ))
                 n.input[2] = base + "_dq"
         new_nodes.append(n)

@@ -1,4 +1,4 @@
-"""Quantization: static post-training INT8 (calibrated), dynamic INT8, FP16.
+"""Quantization: static post-training INT8 (calibrated), dynamic INT8, FP16, quantization-aware training.
 
 >>> q = edgeslim.quantize(model, edgeslim.QuantConfig(calibration="entropy"), calib=train)
 >>> q.report.summary()
@@ -8,8 +8,10 @@ from edgeslim.quantize._api import QuantizedModel, QuantReport, quantize
 from edgeslim.quantize._calibrate import CALIBRATORS, Observer, Stats
 from edgeslim.quantize._config import ActivationType, QuantConfig, QuantMode
 from edgeslim.quantize._modules import ActQuant, QuantWeight
+from edgeslim.quantize._qat import QATConfig, QATMethod, qat, restore_quantized, save_quantized
 
 __all__ = [
-    "CALIBRATORS", "ActQuant", "ActivationType", "Observer", "QuantConfig", "QuantMode", "QuantReport",
-    "QuantWeight", "QuantizedModel", "Stats", "quantize",
+    "CALIBRATORS", "ActQuant", "ActivationType", "Observer", "QATConfig", "QATMethod", "QuantConfig", "QuantMode",
+    "QuantReport", "QuantWeight", "QuantizedModel", "Stats", "qat", "quantize", "restore_quantized",
+    "save_quantized",
 ]

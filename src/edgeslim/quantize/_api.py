@@ -143,7 +143,7 @@ def _link_input_scales(gm: torch.fx.GraphModule) -> None:
         if isinstance(src, torch.fx.Node) and src.op == "call_module":
             aq = gm.get_submodule(str(src.target))
             if isinstance(aq, ActQuant):
-                gm.get_submodule(str(n.target)).set_input_scale(float(aq.scale))
+                gm.get_submodule(str(n.target)).set_input_scale(float(aq.scale.detach()))
 
 
 @torch.no_grad()

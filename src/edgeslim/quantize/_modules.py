@@ -6,6 +6,8 @@ ONNX exporter turns into QuantizeLinear/DequantizeLinear pairs.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -48,13 +50,26 @@ class ActQuant(nn.Module):
 
     @property
     def range(self) -> tuple[float, float]:
-        s, z = float(self.scale), int(self.zero_point)
+        s, z = float(self.scale.detach()), int(self.zero_point)
         return (self.qmin - z) * s, (self.qmax - z) * s
+
+    def make_learnable(self) -> None:
+        """Turn the scale into a parameter trained with the LSQ gradient (Esser et al. 2020)."""
+        if not isinstance(self.scale, nn.Parameter):
+            scale = self.scale.detach().clone()
+            del self.scale
+            self.scale = nn.Parameter(scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         state = self.state
         if state == "quant":
-            return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, self.qmin, self.qmax)
+            if self.training and isinstance(self.scale, nn.Parameter):
+                grad_factor = 1.0 / math.sqrt(x[0].numel() * self.qmax)
+                return torch._fake_quantize_learnable_per_tensor_affine(
+                    x, self.scale.reshape(1), self.zero_point.float().reshape(1), self.qmin, self.qmax, grad_factor
+                )
+            return torch.fake_quantize_per_tensor_affine(x, self.scale.detach(), self.zero_point, self.qmin,
+                                                         self.qmax)
         if state == "observe_range":
             self.observer.observe_range(x)
         elif state == "observe_hist":
@@ -66,7 +81,7 @@ class ActQuant(nn.Module):
         return x
 
     def extra_repr(self) -> str:
-        return f"q=[{self.qmin},{self.qmax}], state={self.state}, scale={float(self.scale):.4g}, zp={int(self.zero_point)}"
+        return f"q=[{self.qmin},{self.qmax}], state={self.state}, scale={float(self.scale.detach()):.4g}, zp={int(self.zero_point)}"
 
 
 class QuantWeight(nn.Module):
@@ -82,6 +97,8 @@ class QuantWeight(nn.Module):
         self.per_channel = per_channel
         self.fp16 = fp16
         self.enabled = True
+        self.qmax = qmax
+        self.qat = ""  # "", "ste" (scales follow the weights) or "lsq" (learned scales)
         w = layer.weight.detach()
         if per_channel:
             amax = w.abs().flatten(1).amax(dim=1)
@@ -96,19 +113,21 @@ class QuantWeight(nn.Module):
     def set_input_scale(self, input_scale: float) -> None:
         """Record the input's scale; raise weight scales where the int32 bias would overflow."""
         self.input_scale.fill_(float(input_scale))
-        b = self.layer.bias
-        if b is not None and input_scale > 0:
-            floor = b.detach().abs().float() / (float(input_scale) * (2**31 - 1) * 0.5)
-            if self.scale.numel() == 1:
-                floor = floor.max().reshape(1)
-            self.scale.copy_(torch.maximum(self.scale, floor))
+        with torch.no_grad():
+            self.scale.copy_(torch.maximum(self.scale, self._bias_floor()))
 
     def quantized_bias(self) -> torch.Tensor | None:
         b = self.layer.bias
         if b is None or not self.enabled or self.fp16 or float(self.input_scale) <= 0:
             return b
-        bs = (self.input_scale * self.scale).expand_as(b)
-        return torch.round(b / bs) * bs
+        bs = (self.input_scale * self.scale.detach()).expand_as(b)
+        return b + (torch.round(b / bs) * bs - b).detach()  # straight-through for training
+
+    def make_learnable(self) -> None:
+        if not isinstance(self.scale, nn.Parameter):
+            scale = self.scale.detach().clone()
+            del self.scale
+            self.scale = nn.Parameter(scale)
 
     def quantized_weight(self) -> torch.Tensor:
         w = self.layer.weight
@@ -116,9 +135,28 @@ class QuantWeight(nn.Module):
             return w
         if self.fp16:
             return w.half().float()
+        if self.training and self.qat == "lsq":
+            grad_factor = 1.0 / math.sqrt(w[0].numel() * 127)
+            if self.per_channel:
+                return torch._fake_quantize_learnable_per_channel_affine(
+                    w, self.scale, self.zero_point.float(), 0, -128, 127, grad_factor)
+            return torch._fake_quantize_learnable_per_tensor_affine(
+                w, self.scale, self.zero_point.float(), -128, 127, grad_factor)
+        if self.training and self.qat == "ste":  # scales follow the weights as they train
+            with torch.no_grad():
+                amax = w.abs().flatten(1).amax(dim=1) if self.per_channel else w.abs().max().reshape(1)
+                self.scale.copy_(torch.maximum(amax.clamp_min(1e-12) / self.qmax, self._bias_floor()))
+        scale = self.scale.detach()
         if self.per_channel:
-            return torch.fake_quantize_per_channel_affine(w, self.scale, self.zero_point, 0, -128, 127)
-        return torch.fake_quantize_per_tensor_affine(w, self.scale[0], self.zero_point[0], -128, 127)
+            return torch.fake_quantize_per_channel_affine(w, scale, self.zero_point, 0, -128, 127)
+        return torch.fake_quantize_per_tensor_affine(w, scale[0], self.zero_point[0], -128, 127)
+
+    def _bias_floor(self) -> torch.Tensor:
+        b, s_in = self.layer.bias, float(self.input_scale)
+        if b is None or s_in <= 0:
+            return torch.zeros_like(self.scale)
+        floor = b.detach().abs().float() / (s_in * (2**31 - 1) * 0.5)
+        return floor.max().reshape(1) if self.scale.numel() == 1 else floor
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.quantized_weight()

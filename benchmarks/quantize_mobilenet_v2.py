@@ -17,7 +17,6 @@ Prints a table and writes benchmarks/results/quantize_mobilenet_v2.json. Not a t
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import platform
@@ -174,7 +173,7 @@ def main() -> None:
         print(f"{r['row']:42s} {r['accuracy'] * 100:7.2f} {r['drop_pt']:8.2f} {r['size_bytes'] / 1024:9.1f} "
               f"{r['size_ratio']:7.2f}x {r['latency_ms_1t']:7.3f} {r['latency_ms_2t']:7.3f} {r['speedup_1t']:9.2f}x "
               f"{r['speedup_2t']:9.2f}x {r['speedup_vs_eager_1t']:10.2f}x")
-    print(f"\nedgeslim PTQ wall time (calibration on 512 samples + conversion + export/validation): "
+    print("\nedgeslim PTQ wall time (calibration on 512 samples + conversion + export/validation): "
           + ", ".join(f"{k} {v:.1f} s" for k, v in ptq_seconds.items()))
     write_json(args.out, {
         "benchmark": "quantize_mobilenet_v2", "rows": rows, "ptq_seconds": ptq_seconds, "rounds": args.rounds,

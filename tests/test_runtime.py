@@ -1,7 +1,6 @@
 import time
 
 import numpy as np
-import onnx
 import pytest
 import torch
 from tiny import TinyCNN, TinyMLP

@@ -134,6 +134,21 @@ def _check_fits(model: nn.Module, x: torch.Tensor) -> None:
         ) from None
 
 
+PRECISION = {QuantMode.STATIC: "int8", QuantMode.DYNAMIC: "int8-dynamic", QuantMode.FP16: "fp16"}
+
+
+def build_graph(model: nn.Module, config: QuantConfig) -> tuple[torch.fx.GraphModule, _graph.Placement,
+                                                                   dict[str, ActQuant]]:
+    """Trace and fold a copy of ``model``, plan the placement and insert the (uncalibrated) quantizers."""
+    gm = _graph.trace_and_fold(copy.deepcopy(model))
+    placement = _graph.plan(gm, config.exclude, config.quantize_output)
+    signed = config.activation_type == ActivationType.INT8
+    gm, quants = _graph.apply(gm, placement, qmin=-128 if signed else 0, qmax=127 if signed else 255,
+                              per_channel=config.per_channel, weight_qmax=63 if config.reduce_range else 127,
+                              fp16=config.mode == QuantMode.FP16)
+    return gm, placement, quants
+
+
 def _link_input_scales(gm: torch.fx.GraphModule) -> None:
     """Give every quantized layer whose input is quantized that input's scale (for its int32 bias)."""
     for n in gm.graph.nodes:
@@ -174,15 +189,9 @@ def quantize(
     probe = batches[0] if batches else example_inputs
     if probe is not None:
         _check_fits(model, probe)
-    gm = _graph.trace_and_fold(copy.deepcopy(model))
-    placement = _graph.plan(gm, config.exclude, config.quantize_output)
-    signed = config.activation_type == ActivationType.INT8
-    qmin, qmax = (-128, 127) if signed else (0, 255)
-    weight_qmax = 63 if config.reduce_range else 127
+    gm, placement, quants = build_graph(model, config)
     fp16 = config.mode == QuantMode.FP16
-    gm, quants = _graph.apply(gm, placement, qmin=qmin, qmax=qmax, per_channel=config.per_channel,
-                              weight_qmax=weight_qmax, fp16=fp16)
-    precision = {QuantMode.STATIC: "int8", QuantMode.DYNAMIC: "int8-dynamic", QuantMode.FP16: "fp16"}[config.mode]
+    precision = PRECISION[config.mode]
     report = QuantReport(
         mode=config.mode.value, precision=precision, calibration=config.calibration if static else None,
         calibration_samples=sum(len(b) for b in batches),
@@ -202,7 +211,7 @@ def quantize(
                 raise QuantizationError(f"activation {value!r} was never reached during calibration")
             # the model's input keeps its observed range: clipping input data only loses information
             fn = CALIBRATORS.get("minmax") if value in inputs else method
-            lo, hi = fn(a.observer.stats(qmin, qmax, config.percentile))
+            lo, hi = fn(a.observer.stats(a.qmin, a.qmax, config.percentile))
             a.set_range(lo, hi)
             a.state = "quant"
             a.observer = type(a.observer)()  # drop the histograms

@@ -27,9 +27,8 @@ from torch import nn
 from edgeslim.core.config import Config, StrEnum
 from edgeslim.core.errors import ModelError, QuantizationError
 from edgeslim.core.io import save_torch
-from edgeslim.quantize import _graph
-from edgeslim.quantize._api import QuantizedModel, QuantReport, _link_input_scales, quantize
-from edgeslim.quantize._config import ActivationType, QuantConfig, QuantMode
+from edgeslim.quantize._api import PRECISION, QuantizedModel, QuantReport, _link_input_scales, build_graph, quantize
+from edgeslim.quantize._config import QuantConfig, QuantMode
 from edgeslim.quantize._modules import ActQuant, QuantWeight
 
 log = logging.getLogger(__name__)
@@ -130,16 +129,11 @@ def restore_quantized(model: nn.Module, path: str | Path) -> QuantizedModel:
     if not isinstance(blob, dict) or blob.get("format") != "edgeslim.quantized/1":
         raise ModelError(f"{str(path)!r} is not a file written by edgeslim's save_quantized")
     config = QuantConfig.from_dict(blob["recipe"], source=str(path))
-    gm = _graph.trace_and_fold(copy.deepcopy(model))
     try:
-        placement = _graph.plan(gm, config.exclude, config.quantize_output)
+        gm, placement, quants = build_graph(model, config)
     except QuantizationError as e:
         raise ModelError(f"quantized model file {str(path)!r} does not match the model: {e}") from None
-    signed = config.activation_type == ActivationType.INT8
-    gm, quants = _graph.apply(gm, placement, qmin=-128 if signed else 0, qmax=127 if signed else 255,
-                              per_channel=config.per_channel, weight_qmax=63 if config.reduce_range else 127,
-                              fp16=config.mode == QuantMode.FP16)
-    precision = {QuantMode.STATIC: "int8", QuantMode.DYNAMIC: "int8-dynamic", QuantMode.FP16: "fp16"}[config.mode]
+    precision = PRECISION[config.mode]
     q = QuantizedModel(gm, config, QuantReport(config.mode.value, precision, config.calibration, 0))
     for name in blob.get("learnable_scales", []):
         q.get_submodule(name).make_learnable()

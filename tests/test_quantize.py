@@ -36,8 +36,8 @@ def test_config_rejects_unknown_keys_and_values_with_the_valid_ones():
         QuantConfig(calibration="kl")
     with pytest.raises(ConfigError, match="mode='int4'.*valid: static, dynamic, fp16"):
         QuantConfig(mode="int4")
-    with pytest.raises(ConfigError, match="weight_bits=4"):
-        QuantConfig(weight_bits=4)
+    with pytest.raises(ConfigError, match="weight_bits=3.*supported: 4, 8"):
+        QuantConfig(weight_bits=3)
     assert QuantConfig(mode="dynamic").mode == "dynamic"
     with pytest.raises(dataclasses.FrozenInstanceError):
         QuantConfig().mode = "fp16"
@@ -210,3 +210,16 @@ def test_saved_quantized_model_replays_exactly(tmp_path, digits_model):
         assert torch.equal(q(x), r(x))
     with pytest.raises(ModelError, match="does not match"):
         restore_quantized(TinyMLP(), path)
+
+
+def test_4bit_weights_use_16_levels_and_export(tmp_path, digits_model):
+    from edgeslim.export import export
+
+    model, train, val = digits_model
+    q = quantize(model, QuantConfig(weight_bits=4, num_samples=128), calib=train)
+    for w in q.weight_quants():
+        levels = torch.unique(torch.round(w.quantized_weight().detach() / w.scale.view(-1, *[1] * (w.layer.weight.ndim - 1))))
+        assert levels.min() >= -8 and levels.max() <= 7
+    assert q.report.quantized_layers[0]["weights"].startswith("int4")
+    art = export(q, "onnx", example_inputs=val, path=tmp_path / "w4.onnx")
+    assert art.validation["top1_agreement"] > 0.9

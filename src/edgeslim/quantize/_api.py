@@ -134,6 +134,13 @@ def _check_fits(model: nn.Module, x: torch.Tensor) -> None:
         ) from None
 
 
+def weight_qmax(config: QuantConfig) -> int:
+    """Largest weight integer: 127 for 8 bits (63 with reduce_range), 7 for 4 bits."""
+    if config.weight_bits == 4:
+        return 7
+    return 63 if config.reduce_range else 127
+
+
 PRECISION = {QuantMode.STATIC: "int8", QuantMode.DYNAMIC: "int8-dynamic", QuantMode.FP16: "fp16"}
 
 
@@ -144,7 +151,7 @@ def build_graph(model: nn.Module, config: QuantConfig) -> tuple[torch.fx.GraphMo
     placement = _graph.plan(gm, config.exclude, config.quantize_output)
     signed = config.activation_type == ActivationType.INT8
     gm, quants = _graph.apply(gm, placement, qmin=-128 if signed else 0, qmax=127 if signed else 255,
-                              per_channel=config.per_channel, weight_qmax=63 if config.reduce_range else 127,
+                              per_channel=config.per_channel, weight_qmax=weight_qmax(config),
                               fp16=config.mode == QuantMode.FP16)
     return gm, placement, quants
 
@@ -224,7 +231,7 @@ def quantize(
         for a in quants.values():
             a.state = "dynamic"
     wdesc = "fp16" if fp16 else (
-        f"int8 {'per-channel' if config.per_channel else 'per-tensor'} symmetric"
+        f"int{config.weight_bits} {'per-channel' if config.per_channel else 'per-tensor'} symmetric"
         + (" (7-bit range)" if config.reduce_range else "")
     )
     for name in placement.weighted:

@@ -135,18 +135,23 @@ class QuantWeight(nn.Module):
             return w
         if self.fp16:
             return w.half().float()
+        lo, hi = (-128, 127) if self.qmax >= 63 else (-self.qmax - 1, self.qmax)
         if self.training and self.qat == "lsq":
-            grad_factor = 1.0 / math.sqrt(w[0].numel() * 127)
+            grad_factor = 1.0 / math.sqrt(w[0].numel() * hi)
             if self.per_channel:
                 return torch._fake_quantize_learnable_per_channel_affine(
-                    w, self.scale, self.zero_point.float(), 0, -128, 127, grad_factor)
+                    w, self.scale, self.zero_point.float(), 0, lo, hi, grad_factor)
             return torch._fake_quantize_learnable_per_tensor_affine(
-                w, self.scale, self.zero_point.float(), -128, 127, grad_factor)
+                w, self.scale, self.zero_point.float(), lo, hi, grad_factor)
         if self.training and self.qat == "ste":  # scales follow the weights as they train
             with torch.no_grad():
                 amax = w.abs().flatten(1).amax(dim=1) if self.per_channel else w.abs().max().reshape(1)
                 self.scale.copy_(torch.maximum(amax.clamp_min(1e-12) / self.qmax, self._bias_floor()))
         scale = self.scale.detach()
+        if hi < 127:  # sub-8-bit weights travel in an int8 container: clip to the narrow grid first
+            shape = (-1,) + (1,) * (w.ndim - 1) if self.per_channel else ()
+            s = scale.reshape(shape) if self.per_channel else scale[0]
+            w = torch.maximum(torch.minimum(w, s * hi), s * lo)
         if self.per_channel:
             return torch.fake_quantize_per_channel_affine(w, scale, self.zero_point, 0, -128, 127)
         return torch.fake_quantize_per_tensor_affine(w, scale[0], self.zero_point[0], -128, 127)

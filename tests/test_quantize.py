@@ -223,3 +223,59 @@ def test_4bit_weights_use_16_levels_and_export(tmp_path, digits_model):
     assert q.report.quantized_layers[0]["weights"].startswith("int4")
     art = export(q, "onnx", example_inputs=val, path=tmp_path / "w4.onnx")
     assert art.validation["top1_agreement"] > 0.9
+
+
+def test_cross_layer_equalization_is_exact_for_relu_and_balances_ranges():
+    from tiny import TinyChain
+
+    from edgeslim.quantize._equalize import equalize
+    from edgeslim.quantize._graph import trace_and_fold
+
+    model = TinyChain().eval()
+    x = TinyChain.example_inputs()
+    gm = trace_and_fold(model)
+    spread = lambda w: float(w.detach().abs().flatten(1).amax(1).max() / w.abs().flatten(1).amax(1).min())  # noqa: E731
+    before = spread(gm.c1.weight)
+    done = equalize(gm)
+    assert done["pairs"] == [["c1", "dw"], ["dw", "c2"]] and done["relu6_replaced_by_relu"] == []
+    with torch.no_grad():
+        assert torch.allclose(gm(x), model(x), atol=1e-5)  # exact: ReLU is positively homogeneous
+    assert spread(gm.c1.weight) < before / 10
+    q_plain = quantize(model, QuantConfig(per_channel=False, num_samples=16), calib=x)
+    q_cle = quantize(model, QuantConfig(per_channel=False, equalize=True, num_samples=16), calib=x)
+    with torch.no_grad():
+        ref = model(x)
+        err_plain = (q_plain(x) - ref).pow(2).mean()
+        err_cle = (q_cle(x) - ref).pow(2).mean()
+    assert err_cle < err_plain / 2
+    assert q_cle.report.corrections["equalization"]["pairs"]
+
+
+def test_equalization_swaps_relu6_and_says_so():
+    q = quantize(TinyCNN(), QuantConfig(equalize=True, num_samples=8), calib=TinyCNN.example_inputs(8))
+    # stem -> ReLU6 also feeds the residual add, so only dw -> ReLU6 -> pw is a pair
+    assert q.report.corrections["equalization"]["pairs"] == [["dw.0", "pw.0"]]
+    assert q.report.corrections["equalization"]["relu6_replaced_by_relu"] == ["dw.2"]
+
+
+def test_bias_correction_removes_the_mean_output_error(digits_model):
+    model, train, val = digits_model
+    cfg = QuantConfig(per_channel=False, weight_bits=4, num_samples=256)
+    plain = quantize(model, cfg, calib=train)
+    corrected = quantize(model, cfg.replace(bias_correction=True), calib=train)
+    assert corrected.report.corrections["bias_corrected_layers"] == ["stem.0", "dw.0", "pw.0", "fc"]
+
+    reference = plain.graph_module.get_submodule("stem.0").layer  # the float layer, original bias
+
+    def stem_error(q):  # the first layer sees the same quantized input in both models
+        seen = {}
+        qw = q.graph_module.get_submodule("stem.0")
+        h = qw.register_forward_hook(lambda m, i, o: seen.update(err=(o - reference(i[0])).transpose(0, 1).flatten(1)))
+        with torch.no_grad():
+            q(val.normalized())
+        h.remove()
+        return float(seen["err"].mean(1).abs().mean())
+
+    before, after = stem_error(plain), stem_error(corrected)
+    assert before > 1e-3 and after < before / 5
+    assert evaluate(corrected, val) >= evaluate(plain, val) - 0.02

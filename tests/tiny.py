@@ -63,3 +63,28 @@ def trained_tiny_cnn(epochs: int = 15) -> tuple[nn.Module, object, object]:
     res = fit(TinyCNN(), train, val, TrainConfig(epochs=epochs, lr=0.1, batch_size=32, augment=False, warmup_steps=20),
               progress=False)
     return res.model, train, val
+
+
+class TinyChain(nn.Module):
+    """conv -> ReLU -> depthwise -> ReLU -> conv -> pool -> linear, with badly balanced channel ranges
+    (the case cross-layer equalization is for)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(1, 8, 3, padding=1)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.c2 = nn.Conv2d(8, 8, 1)
+        self.fc = nn.Linear(8, 10)
+        with torch.no_grad():
+            scale = torch.logspace(-2, 1, 8)
+            self.c1.weight.mul_(scale.view(-1, 1, 1, 1))
+            self.c1.bias.mul_(scale)
+            self.dw.weight.div_(scale.view(-1, 1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.c2(torch.relu(self.dw(torch.relu(self.c1(x)))))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(y, 1), 1))
+
+    @staticmethod
+    def example_inputs(batch: int = 16) -> torch.Tensor:
+        return torch.randn(batch, 1, 8, 8, generator=torch.Generator().manual_seed(1))

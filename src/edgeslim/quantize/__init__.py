@@ -9,9 +9,14 @@ from edgeslim.quantize._calibrate import CALIBRATORS, Observer, Stats
 from edgeslim.quantize._config import ActivationType, QuantConfig, QuantMode
 from edgeslim.quantize._modules import ActQuant, QuantWeight
 from edgeslim.quantize._qat import QATConfig, QATMethod, qat, restore_quantized, save_quantized
+from edgeslim.quantize._sensitivity import (
+    BudgetResult, BudgetSearch, BudgetStep, LayerSensitivity, SensitivityMode, SensitivityReport,
+    quantize_with_budget, sensitivity,
+)
 
 __all__ = [
-    "CALIBRATORS", "ActQuant", "ActivationType", "Observer", "QATConfig", "QATMethod", "QuantConfig", "QuantMode",
-    "QuantReport", "QuantWeight", "QuantizedModel", "Stats", "qat", "quantize", "restore_quantized",
-    "save_quantized",
+    "CALIBRATORS", "ActQuant", "ActivationType", "BudgetResult", "BudgetSearch", "BudgetStep", "LayerSensitivity",
+    "Observer", "QATConfig", "QATMethod", "QuantConfig", "QuantMode", "QuantReport", "QuantWeight", "QuantizedModel",
+    "SensitivityMode", "SensitivityReport", "Stats", "qat", "quantize", "quantize_with_budget", "restore_quantized",
+    "save_quantized", "sensitivity",
 ]

@@ -17,6 +17,7 @@ from edgeslim.core.errors import DataError, QuantizationError
 from edgeslim.quantize import _graph
 from edgeslim.quantize._calibrate import CALIBRATORS
 from edgeslim.quantize._config import ActivationType, QuantConfig, QuantMode
+from edgeslim.quantize._equalize import correct_bias, equalize
 from edgeslim.quantize._modules import ActQuant, QuantWeight
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,7 @@ class QuantReport:
     skipped_layers: list[dict[str, str]] = field(default_factory=list)
     float_ops: list[dict[str, str]] = field(default_factory=list)
     activations: list[dict[str, Any]] = field(default_factory=list)
+    corrections: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
@@ -148,6 +150,7 @@ def build_graph(model: nn.Module, config: QuantConfig) -> tuple[torch.fx.GraphMo
                                                                    dict[str, ActQuant]]:
     """Trace and fold a copy of ``model``, plan the placement and insert the (uncalibrated) quantizers."""
     gm = _graph.trace_and_fold(copy.deepcopy(model))
+    gm.edgeslim_equalization = equalize(gm) if config.equalize else None
     placement = _graph.plan(gm, config.exclude, config.quantize_output)
     signed = config.activation_type == ActivationType.INT8
     gm, quants = _graph.apply(gm, placement, qmin=-128 if signed else 0, qmax=127 if signed else 255,
@@ -203,6 +206,8 @@ def quantize(
         mode=config.mode.value, precision=precision, calibration=config.calibration if static else None,
         calibration_samples=sum(len(b) for b in batches),
     )
+    if gm.edgeslim_equalization:
+        report.corrections["equalization"] = gm.edgeslim_equalization
     if static:
         aqs = list(quants.values())
         for state in ("observe_range", "observe_hist"):
@@ -227,6 +232,9 @@ def quantize(
                                        "range": [round(r[0], 6), round(r[1], 6)],
                                        "scale": float(a.scale), "zero_point": int(a.zero_point)})
         _link_input_scales(gm)
+        if config.bias_correction:
+            report.corrections["bias_corrected_layers"] = correct_bias(gm, batches)
+            _link_input_scales(gm)
     elif config.mode == QuantMode.DYNAMIC:
         for a in quants.values():
             a.state = "dynamic"

@@ -42,6 +42,9 @@ class QuantConfig(Config):
         num_samples: calibration samples drawn (class-balanced) from the calibration data.
         exclude: module names or fnmatch patterns (``features.0.*``) of layers kept in floating point.
         quantize_output: also quantize the network's final layer output (logits).
+        equalize: cross-layer equalization before quantization (ReLU6 in equalized pairs become ReLU).
+        bias_correction: subtract each quantized layer's mean output error on the calibration data from its
+            bias (static mode).
         seed: seed of the calibration subset.
     """
 
@@ -56,6 +59,8 @@ class QuantConfig(Config):
     num_samples: int = 512
     exclude: tuple[str, ...] = ()
     quantize_output: bool = False
+    equalize: bool = False
+    bias_correction: bool = False
     seed: int = 0
 
     def validate(self) -> None:

@@ -1,0 +1,446 @@
+"""Per-layer quantization sensitivity and mixed precision under an accuracy budget.
+
+Both verbs calibrate once: the full model is quantized with :func:`quantize`, and every variant ("these
+layers kept in float") reuses its calibrated activation ranges. A variant's placement is planned exactly as
+``QuantConfig(exclude=...)`` would plan it (:func:`edgeslim.quantize._graph.plan` on the folded graph; a
+variant only ever drops quantizers, never adds one). For measuring, the calibrated model's ``QuantWeight.enabled``
+flags and ``ActQuant`` states are switched in place; for returning, a fresh graph with the exclusions is built
+and the calibrated scales are copied into it, so the returned model computes exactly what was measured. The
+ranges were observed with every layer's weights quantized: a model calibrated anew with the same exclusions
+can differ slightly (usually by less than the sampling noise of the evaluation).
+
+>>> rep = sensitivity(model, QuantConfig(weight_bits=4), calib=train, data=val.take(500))
+>>> print(rep.table(10))
+>>> res = quantize_with_budget(model, QuantConfig(weight_bits=4), calib=train, data=val, max_accuracy_drop=0.002)
+>>> res.met, res.kept_float, res.model
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from edgeslim.core.config import StrEnum, _coerce_enum
+from edgeslim.core.errors import ConfigError, DataError, EdgeslimError, QuantizationError
+from edgeslim.quantize import _graph
+from edgeslim.quantize._api import QuantizedModel, QuantReport, _link_input_scales, build_graph, quantize
+from edgeslim.quantize._config import QuantConfig, QuantMode
+from edgeslim.quantize._modules import ActQuant
+
+log = logging.getLogger(__name__)
+
+Metric = Callable[[nn.Module, Any], float]  # (model, data) -> score, higher is better
+
+
+class SensitivityMode(StrEnum):
+    """``one_at_a_time``: only the layer is quantized. ``all_but_one``: every layer but it is quantized."""
+
+    ONE_AT_A_TIME = "one_at_a_time"
+    ALL_BUT_ONE = "all_but_one"
+
+
+class BudgetSearch(StrEnum):
+    """``greedy``: keep 0, 1, 2, ... of the most sensitive layers in float until the budget is met.
+    ``bisect``: 0, then doubling (1, 2, 4, ...) until met, then bisection between the last miss and the first hit."""
+
+    GREEDY = "greedy"
+    BISECT = "bisect"
+
+
+@dataclass(frozen=True)
+class LayerSensitivity:
+    """One layer's row. ``metric``: the variant's score; ``drop``: float score minus it; ``sensitivity``: the
+    score this layer's quantization costs (``one_at_a_time``: all-float-layers score minus the variant's;
+    ``all_but_one``: the variant's score minus the fully quantized score); ``sqnr_db``: the variant's logits
+    against the float model's (default metric only; breaks ties)."""
+
+    layer: str
+    type: str
+    params: int
+    metric: float
+    drop: float
+    sensitivity: float
+    sqnr_db: float | None
+
+
+@dataclass(frozen=True)
+class SensitivityReport:
+    """Layers sorted most sensitive first, with the float, fully quantized and reference scores."""
+
+    mode: str
+    metric_name: str
+    samples: int
+    float_metric: float
+    quantized_metric: float
+    reference_metric: float  # all layers in float (one_at_a_time) or all quantized (all_but_one)
+    layers: tuple[LayerSensitivity, ...]
+    seconds: float
+
+    @property
+    def ranking(self) -> tuple[str, ...]:
+        return tuple(r.layer for r in self.layers)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def table(self, top: int | None = None) -> str:
+        """A text table of the ``top`` most sensitive layers (all by default); scores in points (x100)."""
+        head = f"{'#':>3} {'layer':34s} {'type':7s} {'params':>8} {self.metric_name:>8} {'drop pt':>8} {'sens pt':>8} {'SQNR dB':>8}"
+        lines = [f"sensitivity ({self.mode}, {self.samples} samples): float {self.float_metric * 100:.2f}, "
+                 f"all quantized {self.quantized_metric * 100:.2f}", head, "-" * len(head)]
+        for i, r in enumerate(self.layers[:top], 1):
+            sq = "-" if r.sqnr_db is None else f"{r.sqnr_db:.1f}"
+            lines.append(f"{i:3d} {r.layer:34s} {r.type:7s} {r.params:8d} {r.metric * 100:8.2f} {r.drop * 100:8.2f} "
+                         f"{r.sensitivity * 100:8.2f} {sq:>8}")
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class BudgetStep:
+    """One evaluated candidate: the ``n_float`` most sensitive layers kept in float."""
+
+    n_float: int
+    kept_float: tuple[str, ...]
+    params_float: int
+    metric: float
+    drop: float
+    met: bool
+    sqnr_db: float | None = None
+    latency_p50_ms: float | None = None  # ONNX Runtime, 1 thread, batch 1
+    accuracy_ort: float | None = None
+    latency_error: str | None = None
+
+
+@dataclass(frozen=True)
+class BudgetResult:
+    """The chosen model (the fewest float layers that meet the budget, else the best candidate) and the search."""
+
+    model: QuantizedModel = field(repr=False)
+    met: bool
+    max_accuracy_drop: float
+    float_metric: float
+    metric: float
+    drop: float
+    kept_float: tuple[str, ...]
+    steps: tuple[BudgetStep, ...]
+    sensitivity: SensitivityReport = field(repr=False)
+    eval: dict[str, Any] | None = None  # float and chosen scores on eval_data
+    float_latency_ms: float | None = None
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(replace(self, model=None))  # type: ignore[arg-type]  (asdict would deep-copy the model)
+        del d["model"]
+        d["report"] = self.model.report.to_dict()
+        return d
+
+    def table(self) -> str:
+        head = f"{'step':>4} {'float':>5} {'params fl':>9} {'top-1':>7} {'drop pt':>8} {'met':>4} {'ORT top-1':>9} {'ORT 1T ms':>9}"
+        lines = [f"budget {self.max_accuracy_drop * 100:.2f} pt, float {self.float_metric * 100:.2f}"
+                 + (f", FP32 ORT {self.float_latency_ms:.3f} ms" if self.float_latency_ms else ""), head, "-" * len(head)]
+        for i, s in enumerate(self.steps):
+            ort = "-" if s.accuracy_ort is None else f"{s.accuracy_ort * 100:.2f}"
+            lat = "-" if s.latency_p50_ms is None else f"{s.latency_p50_ms:.3f}"
+            lines.append(f"{i:4d} {s.n_float:5d} {s.params_float:9d} {s.metric * 100:7.2f} {s.drop * 100:8.2f} "
+                         f"{'yes' if s.met else 'no':>4} {ort:>9} {lat:>9}")
+        lines.append(f"{'met' if self.met else 'NOT met; best candidate'}: {len(self.kept_float)} layers in float "
+                     f"{list(self.kept_float)}, drop {self.drop * 100:.2f} pt")
+        return "\n".join(lines)
+
+
+class _Evaluator:
+    """Scores models on fixed data: the metric, plus logits SQNR against the float model for the default metric."""
+
+    def __init__(self, model: nn.Module, data: Any, metric: Metric | None, samples: int | None) -> None:
+        if data is None or len(data) == 0:
+            raise DataError("sensitivity and budget search need evaluation data: pass data=<non-empty dataset>")
+        if samples is not None:
+            if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+                raise ConfigError(f"samples={samples!r} is not allowed; use an integer >= 1 (or None for all)")
+            if not hasattr(data, "take"):
+                raise DataError(f"samples= needs an ImageDataset, got {type(data).__name__}")
+            data = data.take(samples, seed=0)
+        self.data, self.metric = data, metric
+        self.name = "top-1" if metric is None else getattr(metric, "__name__", "metric")
+        self.ref: torch.Tensor | None = None
+        self.float_metric, _ = self.score(model)
+
+    @torch.no_grad()
+    def score(self, model: nn.Module) -> tuple[float, float | None]:
+        was = model.training
+        model.eval()
+        try:
+            if self.metric is not None:
+                return float(self.metric(model, self.data)), None
+            batches = self.data.batches(500) if hasattr(self.data, "batches") else self.data
+            out, ys = zip(*[(model(x), y) for x, y in batches])
+        finally:
+            model.train(was)
+        logits, y = torch.cat(out), torch.cat(ys)
+        acc = float((logits.argmax(1) == y).float().mean())
+        if self.ref is None:
+            self.ref = logits
+            return acc, None
+        noise = float(((logits - self.ref) ** 2).sum())
+        return acc, (math.inf if noise == 0 else 10 * math.log10(max(float((self.ref**2).sum()), 1e-30) / noise))
+
+
+class _Variants:
+    """A once-calibrated quantized model, toggled or rebuilt with extra layers kept in float."""
+
+    def __init__(self, model: nn.Module, config: QuantConfig, calib: Any) -> None:
+        self.model, self.config = model, config
+        self.q = quantize(model, config, calib=calib)
+        self.layers = {d["name"]: d for d in self.q.report.quantized_layers}
+        self.folded = _graph.trace_and_fold(copy.deepcopy(model))
+        gm = self.q.graph_module
+        self.acts: dict[str, ActQuant] = {}
+        for n in gm.graph.nodes:
+            if n.op == "call_module" and isinstance(gm.get_submodule(str(n.target)), ActQuant):
+                self.acts[n.args[0].name] = gm.get_submodule(str(n.target))
+        self.on = {v: a.state for v, a in self.acts.items()}
+
+    def plan(self, floats: Sequence[str]) -> _graph.Placement:
+        p = _graph.plan(self.folded, self.config.exclude + tuple(floats), self.config.quantize_output)
+        if set(p.values) - set(self.acts):  # cannot happen: excluding layers only removes quantizers
+            raise QuantizationError(f"internal: keeping {list(floats)} in float adds quantizers; please report")
+        return p
+
+    @contextlib.contextmanager
+    def variant(self, floats: Sequence[str]) -> Iterator[QuantizedModel]:
+        """The calibrated model with ``floats`` (and whatever quantizers only they needed) switched off."""
+        p = self.plan(floats)
+        keep = set(p.weighted)
+        for name in self.layers:
+            self.q.graph_module.get_submodule(name).enabled = name in keep
+        for v, a in self.acts.items():
+            a.state = self.on[v] if v in p.values else "off"
+        try:
+            yield self.q
+        finally:
+            for name in self.layers:
+                self.q.graph_module.get_submodule(name).enabled = True
+            for v, a in self.acts.items():
+                a.state = self.on[v]
+
+    @torch.no_grad()
+    def build(self, floats: Sequence[str]) -> QuantizedModel:
+        """A standalone QuantizedModel with ``floats`` excluded and the calibrated ranges copied in."""
+        cfg = replace(self.config, exclude=self.config.exclude + tuple(floats))
+        gm, p, quants = build_graph(self.model, cfg)
+        for key, a in quants.items():
+            src = self.acts[key.split(":")[1]]
+            a.scale.copy_(src.scale)
+            a.zero_point.copy_(src.zero_point)
+            a.state = self.on[key.split(":")[1]]
+        if cfg.mode == QuantMode.STATIC:
+            _link_input_scales(gm)
+        full = self.q.report
+        values = {key.split(":")[1] for key in quants}
+        report = QuantReport(
+            mode=full.mode, precision=full.precision, calibration=full.calibration,
+            calibration_samples=full.calibration_samples,
+            quantized_layers=[d for d in full.quantized_layers if d["name"] in set(p.weighted)],
+            skipped_layers=[{"name": n, "type": type(gm.get_submodule(n)).__name__, "reason": why}
+                            for n, why in p.excluded.items()],
+            float_ops=[{"node": k, "reason": v} for k, v in p.float_ops.items()],
+            activations=[a for a in full.activations if a["value"] in values],
+        )
+        return QuantizedModel(gm, cfg, report).eval()
+
+
+def sensitivity(
+    model: nn.Module,
+    config: QuantConfig = QuantConfig(),
+    *,
+    calib: Any,
+    data: Any,
+    metric: Metric | None = None,
+    mode: SensitivityMode | str = SensitivityMode.ONE_AT_A_TIME,
+    samples: int | None = None,
+) -> SensitivityReport:
+    """Measure how much quantizing each layer costs, on a once-calibrated copy of ``model``.
+
+    Every layer that ``quantize(model, config)`` quantizes is scored with the fake-quantized model in torch:
+    ``one_at_a_time`` quantizes only that layer (all others as if in ``QuantConfig.exclude``), ``all_but_one``
+    quantizes every layer but it. Calibration runs once (see the module docstring); each variant costs one
+    evaluation on ``data``.
+
+    Args:
+        model: the float model (not modified).
+        config: the :class:`QuantConfig` (its ``exclude`` layers stay in float throughout).
+        calib: calibration data, as for :func:`quantize`.
+        data: an ImageDataset (or ``(x, y)`` batches for a custom metric) to score on.
+        metric: ``metric(model, data) -> float``, higher is better; default top-1 accuracy.
+        mode: ``one_at_a_time`` or ``all_but_one``.
+        samples: score on a seeded subset of this many samples of ``data``.
+
+    Returns:
+        a :class:`SensitivityReport`, most sensitive layer first (ties broken by the logits' SQNR).
+    """
+    mode = _coerce_enum("sensitivity", "mode", SensitivityMode, mode)
+    ev = _Evaluator(model, data, metric, samples)
+    return _sensitivity(_Variants(model, config, calib), ev, mode)
+
+
+def _sensitivity(v: _Variants, ev: _Evaluator, mode: SensitivityMode) -> SensitivityReport:
+    t0 = time.perf_counter()
+    names = list(v.layers)
+    with v.variant([]) as q:
+        full, _ = ev.score(q)
+    one = mode == SensitivityMode.ONE_AT_A_TIME
+    if one:
+        with v.variant(names) as q:
+            ref, _ = ev.score(q)
+    else:
+        ref = full
+    rows = []
+    for name in names:
+        with v.variant([n for n in names if n != name] if one else [name]) as q:
+            m, sq = ev.score(q)
+        d = v.layers[name]
+        rows.append(LayerSensitivity(name, d["type"], d["params"], m, ev.float_metric - m,
+                                     ref - m if one else m - ref, sq))
+        log.info("sensitivity %s: %s %.4f", name, ev.name, m)
+    tie = (lambda r: r.sqnr_db) if one else (lambda r: -r.sqnr_db)
+    rows.sort(key=lambda r: (-r.sensitivity, tie(r) if r.sqnr_db is not None else 0.0))
+    return SensitivityReport(mode.value, ev.name, len(ev.data), ev.float_metric, full, ref, tuple(rows),
+                             round(time.perf_counter() - t0, 3))
+
+
+def quantize_with_budget(
+    model: nn.Module,
+    config: QuantConfig = QuantConfig(),
+    *,
+    calib: Any,
+    data: Any,
+    max_accuracy_drop: float,
+    eval_data: Any = None,
+    metric: Metric | None = None,
+    mode: SensitivityMode | str = SensitivityMode.ONE_AT_A_TIME,
+    sensitivity_samples: int | None = None,
+    sensitivity_report: SensitivityReport | None = None,
+    search: BudgetSearch | str = BudgetSearch.GREEDY,
+    measure_latency: bool = False,
+    latency_runs: int = 100,
+) -> BudgetResult:
+    """Quantize ``model`` keeping the fewest, most sensitive layers in float so the drop stays within budget.
+
+    Layers are ranked by :func:`sensitivity` (or ``sensitivity_report``); candidates keep the ``k`` most
+    sensitive in float (``QuantConfig.exclude``) and are scored on ``data`` against the float model. All
+    candidates share one calibration (see the module docstring).
+
+    Args:
+        model: the float model (not modified).
+        config: the :class:`QuantConfig`, e.g. ``QuantConfig(weight_bits=4)``.
+        calib: calibration data, as for :func:`quantize`.
+        data: the data the search scores on (an ImageDataset for the default top-1 metric).
+        max_accuracy_drop: the allowed drop of the metric below the float model's, a fraction in [0, 1]
+            (0.002 = 0.2 points of top-1).
+        eval_data: also score the float and the chosen model here (e.g. the full validation split).
+        metric: ``metric(model, data) -> float``, higher is better; default top-1 accuracy.
+        mode: the sensitivity mode used for the ranking.
+        sensitivity_samples: rank on a seeded subset of this many samples of ``data``.
+        sensitivity_report: a ranking computed before (same model and config); skips the sensitivity pass.
+        search: ``greedy`` (monotone, one layer per step) or ``bisect`` (fewer evaluations).
+        measure_latency: export each candidate to INT8 ONNX (in a temporary folder) and measure its ONNX Runtime
+            latency at 1 thread, batch 1, and its top-1 there.
+        latency_runs: timed runs per latency measurement.
+
+    Returns:
+        a :class:`BudgetResult`. When no candidate meets the budget, ``met`` is False and the model is the best
+        candidate (the smallest drop, then the fewest float layers).
+    """
+    if isinstance(max_accuracy_drop, bool) or not isinstance(max_accuracy_drop, (int, float)) \
+            or not 0.0 <= max_accuracy_drop <= 1.0:
+        raise ConfigError(f"max_accuracy_drop={max_accuracy_drop!r} is not allowed; use a fraction in [0, 1] "
+                          "(e.g. 0.002 = 0.2 points of top-1)")
+    search = _coerce_enum("quantize_with_budget", "search", BudgetSearch, search)
+    mode = _coerce_enum("quantize_with_budget", "mode", SensitivityMode, mode)
+    if eval_data is not None and len(eval_data) == 0:
+        raise DataError("eval_data is empty: pass a non-empty dataset or None")
+    t0 = time.perf_counter()
+    ev = _Evaluator(model, data, metric, None)
+    v = _Variants(model, config, calib)
+    if sensitivity_report is None:
+        sub = ev if sensitivity_samples is None else _Evaluator(model, data, metric, sensitivity_samples)
+        sensitivity_report = _sensitivity(v, sub, mode)
+    elif set(sensitivity_report.ranking) != set(v.layers):
+        raise ConfigError("sensitivity_report does not rank this model's quantized layers: "
+                          f"{sorted(set(sensitivity_report.ranking) ^ set(v.layers))[:5]} differ")
+    order = sensitivity_report.ranking
+    steps: dict[int, BudgetStep] = {}
+    with contextlib.ExitStack() as stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="edgeslim-budget-"))) if measure_latency \
+            else None
+        float_ms = _latency(copy.deepcopy(model), data, tmp / "float.onnx", latency_runs)[0] if tmp else None
+
+        def step(k: int) -> bool:
+            if k not in steps:
+                floats = order[:k]
+                with v.variant(floats) as q:
+                    m, sq = ev.score(q)
+                drop = ev.float_metric - m
+                s = BudgetStep(k, floats, sum(v.layers[n]["params"] for n in floats), m, drop,
+                               drop <= max_accuracy_drop + 1e-12, sq)
+                if tmp is not None:
+                    ms, acc, err = _latency(v.build(floats), data, tmp / f"k{k}.onnx", latency_runs)
+                    s = replace(s, latency_p50_ms=ms, accuracy_ort=acc, latency_error=err)
+                log.info("budget step: %d layers in float, %s %.4f, drop %.4f", k, ev.name, m, drop)
+                steps[k] = s
+            return steps[k].met
+
+        n = len(order)
+        if search == BudgetSearch.GREEDY:
+            for k in range(n + 1):
+                if step(k):
+                    break
+        elif not step(0):
+            lo, hi = 0, 1
+            while not step(min(hi, n)) and hi < n:
+                lo, hi = hi, hi * 2
+            hi = min(hi, n)
+            while steps[hi].met and hi - lo > 1:
+                mid = (lo + hi) // 2
+                lo, hi = (lo, mid) if step(mid) else (mid, hi)
+    done = list(steps.values())
+    met = [s for s in done if s.met]
+    best = min(met, key=lambda s: s.n_float) if met else min(done, key=lambda s: (s.drop, s.n_float))
+    chosen = v.build(best.kept_float)
+    evald = None
+    if eval_data is not None:
+        fin = _Evaluator(model, eval_data, metric, None)
+        m, _ = fin.score(chosen)
+        evald = {"samples": len(eval_data), "float_metric": fin.float_metric, "metric": m,
+                 "drop": fin.float_metric - m}
+    if not met:
+        log.warning("no candidate meets max_accuracy_drop=%g; returning the best (%d layers in float, drop %.4f)",
+                    max_accuracy_drop, best.n_float, best.drop)
+    return BudgetResult(chosen, bool(met), float(max_accuracy_drop), ev.float_metric, best.metric, best.drop,
+                        best.kept_float, tuple(done), sensitivity_report, evald, float_ms,
+                        round(time.perf_counter() - t0, 3))
+
+
+def _latency(model: nn.Module, data: Any, path: Path, runs: int) -> tuple[float | None, float | None, str | None]:
+    """Export to ONNX at ``path`` and measure p50 latency (1 thread, batch 1) and top-1 in ONNX Runtime."""
+    from edgeslim.export import export
+    from edgeslim.runtime import measure
+
+    try:
+        art = export(model, "onnx", example_inputs=data, path=path)
+        m = measure(art, data=data, runtime="onnxruntime", threads=(1,), runs=runs, peak_memory=False)
+        return m["latency_p50_ms@t1b1"], m.get("accuracy"), None
+    except EdgeslimError as e:  # a failed export or run is recorded, not fatal to the search
+        log.warning("latency of %s not measured: %s", path.name, e)
+        return None, None, f"{type(e).__name__}: {e}"

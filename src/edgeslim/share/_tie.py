@@ -1,0 +1,171 @@
+"""Cross-layer parameter sharing (ALBERT-style): structurally identical blocks use one set of parameters.
+
+Tied blocks hold the same ``nn.Parameter`` objects, so the model stores, trains and exports one copy (the
+legacy ONNX exporter writes one initializer per parameter). Buffers (e.g. BatchNorm running statistics) stay
+per block. Note that exporting folds BatchNorm into the convolution before it, which makes per-block
+constants again; tie blocks without BatchNorm (or with BatchNorm after the shared part) to save file size.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from edgeslim.core.config import Config, StrEnum
+from edgeslim.core.errors import ConfigError, near
+from edgeslim.share._common import ShareReport, n_params
+
+
+class TieInit(StrEnum):
+    """The value of the shared parameters: the ``first`` block's, or the element-wise ``mean`` of the group."""
+
+    FIRST = "first"
+    MEAN = "mean"
+
+
+@dataclass(frozen=True)
+class TieConfig(Config):
+    """Cross-layer sharing settings.
+
+    Attributes:
+        groups: groups of module names; the modules of a group must be structurally identical (same module
+            types, hyper-parameters and parameter shapes) and end up sharing every parameter.
+        auto: find the groups: sibling modules (children of one parent) with identical structure, the largest
+            such blocks first.
+        init: ``first`` or ``mean`` (see :class:`TieInit`).
+        min_params: with ``auto``, ignore blocks with fewer parameters than this.
+    """
+
+    kind = "tie"
+    groups: tuple[tuple[str, ...], ...] = ()
+    auto: bool = False
+    init: TieInit = TieInit.FIRST
+    min_params: int = 1
+
+    def __post_init__(self) -> None:
+        if isinstance(self.groups, (list, tuple)):
+            object.__setattr__(self, "groups", tuple(
+                tuple(g) if isinstance(g, (list, tuple)) else g for g in self.groups))
+        super().__post_init__()
+
+    def validate(self) -> None:
+        if bool(self.groups) == bool(self.auto):
+            raise self._bad("groups", "give groups of module names, or auto=True (exactly one of the two)")
+        names: list[str] = []
+        for g in self.groups:
+            if not isinstance(g, tuple) or len(g) < 2 or not all(isinstance(n, str) and n for n in g):
+                raise self._bad("groups", "each group must list two or more module names")
+            names += list(g)
+        dup = next((n for n in names if names.count(n) > 1), None)
+        if dup:
+            raise self._bad("groups", f"module {dup!r} appears twice; each module may be in one group")
+        if self.min_params < 1:
+            raise self._bad("min_params", "must be >= 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = super().to_dict()
+        d["groups"] = [list(g) for g in self.groups]
+        return d
+
+
+def signature(module: nn.Module) -> tuple:
+    """What makes two modules structurally identical: every submodule's name, type and hyper-parameters, and
+    every parameter's name and shape."""
+    return (tuple((n, type(m).__name__, m.extra_repr()) for n, m in module.named_modules()),
+            tuple((n, tuple(p.shape)) for n, p in module.named_parameters(remove_duplicate=False)))
+
+
+def find_groups(model: nn.Module, min_params: int = 1) -> list[list[str]]:
+    """Groups of structurally identical sibling modules, outermost first, none inside another group."""
+    groups: list[list[str]] = []
+    taken: list[str] = []
+
+    def inside(name: str) -> bool:
+        return any(name == t or name.startswith(t + ".") for t in taken)
+
+    for parent_name, parent in model.named_modules():
+        if parent_name and inside(parent_name):
+            continue
+        by_sig: dict[tuple, list[str]] = defaultdict(list)
+        for child_name, child in parent.named_children():
+            if n_params(child) >= min_params:
+                by_sig[signature(child)].append(f"{parent_name}.{child_name}" if parent_name else child_name)
+        for names in by_sig.values():
+            if len(names) > 1:
+                groups.append(names)
+                taken.extend(names)
+    return groups
+
+
+def _owner_slot(root: nn.Module, dotted: str) -> tuple[nn.Module, str]:
+    mod_name, _, attr = dotted.rpartition(".")
+    return (root.get_submodule(mod_name) if mod_name else root), attr
+
+
+def tie_layers(model: nn.Module, config: TieConfig) -> nn.Module:
+    """Make groups of identical blocks share one set of parameters.
+
+    Args:
+        model: the model (not modified).
+        config: the :class:`TieConfig`.
+
+    Returns:
+        a new model whose grouped modules hold the same parameter tensors, with ``.report`` (a
+        :class:`ShareReport`: the groups, parameters before and after).
+
+    Raises:
+        ConfigError: unknown module names, modules that are not structurally identical, a module nested in
+            another of the same group, or ``auto`` finding nothing to tie.
+    """
+    model = copy.deepcopy(model)
+    before = n_params(model)
+    modules = dict(model.named_modules())
+    groups = [list(g) for g in config.groups] or find_groups(model, config.min_params)
+    if not groups:
+        raise ConfigError("TieConfig(auto=True) found no structurally identical sibling blocks to tie in "
+                          f"{type(model).__name__}; name the groups explicitly")
+    report = ShareReport("tie", config.to_dict())
+    flat = [n for g in groups for n in g]
+    for n in flat:
+        if n not in modules or not n:
+            raise ConfigError(f"TieConfig.groups: no module named {n!r}{near(n, list(modules))}")
+    for a in flat:
+        for b in flat:
+            if a != b and b.startswith(a + "."):
+                raise ConfigError(f"TieConfig.groups: {b!r} is inside {a!r}; tie modules that do not contain "
+                                  "each other")
+    for group in groups:
+        first = modules[group[0]]
+        sig = signature(first)
+        for other in group[1:]:
+            if signature(modules[other]) != sig:
+                raise ConfigError(f"TieConfig.groups: {other!r} is not structurally identical to {group[0]!r}: "
+                                  f"{_difference(first, modules[other])}")
+        shared = dict(first.named_parameters(remove_duplicate=False))
+        if not shared:
+            raise ConfigError(f"TieConfig.groups: {group[0]!r} has no parameters to share")
+        if config.init == TieInit.MEAN:
+            with torch.no_grad():
+                for pname, p in shared.items():
+                    p.copy_(torch.stack([modules[n].get_parameter(pname) for n in group]).mean(0))
+        for other in group[1:]:
+            for pname, p in shared.items():
+                owner, attr = _owner_slot(modules[other], pname)
+                setattr(owner, attr, p)
+        report.add(" = ".join(group), blocks=len(group), params_per_block=sum(p.numel() for p in shared.values()))
+    report.totals = {"params_before": before, "params_after": n_params(model)}
+    model.report = report
+    return model
+
+
+def _difference(a: nn.Module, b: nn.Module) -> str:
+    sa, sb = signature(a)[0] + signature(a)[1], signature(b)[0] + signature(b)[1]
+    for x, y in zip(sa, sb):
+        if x != y:
+            return f"{x} vs {y}"
+    return f"{len(sa)} vs {len(sb)} entries"

@@ -95,15 +95,12 @@ class SensitivityReport:
         return asdict(self)
 
     def table(self, top: int | None = None) -> str:
-        """A text table of the ``top`` most sensitive layers (all by default); scores in points (x100)."""
-        head = f"{'#':>3} {'layer':34s} {'type':7s} {'params':>8} {self.metric_name:>8} {'drop pt':>8} {'sens pt':>8} {'SQNR dB':>8}"
-        lines = [f"sensitivity ({self.mode}, {self.samples} samples): float {self.float_metric * 100:.2f}, "
-                 f"all quantized {self.quantized_metric * 100:.2f}", head, "-" * len(head)]
-        for i, r in enumerate(self.layers[:top], 1):
-            sq = "-" if r.sqnr_db is None else f"{r.sqnr_db:.1f}"
-            lines.append(f"{i:3d} {r.layer:34s} {r.type:7s} {r.params:8d} {r.metric * 100:8.2f} {r.drop * 100:8.2f} "
-                         f"{r.sensitivity * 100:8.2f} {sq:>8}")
-        return "\n".join(lines)
+        """The ``top`` most sensitive layers (all by default) as text; scores in points (x100)."""
+        rows = [[str(i), r.layer, r.type, str(r.params), _pt(r.metric), _pt(r.drop), _pt(r.sensitivity),
+                 "-" if r.sqnr_db is None else f"{r.sqnr_db:.1f}"] for i, r in enumerate(self.layers[:top], 1)]
+        return (f"sensitivity ({self.mode}, {self.samples} samples): float {_pt(self.float_metric)}, all quantized "
+                f"{_pt(self.quantized_metric)}\n"
+                + _table(["#", "layer", "type", "params", self.metric_name, "drop pt", "sens pt", "SQNR dB"], rows))
 
 
 @dataclass(frozen=True)
@@ -146,17 +143,27 @@ class BudgetResult:
         return d
 
     def table(self) -> str:
-        head = f"{'step':>4} {'float':>5} {'params fl':>9} {'top-1':>7} {'drop pt':>8} {'met':>4} {'ORT top-1':>9} {'ORT 1T ms':>9}"
-        lines = [f"budget {self.max_accuracy_drop * 100:.2f} pt, float {self.float_metric * 100:.2f}"
-                 + (f", FP32 ORT {self.float_latency_ms:.3f} ms" if self.float_latency_ms else ""), head, "-" * len(head)]
-        for i, s in enumerate(self.steps):
-            ort = "-" if s.accuracy_ort is None else f"{s.accuracy_ort * 100:.2f}"
-            lat = "-" if s.latency_p50_ms is None else f"{s.latency_p50_ms:.3f}"
-            lines.append(f"{i:4d} {s.n_float:5d} {s.params_float:9d} {s.metric * 100:7.2f} {s.drop * 100:8.2f} "
-                         f"{'yes' if s.met else 'no':>4} {ort:>9} {lat:>9}")
-        lines.append(f"{'met' if self.met else 'NOT met; best candidate'}: {len(self.kept_float)} layers in float "
-                     f"{list(self.kept_float)}, drop {self.drop * 100:.2f} pt")
-        return "\n".join(lines)
+        """Every search step as text; scores in points (x100), ONNX Runtime latency at 1 thread, batch 1."""
+        rows = [[str(i), str(s.n_float), str(s.params_float), _pt(s.metric), _pt(s.drop), "yes" if s.met else "no",
+                 _pt(s.accuracy_ort), "-" if s.latency_p50_ms is None else f"{s.latency_p50_ms:.3f}"]
+                for i, s in enumerate(self.steps)]
+        fp32 = f", FP32 ORT 1T {self.float_latency_ms:.3f} ms" if self.float_latency_ms else ""
+        name = self.sensitivity.metric_name
+        return (f"budget {_pt(self.max_accuracy_drop)} pt, float {name} {_pt(self.float_metric)}{fp32}\n"
+                + _table(["step", "in float", "float params", name, "drop pt", "met", "ORT top-1", "ORT 1T ms"], rows)
+                + f"\n{'met' if self.met else 'NOT met, best candidate'}: {len(self.kept_float)} layers in float "
+                f"{list(self.kept_float)}, drop {_pt(self.drop)} pt")
+
+
+def _pt(x: float | None) -> str:
+    return "-" if x is None else f"{x * 100:.2f}"
+
+
+def _table(head: list[str], rows: list[list[str]]) -> str:
+    """Columns sized to fit; the second column left-aligned, the others right-aligned."""
+    w = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    fmt = lambda r: " ".join(c.ljust(w[i]) if i == 1 else c.rjust(w[i]) for i, c in enumerate(r))  # noqa: E731
+    return "\n".join([fmt(head), "-" * (sum(w) + len(w) - 1), *map(fmt, rows)])
 
 
 class _Evaluator:

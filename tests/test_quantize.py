@@ -282,3 +282,28 @@ def test_bias_correction_removes_the_mean_output_error(digits_model):
     before, after = stem_error(plain), stem_error(corrected)
     assert before > 1e-3 and after < before / 5
     assert evaluate(corrected, val) >= evaluate(plain, val) - 0.02
+
+
+def test_adaround_rounds_to_the_grid_and_never_reconstructs_worse_than_nearest(digits_model):
+    model, train, val = digits_model
+    cfg = QuantConfig(weight_bits=4, num_samples=64)
+    rtn = quantize(model, cfg, calib=train)
+    ada = quantize(model, cfg.replace(adaround=True, adaround_iterations=100), calib=train)
+    assert set(ada.report.corrections["adarounded_layers"]) <= {"stem.0", "dw.0", "pw.0", "fc"}
+    for w in ada.weight_quants():  # the weights now sit exactly on the 4-bit grid
+        shape = (-1,) + (1,) * (w.layer.weight.ndim - 1)
+        k = w.layer.weight.detach() / w.scale.view(shape)
+        assert torch.allclose(k, k.round(), atol=1e-3) and k.abs().max() <= 8
+    # the first layer sees the same quantized input in both models: its reconstruction error can only drop
+    float_stem = rtn.graph_module.get_submodule("stem.0").layer
+    x = val.normalized()
+    errs = []
+    for q in (rtn, ada):
+        seen = {}
+        h = q.graph_module.get_submodule("stem.0").register_forward_hook(
+            lambda m, i, o, seen=seen: seen.update(e=float((o - float_stem(i[0])).pow(2).mean())))
+        with torch.no_grad():
+            q(x)
+        h.remove()
+        errs.append(seen["e"])
+    assert errs[1] <= errs[0] * 1.05

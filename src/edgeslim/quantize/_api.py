@@ -17,6 +17,7 @@ from edgeslim.core.errors import DataError, QuantizationError
 from edgeslim.quantize import _graph
 from edgeslim.quantize._calibrate import CALIBRATORS
 from edgeslim.quantize._config import ActivationType, QuantConfig, QuantMode
+from edgeslim.quantize._adaround import adaround
 from edgeslim.quantize._equalize import correct_bias, equalize
 from edgeslim.quantize._modules import ActQuant, QuantWeight
 
@@ -232,6 +233,10 @@ def quantize(
                                        "range": [round(r[0], 6), round(r[1], 6)],
                                        "scale": float(a.scale), "zero_point": int(a.zero_point)})
         _link_input_scales(gm)
+        if config.adaround:
+            with torch.enable_grad():
+                report.corrections["adarounded_layers"] = adaround(gm, batches, iterations=config.adaround_iterations,
+                                                                   seed=config.seed)
         if config.bias_correction:
             report.corrections["bias_corrected_layers"] = correct_bias(gm, batches)
             _link_input_scales(gm)

@@ -43,6 +43,9 @@ class QuantConfig(Config):
         exclude: module names or fnmatch patterns (``features.0.*``) of layers kept in floating point.
         quantize_output: also quantize the network's final layer output (logits).
         equalize: cross-layer equalization before quantization (ReLU6 in equalized pairs become ReLU).
+        adaround: learn each weight's rounding (up or down) layer by layer on the calibration data
+            (AdaRound) instead of rounding to nearest (static mode).
+        adaround_iterations: optimisation steps per layer for AdaRound.
         bias_correction: subtract each quantized layer's mean output error on the calibration data from its
             bias (static mode).
         seed: seed of the calibration subset.
@@ -60,6 +63,8 @@ class QuantConfig(Config):
     exclude: tuple[str, ...] = ()
     quantize_output: bool = False
     equalize: bool = False
+    adaround: bool = False
+    adaround_iterations: int = 300
     bias_correction: bool = False
     seed: int = 0
 
@@ -72,6 +77,8 @@ class QuantConfig(Config):
             raise self._bad("weight_bits", "supported: 4, 8")
         if not 50.0 < self.percentile <= 100.0:
             raise self._bad("percentile", "must be in (50, 100]")
+        if self.adaround_iterations < 1:
+            raise self._bad("adaround_iterations", "must be >= 1")
         if self.num_samples < 1:
             raise self._bad("num_samples", "must be >= 1")
         if not all(isinstance(e, str) and e for e in self.exclude):

@@ -88,3 +88,72 @@ class TinyChain(nn.Module):
     @staticmethod
     def example_inputs(batch: int = 16) -> torch.Tensor:
         return torch.randn(batch, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+
+
+class TinyRepeat(nn.Module):
+    """Flatten, a Linear stem, three identical residual Linear blocks (for tying), a Linear head (1x8x8 input)."""
+
+    class Block(nn.Module):
+        def __init__(self, width: int = 16) -> None:
+            super().__init__()
+            self.fc = nn.Linear(width, width)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + torch.relu(self.fc(x))
+
+    def __init__(self, in_features: int = 64, width: int = 16, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Flatten(), nn.Linear(in_features, width))
+        self.blocks = nn.Sequential(*[TinyRepeat.Block(width) for _ in range(3)])
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(self.stem(x)))
+
+    @staticmethod
+    def example_inputs(batch: int = 4) -> torch.Tensor:
+        return torch.randn(batch, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+
+
+class TinyConvNet(nn.Module):
+    """Two standard 3x3 convs (1->8, 8->16, the second with bias), pooling and a Linear head (1x8x8 input)."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 8, 3, padding=1, bias=False)
+        self.conv2 = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.conv2(torch.relu(self.conv1(x)))))
+
+    def make_conv2_separable(self) -> TinyConvNet:
+        """Set conv2's weight to an exactly depthwise-separable one: W[o, c] = P[o, c] * D[c]."""
+        g = torch.Generator().manual_seed(1)
+        d, p = torch.randn(8, 3, 3, generator=g), torch.randn(16, 8, generator=g)
+        with torch.no_grad():
+            self.conv2.weight.copy_(p[:, :, None, None] * d[None])
+        return self
+
+    @staticmethod
+    def example_inputs(batch: int = 4) -> torch.Tensor:
+        return torch.randn(batch, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+
+
+class TinyRepeatBN(nn.Module):
+    """A conv stem and three identical Conv-BN-ReLU blocks (for tying with BatchNorm), pooling, a Linear head."""
+
+    def __init__(self, width: int = 8, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, width, 3, padding=1)
+        self.blocks = nn.Sequential(*[
+            nn.Sequential(nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+            for _ in range(3)])
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(self.stem(x)))
+
+    @staticmethod
+    def example_inputs(batch: int = 4) -> torch.Tensor:
+        return torch.randn(batch, 1, 8, 8, generator=torch.Generator().manual_seed(0))

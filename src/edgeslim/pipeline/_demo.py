@@ -27,13 +27,16 @@ def run_demo(
     dataset: str = "fashion-mnist",
     out_dir: str | Path = "edgeslim-out",
     *,
-    config: QuantConfig = QuantConfig(),
+    config: QuantConfig = QuantConfig(per_channel=False, equalize=True, bias_correction=True),
     threads: tuple[int, ...] = (1, 2),
     eval_samples: int | None = None,
     runs: int = 200,
     force: bool = False,
 ) -> dict[str, Any]:
     """Run the whole chain on a shipped baseline and write artifacts and a report to ``out_dir``.
+
+    The default recipe is per-tensor INT8 with cross-layer equalization and bias correction: on MobileNetV2 it
+    keeps the accuracy of per-channel PTQ with a smaller file and faster kernels (benchmarks/quantize_mobilenet_v2.py).
 
     Returns a dict with the stages' :class:`Metrics`, the artifacts and the report paths.
     """

@@ -69,7 +69,7 @@ def select(model: nn.Module, layers: Sequence[str], skip: Sequence[str], eligibl
         for p in patterns:
             if any(fnmatch.fnmatchcase(n, p) for n in names):
                 continue
-            other = next((f"{n} is a {type(m).__name__}" for n, m in named if fnmatch.fnmatchcase(n, p)), "")
+            other = next((f"{n!r} is a {type(m).__name__}" for n, m in named if fnmatch.fnmatchcase(n, p)), "")
             raise ConfigError(
                 f"{field_name} pattern {p!r} matches no {what}{f' ({other})' if other else ''}"
                 f"{near(p, names)}; {what} names: {', '.join(names[:12])}{' ...' if len(names) > 12 else ''}"

@@ -48,7 +48,13 @@ def bake_masks(module: nn.Module) -> None:
     """Remove :class:`PruneMask` parametrizations in place, keeping the (zeroed) weights."""
     for m in list(module.modules()):
         if prune_mask(m) is not None:
+            # a deep copy shares its parametrized class with the original, and removing a parametrization
+            # deletes the property from that class: give the module a class of its own first
+            cls = type(m)
+            own = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
+            m.__class__ = type(cls.__name__, cls.__bases__, own)
             parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
+            m._parameters = {"weight": m._parameters.pop("weight"), **m._parameters}  # the usual key order
 
 
 def magnitude_prune(model: nn.Module, sparsity: float | Mapping[str, float], *, layers: Sequence[str] = (),

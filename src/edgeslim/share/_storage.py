@@ -264,6 +264,7 @@ def save_compressed(model: nn.Module, path: str | Path, *, force: bool = False) 
         return [len(payload) - len(b), len(b)]
 
     def stream(s: np.ndarray, alphabet: int, part: str) -> dict[str, Any]:
+        alphabet = max(int(s.max()) + 1 if len(s) else 0, 2)  # symbols above the largest used cost nothing
         name, b, sizes = _smallest(s, alphabet)
         for k, v in {**sizes, "best": len(b)}.items():
             codec_bytes[part][k] = codec_bytes[part].get(k, 0) + v
@@ -291,7 +292,7 @@ def save_compressed(model: nn.Module, path: str | Path, *, force: bool = False) 
         mask = None
         if isinstance(m, ClusteredLayer):
             mask = None if m.weight_mask is None else m.weight_mask.bool().flatten().numpy()
-        elif t.is_floating_point() and t.numel() >= 64 and float((flat == 0).float().mean()) >= 0.5:
+        elif t.dtype == torch.float32 and t.numel() >= 64 and float((flat == 0).float().mean()) >= 0.5:
             mask = (flat != 0).numpy()
         if mask is not None:
             e["mask"] = stream(mask_to_runs(mask), RUN + 1, "masks")

@@ -1,9 +1,12 @@
 """Cross-layer parameter sharing (ALBERT-style): structurally identical blocks use one set of parameters.
 
 Tied blocks hold the same ``nn.Parameter`` objects, so the model stores, trains and exports one copy (the
-legacy ONNX exporter writes one initializer per parameter). Buffers (e.g. BatchNorm running statistics) stay
-per block. Note that exporting folds BatchNorm into the convolution before it, which makes per-block
-constants again; tie blocks without BatchNorm (or with BatchNorm after the shared part) to save file size.
+ONNX exporter writes one initializer per parameter). Buffers (BatchNorm running statistics) are shared too
+by default, so a tied block computes exactly what its group's first block computes, and the exported file,
+where BatchNorm is folded into the preceding convolution, keeps one copy. With ``buffers=False`` each block
+keeps its own statistics (for training from scratch); the export then holds per-block folded weights again,
+and on a trained model the shared BatchNorm scales no longer match the per-block statistics (on the shipped
+MobileNetV2 that cost 80 accuracy points before fine-tuning, against 5.5 with shared buffers).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ class TieConfig(Config):
             such blocks first.
         init: ``first`` or ``mean`` (see :class:`TieInit`).
         min_params: with ``auto``, ignore blocks with fewer parameters than this.
+        buffers: share buffers (BatchNorm running statistics) too; see the module docstring.
     """
 
     kind = "tie"
@@ -46,6 +50,7 @@ class TieConfig(Config):
     auto: bool = False
     init: TieInit = TieInit.FIRST
     min_params: int = 1
+    buffers: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.groups, (list, tuple)):
@@ -107,6 +112,11 @@ def _owner_slot(root: nn.Module, dotted: str) -> tuple[nn.Module, str]:
     return (root.get_submodule(mod_name) if mod_name else root), attr
 
 
+def _owner_get(root: nn.Module, dotted: str) -> torch.Tensor:
+    owner, attr = _owner_slot(root, dotted)
+    return getattr(owner, attr)
+
+
 def tie_layers(model: nn.Module, config: TieConfig) -> nn.Module:
     """Make groups of identical blocks share one set of parameters.
 
@@ -149,14 +159,16 @@ def tie_layers(model: nn.Module, config: TieConfig) -> nn.Module:
         shared = dict(first.named_parameters(remove_duplicate=False))
         if not shared:
             raise ConfigError(f"TieConfig.groups: {group[0]!r} has no parameters to share")
+        bufs = dict(first.named_buffers(remove_duplicate=False)) if config.buffers else {}
         if config.init == TieInit.MEAN:
             with torch.no_grad():
-                for pname, p in shared.items():
-                    p.copy_(torch.stack([modules[n].get_parameter(pname) for n in group]).mean(0))
+                for tname, t in {**shared, **bufs}.items():
+                    if t.is_floating_point():
+                        t.copy_(torch.stack([_owner_get(modules[n], tname) for n in group]).mean(0))
         for other in group[1:]:
-            for pname, p in shared.items():
-                owner, attr = _owner_slot(modules[other], pname)
-                setattr(owner, attr, p)
+            for tname, t in {**shared, **bufs}.items():
+                owner, attr = _owner_slot(modules[other], tname)
+                setattr(owner, attr, t)
         report.add(" = ".join(group), blocks=len(group), params_per_block=sum(p.numel() for p in shared.values()))
     report.totals = {"params_before": before, "params_after": n_params(model)}
     model.report = report

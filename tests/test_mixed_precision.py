@@ -1,0 +1,164 @@
+"""Per-layer sensitivity and mixed precision under an accuracy budget (tiny models, seconds)."""
+
+import copy
+
+import pytest
+import torch
+from tiny import NoWeights, TinyCNN
+
+from edgeslim.core.errors import ConfigError, DataError, QuantizationError
+from edgeslim.quantize import QuantConfig, quantize, quantize_with_budget, sensitivity
+from edgeslim.quantize._sensitivity import _Evaluator, _Variants
+
+W4 = QuantConfig(weight_bits=4, num_samples=256)
+W8 = QuantConfig(num_samples=256)
+
+
+@pytest.fixture(scope="module")
+def fragile(digits_model):
+    """The digits TinyCNN with an outlier column in ``fc``: channel 3 feeding it is exactly zero (both branches'
+    BatchNorm silenced), so the float model computes the same with fc.weight[:, 3] = 50, but quantizing fc with
+    one scale per output row rounds every other weight to zero."""
+    model, train, val = digits_model
+    m = copy.deepcopy(model)
+    with torch.no_grad():
+        for bn in (m.stem[1], m.pw[1]):
+            bn.weight[3] = 0.0
+            bn.bias[3] = 0.0
+        m.fc.weight[:, 3] = 50.0
+    return m.eval(), train, val
+
+
+def _state(m):
+    return {k: v.clone() for k, v in m.state_dict().items()}
+
+
+def _same(m, state):
+    return m.state_dict().keys() == state.keys() and all(torch.equal(v, state[k]) for k, v in m.state_dict().items())
+
+
+@pytest.mark.parametrize("mode", ["one_at_a_time", "all_but_one"])
+def test_sensitivity_ranks_the_fragile_layer_first(fragile, mode):
+    m, train, val = fragile
+    before = _state(m)
+    rep = sensitivity(m, W4, calib=train, data=val, mode=mode)
+    assert rep.ranking[0] == "fc"
+    assert set(rep.ranking) == {d["name"] for d in quantize(m, W4, calib=train).report.quantized_layers}
+    assert rep.layers[0].sensitivity > 0.2 > rep.layers[1].sensitivity
+    assert [r.sensitivity for r in rep.layers] == sorted((r.sensitivity for r in rep.layers), reverse=True)
+    assert rep.quantized_metric < 0.5 < rep.float_metric
+    assert "fc" in rep.table(2) and len(rep.table(2).splitlines()) == 5
+    assert rep.to_dict()["layers"][0]["layer"] == "fc"
+    assert _same(m, before)
+
+
+def test_sensitivity_samples_and_custom_metric(fragile):
+    m, train, val = fragile
+    rep = sensitivity(m, W4, calib=train, data=val, samples=100)
+    assert rep.samples == 100 and rep.ranking[0] == "fc"
+
+    def neg_logit_mse(model, data):
+        with torch.no_grad():
+            return -float(((model(data.normalized()) - m(data.normalized())) ** 2).mean())
+
+    rep = sensitivity(m, W4, calib=train, data=val, metric=neg_logit_mse)
+    assert rep.metric_name == "neg_logit_mse" and rep.ranking[0] == "fc" and rep.layers[0].sqnr_db is None
+    with pytest.raises(ConfigError, match="sqnr"):
+        rep.rerank("sqnr")
+    with pytest.raises(ConfigError, match="sqnr"):
+        sensitivity(m, W4, calib=train, data=val, metric=neg_logit_mse, rank_by="sqnr")
+
+
+def test_rank_by_sqnr(fragile):
+    m, train, val = fragile
+    rep = sensitivity(m, W4, calib=train, data=val, rank_by="sqnr")
+    assert rep.rank_by == "sqnr" and rep.ranking[0] == "fc"
+    assert [r.sqnr_db for r in rep.layers] == sorted(r.sqnr_db for r in rep.layers)
+    back = rep.rerank("metric")
+    assert back.rank_by == "metric" and sorted(back.layers, key=lambda r: r.layer) == sorted(rep.layers,
+                                                                                            key=lambda r: r.layer)
+    assert [r.sensitivity for r in back.layers] == sorted((r.sensitivity for r in back.layers), reverse=True)
+
+
+def test_variants_match_a_model_built_with_exclude(fragile):
+    m, train, val = fragile
+    v = _Variants(m, W4, train)
+    x = val.normalized()[:64]
+    for floats in ([], ["fc"], ["stem.0", "dw.0"]):
+        built = v.build(floats)
+        assert [d["name"] for d in built.report.skipped_layers] == floats
+        assert len(built.report.quantized_layers) == 4 - len(floats)
+        with torch.no_grad(), v.variant(floats) as q:
+            assert torch.equal(q(x), built(x))
+    # toggling restores the calibrated model
+    with torch.no_grad():
+        assert torch.equal(v.q(x), v.build([])(x))
+
+
+def test_budget_loose_needs_no_float_layer(digits_model):
+    model, train, val = digits_model
+    res = quantize_with_budget(model, W8, calib=train, data=val, max_accuracy_drop=0.03, eval_data=train)
+    assert res.met and res.kept_float == () and len(res.steps) == 1
+    assert res.drop <= 0.03 and res.model.report.skipped_layers == []
+    assert res.eval["samples"] == len(train) and res.eval["float_metric"] > 0.9
+    assert res.to_dict()["met"] is True
+
+
+def test_budget_tight_keeps_the_sensitive_layers_in_float(fragile):
+    m, train, val = fragile
+    before = _state(m)
+    res = quantize_with_budget(m, W4, calib=train, data=val, max_accuracy_drop=0.05)
+    assert res.met and len(res.kept_float) >= 1 and res.kept_float[0] == "fc"
+    ns = [s.n_float for s in res.steps]
+    assert ns == list(range(len(ns)))  # greedy: one more float layer per step
+    assert all(not s.met for s in res.steps[:-1]) and res.steps[-1].met
+    assert [s.kept_float for s in res.steps][1:] == [res.sensitivity.ranking[:k] for k in ns[1:]]
+    # the returned model is the measured candidate, with the float layers excluded in its config and report
+    assert res.model.config.exclude == res.kept_float
+    assert {d["name"] for d in res.model.report.skipped_layers} == set(res.kept_float)
+    ev = _Evaluator(m, val, None, None)
+    assert ev.score(res.model)[0] == pytest.approx(res.metric)
+    assert _same(m, before)
+    # bisection (0, 1, 2, 4, then 3) finds the same candidate, reusing the ranking
+    res2 = quantize_with_budget(m, W4, calib=train, data=val, max_accuracy_drop=0.05, search="bisect",
+                                sensitivity_report=res.sensitivity)
+    assert res2.met and res2.kept_float == res.kept_float
+
+
+def test_unreachable_budget_returns_the_best_candidate(fragile):
+    m, train, val = fragile
+
+    def neg_logit_mse(model, data):  # any quantization (even of the residual add) moves the logits
+        with torch.no_grad():
+            return -float(((model(data.normalized()) - m(data.normalized())) ** 2).mean())
+
+    res = quantize_with_budget(m, W4, calib=train, data=val, max_accuracy_drop=0.0, metric=neg_logit_mse)
+    assert not res.met and len(res.steps) == 5 and res.drop > 0
+    assert res.drop == min(s.drop for s in res.steps) and isinstance(res.model, torch.nn.Module)
+    assert res.to_dict()["met"] is False and "NOT met" in res.table()
+
+
+@pytest.mark.parametrize("bad", [-0.01, 1.5, float("nan"), "0.1", True])
+def test_bad_budget_is_a_config_error(digits_model, bad):
+    model, train, val = digits_model
+    with pytest.raises(ConfigError, match="max_accuracy_drop"):
+        quantize_with_budget(model, W8, calib=train, data=val, max_accuracy_drop=bad)
+
+
+def test_bad_inputs(digits_model):
+    model, train, val = digits_model
+    empty = val.subset([])
+    with pytest.raises(DataError, match="evaluation data"):
+        sensitivity(model, W8, calib=train, data=empty)
+    with pytest.raises(DataError, match="evaluation data"):
+        quantize_with_budget(model, W8, calib=train, data=empty, max_accuracy_drop=0.01)
+    with pytest.raises(ConfigError, match="mode"):
+        sensitivity(model, W8, calib=train, data=val, mode="all_at_once")
+    with pytest.raises(ConfigError, match="search"):
+        quantize_with_budget(model, W8, calib=train, data=val, max_accuracy_drop=0.01, search="random")
+    with pytest.raises(ConfigError, match="samples"):
+        sensitivity(model, W8, calib=train, data=val, samples=0)
+    with pytest.raises(QuantizationError, match="no quantizable layers"):
+        sensitivity(NoWeights(), W8, calib=train, data=val)
+    with pytest.raises(DataError):
+        sensitivity(TinyCNN(), W8, calib=None, data=val)

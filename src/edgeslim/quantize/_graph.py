@@ -21,10 +21,10 @@ from edgeslim.quantize._modules import ActQuant, QuantWeight
 
 WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Linear)
 ACT_MODULES = (nn.ReLU, nn.ReLU6, nn.Hardtanh)
-ACT_FUNCS = {F.relu, torch.relu, F.relu6, F.hardtanh, torch.nn.functional.hardtanh}
+ACT_FUNCS = {F.relu, torch.relu, F.relu6, F.hardtanh}
 ADD_FUNCS = {operator.add, torch.add, operator.iadd}
 POOL_MODULES = (nn.AdaptiveAvgPool2d, nn.AvgPool2d)
-POOL_FUNCS = {F.adaptive_avg_pool2d, F.avg_pool2d, torch.nn.functional.adaptive_avg_pool2d}
+POOL_FUNCS = {F.adaptive_avg_pool2d, F.avg_pool2d}
 CAT_FUNCS = {torch.cat, torch.concat}
 
 

@@ -154,6 +154,16 @@ def _finish(model: nn.Module, report: ShareReport, before: int, x: torch.Tensor 
     model.report = report
 
 
+
+def _skipped(report, config, name: str, why: str, action: str) -> bool:
+    """Record a layer that cannot be changed: an error when the user named it, a report entry otherwise."""
+    if not why:
+        return False
+    if config.layers:
+        raise ConfigError(f"cannot {action}: {why}; remove it from layers or add it to skip")
+    report.skip(name, why)
+    return True
+
 def factorize(model: nn.Module, config: FactorizeConfig = FactorizeConfig(), *,
               example_inputs: torch.Tensor | None = None) -> nn.Module:
     """Replace Linear/conv layers by two low-rank layers (truncated SVD).
@@ -179,12 +189,7 @@ def factorize(model: nn.Module, config: FactorizeConfig = FactorizeConfig(), *,
     report = ShareReport("factorize", config.to_dict())
     before = n_params(model)
     for name, m in chosen:
-        why = _why_not(m, method)
-        if why:
-            if config.layers:
-                raise ConfigError(f"cannot factorize layer {name!r} with method={method.value!r}: {why}; "
-                                  "remove it from layers or add it to skip")
-            report.skip(name, why)
+        if _skipped(report, config, name, _why_not(m, method), f"factorize layer {name!r} with method={method.value!r}"):
             continue
         mat, cost, unit = _matrix(m, method)
         u, s, vh = torch.linalg.svd(mat, full_matrices=False)
@@ -339,12 +344,7 @@ def separable(model: nn.Module, config: SeparableConfig = SeparableConfig(), *, 
             for h in hooks:
                 h.remove()
     for name, m in chosen:
-        why = _why_not_separable(m)
-        if why:
-            if config.layers:
-                raise ConfigError(f"cannot make layer {name!r} depthwise-separable: {why}; remove it from layers or "
-                                  "add it to skip")
-            report.skip(name, why)
+        if _skipped(report, config, name, _why_not_separable(m), f"make layer {name!r} depthwise-separable"):
             continue
         out, inp, kh, kw = m.weight.shape
         if config.multiplier > min(out, kh * kw):

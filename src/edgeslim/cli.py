@@ -47,7 +47,8 @@ def cmd_train(a: argparse.Namespace) -> None:
     from edgeslim.train import TrainConfig, train_baseline
 
     cfg = TrainConfig(epochs=a.epochs, lr=a.lr, batch_size=a.batch_size, seed=a.seed)
-    rec = train_baseline(a.model, a.dataset, cfg, init=a.init, out=a.out, force=a.force, progress=not a.json)
+    rec = train_baseline(a.model, a.dataset, cfg, init=a.init, out=a.out, force=a.force, progress=not a.json,
+                         device=a.device)
     _emit(a, rec, f"{a.model} on {a.dataset}: accuracy {rec['accuracy']:.4f} ({rec['train_seconds']} s)")
 
 
@@ -164,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, default=0.05)
     t.add_argument("--batch-size", type=int, default=128)
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", default="cpu", help="where the training steps run: cpu (default) or cuda")
     t.add_argument("--out", help="checkpoint folder (default: the package's shipped checkpoints)")
     t.add_argument("--force", action="store_true", help="overwrite an existing checkpoint")
 

@@ -63,6 +63,7 @@ def qat(
     loss_fn: Any = None,
     checkpoint_dir: str | Path | None = None,
     progress: bool = True,
+    device: str = "cpu",
 ) -> QuantizedModel:
     """Quantization-aware training of a copy of ``model``.
 
@@ -74,6 +75,7 @@ def qat(
         train_config: a :class:`~edgeslim.train.TrainConfig` (default: 1 epoch, AdamW, lr 1e-4, no warm-up).
         loss_fn: extra loss term ``loss_fn(outputs, targets, inputs)``, e.g. distillation from the FP32 teacher.
         checkpoint_dir: per-epoch checkpoints; an interrupted run resumes there.
+        device: where the training steps run (``"cuda"`` where there is one); the result is on the CPU.
 
     Returns:
         a new :class:`QuantizedModel` with trained weights and scales.
@@ -95,7 +97,8 @@ def qat(
         if config.method == QATMethod.LSQ:
             w.make_learnable()
     tc = train_config or TrainConfig(epochs=1, lr=1e-4, optimizer="adamw", weight_decay=0.0, warmup_steps=0)
-    result = fit(q, train, val, tc, checkpoint_dir=checkpoint_dir, loss_fn=loss_fn, progress=progress)
+    result = fit(q, train, val, tc, checkpoint_dir=checkpoint_dir, loss_fn=loss_fn, progress=progress,
+                 device=device)
     out: QuantizedModel = result.model
     with torch.no_grad():
         for a in out.act_quants():

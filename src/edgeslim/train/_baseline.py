@@ -24,6 +24,7 @@ def train_baseline(
     work_dir: str | Path | None = None,
     force: bool = False,
     progress: bool = True,
+    device: str = "cpu",
 ) -> dict:
     """Train zoo model ``name`` on ``dataset`` and save ``<out>/<name>-<dataset>.pt`` (FP16) and ``.json``.
 
@@ -41,7 +42,7 @@ def train_baseline(
     ck = out_dir / f"{name}-{dataset}.pt"
     work = Path(work_dir) if work_dir else out_dir / ".work" / f"{name}-{dataset}"
     t0 = time.perf_counter()
-    result = fit(model, train, val, config, checkpoint_dir=work, progress=progress)
+    result = fit(model, train, val, config, checkpoint_dir=work, progress=progress, device=device)
     fp32_acc = evaluate(result.model, val)
     half = {k: (v.half() if v.is_floating_point() else v) for k, v in result.model.state_dict().items()}
     # the accuracy recorded is the one of the weights as shipped (FP16 storage, loaded back to FP32)
@@ -53,9 +54,10 @@ def train_baseline(
         "accuracy": round(acc, 4), "accuracy_fp32_weights": round(fp32_acc, 4), "storage": "fp16",
         "config": config.to_dict(), "history": result.history,
         "train_seconds": round(time.perf_counter() - t0, 1), "torch": torch.__version__,
-        "threads": torch.get_num_threads(), "host": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(), "device": device, "host": platform.processor() or platform.machine(),
         "command": f"edgeslim train {name} --dataset {dataset} --init {init} --epochs {config.epochs} "
-        f"--lr {config.lr} --batch-size {config.batch_size} --seed {config.seed}",
+        f"--lr {config.lr} --batch-size {config.batch_size} --seed {config.seed}"
+        + (f" --device {device}" if device != "cpu" else ""),
     }
     save_torch(half, ck, force=force)
     write_json(ck.with_suffix(".json"), record, force=force)

@@ -91,15 +91,24 @@ def _progress(iterable, **kw):
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data, *, batch_size: int = 512, progress: bool = False) -> float:
-    """Top-1 accuracy of ``model`` on an :class:`~edgeslim.data.ImageDataset` (or (x, y) batches)."""
+def evaluate(model: nn.Module, data, *, batch_size: int = 512, progress: bool = False,
+             device: str | torch.device | None = None) -> float:
+    """Top-1 accuracy of ``model`` on an :class:`~edgeslim.data.ImageDataset` (or (x, y) batches).
+
+    Args:
+        device: where to run (default: where the model's first parameter lives, else the CPU).
+    """
     if len(data) == 0:
         raise DataError("cannot evaluate on an empty dataset")
     was_training = model.training
     model.eval()
+    if device is None:
+        first = next(iter(model.parameters()), None)
+        device = first.device if first is not None else torch.device("cpu")
     correct = total = 0
     batches = data.batches(batch_size) if hasattr(data, "batches") else data
     for x, y in _progress(batches, desc="eval", disable=not progress):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         correct += int((model(x).argmax(1) == y).sum())
         total += len(y)
     model.train(was_training)
@@ -131,17 +140,22 @@ def fit(
     loss_fn: LossFn | None = None,
     progress: bool = True,
     max_steps_per_epoch: int | None = None,
+    device: str | torch.device = "cpu",
 ) -> TrainResult:
     """Train a copy of ``model`` on ``train`` and return it with its history; the input is not modified.
 
     With ``checkpoint_dir`` the full state (model, optimizer, schedule, RNG, history) is written atomically
     after every epoch to ``last.pt`` and, when ``resume`` is true, a later call picks up after the last
     finished epoch. The best-by-validation weights are kept in ``best.pt`` and returned.
+
+    ``device`` (e.g. ``"cuda"``) is where the steps run; checkpoints hold CPU tensors and the returned
+    model is on the CPU either way.
     """
     if len(train) == 0:
         raise DataError("training dataset is empty")
     seed_everything(config.seed)
-    model = copy.deepcopy(model).train()
+    device = torch.device(device)
+    model = copy.deepcopy(model).to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     if config.optimizer == Optimizer.SGD:
         opt: torch.optim.Optimizer = torch.optim.SGD(
@@ -168,20 +182,20 @@ def fit(
     best_state = None
     ck_dir = Path(checkpoint_dir) if checkpoint_dir else None
     if ck_dir and resume and (ck_dir / "last.pt").is_file():
-        state = torch.load(ck_dir / "last.pt", map_location="cpu", weights_only=True)
+        state = torch.load(ck_dir / "last.pt", map_location=device, weights_only=True)
         if state.get("config") != config.to_dict():
             log.warning("checkpoint in %s was written with other settings; starting afresh", ck_dir)
         else:
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
             sched.load_state_dict(state["scheduler"])
-            g.set_state(state["generator"])
-            torch.set_rng_state(state["torch_rng"])
+            g.set_state(state["generator"].cpu())
+            torch.set_rng_state(state["torch_rng"].cpu())
             history = list(state["history"])
             start_epoch = int(state["epoch"])
             best_acc = float(state["best_accuracy"])
             if (ck_dir / "best.pt").is_file():
-                best_state = torch.load(ck_dir / "best.pt", map_location="cpu", weights_only=True)
+                best_state = torch.load(ck_dir / "best.pt", map_location=device, weights_only=True)
             log.info("resumed from %s after epoch %d", ck_dir, start_epoch)
     x_all = train.normalized()
     y_all = train.labels
@@ -197,6 +211,7 @@ def fit(
             x, y = x_all[idx], y_all[idx]
             if config.augment:
                 x = _augment(x, g)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             out = model(x)
             loss = criterion(out, y)
             if loss_fn is not None:
@@ -215,22 +230,34 @@ def fit(
         log.info("epoch %d: loss %.4f, val accuracy %.4f", epoch + 1, row["loss"], acc)
         if val is None or acc > best_acc:
             best_acc = acc
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
             if ck_dir:
                 save_torch(best_state, ck_dir / "best.pt", force=True)
         if ck_dir:
             save_torch(
                 {
-                    "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                    "model": _to_cpu(model.state_dict()), "optimizer": _to_cpu(opt.state_dict()), "scheduler": sched.state_dict(),
                     "generator": g.get_state(), "torch_rng": torch.get_rng_state(), "history": history,
                     "epoch": epoch + 1, "best_accuracy": best_acc, "config": config.to_dict(),
                 },
                 ck_dir / "last.pt",
                 force=True,
             )
+    model = model.cpu()
     if best_state is not None:
-        model.load_state_dict(best_state)
+        model.load_state_dict({k: v.cpu() for k, v in best_state.items()})
     return TrainResult(model.eval(), history, best_acc, start_epoch)
+
+
+def _to_cpu(obj):
+    """A copy of a (nested) state dict with every tensor on the CPU, so checkpoints load anywhere."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_to_cpu(v) for v in obj]
+    return obj
 
 
 __all__ = ["TrainConfig", "TrainResult", "fit", "evaluate", "Optimizer", "LossFn"]

@@ -91,7 +91,9 @@ def part_train(args) -> None:
             tag = "kd" if kd else "ce"
             rows[f"accuracy_{tag}"] = res.best_accuracy
             rows[f"history_{tag}"] = res.history
-            half = {k: (v.half() if v.is_floating_point() else v) for k, v in res.model.state_dict().items()}
+            cache: dict = {}  # tied parameters appear under several keys: store each tensor once
+            half = {k: cache.setdefault(v.data_ptr(), v.half() if v.is_floating_point() else v)
+                    for k, v in res.model.state_dict().items()}
             save_torch(half, out / f"{variant}-{tag}.pt", force=True)
         rows["seconds"] = round(time.perf_counter() - t0, 1)
         record["variants"][variant] = rows
@@ -133,6 +135,8 @@ def _distinct_int8_per_channel(onnx_path: Path) -> int:
 def part_measure(args) -> None:
     torch.set_num_threads(1)
     train, val = es.data.load("fashion-mnist")
+    if args.samples < len(val):
+        val = val.take(args.samples, seed=0)
     calib = train.take(512, seed=0)
     trained = json.loads((Path(args.trained) / "share_recover_train.json").read_text()) if args.trained else None
     results: dict = {"host": host_info(), "trained_on": trained and trained["device"], "rows": []}
@@ -203,6 +207,7 @@ def main() -> None:
     t.add_argument("--smoke", action="store_true", help="2 steps per epoch, 200 validation images")
     m = sub.add_parser("measure")
     m.add_argument("--trained", help="folder written by the train part (omit to measure clustering + INT8 only)")
+    m.add_argument("--samples", type=int, default=10000, help="validation images used for accuracy")
     m.add_argument("--rounds", type=int, default=5)
     m.add_argument("--runs", type=int, default=100)
     m.add_argument("--json", type=Path, default=HERE / "results" / "share_recover.json")

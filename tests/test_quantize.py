@@ -21,8 +21,9 @@ def _stats(x: np.ndarray, qmin: int = 0, qmax: int = 255, pct: float = 99.9) -> 
 
 
 def test_every_registered_config_round_trips_through_yaml():
+    import edgeslim.export._weight_only  # noqa: F401  (registers WeightOnlyConfig)
     import edgeslim.share  # noqa: F401  (registers its configs)
-    assert {"quantize", "train", "validation"} <= set(CONFIGS)
+    assert {"quantize", "train", "validation", "weight_only"} <= set(CONFIGS)
     needs_args = {"tie": {"auto": True}}  # TieConfig has no valid default: groups or auto must be given
     for kind, cls in CONFIGS.items():
         cfg = cls(**needs_args.get(kind, {}))

@@ -6,6 +6,12 @@ Public verbs (one per step, same shape everywhere; each returns something new an
     art = edgeslim.export(q, "onnx", example_inputs=val)
     m   = edgeslim.measure(art, data=val, runtime="onnxruntime")
     edgeslim.report([m_before, m_after], "out/")
+    p   = edgeslim.prune(model, edgeslim.PruneConfig(method="channel", target_macs=0.5), example_inputs=x)
+    s   = edgeslim.distill(student, teacher, edgeslim.DistillConfig(...), data=(train, val))
+
+Helpers of one technique live in its subpackage (``from edgeslim.prune import save_pruned``);
+``edgeslim.share`` (clustering, tying, factorization) and ``edgeslim.devices`` (profiles, predictions) are
+reached as subpackages.
 
 ``import edgeslim`` imports torch but none of the optional or heavy backends (onnx, onnxruntime, yaml, ...);
 those load when a verb needs them.
@@ -24,17 +30,22 @@ from edgeslim.core.errors import (
     RuntimeBackendError,
 )
 from edgeslim.core.metrics import Figure, Metrics
+from edgeslim.distill._api import distill
+from edgeslim.distill._config import DistillConfig
 from edgeslim.export._api import ValidationFloors, export
+from edgeslim.prune._api import prune
+from edgeslim.prune._config import PruneConfig
 from edgeslim.quantize._api import QuantizedModel, quantize
 from edgeslim.quantize._config import QuantConfig
 from edgeslim.report._api import report
 from edgeslim.runtime._measure import measure
 from edgeslim.train._trainer import TrainConfig
 
-from edgeslim import data, models  # noqa: E402  (subpackages users reach as edgeslim.data / edgeslim.models)
+from edgeslim import data, devices, models, share  # noqa: E402  (subpackages users reach as edgeslim.data, ...)
 
 __all__ = [
-    "Artifact", "ConfigError", "DataError", "EdgeslimError", "ExportError", "Figure", "Metrics", "ModelError",
-    "OutputExistsError", "QuantConfig", "QuantizationError", "QuantizedModel", "RuntimeBackendError",
-    "TrainConfig", "ValidationFloors", "__version__", "data", "export", "measure", "models", "quantize", "report",
+    "Artifact", "ConfigError", "DataError", "DistillConfig", "EdgeslimError", "ExportError", "Figure", "Metrics",
+    "ModelError", "OutputExistsError", "PruneConfig", "QuantConfig", "QuantizationError", "QuantizedModel",
+    "RuntimeBackendError", "TrainConfig", "ValidationFloors", "__version__", "data", "devices", "distill", "export",
+    "measure", "models", "prune", "quantize", "report", "share",
 ]

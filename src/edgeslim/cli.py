@@ -109,9 +109,37 @@ def cmd_measure(a: argparse.Namespace) -> None:
             val = val.take(a.samples, seed=0)
     m = measure(target, data=val, runtime=runtime, threads=a.threads, batch_sizes=a.batch, runs=a.runs,
                 label=a.label or str(a.target))
+    for dev in a.device or ():
+        _add_device_predictions(m, target, dev, runtime)
     if a.save:
         write_json(a.save, m.to_dict(), force=a.force)
     _emit(a, m.to_dict(), render_table([m]))
+
+
+def _add_device_predictions(m: Any, target: Any, device: str, runtime: str) -> None:
+    """Add "predicted for D" latency/energy/memory-fit/pre-flight figures to ``m`` (needs an .onnx artifact)."""
+    from edgeslim.core.artifact import Artifact
+    from edgeslim.devices import calibrate, estimate_energy, get_device, memory_fit, predict_latency, preflight
+
+    dev = get_device(device)
+    if not isinstance(target, Artifact) or target.format != "onnx":
+        raise EdgeslimError(f"--device {device} predicts from an ONNX graph: measure an .onnx artifact "
+                            "(export it first), not a torch model")
+    host_ms = m.figures.get("latency_p50_ms@t1b1")
+    if host_ms is None or runtime != "onnxruntime":
+        raise EdgeslimError("--device needs a host onnxruntime measurement at 1 thread, batch 1 "
+                            "(include 1 in --threads and --batch) to calibrate the prediction")
+    cal = calibrate([("host", target, host_ms.value)], "host")
+    lat = predict_latency(target, dev, cal)
+    en, fit, pf = estimate_energy(target, dev), memory_fit(target, dev), preflight(target, dev)
+    src = f"predicted for {dev.name}: roofline calibrated on this model's host latency (t1 b1)"
+    m.add(f"predicted_latency_ms@{dev.name}", lat["latency_ms"], "ms", src,
+          f"host calibration error {cal.median_abs_error_pct:.1f}% (1 sample: fitted exactly; "
+          "benchmarks/hw_predict.py reports leave-one-out error)")
+    m.add(f"estimated_energy_mj@{dev.name}", en["energy_mj"], "mJ", en["label"], f"{en['source']}; {en['assumption']}")
+    m.add(f"memory_required_mb@{dev.name}", fit["required_mb"], "MB", f"weights + peak activations vs {dev.ram_mb:.0f} MB",
+          "fits" if fit["fits"] else f"DOES NOT FIT in {dev.ram_mb:.0f} MB")
+    m.add(f"fully_runs@{dev.name}", float(pf.fully_runs), "bool", "operator pre-flight", str(pf))
 
 
 def cmd_report(a: argparse.Namespace) -> None:
@@ -202,6 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--label")
     m.add_argument("--save", help="write the metrics JSON here (input for `edgeslim report`)")
     m.add_argument("--force", action="store_true")
+    m.add_argument("--device", action="append",
+                   help="also print figures predicted for this device profile (repeatable), e.g. raspberry-pi-4")
 
     r = add("report", cmd_report, "write a JSON/Markdown/HTML report from saved metrics, in pipeline order")
     r.add_argument("metrics", nargs="+", help="metrics JSON files written by `edgeslim measure --save`")

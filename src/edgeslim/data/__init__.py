@@ -10,8 +10,10 @@ from pathlib import Path
 
 from edgeslim.data._dataset import ImageDataset, calibration_subset, stratified_split
 from edgeslim.data._sources import SOURCES, image_folder
+from edgeslim.data._text import TextDataset, load_text, text_names
 
-__all__ = ["ImageDataset", "load", "calibration_subset", "stratified_split", "image_folder", "names", "SOURCES"]
+__all__ = ["ImageDataset", "load", "calibration_subset", "stratified_split", "image_folder", "names", "SOURCES",
+           "TextDataset", "load_text", "text_names"]
 
 
 def names() -> list[str]:

@@ -17,8 +17,10 @@ from edgeslim.models._zoo import (
     names,
     shipped,
 )
+from edgeslim.models._text import load_text, mean_pool, text_model_names
 
 __all__ = [
     "ZOO", "SmallCNN", "apply_state_dict", "build", "checkpoint_info", "checkpoint_path", "init_from_imagenet",
     "load", "load_factory", "load_state_dict_file", "names", "shipped",
+    "load_text", "mean_pool", "text_model_names",
 ]

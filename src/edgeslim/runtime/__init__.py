@@ -8,6 +8,7 @@ the latency harness, static ONNX counts, and the ``measure`` verb.
 from edgeslim.runtime._measure import latency, measure
 from edgeslim.runtime._runners import RUNTIMES, OrtRunner, Runner, TorchRunner, load, optimized_op_types
 from edgeslim.runtime._static import onnx_macs, onnx_params
+from edgeslim.runtime._tune import best_for_budget, fusion_check, sweep
 
-__all__ = ["RUNTIMES", "OrtRunner", "Runner", "TorchRunner", "latency", "load", "measure", "onnx_macs",
-           "onnx_params", "optimized_op_types"]
+__all__ = ["RUNTIMES", "OrtRunner", "Runner", "TorchRunner", "best_for_budget", "fusion_check", "latency", "load",
+           "measure", "onnx_macs", "onnx_params", "optimized_op_types", "sweep"]

@@ -23,6 +23,19 @@ log = logging.getLogger(__name__)
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 """An extra loss term ``loss_fn(outputs, targets, inputs)`` added to cross-entropy (e.g. distillation)."""
 
+StepFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+"""A whole training-step loss ``step_fn(model, inputs, targets, indices) -> (loss, outputs)`` replacing
+cross-entropy; ``indices`` are the rows of the training set in the batch (keys for cached teacher outputs)."""
+
+
+def _dist() -> tuple[int, int]:
+    """(rank, world size) of the current torch.distributed group, or (0, 1) when not distributed."""
+    import torch.distributed as td
+
+    if td.is_available() and td.is_initialized():
+        return td.get_rank(), td.get_world_size()
+    return 0, 1
+
 
 class Optimizer(StrEnum):
     SGD = "sgd"
@@ -43,6 +56,7 @@ class TrainConfig(Config):
         augment: random crop (pad 2) and horizontal flip on the training images.
         seed: seeds initial shuffling, augmentation and dropout.
         warmup_steps: linear learning-rate warm-up steps.
+        patience: stop early after this many epochs without a better validation accuracy (0: never).
     """
 
     kind = "train"
@@ -55,6 +69,7 @@ class TrainConfig(Config):
     augment: bool = True
     seed: int = 0
     warmup_steps: int = 100
+    patience: int = 0
 
     def validate(self) -> None:
         if self.epochs < 1:
@@ -69,6 +84,8 @@ class TrainConfig(Config):
             raise self._bad("label_smoothing", "must be in [0, 1)")
         if self.warmup_steps < 0:
             raise self._bad("warmup_steps", "must be >= 0")
+        if self.patience < 0:
+            raise self._bad("patience", "must be >= 0 (0 turns early stopping off)")
 
 
 @dataclass
@@ -141,6 +158,7 @@ def fit(
     progress: bool = True,
     max_steps_per_epoch: int | None = None,
     device: str | torch.device = "cpu",
+    step_fn: StepFn | None = None,
 ) -> TrainResult:
     """Train a copy of ``model`` on ``train`` and return it with its history; the input is not modified.
 
@@ -150,12 +168,21 @@ def fit(
 
     ``device`` (e.g. ``"cuda"``) is where the steps run; checkpoints hold CPU tensors and the returned
     model is on the CPU either way.
+
+    ``step_fn`` replaces the default cross-entropy (+ ``loss_fn``) step loss; distillation uses it to reach
+    teacher outputs and intermediate features. Under ``torchrun`` (torch.distributed initialised) the model
+    is wrapped in DistributedDataParallel and every global batch is split across the ranks, so the averaged
+    gradients equal the single-process ones; only rank 0 writes checkpoints.
     """
     if len(train) == 0:
         raise DataError("training dataset is empty")
     seed_everything(config.seed)
     device = torch.device(device)
     model = copy.deepcopy(model).to(device).train()
+    rank, world = _dist()
+    net: nn.Module = model
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=None if device.type == "cpu" else [device])
     params = [p for p in model.parameters() if p.requires_grad]
     if config.optimizer == Optimizer.SGD:
         opt: torch.optim.Optimizer = torch.optim.SGD(
@@ -180,6 +207,7 @@ def fit(
     start_epoch = 0
     best_acc = -1.0
     best_state = None
+    best_epoch = 0
     ck_dir = Path(checkpoint_dir) if checkpoint_dir else None
     if ck_dir and resume and (ck_dir / "last.pt").is_file():
         state = torch.load(ck_dir / "last.pt", map_location=device, weights_only=True)
@@ -194,6 +222,7 @@ def fit(
             history = list(state["history"])
             start_epoch = int(state["epoch"])
             best_acc = float(state["best_accuracy"])
+            best_epoch = int(state.get("best_epoch", start_epoch))
             if (ck_dir / "best.pt").is_file():
                 best_state = torch.load(ck_dir / "best.pt", map_location=device, weights_only=True)
             log.info("resumed from %s after epoch %d", ck_dir, start_epoch)
@@ -208,14 +237,19 @@ def fit(
         bar = _progress(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{config.epochs}", disable=not progress)
         for step in bar:
             idx = order[step * config.batch_size : (step + 1) * config.batch_size]
+            if world > 1:
+                idx = idx.tensor_split(world)[rank]
             x, y = x_all[idx], y_all[idx]
             if config.augment:
                 x = _augment(x, g)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            out = model(x)
-            loss = criterion(out, y)
-            if loss_fn is not None:
-                loss = loss + loss_fn(out, y, x)
+            if step_fn is not None:
+                loss, out = step_fn(net, x, y, idx)
+            else:
+                out = net(x)
+                loss = criterion(out, y)
+                if loss_fn is not None:
+                    loss = loss + loss_fn(out, y, x)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -230,19 +264,25 @@ def fit(
         log.info("epoch %d: loss %.4f, val accuracy %.4f", epoch + 1, row["loss"], acc)
         if val is None or acc > best_acc:
             best_acc = acc
+            best_epoch = epoch + 1
             best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-            if ck_dir:
+            if ck_dir and rank == 0:
                 save_torch(best_state, ck_dir / "best.pt", force=True)
-        if ck_dir:
+        if ck_dir and rank == 0:
             save_torch(
                 {
                     "model": _to_cpu(model.state_dict()), "optimizer": _to_cpu(opt.state_dict()), "scheduler": sched.state_dict(),
                     "generator": g.get_state(), "torch_rng": torch.get_rng_state(), "history": history,
                     "epoch": epoch + 1, "best_accuracy": best_acc, "config": config.to_dict(),
+                    "best_epoch": best_epoch,
                 },
                 ck_dir / "last.pt",
                 force=True,
             )
+        if config.patience and val is not None and epoch + 1 - best_epoch >= config.patience:
+            log.info("early stop after epoch %d: no better validation accuracy for %d epochs", epoch + 1,
+                     config.patience)
+            break
     model = model.cpu()
     if best_state is not None:
         model.load_state_dict({k: v.cpu() for k, v in best_state.items()})
@@ -260,4 +300,4 @@ def _to_cpu(obj):
     return obj
 
 
-__all__ = ["TrainConfig", "TrainResult", "fit", "evaluate", "Optimizer", "LossFn"]
+__all__ = ["TrainConfig", "TrainResult", "fit", "evaluate", "Optimizer", "LossFn", "StepFn"]

@@ -1,0 +1,131 @@
+"""Structured pruning on Fashion-MNIST: ResNet-18 and MobileNetV2 at ~50% fewer MACs, fine-tuned; and a
+criteria table (each importance criterion vs random at the same channel ratio, before/after a short fine-tune).
+
+This is the training half (GPU-friendly). It writes, to ``--out``:
+  ``<model>-pruned.json/.pt``   the replayable recipe + state_dict of each fine-tuned pruned model
+  ``prune_fmnist_train.json``   accuracies, MACs, params, settings and timings
+The measuring half (ONNX Runtime latency at batch 1, FP32 and INT8, sizes) is ``benchmarks/prune_measure.py``,
+run on the CPU host on these outputs.
+
+    PYTHONPATH=src python benchmarks/prune_fmnist.py --device cuda --out /tmp/prune-out
+    PYTHONPATH=src python benchmarks/prune_fmnist.py --smoke --out /tmp/prune-smoke     # CPU, ~1 min
+
+Needs torch, torchvision, numpy and torch-pruning (pure Python; put its folder on PYTHONPATH if it is not
+installed). Fashion-MNIST is found as edgeslim.data finds it (EDGESLIM_FMNIST_DIR first).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from edgeslim import data, models  # noqa: E402
+from edgeslim.prune import IMPORTANCE, PruneConfig, count_macs, prune, save_pruned  # noqa: E402
+from edgeslim.train import TrainConfig, evaluate, fit  # noqa: E402
+
+log = logging.getLogger("prune_fmnist")
+
+
+def _eval(model, val, device) -> float:
+    return evaluate(model.to(device), val, batch_size=1000, device=device)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--smoke", action="store_true", help="tiny data and steps: checks the script end to end")
+    ap.add_argument("--epochs", type=int, default=5, help="fine-tuning epochs of the two main models")
+    ap.add_argument("--target-macs", type=float, default=0.5)
+    ap.add_argument("--importance", default="l2")
+    ap.add_argument("--models", default="resnet18,mobilenet_v2")
+    ap.add_argument("--criteria-model", default="resnet18")
+    ap.add_argument("--criteria-ratio", type=float, default=0.3)
+    ap.add_argument("--criteria-steps", type=int, default=150, help="fine-tuning steps per criterion")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    train, val = data.load("fashion-mnist")
+    if args.smoke:
+        train, val = train.take(512), val.take(256)
+    max_steps = 3 if args.smoke else None
+    epochs = 1 if args.smoke else args.epochs
+    x = val.normalized()[:2]
+    results: dict = {
+        "benchmark": "prune_fmnist (training half)",
+        "host": {"python": platform.python_version(), "torch": torch.__version__, "device": args.device,
+                 "gpu": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else None},
+        "settings": vars(args), "train_size": len(train), "val_size": len(val), "models": {}, "criteria": {},
+    }
+    t_all = time.perf_counter()
+    for name in args.models.split(","):
+        t0 = time.perf_counter()
+        base = models.load(name, "fashion-mnist")
+        acc_base = _eval(base, val, args.device)
+        base = base.cpu()
+        cfg = PruneConfig(method="channel", target_macs=args.target_macs, importance=args.importance)
+        pruned = prune(base, cfg, example_inputs=x, data=train.take(512))
+        rep = pruned.prune_report
+        acc_pruned = _eval(pruned, val, args.device)
+        tc = TrainConfig(epochs=epochs, batch_size=256, lr=0.02, weight_decay=4e-5, warmup_steps=50)
+        res = fit(pruned.cpu(), train, val, tc, device=args.device, progress=False, max_steps_per_epoch=max_steps)
+        tuned = res.model
+        tuned.prune_report = rep
+        acc_tuned = _eval(tuned, val, args.device)
+        tuned = tuned.cpu()
+        save_pruned(tuned, out / f"{name}-pruned", force=True, half=True)  # FP16 storage: files < 16 MB
+        results["models"][name] = {
+            "accuracy_base": acc_base, "accuracy_pruned": acc_pruned, "accuracy_finetuned": acc_tuned,
+            "accuracy_drop_pt": round(100 * (acc_base - acc_tuned), 2),
+            "macs_base": rep.macs_before, "macs_pruned": rep.macs_after, "mac_reduction": round(rep.mac_reduction, 4),
+            "params_base": rep.params_before, "params_pruned": rep.params_after,
+            "channel_ratio": rep.layers.get("_channel_ratio"), "config": cfg.to_dict(),
+            "train_config": tc.to_dict(), "history": res.history, "seconds": round(time.perf_counter() - t0, 1),
+        }
+        log.info("%s: base %.4f, pruned %.4f, fine-tuned %.4f, MACs -%.1f%%", name, acc_base, acc_pruned, acc_tuned,
+                 100 * rep.mac_reduction)
+    # criteria table: same channel ratio, same short fine-tune, one row per registered criterion
+    name = args.criteria_model
+    base = models.load(name, "fashion-mnist")
+    acc_base = _eval(base, val, args.device)
+    base = base.cpu()
+    results["criteria_model"] = name
+    results["criteria_base_accuracy"] = acc_base
+    for crit in IMPORTANCE.names():
+        t0 = time.perf_counter()
+        cfg = PruneConfig(method="channel", ratio=args.criteria_ratio, importance=crit)
+        pruned = prune(base, cfg, example_inputs=x, data=train.take(512))
+        acc0 = _eval(pruned, val, args.device)
+        tc = TrainConfig(epochs=1, batch_size=256, lr=0.01, warmup_steps=20)
+        res = fit(pruned.cpu(), train, val, tc, device=args.device, progress=False,
+                  max_steps_per_epoch=3 if args.smoke else args.criteria_steps)
+        acc1 = _eval(res.model, val, args.device)
+        results["criteria"][crit] = {"accuracy_pruned": acc0, "accuracy_finetuned": acc1,
+                                     "macs": count_macs(pruned.cpu(), x), "ratio": args.criteria_ratio,
+                                     "seconds": round(time.perf_counter() - t0, 1)}
+        log.info("criterion %s: pruned %.4f, after %d steps %.4f", crit, acc0, args.criteria_steps, acc1)
+    results["seconds_total"] = round(time.perf_counter() - t_all, 1)
+    (out / "prune_fmnist_train.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk.startswith("acc") or kk == "mac_reduction"}
+                      for k, v in results["models"].items()}, indent=1))
+    print(json.dumps(results["criteria"], indent=1))
+    print(f"total {results['seconds_total']} s")
+
+
+if __name__ == "__main__":
+    main()

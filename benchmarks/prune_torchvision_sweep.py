@@ -1,0 +1,144 @@
+"""Sweep: structured pruning (30% of channels, l1, widths rounded to 8) of every torchvision classification
+constructor (weights=None), then forward pass, ONNX export and an ONNX Runtime run checked against torch.
+
+Each model runs in its own subprocess with a time limit; a failure is recorded with the error edgeslim raised
+(which names the module). Prints a table, writes benchmarks/results/prune_torchvision_sweep.json.
+
+    PYTHONPATH=src python benchmarks/prune_torchvision_sweep.py [--only resnet18,vgg11] [--timeout 300]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BIG_INPUT = ("vit_", "maxvit", "swin")  # fixed-size position embeddings / windows: 224 px
+
+
+def one(name: str) -> dict:
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+    import torchvision
+
+    sys.path.insert(0, str(ROOT / "src"))
+    from edgeslim.core.errors import EdgeslimError
+    from edgeslim.prune import PruneConfig, prune
+
+    torch.manual_seed(0)
+    size = 224 if name.startswith(BIG_INPUT) else (96 if name.startswith(("inception", "googlenet")) else 64)
+    row: dict = {"model": name, "input": size, "stage": "build"}
+    t0 = time.perf_counter()
+    try:
+        m = torchvision.models.get_model(name, weights=None).eval()
+        x = torch.randn(1, 3, size, size)
+        row["stage"] = "prune"
+        p = prune(m, PruneConfig(method="channel", ratio=0.3, importance="l1"), example_inputs=x)
+        rep = p.prune_report
+        row.update(params_before=rep.params_before, params_after=rep.params_after, macs_before=rep.macs_before,
+                   macs_after=rep.macs_after)
+        if rep.params_after >= rep.params_before:
+            raise EdgeslimError("nothing was pruned")
+        row["stage"] = "onnx export"
+        with torch.no_grad():
+            ref = p(x)
+        ref = ref if isinstance(ref, torch.Tensor) else ref[0]
+        with tempfile.TemporaryDirectory() as d:
+            path = Path(d) / "m.onnx"
+            try:
+                torch.onnx.export(p, (x,), str(path), dynamo=False, input_names=["x"], opset_version=17)
+                row["exporter"] = "legacy"
+            except Exception as e:  # noqa: BLE001 - try the dynamo exporter before giving up
+                try:
+                    torch.onnx.export(p, (x,), str(path), dynamo=True, input_names=["x"])
+                    row["exporter"] = "dynamo"
+                except Exception as e2:  # noqa: BLE001
+                    raise EdgeslimError(f"ONNX export of the pruned model failed (legacy: {str(e).splitlines()[0][:150]}; "
+                                        f"dynamo: {str(e2).splitlines()[0][:150]})") from None
+            row["stage"] = "onnxruntime"
+            got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
+        err = float(np.abs(got - ref.numpy()).max() / (np.abs(ref.numpy()).max() + 1e-12))
+        row["onnx_rel_err"] = err
+        if err > 1e-3:
+            raise EdgeslimError(f"ONNX Runtime output differs from torch (relative max error {err:.2e})")
+        row["ok"] = True
+        row["stage"] = "done"
+    except EdgeslimError as e:
+        row.update(ok=False, error=f"{type(e).__name__}: {e}")
+    except Exception as e:  # noqa: BLE001 - a crash we did not turn into a clear error: recorded as such
+        row.update(ok=False, error=f"UNHANDLED {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
+    row["seconds"] = round(time.perf_counter() - t0, 1)
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--one")
+    ap.add_argument("--only")
+    ap.add_argument("--timeout", type=int, default=300)
+    ap.add_argument("--resume", action="store_true", help="skip models already in --out")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "prune_torchvision_sweep.json"))
+    args = ap.parse_args()
+    if args.one:
+        row = one(args.one)
+        Path(args.out).write_text(json.dumps(row))
+        return
+    import torch
+    import torchvision
+
+    names = args.only.split(",") if args.only else sorted(torchvision.models.list_models(module=torchvision.models))
+    heavy = ("densenet", "_b5", "_b6", "_b7", "v2_l", "v2_m", "128gf", "32gf", "16gf", "vit_h", "vit_l", "large",
+             "swin_b", "swin_v2_b", "base", "101", "152", "wide", "vgg19", "vgg16")
+    names.sort(key=lambda n: any(h in n for h in heavy))  # cheap models first; a cut-short sweep still says a lot
+    rows: list[dict] = []
+    out = Path(args.out)
+    if args.resume and out.is_file():  # keep finished rows of an interrupted sweep
+        rows = [r for r in json.loads(out.read_text())["rows"] if r["model"] in names]
+    done = {r["model"] for r in rows}
+    for name in names:
+        if name in done:
+            continue
+        t0 = time.perf_counter()
+        res = Path(tempfile.mkdtemp()) / "row.json"
+        try:
+            cp = subprocess.run([sys.executable, __file__, "--one", name, "--out", str(res)], capture_output=True, text=True,
+                                timeout=args.timeout, env={"PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1",
+                                                           "PATH": "/usr/bin:/bin"})
+            row = json.loads(res.read_text()) if res.is_file() else {
+                "model": name, "ok": False, "error": f"worker died (rc {cp.returncode}): {cp.stderr.strip()[-300:]}"}
+        except subprocess.TimeoutExpired:
+            row = {"model": name, "ok": False, "error": f"timed out after {args.timeout} s on this host"}
+        row["wall_s"] = round(time.perf_counter() - t0, 1)
+        rows.append(row)
+        status = "ok" if row.get("ok") else "FAIL " + row.get("error", "")[:150]
+        print(f"{name:28s} {row['wall_s']:6.1f}s {status}", flush=True)
+        _write(out, rows, len(names), torch.__version__, torchvision.__version__)
+    ok, unhandled = _write(out, rows, len(names), torch.__version__, torchvision.__version__)
+    print(f"\n{ok} of {len(rows)} torchvision classification models pruned (30% channels), exported and matched in "
+          f"ONNX Runtime; {len(unhandled)} failures were not clear edgeslim errors: {unhandled}")
+
+
+def _write(out: Path, rows: list[dict], planned: int, torch_v: str, tv_v: str) -> tuple[int, list[str]]:
+    ok = sum(r.get("ok", False) for r in rows)
+    unhandled = [r["model"] for r in rows if "UNHANDLED" in r.get("error", "") or "worker died" in r.get("error", "")]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({
+        "benchmark": "prune_torchvision_sweep", "succeeded": ok, "total": len(rows), "planned": planned,
+        "unhandled": unhandled,
+        "settings": {"ratio": 0.3, "importance": "l1", "round_to": 8, "weights": None,
+                     "onnx": "legacy exporter (opset 17), dynamo exporter if legacy fails"},
+        "host": {"python": platform.python_version(), "torch": torch_v, "torchvision": tv_v,
+                 "note": "shared, loaded 2-core host; one model per subprocess"},
+        "rows": rows}, indent=2) + "\n")
+    return ok, unhandled
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""The pruning config: one frozen dataclass for unstructured, N:M and structured (channel/head) pruning."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from edgeslim.core.config import Config, StrEnum
+
+
+class PruneMethod(StrEnum):
+    """What is removed.
+
+    ``magnitude``: single weights (unstructured; zeros, no speed-up on dense runtimes).
+    ``nm``: N of every M consecutive weights along the input dimension (2:4 semi-structured).
+    ``channel``: whole channels/filters, FFN neurons and attention heads, physically removed.
+    """
+
+    MAGNITUDE = "magnitude"
+    NM = "nm"
+    CHANNEL = "channel"
+
+
+class Scope(StrEnum):
+    """Where weights/channels are ranked: within each layer, or across all layers at once."""
+
+    LAYER = "layer"
+    GLOBAL = "global"
+
+
+class Schedule(StrEnum):
+    """``oneshot``: the final sparsity at once. ``agp``: Zhu & Gupta's cubic ramp, updated during training."""
+
+    ONESHOT = "oneshot"
+    AGP = "agp"
+
+
+@dataclass(frozen=True)
+class PruneConfig(Config):
+    """How to prune.
+
+    Attributes:
+        method: ``magnitude`` (unstructured), ``nm`` (N:M) or ``channel`` (structured, physical removal).
+        ratio: fraction removed: of the weights (``magnitude``), or of the channels of every prunable
+            layer (``channel``; with ``scope="global"`` of all channels together). Unused by ``nm``.
+        target_macs: ``channel`` only: instead of ``ratio``, search the channel ratio that removes this
+            fraction of the multiply-accumulates (e.g. 0.5 halves the MACs).
+        importance: channel criterion (a registry: ``l1``, ``l2``, ``bn_scale``, ``taylor``, ``fpgm``,
+            ``random``; ``taylor`` needs ``data``).
+        scope: rank within each layer (``layer``) or across layers (``global``).
+        max_layer_ratio: no layer loses more than this fraction of its channels / weights.
+        layer_ratios: per-layer ratios by module-name glob (``{"layer4.*": 0.6}``), overriding ``ratio``.
+        ignored_layers: module-name globs left untouched; each must match a module.
+        ignore_output_layer: leave the layer producing the model output (the classifier) untouched.
+        round_to: kept channel counts are multiples of this (SIMD-friendly widths); 1 disables.
+        heads_ratio: fraction of attention heads removed from each attention block (``channel`` only).
+        n: kept weights per group (``nm``).
+        m: group size (``nm``).
+        schedule: ``oneshot`` or ``agp`` (``magnitude``/``layer`` only: the mask follows the AGP ramp
+            while the model trains with :func:`edgeslim.train.fit`).
+        schedule_steps: training steps over which AGP ramps from 0 to ``ratio``.
+        schedule_every: AGP recomputes the masks every this many training steps.
+        calib_batches: batches of ``data`` used by data-driven criteria (``taylor``).
+        seed: seeds the ``random`` criterion.
+    """
+
+    kind = "prune"
+    method: PruneMethod = PruneMethod.CHANNEL
+    ratio: float = 0.3
+    target_macs: float | None = None
+    importance: str = "l1"
+    scope: Scope = Scope.LAYER
+    max_layer_ratio: float = 0.9
+    layer_ratios: dict[str, float] = dataclasses.field(default_factory=dict)
+    ignored_layers: tuple[str, ...] = ()
+    ignore_output_layer: bool = True
+    round_to: int = 8
+    heads_ratio: float = 0.0
+    n: int = 2
+    m: int = 4
+    schedule: Schedule = Schedule.ONESHOT
+    schedule_steps: int = 1000
+    schedule_every: int = 50
+    calib_batches: int = 4
+    seed: int = 0
+
+    def __hash__(self) -> int:  # layer_ratios is a dict
+        return hash(tuple((k, str(v)) for k, v in self.to_dict().items()))
+
+    def validate(self) -> None:
+        from edgeslim.prune._importance import IMPORTANCE
+
+        if not 0 < self.ratio < 1:
+            raise self._bad("ratio", "must be in (0, 1) (the fraction removed)")
+        if self.target_macs is not None:
+            if self.method != PruneMethod.CHANNEL:
+                raise self._bad("target_macs", "only method='channel' can target a MAC reduction")
+            if not 0 < self.target_macs < 1:
+                raise self._bad("target_macs", "must be in (0, 1) (the fraction of MACs removed) or None")
+        if self.importance not in IMPORTANCE:
+            IMPORTANCE.get(self.importance)  # raises a ConfigError that lists the valid names
+        if not 0 < self.max_layer_ratio < 1:
+            raise self._bad("max_layer_ratio", "must be in (0, 1): no layer may be pruned away entirely")
+        if not isinstance(self.layer_ratios, dict):
+            raise self._bad("layer_ratios", "must be a mapping of module-name glob -> ratio in (0, 1)")
+        for k, v in self.layer_ratios.items():
+            if not isinstance(k, str) or not isinstance(v, (int, float)) or not 0 < v < 1:
+                raise self._bad("layer_ratios", f"entry {k!r}: {v!r} must be a ratio in (0, 1)")
+        if any(not isinstance(x, str) or not x for x in self.ignored_layers):
+            raise self._bad("ignored_layers", "must be non-empty module-name globs")
+        if self.round_to < 1:
+            raise self._bad("round_to", "must be >= 1 (1 disables rounding)")
+        if not 0 <= self.heads_ratio < 1:
+            raise self._bad("heads_ratio", "must be in [0, 1)")
+        if self.heads_ratio and self.method != PruneMethod.CHANNEL:
+            raise self._bad("heads_ratio", "only method='channel' removes attention heads")
+        if not (1 <= self.n < self.m):
+            raise self._bad("n", f"N:M needs 1 <= n < m (m={self.m})")
+        if self.m > 64:
+            raise self._bad("m", "must be <= 64")
+        if self.schedule == Schedule.AGP:
+            if self.method != PruneMethod.MAGNITUDE:
+                raise self._bad("schedule", "agp is for method='magnitude' (N:M and channel pruning are one-shot)")
+            if self.scope != Scope.LAYER:
+                raise self._bad("schedule", "agp ramps each layer's own mask: use scope='layer'")
+        if self.schedule_steps < 1:
+            raise self._bad("schedule_steps", "must be >= 1")
+        if self.schedule_every < 1:
+            raise self._bad("schedule_every", "must be >= 1")
+        if self.calib_batches < 1:
+            raise self._bad("calib_batches", "must be >= 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = super().to_dict()
+        d["layer_ratios"] = dict(self.layer_ratios)
+        return d

@@ -1,0 +1,303 @@
+"""edgeslim.prune: unstructured / AGP / N:M masks, structured channel + head pruning with physical removal,
+recipes that reload exactly, the prune -> fine-tune loop with resume, and clear errors on bad input."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from edgeslim.core.errors import ConfigError, DataError, ModelError
+from edgeslim.prune import (
+    IMPORTANCE,
+    PruneConfig,
+    count_macs,
+    get_mask,
+    load_pruned,
+    prune,
+    prune_finetune,
+    replay,
+    save_pruned,
+    sparse_storage,
+    strip_masks,
+)
+from tiny import TinyCNN, TinyMLP
+
+pytest.importorskip("torch_pruning")
+
+
+def _small_cnn() -> nn.Module:
+    from edgeslim.models import SmallCNN
+
+    torch.manual_seed(0)
+    return SmallCNN(1, 10).eval()
+
+
+def _x(n: int = 2, size: int = 28) -> torch.Tensor:
+    return torch.randn(n, 1, size, size, generator=torch.Generator().manual_seed(0))
+
+
+def _same_state(a: nn.Module, b: nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+# ------------------------------------------------------------------------------------------------ config
+@pytest.mark.parametrize("bad", [0.0, 1.0, 1.5, -0.1])
+def test_ratio_outside_open_interval_is_rejected(bad):
+    with pytest.raises(ConfigError, match=r"PruneConfig.ratio=.*\(0, 1\)"):
+        PruneConfig(ratio=bad)
+
+
+def test_config_errors_name_field_and_allowed_values():
+    with pytest.raises(ConfigError, match="l1"):
+        PruneConfig(importance="l3")  # lists the valid criteria
+    with pytest.raises(ConfigError, match="layer_ratios"):
+        PruneConfig(layer_ratios={"features.*": 1.0})  # a layer pruned to nothing
+    with pytest.raises(ConfigError, match="max_layer_ratio"):
+        PruneConfig(max_layer_ratio=1.0)
+    with pytest.raises(ConfigError, match="n"):
+        PruneConfig(method="nm", n=4, m=4)
+    with pytest.raises(ConfigError, match="schedule"):
+        PruneConfig(method="channel", schedule="agp")
+    with pytest.raises(ConfigError, match="target_macs"):
+        PruneConfig(method="magnitude", target_macs=0.5)
+    with pytest.raises(ConfigError, match="did you mean 'channel'"):
+        PruneConfig(method="chanel")
+
+
+def test_config_round_trips_yaml():
+    cfg = PruneConfig(method="channel", target_macs=0.4, importance="fpgm", scope="global",
+                      layer_ratios={"features.4": 0.2}, ignored_layers=("classifier",))
+    assert PruneConfig.from_yaml(cfg.to_yaml()) == cfg
+    assert PruneConfig.from_dict(cfg.to_dict()) == cfg
+
+
+# ------------------------------------------------------------------------------------------- structured
+def test_channels_physically_removed_and_input_unchanged():
+    model = _small_cnn()
+    before = copy.deepcopy(model)
+    p = prune(model, PruneConfig(ratio=0.5, round_to=8), example_inputs=_x())
+    assert _same_state(model, before)  # the input model is not modified
+    convs = [m for m in p.modules() if isinstance(m, nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [8, 16, 32]  # 16/32/64 halved, multiples of 8
+    assert p.features[1].num_features == 8 and p.classifier.in_features == 32
+    assert p.classifier.out_features == 10  # the output layer is kept
+    rep = p.prune_report
+    assert rep.params_after < 0.35 * rep.params_before
+    assert rep.macs_after < 0.35 * rep.macs_before
+    assert count_macs(p, _x()) == rep.macs_after
+    assert p(_x()).shape == (2, 10)
+
+
+def test_residual_depthwise_and_rounding():
+    model = TinyCNN().eval()
+    p = prune(model, PruneConfig(ratio=0.5, round_to=2), example_inputs=TinyCNN.example_inputs())
+    # the residual add couples stem, depthwise and pointwise: all keep the same 4 channels
+    assert p.stem[0].out_channels == p.dw[0].out_channels == p.pw[0].out_channels == 4
+    assert p.dw[0].groups == 4 and p.fc.in_features == 4
+    assert p(TinyCNN.example_inputs()).shape == (4, 10)
+
+
+def test_target_macs_reached():
+    model = _small_cnn()
+    p = prune(model, PruneConfig(target_macs=0.5, round_to=1), example_inputs=_x())
+    assert 0.47 <= p.prune_report.mac_reduction <= 0.53
+
+
+@pytest.mark.parametrize("crit", IMPORTANCE.names())
+def test_every_criterion_prunes(crit, digits_model):
+    model, train, _ = digits_model
+    cfg = PruneConfig(ratio=0.5, round_to=2, importance=crit)
+    p = prune(model, cfg, example_inputs=TinyCNN.example_inputs(), data=train.take(128))
+    assert p.stem[0].out_channels == 4
+
+
+def test_taylor_needs_data():
+    with pytest.raises(DataError, match="taylor"):
+        prune(_small_cnn(), PruneConfig(importance="taylor"), example_inputs=_x())
+
+
+def test_ignored_layers_and_unknown_names():
+    model = _small_cnn()
+    p = prune(model, PruneConfig(ratio=0.5, round_to=8, ignored_layers=("features.0",)), example_inputs=_x())
+    assert p.features[0].out_channels == 16
+    assert "features.0" in p.prune_report.ignored
+    with pytest.raises(ConfigError, match=r"'featurs.0' matches no module.*did you mean 'features.0'"):
+        prune(model, PruneConfig(ignored_layers=("featurs.0",)), example_inputs=_x())
+
+
+def test_layer_ratio_caps_and_overrides():
+    model = _small_cnn()
+    p = prune(model, PruneConfig(ratio=0.5, round_to=1, layer_ratios={"features.4": 0.25}), example_inputs=_x())
+    assert p.features[4].out_channels == 24  # 32 * (1 - 0.25)
+    assert p.features[0].out_channels == 8
+
+
+def test_unsupported_model_names_the_module():
+    class Hardcoded(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(1, 8, 3, padding=1)
+            self.head = nn.Linear(8 * 8 * 8, 10)
+
+        def forward(self, x):
+            return self.head(self.conv(x).view(-1, 8 * 8 * 8))  # a hard-coded width breaks once pruned
+
+    with pytest.raises(ModelError, match="running the pruned model failed in module '(Hardcoded|head)'"):
+        prune(Hardcoded(), PruneConfig(ratio=0.5, round_to=1, ignore_output_layer=False),
+              example_inputs=torch.randn(2, 1, 8, 8))
+    with pytest.raises(ModelError, match="on example_inputs failed in module 'net.1'"):
+        prune(TinyMLP(), PruneConfig(), example_inputs=torch.randn(2, 1, 5, 5))  # wrong input for the model
+
+
+def test_recipe_reloads_exactly_and_replays(tmp_path):
+    model = _small_cnn()
+    p = prune(model, PruneConfig(target_macs=0.5, importance="fpgm"), example_inputs=_x())
+    js, pt = save_pruned(p, tmp_path / "cnn")
+    recipe = json.loads(js.read_text())
+    assert recipe["steps"][0]["structure"]["features.0"]["tensors"]["weight"][0] < 16
+    q = load_pruned(_small_cnn(), tmp_path / "cnn")
+    assert torch.equal(q(_x()), p.eval()(_x()))
+    r = replay(model, js, example_inputs=_x())  # same channels removed from the original weights
+    assert torch.allclose(r.eval()(_x()), p(_x()))
+    with pytest.raises(ModelError, match="lacks"):
+        load_pruned(TinyCNN(), tmp_path / "cnn")
+    from edgeslim.core.errors import OutputExistsError
+
+    with pytest.raises(OutputExistsError):
+        save_pruned(p, tmp_path / "cnn")
+
+
+def test_torchvision_models_prune_and_export(tmp_path):
+    import torchvision
+
+    ort = pytest.importorskip("onnxruntime")
+    for name in ("mobilenet_v3_small", "squeezenet1_1", "regnet_x_400mf"):
+        torch.manual_seed(0)
+        m = torchvision.models.get_model(name, weights=None, num_classes=10).eval()
+        x = torch.randn(1, 3, 64, 64)
+        p = prune(m, PruneConfig(ratio=0.3), example_inputs=x)
+        assert p.prune_report.params_after < p.prune_report.params_before, name
+        path = tmp_path / f"{name}.onnx"
+        torch.onnx.export(p, (x,), str(path), dynamo=False, input_names=["x"])
+        out = ort.InferenceSession(str(path)).run(None, {"x": x.numpy()})[0]
+        assert abs(out - p(x).detach().numpy()).max() < 1e-3, name
+
+
+# ------------------------------------------------------------------------------------ unstructured / N:M
+def test_magnitude_layer_and_global():
+    model = _small_cnn()
+    p = prune(model, PruneConfig(method="magnitude", ratio=0.8), example_inputs=_x())
+    assert get_mask(model.features[0]) is None  # input untouched
+    for n in ("features.0", "features.4", "features.8"):
+        w = dict(p.named_modules())[n].weight
+        assert abs(float((w == 0).float().mean()) - 0.8) < 0.01
+    assert (p.classifier.weight != 0).all()  # output layer skipped, and recorded
+    assert "classifier" in p.prune_report.skipped
+    g = prune(model, PruneConfig(method="magnitude", ratio=0.8, scope="global"), example_inputs=_x())
+    per = [float((dict(g.named_modules())[n].weight == 0).float().mean()) for n in ("features.0", "features.8")]
+    assert per[0] != pytest.approx(per[1], abs=0.02)  # global ranking spreads sparsity unevenly
+    assert abs(g.prune_report.sparsity - 0.8) < 0.02
+
+
+def test_masks_survive_finetuning_and_save_storage(digits_model, tmp_path):
+    from edgeslim.train import TrainConfig, fit
+
+    model, train, val = digits_model
+    p = prune(model, PruneConfig(method="magnitude", ratio=0.8, ignore_output_layer=False),
+              example_inputs=TinyCNN.example_inputs())
+    zeros = p.pw[0].weight == 0
+    t = fit(p, train, val, TrainConfig(epochs=1, batch_size=64, augment=False), progress=False, max_steps_per_epoch=10)
+    assert (t.model.pw[0].weight[zeros] == 0).all()
+    assert not torch.equal(t.model.pw[0].weight[~zeros], p.pw[0].weight[~zeros])  # the rest did train
+    save_pruned(t.model, tmp_path / "sparse")
+    q = load_pruned(TinyCNN(), tmp_path / "sparse")
+    x = TinyCNN.example_inputs()
+    assert torch.equal(q(x), t.model.eval()(x))
+    dense = strip_masks(copy.deepcopy(t.model))
+    assert get_mask(dense.pw[0]) is None and torch.equal(dense(x), q(x))
+    st = sparse_storage(dense)
+    assert st["sparsity"] > 0.7
+    assert st["bitmask"] < 0.5 * st["dense_fp32"] and st[st["best_format"]] <= st["bitmask"]
+
+
+def test_agp_schedule_ramps_during_fit(digits_model):
+    from edgeslim.train import TrainConfig, fit
+
+    model, train, val = digits_model
+    cfg = PruneConfig(method="magnitude", ratio=0.6, schedule="agp", schedule_steps=20, schedule_every=5)
+    p = prune(model, cfg, example_inputs=TinyCNN.example_inputs())
+    assert float((p.pw[0].weight == 0).float().mean()) == 0.0  # starts dense
+    mask = get_mask(p.pw[0])
+    assert mask.target(10) == pytest.approx(0.6 * (1 - 0.5 ** 3))
+    t = fit(p, train, val, TrainConfig(epochs=1, batch_size=32, augment=False, warmup_steps=2), progress=False,
+            max_steps_per_epoch=25)
+    assert float((t.model.pw[0].weight == 0).float().mean()) == pytest.approx(0.6, abs=0.02)
+
+
+def test_n_m_masks():
+    model = _small_cnn()
+    p = prune(model, PruneConfig(method="nm", n=2, m=4, ignore_output_layer=False), example_inputs=_x())
+    w = p.features[4].weight.detach().reshape(32, -1, 4)
+    assert ((w != 0).sum(-1) <= 2).all()
+    assert "features.0" in p.prune_report.skipped  # 1x3x3 = 9 inputs: not a multiple of 4, said so
+    assert "2:4" in p.prune_report.note
+
+
+# --------------------------------------------------------------------------------- prune -> fine-tune loop
+def test_prune_finetune_resumes(digits_model, tmp_path):
+    from edgeslim.train import TrainConfig
+
+    model, train, val = digits_model
+    cfg = PruneConfig(ratio=0.5, round_to=2)
+    tc = TrainConfig(epochs=1, batch_size=64, augment=False, warmup_steps=2)
+    kw = dict(train=train, val=val, steps=2, train_config=tc, example_inputs=TinyCNN.example_inputs(),
+              checkpoint_dir=tmp_path, max_steps_per_epoch=5)
+    a = prune_finetune(model, cfg, **kw)
+    assert [r["round"] for r in a.prune_history] == [1, 2]
+    assert a.stem[0].out_channels < 8 and len(a.prune_report.recipe) == 2
+    for f in ("round_2.json", "round_2.pt"):
+        (tmp_path / f).unlink()  # "interrupted" before round 2 was saved
+    b = prune_finetune(model, cfg, **kw)
+    assert [r["round"] for r in b.prune_history] == [1, 2]
+    assert b.stem[0].out_channels == a.stem[0].out_channels
+    assert torch.allclose(b(TinyCNN.example_inputs()), a(TinyCNN.example_inputs()), atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------- transformer
+def test_bert_heads_and_ffn_removed_reload_and_export(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    ort = pytest.importorskip("onnxruntime")
+    cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=64, max_position_embeddings=32)
+    torch.manual_seed(0)
+    model = transformers.BertModel(cfg).eval()
+    ids = torch.randint(0, 100, (2, 10), generator=torch.Generator().manual_seed(0))
+    ex = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    p = prune(model, PruneConfig(ratio=0.5, heads_ratio=0.5), example_inputs=ex)
+    layer = p.encoder.layer[0]
+    assert layer.attention.self.num_attention_heads == 2 and layer.attention.self.query.out_features == 16
+    assert layer.intermediate.dense.out_features == 32 and layer.output.dense.in_features == 32
+    assert model.encoder.layer[0].attention.self.num_attention_heads == 4  # input untouched
+    out = p(**ex).last_hidden_state
+    assert out.shape == (2, 10, 32)
+    save_pruned(p, tmp_path / "bert")
+    q = load_pruned(transformers.BertModel(cfg), tmp_path / "bert")
+    assert torch.equal(q(**ex).last_hidden_state, out)
+
+    class Wrap(nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, a, b):
+            return self.m(input_ids=a, attention_mask=b).last_hidden_state
+
+    path = tmp_path / "bert.onnx"
+    torch.onnx.export(Wrap(p), (ids, torch.ones_like(ids)), str(path), input_names=["a", "b"], dynamo=True)
+    got = ort.InferenceSession(str(path)).run(None, {"a": ids.numpy(), "b": torch.ones_like(ids).numpy()})[0]
+    assert abs(got - out.detach().numpy()).max() < 1e-4

@@ -6,12 +6,14 @@ import edgeslim
 
 def test_public_surface_is_pinned():
     assert sorted(edgeslim.__all__) == sorted([
-        "Artifact", "ConfigError", "DataError", "DistillConfig", "EdgeslimError", "ExportError", "Figure", "Metrics",
-        "ModelError", "OutputExistsError", "PruneConfig", "QuantConfig", "QuantizationError", "QuantizedModel",
-        "RuntimeBackendError", "TrainConfig", "ValidationFloors", "__version__", "data", "devices", "distill",
-        "export", "measure", "models", "prune", "quantize", "report", "share",
+        "Artifact", "ClusterConfig", "ConfigError", "DataError", "DistillConfig", "EdgeslimError", "ExportError",
+        "FactorizeConfig", "Figure", "Metrics", "ModelError", "OutputExistsError", "PruneConfig", "QuantConfig",
+        "QuantizationError", "QuantizedModel", "RuntimeBackendError", "SeparableConfig", "TieConfig", "TrainConfig",
+        "ValidationFloors", "__version__", "cluster", "data", "devices", "distill", "export", "factorize", "measure",
+        "models", "prune", "quantize", "report", "separable", "share", "tie_layers",
     ])
-    for name in ("quantize", "export", "measure", "report", "prune", "distill"):
+    for name in ("quantize", "export", "measure", "report", "prune", "distill", "cluster", "tie_layers", "factorize",
+                 "separable"):
         assert callable(getattr(edgeslim, name)), name
 
 

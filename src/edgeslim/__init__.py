@@ -10,8 +10,8 @@ Public verbs (one per step, same shape everywhere; each returns something new an
     s   = edgeslim.distill(student, teacher, edgeslim.DistillConfig(...), data=(train, val))
 
 Helpers of one technique live in its subpackage (``from edgeslim.prune import save_pruned``);
-``edgeslim.share`` (clustering, tying, factorization) and ``edgeslim.devices`` (profiles, predictions) are
-reached as subpackages.
+``edgeslim.share`` (the storage format, codecs) and ``edgeslim.devices`` (profiles, predictions) are reached
+as subpackages; the sharing verbs ``cluster``, ``tie_layers``, ``factorize`` and ``separable`` are top-level.
 
 ``import edgeslim`` imports torch but none of the optional or heavy backends (onnx, onnxruntime, yaml, ...);
 those load when a verb needs them.
@@ -38,14 +38,25 @@ from edgeslim.prune._config import PruneConfig
 from edgeslim.quantize._api import QuantizedModel, quantize
 from edgeslim.quantize._config import QuantConfig
 from edgeslim.report._api import report
+from edgeslim.share import (
+    ClusterConfig,
+    FactorizeConfig,
+    SeparableConfig,
+    TieConfig,
+    cluster,
+    factorize,
+    separable,
+    tie_layers,
+)
 from edgeslim.runtime._measure import measure
 from edgeslim.train._trainer import TrainConfig
 
 from edgeslim import data, devices, models, share  # noqa: E402  (subpackages users reach as edgeslim.data, ...)
 
 __all__ = [
-    "Artifact", "ConfigError", "DataError", "DistillConfig", "EdgeslimError", "ExportError", "Figure", "Metrics",
-    "ModelError", "OutputExistsError", "PruneConfig", "QuantConfig", "QuantizationError", "QuantizedModel",
-    "RuntimeBackendError", "TrainConfig", "ValidationFloors", "__version__", "data", "devices", "distill", "export",
-    "measure", "models", "prune", "quantize", "report", "share",
+    "Artifact", "ClusterConfig", "ConfigError", "DataError", "DistillConfig", "EdgeslimError", "ExportError",
+    "FactorizeConfig", "Figure", "Metrics", "ModelError", "OutputExistsError", "PruneConfig", "QuantConfig",
+    "QuantizationError", "QuantizedModel", "RuntimeBackendError", "SeparableConfig", "TieConfig", "TrainConfig",
+    "ValidationFloors", "__version__", "cluster", "data", "devices", "distill", "export", "factorize", "measure",
+    "models", "prune", "quantize", "report", "separable", "share", "tie_layers",
 ]

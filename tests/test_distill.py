@@ -190,3 +190,173 @@ def test_checkpoint_resume_and_early_stop(digits, teacher, tmp_path):
     stopped = distill(student, teacher, cfg, data=(train, val), progress=False,
                       train_config=TC.replace(epochs=20, lr=1e-9, patience=2))
     assert len(stopped.distill_history) < 20
+
+
+# --- transformer losses (tiny BertModel, no downloads) and the registry sweep -------------------------------------
+
+def _tiny_bert(seed: int, layers: int = 2, vocab: int = 50):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(vocab_size=vocab, hidden_size=16, num_hidden_layers=layers, num_attention_heads=2,
+                                  intermediate_size=32, max_position_embeddings=16, attn_implementation="eager",
+                                  hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    torch.manual_seed(seed)
+    return transformers.BertModel(cfg).eval()
+
+
+def _sharpen(bert: nn.Module) -> None:
+    """Sharper attention maps: a random init attends almost uniformly, which makes every map look alike."""
+    with torch.no_grad():
+        for layer in bert.encoder.layer:
+            layer.attention.self.query.weight.mul_(4)
+            layer.attention.self.key.weight.mul_(4)
+
+
+def _attn_outputs(model: nn.Module, ids: torch.Tensor, layers: tuple[int, ...]) -> list:
+    """(context, attention_probs) of the self-attention of the given layers, via forward hooks."""
+    got: dict[int, tuple] = {}
+    hooks = [model.encoder.layer[i].attention.self.register_forward_hook(lambda m, a, o, i=i: got.__setitem__(i, o))
+             for i in layers]
+    try:
+        model(input_ids=ids, output_attentions=True)
+    finally:
+        for h in hooks:
+            h.remove()
+    return [got[i] for i in layers]
+
+
+def _ctx(s_feats, t_feats, adapters=None) -> LossContext:
+    logits = torch.zeros(len(s_feats[0][0]), 2)
+    return LossContext(logits, logits, torch.zeros(len(logits), dtype=torch.long), 2.0, s_feats, t_feats, adapters)
+
+
+def test_attention_map_is_zero_for_identical_maps_and_decreases_when_the_student_learns_to_match():
+    teacher, student = _tiny_bert(0), _tiny_bert(1)
+    _sharpen(teacher)
+    ids = torch.randint(1, 50, (8, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        t_feats = _attn_outputs(teacher, ids, (0, 1))
+        assert t_feats[0][1].shape == (8, 2, 10, 10)  # eager attention hands back its probabilities
+        same = LOSSES.get("attention_map")(_ctx(_attn_outputs(teacher, ids, (0, 1)), t_feats))
+    assert float(same) == pytest.approx(0.0, abs=1e-6)
+    opt = torch.optim.Adam(student.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(40):
+        loss = LOSSES.get("attention_map")(_ctx(_attn_outputs(student, ids, (0, 1)), t_feats))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[0] > 1e-3
+    assert losses[-1] < 0.3 * losses[0]
+    with pytest.raises(ValueError, match="attn_implementation='eager'"):  # plain tensors: no probabilities
+        LOSSES.get("attention_map")(_ctx([torch.randn(2, 4, 16)], [torch.randn(2, 4, 16)]))
+
+
+def test_hidden_state_uses_linear_adapters_between_transformer_widths():
+    from edgeslim.distill._losses import make_adapter
+
+    g = torch.Generator().manual_seed(0)
+    t = (torch.randn(4, 6, 16, generator=g), None)  # HF modules return tuples: the hidden state comes first
+    s = torch.randn(4, 6, 8, generator=g)
+    adapter = make_adapter(s, t)
+    assert isinstance(adapter, nn.Linear) and (adapter.in_features, adapter.out_features) == (8, 16)
+    fn = LOSSES.get("hidden_state")
+    assert float(fn(_ctx([t], [t], nn.ModuleList([nn.Identity()])))) == pytest.approx(0.0, abs=1e-7)
+    adapters = nn.ModuleList([adapter])
+    opt = torch.optim.Adam(adapters.parameters(), lr=5e-2)
+    first = float(fn(_ctx([s], [t], adapters)))
+    for _ in range(60):
+        loss = fn(_ctx([s], [t], adapters))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert first > 0.5 and float(loss) < 0.7 * first  # the learned adapter explains part of the teacher state
+
+
+def test_every_registered_loss_is_covered_by_a_zero_for_identical_test():
+    tested = {"kd", "hint", "attention", "rkd", "similarity", "hidden_state", "attention_map"}
+    assert set(LOSSES.names()) == tested, "a new loss needs a test above"
+
+
+class _TokenSet:
+    """A duck-typed (non-image) dataset: token ids as the inputs."""
+
+    def __init__(self, ids: torch.Tensor, labels: torch.Tensor) -> None:
+        self.ids, self.labels = ids, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def normalized(self) -> torch.Tensor:
+        return self.ids
+
+    def take(self, n: int, *, seed: int = 0) -> _TokenSet:
+        return _TokenSet(self.ids[:n], self.labels[:n])
+
+    def batches(self, batch_size: int = 256):
+        return [(self.ids[i : i + batch_size], self.labels[i : i + batch_size])
+                for i in range(0, len(self), batch_size)]
+
+
+class _TextClassifier(nn.Module):
+    def __init__(self, bert: nn.Module) -> None:
+        super().__init__()
+        self.bert, self.head = bert, nn.Linear(16, 2)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.bert(input_ids=ids).last_hidden_state.mean(1))
+
+
+def test_distill_text_student_with_attention_map_and_hidden_state_on_token_ids(tmp_path):
+    teacher = _TextClassifier(_tiny_bert(0, layers=4)).eval()
+    _sharpen(teacher.bert)
+    student = _TextClassifier(layer_drop_student(_tiny_bert(2, layers=4), keep=[1, 3]))  # not the teacher's layers
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 50, (64, 8), generator=g)
+    data = _TokenSet(ids, (ids[:, 0] > 25).long())
+    pairs = (("bert.encoder.layer.0.attention.self", "bert.encoder.layer.0.attention.self"),
+             ("bert.encoder.layer.1.attention.self", "bert.encoder.layer.2.attention.self"))
+    cfg = DistillConfig(losses=("kd", "attention_map", "hidden_state"), weights=(1.0, 100.0, 1.0),
+                        student_layers=tuple(s for s, _ in pairs), teacher_layers=tuple(t for _, t in pairs))
+
+    def attn_loss(m: nn.Module) -> float:
+        s = _attn_outputs(m.bert, ids, (0, 1))
+        t = _attn_outputs(teacher.bert, ids, (0, 2))
+        return float(LOSSES.get("attention_map")(_ctx(s, t)))
+
+    with torch.no_grad():
+        before = attn_loss(student)
+    out = distill(student, teacher, cfg, data=(data, data.take(32)), progress=False, checkpoint_dir=tmp_path,
+                  train_config=TrainConfig(epochs=4, batch_size=16, lr=1e-2, optimizer="adamw", augment=False,
+                                           warmup_steps=2))
+    with torch.no_grad():
+        after = attn_loss(out)
+    assert len(out.bert.encoder.layer) == 2 and len(out.distill_history) == 4
+    assert after < 0.8 * before
+    cache = torch.load(next(tmp_path.glob("teacher-*.pt")), weights_only=True)  # token ids keyed, tuples cached
+    assert cache["feats"][1][1].shape == (64, 2, 8, 8)
+
+
+class _Trimmed(nn.Module):
+    """Dynamic padding: drops the all-pad tail columns of the batch, so feature lengths vary by batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.feat, self.head = nn.Embedding(10, 4), nn.Identity(), nn.Linear(4, 2)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        ids = ids[:, : int((ids != 0).sum(1).max())]
+        return self.head(self.feat(self.emb(ids)).mean(1))
+
+
+def test_teacher_feature_cache_with_batch_dependent_lengths_says_how_to_fix():
+    ids = torch.zeros(300, 6, dtype=torch.long)
+    ids[:, :3] = 1
+    ids[256:, 3:5] = 2  # the second cache batch (rows 256+) is longer
+    data = _TokenSet(ids, torch.zeros(300, dtype=torch.long))
+    cfg = DistillConfig(losses=("kd", "hidden_state"), student_layers=("feat",), teacher_layers=("feat",))
+    with pytest.raises(ModelError, match="changes shape between batches.*cache_teacher=False"):
+        distill(_Trimmed(), _Trimmed(), cfg, data=(data, None), train_config=TC, progress=False)
+    out = distill(_Trimmed(), _Trimmed(), cfg.replace(cache_teacher=False), data=(data, None), progress=False,
+                  train_config=TC.replace(epochs=1))
+    assert isinstance(out, _Trimmed)

@@ -160,5 +160,9 @@ def test_bad_inputs(digits_model):
         sensitivity(model, W8, calib=train, data=val, samples=0)
     with pytest.raises(QuantizationError, match="no quantizable layers"):
         sensitivity(NoWeights(), W8, calib=train, data=val)
+    with pytest.raises(QuantizationError, match="no quantizable layers"):
+        quantize_with_budget(NoWeights(), W8, calib=train, data=val, max_accuracy_drop=0.01)
+    with pytest.raises(QuantizationError, match=r"matches no quantizable layer.*did you mean"):
+        quantize_with_budget(model, W8.replace(exclude=("stem.9",)), calib=train, data=val, max_accuracy_drop=0.01)
     with pytest.raises(DataError):
         sensitivity(TinyCNN(), W8, calib=None, data=val)

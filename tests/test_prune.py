@@ -154,6 +154,44 @@ def test_unsupported_model_names_the_module():
         prune(TinyMLP(), PruneConfig(), example_inputs=torch.randn(2, 1, 5, 5))  # wrong input for the model
 
 
+class _ShuffleNetLike(nn.Module):
+    """Two ShuffleNet-v2 units: split -> branch -> concat -> channel shuffle (view to 5-D, transpose, view)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+
+        def branch() -> nn.Sequential:
+            return nn.Sequential(nn.Conv2d(8, 16, 1), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1,
+                                 groups=16), nn.BatchNorm2d(16), nn.Conv2d(16, 8, 1), nn.ReLU())
+
+        self.b1, self.b2 = branch(), branch()
+        self.head = nn.Conv2d(16, 32, 1)
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for b in (self.b1, self.b2):
+            x1, x2 = x.chunk(2, dim=1)
+            x = torch.cat([x1, b(x2)], 1)
+            n, c, h, w = x.shape
+            x = x.view(n, 2, c // 2, h, w).transpose(1, 2).contiguous().view(n, c, h, w)
+        return self.fc(self.head(x).mean((2, 3)))
+
+
+def test_channel_shuffle_keeps_crossing_layers_and_prunes_the_rest():
+    torch.manual_seed(0)
+    m = _ShuffleNetLike().eval()
+    x = torch.randn(1, 3, 16, 16)
+    p = prune(m, PruneConfig(ratio=0.5, round_to=1), example_inputs=x)
+    rep = p.prune_report
+    assert p.b1[0].out_channels == 8 and p.b2[3].in_channels == 8  # inside a branch: pruned
+    assert p.b1[5].out_channels == 8 and p.stem.out_channels == 16  # crossing the shuffle: kept, and said so
+    assert "b1.5" in rep.skipped and "reshape" in rep.skipped["b1.5"]
+    assert p.head.out_channels == 16 and rep.params_after < rep.params_before
+    assert p(x).shape == (1, 10)
+
+
 def test_recipe_reloads_exactly_and_replays(tmp_path):
     model = _small_cnn()
     p = prune(model, PruneConfig(target_macs=0.5, importance="fpgm"), example_inputs=_x())
@@ -262,10 +300,36 @@ def test_prune_finetune_resumes(digits_model, tmp_path):
     assert a.stem[0].out_channels < 8 and len(a.prune_report.recipe) == 2
     for f in ("round_2.json", "round_2.pt"):
         (tmp_path / f).unlink()  # "interrupted" before round 2 was saved
+    round1 = (tmp_path / "round_1.pt").stat().st_mtime_ns
     b = prune_finetune(model, cfg, **kw)
+    assert (tmp_path / "round_1.pt").stat().st_mtime_ns == round1  # round 1 was not redone
     assert [r["round"] for r in b.prune_history] == [1, 2]
     assert b.stem[0].out_channels == a.stem[0].out_channels
     assert torch.allclose(b(TinyCNN.example_inputs()), a(TinyCNN.example_inputs()), atol=1e-5)
+
+
+def test_cli_prune_saves_recipe_and_reports_clear_errors(tmp_path, capsys):
+    from edgeslim.cli import main
+    from edgeslim.models import build
+
+    out = tmp_path / "out"
+    args = ["prune", "small_cnn", "--dataset", "digits", "--no-pretrained", "--target-macs", "0.5",
+            "--importance", "l2", "--out", str(out)]
+    assert main(args + ["--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert 0.4 < res["report"]["mac_reduction"] < 0.6 and res["config"]["importance"] == "l2"
+    q = load_pruned(build("small_cnn", "digits"), out / "small_cnn-pruned")
+    assert count_macs(q, torch.zeros(1, 1, 8, 8)) == res["report"]["macs_after"]
+    assert main(args) == 2  # outputs exist: refused without --force, one-line error
+    assert "--force" in capsys.readouterr().err
+    assert main(args + ["--force"]) == 0
+    assert "params" in capsys.readouterr().out
+    for bad, msg in ((["--target-macs", "1.5"], "target_macs"), (["--importance", "l3"], "l1"),
+                     (["--method", "magnitude"], "target_macs")):
+        assert main(args[:5] + ["--out", str(out), "--force"] + (["--target-macs", "0.5"] if "--method" in bad else [])
+                    + bad) == 2
+        err = capsys.readouterr().err
+        assert msg in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
 # --------------------------------------------------------------------------------------------- transformer

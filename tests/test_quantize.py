@@ -41,6 +41,13 @@ def test_config_rejects_unknown_keys_and_values_with_the_valid_ones():
         QuantConfig(mode="int4")
     with pytest.raises(ConfigError, match="weight_bits=3.*supported: 4, 8"):
         QuantConfig(weight_bits=3)
+    for bits in (2, 16, 0):
+        with pytest.raises(ConfigError, match=f"weight_bits={bits}.*supported: 4, 8"):
+            QuantConfig(weight_bits=bits)
+    with pytest.raises(ConfigError, match="weight_range='l2'.*valid: minmax, mse"):
+        QuantConfig(weight_range="l2")
+    with pytest.raises(ConfigError, match="adaround_samples"):
+        QuantConfig(adaround_samples=0)
     assert QuantConfig(mode="dynamic").mode == "dynamic"
     with pytest.raises(dataclasses.FrozenInstanceError):
         QuantConfig().mode = "fp16"
@@ -310,3 +317,14 @@ def test_adaround_rounds_to_the_grid_and_never_reconstructs_worse_than_nearest(d
         h.remove()
         errs.append(seen["e"])
     assert errs[1] <= errs[0] * 1.05
+
+
+def test_mse_weight_scales_never_fit_the_weights_worse_than_minmax():
+    x = TinyCNN.example_inputs(16)
+    model = TinyCNN().eval()
+    qs = {r: quantize(model, QuantConfig(weight_bits=4, weight_range=r, num_samples=16), calib=x)
+          for r in ("minmax", "mse")}
+    assert "MSE scales" in qs["mse"].report.quantized_layers[0]["weights"]
+    for a, b in zip(qs["minmax"].weight_quants(), qs["mse"].weight_quants()):
+        err = [float((w.quantized_weight() - w.layer.weight).pow(2).sum()) for w in (a, b)]
+        assert err[1] <= err[0] + 1e-9 and bool((b.scale <= a.scale + 1e-9).all())

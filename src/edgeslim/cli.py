@@ -76,6 +76,40 @@ def cmd_quantize(a: argparse.Namespace) -> None:
           f"{art.validation['top1_agreement']:.3f}")
 
 
+def cmd_prune(a: argparse.Namespace) -> None:
+    from edgeslim import data
+    from edgeslim.prune import PruneConfig, prune, save_pruned
+
+    out = Path(a.out)
+    if out.exists() and not out.is_dir():
+        raise EdgeslimError(f"--out {a.out!r} is a file; give a folder for the recipe .json and weights .pt")
+    base = PruneConfig.from_yaml(Path(a.config)) if a.config else PruneConfig()
+    changes = {k: v for k, v in {
+        "method": a.method, "ratio": a.ratio, "target_macs": a.target_macs, "importance": a.importance,
+        "scope": a.scope, "round_to": a.round_to, "heads_ratio": a.heads_ratio,
+        "ignored_layers": tuple(a.ignore) if a.ignore else None,
+    }.items() if v is not None}
+    if a.ratio is not None and a.target_macs is None:
+        changes["target_macs"] = None  # --ratio alone prunes by ratio, even if the YAML set target_macs
+    cfg = base.replace(**changes)
+    model = _load_model(a)
+    train, val = data.load(a.dataset)
+    p = prune(model, cfg, example_inputs=val.normalized()[:2], data=train)
+    rep = p.prune_report
+    name = a.model.replace(":", "-").replace("/", "-").replace(".", "-")
+    js, pt = save_pruned(p, out / f"{name}-pruned", force=a.force)
+    rows = [("", "before", "after", "ratio"),
+            ("params", f"{rep.params_before:,}", f"{rep.params_after:,}",
+             f"{rep.params_after / rep.params_before:.3f}" if rep.params_before else "-"),
+            ("MACs", f"{rep.macs_before:,}", f"{rep.macs_after:,}",
+             f"{rep.macs_after / rep.macs_before:.3f}" if rep.macs_before else "-")]
+    w = [max(len(r[i]) for r in rows) for i in range(4)]
+    table = "\n".join("  ".join(c.rjust(w[i]) if i else c.ljust(w[i]) for i, c in enumerate(r)) for r in rows)
+    _emit(a, {"report": rep.to_dict(), "config": cfg.to_dict(), "recipe": str(js), "weights": str(pt)},
+          f"{table}\n{rep.summary()}\nwrote {js} and {pt} (reload: edgeslim.prune.load_pruned(<fresh model>, "
+          f"{str(js.with_suffix(''))!r}))\nfine-tune before use: pruned weights lose accuracy until retrained")
+
+
 def cmd_export(a: argparse.Namespace) -> None:
     from edgeslim import data
     from edgeslim.export import export
@@ -87,6 +121,67 @@ def cmd_export(a: argparse.Namespace) -> None:
           f"cosine {art.validation['cosine']:.6f}, top-1 agreement {art.validation['top1_agreement']:.3f}")
 
 
+def _measure_all(a: argparse.Namespace) -> None:
+    """`measure --runtime all`: one candidate on every runtime, same inputs and threads, one table."""
+    import tempfile
+
+    from edgeslim import data
+    from edgeslim.core.artifact import Artifact
+    from edgeslim.core.io import write_json
+    from edgeslim.export import export
+    from edgeslim.runtime import RUNTIMES, compare_runtimes, missing
+    from edgeslim.runtime._compare import render_rows
+
+    if len(a.threads) != 1:
+        raise EdgeslimError("--runtime all measures every runtime at one thread count: pass one --threads value")
+    train, val = data.load(a.dataset)
+    val = val.take(a.samples, seed=0) if a.samples else val
+    with tempfile.TemporaryDirectory() as td:
+        out = Path(a.artifacts or td)
+        candidates: dict[str, tuple[str, Any]] = {}
+        extra_rows: list[dict[str, Any]] = []
+        reference = None
+        if Path(a.target).suffix == ".onnx" or Path(a.target).is_file():
+            art = Artifact.load(a.target)
+            for name in RUNTIMES:
+                if art.format in RUNTIMES.get(name).formats:
+                    candidates[name] = (name, art)
+                elif not missing(name):
+                    extra_rows.append({"label": name, "runtime": name, "threads": a.threads[0], "status": "n/a",
+                                       "note": f"cannot load format {art.format!r}; loads "
+                                               f"{', '.join(RUNTIMES.get(name).formats) or 'torch modules'}"})
+            if a.reference:
+                a.model = a.reference
+                reference = _load_model(a)
+        else:
+            a.model = a.target
+            reference = model = _load_model(a)
+            if a.precision == "int8":
+                from edgeslim.quantize import QuantConfig, quantize
+
+                model = quantize(model, QuantConfig(), calib=train, example_inputs=val.normalized()[:8])
+            candidates["torch"] = ("torch", model)
+            kw = {"example_inputs": val, "force": True, "calib": train}
+            for runtime, fmt, sfx in (("onnxruntime", "onnx", ".onnx"), ("openvino", "openvino", ".xml"),
+                                      ("litert", "tflite", ".tflite"), ("executorch", "executorch", ".pte")):
+                if missing(runtime):
+                    candidates[runtime] = (runtime, None)  # listed as not installed, with its pip line
+                    continue
+                try:
+                    art = export(model, fmt, path=out / f"{Path(a.target).name}-{a.precision}{sfx}", **kw)
+                except EdgeslimError as e:
+                    extra_rows.append({"label": runtime, "runtime": runtime, "threads": a.threads[0],
+                                       "status": "failed", "note": f"export to {fmt}: {e}"})
+                    continue
+                candidates[runtime] = (runtime, art)
+        rows = compare_runtimes(candidates, data=val, reference=reference, threads=a.threads[0], runs=a.runs,
+                                peak_memory=not a.no_memory) + extra_rows
+    if a.save:
+        write_json(a.save, rows, force=a.force)
+    _emit(a, {"rows": rows}, render_rows(rows) + f"\n{len(val)} samples of {val.name}/{val.split}; latency at "
+          f"batch 1, {a.threads[0]} thread(s), interleaved rounds on host {rows[0].get('host', '?')}")
+
+
 def cmd_measure(a: argparse.Namespace) -> None:
     from edgeslim import data
     from edgeslim.core.artifact import Artifact
@@ -94,6 +189,8 @@ def cmd_measure(a: argparse.Namespace) -> None:
     from edgeslim.report import render_table
     from edgeslim.runtime import measure
 
+    if a.runtime == "all":
+        return _measure_all(a)
     target: Any
     if Path(a.target).suffix == ".onnx" or Path(a.target).is_file():
         target = Artifact.load(a.target)
@@ -134,8 +231,8 @@ def _add_device_predictions(m: Any, target: Any, device: str, runtime: str) -> N
     en, fit, pf = estimate_energy(target, dev), memory_fit(target, dev), preflight(target, dev)
     src = f"predicted for {dev.name}: roofline calibrated on this model's host latency (t1 b1)"
     m.add(f"predicted_latency_ms@{dev.name}", lat["latency_ms"], "ms", src,
-          f"host calibration error {cal.median_abs_error_pct:.1f}% (1 sample: fitted exactly; "
-          "benchmarks/hw_predict.py reports leave-one-out error)")
+          f"host calibration error {cal.median_abs_error_pct:.1f}% (in-sample, 1 sample, fit pulled toward the "
+          "default roofline; benchmarks/hw_predict.py reports leave-one-model-out error)")
     m.add(f"estimated_energy_mj@{dev.name}", en["energy_mj"], "mJ", en["label"], f"{en['source']}; {en['assumption']}")
     m.add(f"memory_required_mb@{dev.name}", fit["required_mb"], "MB", f"weights + peak activations vs {dev.ram_mb:.0f} MB",
           "fits" if fit["fits"] else f"DOES NOT FIT in {dev.ram_mb:.0f} MB")
@@ -210,6 +307,20 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True, help="output .onnx file")
     q.add_argument("--force", action="store_true", help="overwrite an existing output")
 
+    pr = add("prune", cmd_prune, "prune a model (channel: physically smaller) and save its recipe + state_dict")
+    _model_args(pr)
+    pr.add_argument("--config", help="PruneConfig YAML (the CLI options below override it)")
+    pr.add_argument("--method", choices=["channel", "magnitude", "nm"])
+    pr.add_argument("--target-macs", type=float, help="fraction of MACs to remove, e.g. 0.5 (channel only)")
+    pr.add_argument("--ratio", type=float, help="fraction of channels/weights to remove (instead of --target-macs)")
+    pr.add_argument("--importance", help="l1, l2, bn_scale, taylor, fpgm or random")
+    pr.add_argument("--scope", choices=["layer", "global"])
+    pr.add_argument("--round-to", type=int, help="kept channel counts are multiples of this (default 8)")
+    pr.add_argument("--heads-ratio", type=float, help="fraction of attention heads removed (transformers)")
+    pr.add_argument("--ignore", action="append", help="module-name glob left unpruned (repeatable)")
+    pr.add_argument("--out", required=True, help="output folder for <model>-pruned.json/.pt")
+    pr.add_argument("--force", action="store_true", help="overwrite existing outputs")
+
     e = add("export", cmd_export, "export a float model to ONNX (validated against torch)")
     _model_args(e)
     e.add_argument("--precision", choices=["fp32", "fp16"], default="fp32")
@@ -221,7 +332,13 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--dataset", default="fashion-mnist")
     m.add_argument("--weights")
     m.add_argument("--no-pretrained", action="store_true")
-    m.add_argument("--runtime", help="onnxruntime (default for .onnx) or torch (default for models)")
+    m.add_argument("--runtime", help="onnxruntime (default for .onnx), torch (default for models), openvino, litert, "
+                   "executorch, or 'all': every runtime side by side in one table (models are exported for each)")
+    m.add_argument("--precision", choices=["fp32", "int8"], default="fp32",
+                   help="with --runtime all and a model: fp32, or int8 (edgeslim PTQ on the training split first)")
+    m.add_argument("--reference", help="with --runtime all and an artifact: the zoo model to measure agreement against")
+    m.add_argument("--artifacts", help="with --runtime all and a model: keep the exported files in this folder")
+    m.add_argument("--no-memory", action="store_true", help="with --runtime all: skip the peak-memory child processes")
     m.add_argument("--threads", type=_ints, default=(1,), help="comma-separated thread counts, e.g. 1,2")
     m.add_argument("--batch", type=_ints, default=(1,), help="comma-separated batch sizes")
     m.add_argument("--runs", type=int, default=100)

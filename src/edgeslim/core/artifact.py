@@ -15,13 +15,17 @@ from edgeslim.core.errors import ExportError
 from edgeslim.core.io import write_json
 
 
+#: file suffix -> artifact format
+SUFFIX_FORMATS = {".onnx": "onnx", ".xml": "openvino", ".tflite": "tflite", ".pte": "executorch"}
+
+
 @dataclass
 class Artifact:
     """A deployable model file.
 
     Attributes:
         path: the file.
-        format: ``onnx`` (later: ``tflite``, ``openvino``, ``executorch``).
+        format: ``onnx``, ``openvino`` (IR ``.xml`` + ``.bin``), ``tflite`` or ``executorch`` (``.pte``).
         precision: ``fp32``, ``fp16``, ``int8`` (static, QDQ) or ``int8-dynamic``.
         input_shape: one sample's shape ``(C, H, W)``; the batch dimension is dynamic.
         validation: the numerical check against the torch reference (cosine, SQNR dB, top-1 agreement, samples).
@@ -68,7 +72,12 @@ class Artifact:
             d["path"] = p
             return cls(**d)
         if p.suffix != ".onnx":
-            raise ExportError(f"cannot tell the format of {str(p)!r}: no record beside it and suffix is not .onnx")
+            fmt = SUFFIX_FORMATS.get(p.suffix)
+            if fmt is None:
+                raise ExportError(f"cannot tell the format of {str(p)!r}: no record beside it and its suffix is not "
+                                  f"one of {', '.join(SUFFIX_FORMATS)}")
+            # without a record only the format is known; the precision and input shape are not
+            return cls(p, fmt, "unknown", ())
         import onnx
 
         m = onnx.load(str(p), load_external_data=False)

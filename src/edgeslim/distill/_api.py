@@ -117,8 +117,9 @@ def _fingerprint(teacher: nn.Module, train, config: DistillConfig) -> str:
     for k, v in teacher.state_dict().items():
         h.update(k.encode())
         h.update(v.detach().cpu().contiguous().numpy().tobytes())
-    h.update(train.images.contiguous().numpy().tobytes())
-    h.update(repr((train.mean, train.std, config.teacher_layers)).encode())
+    raw = getattr(train, "images", None)  # image sets: raw pixels + normalisation; others (token ids): the inputs
+    h.update((raw if raw is not None else train.normalized()).contiguous().numpy().tobytes())
+    h.update(repr((getattr(train, "mean", None), getattr(train, "std", None), config.teacher_layers)).encode())
     return h.hexdigest()[:16]
 
 
@@ -138,7 +139,7 @@ def _teacher_cache(teacher: nn.Module, train, config: DistillConfig, device, cac
         logits.append(out.cpu())
         feats.append([_to(_detach(v), "cpu") for v in f])
     cache = {"key": key, "logits": torch.cat(logits),
-             "feats": [_cat([b[j] for b in feats]) for j in range(len(config.teacher_layers))]}
+             "feats": [_cat([b[j] for b in feats], name) for j, name in enumerate(config.teacher_layers)]}
     if path is not None:
         from edgeslim.core.io import save_torch
 
@@ -146,10 +147,17 @@ def _teacher_cache(teacher: nn.Module, train, config: DistillConfig, device, cac
     return cache
 
 
-def _cat(parts):
+def _cat(parts, name: str = ""):
     if isinstance(parts[0], (tuple, list)):
-        return type(parts[0])(_cat([p[k] for p in parts]) for k in range(len(parts[0])))
-    return torch.cat(parts) if isinstance(parts[0], torch.Tensor) else parts[0]
+        return type(parts[0])(_cat([p[k] for p in parts], name) for k in range(len(parts[0])))
+    if not isinstance(parts[0], torch.Tensor):
+        return parts[0]
+    shapes = {tuple(p.shape[1:]) for p in parts}
+    if len(shapes) > 1:
+        raise ModelError(f"distill: teacher feature {name!r} changes shape between batches ({sorted(shapes)[:3]}), "
+                         "e.g. token sequences padded per batch; pad the inputs to one length or set "
+                         "DistillConfig(cache_teacher=False)")
+    return torch.cat(parts)
 
 
 def distill(
@@ -181,12 +189,15 @@ def distill(
     and ``similarity`` see only the shard's samples and so differ from a single-process run.
 
     Args:
-        data: ``(train, val)`` image datasets; ``val`` may be None.
+        data: ``(train, val)`` datasets; ``val`` may be None. Image sets (:class:`~edgeslim.data.ImageDataset`) or
+            any set with ``__len__``, ``labels``, ``normalized()`` (all inputs as one tensor, e.g. token ids),
+            ``take(n)`` and ``batches(size)``; the models then get slices of ``normalized()`` as input.
         train_config: epochs, batch size, learning rate, augmentation, patience, seed.
 
     Raises:
         DataError: empty training data.
-        ModelError: student and teacher outputs differ in shape.
+        ModelError: student and teacher outputs differ in shape, or cached teacher features change shape between
+            batches (sequences padded per batch: pad to one length or turn ``cache_teacher`` off).
         ConfigError: unknown layer names (with the nearest valid names) or bad settings.
     """
     train, val = data

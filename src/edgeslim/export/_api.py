@@ -1,6 +1,7 @@
 """The ``export`` verb: write a deployable file and check it numerically against the torch model.
 
-Every artifact is run once in ONNX Runtime on real samples and compared with the torch model it came
+Every artifact is run once in its own runtime (ONNX Runtime for ONNX; OpenVINO, LiteRT, ExecuTorch for the
+others, see ``_edge.py``) on real samples and compared with the torch model it came
 from (cosine similarity, SQNR in dB, top-1 agreement). Below the floors it is an error, not a file.
 """
 
@@ -24,11 +25,13 @@ from edgeslim.core.artifact import Artifact
 from edgeslim.core.config import Config
 from edgeslim.core.errors import ConfigError, DataError, ExportError, near
 from edgeslim.core.io import atomic_path, check_output
+from edgeslim.export import _edge
 from edgeslim.export._qdq import compact_names, fold_qdq
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("onnx",)
+FORMATS = ("onnx", "openvino", "tflite", "executorch")
+FORMAT_ALIASES = {"pte": "executorch", "ir": "openvino", "litert": "tflite"}
 PRECISIONS = ("fp32", "fp16", "int8", "int8-dynamic")
 
 # (cosine, SQNR dB, top-1 agreement) floors against the torch model that was exported
@@ -142,12 +145,14 @@ def export(
     validate: bool = True,
     floors: ValidationFloors = ValidationFloors(),
     opset: int = 17,
+    calib: Any = None,
 ) -> Artifact:
     """Export ``model`` to a deployable file and validate it against the torch model.
 
     Args:
         model: a float ``nn.Module`` or a model returned by :func:`edgeslim.quantize`.
-        format: ``onnx``.
+        format: ``onnx``; ``openvino`` (IR .xml + .bin), ``tflite`` (LiteRT) or ``executorch`` (``pte``, XNNPACK)
+            with their extras installed. These take ``fp32`` and ``int8``; TFLite and ExecuTorch files have batch 1.
         example_inputs: real samples: an ImageDataset (labels add accuracy to the validation) or a tensor.
         path: output file (default ``<model>-<precision>.onnx`` in the working folder); an existing file is
             refused unless ``force``.
@@ -155,10 +160,13 @@ def export(
         validate: run the artifact in ONNX Runtime and compare with the torch model (floors apply).
         floors: the :class:`ValidationFloors`.
         opset: ONNX opset.
+        calib: calibration samples for INT8 ``tflite``/``executorch``, which re-quantize the quantized model's
+            folded float graph with their runtime's PT2E quantizer (see ``edgeslim.export._edge``).
 
     Returns:
         the :class:`Artifact`, whose ``validation`` holds the comparison; its record is written beside it.
     """
+    format = FORMAT_ALIASES.get(format, format)
     if format not in FORMATS:
         raise ConfigError(f"unknown export format {format!r}{near(format, FORMATS)}; valid: {', '.join(FORMATS)}")
     own = getattr(model, "edgeslim_precision", None)
@@ -172,8 +180,12 @@ def export(
         raise ConfigError(f"precision={precision!r} needs a quantized model: use edgeslim.quantize first "
                           "(a float model exports as 'fp32' or 'fp16')")
     prec = own or precision or "fp32"
+    if format != "onnx" and prec not in _edge.PRECISIONS[format]:
+        raise ConfigError(f"format {format!r} takes precision {' or '.join(_edge.PRECISIONS[format])}, not {prec!r}")
     x, labels = _examples(example_inputs, floors.samples)
-    target = Path(path) if path else Path(f"{type(model).__name__.lower()}-{prec}.onnx")
+    target = Path(path) if path else Path(f"{type(model).__name__.lower()}-{prec}{_edge.SUFFIX[format]}")
+    if target.suffix != _edge.SUFFIX[format]:
+        raise ConfigError(f"path {str(target)!r} does not fit format {format!r}: use a {_edge.SUFFIX[format]} file")
     check_output(target, force=force)
     model = model.eval()
     try:
@@ -183,6 +195,9 @@ def export(
         raise DataError(f"example_inputs of shape {tuple(x.shape[1:])} do not fit {type(model).__name__}: "
                         f"{str(e).splitlines()[0][:200]}") from None
     t0 = time.perf_counter()
+    if format != "onnx":
+        return _export_edge(model, format, x, ref, labels, target, prec, force=force, validate=validate,
+                            floors=floors, opset=opset, calib=calib, t0=t0)
     float_ctx = getattr(model, "float_reference", None)
     with atomic_path(target, force=force) as tmp, tempfile.TemporaryDirectory() as td:
         raw = Path(td) / "raw.onnx"
@@ -205,11 +220,45 @@ def export(
     return art
 
 
+def _export_edge(model: nn.Module, fmt: str, x: torch.Tensor, ref: torch.Tensor, labels: np.ndarray | None,
+                 target: Path, prec: str, *, force: bool, validate: bool, floors: ValidationFloors, opset: int,
+                 calib: Any, t0: float) -> Artifact:
+    """Write an openvino/tflite/executorch artifact, validated in its own runtime against the torch model."""
+    check_output(target, force=force)
+    if fmt == "openvino":
+        check_output(target.with_suffix(".bin"), force=force)
+    with tempfile.TemporaryDirectory() as td:
+        tmp = Path(td) / f"model{_edge.SUFFIX[fmt]}"
+        if fmt == "openvino":  # from edgeslim's own ONNX file (INT8: its Q/DQ nodes)
+            onnx_art = export(model, "onnx", example_inputs=x, path=Path(td) / "model.onnx", validate=False,
+                              opset=opset)
+            meta = _edge.write_openvino(onnx_art.path, tmp)
+        elif fmt == "tflite":
+            meta = _edge.write_tflite(model, x, tmp, prec, calib)
+        else:
+            meta = _edge.write_executorch(model, x, tmp, prec, calib)
+        validation = _validate(model, tmp, x, ref, labels, prec, floors, fmt) if validate else {}
+        _edge.move(tmp, target, fmt)
+    with contextlib.ExitStack() as es:
+        if getattr(model, "float_reference", None):
+            es.enter_context(model.float_reference())
+        macs = _macs(model, x)
+    art = Artifact(target, fmt, prec, tuple(x.shape[1:]), validation,
+                   {"macs": macs, "params": sum(p.numel() for p in model.parameters()),
+                    "source_model": type(model).__name__, "export_seconds": round(time.perf_counter() - t0, 3),
+                    **meta, "quantization": model.report.to_dict() if hasattr(model, "report") else None})
+    art.save_record(force=True)
+    log.info("exported %s (%s %s, %d bytes)", target, fmt, prec, art.size_bytes)
+    return art
+
+
 def _validate(model: nn.Module, path: Path, x: torch.Tensor, ref: torch.Tensor, labels: np.ndarray | None,
-              prec: str, floors: ValidationFloors) -> dict[str, Any]:
-    """Run the file in ONNX Runtime on the samples and compare with the torch model; raise below the floors."""
-    out = _ort_run(path, x.numpy())
+              prec: str, floors: ValidationFloors, fmt: str = "onnx") -> dict[str, Any]:
+    """Run the file in its runtime (ONNX Runtime for ONNX) on the samples and compare with the torch model;
+    raise below the floors."""
+    out = _ort_run(path, x.numpy()) if fmt == "onnx" else _edge.run_in_runtime(fmt, path, x)
     validation: dict[str, Any] = {"samples": len(x), "reference": "torch model passed to export",
+                                  "runtime": "onnxruntime" if fmt == "onnx" else _edge.RUNTIME[fmt],
                                   **compare(ref.numpy(), out)}
     if labels is not None:
         validation["accuracy_torch"] = float((ref.numpy().argmax(1) == labels).mean())
@@ -227,7 +276,7 @@ def _validate(model: nn.Module, path: Path, x: torch.Tensor, ref: torch.Tensor, 
     ]
     if bad:
         raise ExportError(
-            f"{prec} ONNX export of {type(model).__name__} failed validation on {len(x)} samples: "
+            f"{prec} {fmt} export of {type(model).__name__} failed validation on {len(x)} samples: "
             + "; ".join(bad) + " (floors are set by ValidationFloors)"
         )
     return validation

@@ -136,7 +136,7 @@ def prune(model: nn.Module, config: PruneConfig = PruneConfig(), *, example_inpu
             layers = info["layers"]
         step = {"method": "channel", "config": config.to_dict(), "structure": structure, "history": history}
         report = PruneReport("channel", macs0, count_macs(model, example_inputs), params0, count_params(model),
-                             layers=layers, ignored=info.get("ignored", []),
+                             layers=layers, ignored=info.get("ignored", []), skipped=info.get("skipped", {}),
                              note="channels physically removed: dense runtimes get faster; measure to see how much")
         if "channel_ratio" in info:
             report.layers["_channel_ratio"] = info["channel_ratio"]

@@ -228,20 +228,200 @@ def _calib_grads(model: nn.Module, data: Any, cfg: PruneConfig) -> None:
         raise DataError("importance='taylor': data= yielded no batches")
 
 
+class _Cut:
+    """Index mapping that stops a pruning group at an unmappable reshape and records that it was reached."""
+
+    def __init__(self, hits: list) -> None:
+        self.hits = hits
+
+    def __call__(self, idxs: list) -> list:
+        if idxs:
+            self.hits.append(True)
+        return []
+
+
+class _NoRemap:
+    @staticmethod
+    def update_index_mapping(graph: Any) -> None:
+        pass
+
+
+class _SizedGradFn:
+    """A grad_fn seen through a proxy that also answers ``_saved_self_sizes`` (torch >= 2.1 names it
+    ``_saved_self_sym_sizes``; Torch-Pruning 1.6 looks for the old name, and without it maps *every* reshape
+    as a flatten: wrong couplings, and index lists that grow until tracing a transformer takes many minutes)."""
+
+    def __init__(self, grad_fn: Any) -> None:
+        self._grad_fn = grad_fn
+        self._saved_self_sizes = tuple(int(v) for v in grad_fn._saved_self_sym_sizes)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grad_fn, name)
+
+
+def _input_sizes(node: Any) -> tuple | None:
+    g = node.grad_fn
+    size = getattr(g, "_saved_self_sizes", None)
+    if size is None:
+        size = getattr(g, "_saved_self_sym_sizes", None)
+    return tuple(int(v) for v in size) if size is not None else None
+
+
+@contextlib.contextmanager
+def _tolerate_unmapped_reshapes(hits: list):
+    """Trace reshapes the way Torch-Pruning intends on this torch, and cut it at channel shuffles.
+
+    * Every reshape is mapped by Torch-Pruning's own rule, given the grad_fn sizes under the name it expects
+      (:class:`_SizedGradFn`).
+    * A channel shuffle (ShuffleNet: ``view(b, g, c // g, h, w)`` -> ``transpose`` -> ``view(b, c, h, w)``)
+      permutes channels, which DepGraph cannot map (1.6 divides by zero there, or couples the wrong channels).
+      Both of its reshapes are cut (a :class:`_Cut` mapping that records in ``hits`` when a group reaches it)
+      and the graph is marked ``_es_unmapped``; :func:`_shuffle_bound_roots` then keeps every layer whose
+      channels would cross the shuffle unpruned.
+
+    DepGraph recomputes mappings on every group query, so this stays active for the whole trace -> prune step.
+    """
+    from torch_pruning.dependency import index_mapping as im
+
+    original = im.update_reshape_index_mapping
+
+    def cut_at(node) -> None:
+        cut = _Cut(hits)
+        for dep in node.dependencies:
+            dep.index_mapping[0] = cut
+        for other in list(node.inputs) + list(node.outputs):
+            for dep in other.dependencies:
+                if dep.target is node:
+                    dep.index_mapping[0] = cut
+
+    def mark(graph, node) -> None:
+        cuts = graph.__dict__.setdefault("_es_cut", set())
+        cuts.add(id(node))
+        graph._es_unmapped = True
+        cut_at(node)
+
+    def safe(graph, node):
+        cuts = graph.__dict__.get("_es_cut", set())
+        if id(node) in cuts:
+            cut_at(node)
+            return
+        size = _input_sizes(node)
+        if size is not None and len(size) == 5:  # 5-D feature map back to 4-D: the end of a channel shuffle
+            mark(graph, node)
+            frontier = list(node.inputs)
+            for _ in range(3):  # its start: the 4-D -> 5-D reshape just before (through the transpose)
+                nxt = []
+                for o in frontier:
+                    if o.type == node.type and (_input_sizes(o) or ()) and len(_input_sizes(o)) == 4:
+                        mark(graph, o)
+                    else:
+                        nxt.extend(o.inputs)
+                frontier = nxt
+            return
+        cache = graph.__dict__.setdefault("_es_reshape_maps", {})
+        deps = list(node.dependencies) + [d for o in list(node.inputs) + list(node.outputs)
+                                          for d in o.dependencies if d.target is node]
+        if id(node) in cache:  # a reshape's mapping (a flatten stride) survives pruning; inferring it again
+            for d, mp in zip(deps, cache[id(node)]):  # walks the graph recursively on every group query
+                d.index_mapping[0] = mp
+            return
+        g = node.grad_fn
+        proxied = size is not None and not hasattr(g, "_saved_self_sizes")
+        if proxied:
+            node.grad_fn = _SizedGradFn(g)
+        try:
+            original(graph, node)
+            cache[id(node)] = [d.index_mapping[0] for d in deps]
+        except ZeroDivisionError:
+            mark(graph, node)
+        finally:
+            if proxied:
+                node.grad_fn = g
+
+    split_call = im._SplitIndexMapping.__call__
+
+    def safe_split(self, idxs):  # offsets inferred through the cut reshape can be incomplete: cut there too
+        if len(self.offset) < 2 and not self.reverse:
+            if idxs:
+                hits.append(True)
+            return []
+        return split_call(self, idxs)
+
+    concat = im.update_concat_index_mapping
+
+    def safe_concat(graph, node):  # 1.6 sums inferred widths before checking them for None: cut there
+        if id(node) in graph.__dict__.get("_es_cut", set()):
+            cut_at(node)
+            return
+        try:
+            concat(graph, node)
+        except TypeError:
+            mark(graph, node)
+
+    im.update_reshape_index_mapping = safe
+    im.update_concat_index_mapping = safe_concat
+    im._SplitIndexMapping.__call__ = safe_split
+    try:
+        yield
+    finally:
+        im.update_reshape_index_mapping = original
+        im.update_concat_index_mapping = concat
+        im._SplitIndexMapping.__call__ = split_call
+
+
+def _shuffle_bound_roots(dg: Any, hits: list, model: nn.Module, ignored: list[nn.Module]) -> dict[str, str]:
+    """Layers whose output channels reach an unmappable reshape (channel shuffle), with the reason."""
+    from torch_pruning.dependency import graph as tp_graph
+
+    out: dict[str, str] = {}
+    skip = {id(m) for m in ignored}
+    mapping = tp_graph.index_mapping
+    for name, m in model.named_modules():
+        if id(m) in skip or not isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) or m not in dg.module2node:
+            continue
+        fn = dg.get_pruner_of_module(m)
+        n = fn.get_out_channels(m) if fn is not None else None
+        if not n:
+            continue
+        hits.clear()
+        tp_graph.index_mapping = _NoRemap  # mappings are already up to date; recomputing them per layer is slow
+        try:
+            dg.get_pruning_group(m, fn.prune_out_channels, list(range(n)))
+        finally:
+            tp_graph.index_mapping = mapping
+        if hits:
+            out[name] = ("its channels pass through a reshape the dependency graph cannot map to channels "
+                         "(a channel shuffle or a 5-D window partition), so it is kept")
+    hits.clear()
+    return out
+
+
 def _tp_prune_once(model: nn.Module, cfg: PruneConfig, ratio: float, example_inputs: Any, data: Any,
-                   ignored: list[nn.Module], ratio_dict: dict[nn.Module, float]) -> list:
+                   ignored: list[nn.Module], ratio_dict: dict[nn.Module, float],
+                   skipped: dict[str, str] | None = None) -> list:
     tp = torch_pruning()
     crit = IMPORTANCE.get(cfg.importance)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
+    heads = {m: m.num_heads for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+    hits: list = []
+
+    def make(ign: list[nn.Module]) -> Any:
         with blame_module(model, "tracing the dependency graph", exact=False):
-            pruner = tp.pruner.MetaPruner(
+            return tp.pruner.MetaPruner(
                 model, example_inputs, importance=crit.make(), global_pruning=cfg.scope == Scope.GLOBAL,
                 pruning_ratio=ratio, pruning_ratio_dict=dict(ratio_dict) or None,
-                max_pruning_ratio=cfg.max_layer_ratio, ignored_layers=ignored,
-                round_to=cfg.round_to if cfg.round_to > 1 else None,
-                num_heads={m: m.num_heads for m in model.modules() if isinstance(m, nn.MultiheadAttention)},
+                max_pruning_ratio=cfg.max_layer_ratio, ignored_layers=ign,
+                round_to=cfg.round_to if cfg.round_to > 1 else None, num_heads=heads,
             )
+
+    with torch.random.fork_rng(devices=[]), _tolerate_unmapped_reshapes(hits):
+        torch.manual_seed(cfg.seed)
+        pruner = make(ignored)
+        if getattr(pruner.DG, "_es_unmapped", False):  # a channel shuffle: keep the layers crossing it
+            shuffle = _shuffle_bound_roots(pruner.DG, hits, model, ignored)
+            mods = dict(model.named_modules())
+            pruner = make(list(ignored) + [mods[n] for n in shuffle])
+            if skipped is not None:
+                skipped.update(shuffle)
         if crit.needs_grad:
             _calib_grads(model, data, cfg)
         with blame_module(model, "pruning"):
@@ -263,6 +443,26 @@ def _sync_attributes(model: nn.Module) -> None:
 
 
 
+def window_attention_layers(model: nn.Module) -> dict[str, str]:
+    """Projection layers of attention blocks the dependency graph cannot split into heads, with the reason.
+
+    Windowed / relative-position attention (torchvision Swin ``ShiftedWindowAttention``, MaxViT
+    ``RelativePositionalMultiHeadAttention``) calls functional attention on raw projection weights and indexes
+    a per-head bias table; DepGraph cannot couple their heads, so their projections (and with them the
+    residual width they write to) are kept while the MLP, convolution and patch-merging widths around them
+    are pruned. ``nn.MultiheadAttention`` (ViT) is handled by the pruner itself.
+    """
+    out: dict[str, str] = {}
+    for n, m in model.named_modules():
+        if isinstance(getattr(m, "relative_position_bias_table", None), torch.Tensor) and (
+                hasattr(m, "num_heads") or hasattr(m, "n_heads")):
+            for cn, c in m.named_modules():
+                if cn and isinstance(c, (nn.Linear, nn.modules.conv._ConvNd)):
+                    out[f"{n}.{cn}"] = (f"projection of windowed/relative-position attention {n!r} "
+                                        f"({type(m).__name__}): heads are not traceable, the layer is kept")
+    return out
+
+
 def prune_channels(model: nn.Module, cfg: PruneConfig, example_inputs: Any, data: Any) -> tuple[nn.Module, dict]:
     """Remove channels of ``model`` (a private copy; modified and returned) as ``cfg`` asks."""
     ignored_map = match_modules(model, cfg.ignored_layers, "ignored_layers")
@@ -273,12 +473,20 @@ def prune_channels(model: nn.Module, cfg: PruneConfig, example_inputs: Any, data
     for pat, r in cfg.layer_ratios.items():
         for n in match_modules(model, [pat], "layer_ratios"):
             ratio_dict[n] = float(r)
-    info: dict[str, Any] = {"ignored": sorted(ignored_map), "output_layer": out_name}
+    info: dict[str, Any] = {"ignored": sorted(ignored_map), "output_layer": out_name, "skipped": {}}
+    for n, why in window_attention_layers(model).items():
+        if n not in ignored_map:
+            ignored_map[n] = dict(model.named_modules())[n]
+            info["skipped"][n] = why
+
+    attn = {n.rsplit(".", 1)[0] for n in info["skipped"]}
 
     def run(m: nn.Module, ratio: float) -> list:
         mods = dict(m.named_modules())
-        return _tp_prune_once(m, cfg, ratio, example_inputs, data, [mods[n] for n in ignored_map],
-                              {mods[n]: r for n, r in ratio_dict.items()})
+        # the attention blocks' own tensors (relative position bias tables, V2 logit scales: one per head)
+        params = [t for a in attn if a in mods for t in mods[a]._parameters.values() if t is not None]
+        return _tp_prune_once(m, cfg, ratio, example_inputs, data, [mods[n] for n in ignored_map] + params,
+                              {mods[n]: r for n, r in ratio_dict.items()}, info["skipped"])
 
     if cfg.target_macs is None:
         info["history"] = run(model, cfg.ratio)

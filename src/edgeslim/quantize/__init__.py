@@ -6,7 +6,7 @@
 
 from edgeslim.quantize._api import QuantizedModel, QuantReport, quantize
 from edgeslim.quantize._calibrate import CALIBRATORS, Observer, Stats
-from edgeslim.quantize._config import ActivationType, QuantConfig, QuantMode
+from edgeslim.quantize._config import ActivationType, QuantConfig, QuantMode, WeightRange
 from edgeslim.quantize._modules import ActQuant, QuantWeight
 from edgeslim.quantize._qat import QATConfig, QATMethod, qat, restore_quantized, save_quantized
 from edgeslim.quantize._sensitivity import (
@@ -17,6 +17,6 @@ from edgeslim.quantize._sensitivity import (
 __all__ = [
     "CALIBRATORS", "ActQuant", "ActivationType", "BudgetResult", "BudgetSearch", "BudgetStep", "LayerSensitivity",
     "Observer", "QATConfig", "QATMethod", "QuantConfig", "QuantMode", "QuantReport", "QuantWeight", "QuantizedModel",
-    "RankBy", "SensitivityMode", "SensitivityReport", "Stats", "qat", "quantize", "quantize_with_budget",
+    "RankBy", "SensitivityMode", "SensitivityReport", "Stats", "WeightRange", "qat", "quantize", "quantize_with_budget",
     "restore_quantized", "save_quantized", "sensitivity",
 ]

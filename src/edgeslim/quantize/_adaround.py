@@ -1,80 +1,146 @@
-"""AdaRound: learned rounding of weights, layer by layer (Nagel et al., ICML 2020).
+"""AdaRound: learned rounding of weights, layer by layer (Nagel et al., ICML 2020; as in AIMET and BRECQ).
 
 Each weight is rounded down or up, not to nearest: a continuous relaxation ``h(V)`` (rectified sigmoid) of
-the up/down choice is trained per layer to reproduce the float layer's output on calibration inputs, with a
-regulariser whose annealed exponent pushes ``h`` to 0 or 1. Layers are processed in graph order and each
-sees the inputs produced by the already-rounded layers before it, so errors do not pile up.
+the up/down choice is trained per layer, with a regulariser ``sum(1 - |2h - 1|^beta)`` that pushes ``h`` to 0
+or 1. As in the paper's asymmetric reconstruction, the rounded layer sees the inputs produced by the
+already-quantized layers before it (quantized activations included), while its target is the float layer's
+output on the float model's own inputs, both taken through the layer's ReLU/ReLU6 when it has one:
+``|| f(W~ x_q) - f(W x) ||^2``. So each layer also learns to undo the error that piled up before it.
+Schedule: the first 20% of the iterations reconstruct only (no regulariser), then ``beta`` anneals 20 -> 2.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
+from typing import Callable
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from edgeslim.quantize._modules import QuantWeight
+from edgeslim.quantize._modules import ActQuant, QuantWeight
 
 log = logging.getLogger(__name__)
 
 ZETA, GAMMA = 1.1, -0.1
+ACT_FUNCS = {F.relu: F.relu, torch.relu: F.relu, F.relu6: F.relu6}
 
 
 def _h(v: torch.Tensor) -> torch.Tensor:
     return torch.clamp(torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0, 1)
 
 
-def _forward(layer: nn.Module, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    return F.linear(x, w, layer.bias) if isinstance(layer, nn.Linear) else layer._conv_forward(x, w, layer.bias)
+def _forward(layer: nn.Module, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    return F.linear(x, w, b) if isinstance(layer, nn.Linear) else layer._conv_forward(x, w, b)
 
 
-def adaround(model: nn.Module, batches: list[torch.Tensor], *, iterations: int = 300, batch_size: int = 32,
-             lr: float = 1e-2, reg: float = 0.01, seed: int = 0) -> list[str]:
-    """Learn the rounding of every enabled integer QuantWeight in ``model`` in place.
+class _Stop(Exception):
+    pass
 
-    Returns the names of the layers whose learned rounding reconstructs their output better than rounding to
-    nearest (the others are rounded to nearest, so no layer gets worse).
+
+def _inputs(model: nn.Module, module: nn.Module, batches: list[torch.Tensor]) -> torch.Tensor:
+    """The inputs ``module`` receives in ``model`` on ``batches`` (the forward stops at the module)."""
+    got: list[torch.Tensor] = []
+
+    def hook(m: nn.Module, args: tuple) -> None:
+        got.append(args[0].detach())
+        raise _Stop
+
+    h = module.register_forward_pre_hook(hook)
+    try:
+        with torch.no_grad():
+            for b in batches:
+                try:
+                    model(b)
+                except _Stop:
+                    pass
+    finally:
+        h.remove()
+    return torch.cat(got)
+
+
+def _activation(gm: torch.fx.GraphModule, name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The ReLU/ReLU6 that is the only consumer of layer ``name`` (identity if there is none)."""
+    for n in gm.graph.nodes:
+        if n.op == "call_module" and n.target == name and len(n.users) == 1:
+            u = next(iter(n.users))
+            if u.op == "call_module":
+                m = gm.get_submodule(str(u.target))
+                if isinstance(m, (nn.ReLU, nn.ReLU6)):
+                    return m
+                if isinstance(m, nn.Hardtanh):
+                    return lambda t, m=m: F.hardtanh(t, m.min_val, m.max_val)
+            if u.op == "call_function" and u.target in ACT_FUNCS and len(u.args) == 1 and not u.kwargs:
+                return ACT_FUNCS[u.target]
+    return lambda t: t
+
+
+def _order(gm: nn.Module) -> list[tuple[str, QuantWeight]]:
+    mods = dict(gm.named_modules())
+    names = ([str(n.target) for n in gm.graph.nodes if n.op == "call_module"]
+             if isinstance(gm, torch.fx.GraphModule) else list(mods))
+    return [(n, mods[n]) for n in names if isinstance(mods.get(n), QuantWeight)
+            and mods[n].enabled and not mods[n].fp16]
+
+
+def adaround(model: nn.Module, batches: list[torch.Tensor], *, iterations: int = 1000, batch_size: int = 32,
+             lr: float = 1e-2, reg: float = 0.01, warmup: float = 0.2, beta: tuple[float, float] = (20.0, 2.0),
+             seed: int = 0) -> list[str]:
+    """Learn the rounding of every enabled integer QuantWeight in ``model`` in place, in graph order.
+
+    Returns the names of the layers whose learned rounding reconstructs their (activated) output better than
+    rounding to nearest (the others are rounded to nearest, so no layer gets worse on the calibration data).
     """
-    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantWeight) and m.enabled and not m.fp16]
+    layers = _order(model)
+    # the float reference: same graph, every quantizer off, the float weights kept
+    ref = copy.deepcopy(model)
+    for m in ref.modules():
+        if isinstance(m, ActQuant):
+            m.state = "off"
+        elif isinstance(m, QuantWeight):
+            m.enabled = False
+    ref_mods = dict(ref.named_modules())
     g = torch.Generator().manual_seed(seed)
     done = []
     for name, qw in layers:
-        captured: list[torch.Tensor] = []
-        hook = qw.register_forward_hook(lambda m, i, o: captured.append(i[0].detach()))
-        with torch.no_grad():
-            for b in batches:
-                model(b)
-        hook.remove()
-        x = torch.cat(captured)
         layer = qw.layer
+        act = _activation(model, name) if isinstance(model, torch.fx.GraphModule) else (lambda t: t)
+        x_q = _inputs(model, qw, batches)  # what the layer sees after the already-rounded layers
         w = layer.weight.detach().clone()
         with torch.no_grad():
-            target = _forward(layer, x, w)
+            target = act(_forward(layer, _inputs(ref, ref_mods[name], batches), w, layer.bias))
+        bias = qw.quantized_bias()
+        bias = None if bias is None else bias.detach()
         shape = (-1,) + (1,) * (w.ndim - 1)
-        s = (qw.scale.detach().reshape(shape) if qw.per_channel else qw.scale.detach().reshape(()))
+        s = qw.scale.detach().reshape(shape) if qw.per_channel else qw.scale.detach().reshape(())
         lo, hi = (-128, 127) if qw.qmax >= 63 else (-qw.qmax - 1, qw.qmax)
         w_floor = torch.floor(w / s)
         rest = (w / s - w_floor).clamp(0.01, 0.99)
         v = nn.Parameter(-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1))  # h(v) == rest: start at the float
         opt = torch.optim.Adam([v], lr=lr)
-        warm = iterations // 5
+        warm = int(iterations * warmup)
+
+        def recon(wq: torch.Tensor, idx: torch.Tensor | slice) -> torch.Tensor:
+            out = act(_forward(layer, x_q[idx], wq, bias))
+            return (out - target[idx]).pow(2).sum(1).mean()  # sum over channels, mean over the rest
+
         for it in range(iterations):
-            idx = torch.randint(0, len(x), (min(batch_size, len(x)),), generator=g)
+            idx = torch.randint(0, len(x_q), (min(batch_size, len(x_q)),), generator=g)
             h = _h(v)
-            wq = s * torch.clamp(w_floor + h, lo, hi)
-            loss = F.mse_loss(_forward(layer, x[idx], wq), target[idx])
+            loss = recon(s * torch.clamp(w_floor + h, lo, hi), idx)
             if it >= warm:
-                beta = 20 + (2 - 20) * (it - warm) / max(1, iterations - warm)
-                loss = loss + reg * (1 - (2 * h - 1).abs().pow(beta)).sum() / h.numel()
+                rel = (it - warm) / max(1, iterations - warm)
+                b = beta[1] + (beta[0] - beta[1]) * (1 - rel)
+                loss = loss + reg * (1 - (2 * h - 1).abs().pow(b)).sum()
             opt.zero_grad()
             loss.backward()
             opt.step()
         with torch.no_grad():
             learned = s * torch.clamp(w_floor + (_h(v) >= 0.5).float(), lo, hi)
             nearest = s * torch.clamp(torch.round(w / s), lo, hi)
-            err = {k: float(F.mse_loss(_forward(layer, x, wk), target)) for k, wk in (("learned", learned),
-                                                                                   ("nearest", nearest))}
+            err = {k: sum(float(recon(wk, slice(i, i + 256))) for i in range(0, len(x_q), 256))
+                   for k, wk in (("learned", learned), ("nearest", nearest))}
             # keep the learned rounding only where it reconstructs the layer better than rounding to nearest
             if err["learned"] <= err["nearest"]:
                 layer.weight.copy_(learned)
@@ -82,5 +148,6 @@ def adaround(model: nn.Module, batches: list[torch.Tensor], *, iterations: int =
             else:
                 layer.weight.copy_(nearest)
                 log.info("adaround: %s keeps round-to-nearest (%.3g < %.3g)", name, err["nearest"], err["learned"])
-    log.info("adaround: %d layers", len(done))
+            log.debug("adaround: %s nearest %.4g learned %.4g", name, err["nearest"], err["learned"])
+    log.info("adaround: %d of %d layers", len(done), len(layers))
     return done

@@ -16,7 +16,7 @@ from torch import nn
 from edgeslim.core.errors import DataError, QuantizationError
 from edgeslim.quantize import _graph
 from edgeslim.quantize._calibrate import CALIBRATORS
-from edgeslim.quantize._config import ActivationType, QuantConfig, QuantMode
+from edgeslim.quantize._config import ActivationType, QuantConfig, QuantMode, WeightRange
 from edgeslim.quantize._adaround import adaround
 from edgeslim.quantize._equalize import correct_bias, equalize
 from edgeslim.quantize._modules import ActQuant, QuantWeight
@@ -157,6 +157,10 @@ def build_graph(model: nn.Module, config: QuantConfig) -> tuple[torch.fx.GraphMo
     gm, quants = _graph.apply(gm, placement, qmin=-128 if signed else 0, qmax=127 if signed else 255,
                               per_channel=config.per_channel, weight_qmax=weight_qmax(config),
                               fp16=config.mode == QuantMode.FP16)
+    if config.weight_range == WeightRange.MSE and config.mode != QuantMode.FP16:
+        for m in gm.modules():
+            if isinstance(m, QuantWeight):
+                m.fit_scale_mse()
     return gm, placement, quants
 
 
@@ -235,7 +239,9 @@ def quantize(
         _link_input_scales(gm)
         if config.adaround:
             with torch.enable_grad():
-                report.corrections["adarounded_layers"] = adaround(gm, batches, iterations=config.adaround_iterations,
+                ada = torch.cat(batches)[: config.adaround_samples]
+                report.corrections["adarounded_layers"] = adaround(gm, list(ada.split(64)),
+                                                                   iterations=config.adaround_iterations,
                                                                    seed=config.seed)
         if config.bias_correction:
             report.corrections["bias_corrected_layers"] = correct_bias(gm, batches)
@@ -245,6 +251,7 @@ def quantize(
             a.state = "dynamic"
     wdesc = "fp16" if fp16 else (
         f"int{config.weight_bits} {'per-channel' if config.per_channel else 'per-tensor'} symmetric"
+        + (" (MSE scales)" if config.weight_range == WeightRange.MSE else "")
         + (" (7-bit range)" if config.reduce_range else "")
     )
     for name in placement.weighted:

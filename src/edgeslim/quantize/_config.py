@@ -17,6 +17,15 @@ class QuantMode(StrEnum):
     FP16 = "fp16"
 
 
+class WeightRange(StrEnum):
+    """How each weight scale is chosen. ``minmax``: the largest weight maps to the largest integer.
+    ``mse``: a grid search per channel for the clipping scale that minimises the weights' squared error
+    (clips outliers; the big win at 4 bits, little change at 8)."""
+
+    MINMAX = "minmax"
+    MSE = "mse"
+
+
 class ActivationType(StrEnum):
     """Activation integer type. ``uint8`` with ``int8`` weights is the fast path on x86 without VNNI."""
 
@@ -36,6 +45,7 @@ class QuantConfig(Config):
         activation_type: ``uint8`` (default, asymmetric) or ``int8`` (symmetric).
         weight_bits: weight bit width, 8 or 4 (symmetric signed integers; 4-bit weights are stored in
             int8 containers in ONNX, so they simulate W4 accuracy but the file is not smaller).
+        weight_range: ``minmax`` (default) or ``mse``: how each weight scale is chosen (:class:`WeightRange`).
         reduce_range: use 7-bit weights, which avoids the u8 x s8 int16 saturation of AVX2 kernels
             (exact on every x86 CPU; costs a little resolution).
         percentile: the kept mass for ``percentile`` calibration, in percent (e.g. 99.99).
@@ -45,7 +55,8 @@ class QuantConfig(Config):
         equalize: cross-layer equalization before quantization (ReLU6 in equalized pairs become ReLU).
         adaround: learn each weight's rounding (up or down) layer by layer on the calibration data
             (AdaRound) instead of rounding to nearest (static mode).
-        adaround_iterations: optimisation steps per layer for AdaRound.
+        adaround_iterations: optimisation steps per layer for AdaRound (AIMET uses 10k; 500-2k fit a CPU).
+        adaround_samples: calibration samples AdaRound reconstructs each layer on (at most ``num_samples``).
         bias_correction: subtract each quantized layer's mean output error on the calibration data from its
             bias (static mode).
         seed: seed of the calibration subset.
@@ -57,6 +68,7 @@ class QuantConfig(Config):
     per_channel: bool = True
     activation_type: ActivationType = ActivationType.UINT8
     weight_bits: int = 8
+    weight_range: WeightRange = WeightRange.MINMAX
     reduce_range: bool = False
     percentile: float = 99.99
     num_samples: int = 512
@@ -64,7 +76,8 @@ class QuantConfig(Config):
     quantize_output: bool = False
     equalize: bool = False
     adaround: bool = False
-    adaround_iterations: int = 300
+    adaround_iterations: int = 1000
+    adaround_samples: int = 256
     bias_correction: bool = False
     seed: int = 0
 
@@ -79,6 +92,8 @@ class QuantConfig(Config):
             raise self._bad("percentile", "must be in (50, 100]")
         if self.adaround_iterations < 1:
             raise self._bad("adaround_iterations", "must be >= 1")
+        if self.adaround_samples < 1:
+            raise self._bad("adaround_samples", "must be >= 1")
         if self.num_samples < 1:
             raise self._bad("num_samples", "must be >= 1")
         if not all(isinstance(e, str) and e for e in self.exclude):

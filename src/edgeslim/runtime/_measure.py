@@ -214,9 +214,17 @@ def _static_figures(m: Metrics, target: Artifact | nn.Module, shape: tuple[int, 
         with FlopCounterMode(display=False) as fc, torch.no_grad():
             target(torch.zeros(1, *shape))
         macs, m_how = fc.get_total_flops() // 2, "computed by torch.utils.flop_counter (flops / 2), batch 1"
+    elif target.format != "onnx":  # tflite, executorch, openvino: sizes of the files; counts from the export record
+        files = [target.path] + ([target.path.with_suffix(".bin")] if target.format == "openvino" else [])
+        raw = b"".join(f.read_bytes() for f in files)
+        where = " + ".join(f.name for f in files) + f" ({target.precision})"
+        m.add("size_bytes", len(raw), "bytes", "measured", f"bytes of {where}")
+        m.add("size_zipped_bytes", len(zlib.compress(raw, 9)), "bytes", "computed", f"zlib level 9 of {where}")
+        for key, unit in (("params", "count"), ("macs", "MACs")):
+            if target.meta.get(key):
+                m.add(key, target.meta[key], unit, "computed", f"of the torch model at export (artifact meta), batch 1")
+        return
     else:
-        if target.format != "onnx":
-            raise RuntimeBackendError(f"static figures need an 'onnx' artifact, not {target.format!r}")
         raw, where = target.path.read_bytes(), f"file {target.path.name} ({target.precision})"
         model = _load(target.path)
         params = onnx_params(model)
@@ -241,8 +249,15 @@ sys.path[:0] = [p for p in a["sys_path"] if p not in sys.path]
 import numpy as np
 if a["runtime"] == "onnxruntime":
     import onnxruntime as ort
-else:
+elif a["runtime"] == "torch":
     import torch
+else:  # the other runtimes load through edgeslim's runner, their packages imported before the baseline
+    import importlib
+    from edgeslim.core.artifact import Artifact
+    from edgeslim.runtime import RUNTIMES
+    cls = RUNTIMES.get(a["runtime"])
+    for mod in cls.requires:
+        importlib.import_module(mod)
 def peak_mb():  # VmHWM is this process's own peak; ru_maxrss can carry the parent's peak over exec
     try:
         with open("/proc/self/status") as f:
@@ -267,6 +282,10 @@ if a["runtime"] == "onnxruntime":
     x = x.astype(np.float16) if i.type == "tensor(float16)" else x
     for _ in range(a["runs"]):
         s.run(None, {i.name: x})
+elif a["runtime"] != "torch":
+    r = cls(Artifact.load(a["file"]), threads=a["threads"])
+    for _ in range(a["runs"]):
+        r.run(x)
 else:
     torch.set_num_threads(a["threads"])
     m = torch.load(a["file"], weights_only=False)
@@ -280,7 +299,7 @@ print(json.dumps({"base_mb": base, "peak_mb": peak_mb()[0], "how": how}))
 def _peak_memory_probe(target: Artifact | nn.Module, runtime: str, shape: tuple[int, ...], threads: int,
                        runs: int) -> tuple[float, float, str]:
     """Load and run the model in a fresh child process: (extra peak RSS MB, RSS MB after imports, method)."""
-    if runtime not in ("onnxruntime", "torch"):
+    if runtime not in RUNTIMES:
         raise RuntimeBackendError(f"no peak-memory probe for runtime {runtime!r}; pass peak_memory=False")
     with tempfile.TemporaryDirectory() as td:
         if isinstance(target, nn.Module):
@@ -293,7 +312,7 @@ def _peak_memory_probe(target: Artifact | nn.Module, runtime: str, shape: tuple[
         else:
             file = target.path
         args = {"runtime": runtime, "file": str(file), "shape": list(shape), "threads": threads, "runs": runs,
-                "sys_path": sys.path if runtime == "torch" else []}
+                "sys_path": sys.path if runtime != "onnxruntime" else []}
         r = subprocess.run([sys.executable, "-c", _PROBE, json.dumps(args)], capture_output=True, text=True,
                            timeout=600)
     if r.returncode != 0:

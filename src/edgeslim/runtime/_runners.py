@@ -9,6 +9,8 @@ from __future__ import annotations
 import collections
 import copy
 import importlib
+import importlib.util
+import sys
 import tempfile
 from pathlib import Path
 from types import ModuleType
@@ -18,16 +20,53 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgeslim.core.artifact import Artifact
+from edgeslim.core.artifact import SUFFIX_FORMATS, Artifact
 from edgeslim.core.errors import ConfigError, RuntimeBackendError
 from edgeslim.core.registry import Registry
 
 
-def _require(module: str, pip_name: str) -> ModuleType:
+def _require(module: str, pip_name: str, extra: str | None = None) -> ModuleType:
+    """Import ``module``, or raise a RuntimeBackendError saying what to pip install (the edgeslim extra if any)."""
     try:
         return importlib.import_module(module)
-    except ImportError:
-        raise RuntimeBackendError(f"this runtime needs the package {pip_name!r}: pip install {pip_name}") from None
+    except ImportError as e:
+        how = f"pip install 'edgeslim[{extra}]'" if extra else f"pip install {pip_name}"
+        raise RuntimeBackendError(f"this runtime needs the package {pip_name!r} (import {module!r} failed: {e}); "
+                                  f"install it with: {how}") from None
+
+
+def missing(runtime: str) -> str | None:
+    """None when ``runtime``'s packages import, else the pip command that installs them (nothing is loaded)."""
+    cls = RUNTIMES.get(runtime)
+    for module in cls.requires:
+        top = module.split(".")[0]
+        if sys.modules.get(top, True) is None or (top not in sys.modules and importlib.util.find_spec(top) is None):
+            return f"pip install 'edgeslim[{cls.extra}]'" if cls.extra else f"pip install {module}"
+    return None
+
+
+def artifact_path(target: Any, runtime: str, formats: dict[str, tuple[str, ...]]) -> tuple[Path, str]:
+    """The file and format of ``target`` (an Artifact or a path), checked against what ``runtime`` loads.
+
+    ``formats`` maps each format the runtime loads to its file suffixes.
+    """
+    allowed = "; ".join(f"{f!r} ({', '.join(s)})" for f, s in formats.items())
+    if isinstance(target, nn.Module):
+        raise RuntimeBackendError(
+            f"runtime {runtime!r} runs files, not a torch module ({type(target).__name__}): export it first with "
+            f"edgeslim.export(model, FORMAT, example_inputs=...) where FORMAT is one of: {allowed}; or use "
+            "runtime='torch'")
+    path = Path(target.path if isinstance(target, Artifact) else target)
+    if isinstance(target, Artifact):
+        fmt = target.format
+    else:
+        fmt = SUFFIX_FORMATS.get(path.suffix, f"unknown, suffix {path.suffix!r}")
+    if fmt not in formats or path.suffix not in formats.get(fmt, ()):
+        raise RuntimeBackendError(f"runtime {runtime!r} cannot load {str(path)!r} (format {fmt!r}); it loads: "
+                                  f"{allowed}")
+    if not path.is_file():
+        raise RuntimeBackendError(f"runtime {runtime!r}: artifact file {str(path)!r} does not exist")
+    return path, fmt
 
 
 def positive_int(name: str, value: Any, minimum: int = 1) -> int:
@@ -53,6 +92,11 @@ class Runner:
     """
 
     name: ClassVar[str] = ""
+    #: formats it loads -> file suffixes (empty for runtimes that run torch modules)
+    formats: ClassVar[dict[str, tuple[str, ...]]] = {}
+    #: importable modules it needs, and the edgeslim extra that installs them (None: a core dependency)
+    requires: ClassVar[tuple[str, ...]] = ()
+    extra: ClassVar[str | None] = None
     version: str = ""
     fixed_batch: int | None = None
 
@@ -88,6 +132,8 @@ class OrtRunner(Runner):
     """
 
     name = "onnxruntime"
+    formats = {"onnx": (".onnx",)}
+    requires = ("onnxruntime",)
 
     def __init__(self, target: Any, *, threads: int = 1) -> None:
         super().__init__(target, threads=threads)
@@ -138,6 +184,7 @@ class TorchRunner(Runner):
     """
 
     name = "torch"
+    requires = ("torch",)
 
     def __init__(self, target: Any, *, threads: int = 1) -> None:
         super().__init__(target, threads=threads)
@@ -173,7 +220,7 @@ def load(target: Any, runtime: str = "onnxruntime", *, threads: int = 1) -> Runn
 
     Args:
         target: an :class:`Artifact` or ``.onnx`` path for ``onnxruntime``; an ``nn.Module`` for ``torch``.
-        runtime: a name in :data:`RUNTIMES`.
+        runtime: a name in :data:`RUNTIMES` (``openvino``, ``litert`` and ``executorch`` need their extras).
         threads: intra-op threads.
     """
     return RUNTIMES.get(runtime)(target, threads=threads)

@@ -1,0 +1,371 @@
+"""Case study (BERT -> DistilBERT style): all-MiniLM-L6-v2 sentiment teacher -> 3-layer layer-dropped student.
+
+Teacher: the pretrained MiniLM encoder, **frozen**, with a linear sentiment head trained on the mean-pooled,
+L2-normalised sentence embeddings of Rotten Tomatoes (embeddings computed once). A full fine-tune of the teacher
+does not fit this benchmark's CPU budget. Student: ``layer_drop_student`` (layers 0, 2, 4 of 6) with the teacher's
+head as its initial head, fine-tuned (encoder + head; word-embedding table frozen) in two ways with the same
+budget: ``distill()`` with KD on the cached teacher logits (+ hard labels), and cross-entropy only.
+
+Data: ``es.data.load_text("rotten-tomatoes")`` stratified split (seed 0); a dev slice of the train split picks the
+best epoch; accuracy is reported on the held-out val split, on ONNX Runtime at batch 1 (no padding).
+Rows: FP32 teacher / students, and ORT dynamic INT8 (``quantize_dynamic``, QInt8 weights, as in
+``quantize_minilm.py``) of each. Latency: ORT, same thread count, batch 1, real val snippets at their own length,
+all rows interleaved in the same rounds.
+
+    PYTHONPATH=src python benchmarks/distill_minilm.py --smoke      # a few minutes
+    PYTHONPATH=src python benchmarks/distill_minilm.py              # ~15 min, 2 idle cores (~40 loaded); resumable
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+import edgeslim as es
+from edgeslim.distill import DistillConfig, distill, layer_drop_student
+from edgeslim.train import TrainConfig, fit
+
+ROOT = Path(__file__).resolve().parents[1]
+log = logging.getLogger("distill_minilm")
+
+
+class TokenSet:
+    """Token ids ``(N, max_len)`` (pad 0) with labels; the duck-typed dataset ``fit``/``distill`` accept."""
+
+    def __init__(self, ids: torch.Tensor, labels: torch.Tensor) -> None:
+        self.ids, self.labels = ids, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def normalized(self) -> torch.Tensor:
+        return self.ids
+
+    def subset(self, idx) -> TokenSet:
+        idx = torch.as_tensor(np.asarray(idx), dtype=torch.long)
+        return TokenSet(self.ids[idx], self.labels[idx])
+
+    def take(self, n: int, *, seed: int = 0) -> TokenSet:
+        if n >= len(self):
+            return self
+        return self.subset(np.sort(np.random.default_rng(seed).choice(len(self), n, replace=False)))
+
+    def batches(self, batch_size: int = 256):
+        return [(self.ids[i : i + batch_size], self.labels[i : i + batch_size])
+                for i in range(0, len(self), batch_size)]
+
+
+class Pool(nn.Module):
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return es.models.mean_pool(hidden, mask)
+
+
+class TextClassifier(nn.Module):
+    """``forward(ids)`` with pad id 0: dynamic padding (trims the batch to its longest row), mean pool, head."""
+
+    def __init__(self, bert: nn.Module, head: nn.Linear) -> None:
+        super().__init__()
+        self.bert, self.pool, self.head = bert, Pool(), head
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        mask = (ids != 0).long()
+        n = int(mask.sum(1).max())
+        ids, mask = ids[:, :n], mask[:, :n]
+        return self.head(self.pool(self.bert(input_ids=ids, attention_mask=mask).last_hidden_state, mask))
+
+
+class Exported(nn.Module):
+    """The ONNX graph: ``(input_ids, attention_mask) -> logits`` with dynamic batch and sequence axes."""
+
+    def __init__(self, clf: TextClassifier) -> None:
+        super().__init__()
+        self.clf = clf
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        h = self.clf.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self.clf.head(self.clf.pool(h, attention_mask))
+
+
+def tokenize(tok, texts: list[str], max_len: int) -> torch.Tensor:
+    return tok(texts, padding="max_length", truncation=True, max_length=max_len, return_tensors="pt")["input_ids"]
+
+
+def by_length(ids: torch.Tensor) -> np.ndarray:
+    return np.argsort((ids != 0).sum(1).numpy(), kind="stable")
+
+
+@torch.no_grad()
+def embeddings(bert: nn.Module, ids: torch.Tensor, batch: int = 128) -> torch.Tensor:
+    """Mean-pooled embeddings of every row, computed in length order (little padding) and returned in row order."""
+    order = by_length(ids)
+    out = torch.empty(len(ids), bert.config.hidden_size)
+    for i in range(0, len(ids), batch):
+        j = torch.as_tensor(order[i : i + batch])
+        x = ids[j]
+        mask = (x != 0).long()
+        n = int(mask.sum(1).max())
+        out[j] = es.models.mean_pool(bert(input_ids=x[:, :n], attention_mask=mask[:, :n]).last_hidden_state,
+                                     mask[:, :n])
+    return out
+
+
+def train_head(emb: torch.Tensor, y: torch.Tensor, dev_emb: torch.Tensor, dev_y: torch.Tensor, seed: int = 0
+               ) -> tuple[nn.Linear, float]:
+    """Logistic regression on frozen embeddings (full-batch AdamW, best weight decay on the dev slice)."""
+    best = (None, -1.0)
+    for wd in (0.0, 1e-4, 1e-3):
+        torch.manual_seed(seed)
+        head = nn.Linear(emb.shape[1], 2)
+        opt = torch.optim.AdamW(head.parameters(), lr=0.05, weight_decay=wd)
+        for _ in range(600):
+            opt.zero_grad()
+            nn.functional.cross_entropy(head(emb), y).backward()
+            opt.step()
+        with torch.no_grad():
+            acc = float((head(dev_emb).argmax(1) == dev_y).float().mean())
+        if acc > best[1]:
+            best = (head, acc)
+    return best[0], best[1]
+
+
+def export_onnx(clf: TextClassifier, path: Path) -> None:
+    import onnx
+
+    ex = (torch.tensor([[101, 2023, 2003, 1037, 3231, 102]]), torch.ones(1, 6, dtype=torch.long))
+    raw = path.with_suffix(".raw.onnx")
+    torch.onnx.export(Exported(clf).eval(), ex, str(raw), input_names=["input_ids", "attention_mask"],
+                      output_names=["logits"], dynamo=False, opset_version=17,
+                      dynamic_axes={"input_ids": {0: "b", 1: "t"}, "attention_mask": {0: "b", 1: "t"}})
+    onnx.save(onnx.load(str(raw)), str(path))  # one self-contained file
+    raw.unlink()
+
+
+def session(path: Path, threads: int):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def unpadded(ids: torch.Tensor) -> list[dict[str, np.ndarray]]:
+    feeds = []
+    for row in ids:
+        n = int((row != 0).sum())
+        feeds.append({"input_ids": row[None, :n].numpy(), "attention_mask": np.ones((1, n), dtype=np.int64)})
+    return feeds
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--max-len", type=int, default=64)
+    ap.add_argument("--dev", type=int, default=800, help="train rows held out to pick the best epoch")
+    ap.add_argument("--temperature", type=float, default=2.0)
+    ap.add_argument("--hard-weight", type=float, default=0.5)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads for training")
+    ap.add_argument("--ort-threads", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved latency rounds")
+    ap.add_argument("--latency-texts", type=int, default=20, help="val snippets timed per round")
+    ap.add_argument("--only", choices=("KD", "CE-only"), default=None,
+                    help="train just this student and exit (run the two in parallel processes; rerun to measure)")
+    ap.add_argument("--skip-missing", action="store_true",
+                    help="measure only the students already trained (others are listed as not run)")
+    ap.add_argument("--eval-n", type=int, default=0, help="held-out rows for accuracy (0: all)")
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/distill_minilm"), help="caches and checkpoints")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
+    for name in ("distill_minilm", "edgeslim"):  # not onnxruntime.quantization's per-tensor INFO lines
+        logging.getLogger(name).setLevel(logging.INFO)
+    torch.set_num_threads(args.threads)
+    tok, bert = es.models.load_text("all-minilm-l6-v2")
+    train_t, val_t = es.data.load_text("rotten-tomatoes", seed=0)
+    if args.smoke:
+        train_t, val_t = train_t.take(600), val_t.take(200)
+        args.epochs, args.dev, args.rounds, args.latency_texts = 1, 100, 1, 5
+        args.work = args.work.with_name(args.work.name + "_smoke")
+    work = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    t_all = time.perf_counter()
+
+    ids_tr, ids_va = tokenize(tok, train_t.texts, args.max_len), tokenize(tok, val_t.texts, args.max_len)
+    order = by_length(ids_tr)  # length-sorted rows: teacher passes in dataset order then pad little
+    ids_tr, y_tr = ids_tr[order], train_t.labels[order]
+    rng = np.random.default_rng(0)
+    dev_idx = np.sort(rng.choice(len(ids_tr), args.dev, replace=False))
+    fit_idx = np.setdiff1d(np.arange(len(ids_tr)), dev_idx)
+    train = TokenSet(ids_tr[fit_idx], y_tr[fit_idx])
+    dev = TokenSet(ids_tr[dev_idx], y_tr[dev_idx])
+    val = TokenSet(ids_va, val_t.labels)
+    log.info("train %d, dev %d, held-out val %d; mean tokens %.1f (max_len %d)", len(train), len(dev), len(val),
+             float((ids_tr != 0).sum(1).float().mean()), args.max_len)
+
+    # 1) teacher: frozen encoder + linear head on precomputed mean-pooled embeddings
+    emb_path = work / "emb.pt"
+    if emb_path.is_file():
+        emb = torch.load(emb_path, weights_only=True)
+    else:
+        t0 = time.perf_counter()
+        emb = {"train": embeddings(bert, train.ids), "dev": embeddings(bert, dev.ids)}
+        emb["seconds"] = time.perf_counter() - t0
+        torch.save(emb, emb_path)
+    log.info("teacher embeddings: %.0fs", float(emb["seconds"]))
+    head_path = work / "head.pt"
+    if head_path.is_file():
+        saved = torch.load(head_path, weights_only=True)
+        head, dev_acc = nn.Linear(emb["train"].shape[1], 2), float(saved["dev_accuracy"])
+        head.load_state_dict(saved["state"])
+    else:
+        head, dev_acc = train_head(emb["train"], train.labels, emb["dev"], dev.labels)
+        torch.save({"state": head.state_dict(), "dev_accuracy": dev_acc}, head_path)
+    teacher = TextClassifier(bert, head).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    log.info("teacher head dev accuracy %.4f", dev_acc)
+
+    # 2) students: layers 0, 2, 4 + the teacher's head; word embeddings frozen; same budget for KD and CE-only
+    def new_student() -> TextClassifier:
+        s = TextClassifier(layer_drop_student(bert), copy.deepcopy(head)).train()
+        for p in s.parameters():
+            p.requires_grad_(True)
+        s.bert.embeddings.word_embeddings.weight.requires_grad_(False)
+        return s
+
+    tc = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer="adamw",
+                     weight_decay=0.01, augment=False, seed=0, warmup_steps=30)
+    kd_cfg = DistillConfig(losses=("kd",), temperature=args.temperature, hard_weight=args.hard_weight)
+    seconds: dict[str, float] = {}
+    students: dict[str, TextClassifier] = {}
+    for name in ("student KD", "student CE-only"):
+        if args.only and name != f"student {args.only}":
+            continue
+        final = work / f"{name.split()[1].lower()}.pt"
+        if args.skip_missing and not final.is_file():
+            log.warning("%s: not trained yet, left out (--skip-missing)", name)
+            continue
+        s = new_student()
+        if final.is_file():
+            s.load_state_dict(torch.load(final, weights_only=True))
+            seconds[name] = json.loads(final.with_suffix(".json").read_text())["seconds"]
+        else:
+            t0 = time.perf_counter()
+            torch.manual_seed(0)
+            if name == "student KD":
+                s = distill(s, teacher, kd_cfg, data=(train, dev), train_config=tc, checkpoint_dir=work / "kd",
+                            progress=False)
+                hist = s.distill_history
+            else:
+                res = fit(s, train, dev, tc, checkpoint_dir=work / "ce", progress=False)
+                s, hist = res.model, res.history
+            seconds[name] = round(time.perf_counter() - t0, 1)  # after a resume: only this process's part
+            torch.save(s.state_dict(), final)
+            final.with_suffix(".json").write_text(json.dumps({"seconds": seconds[name], "history": hist}))
+        students[name] = s.eval()
+        log.info("%s ready (%.0fs)", name, seconds[name])
+    if args.only:
+        return
+    if not students:  # size and latency do not depend on the weights: time the layer-dropped initialisation
+        students["student layer-drop init, untrained"] = new_student().eval()
+        seconds["student layer-drop init, untrained"] = 0.0
+
+    # 3) ONNX FP32 + dynamic INT8, accuracy on the held-out split at batch 1, interleaved latency
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    models = {"teacher (6 layers, frozen enc.)": teacher, **{f"{k} (3 layers)": v for k, v in students.items()}}
+    paths: dict[str, Path] = {}
+    for i, (name, m) in enumerate(models.items()):
+        p = work / f"m{i}_fp32.onnx"
+        export_onnx(m, p)
+        paths[f"{name} FP32"] = p
+    for i, name in enumerate(models):
+        p = work / f"m{i}_int8.onnx"
+        quantize_dynamic(str(paths[f"{name} FP32"]), str(p), weight_type=QuantType.QInt8)
+        paths[f"{name} INT8-dyn"] = p
+    sessions = {k: session(p, args.ort_threads) for k, p in paths.items()}
+    val_eval = val.take(args.eval_n, seed=0) if args.eval_n else val
+    feeds = unpadded(val_eval.ids)
+    rows: dict[str, dict] = {}
+    for k, s in sessions.items():
+        t0 = time.perf_counter()
+        pred = np.array([int(s.run(None, f)[0].argmax(1)[0]) for f in feeds])
+        rows[k] = {"onnx_bytes": paths[k].stat().st_size,
+                   "accuracy": round(float((pred == val_eval.labels.numpy()).mean()), 4),
+                   "eval_seconds": round(time.perf_counter() - t0, 1)}
+        log.info("%s: %s", k, rows[k])
+    lat_feeds = unpadded(val.take(args.latency_texts, seed=1).ids)
+    times: dict[str, list[float]] = {k: [] for k in sessions}
+    for s in sessions.values():
+        for f in lat_feeds[:5]:
+            s.run(None, f)
+    for _ in range(args.rounds):  # every round times every row on the same snippets: fair on a loaded host
+        for k, s in sessions.items():
+            for f in lat_feeds:
+                t0 = time.perf_counter()
+                s.run(None, f)
+                times[k].append((time.perf_counter() - t0) * 1e3)
+    base = "teacher (6 layers, frozen enc.) FP32"
+    t_ms, t_mb, t_acc = statistics.median(times[base]), rows[base]["onnx_bytes"], rows[base]["accuracy"]
+    for k, r in rows.items():
+        r["latency_p50_ms"] = round(statistics.median(times[k]), 3)
+        r["latency_p90_ms"] = round(float(np.percentile(times[k], 90)), 3)
+        r["smaller_than_teacher_fp32"] = round(1 - r["onnx_bytes"] / t_mb, 4)
+        r["speedup_vs_teacher_fp32"] = round(t_ms / r["latency_p50_ms"], 3)
+        r["teacher_accuracy_fraction"] = round(r["accuracy"] / t_acc, 4)
+        r["meets_goal"] = bool(r["smaller_than_teacher_fp32"] >= 0.5 and r["speedup_vs_teacher_fp32"] >= 2.0
+                               and r["teacher_accuracy_fraction"] >= 0.97)
+    for name in models:
+        if name.startswith("student") and name.split(" (")[0] in seconds:
+            rows[f"{name} FP32"]["train_seconds"] = seconds[name.split(" (")[0]]
+    busy = os.cpu_count() is not None and os.cpu_count() <= 4
+    note = (f"ONNX Runtime {args.ort_threads} thread(s), batch 1, {len(lat_feeds)} real val snippets at their own "
+            f"length (mean {np.mean([f['input_ids'].shape[1] for f in lat_feeds]):.1f} tokens), rows interleaved in "
+            f"{args.rounds} rounds" + ("; host is a shared, loaded 2-core machine (other jobs running)" if busy
+                                       else ""))
+    print(f"\n== MiniLM-L6 sentiment (Rotten Tomatoes held-out val, {len(val_eval)} snippets) — {note}")
+    print("goal vs teacher FP32: >= 50% smaller, >= 2x faster, >= 97% of teacher accuracy")
+    print(f"{'row':44s} {'MB':>6s} {'smaller':>8s} {'p50 ms':>7s} {'speedup':>8s} {'acc':>7s} {'of T':>6s} goal")
+    for k, r in rows.items():
+        print(f"{k:44s} {r['onnx_bytes'] / 1e6:6.1f} {r['smaller_than_teacher_fp32'] * 100:7.1f}% "
+              f"{r['latency_p50_ms']:7.2f} {r['speedup_vs_teacher_fp32']:7.2f}x {r['accuracy']:7.4f} "
+              f"{r['teacher_accuracy_fraction'] * 100:5.1f}% {'MET' if r['meets_goal'] else 'missed'}")
+    out = args.out or (work / "distill_minilm_smoke.json" if args.smoke
+                       else ROOT / "benchmarks" / "results" / "distill_minilm.json")
+    import onnxruntime as ort
+
+    meta = {
+        "benchmark": "distill_minilm", "note": note,
+        "teacher": "all-MiniLM-L6-v2, encoder frozen, linear head on mean-pooled L2-normalised embeddings "
+                   f"(dev accuracy {dev_acc:.4f}); not fine-tuned (CPU budget)",
+        "student": "layer_drop_student keep=(0, 2, 4), teacher head as init; encoder + head trained, word "
+                   "embeddings frozen; dynamic padding",
+        "kd_config": kd_cfg.to_dict(), "train_config": tc.to_dict(), "args": {k: str(v) for k, v in vars(args).items()},
+        "data": {"train": len(train), "dev (best epoch)": len(dev), "held_out_val": len(val), "accuracy_rows": len(val_eval),
+                 "students_not_run": [n for n in ("student KD", "student CE-only") if n not in students], "max_len": args.max_len},
+        "rows": rows, "total_seconds": round(time.perf_counter() - t_all, 1),
+        "env": {"python": platform.python_version(), "torch": torch.__version__, "onnxruntime": ort.__version__,
+                "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count()},
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(meta, indent=2))
+    log.info("wrote %s", out)
+
+
+if __name__ == "__main__":
+    main()

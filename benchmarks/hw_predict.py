@@ -5,13 +5,17 @@ target's set), the same zoo architectures at another input size, and torchvision
 (weights=None), each FP32 and INT8 (es.quantize PTQ, 128 real Fashion-MNIST calibration images resized/replicated
 to the input shape -> es.export ONNX QDQ). Latency: ONNX Runtime, 1 thread, batch 1, a real image as input,
 interleaved rounds in shuffled order, median of per-round medians. Each model's prediction uses a calibration fitted
-on the OTHER models only (its FP32 and INT8 versions are held out together). Also prints the predicted latency and
+on the OTHER models only (its FP32 and INT8 versions are held out together). Host costs come from the graph ONNX
+Runtime executes (``graph_cost(..., as_run_by="onnxruntime")``: fused kernels, unfused Q/DQ nodes costed); device
+predictions from the exported graph. A table of variants shows how the error depends on the prior weight (and on a
+nested leave-one-model-out choice of it) and what costing the exported graph instead would give. Also prints the predicted latency and
 Horowitz energy for every device profile, and whether RAPL is readable. Writes benchmarks/results/hw_predict.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -27,6 +31,7 @@ from edgeslim.devices import (DEFAULT_CALIBRATION, calibrate, device_names, esti
                               graph_cost, measure_energy, memory_fit, predict_latency, preflight)
 
 HERE = Path(__file__).resolve().parent
+GRID = (0.03, 0.1, 0.3, 1.0, 3.0, 10.0)  # prior weights of the sensitivity table and the nested choice
 log = logging.getLogger("hw_predict")
 TORCHVISION = {"mobilenet_v3_small": 96, "resnet34": 64, "squeezenet1_1": 96, "mnasnet0_5": 96,
                "efficientnet_b0": 64, "shufflenet_v2_x0_5": 96, "resnet18": 96, "mobilenet_v2": 96}
@@ -125,6 +130,10 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="small_cnn at two sizes only, 2 rounds")
     ap.add_argument("--work", default=None, help="folder for the exported ONNX files (reused when it has meta.json)")
     ap.add_argument("--out", default=str(HERE / "results" / "hw_predict.json"))
+    ap.add_argument("--prior-weight", type=float, default=0.1, help="calibrate()'s pull toward the default roofline")
+    ap.add_argument("--host-note", default="", help="what else ran on the host while measuring (goes in the JSON)")
+    ap.add_argument("--reuse-measurements", action="store_true",
+                    help="refit/re-report from the latencies cached in --work/measured.json (no new measurement)")
     a = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     work = Path(a.work or f"/tmp/edgeslim-hw-predict{'-smoke' if a.smoke else ''}")
@@ -135,25 +144,77 @@ def main() -> None:
         col = collect(work, a.smoke)
         (work / "meta.json").write_text(json.dumps(col, indent=1))
     meta = col["models"]
-    meas = measure(meta, 2 if a.smoke else a.rounds, a.per_round_s)
-    host = get_device("host")
+    # host: the graph ONNX Runtime really executes (fused kernels, unfused Q/DQ costed); devices: the exported graph
+    hcosts = {k: graph_cost(v["path"], as_run_by="onnxruntime") for k, v in meta.items()}  # fail fast, before timing
     costs = {k: graph_cost(v["path"]) for k, v in meta.items()}
-    samples = [(k, costs[k], meas[k]["median_ms"]) for k in meta]
-    full = calibrate(samples, host)
+    cache = work / "measured.json"
+    if a.reuse_measurements and cache.is_file():
+        meas = json.loads(cache.read_text())
+        hp = meas.pop("_host")
+        log.warning("reusing the latencies measured at %s from %s", meas.pop("_measured_at", "?"), cache)
+        host = dataclasses.replace(get_device("host"), peak_gops=hp["peak_gops"],
+                                   mem_bandwidth_gbs=hp["mem_bandwidth_gbs"])
+    else:
+        meas = measure(meta, 2 if a.smoke else a.rounds, a.per_round_s)
+        host = get_device("host")  # peak and bandwidth measured now, beside the latencies
+        write_json(cache, {**meas, "_measured_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+                           "_host": {"peak_gops": host.peak_gops, "mem_bandwidth_gbs": host.mem_bandwidth_gbs}},
+                   force=True)
+    samples = [(k, hcosts[k], meas[k]["median_ms"]) for k in meta]
+    full = calibrate(samples, host, prior_weight=a.prior_weight)
+
+    def lomo(cost_of: dict, weight: float | None) -> dict[str, float]:
+        """Leave-one-MODEL-out predicted ms (FP32 + INT8 of a model held out together); weight None = nested CV."""
+        smp = [(k, cost_of[k], meas[k]["median_ms"]) for k in meta]
+        out = {}
+        for model in sorted({v["model"] for v in meta.values()}):
+            train = [x for x in smp if meta[x[0]]["model"] != model]
+            w = weight if weight is not None else choose_weight(train)
+            cal = calibrate(train, host, prior_weight=w)
+            for k in (k for k, v in meta.items() if v["model"] == model):
+                out[k] = predict_latency(None, host, cal, cost=cost_of[k])["latency_ms"]
+        return out
+
+    def choose_weight(train: list) -> float:
+        """Inner leave-one-model-out on the training models only: the prior weight with the lowest median error."""
+        scores = []
+        for w in GRID:
+            e = []
+            for model in {meta[x[0]]["model"] for x in train}:
+                cal = calibrate([x for x in train if meta[x[0]]["model"] != model], host, prior_weight=w)
+                e += [abs(predict_latency(None, host, cal, cost=c)["latency_ms"] - ms) / ms
+                      for k, c, ms in train if meta[k]["model"] == model]
+            scores.append((float(np.median(e)), w))
+        return min(scores)[1]
+
+    def med_err(pred: dict, sel=lambda k: True) -> float:
+        e = [abs(pred[k] - meas[k]["median_ms"]) / meas[k]["median_ms"] * 100 for k in meta if sel(k)]
+        return float(np.median(e)) if e else float("nan")
+
+    zoo = lambda k: meta[k]["kind"] == "zoo"  # noqa: E731
+    pred_main = lomo(hcosts, a.prior_weight)
+    variants = {f"executed graph, prior weight {a.prior_weight} (default)": pred_main}
+    if not a.smoke:
+        for w in GRID:
+            if w != a.prior_weight:
+                variants[f"executed graph, prior weight {w}"] = lomo(hcosts, w)
+        variants["executed graph, prior weight by nested leave-one-model-out"] = lomo(hcosts, None)
+        variants[f"exported graph (Q/DQ folded), prior weight {a.prior_weight}"] = lomo(costs, a.prior_weight)
+    variants["uncalibrated roofline (default parameters), executed graph"] = {
+        k: predict_latency(None, host, DEFAULT_CALIBRATION, cost=hcosts[k])["latency_ms"] for k in meta}
+    sensitivity = {name: {"all": med_err(p), "zoo (target set)": med_err(p, zoo)} for name, p in variants.items()}
     rows = []
     for k, v in meta.items():
-        train = [s for s in samples if meta[s[0]]["model"] != v["model"]]  # hold out FP32 + INT8 together
-        cal = calibrate(train, host)
-        ms = meas[k]["median_ms"]
-        pred = predict_latency(None, host, cal, cost=costs[k])["latency_ms"]
-        uncal = predict_latency(None, host, DEFAULT_CALIBRATION, cost=costs[k])["latency_ms"]
+        ms, pred = meas[k]["median_ms"], pred_main[k]
+        uncal = variants["uncalibrated roofline (default parameters), executed graph"][k]
         row = {"label": k, **{f: v[f] for f in ("model", "kind", "precision", "shape")}, "macs": costs[k].macs,
-               "nodes": len(costs[k].nodes), "measured_ms": ms, "measured_iqr_pct": meas[k]["iqr_pct"],
+               "nodes": len(costs[k].nodes), "executed_nodes": len(hcosts[k].nodes), "measured_ms": ms,
+               "measured_iqr_pct": meas[k]["iqr_pct"],
                "predicted_host_ms": pred, "error_pct": (pred - ms) / ms * 100,
                "uncalibrated_error_pct": (uncal - ms) / ms * 100, "devices": {}}
         for d in device_names():
-            dev = host if d == "host" else get_device(d)
-            row["devices"][d] = {"predicted_ms": predict_latency(None, dev, full, cost=costs[k])["latency_ms"],
+            dev, c = (host, hcosts[k]) if d == "host" else (get_device(d), costs[k])
+            row["devices"][d] = {"predicted_ms": predict_latency(None, dev, full, cost=c)["latency_ms"],
                                  "energy_mj": estimate_energy(None, dev, cost=costs[k])["energy_mj"],
                                  "fits": memory_fit(None, dev, cost=costs[k])["fits"],
                                  "fully_runs": preflight(v["path"], dev).fully_runs}
@@ -168,8 +229,8 @@ def main() -> None:
                "uncalibrated roofline, all": float(np.median([abs(r["uncalibrated_error_pct"]) for r in rows]))}
     noise = float(np.median([r["measured_iqr_pct"] for r in rows]))
     rapl = measure_energy(lambda: None, runs=1)
-    print(f"Host: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, SHARED with other jobs (load "
-          f"avg {os.getloadavg()[0]:.1f}); ORT 1 thread, batch 1, {a.rounds} interleaved rounds; median round-to-round "
+    state = a.host_note or f"load avg {os.getloadavg()[0]:.1f}"
+    print(f"Host: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs ({state}); ORT 1 thread, batch 1, {a.rounds} interleaved rounds; median round-to-round "
           f"IQR {noise:.1f}%. Host prediction = leave-one-model-out calibration.")
     print(f"{'model':<26}{'prec':>5}{'kind':>12}{'MMACs':>8}{'meas ms':>9}{'IQR%':>6}{'pred ms':>9}{'err %':>8}")
     for r in rows:
@@ -177,6 +238,9 @@ def main() -> None:
               f"{r['measured_iqr_pct']:>6.1f}{r['predicted_host_ms']:>9.3f}{r['error_pct']:>8.1f}")
     print("median |error|, leave-one-model-out: " + ", ".join(f"{k} {v:.1f}%" for k, v in summary.items())
           + "  (goal: zoo <= 25%)")
+    print("leave-one-model-out median |error| by variant (all / zoo target set):")
+    for name, v in sensitivity.items():
+        print(f"  {name:<66} {v['all']:5.1f}% / {v['zoo (target set)']:5.1f}%")
     print(f"fit on all samples: in-sample median {full.median_abs_error_pct:.1f}%; efficiency "
           + ", ".join(f"{k} {v:.2f}" for k, v in full.efficiency.items() if not k.startswith("fp16"))
           + "; bandwidth factor " + ", ".join(f"{k} {v:.2f}" for k, v in full.bandwidth_factor.items() if k != "fp16")
@@ -195,11 +259,12 @@ def main() -> None:
                  f"{'' if v['fully_runs'] else '*'}" for v in (r["devices"][d] for d in devs)]
         print(f"{r['label']:<31}" + "".join(f"{c:>19}" for c in cells))
     print(f"\nRAPL: {rapl['label']}")
-    out = {"rows": rows, "median_abs_error_pct_lomo": summary, "failed": col.get("failed", {}),
+    out = {"rows": rows, "median_abs_error_pct_lomo": summary, "variants_median_abs_error_pct_lomo": sensitivity,
+           "prior_weight": a.prior_weight, "failed": col.get("failed", {}),
            "calibration_all": full.to_dict(),
            "host": {"cpus": os.cpu_count(), "peak_gops": host.peak_gops, "mem_bandwidth_gbs": host.mem_bandwidth_gbs,
                     "load_avg_1min": os.getloadavg()[0], "median_round_iqr_pct": noise,
-                    "note": "shared 2-core host, other jobs training concurrently: latencies are noisy"},
+                    "note": a.host_note or "not stated"},
            "rapl": rapl["label"],
            "labels": {"host": "measured (ORT) and predicted (leave-one-model-out calibration)",
                       "others": "predicted for D", "energy": "estimated (Horowitz 2014, 45 nm, node scaling assumed)"},

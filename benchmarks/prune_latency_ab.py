@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -62,8 +63,8 @@ def main() -> None:
     threads = [int(t) for t in args.threads.split(",")]
     result: dict = {"benchmark": "prune_latency_ab", "settings": vars(args),
                     "host": {"python": platform.python_version(), "torch": torch.__version__,
-                             "note": "shared, heavily loaded 2-core host (other jobs running); variants interleaved "
-                                     "round by round; pruned weights not fine-tuned (latency only)"},
+                             "note": f"2-core host, load avg {os.getloadavg()[0]:.1f} at start; variants "
+                                     "interleaved round by round; pruned weights not fine-tuned (latency only)"},
                     "models": {}}
     for name in args.models.split(","):
         base = models.load(name, "fashion-mnist")
@@ -89,7 +90,7 @@ def main() -> None:
                     r[f"speedup_over_mac_gain_{t}t"] = round(r[f"speedup_{t}t"] / r["mac_gain"], 3)
             rows[k] = r
         result["models"].setdefault(name, {})["rows"] = rows
-        print(f"\n== {name}: ORT batch 1, loaded host, interleaved; speedup / MAC gain (target >= 0.8)")
+        print(f"\n== {name}: ORT batch 1, interleaved; speedup / MAC gain (target >= 0.8)")
         print(f"{'variant':18s} {'MACx':>6s} " + " ".join(f"{f'p50 {t}T':>9s} {f'x{t}T':>6s} {f'r{t}T':>6s}" for t in threads))
         for k, r in rows.items():
             print(f"{k:18s} {r['mac_gain']:6.2f} " + " ".join(

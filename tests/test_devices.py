@@ -88,6 +88,21 @@ def test_graph_cost_macs_match_static_count_and_int8_moves_fewer_bytes(arts):
     assert fp.peak_activation_bytes >= 2 * 8 * 8 * 8 * 4  # two live 8x8x8 fp32 maps around the residual add
 
 
+def test_executed_graph_cost_sees_ort_fusion_and_costs_unfused_qdq(arts):
+    fp, fp_run = graph_cost(arts["cnn"]), graph_cost(arts["cnn"], as_run_by="onnxruntime")
+    assert fp_run.macs == fp.macs  # same arithmetic, whatever ORT fused
+    assert len(fp_run.nodes) < len(fp.nodes)  # Conv+Relu fused into one kernel
+    assert "FusedConv" in {n.op_type for n in fp_run.nodes}
+    q, q_run = graph_cost(arts["cnn_int8"]), graph_cost(arts["cnn_int8"], as_run_by="onnxruntime")
+    assert q_run.macs == q.macs and q_run.macs_by_precision().get("int8", 0) >= 0.9 * q_run.macs
+    ops = {n.op_type for n in q_run.nodes}
+    assert any(op.startswith(("QLinear", "QGemm")) for op in ops)  # QDQ groups ORT turned into integer kernels
+    assert "QuantizeLinear" in ops  # ... and the Q/DQ it left (s8 activations here) are real kernels, costed
+    assert not {n.op_type for n in q.nodes} & {"QuantizeLinear", "DequantizeLinear"}  # exported graph: folded
+    with pytest.raises(ConfigError, match="as_run_by='tflite'.*onnxruntime"):
+        graph_cost(arts["cnn"], as_run_by="tflite")
+
+
 def test_predictions_are_labelled_and_faster_devices_predict_less(arts):
     rpi = predict_latency(arts["cnn"], "raspberry-pi-4")
     assert rpi["label"] == "predicted for raspberry-pi-4" and rpi["latency_ms"] > 0

@@ -79,8 +79,10 @@ def test_existing_output_is_refused_unless_forced(tmp_path):
 
 def test_bad_arguments(tmp_path):
     x = TinyCNN.example_inputs(4)
-    with pytest.raises(ConfigError, match="unknown export format 'tflite'.*valid: onnx"):
-        export(TinyCNN(), "tflite", example_inputs=x)
+    with pytest.raises(ConfigError, match="unknown export format 'coreml'.*valid: onnx, openvino, tflite, executorch"):
+        export(TinyCNN(), "coreml", example_inputs=x, path=tmp_path / "m.mlpackage")
+    with pytest.raises(ConfigError, match=r"path .*m\.onnx.* does not fit format 'tflite': use a \.tflite file"):
+        export(TinyCNN(), "tflite", example_inputs=x, path=tmp_path / "m.onnx")
     with pytest.raises(ConfigError, match="needs a quantized model"):
         export(TinyCNN(), "onnx", example_inputs=x, precision="int8", path=tmp_path / "a.onnx")
     with pytest.raises(DataError, match="example_inputs"):

@@ -216,7 +216,8 @@ def cmd_measure(a: argparse.Namespace) -> None:
 def _add_device_predictions(m: Any, target: Any, device: str, runtime: str) -> None:
     """Add "predicted for D" latency/energy/memory-fit/pre-flight figures to ``m`` (needs an .onnx artifact)."""
     from edgeslim.core.artifact import Artifact
-    from edgeslim.devices import calibrate, estimate_energy, get_device, memory_fit, predict_latency, preflight
+    from edgeslim.devices import (calibrate, estimate_energy, get_device, graph_cost, memory_fit, predict_latency,
+                                  preflight)
 
     dev = get_device(device)
     if not isinstance(target, Artifact) or target.format != "onnx":
@@ -226,7 +227,7 @@ def _add_device_predictions(m: Any, target: Any, device: str, runtime: str) -> N
     if host_ms is None or runtime != "onnxruntime":
         raise EdgeslimError("--device needs a host onnxruntime measurement at 1 thread, batch 1 "
                             "(include 1 in --threads and --batch) to calibrate the prediction")
-    cal = calibrate([("host", target, host_ms.value)], "host")
+    cal = calibrate([("host", graph_cost(target, as_run_by="onnxruntime"), host_ms.value)], "host")
     lat = predict_latency(target, dev, cal)
     en, fit, pf = estimate_energy(target, dev), memory_fit(target, dev), preflight(target, dev)
     src = f"predicted for {dev.name}: roofline calibrated on this model's host latency (t1 b1)"

@@ -103,30 +103,54 @@ def _path(artifact: Any) -> Any:
     return getattr(artifact, "path", artifact)
 
 
-def graph_cost(artifact: Any, batch: int = 1) -> GraphCost:
+# ONNX Runtime's fused float kernels (com.microsoft), seen in its optimized graph: (activation, weight) input index
+_COST_MAC_OPS = {**_MAC_OPS, "FusedConv": (0, 1), "FusedGemm": (0, 1), "FusedMatMul": (0, 1)}
+RUNTIME_GRAPHS = ("onnxruntime",)
+
+
+def graph_cost(artifact: Any, batch: int = 1, *, as_run_by: str | None = None) -> GraphCost:
     """Per-node MACs and bytes of an ONNX artifact/path/ModelProto at ``batch``.
+
+    Args:
+        as_run_by: ``None`` costs the exported graph, with Q/DQ pairs folded into integer kernels (what an INT8
+            runtime does ideally; used for device predictions). ``"onnxruntime"`` costs the graph ONNX Runtime
+            really executes on this host: its extended-level optimized graph (Conv+Relu fused, QDQ groups turned
+            into QLinear kernels), where the Q/DQ nodes it could not fuse are real kernels with a cost. Shapes
+            come from one run of that graph on zeros. Used to calibrate on, and predict for, the host.
 
     Raises:
         ModelError: when the file cannot be read or shape inference leaves compute nodes without shapes.
     """
     import onnx
 
+    if as_run_by not in (None, *RUNTIME_GRAPHS):
+        raise ConfigError(f"graph_cost(as_run_by={as_run_by!r}) is not supported; use None or one of "
+                          f"{', '.join(RUNTIME_GRAPHS)}")
     try:
         m = onnx.ModelProto()
         m.CopyFrom(_load(_path(artifact)))
     except Exception as e:  # noqa: BLE001 - any load failure becomes a clear error
         raise ModelError(f"cannot read ONNX model {str(_path(artifact))!r}: {str(e)[:200]}") from None
-    inits = {t.name for t in m.graph.initializer}
     for inp in m.graph.input:
         dims = inp.type.tensor_type.shape.dim
         if len(dims) and not dims[0].dim_value:
             dims[0].dim_value = batch
-    g = onnx.shape_inference.infer_shapes(m).graph
-    shapes: dict[str, tuple[list[int], int]] = {t.name: (list(t.dims), t.data_type) for t in g.initializer}
-    for vi in [*g.input, *g.value_info, *g.output]:
-        tt = vi.type.tensor_type
-        if tt.HasField("shape") and all(d.dim_value > 0 for d in tt.shape.dim):
-            shapes[vi.name] = ([d.dim_value for d in tt.shape.dim], tt.elem_type)
+    if as_run_by == "onnxruntime":
+        m, shapes = _ort_executed_graph(m, str(_path(artifact)), batch)
+        g = m.graph
+    else:
+        g = onnx.shape_inference.infer_shapes(m, data_prop=True).graph  # data_prop: Shape->Reshape chains
+        shapes = _static_shapes(g)
+    inits = {t.name for t in g.initializer}
+    free = _FREE - {"QuantizeLinear", "DequantizeLinear"} if as_run_by else _FREE
+    if as_run_by is None and any(o not in shapes for n in g.node if n.op_type in _MAC_OPS for o in n.output):
+        try:  # ONNX Runtime's symbolic inference resolves computed Slice/Reshape shapes (e.g. channel shuffle)
+            from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+            g = SymbolicShapeInference.infer_shapes(m, auto_merge=True).graph
+            shapes = _static_shapes(g)
+        except Exception as e:  # noqa: BLE001 - fall through to the clear error below
+            log.debug("symbolic shape inference failed: %s", e)
     producer = {o: n for n in g.node for o in n.output}
 
     def nbytes(name: str, int8: bool) -> int:
@@ -141,13 +165,14 @@ def graph_cost(artifact: Any, batch: int = 1) -> GraphCost:
 
     nodes, skipped = [], []
     for n in g.node:
-        if n.op_type in _FREE:
+        if n.op_type in free:
             continue
-        int8 = n.op_type.startswith(_INT_OPS) or any(is_q(i) for i in n.input if i)
-        prec = "int8" if int8 else "fp32"
+        qdq = n.op_type in ("QuantizeLinear", "DequantizeLinear")  # only reached for a runtime's executed graph
+        int8 = (n.op_type.startswith(_INT_OPS) or any(is_q(i) for i in n.input if i)) and not qdq
+        prec = "int8" if int8 or qdq else "fp32"
         macs, w = 0, None
-        if n.op_type in _MAC_OPS:
-            ia, iw = _MAC_OPS[n.op_type]
+        if n.op_type in _COST_MAC_OPS:
+            ia, iw = _COST_MAC_OPS[n.op_type]
             a, w, out = (shapes.get(n.input[ia], (None,))[0], shapes.get(n.input[iw], (None,))[0],
                          shapes.get(n.output[0], (None,))[0])
             if a is None or w is None or out is None:
@@ -160,7 +185,8 @@ def graph_cost(artifact: Any, batch: int = 1) -> GraphCost:
                 macs = int(np.prod(out)) * (a[0] if trans_a else a[-1])
             else:
                 macs = int(np.prod(out)) * a[-1]
-        moved = sum(nbytes(_src(i, producer), int8) for i in n.input if i) + sum(nbytes(o, int8) for o in n.output)
+        src = (lambda i: i) if as_run_by else (lambda i: _src(i, producer))
+        moved = sum(nbytes(src(i), int8) for i in n.input if i) + sum(nbytes(o, int8) for o in n.output)
         group = next((at.i for at in n.attribute if at.name == "group"), 1)
         nodes.append(NodeCost(n.name or n.output[0], n.op_type, prec, macs, moved, op_class(n.op_type, w, group)))
     if skipped:
@@ -168,6 +194,59 @@ def graph_cost(artifact: Any, batch: int = 1) -> GraphCost:
     weight_bytes = sum(nbytes(t, False) for t in inits)
     return GraphCost(tuple(nodes), weight_bytes, _peak_activation(g, shapes, inits, nbytes),
                      dict(Counter(n.op_type for n in g.node)))
+
+
+def _ort_executed_graph(m: Any, where: str, batch: int) -> tuple[Any, dict[str, tuple[list[int], int]]]:
+    """ONNX Runtime's extended-level optimized graph of ``m`` and the shape of every tensor in it (one run on zeros,
+    batch ``batch``; other dynamic dimensions are set to 1)."""
+    import tempfile
+
+    import onnx
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as td:
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED  # no host-specific NCHWc
+        so.optimized_model_filepath = str(Path(td) / "opt.onnx")
+        so.log_severity_level = 3
+        try:
+            src = where if Path(where).is_file() else m.SerializeToString()  # a file keeps its external data
+            ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+            opt = onnx.load(so.optimized_model_filepath)
+        except Exception as e:  # noqa: BLE001 - a clear error instead of ORT's
+            raise ModelError(f"ONNX Runtime cannot load {where!r} to cost its executed graph: {str(e)[:200]}") from None
+    probe = onnx.ModelProto()
+    probe.CopyFrom(opt)
+    have = {o.name for o in probe.graph.output}
+    inits = {t.name for t in probe.graph.initializer}
+    for n in probe.graph.node:
+        probe.graph.output.extend(onnx.ValueInfoProto(name=o) for o in n.output if o and o not in have | inits)
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(probe.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    feeds = {}
+    for i in sess.get_inputs():
+        dims = [d if isinstance(d, int) and d > 0 else (batch if k == 0 else 1) for k, d in enumerate(i.shape)]
+        dt = {"tensor(float)": np.float32, "tensor(int64)": np.int64, "tensor(int32)": np.int32,
+              "tensor(float16)": np.float16, "tensor(uint8)": np.uint8, "tensor(int8)": np.int8}.get(i.type, np.float32)
+        feeds[i.name] = np.zeros(dims, dtype=dt)
+    outs = sess.run(None, feeds)
+    shapes = {t.name: (list(t.dims), t.data_type) for t in opt.graph.initializer}
+    for name, v in [*feeds.items(), *((o.name, v) for o, v in zip(sess.get_outputs(), outs))]:
+        a = np.asarray(v)
+        shapes[name] = (list(a.shape), int(onnx.helper.np_dtype_to_tensor_dtype(a.dtype)))
+    return opt, shapes
+
+
+def _static_shapes(g: Any) -> dict[str, tuple[list[int], int]]:
+    """Tensor name -> (dims, ONNX elem type) for every tensor whose shape is fully known."""
+    shapes: dict[str, tuple[list[int], int]] = {t.name: (list(t.dims), t.data_type) for t in g.initializer}
+    for vi in [*g.input, *g.value_info, *g.output]:
+        tt = vi.type.tensor_type
+        if tt.HasField("shape") and all(d.dim_value > 0 for d in tt.shape.dim):
+            shapes[vi.name] = ([d.dim_value for d in tt.shape.dim], tt.elem_type)
+    return shapes
 
 
 def _src(name: str, producer: dict) -> str:

@@ -203,3 +203,25 @@ def test_compare_runtimes_same_inputs_and_lists_missing(digits, onnx_fp32, monke
         assert r["accuracy"] == by["torch"]["accuracy"]
     assert by["litert"]["status"] == "not installed" and "edgeslim[litert]" in by["litert"]["note"]
     assert "not installed" in cmp.render_rows(rows)
+
+
+def test_cli_measure_runtime_all_prints_one_table_for_every_runtime(onnx_fp32, digits, tmp_path, capsys):
+    import json
+
+    from edgeslim.cli import main
+
+    need("openvino", "openvino")
+    save = tmp_path / "rows.json"
+    assert main(["measure", str(onnx_fp32.path), "--runtime", "all", "--dataset", "digits", "--samples", "32",
+                 "--runs", "10", "--no-memory", "--save", str(save), "--json"]) == 0
+    rows = {r["label"].split()[0]: r for r in json.loads(capsys.readouterr().out)["rows"]}
+    assert json.loads(save.read_text()) and {"onnxruntime", "openvino"} <= set(rows)
+    for name in ("onnxruntime", "openvino"):  # both load the .onnx file: measured, and agree with each other
+        r = rows[name]
+        assert r["p50_ms"] > 0 and r["threads"] == 1 and r.get("status", "ok") == "ok"
+    # runtimes that cannot load an .onnx file get a row saying so, never a silent gap
+    for name in ("litert", "executorch"):
+        if not missing(name):
+            assert rows[name]["status"] == "n/a" and "cannot load format 'onnx'" in rows[name]["note"]
+    assert main(["measure", str(onnx_fp32.path), "--runtime", "all", "--dataset", "digits", "--threads", "1,2"]) != 0
+    assert "one --threads value" in capsys.readouterr().err

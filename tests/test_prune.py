@@ -192,6 +192,44 @@ def test_channel_shuffle_keeps_crossing_layers_and_prunes_the_rest():
     assert p(x).shape == (1, 10)
 
 
+def _tiny_swin(v2: bool) -> nn.Module:
+    from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformer, SwinTransformerBlockV2
+
+    torch.manual_seed(0)
+    kw = {"block": SwinTransformerBlockV2, "downsample_layer": PatchMergingV2} if v2 else {}
+    return SwinTransformer(patch_size=[4, 4], embed_dim=32, depths=[2, 2], num_heads=[2, 4], window_size=[4, 4],
+                           stochastic_depth_prob=0.0, num_classes=10, **kw).eval()
+
+
+@pytest.mark.parametrize("v2", [False, True], ids=["swin", "swin_v2"])
+def test_swin_window_attention_kept_mlp_pruned_and_exported(v2, tmp_path):
+    # torchvision's shifted_window_attention runs F.linear on qkv.weight / proj.weight: the graph never sees those
+    # layers, so the attention is traced as one opaque node whose residual width is kept; the MLPs are pruned
+    ort = pytest.importorskip("onnxruntime")
+    m = _tiny_swin(v2)
+    before = copy.deepcopy(m.state_dict())
+    x = torch.randn(1, 3, 32, 32)
+    p = prune(m, PruneConfig(ratio=0.3), example_inputs=x)
+    rep = p.prune_report
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())  # the input model is unchanged
+    blk = p.features[3][1]
+    assert blk.mlp[0].out_features == 176 and blk.mlp[3].in_features == 176  # 256 * 0.7, rounded to 8
+    assert (blk.attn.qkv.in_features, blk.attn.qkv.out_features, blk.attn.proj.out_features) == (64, 192, 64)
+    assert p.features[2].reduction.out_features == 64 and blk.mlp[3].out_features == 64  # the residual width: kept
+    assert "residual width of windowed attention" in rep.skipped["features.2.reduction"]
+    assert "features.3.1.attn.qkv" in rep.skipped and rep.params_after < rep.params_before
+    path = tmp_path / "swin.onnx"
+    torch.onnx.export(p, (x,), str(path), dynamo=False, input_names=["x"], opset_version=17)
+    out = ort.InferenceSession(str(path)).run(None, {"x": x.numpy()})[0]
+    with torch.no_grad():
+        ref = p(x).numpy()
+    assert abs(out - ref).max() < 1e-3
+    save_pruned(p, tmp_path / "swin")
+    q = load_pruned(_tiny_swin(v2), tmp_path / "swin")
+    with torch.no_grad():
+        assert torch.equal(q.eval()(x), p(x))
+
+
 def test_recipe_reloads_exactly_and_replays(tmp_path):
     model = _small_cnn()
     p = prune(model, PruneConfig(target_macs=0.5, importance="fpgm"), example_inputs=_x())

@@ -396,26 +396,136 @@ def _shuffle_bound_roots(dg: Any, hits: list, model: nn.Module, ignored: list[nn
     return out
 
 
+class _Opaque(torch.autograd.Function):
+    """A whole module call as one autograd node: the dependency graph sees its input and output, not its inside."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, run: Any) -> torch.Tensor:  # grad is off in here: nothing inside is traced
+        return run(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> Any:
+        raise ModelError("an opaque attention stand-in was differentiated; it exists only while tracing the graph")
+
+
+def functional_attention(model: nn.Module, example_inputs: Any, attn: Iterable[str]) -> list[nn.Module]:
+    """The attention modules among ``attn`` (names) with a projection layer that never runs as a module.
+
+    torchvision's ``ShiftedWindowAttention`` (Swin V1/V2) passes ``qkv.weight`` / ``proj.weight`` to a function,
+    so the graph never sees those layers: it would take the attention for an element-wise op, let the residual
+    width it reads and writes be pruned, and leave the unpruned weights to fail at run time (a matmul shape error).
+    """
+    mods = dict(model.named_modules())
+    cand = {n: mods[n] for n in attn if n in mods}
+    ran: set[int] = set()
+    hooks = [c.register_forward_hook(lambda mod, i, o: ran.add(id(mod)))
+             for a in cand.values() for c in a.modules() if isinstance(c, (nn.Linear, nn.modules.conv._ConvNd))]
+    try:
+        with torch.no_grad():
+            call(model.eval(), example_inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return [a for a in cand.values()  # (V2's cpb_mlp does run as modules; its qkv and proj do not)
+            if any(id(c) not in ran for c in a.modules() if isinstance(c, (nn.Linear, nn.modules.conv._ConvNd)))]
+
+
+@contextlib.contextmanager
+def _opaque_calls(modules: list[nn.Module]):
+    """While tracing, run each module as one :class:`_Opaque` node and remember its input/output widths."""
+    widths: dict[int, tuple[int, int]] = {}
+
+    def wrap(m: nn.Module) -> Any:
+        inner = m.forward
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            out = _Opaque.apply(x, inner) if x.requires_grad else inner(x)
+            widths[id(m)] = (int(x.shape[-1]), int(out.shape[-1]))
+            return out
+        return forward
+
+    for m in modules:
+        m.forward = wrap(m)
+    try:
+        yield widths
+    finally:
+        for m in modules:
+            del m.forward  # the instance attribute; the class's forward shows through again
+
+
+def _kept_width_pruner(widths: dict[int, tuple[int, int]]) -> Any:
+    """A Torch-Pruning layer pruner for an opaque attention module: reports its widths, never prunes it."""
+    base = torch_pruning().pruner.function.BasePruningFunc
+
+    class KeepWidth(base):
+        def prune_out_channels(self, layer: nn.Module, idxs: Any) -> nn.Module:
+            raise ModelError(f"windowed attention {type(layer).__name__} cannot lose channels; it must be kept")
+
+        def prune_in_channels(self, layer: nn.Module, idxs: Any) -> nn.Module:
+            raise ModelError(f"windowed attention {type(layer).__name__} cannot lose channels; it must be kept")
+
+        def get_out_channels(self, layer: nn.Module) -> int | None:
+            return widths.get(id(layer), (None, None))[1]
+
+        def get_in_channels(self, layer: nn.Module) -> int | None:
+            return widths.get(id(layer), (None, None))[0]
+
+    return KeepWidth()
+
+
+def _attention_bound_roots(dg: Any, model: nn.Module, ignored: list[nn.Module],
+                           opaque: list[nn.Module]) -> dict[str, str]:
+    """Layers left unpruned because their output channels are the width an opaque attention reads or writes."""
+    from torch_pruning.dependency import graph as tp_graph
+
+    names = {id(m): n for n, m in model.named_modules()}
+    ids = {id(m) for m in opaque}
+    skip = {id(m) for m in ignored}
+    out: dict[str, str] = {}
+    mapping = tp_graph.index_mapping
+    for name, m in model.named_modules():
+        if id(m) in skip or not isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) or m not in dg.module2node:
+            continue
+        fn = dg.get_pruner_of_module(m)
+        n = fn.get_out_channels(m) if fn is not None else None
+        if not n:
+            continue
+        tp_graph.index_mapping = _NoRemap
+        try:
+            group = dg.get_pruning_group(m, fn.prune_out_channels, list(range(n)))
+        finally:
+            tp_graph.index_mapping = mapping
+        hit = next((dep.target.module for dep, _ in group if id(dep.target.module) in ids), None)
+        if hit is not None:
+            out[name] = (f"its output channels are the residual width of windowed attention {names[id(hit)]!r} "
+                         f"({type(hit).__name__}), whose heads are not traceable, so it is kept")
+    return out
+
+
 def _tp_prune_once(model: nn.Module, cfg: PruneConfig, ratio: float, example_inputs: Any, data: Any,
                    ignored: list[nn.Module], ratio_dict: dict[nn.Module, float],
-                   skipped: dict[str, str] | None = None) -> list:
+                   skipped: dict[str, str] | None = None, opaque: list[nn.Module] = ()) -> list:
     tp = torch_pruning()
     crit = IMPORTANCE.get(cfg.importance)
     heads = {m: m.num_heads for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
     hits: list = []
+    ignored = list(ignored) + list(opaque)  # an opaque attention is kept, and with it the residual width it touches
 
     def make(ign: list[nn.Module]) -> Any:
-        with blame_module(model, "tracing the dependency graph", exact=False):
+        with blame_module(model, "tracing the dependency graph", exact=False), _opaque_calls(list(opaque)) as widths:
             return tp.pruner.MetaPruner(
                 model, example_inputs, importance=crit.make(), global_pruning=cfg.scope == Scope.GLOBAL,
                 pruning_ratio=ratio, pruning_ratio_dict=dict(ratio_dict) or None,
                 max_pruning_ratio=cfg.max_layer_ratio, ignored_layers=ign,
                 round_to=cfg.round_to if cfg.round_to > 1 else None, num_heads=heads,
+                customized_pruners={type(m): _kept_width_pruner(widths) for m in opaque} or None,
             )
 
     with torch.random.fork_rng(devices=[]), _tolerate_unmapped_reshapes(hits):
         torch.manual_seed(cfg.seed)
         pruner = make(ignored)
+        if opaque and skipped is not None:
+            skipped.update(_attention_bound_roots(pruner.DG, model, ignored, list(opaque)))
         if getattr(pruner.DG, "_es_unmapped", False):  # a channel shuffle: keep the layers crossing it
             shuffle = _shuffle_bound_roots(pruner.DG, hits, model, ignored)
             mods = dict(model.named_modules())
@@ -443,23 +553,33 @@ def _sync_attributes(model: nn.Module) -> None:
 
 
 
+def window_attention_modules(model: nn.Module) -> list[str]:
+    """Names of windowed / relative-position attention modules: a per-head relative position bias table, or (Swin
+    V2) the relative position index its continuous bias MLP is gathered with."""
+    return [n for n, m in model.named_modules() if n and (hasattr(m, "num_heads") or hasattr(m, "n_heads")) and any(
+            isinstance(getattr(m, k, None), torch.Tensor) for k in ("relative_position_bias_table",
+                                                                     "relative_position_index"))]
+
+
 def window_attention_layers(model: nn.Module) -> dict[str, str]:
     """Projection layers of attention blocks the dependency graph cannot split into heads, with the reason.
 
-    Windowed / relative-position attention (torchvision Swin ``ShiftedWindowAttention``, MaxViT
-    ``RelativePositionalMultiHeadAttention``) calls functional attention on raw projection weights and indexes
-    a per-head bias table; DepGraph cannot couple their heads, so their projections (and with them the
-    residual width they write to) are kept while the MLP, convolution and patch-merging widths around them
-    are pruned. ``nn.MultiheadAttention`` (ViT) is handled by the pruner itself.
+    Windowed / relative-position attention (torchvision Swin V1/V2 ``ShiftedWindowAttention(V2)``, MaxViT
+    ``RelativePositionalMultiHeadAttention``) reshapes its projections into heads and indexes a per-head bias
+    table; DepGraph cannot couple their heads, so their projections (and with them the residual width they
+    read and write) are kept while the MLP, convolution and patch-merging widths around them are pruned.
+    Swin's attention runs ``F.linear`` on ``qkv.weight`` / ``proj.weight`` (see :func:`functional_attention`):
+    it is traced as one opaque node, kept, so every layer writing its residual width is kept too, and each of
+    those is listed in the report with the attention it serves. ``nn.MultiheadAttention`` (ViT) is handled by
+    the pruner itself.
     """
     out: dict[str, str] = {}
-    for n, m in model.named_modules():
-        if isinstance(getattr(m, "relative_position_bias_table", None), torch.Tensor) and (
-                hasattr(m, "num_heads") or hasattr(m, "n_heads")):
-            for cn, c in m.named_modules():
-                if cn and isinstance(c, (nn.Linear, nn.modules.conv._ConvNd)):
-                    out[f"{n}.{cn}"] = (f"projection of windowed/relative-position attention {n!r} "
-                                        f"({type(m).__name__}): heads are not traceable, the layer is kept")
+    for n in window_attention_modules(model):
+        m = model.get_submodule(n)
+        for cn, c in m.named_modules():
+            if cn and isinstance(c, (nn.Linear, nn.modules.conv._ConvNd)):
+                out[f"{n}.{cn}"] = (f"projection of windowed/relative-position attention {n!r} "
+                                    f"({type(m).__name__}): heads are not traceable, the layer is kept")
     return out
 
 
@@ -479,14 +599,16 @@ def prune_channels(model: nn.Module, cfg: PruneConfig, example_inputs: Any, data
             ignored_map[n] = dict(model.named_modules())[n]
             info["skipped"][n] = why
 
-    attn = {n.rsplit(".", 1)[0] for n in info["skipped"]}
+    attn = set(window_attention_modules(model))
+    names = {id(m): n for n, m in model.named_modules()}
+    opaque = [names[id(m)] for m in functional_attention(model, example_inputs, attn)] if attn else []
 
     def run(m: nn.Module, ratio: float) -> list:
         mods = dict(m.named_modules())
         # the attention blocks' own tensors (relative position bias tables, V2 logit scales: one per head)
         params = [t for a in attn if a in mods for t in mods[a]._parameters.values() if t is not None]
         return _tp_prune_once(m, cfg, ratio, example_inputs, data, [mods[n] for n in ignored_map] + params,
-                              {mods[n]: r for n, r in ratio_dict.items()}, info["skipped"])
+                              {mods[n]: r for n, r in ratio_dict.items()}, info["skipped"], [mods[n] for n in opaque])
 
     if cfg.target_macs is None:
         info["history"] = run(model, cfg.ratio)

@@ -4,26 +4,34 @@ Teacher: the pretrained MiniLM encoder, **frozen**, with a linear sentiment head
 L2-normalised sentence embeddings of Rotten Tomatoes (embeddings computed once). A full fine-tune of the teacher
 does not fit this benchmark's CPU budget. Student: ``layer_drop_student`` (layers 0, 2, 4 of 6) with the teacher's
 head as its initial head, fine-tuned (encoder + head; word-embedding table frozen) in two ways with the same
-budget: ``distill()`` with KD on the cached teacher logits (+ hard labels), and cross-entropy only.
+budget and seed: ``distill()`` with KD on the cached teacher logits (+ hard labels), and cross-entropy only.
+Every student is then **vocabulary-trimmed** (``edgeslim.prune.prune_vocabulary``) to the tokens of the training
+split (+ special tokens); held-out tokens outside it read as ``[UNK]``. The word-embedding table is frozen during
+training and every token of the training data is kept, so trimming before or after training gives the same
+weights; it is applied after training (one training run serves both the full-vocab and the trimmed rows).
 
 Data: ``es.data.load_text("rotten-tomatoes")`` stratified split (seed 0); a dev slice of the train split picks the
-best epoch; accuracy is reported on the held-out val split, on ONNX Runtime at batch 1 (no padding).
+best epoch; accuracy is reported on the whole held-out val split, on ONNX Runtime at batch 1 (no padding).
 Rows: FP32 teacher / students, and ORT dynamic INT8 (``quantize_dynamic``, QInt8 weights, as in
 ``quantize_minilm.py``) of each. Latency: ORT, same thread count, batch 1, real val snippets at their own length,
-all rows interleaved in the same rounds.
+all rows interleaved in the same rounds; for trimmed rows the id remap (a numpy lookup) is inside the timed call.
 
-    PYTHONPATH=src python benchmarks/distill_minilm.py --smoke      # a few minutes
-    PYTHONPATH=src python benchmarks/distill_minilm.py              # ~15 min, 2 idle cores (~40 loaded); resumable
+    PYTHONPATH=src python benchmarks/distill_minilm.py --smoke                     # a few minutes
+    PYTHONPATH=src python benchmarks/distill_minilm.py --only KD                   # train one student (resumable)
+    PYTHONPATH=src python benchmarks/distill_minilm.py --skip-latency              # train + export + accuracy
+    PYTHONPATH=src python benchmarks/distill_minilm.py --latency-only              # quiet host: time the exports
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import logging
 import os
 import platform
+import re
 import statistics
 import time
 from pathlib import Path
@@ -33,7 +41,9 @@ import torch
 from torch import nn
 
 import edgeslim as es
+from edgeslim.core.io import write_json
 from edgeslim.distill import DistillConfig, distill, layer_drop_student
+from edgeslim.prune import VocabMap, prune_vocabulary
 from edgeslim.train import TrainConfig, fit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -139,16 +149,19 @@ def train_head(emb: torch.Tensor, y: torch.Tensor, dev_emb: torch.Tensor, dev_y:
     return best[0], best[1]
 
 
-def export_onnx(clf: TextClassifier, path: Path) -> None:
+def export_onnx(clf: TextClassifier, path: Path, vocab: VocabMap | None = None) -> None:
     import onnx
 
-    ex = (torch.tensor([[101, 2023, 2003, 1037, 3231, 102]]), torch.ones(1, 6, dtype=torch.long))
+    ids = torch.tensor([[101, 2023, 2003, 1037, 3231, 102]])  # [CLS] this is a test [SEP]
+    ex = (ids if vocab is None else vocab(ids), torch.ones(1, 6, dtype=torch.long))
     raw = path.with_suffix(".raw.onnx")
     torch.onnx.export(Exported(clf).eval(), ex, str(raw), input_names=["input_ids", "attention_mask"],
                       output_names=["logits"], dynamo=False, opset_version=17,
                       dynamic_axes={"input_ids": {0: "b", 1: "t"}, "attention_mask": {0: "b", 1: "t"}})
-    onnx.save(onnx.load(str(raw)), str(path))  # one self-contained file
+    tmp = path.with_suffix(".tmp.onnx")
+    onnx.save(onnx.load(str(raw)), str(tmp))  # one self-contained file
     raw.unlink()
+    os.replace(tmp, path)
 
 
 def session(path: Path, threads: int):
@@ -161,12 +174,30 @@ def session(path: Path, threads: int):
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
-def unpadded(ids: torch.Tensor) -> list[dict[str, np.ndarray]]:
-    feeds = []
-    for row in ids:
-        n = int((row != 0).sum())
-        feeds.append({"input_ids": row[None, :n].numpy(), "attention_mask": np.ones((1, n), dtype=np.int64)})
-    return feeds
+def unpadded(ids: torch.Tensor) -> list[np.ndarray]:
+    """Each row without its padding, ``(1, n)`` int64 ids of the original tokenizer."""
+    return [row[None, : int((row != 0).sum())].numpy() for row in ids]
+
+
+def fingerprint(model: nn.Module) -> str:
+    """A hash of the weights (state_dict names, shapes and bytes)."""
+    h = hashlib.sha1()
+    for k, v in model.state_dict().items():
+        h.update(k.encode())
+        h.update(str(tuple(v.shape)).encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def run_one(sess, ids: np.ndarray, vocab: VocabMap | None) -> np.ndarray:
+    """One batch-1 inference; a trimmed model gets its ids remapped here (part of the timed call)."""
+    feed = {"input_ids": ids if vocab is None else vocab.old_to_new[ids],
+            "attention_mask": np.ones(ids.shape, dtype=np.int64)}
+    return sess.run(None, feed)[0]
+
+
+TEACHER = "teacher (6 layers, frozen enc.)"
+GOAL = "vs teacher FP32: >= 50% smaller ONNX file, >= 2x faster ORT batch-1 p50, >= 97% of teacher accuracy"
 
 
 def main() -> None:
@@ -178,14 +209,20 @@ def main() -> None:
     ap.add_argument("--dev", type=int, default=800, help="train rows held out to pick the best epoch")
     ap.add_argument("--temperature", type=float, default=2.0)
     ap.add_argument("--hard-weight", type=float, default=0.5)
+    ap.add_argument("--min-count", type=int, default=1, help="vocabulary trimming: occurrences in the train split")
     ap.add_argument("--threads", type=int, default=2, help="torch threads for training")
     ap.add_argument("--ort-threads", type=int, default=1)
-    ap.add_argument("--rounds", type=int, default=5, help="interleaved latency rounds")
-    ap.add_argument("--latency-texts", type=int, default=20, help="val snippets timed per round")
+    ap.add_argument("--rounds", type=int, default=10, help="interleaved latency rounds")
+    ap.add_argument("--latency-texts", type=int, default=30, help="val snippets timed per round")
     ap.add_argument("--only", choices=("KD", "CE-only"), default=None,
                     help="train just this student and exit (run the two in parallel processes; rerun to measure)")
     ap.add_argument("--skip-missing", action="store_true",
                     help="measure only the students already trained (others are listed as not run)")
+    phase = ap.add_mutually_exclusive_group()
+    phase.add_argument("--skip-latency", action="store_true",
+                       help="train, export and measure accuracy (cached in --work); no timing")
+    phase.add_argument("--latency-only", action="store_true",
+                       help="time the models a --skip-latency run exported (run it on a quiet host)")
     ap.add_argument("--eval-n", type=int, default=0, help="held-out rows for accuracy (0: all)")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--work", type=Path, default=Path("/tmp/distill_minilm"), help="caches and checkpoints")
@@ -195,16 +232,28 @@ def main() -> None:
     for name in ("distill_minilm", "edgeslim"):  # not onnxruntime.quantization's per-tensor INFO lines
         logging.getLogger(name).setLevel(logging.INFO)
     torch.set_num_threads(args.threads)
-    tok, bert = es.models.load_text("all-minilm-l6-v2")
-    train_t, val_t = es.data.load_text("rotten-tomatoes", seed=0)
     if args.smoke:
-        train_t, val_t = train_t.take(600), val_t.take(200)
         args.epochs, args.dev, args.rounds, args.latency_texts = 1, 100, 1, 5
         args.work = args.work.with_name(args.work.name + "_smoke")
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
-    t_all = time.perf_counter()
+    out = args.out or (work / "distill_minilm_smoke.json" if args.smoke
+                       else ROOT / "benchmarks" / "results" / "distill_minilm.json")
+    manifest_path = work / "eval.json"
+    if args.latency_only:
+        if not manifest_path.is_file():
+            raise SystemExit(f"--latency-only needs {manifest_path}: run with --skip-latency first")
+        meta = json.loads(manifest_path.read_text())
+        measure_latency(meta, args)
+        write_json(out, meta, force=True)
+        log.info("wrote %s", out)
+        return
 
+    t_all = time.perf_counter()
+    tok, bert = es.models.load_text("all-minilm-l6-v2")
+    train_t, val_t = es.data.load_text("rotten-tomatoes", seed=0)
+    if args.smoke:
+        train_t, val_t = train_t.take(600), val_t.take(200)
     ids_tr, ids_va = tokenize(tok, train_t.texts, args.max_len), tokenize(tok, val_t.texts, args.max_len)
     order = by_length(ids_tr)  # length-sorted rows: teacher passes in dataset order then pad little
     ids_tr, y_tr = ids_tr[order], train_t.labels[order]
@@ -251,7 +300,7 @@ def main() -> None:
     tc = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer="adamw",
                      weight_decay=0.01, augment=False, seed=0, warmup_steps=30)
     kd_cfg = DistillConfig(losses=("kd",), temperature=args.temperature, hard_weight=args.hard_weight)
-    seconds: dict[str, float] = {}
+    train_info: dict[str, dict] = {}
     students: dict[str, TextClassifier] = {}
     for name in ("student KD", "student CE-only"):
         if args.only and name != f"student {args.only}":
@@ -263,7 +312,7 @@ def main() -> None:
         s = new_student()
         if final.is_file():
             s.load_state_dict(torch.load(final, weights_only=True))
-            seconds[name] = json.loads(final.with_suffix(".json").read_text())["seconds"]
+            train_info[name] = json.loads(final.with_suffix(".json").read_text())
         else:
             t0 = time.perf_counter()
             torch.manual_seed(0)
@@ -274,97 +323,176 @@ def main() -> None:
             else:
                 res = fit(s, train, dev, tc, checkpoint_dir=work / "ce", progress=False)
                 s, hist = res.model, res.history
-            seconds[name] = round(time.perf_counter() - t0, 1)  # after a resume: only this process's part
+            # after a resume: only this process's part
+            train_info[name] = {"seconds": round(time.perf_counter() - t0, 1), "history": hist,
+                                "finished_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+                                "load_avg_at_end": [round(x, 2) for x in os.getloadavg()]}
             torch.save(s.state_dict(), final)
-            final.with_suffix(".json").write_text(json.dumps({"seconds": seconds[name], "history": hist}))
+            final.with_suffix(".json").write_text(json.dumps(train_info[name]))
         students[name] = s.eval()
-        log.info("%s ready (%.0fs)", name, seconds[name])
+        log.info("%s ready (%.0fs)", name, train_info[name]["seconds"])
     if args.only:
         return
-    if not students:  # size and latency do not depend on the weights: time the layer-dropped initialisation
-        students["student layer-drop init, untrained"] = new_student().eval()
-        seconds["student layer-drop init, untrained"] = 0.0
+    students["student layer-drop init, untrained"] = new_student().eval()
 
-    # 3) ONNX FP32 + dynamic INT8, accuracy on the held-out split at batch 1, interleaved latency
+    # 3) vocabulary trimming to the train split's tokens (dev slice included: it is part of the train split)
+    vocab_path = work / "vocab.json"
+    trimmed: dict[str, TextClassifier] = {}
+    vocab = vreport = None
+    for name, s in students.items():
+        trimmed[name], vocab, vreport = prune_vocabulary(s, tok, train_t.texts, min_count=args.min_count)
+    vocab.save(vocab_path, force=True)
+    log.info("%s", vreport.summary())
+    va_tok = ids_va[ids_va != 0].numpy()
+    oov = vocab.old_to_new[va_tok] == vocab.unk_id
+    oov_rows = [bool((vocab.old_to_new[r] == vocab.unk_id).any()) for r in unpadded(ids_va)]
+
+    # 4) ONNX FP32 + dynamic INT8; accuracy on the held-out split at batch 1 (cached for --latency-only)
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    models = {"teacher (6 layers, frozen enc.)": teacher, **{f"{k} (3 layers)": v for k, v in students.items()}}
-    paths: dict[str, Path] = {}
-    for i, (name, m) in enumerate(models.items()):
-        p = work / f"m{i}_fp32.onnx"
-        export_onnx(m, p)
-        paths[f"{name} FP32"] = p
-    for i, name in enumerate(models):
-        p = work / f"m{i}_int8.onnx"
-        quantize_dynamic(str(paths[f"{name} FP32"]), str(p), weight_type=QuantType.QInt8)
-        paths[f"{name} INT8-dyn"] = p
-    sessions = {k: session(p, args.ort_threads) for k, p in paths.items()}
+    models: dict[str, tuple[nn.Module, VocabMap | None, bool]] = {TEACHER: (teacher, None, True)}
+    for name in ("student layer-drop init, untrained", "student KD", "student CE-only"):
+        if name in trimmed:
+            models[f"{name} (3 layers, vocab-trimmed)"] = (trimmed[name], vocab, True)
+    if "student KD" in students:  # what trimming costs in accuracy and saves in size
+        models["student KD (3 layers, full vocab)"] = (students["student KD"], None, False)
     val_eval = val.take(args.eval_n, seed=0) if args.eval_n else val
     feeds = unpadded(val_eval.ids)
+    labels = val_eval.labels.numpy()
+    onnx_dir = work / "onnx"
+    onnx_dir.mkdir(exist_ok=True)
+    cache_path = onnx_dir / "accuracy_cache.json"  # a rerun after one more student trained redoes only its rows
+    cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
     rows: dict[str, dict] = {}
-    for k, s in sessions.items():
-        t0 = time.perf_counter()
-        pred = np.array([int(s.run(None, f)[0].argmax(1)[0]) for f in feeds])
-        rows[k] = {"onnx_bytes": paths[k].stat().st_size,
-                   "accuracy": round(float((pred == val_eval.labels.numpy()).mean()), 4),
-                   "eval_seconds": round(time.perf_counter() - t0, 1)}
-        log.info("%s: %s", k, rows[k])
-    lat_feeds = unpadded(val.take(args.latency_texts, seed=1).ids)
-    times: dict[str, list[float]] = {k: [] for k in sessions}
-    for s in sessions.values():
-        for f in lat_feeds[:5]:
-            s.run(None, f)
-    for _ in range(args.rounds):  # every round times every row on the same snippets: fair on a loaded host
-        for k, s in sessions.items():
-            for f in lat_feeds:
-                t0 = time.perf_counter()
-                s.run(None, f)
-                times[k].append((time.perf_counter() - t0) * 1e3)
-    base = "teacher (6 layers, frozen enc.) FP32"
-    t_ms, t_mb, t_acc = statistics.median(times[base]), rows[base]["onnx_bytes"], rows[base]["accuracy"]
+    for name, (m, vm, with_int8) in models.items():
+        slug = re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+        key = f"{fingerprint(m)} vocab={vm is not None} rows={len(feeds)} int8={with_int8}"
+        variants = {f"{name} FP32": onnx_dir / f"{slug}_fp32.onnx"}
+        if with_int8:
+            variants[f"{name} INT8-dyn"] = onnx_dir / f"{slug}_int8.onnx"
+        hit = cache.get(name)
+        if hit and hit["key"] == key and all(p.is_file() for p in variants.values()):
+            rows.update({k: hit["rows"][k] for k in variants})
+            log.info("%s: accuracy from the cache (same weights)", name)
+            continue
+        export_onnx(m, variants[f"{name} FP32"], vm)
+        if with_int8:
+            tmp = onnx_dir / f"{slug}_int8.tmp.onnx"
+            quantize_dynamic(str(variants[f"{name} FP32"]), str(tmp), weight_type=QuantType.QInt8)
+            os.replace(tmp, variants[f"{name} INT8-dyn"])
+        for k, p in variants.items():
+            sess = session(p, args.ort_threads)
+            t0 = time.perf_counter()
+            pred = np.array([int(run_one(sess, f, vm).argmax(1)[0]) for f in feeds])
+            rows[k] = {"onnx": str(p), "vocab_trimmed": vm is not None, "onnx_bytes": p.stat().st_size,
+                       "accuracy": round(float((pred == labels).mean()), 4),
+                       "eval_seconds": round(time.perf_counter() - t0, 1)}
+            del sess
+            log.info("%s: %s", k, rows[k])
+        cache[name] = {"key": key, "rows": {k: rows[k] for k in variants}}
+        write_json(cache_path, cache, force=True)
+    t_mb, t_acc = rows[f"{TEACHER} FP32"]["onnx_bytes"], rows[f"{TEACHER} FP32"]["accuracy"]
     for k, r in rows.items():
-        r["latency_p50_ms"] = round(statistics.median(times[k]), 3)
-        r["latency_p90_ms"] = round(float(np.percentile(times[k], 90)), 3)
         r["smaller_than_teacher_fp32"] = round(1 - r["onnx_bytes"] / t_mb, 4)
-        r["speedup_vs_teacher_fp32"] = round(t_ms / r["latency_p50_ms"], 3)
         r["teacher_accuracy_fraction"] = round(r["accuracy"] / t_acc, 4)
-        r["meets_goal"] = bool(r["smaller_than_teacher_fp32"] >= 0.5 and r["speedup_vs_teacher_fp32"] >= 2.0
-                               and r["teacher_accuracy_fraction"] >= 0.97)
-    for name in models:
-        if name.startswith("student") and name.split(" (")[0] in seconds:
-            rows[f"{name} FP32"]["train_seconds"] = seconds[name.split(" (")[0]]
-    busy = os.cpu_count() is not None and os.cpu_count() <= 4
-    note = (f"ONNX Runtime {args.ort_threads} thread(s), batch 1, {len(lat_feeds)} real val snippets at their own "
-            f"length (mean {np.mean([f['input_ids'].shape[1] for f in lat_feeds]):.1f} tokens), rows interleaved in "
-            f"{args.rounds} rounds" + ("; host is a shared, loaded 2-core machine (other jobs running)" if busy
-                                       else ""))
-    print(f"\n== MiniLM-L6 sentiment (Rotten Tomatoes held-out val, {len(val_eval)} snippets) — {note}")
-    print("goal vs teacher FP32: >= 50% smaller, >= 2x faster, >= 97% of teacher accuracy")
-    print(f"{'row':44s} {'MB':>6s} {'smaller':>8s} {'p50 ms':>7s} {'speedup':>8s} {'acc':>7s} {'of T':>6s} goal")
-    for k, r in rows.items():
-        print(f"{k:44s} {r['onnx_bytes'] / 1e6:6.1f} {r['smaller_than_teacher_fp32'] * 100:7.1f}% "
-              f"{r['latency_p50_ms']:7.2f} {r['speedup_vs_teacher_fp32']:7.2f}x {r['accuracy']:7.4f} "
-              f"{r['teacher_accuracy_fraction'] * 100:5.1f}% {'MET' if r['meets_goal'] else 'missed'}")
-    out = args.out or (work / "distill_minilm_smoke.json" if args.smoke
-                       else ROOT / "benchmarks" / "results" / "distill_minilm.json")
+        base = k.split(" (")[0]
+        if base in train_info and k.endswith("FP32"):
+            r["train_seconds"] = train_info[base]["seconds"]
+            r["dev_accuracy_best_epoch"] = max(h.get("val_accuracy", 0.0) for h in train_info[base]["history"])
+
     import onnxruntime as ort
 
     meta = {
-        "benchmark": "distill_minilm", "note": note,
+        "benchmark": "distill_minilm",
+        "goal": GOAL,
         "teacher": "all-MiniLM-L6-v2, encoder frozen, linear head on mean-pooled L2-normalised embeddings "
                    f"(dev accuracy {dev_acc:.4f}); not fine-tuned (CPU budget)",
         "student": "layer_drop_student keep=(0, 2, 4), teacher head as init; encoder + head trained, word "
-                   "embeddings frozen; dynamic padding",
-        "kd_config": kd_cfg.to_dict(), "train_config": tc.to_dict(), "args": {k: str(v) for k, v in vars(args).items()},
-        "data": {"train": len(train), "dev (best epoch)": len(dev), "held_out_val": len(val), "accuracy_rows": len(val_eval),
-                 "students_not_run": [n for n in ("student KD", "student CE-only") if n not in students], "max_len": args.max_len},
-        "rows": rows, "total_seconds": round(time.perf_counter() - t_all, 1),
+                   "embeddings frozen; dynamic padding; KD and CE-only with the same TrainConfig and seed",
+        "vocab_trimming": {
+            "how": "edgeslim.prune.prune_vocabulary(student, tokenizer, train-split texts, min_count="
+                   f"{args.min_count}) after training (frozen embeddings + every train token kept: same weights as "
+                   "trimming first); ids remapped by VocabMap (numpy lookup) before the ONNX graph",
+            "summary": vreport.summary(), "old_size": vreport.old_size, "new_size": vreport.new_size,
+            "params_before": vreport.params_before, "params_after": vreport.params_after,
+            "held_out_tokens_mapped_to_unk": round(float(oov.mean()), 4),
+            "held_out_texts_with_a_dropped_token": round(float(np.mean(oov_rows)), 4),
+            "map": str(vocab_path)},
+        "kd_config": kd_cfg.to_dict(), "train_config": tc.to_dict(),
+        "training": {k: {kk: v for kk, v in d.items()} for k, d in train_info.items()},
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "data": {"train": len(train), "dev (best epoch, from the train split)": len(dev), "held_out_val": len(val),
+                 "accuracy_rows": len(val_eval), "max_len": args.max_len,
+                 "students_not_run": [n for n in ("student KD", "student CE-only") if n not in students]},
+        "rows": rows, "accuracy_phase_seconds": round(time.perf_counter() - t_all, 1),
+        "accuracy_phase_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
         "env": {"python": platform.python_version(), "torch": torch.__version__, "onnxruntime": ort.__version__,
                 "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count()},
+        "latency": None,
+        "status": "latency not measured yet (run --latency-only on a quiet host)",
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(meta, indent=2))
+    write_json(manifest_path, meta, force=True)
+    if args.skip_latency:
+        write_json(out, meta, force=True)
+        log.info("wrote %s (no latency)", out)
+        return
+    measure_latency(meta, args)
+    write_json(out, meta, force=True)
     log.info("wrote %s", out)
+
+
+def measure_latency(meta: dict, args: argparse.Namespace) -> None:
+    """ORT batch-1 latency of every row in ``meta['rows']``, interleaved in the same rounds; fills the rows."""
+    import onnxruntime as ort
+
+    tok, _ = es.models.load_text("all-minilm-l6-v2")
+    _, val_t = es.data.load_text("rotten-tomatoes", seed=0)
+    if args.smoke:
+        val_t = val_t.take(200)
+    ids_va = tokenize(tok, val_t.texts, int(meta["data"]["max_len"]))
+    lat = unpadded(TokenSet(ids_va, val_t.labels).take(args.latency_texts, seed=1).ids)
+    vocab = VocabMap.load(meta["vocab_trimming"]["map"])
+    rows = meta["rows"]
+    sessions = {k: (session(Path(r["onnx"]), args.ort_threads), vocab if r["vocab_trimmed"] else None)
+                for k, r in rows.items()}
+    load_before = [round(x, 2) for x in os.getloadavg()]
+    times: dict[str, list[float]] = {k: [] for k in sessions}
+    for s, vm in sessions.values():
+        for f in lat[:5]:
+            run_one(s, f, vm)
+    for _ in range(args.rounds):  # every round times every row on the same snippets: fair on a loaded host
+        for k, (s, vm) in sessions.items():
+            for f in lat:
+                t0 = time.perf_counter()
+                run_one(s, f, vm)
+                times[k].append((time.perf_counter() - t0) * 1e3)
+    base = f"{TEACHER} FP32"
+    t_ms = statistics.median(times[base])
+    for k, r in rows.items():
+        r["latency_p50_ms"] = round(statistics.median(times[k]), 3)
+        r["latency_p90_ms"] = round(float(np.percentile(times[k], 90)), 3)
+        r["speedup_vs_teacher_fp32"] = round(t_ms / r["latency_p50_ms"], 3)
+        r["meets_goal"] = bool(r["smaller_than_teacher_fp32"] >= 0.5 and r["speedup_vs_teacher_fp32"] >= 2.0
+                               and r["teacher_accuracy_fraction"] >= 0.97)
+    meta["latency"] = {
+        "how": f"ONNX Runtime {ort.__version__} CPUExecutionProvider, intra_op {args.ort_threads} thread(s), batch 1, "
+               f"{len(lat)} real held-out snippets at their own length (mean "
+               f"{np.mean([f.shape[1] for f in lat]):.1f} tokens), 5 warm-up runs per row, then all {len(rows)} rows "
+               f"interleaved in {args.rounds} rounds ({len(lat) * args.rounds} timed runs per row)",
+        "utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+        "load_avg_before": load_before, "load_avg_after": [round(x, 2) for x in os.getloadavg()],
+    }
+    meta["status"] = "complete" if not meta["data"]["students_not_run"] else (
+        f"PARTIAL: not trained: {meta['data']['students_not_run']}")
+    print(f"\n== MiniLM-L6 sentiment, Rotten Tomatoes held-out val ({meta['data']['accuracy_rows']} snippets); "
+          f"goal {GOAL}\n{meta['latency']['how']}")
+    print(f"{'row':56s} {'MB':>6s} {'smaller':>8s} {'p50 ms':>7s} {'p90 ms':>7s} {'speedup':>8s} {'acc':>7s} "
+          f"{'of T':>6s} goal")
+    for k, r in rows.items():
+        print(f"{k:56s} {r['onnx_bytes'] / 1e6:6.1f} {r['smaller_than_teacher_fp32'] * 100:7.1f}% "
+              f"{r['latency_p50_ms']:7.2f} {r['latency_p90_ms']:7.2f} {r['speedup_vs_teacher_fp32']:7.2f}x "
+              f"{r['accuracy']:7.4f} {r['teacher_accuracy_fraction'] * 100:5.1f}% "
+              f"{'MET' if r['meets_goal'] else 'missed'}")
 
 
 if __name__ == "__main__":

@@ -28,9 +28,11 @@ from edgeslim.prune._config import PruneConfig, PruneMethod, Schedule, Scope
 from edgeslim.prune._importance import IMPORTANCE, Criterion
 from edgeslim.prune._sparse import SparsityMask, get_mask, magnitude_mask, nm_mask, sparse_storage, strip_masks
 from edgeslim.prune._structured import count_macs
+from edgeslim.prune._vocab import VocabMap, VocabPruned, VocabReport, prune_vocabulary
 
 __all__ = [
     "IMPORTANCE", "Criterion", "PruneConfig", "PruneMethod", "PruneReport", "Schedule", "Scope", "SparsityMask",
+    "VocabMap", "VocabPruned", "VocabReport",
     "apply_recipe", "count_macs", "get_mask", "load_pruned", "magnitude_mask", "nm_mask", "prune",
-    "prune_finetune", "read_recipe", "replay", "save_pruned", "sparse_storage", "strip_masks",
+    "prune_finetune", "prune_vocabulary", "read_recipe", "replay", "save_pruned", "sparse_storage", "strip_masks",
 ]

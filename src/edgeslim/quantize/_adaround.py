@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import time
 from typing import Callable
 
 import torch
@@ -104,6 +105,7 @@ def adaround(model: nn.Module, batches: list[torch.Tensor], *, iterations: int =
     g = torch.Generator().manual_seed(seed)
     done = []
     for name, qw in layers:
+        t0 = time.perf_counter()
         layer = qw.layer
         act = _activation(model, name) if isinstance(model, torch.fx.GraphModule) else (lambda t: t)
         x_q = _inputs(model, qw, batches)  # what the layer sees after the already-rounded layers
@@ -125,10 +127,13 @@ def adaround(model: nn.Module, batches: list[torch.Tensor], *, iterations: int =
             out = act(_forward(layer, x_q[idx], wq, bias))
             return (out - target[idx]).pow(2).sum(1).mean()  # sum over channels, mean over the rest
 
+        curve = []  # reconstruction loss (without the regulariser) at the start, end of warm-up and end
         for it in range(iterations):
             idx = torch.randint(0, len(x_q), (min(batch_size, len(x_q)),), generator=g)
             h = _h(v)
             loss = recon(s * torch.clamp(w_floor + h, lo, hi), idx)
+            if it in (0, warm, iterations - 1):
+                curve.append(float(loss.detach()))
             if it >= warm:
                 rel = (it - warm) / max(1, iterations - warm)
                 b = beta[1] + (beta[0] - beta[1]) * (1 - rel)
@@ -148,6 +153,11 @@ def adaround(model: nn.Module, batches: list[torch.Tensor], *, iterations: int =
             else:
                 layer.weight.copy_(nearest)
                 log.info("adaround: %s keeps round-to-nearest (%.3g < %.3g)", name, err["nearest"], err["learned"])
-            log.debug("adaround: %s nearest %.4g learned %.4g", name, err["nearest"], err["learned"])
+            flipped = float((learned != nearest).float().mean())
+            log.debug("adaround: %s nearest %.4g learned %.4g, %.1f%% of weights rounded away from nearest", name,
+                      err["nearest"], err["learned"], 100 * flipped,
+                      extra={"adaround": {"layer": name, "nearest": err["nearest"], "learned": err["learned"],
+                                          "kept": name in done, "flipped": flipped, "loss_curve": curve,
+                                          "seconds": time.perf_counter() - t0}})
     log.info("adaround: %d of %d layers", len(done), len(layers))
     return done

@@ -125,6 +125,21 @@ def test_budget_tight_keeps_the_sensitive_layers_in_float(fragile):
     assert res2.met and res2.kept_float == res.kept_float
 
 
+def test_budget_below_the_sampling_noise_is_flagged(fragile, caplog):
+    m, train, val = fragile
+    fc = _Evaluator(m, val, None, None)
+    res = quantize_with_budget(m, W4, calib=train, data=val, max_accuracy_drop=0.001)
+    # the paired 2-SE noise of float vs all-quantized, recomputed by hand from per-sample correctness
+    with _Variants(m, W4, train).variant(()) as q:
+        fc.score(q)
+        qc = fc.last_correct
+    d = fc.float_correct.double() - qc.double()
+    assert res.noise_2se == pytest.approx(float(2 * d.std(unbiased=True) / len(d) ** 0.5))
+    assert 0.001 < res.noise_2se < 1  # a few hundred samples cannot resolve 0.1 pt
+    assert "below the sampling noise" in caplog.text and "LARGER than the budget" in res.table()
+    assert res.to_dict()["noise_2se"] == res.noise_2se
+
+
 def test_unreachable_budget_returns_the_best_candidate(fragile):
     m, train, val = fragile
 

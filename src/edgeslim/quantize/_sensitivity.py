@@ -157,6 +157,7 @@ class BudgetResult:
     eval: dict[str, Any] | None = None  # float and chosen scores on eval_data
     float_latency_ms: float | None = None
     seconds: float = 0.0
+    noise_2se: float | None = None  # 2 SE of the paired float-vs-all-quantized top-1 difference on the search data
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(replace(self, model=None))  # type: ignore[arg-type]  (asdict would deep-copy the model)
@@ -174,7 +175,9 @@ class BudgetResult:
         return (f"budget {_pt(self.max_accuracy_drop)} pt, float {name} {_pt(self.float_metric)}{fp32}\n"
                 + _table(["step", "in float", "float params", name, "drop pt", "met", "ORT top-1", "ORT 1T ms"], rows)
                 + f"\n{'met' if self.met else 'NOT met, best candidate'}: {len(self.kept_float)} layers in float "
-                f"{list(self.kept_float)}, drop {_pt(self.drop)} pt")
+                f"{list(self.kept_float)}, drop {_pt(self.drop)} pt"
+                + ("" if self.noise_2se is None else f"; sampling noise of the search data +-{_pt(self.noise_2se)} pt"
+                   + (" (LARGER than the budget)" if self.noise_2se > self.max_accuracy_drop else "")))
 
 
 def _pt(x: float | None) -> str:
@@ -204,7 +207,18 @@ class _Evaluator:
         self.data, self.metric = data, metric
         self.name = "top-1" if metric is None else getattr(metric, "__name__", "metric")
         self.ref: torch.Tensor | None = None
+        self.last_correct: torch.Tensor | None = None
+        self.float_correct: torch.Tensor | None = None
         self.float_metric, _ = self.score(model)
+
+    def paired_noise(self) -> float | None:
+        """Two standard errors of (float - last scored) top-1 on these samples, paired per sample: a drop smaller
+        than this cannot be told from sampling noise. None for a custom metric."""
+        if self.float_correct is None or self.last_correct is None:
+            return None
+        d = self.float_correct.double() - self.last_correct.double()
+        n = len(d)
+        return float(2 * d.std(unbiased=True) / math.sqrt(n)) if n > 1 else None
 
     @torch.no_grad()
     def score(self, model: nn.Module) -> tuple[float, float | None]:
@@ -218,9 +232,10 @@ class _Evaluator:
         finally:
             model.train(was)
         logits, y = torch.cat(out), torch.cat(ys)
-        acc = int((logits.argmax(1) == y).sum()) / len(y)  # exact: float32 blurs the budget edge
+        self.last_correct = logits.argmax(1) == y
+        acc = int(self.last_correct.sum()) / len(y)  # exact: float32 blurs the budget edge
         if self.ref is None:
-            self.ref = logits
+            self.ref, self.float_correct = logits, self.last_correct
             return acc, None
         noise = float(((logits - self.ref) ** 2).sum())
         return acc, (math.inf if noise == 0 else 10 * math.log10(max(float((self.ref**2).sum()), 1e-30) / noise))
@@ -435,6 +450,8 @@ def quantize_with_budget(
                 floats = order[:k]
                 with v.variant(floats) as q:
                     m, sq = ev.score(q)
+                if k == 0:
+                    noise["all quantized"] = ev.paired_noise()
                 drop = ev.float_metric - m
                 s = BudgetStep(k, floats, sum(v.layers[n]["params"] for n in floats), m, drop,
                                drop <= max_accuracy_drop + 1e-12, sq)
@@ -445,6 +462,13 @@ def quantize_with_budget(
                 steps[k] = s
             return steps[k].met
 
+        noise: dict[str, float | None] = {}
+        step(0)
+        two_se = noise.get("all quantized")
+        if two_se is not None and max_accuracy_drop < two_se:
+            log.warning("max_accuracy_drop=%g is below the sampling noise of the %d search samples (2 standard errors "
+                        "of the paired top-1 difference: %.4f): the search cannot tell such drops apart; pass more "
+                        "data= samples, and check the result on eval_data", max_accuracy_drop, len(ev.data), two_se)
         n = len(order)
         if search == BudgetSearch.GREEDY:
             for k in range(n + 1):
@@ -473,7 +497,7 @@ def quantize_with_budget(
                     max_accuracy_drop, best.n_float, best.drop)
     return BudgetResult(chosen, bool(met), float(max_accuracy_drop), ev.float_metric, best.metric, best.drop,
                         best.kept_float, tuple(done), sensitivity_report, evald, float_ms,
-                        round(time.perf_counter() - t0, 3))
+                        round(time.perf_counter() - t0, 3), noise_2se=two_se)
 
 
 def _latency(model: nn.Module, data: Any, path: Path, runs: int) -> tuple[float | None, float | None, str | None]:

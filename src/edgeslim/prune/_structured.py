@@ -21,7 +21,7 @@ import fnmatch
 import logging
 import math
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -369,13 +369,12 @@ def _tolerate_unmapped_reshapes(hits: list):
         im._SplitIndexMapping.__call__ = split_call
 
 
-def _shuffle_bound_roots(dg: Any, hits: list, model: nn.Module, ignored: list[nn.Module]) -> dict[str, str]:
-    """Layers whose output channels reach an unmappable reshape (channel shuffle), with the reason."""
+def _out_channel_groups(dg: Any, model: nn.Module,
+                        ignored: list[nn.Module]) -> Iterator[tuple[str, nn.Module, Any]]:
+    """``(name, layer, group)``: the dependency group of all output channels of every conv/linear in the graph."""
     from torch_pruning.dependency import graph as tp_graph
 
-    out: dict[str, str] = {}
     skip = {id(m) for m in ignored}
-    mapping = tp_graph.index_mapping
     for name, m in model.named_modules():
         if id(m) in skip or not isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) or m not in dg.module2node:
             continue
@@ -383,16 +382,24 @@ def _shuffle_bound_roots(dg: Any, hits: list, model: nn.Module, ignored: list[nn
         n = fn.get_out_channels(m) if fn is not None else None
         if not n:
             continue
-        hits.clear()
+        mapping = tp_graph.index_mapping
         tp_graph.index_mapping = _NoRemap  # mappings are already up to date; recomputing them per layer is slow
         try:
-            dg.get_pruning_group(m, fn.prune_out_channels, list(range(n)))
+            group = dg.get_pruning_group(m, fn.prune_out_channels, list(range(n)))
         finally:
             tp_graph.index_mapping = mapping
+        yield name, m, group
+
+
+def _shuffle_bound_roots(dg: Any, hits: list, model: nn.Module, ignored: list[nn.Module]) -> dict[str, str]:
+    """Layers whose output channels reach an unmappable reshape (channel shuffle), with the reason."""
+    out: dict[str, str] = {}
+    hits.clear()
+    for name, _m, _group in _out_channel_groups(dg, model, ignored):  # building a group records the hits
         if hits:
             out[name] = ("its channels pass through a reshape the dependency graph cannot map to channels "
                          "(a channel shuffle or a 5-D window partition), so it is kept")
-    hits.clear()
+        hits.clear()
     return out
 
 
@@ -476,25 +483,10 @@ def _kept_width_pruner(widths: dict[int, tuple[int, int]]) -> Any:
 def _attention_bound_roots(dg: Any, model: nn.Module, ignored: list[nn.Module],
                            opaque: list[nn.Module]) -> dict[str, str]:
     """Layers left unpruned because their output channels are the width an opaque attention reads or writes."""
-    from torch_pruning.dependency import graph as tp_graph
-
     names = {id(m): n for n, m in model.named_modules()}
     ids = {id(m) for m in opaque}
-    skip = {id(m) for m in ignored}
     out: dict[str, str] = {}
-    mapping = tp_graph.index_mapping
-    for name, m in model.named_modules():
-        if id(m) in skip or not isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) or m not in dg.module2node:
-            continue
-        fn = dg.get_pruner_of_module(m)
-        n = fn.get_out_channels(m) if fn is not None else None
-        if not n:
-            continue
-        tp_graph.index_mapping = _NoRemap
-        try:
-            group = dg.get_pruning_group(m, fn.prune_out_channels, list(range(n)))
-        finally:
-            tp_graph.index_mapping = mapping
+    for name, _m, group in _out_channel_groups(dg, model, ignored):
         hit = next((dep.target.module for dep, _ in group if id(dep.target.module) in ids), None)
         if hit is not None:
             out[name] = (f"its output channels are the residual width of windowed attention {names[id(hit)]!r} "

@@ -163,6 +163,7 @@ def graph_cost(artifact: Any, batch: int = 1, *, as_run_by: str | None = None) -
         p = producer.get(name)
         return p is not None and p.op_type == "DequantizeLinear"
 
+    src = (lambda i: i) if as_run_by else (lambda i: _src(i, producer))  # exported graph: the int8 a kernel reads
     nodes, skipped = [], []
     for n in g.node:
         if n.op_type in free:
@@ -185,7 +186,6 @@ def graph_cost(artifact: Any, batch: int = 1, *, as_run_by: str | None = None) -
                 macs = int(np.prod(out)) * (a[0] if trans_a else a[-1])
             else:
                 macs = int(np.prod(out)) * a[-1]
-        src = (lambda i: i) if as_run_by else (lambda i: _src(i, producer))
         moved = sum(nbytes(src(i), int8) for i in n.input if i) + sum(nbytes(o, int8) for o in n.output)
         group = next((at.i for at in n.attribute if at.name == "group"), 1)
         nodes.append(NodeCost(n.name or n.output[0], n.op_type, prec, macs, moved, op_class(n.op_type, w, group)))

@@ -85,18 +85,29 @@ def match_modules(model: nn.Module, patterns: Iterable[str], field: str) -> dict
     return out
 
 
-def output_layer(model: nn.Module, example_inputs: Any) -> str | None:
-    """Name of the last Conv/Linear executed in a forward pass (the classifier of an ordinary model)."""
-    last: list[str] = []
-    hooks = [m.register_forward_hook(lambda mod, i, o, n=n: last.append(n))
-             for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]
+def _weighted(modules: Any) -> list[nn.Module]:
+    """The Conv/Linear modules among ``modules``."""
+    return [m for m in modules if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]
+
+
+def _executed(model: nn.Module, example_inputs: Any, modules: list[nn.Module]) -> list[nn.Module]:
+    """Those of ``modules`` that run as modules in one no-grad eval forward pass, in the order they ran."""
+    ran: list[nn.Module] = []
+    hooks = [m.register_forward_hook(lambda mod, i, o: ran.append(mod)) for m in modules]
     try:
         with torch.no_grad():
             call(model.eval(), example_inputs)
     finally:
         for h in hooks:
             h.remove()
-    return last[-1] if last else None
+    return ran
+
+
+def output_layer(model: nn.Module, example_inputs: Any) -> str | None:
+    """Name of the last Conv/Linear executed in a forward pass (the classifier of an ordinary model)."""
+    ran = _executed(model, example_inputs, _weighted(model.modules()))
+    names = {id(m): n for n, m in model.named_modules()}
+    return names[id(ran[-1])] if ran else None
 
 
 @contextlib.contextmanager
@@ -424,17 +435,9 @@ def functional_attention(model: nn.Module, example_inputs: Any, attn: Iterable[s
     """
     mods = dict(model.named_modules())
     cand = {n: mods[n] for n in attn if n in mods}
-    ran: set[int] = set()
-    hooks = [c.register_forward_hook(lambda mod, i, o: ran.add(id(mod)))
-             for a in cand.values() for c in a.modules() if isinstance(c, (nn.Linear, nn.modules.conv._ConvNd))]
-    try:
-        with torch.no_grad():
-            call(model.eval(), example_inputs)
-    finally:
-        for h in hooks:
-            h.remove()
+    ran = {id(m) for m in _executed(model, example_inputs, _weighted(c for a in cand.values() for c in a.modules()))}
     return [a for a in cand.values()  # (V2's cpb_mlp does run as modules; its qkv and proj do not)
-            if any(id(c) not in ran for c in a.modules() if isinstance(c, (nn.Linear, nn.modules.conv._ConvNd)))]
+            if any(id(c) not in ran for c in _weighted(a.modules()))]
 
 
 @contextlib.contextmanager

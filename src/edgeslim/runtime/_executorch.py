@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from edgeslim.core.errors import RuntimeBackendError
-from edgeslim.runtime._runners import RUNTIMES, Runner, _require, artifact_path
+from edgeslim.runtime._runners import RUNTIMES, Runner, _require, artifact_path, one_input
 
 
 @RUNTIMES.register("executorch")
@@ -42,9 +42,7 @@ class ExecuTorchRunner(Runner):
         except Exception as e:  # the pybindings raise RuntimeError for invalid programs
             raise RuntimeBackendError(f"executorch cannot load {str(self.path)!r}: {str(e).strip()[:300]}") from None
         meta = self.method.metadata
-        if meta.num_inputs() != 1:
-            raise RuntimeBackendError(f"{str(self.path)!r} has {meta.num_inputs()} inputs; edgeslim runners take "
-                                      "models with exactly one input")
+        one_input(self.path, meta.num_inputs())
         self.fixed_batch = int(meta.input_tensor_meta(0).sizes()[0])
 
     def run(self, x: np.ndarray) -> np.ndarray:

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from edgeslim.core.errors import RuntimeBackendError
-from edgeslim.runtime._runners import RUNTIMES, Runner, _require, artifact_path
+from edgeslim.runtime._runners import RUNTIMES, Runner, _require, artifact_path, one_input
 
 
 @RUNTIMES.register("litert")
@@ -39,9 +39,7 @@ class LiteRtRunner(Runner):
         except Exception as e:  # LiteRT raises ValueError/RuntimeError for files it cannot parse
             raise RuntimeBackendError(f"litert cannot load {str(self.path)!r}: {str(e).strip()[:300]}") from None
         ins, outs = self.interpreter.get_input_details(), self.interpreter.get_output_details()
-        if len(ins) != 1:
-            raise RuntimeBackendError(f"{str(self.path)!r} has {len(ins)} inputs; edgeslim runners take models "
-                                      "with exactly one input")
+        one_input(self.path, len(ins))
         self.input, self.output = ins[0], outs[0]
         self.fixed_batch = int(self.input["shape"][0])
 

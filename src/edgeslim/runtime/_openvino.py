@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from edgeslim.core.errors import RuntimeBackendError
-from edgeslim.runtime._runners import RUNTIMES, Runner, _require, artifact_path
+from edgeslim.runtime._runners import RUNTIMES, Runner, _require, artifact_path, one_input
 
 
 @RUNTIMES.register("openvino")
@@ -36,9 +36,7 @@ class OpenVinoRunner(Runner):
             self.model = self.core.read_model(str(self.path))
         except Exception as e:  # OpenVINO raises its own exception types for unreadable files
             raise RuntimeBackendError(f"openvino cannot read {str(self.path)!r}: {str(e).strip()[:300]}") from None
-        if len(self.model.inputs) != 1:
-            raise RuntimeBackendError(f"{str(self.path)!r} has {len(self.model.inputs)} inputs; edgeslim runners "
-                                      "take models with exactly one input")
+        one_input(self.path, len(self.model.inputs))
         shape = self.model.inputs[0].get_partial_shape()
         self.fixed_batch = shape[0].get_length() if shape.rank.is_static and shape[0].is_static else None
         self.config = {"INFERENCE_NUM_THREADS": self.threads, "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY",

@@ -14,7 +14,7 @@ import sys
 import tempfile
 from pathlib import Path
 from types import ModuleType
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Sequence
 
 import numpy as np
 import torch
@@ -79,6 +79,14 @@ def positive_int(name: str, value: Any, minimum: int = 1) -> int:
 def eval_model(model: nn.Module) -> nn.Module:
     """``model`` itself if every submodule is in eval mode, else an eval-mode copy (inputs are never mutated)."""
     return copy.deepcopy(model).eval() if any(m.training for m in model.modules()) else model
+
+
+def one_input(path: Any, n: int, names: Sequence[str] = ()) -> None:
+    """Every runner takes models with exactly one input; ``n`` is what the file at ``path`` has."""
+    if n != 1:
+        listed = f" ({', '.join(names)})" if names else ""
+        raise RuntimeBackendError(f"{str(path)!r} has {n} inputs{listed}; edgeslim runners take models with exactly "
+                                  "one input")
 
 
 class Runner:
@@ -160,9 +168,7 @@ class OrtRunner(Runner):
         except Exception as e:  # ORT raises its own exception types for missing or invalid files
             raise RuntimeBackendError(f"onnxruntime cannot load {str(path)!r}: {str(e).strip()[:300]}") from None
         inputs = self.session.get_inputs()
-        if len(inputs) != 1:
-            raise RuntimeBackendError(f"{str(path)!r} has {len(inputs)} inputs ({', '.join(i.name for i in inputs)}); "
-                                      "edgeslim runners take models with exactly one input")
+        one_input(path, len(inputs), [i.name for i in inputs])
         self.input_name = inputs[0].name
         self.dtype = np.float16 if inputs[0].type == "tensor(float16)" else np.float32
         dim0 = inputs[0].shape[0] if inputs[0].shape else None

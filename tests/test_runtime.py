@@ -159,3 +159,19 @@ def test_peak_memory_is_measured_in_a_child_process(cnn):
     _, art = cnn
     m = measure(art, runs=2, warmup=0)
     assert m["peak_memory_mb"] > 0 and "child process" in m.figures["peak_memory_mb"].detail
+
+
+def test_a_model_with_two_inputs_is_refused_with_their_names(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    from edgeslim.core.errors import RuntimeBackendError
+
+    g = helper.make_graph([helper.make_node("Add", ["a", "b"], ["y"])], "two",
+                          [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 4]) for n in ("a", "b")],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+    p = tmp_path / "two.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(p))
+    with pytest.raises(RuntimeBackendError, match=r"two\.onnx' has 2 inputs \(a, b\); edgeslim runners take models "
+                                                  "with exactly one input"):
+        load(str(p), "onnxruntime")

@@ -169,7 +169,9 @@ def graph_cost(artifact: Any, batch: int = 1, *, as_run_by: str | None = None) -
         if n.op_type in free:
             continue
         qdq = n.op_type in ("QuantizeLinear", "DequantizeLinear")  # only reached for a runtime's executed graph
-        int8 = (n.op_type.startswith(_INT_OPS) or any(is_q(i) for i in n.input if i)) and not qdq
+        # exported graph: an op reading a DequantizeLinear output becomes an integer kernel; in an executed graph
+        # that fusion has happened already, and what still reads a DQ output is a float op
+        int8 = n.op_type.startswith(_INT_OPS) or (not as_run_by and any(is_q(i) for i in n.input if i))
         prec = "int8" if int8 or qdq else "fp32"
         macs, w = 0, None
         if n.op_type in _COST_MAC_OPS:

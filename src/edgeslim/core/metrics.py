@@ -13,6 +13,8 @@ import platform
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
+
 
 @dataclass(frozen=True)
 class Figure:
@@ -84,3 +86,14 @@ def host_info() -> dict[str, Any]:
         except ImportError:
             pass
     return info
+
+
+def compare(ref: np.ndarray, out: np.ndarray) -> dict[str, float]:
+    """Cosine similarity, SQNR (dB) and top-1 agreement of ``out`` against ``ref`` (both ``(N, classes)``)."""
+    r = ref.astype(np.float64).ravel()
+    o = out.astype(np.float64).ravel()
+    cos = float(r @ o / max(np.linalg.norm(r) * np.linalg.norm(o), 1e-30))
+    noise = float(((r - o) ** 2).sum())
+    sqnr = float("inf") if noise == 0 else float(10 * np.log10(max((r**2).sum(), 1e-30) / noise))
+    agree = float((ref.reshape(len(ref), -1).argmax(1) == out.reshape(len(out), -1).argmax(1)).mean())
+    return {"cosine": cos, "sqnr_db": sqnr, "top1_agreement": agree}

@@ -25,6 +25,7 @@ from edgeslim.core.artifact import Artifact
 from edgeslim.core.config import Config
 from edgeslim.core.errors import ConfigError, DataError, ExportError, near
 from edgeslim.core.io import atomic_path, check_output
+from edgeslim.core.metrics import compare
 from edgeslim.export import _edge
 from edgeslim.export._qdq import compact_names, fold_qdq
 
@@ -75,17 +76,6 @@ class ValidationFloors(Config):
             s if self.min_sqnr_db is None else self.min_sqnr_db,
             t if self.min_top1_agreement is None else self.min_top1_agreement,
         )
-
-
-def compare(ref: np.ndarray, out: np.ndarray) -> dict[str, float]:
-    """Cosine similarity, SQNR (dB) and top-1 agreement of ``out`` against ``ref`` (both ``(N, classes)``)."""
-    r = ref.astype(np.float64).ravel()
-    o = out.astype(np.float64).ravel()
-    cos = float(r @ o / max(np.linalg.norm(r) * np.linalg.norm(o), 1e-30))
-    noise = float(((r - o) ** 2).sum())
-    sqnr = float("inf") if noise == 0 else float(10 * np.log10(max((r**2).sum(), 1e-30) / noise))
-    agree = float((ref.reshape(len(ref), -1).argmax(1) == out.reshape(len(out), -1).argmax(1)).mean())
-    return {"cosine": cos, "sqnr_db": sqnr, "top1_agreement": agree}
 
 
 def _examples(example_inputs: Any, n: int) -> tuple[torch.Tensor, np.ndarray | None]:

@@ -16,7 +16,7 @@ from torch import nn
 
 from edgeslim.core.artifact import Artifact
 from edgeslim.core.errors import DataError, EdgeslimError
-from edgeslim.core.metrics import host_info
+from edgeslim.core.metrics import compare, host_info
 from edgeslim.runtime._runners import RUNTIMES, Runner, eval_model, missing, positive_int
 
 log = logging.getLogger(__name__)
@@ -34,13 +34,6 @@ def _outputs(runner: Runner, x: np.ndarray) -> np.ndarray:
                 xb = np.concatenate([xb, np.zeros((bs - n, *xb.shape[1:]), xb.dtype)])
             outs.append(np.asarray(runner.run(xb))[:n].reshape(n, -1))
     return np.concatenate(outs)
-
-
-def _agreement(ref: np.ndarray, out: np.ndarray) -> tuple[float, float]:
-    """(top-1 agreement, cosine similarity of all outputs flattened) of ``out`` against ``ref``."""
-    r, o = ref.astype(np.float64).ravel(), out.astype(np.float64).ravel()
-    cos = float(r @ o / max(np.linalg.norm(r) * np.linalg.norm(o), 1e-30))
-    return float((ref.argmax(1) == out.argmax(1)).mean()), cos
 
 
 def compare_runtimes(
@@ -127,7 +120,8 @@ def compare_runtimes(
         row.update(status="ok", runtime_version=runner.version, describe=runner.describe(),
                    accuracy=float((out.argmax(1) == y).mean()), target=target)
         if ref is not None:
-            row["top1_agreement"], row["cosine"] = _agreement(ref, out)
+            c = compare(ref, out)
+            row["top1_agreement"], row["cosine"] = c["top1_agreement"], c["cosine"]
         live.append((row, runner))
 
     sample = x[:1]

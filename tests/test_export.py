@@ -47,6 +47,18 @@ def test_int8_export_runs_integer_kernels_in_onnxruntime(tmp_path, digits_model)
     assert "vs_float_reference" in v and art.meta["quantization"]["precision"] == "int8"
 
 
+def test_layers_kept_in_float_run_in_float_in_onnxruntime(tmp_path, digits_model):
+    # ORT (>= 1.20) quantizes the float weight of a Conv/Gemm that reads a per-tensor DequantizeLinear to
+    # per-tensor INT8 on load; the export gives such layers a per-axis DQ so they really run in float
+    model, train, val = digits_model
+    q = quantize(model, QuantConfig(num_samples=256, exclude=("dw.0", "fc")), calib=train)
+    art = export(q, "onnx", example_inputs=val, path=tmp_path / "q.onnx")
+    ops = optimized_ops(art.path, tmp_path)
+    assert ops["QLinearConv"] == 2 and ops["Conv"] + ops["FusedConv"] == 1  # stem and pw integer, dw float
+    assert ops["Gemm"] + ops["FusedGemm"] == 1 and "QGemm" not in ops
+    assert art.validation["top1_agreement"] > 0.95 and art.validation["cosine"] > 0.99
+
+
 def test_fp16_and_dynamic_exports(tmp_path):
     x = TinyMLP.example_inputs(8)
     h = export(TinyMLP(), "onnx", example_inputs=x, path=tmp_path / "h.onnx", precision="fp16")

@@ -8,7 +8,11 @@ float biases, and routes shared constants through Identity/Constant nodes. This 
    (the file then stores 1 byte per weight);
 3. quantizes the float bias of every Conv/Gemm whose input and weight are dequantized to int32 with scale
    ``input_scale * weight_scale`` behind a ``DequantizeLinear`` (what ORT's QDQ fusion needs for QLinearConv);
-4. removes what became unused.
+4. gives every layer kept in float (a Conv/ConvTranspose/Gemm with a float weight) that reads a per-tensor
+   ``DequantizeLinear`` its own per-axis ``DequantizeLinear`` of the same values. ORT's WeightBiasQuantization
+   pass (present at every optimization level in ORT >= 1.20) otherwise quantizes such a layer's float weight to
+   per-tensor INT8 on load, so a layer the user kept in float would silently run in INT8, per tensor;
+5. removes what became unused.
 """
 
 from __future__ import annotations
@@ -113,9 +117,38 @@ def fold_qdq(model):
                 ))
                 n.input[2] = base + "_dq"
         new_nodes.append(n)
+    # 4. float layers reading a per-tensor DQ get a private per-axis DQ (see the module docstring)
+    for n in list(new_nodes):
+        if n.op_type not in ("Conv", "ConvTranspose", "Gemm") or len(n.input) < 2 or n.input[1] not in inits:
+            continue
+        dq = producers.get(n.input[0])
+        w = inits[n.input[1]]
+        if dq is None or dq.op_type != "DequantizeLinear" or dq.input[1] not in inits or w.data_type != 1:
+            continue  # not fed by a DQ, or the weight is not float32 (WeightBiasQuantization skips those)
+        scale = _np(inits[dq.input[1]])
+        if scale.size != 1:
+            continue
+        attrs = {a.name: a.i for a in n.attribute if a.type == 2}
+        if n.op_type == "Gemm" and attrs.get("transA", 0):
+            continue
+        dims = list(w.dims)
+        channels = (dims[1] * attrs.get("group", 1) if n.op_type == "Conv" else dims[0] if n.op_type == "ConvTranspose"
+                    else dims[1] if attrs.get("transB", 0) else dims[0])
+        if channels < 2:
+            continue  # a one-element scale counts as per-tensor
+        base = f"{n.input[0]}_axis_for_{n.input[1]}"
+        extra = [numpy_helper.from_array(np.full(channels, scale.reshape(()), scale.dtype), base + "_scale")]
+        if len(dq.input) > 2 and dq.input[2] in inits:
+            zp = _np(inits[dq.input[2]])
+            extra.append(numpy_helper.from_array(np.full(channels, zp.reshape(()), zp.dtype), base + "_zp"))
+        g.initializer.extend(extra)
+        inits.update({t.name: g.initializer[-len(extra) + k] for k, t in enumerate(extra)})
+        new_nodes.append(helper.make_node("DequantizeLinear", [dq.input[0]] + [t.name for t in extra], [base],
+                                          name=base + "_DequantizeLinear", axis=1))
+        n.input[0] = base
     del g.node[:]
     g.node.extend(_toposort(new_nodes, {i.name for i in g.input} | {i.name for i in g.initializer}))
-    # 4. drop unused initializers
+    # 5. drop unused initializers
     used = Counter(name for n in g.node for name in n.input)
     outputs = {o.name for o in g.output}
     alive = [i for i in g.initializer if used[i.name] or i.name in outputs]

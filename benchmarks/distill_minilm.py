@@ -5,6 +5,10 @@ L2-normalised sentence embeddings of Rotten Tomatoes (embeddings computed once).
 does not fit this benchmark's CPU budget. Student: ``layer_drop_student`` (layers 0, 2, 4 of 6) with the teacher's
 head as its initial head, fine-tuned (encoder + head; word-embedding table frozen) in two ways with the same
 budget and seed: ``distill()`` with KD on the cached teacher logits (+ hard labels), and cross-entropy only.
+A third student composes techniques: the trained KD student with FFN neurons pruned (``edgeslim.prune``, structured,
+physically removed: still a ``BertModel``; ``--ffn-keep`` of 1536 per layer kept, L2 importance), recovered by KD
+from the same teacher with the same TrainConfig (``--pruned-steps`` caps the steps). Halving the layers at full
+width has 2x as its ceiling: with per-layer time L and fixed cost O (embeddings, pooling, head), (6L+O)/(3L+O) < 2.
 Every student is then **vocabulary-trimmed** (``edgeslim.prune.prune_vocabulary``) to the tokens of the training
 split (+ special tokens); held-out tokens outside it read as ``[UNK]``. The word-embedding table is frozen during
 training and every token of the training data is kept, so trimming before or after training gives the same
@@ -18,6 +22,7 @@ all rows interleaved in the same rounds; for trimmed rows the id remap (a numpy 
 
     PYTHONPATH=src python benchmarks/distill_minilm.py --smoke                     # a few minutes
     PYTHONPATH=src python benchmarks/distill_minilm.py --only KD                   # train one student (resumable)
+    PYTHONPATH=src python benchmarks/distill_minilm.py --only KD-pruned            # needs the KD student
     PYTHONPATH=src python benchmarks/distill_minilm.py --skip-latency              # train + export + accuracy
     PYTHONPATH=src python benchmarks/distill_minilm.py --latency-only              # quiet host: time the exports
 """
@@ -43,7 +48,7 @@ from torch import nn
 import edgeslim as es
 from edgeslim.core.io import write_json
 from edgeslim.distill import DistillConfig, distill, layer_drop_student
-from edgeslim.prune import VocabMap, prune_vocabulary
+from edgeslim.prune import PruneConfig, VocabMap, load_pruned, prune, prune_vocabulary, save_pruned
 from edgeslim.train import TrainConfig, fit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -196,6 +201,27 @@ def run_one(sess, ids: np.ndarray, vocab: VocabMap | None) -> np.ndarray:
     return sess.run(None, feed)[0]
 
 
+def merge_results(out: Path, meta: dict) -> dict:
+    """``meta`` laid over the results already in ``out``: rows are merged one by one (a row this run did not
+    time keeps its earlier latency; rows this run did not produce stay), and keys this script does not write
+    (the hand-written note and verdict, a latency repeat) stay. Returns what was written."""
+    old = json.loads(out.read_text()) if out.is_file() else {}
+    merged = {**old, **{k: v for k, v in meta.items() if v is not None or k not in old}}
+    rows = dict(old.get("rows", {}))
+    for k, r in meta["rows"].items():
+        prev = rows.get(k, {})
+        same = all(prev.get(f) == r.get(f) for f in ("accuracy", "onnx_bytes"))  # else its old timing is stale
+        rows[k] = {**prev, **r} if same else r
+    merged["rows"] = rows
+    untimed = [k for k, r in rows.items() if "latency_p50_ms" not in r]
+    if untimed:
+        merged["status"] = f"latency not measured yet for {untimed} (run --latency-only on a quiet host)"
+    elif meta.get("latency") is None:
+        merged["status"] = old.get("status", meta["status"])
+    write_json(out, merged, force=True)
+    return merged
+
+
 TEACHER = "teacher (6 layers, frozen enc.)"
 GOAL = "vs teacher FP32: >= 50% smaller ONNX file, >= 2x faster ORT batch-1 p50, >= 97% of teacher accuracy"
 
@@ -214,8 +240,12 @@ def main() -> None:
     ap.add_argument("--ort-threads", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=10, help="interleaved latency rounds")
     ap.add_argument("--latency-texts", type=int, default=30, help="val snippets timed per round")
-    ap.add_argument("--only", choices=("KD", "CE-only"), default=None,
-                    help="train just this student and exit (run the two in parallel processes; rerun to measure)")
+    ap.add_argument("--only", choices=("KD", "CE-only", "KD-pruned"), default=None,
+                    help="train just this student and exit (run KD and CE-only in parallel processes; KD-pruned "
+                         "starts from the trained KD student; rerun to measure)")
+    ap.add_argument("--ffn-keep", type=int, default=768,
+                    help="KD-pruned: FFN neurons kept per layer (of 1536; multiple of 8)")
+    ap.add_argument("--pruned-steps", type=int, default=0, help="KD-pruned: recovery steps (0: one full epoch)")
     ap.add_argument("--skip-missing", action="store_true",
                     help="measure only the students already trained (others are listed as not run)")
     phase = ap.add_mutually_exclusive_group()
@@ -245,7 +275,7 @@ def main() -> None:
             raise SystemExit(f"--latency-only needs {manifest_path}: run with --skip-latency first")
         meta = json.loads(manifest_path.read_text())
         measure_latency(meta, args)
-        write_json(out, meta, force=True)
+        merge_results(out, meta)
         log.info("wrote %s", out)
         return
 
@@ -302,8 +332,11 @@ def main() -> None:
     kd_cfg = DistillConfig(losses=("kd",), temperature=args.temperature, hard_weight=args.hard_weight)
     train_info: dict[str, dict] = {}
     students: dict[str, TextClassifier] = {}
+    width = int(bert.config.intermediate_size)
+    pruned_name = f"student KD + FFN {width}->{args.ffn_keep}"
+    only = {"KD": "student KD", "CE-only": "student CE-only", "KD-pruned": pruned_name}.get(args.only)
     for name in ("student KD", "student CE-only"):
-        if args.only and name != f"student {args.only}":
+        if only and name != only and not (only == pruned_name and name == "student KD"):
             continue
         final = work / f"{name.split()[1].lower()}.pt"
         if args.skip_missing and not final.is_file():
@@ -331,6 +364,46 @@ def main() -> None:
             final.with_suffix(".json").write_text(json.dumps(train_info[name]))
         students[name] = s.eval()
         log.info("%s ready (%.0fs)", name, train_info[name]["seconds"])
+
+    # 2b) compose: FFN neurons of the trained KD student pruned (physically removed), recovered by KD
+    prune_cfg = PruneConfig(method="channel", ratio=1 - args.ffn_keep / width, importance="l2")
+    steps_tag = f"-s{args.pruned_steps}" if args.pruned_steps else ""
+    pruned_path = work / f"kd-ffn{args.ffn_keep}{steps_tag}"  # recipe .json + state_dict .pt (save_pruned)
+    if only in (None, pruned_name) and "student KD" in students:
+        ex = torch.tensor([[101, 2023, 2003, 1037, 3231, 102]])
+        if pruned_path.with_suffix(".pt").is_file():
+            s = load_pruned(new_student(), pruned_path)
+            train_info[pruned_name] = json.loads(pruned_path.with_suffix(".info.json").read_text())
+        elif args.skip_missing and only is None:
+            log.warning("%s: not trained yet, left out (--skip-missing)", pruned_name)
+            s = None
+        else:
+            s = prune(students["student KD"], prune_cfg, example_inputs=ex)
+            widths = {e["ffn"][1] for e in s.prune_report.layers.values()}
+            if widths != {args.ffn_keep}:
+                raise SystemExit(f"--ffn-keep {args.ffn_keep}: pruning kept {sorted(widths)} (use a multiple of 8)")
+            s.train()
+            s.bert.embeddings.word_embeddings.weight.requires_grad_(False)
+            t0 = time.perf_counter()
+            torch.manual_seed(0)
+            out_s = distill(s, teacher, kd_cfg, data=(train, dev), train_config=tc, checkpoint_dir=work / "kd",
+                            progress=False, max_steps_per_epoch=args.pruned_steps or None)
+            steps = args.pruned_steps or -(-len(train) // tc.batch_size)
+            steps = min(steps, -(-len(train) // tc.batch_size))
+            train_info[pruned_name] = {
+                "seconds": round(time.perf_counter() - t0, 1), "history": out_s.distill_history,
+                "steps": steps, "rows_seen": min(steps * tc.batch_size, len(train)),
+                "prune_config": prune_cfg.to_dict(), "prune_report": s.prune_report.to_dict(),
+                "finished_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+                "load_avg_at_end": [round(x, 2) for x in os.getloadavg()]}
+            out_s.prune_report = s.prune_report
+            save_pruned(out_s, pruned_path, force=True)
+            pruned_path.with_suffix(".info.json").write_text(json.dumps(train_info[pruned_name], default=str))
+            s = out_s
+        if s is not None:
+            students[pruned_name] = s.eval()
+            log.info("%s ready (%.0fs)\n%s", pruned_name, train_info[pruned_name]["seconds"],
+                     s.prune_report.summary())
     if args.only:
         return
     students["student layer-drop init, untrained"] = new_student().eval()
@@ -351,7 +424,7 @@ def main() -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     models: dict[str, tuple[nn.Module, VocabMap | None, bool]] = {TEACHER: (teacher, None, True)}
-    for name in ("student layer-drop init, untrained", "student KD", "student CE-only"):
+    for name in ("student layer-drop init, untrained", "student KD", "student CE-only", pruned_name):
         if name in trimmed:
             models[f"{name} (3 layers, vocab-trimmed)"] = (trimmed[name], vocab, True)
     if "student KD" in students:  # what trimming costs in accuracy and saves in size
@@ -409,6 +482,11 @@ def main() -> None:
                    f"(dev accuracy {dev_acc:.4f}); not fine-tuned (CPU budget)",
         "student": "layer_drop_student keep=(0, 2, 4), teacher head as init; encoder + head trained, word "
                    "embeddings frozen; dynamic padding; KD and CE-only with the same TrainConfig and seed",
+        "student_pruned": f"{pruned_name}: the trained KD student, edgeslim.prune PruneConfig(method='channel', "
+                          f"ratio={prune_cfg.ratio:g}, importance='l2') removes FFN neurons ({width} -> "
+                          f"{args.ffn_keep} per layer, physically; still a BertModel), then distill() KD from the "
+                          "teacher with the same DistillConfig and TrainConfig (word embeddings frozen), "
+                          "vocab-trimmed like the others",
         "vocab_trimming": {
             "how": "edgeslim.prune.prune_vocabulary(student, tokenizer, train-split texts, min_count="
                    f"{args.min_count}) after training (frozen embeddings + every train token kept: same weights as "
@@ -423,7 +501,8 @@ def main() -> None:
         "args": {k: str(v) for k, v in vars(args).items()},
         "data": {"train": len(train), "dev (best epoch, from the train split)": len(dev), "held_out_val": len(val),
                  "accuracy_rows": len(val_eval), "max_len": args.max_len,
-                 "students_not_run": [n for n in ("student KD", "student CE-only") if n not in students]},
+                 "students_not_run": [n for n in ("student KD", "student CE-only", pruned_name)
+                                      if n not in students]},
         "rows": rows, "accuracy_phase_seconds": round(time.perf_counter() - t_all, 1),
         "accuracy_phase_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
         "env": {"python": platform.python_version(), "torch": torch.__version__, "onnxruntime": ort.__version__,
@@ -433,11 +512,11 @@ def main() -> None:
     }
     write_json(manifest_path, meta, force=True)
     if args.skip_latency:
-        write_json(out, meta, force=True)
+        merge_results(out, meta)
         log.info("wrote %s (no latency)", out)
         return
     measure_latency(meta, args)
-    write_json(out, meta, force=True)
+    merge_results(out, meta)
     log.info("wrote %s", out)
 
 

@@ -113,3 +113,19 @@ def test_training_learns_and_resumes_exactly_after_an_interruption(tmp_path):
     with pytest.raises(ConfigError, match="epochs=0"):
         TrainConfig(epochs=0)
     assert json.dumps(full.to_dict())
+
+
+def test_a_checkpoint_is_resumed_only_with_the_same_step_cap(tmp_path):
+    from edgeslim.data import load
+
+    train, _ = load("digits")
+    cfg = TrainConfig(epochs=1, lr=0.05, batch_size=32, augment=False, warmup_steps=0)
+    m = TinyCNN()
+    first = fit(m, train, None, cfg, checkpoint_dir=tmp_path, progress=False, max_steps_per_epoch=2)
+    assert first.resumed_from_epoch == 0
+    again = fit(m, train, None, cfg, checkpoint_dir=tmp_path, progress=False, max_steps_per_epoch=2)
+    assert again.resumed_from_epoch == 1  # finished: nothing left to train
+    longer = fit(m, train, None, cfg, checkpoint_dir=tmp_path, progress=False, max_steps_per_epoch=3)
+    assert longer.resumed_from_epoch == 0  # another step cap: not the same run, trained afresh
+    again = fit(m, train, None, cfg, checkpoint_dir=tmp_path, progress=False, max_steps_per_epoch=3)
+    assert again.resumed_from_epoch == 1

@@ -164,7 +164,8 @@ def fit(
 
     With ``checkpoint_dir`` the full state (model, optimizer, schedule, RNG, history) is written atomically
     after every epoch to ``last.pt`` and, when ``resume`` is true, a later call picks up after the last
-    finished epoch. The best-by-validation weights are kept in ``best.pt`` and returned.
+    finished epoch; a checkpoint written with another ``config`` or ``max_steps_per_epoch`` is not resumed (a
+    warning, then a fresh start). The best-by-validation weights are kept in ``best.pt`` and returned.
 
     ``device`` (e.g. ``"cuda"``) is where the steps run; checkpoints hold CPU tensors and the returned
     model is on the CPU either way.
@@ -211,7 +212,8 @@ def fit(
     ck_dir = Path(checkpoint_dir) if checkpoint_dir else None
     if ck_dir and resume and (ck_dir / "last.pt").is_file():
         state = torch.load(ck_dir / "last.pt", map_location=device, weights_only=True)
-        if state.get("config") != config.to_dict():
+        same_cap = (state.get("max_steps_per_epoch") or None) == (max_steps_per_epoch or None)
+        if state.get("config") != config.to_dict() or not same_cap:
             log.warning("checkpoint in %s was written with other settings; starting afresh", ck_dir)
         else:
             model.load_state_dict(state["model"])
@@ -274,7 +276,7 @@ def fit(
                     "model": _to_cpu(model.state_dict()), "optimizer": _to_cpu(opt.state_dict()), "scheduler": sched.state_dict(),
                     "generator": g.get_state(), "torch_rng": torch.get_rng_state(), "history": history,
                     "epoch": epoch + 1, "best_accuracy": best_acc, "config": config.to_dict(),
-                    "best_epoch": best_epoch,
+                    "best_epoch": best_epoch, "max_steps_per_epoch": max_steps_per_epoch,
                 },
                 ck_dir / "last.pt",
                 force=True,

@@ -9,6 +9,10 @@ run on the CPU host on these outputs.
 
     PYTHONPATH=src python benchmarks/prune_fmnist.py --device cuda --out /tmp/prune-out
     PYTHONPATH=src python benchmarks/prune_fmnist.py --smoke --out /tmp/prune-smoke     # CPU, ~1 min
+    PYTHONPATH=src python benchmarks/prune_fmnist.py --keep-early --no-criteria --out /tmp/prune-early
+
+``--keep-early`` leaves the first, small, launch-bound layers whole (``EARLY`` below) and takes the MAC cut
+from the rest: the layout that turned most of the MAC cut into ORT speed in ``benchmarks/prune_latency_ab.py``.
 
 Needs torch, torchvision, numpy and torch-pruning (pure Python; put its folder on PYTHONPATH if it is not
 installed). Fashion-MNIST is found as edgeslim.data finds it (EDGESLIM_FMNIST_DIR first).
@@ -35,6 +39,9 @@ from edgeslim.train import TrainConfig, evaluate, fit  # noqa: E402
 
 log = logging.getLogger("prune_fmnist")
 
+# the early layers left whole by --keep-early (they are small and bound by kernel launches, not MACs)
+EARLY = {"resnet18": ("conv1", "layer1.*"), "mobilenet_v2": ("features.0.*", "features.1.*", "features.2.*")}
+
 
 def _eval(model, val, device) -> float:
     return evaluate(model.to(device), val, batch_size=1000, device=device)
@@ -52,18 +59,26 @@ def main() -> None:
     ap.add_argument("--criteria-model", default="resnet18")
     ap.add_argument("--criteria-ratio", type=float, default=0.3)
     ap.add_argument("--criteria-steps", type=int, default=150, help="fine-tuning steps per criterion")
+    ap.add_argument("--no-criteria", action="store_true", help="skip the criteria table")
+    ap.add_argument("--keep-early", action="store_true", help="leave the early layers (EARLY) unpruned")
+    ap.add_argument("--round-to", type=int, default=8, help="pruned widths rounded to a multiple of this")
+    ap.add_argument("--steps-per-epoch", type=int, default=0,
+                    help="cap on fine-tuning steps per epoch (0: the whole training split; for CPU-only hosts)")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
+    if args.threads:
+        torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     train, val = data.load("fashion-mnist")
     if args.smoke:
         train, val = train.take(512), val.take(256)
-    max_steps = 3 if args.smoke else None
+    max_steps = 3 if args.smoke else (args.steps_per_epoch or None)
     epochs = 1 if args.smoke else args.epochs
     x = val.normalized()[:2]
     results: dict = {
@@ -72,18 +87,27 @@ def main() -> None:
                  "gpu": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else None},
         "settings": vars(args), "train_size": len(train), "val_size": len(val), "models": {}, "criteria": {},
     }
+    prev = out / "prune_fmnist_train.json"
+    if prev.is_file():  # resume: models an earlier run finished in this folder are kept (each with its settings)
+        results["models"] = {k: v for k, v in json.loads(prev.read_text()).get("models", {}).items()
+                             if (out / f"{k}-pruned.json").is_file()}
     t_all = time.perf_counter()
     for name in args.models.split(","):
+        if name in results["models"]:
+            log.info("%s: done in an earlier run (%s), kept", name, prev)
+            continue
         t0 = time.perf_counter()
         base = models.load(name, "fashion-mnist")
         acc_base = _eval(base, val, args.device)
         base = base.cpu()
-        cfg = PruneConfig(method="channel", target_macs=args.target_macs, importance=args.importance)
+        cfg = PruneConfig(method="channel", target_macs=args.target_macs, importance=args.importance,
+                          round_to=args.round_to, ignored_layers=EARLY[name] if args.keep_early else ())
         pruned = prune(base, cfg, example_inputs=x, data=train.take(512))
         rep = pruned.prune_report
         acc_pruned = _eval(pruned, val, args.device)
         tc = TrainConfig(epochs=epochs, batch_size=256, lr=0.02, weight_decay=4e-5, warmup_steps=50)
-        res = fit(pruned.cpu(), train, val, tc, device=args.device, progress=False, max_steps_per_epoch=max_steps)
+        res = fit(pruned.cpu(), train, val, tc, device=args.device, progress=False, max_steps_per_epoch=max_steps,
+                  checkpoint_dir=out / f"{name}-ckpt")  # an interrupted run resumes after the last epoch
         tuned = res.model
         tuned.prune_report = rep
         acc_tuned = _eval(tuned, val, args.device)
@@ -95,11 +119,24 @@ def main() -> None:
             "macs_base": rep.macs_before, "macs_pruned": rep.macs_after, "mac_reduction": round(rep.mac_reduction, 4),
             "params_base": rep.params_before, "params_pruned": rep.params_after,
             "channel_ratio": rep.layers.get("_channel_ratio"), "config": cfg.to_dict(),
-            "train_config": tc.to_dict(), "history": res.history, "seconds": round(time.perf_counter() - t0, 1),
+            "train_config": tc.to_dict(), "max_steps_per_epoch": max_steps, "settings": vars(args),
+            "history": res.history, "seconds": round(time.perf_counter() - t0, 1),
         }
         log.info("%s: base %.4f, pruned %.4f, fine-tuned %.4f, MACs -%.1f%%", name, acc_base, acc_pruned, acc_tuned,
                  100 * rep.mac_reduction)
-    # criteria table: same channel ratio, same short fine-tune, one row per registered criterion
+        (out / "prune_fmnist_train.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    if not args.no_criteria:
+        _criteria(args, results, train, val, x, max_steps)
+    results["seconds_total"] = round(time.perf_counter() - t_all, 1)
+    (out / "prune_fmnist_train.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk.startswith("acc") or kk == "mac_reduction"}
+                      for k, v in results["models"].items()}, indent=1))
+    print(json.dumps(results["criteria"], indent=1))
+    print(f"total {results['seconds_total']} s")
+
+
+def _criteria(args, results: dict, train, val, x, max_steps) -> None:
+    """Criteria table: same channel ratio, same short fine-tune, one row per registered criterion."""
     name = args.criteria_model
     base = models.load(name, "fashion-mnist")
     acc_base = _eval(base, val, args.device)
@@ -119,12 +156,6 @@ def main() -> None:
                                      "macs": count_macs(pruned.cpu(), x), "ratio": args.criteria_ratio,
                                      "seconds": round(time.perf_counter() - t0, 1)}
         log.info("criterion %s: pruned %.4f, after %d steps %.4f", crit, acc0, args.criteria_steps, acc1)
-    results["seconds_total"] = round(time.perf_counter() - t_all, 1)
-    (out / "prune_fmnist_train.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
-    print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk.startswith("acc") or kk == "mac_reduction"}
-                      for k, v in results["models"].items()}, indent=1))
-    print(json.dumps(results["criteria"], indent=1))
-    print(f"total {results['seconds_total']} s")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,11 @@ Reads what ``benchmarks/prune_fmnist.py`` wrote (``--from``: ``<model>-pruned.{j
 ``prune_fmnist_train.json``). Models missing there are pruned here with the same settings and reported as
 not fine-tuned. Writes benchmarks/results/prune_fmnist.json and prints one table.
 
-    PYTHONPATH=src python benchmarks/prune_measure.py --from /tmp/prune-gpu
+    PYTHONPATH=src python benchmarks/prune_measure.py --from /tmp/prune-gpu [--variant early_kept=/tmp/prune-early]
+
+``--variant LABEL=DIR`` (repeatable) adds the fine-tuned models another ``prune_fmnist.py`` run wrote to DIR
+(e.g. with ``--keep-early``) as rows ``pruned_LABEL_fp32`` / ``pruned_LABEL_int8``, measured in the same
+interleaved rounds as the others.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import platform
 import statistics
 import sys
@@ -86,6 +91,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--variant", action="append", default=[], metavar="LABEL=DIR",
+                    help="more fine-tuned pruned models (a prune_fmnist.py --out folder) measured side by side")
+    ap.add_argument("--host-note", default="", help="what else the host was doing (recorded in the JSON)")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "prune_fmnist.json"))
     args = ap.parse_args()
@@ -103,11 +111,20 @@ def main() -> None:
     result: dict = {
         "benchmark": "prune_fmnist", "source_of_finetuned_models": str(src) if trained else None,
         "host": {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
-                 "note": "latency measured on a shared, loaded 2-core host; variants interleaved round by round"},
+                 "cpus": os.cpu_count(), "load_avg_at_start": [round(v, 2) for v in os.getloadavg()],
+                 "note": args.host_note or "variants interleaved round by round"},
         "settings": vars(args), "training": trained.get("models", {}), "criteria": trained.get("criteria", {}),
         "criteria_model": trained.get("criteria_model"), "criteria_base_accuracy": trained.get("criteria_base_accuracy"),
         "models": {},
     }
+    extra = {}
+    for spec in args.variant:
+        label, sep, folder = spec.partition("=")
+        if not sep or not label or not Path(folder).is_dir():
+            ap.error(f"--variant {spec!r}: expected LABEL=DIR with an existing folder DIR")
+        extra[label] = Path(folder)
+        tj = Path(folder) / "prune_fmnist_train.json"
+        result.setdefault("training_variants", {})[label] = json.loads(tj.read_text())["models"] if tj.is_file() else {}
     threads = [int(t) for t in args.threads.split(",")]
     for name in args.models.split(","):
         base = models.load(name, "fashion-mnist")
@@ -120,6 +137,11 @@ def main() -> None:
             log.warning("%s: no fine-tuned model in %s; pruning here (accuracy is before fine-tuning)", name, src)
             pruned = prune(base, PruneConfig(method="channel", target_macs=0.5, importance="l2"), example_inputs=xt)
         variants = {"base_fp32": base, "pruned_fp32": pruned}
+        for label, folder in extra.items():
+            if (folder / f"{name}-pruned.json").is_file():
+                variants[f"pruned_{label}_fp32"] = load_pruned(models.build(name, "fashion-mnist"), folder / f"{name}-pruned")
+            else:
+                log.warning("%s: no %s-pruned.json in %s (variant %s skipped)", name, name, folder, label)
         paths = {k: export_onnx(m, work / f"{name}-{k}.onnx", example) for k, m in variants.items()}
         qcfg = es.QuantConfig(calibration="mse", num_samples=256 if not args.smoke else 32)
         for k, m in list(variants.items()):
@@ -155,6 +177,11 @@ def main() -> None:
         result["models"][name] = {"finetuned_here_or_on_gpu": finetuned, "rows": rows,
                                   "eval_subset": args.eval_n}
         _print(name, rows, threads, trained.get("models", {}).get(name))
+        for label, tr in result.get("training_variants", {}).items():
+            if name in tr:
+                t = tr[name]
+                print(f"   {label}: torch accuracy on 10k val: pruned {t['accuracy_pruned']:.4f}, fine-tuned "
+                      f"{t['accuracy_finetuned']:.4f} (drop {t['accuracy_drop_pt']:.2f} pt), MACs -{100 * t['mac_reduction']:.1f}%")
     _print_criteria(result)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2, default=str) + "\n")
@@ -162,7 +189,7 @@ def main() -> None:
 
 
 def _print(name: str, rows: dict, threads: list[int], tr: dict | None) -> None:
-    print(f"\n== {name} (ORT CPU, batch 1; latency on a shared, loaded 2-core host, variants interleaved)")
+    print(f"\n== {name} (ORT CPU, batch 1, variants interleaved; load average {os.getloadavg()[0]:.2f})")
     if tr:
         print(f"   torch accuracy on 10k val: base {tr['accuracy_base']:.4f}, pruned {tr['accuracy_pruned']:.4f}, "
               f"fine-tuned {tr['accuracy_finetuned']:.4f} (drop {tr['accuracy_drop_pt']:.2f} pt)")
@@ -170,7 +197,7 @@ def _print(name: str, rows: dict, threads: list[int], tr: dict | None) -> None:
         f"{f'p50 {t}T ms':>11s} {f'speedup {t}T':>11s}" for t in threads) + f" {'size MB':>8s} {'acc':>7s}"
     print(hdr)
     for k, r in rows.items():
-        line = f"{k:18s} {r['macs'] or 0:12,d} {r['mac_gain'] or 0:6.2f} " + " ".join(
+        line = f"{k:26s} {r['macs'] or 0:12,d} {r['mac_gain'] or 0:6.2f} " + " ".join(
             f"{r[f'latency_{t}t']['p50_ms']:11.3f} {r[f'latency_gain_{t}t']:11.2f}" for t in threads)
         line += f" {r['onnx_bytes'] / 1e6:8.2f} {r['ort_accuracy']:7.4f}"
         if "storage" in r:

@@ -95,6 +95,45 @@ def test_variants_match_a_model_built_with_exclude(fragile):
         assert torch.equal(v.q(x), v.build([])(x))
 
 
+def test_int8_variants_match_a_model_built_with_int8_layers(fragile):
+    m, train, val = fragile
+    v = _Variants(m, W4, train)
+    x = val.normalized()[:64]
+    for eight in (["fc"], ["stem.0", "dw.0"]):
+        built = v.build([], eight)
+        assert built.config.int8_layers == tuple(eight) and built.report.skipped_layers == []
+        bits = {d["name"]: d["weights"][:4] for d in built.report.quantized_layers}
+        assert {n for n, b in bits.items() if b == "int8"} == set(eight) and len(bits) == 4
+        for name in eight:  # 8-bit weights: up to 255 levels per channel instead of 15
+            qw = built.graph_module.get_submodule(name)
+            assert qw.qmax == 127
+        with torch.no_grad(), v.variant([], eight) as q:
+            assert torch.equal(q(x), built(x))
+    with torch.no_grad():  # toggling back restores the 4-bit scales
+        assert torch.equal(v.q(x), v.build([])(x))
+
+
+def test_budget_with_int8_fallback_keeps_every_layer_integer(fragile, tmp_path):
+    from edgeslim.export import export
+    from edgeslim.runtime import optimized_op_types
+
+    m, train, val = fragile
+    res = quantize_with_budget(m, W4, calib=train, data=val, max_accuracy_drop=0.05, fallback="int8")
+    assert res.fallback == "int8" and "at int8" in res.table()
+    assert res.met and len(res.kept_float) >= 1
+    assert res.model.config.int8_layers == res.kept_float and res.model.config.exclude == ()
+    assert res.model.report.skipped_layers == []
+    art = export(res.model, "onnx", example_inputs=val, path=tmp_path / "mixed.onnx")
+    ops = optimized_op_types(art.path)
+    assert ops["QLinearConv"] == 3 and ops["QGemm"] == 1 and "Conv" not in ops and "Gemm" not in ops
+    with pytest.raises(ConfigError, match="fallback='int8'.*weight_bits=4"):
+        quantize_with_budget(m, W8, calib=train, data=val, max_accuracy_drop=0.05, fallback="int8")
+    with pytest.raises(ConfigError, match="int8_layers.*weight_bits=4"):
+        QuantConfig(int8_layers=("fc",))
+    with pytest.raises(QuantizationError, match="int8_layers pattern 'fx' matches no quantizable layer"):
+        quantize(m, W4.replace(int8_layers=("fx",)), calib=train)
+
+
 def test_budget_loose_needs_no_float_layer(digits_model):
     model, train, val = digits_model
     res = quantize_with_budget(model, W8, calib=train, data=val, max_accuracy_drop=0.03, eval_data=train)

@@ -7,7 +7,7 @@ import copy
 import logging
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -152,11 +152,13 @@ def build_graph(model: nn.Module, config: QuantConfig) -> tuple[torch.fx.GraphMo
     """Trace and fold a copy of ``model``, plan the placement and insert the (uncalibrated) quantizers."""
     gm = _graph.trace_and_fold(copy.deepcopy(model))
     gm.edgeslim_equalization = equalize(gm) if config.equalize else None
-    placement = _graph.plan(gm, config.exclude, config.quantize_output)
+    placement = _graph.plan(gm, config.exclude, config.quantize_output, config.int8_layers)
     signed = config.activation_type == ActivationType.INT8
+    eight = weight_qmax(replace(config, weight_bits=8, int8_layers=()))
     gm, quants = _graph.apply(gm, placement, qmin=-128 if signed else 0, qmax=127 if signed else 255,
                               per_channel=config.per_channel, weight_qmax=weight_qmax(config),
-                              fp16=config.mode == QuantMode.FP16)
+                              fp16=config.mode == QuantMode.FP16,
+                              layer_qmax={n: eight for n in placement.int8_layers})
     if config.weight_range == WeightRange.MSE and config.mode != QuantMode.FP16:
         for m in gm.modules():
             if isinstance(m, QuantWeight):
@@ -256,7 +258,8 @@ def quantize(
     )
     for name in placement.weighted:
         layer = gm.get_submodule(name).layer
-        report.quantized_layers.append({"name": name, "type": type(layer).__name__, "weights": wdesc,
+        desc = wdesc.replace("int4", "int8", 1) if name in placement.int8_layers else wdesc
+        report.quantized_layers.append({"name": name, "type": type(layer).__name__, "weights": desc,
                                         "params": int(sum(p.numel() for p in layer.parameters()))})
     for name, why in placement.excluded.items():
         report.skipped_layers.append({"name": name, "type": type(gm.get_submodule(name)).__name__, "reason": why})

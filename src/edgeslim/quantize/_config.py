@@ -51,6 +51,8 @@ class QuantConfig(Config):
         percentile: the kept mass for ``percentile`` calibration, in percent (e.g. 99.99).
         num_samples: calibration samples drawn (class-balanced) from the calibration data.
         exclude: module names or fnmatch patterns (``features.0.*``) of layers kept in floating point.
+        int8_layers: with ``weight_bits=4``, module names or fnmatch patterns of layers whose weights stay 8-bit
+            (mixed precision without float layers: every layer still runs an integer kernel).
         quantize_output: also quantize the network's final layer output (logits).
         equalize: cross-layer equalization before quantization (ReLU6 in equalized pairs become ReLU).
         adaround: learn each weight's rounding (up or down) layer by layer on the calibration data
@@ -73,6 +75,7 @@ class QuantConfig(Config):
     percentile: float = 99.99
     num_samples: int = 512
     exclude: tuple[str, ...] = ()
+    int8_layers: tuple[str, ...] = ()
     quantize_output: bool = False
     equalize: bool = False
     adaround: bool = False
@@ -98,3 +101,7 @@ class QuantConfig(Config):
             raise self._bad("num_samples", "must be >= 1")
         if not all(isinstance(e, str) and e for e in self.exclude):
             raise self._bad("exclude", "must be non-empty module names or fnmatch patterns")
+        if not all(isinstance(e, str) and e for e in self.int8_layers):
+            raise self._bad("int8_layers", "must be non-empty module names or fnmatch patterns")
+        if self.int8_layers and self.weight_bits != 4:
+            raise self._bad("int8_layers", "only applies with weight_bits=4 (the other layers' weights are 4-bit)")

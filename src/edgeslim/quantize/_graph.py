@@ -34,6 +34,7 @@ class Placement:
 
     weighted: list[str] = field(default_factory=list)  # module names quantized
     excluded: dict[str, str] = field(default_factory=dict)  # module name -> reason
+    int8_layers: list[str] = field(default_factory=list)  # quantized layers kept at 8-bit weights (weight_bits=4)
     ops: list[str] = field(default_factory=list)  # other quantized op nodes (add, pool, cat)
     float_ops: dict[str, str] = field(default_factory=dict)  # node -> reason it stays float
     values: dict[str, tuple[float | None, float | None]] = field(default_factory=dict)  # node name -> clamp
@@ -93,7 +94,8 @@ def weighted_modules(gm: torch.fx.GraphModule) -> list[str]:
     return [str(n.target) for n in gm.graph.nodes if n.op == "call_module" and _kind(gm, n) == "weighted"]
 
 
-def plan(gm: torch.fx.GraphModule, exclude: tuple[str, ...], quantize_output: bool) -> Placement:
+def plan(gm: torch.fx.GraphModule, exclude: tuple[str, ...], quantize_output: bool,
+         int8_layers: tuple[str, ...] = ()) -> Placement:
     """Decide which layers and values are quantized; raise if nothing can be."""
     p = Placement()
     names = weighted_modules(gm)
@@ -101,12 +103,13 @@ def plan(gm: torch.fx.GraphModule, exclude: tuple[str, ...], quantize_output: bo
         raise QuantizationError(
             "the model has no quantizable layers (Conv1d, Conv2d, Linear); nothing to quantize"
         )
-    for pat in exclude:
-        if not any(fnmatch.fnmatchcase(nm, pat) or nm == pat for nm in names):
-            raise QuantizationError(
-                f"QuantConfig.exclude pattern {pat!r} matches no quantizable layer{near(pat, names)}; "
-                f"layers: {', '.join(names[:12])}{' ...' if len(names) > 12 else ''}"
-            )
+    for field_name, pats in (("exclude", exclude), ("int8_layers", int8_layers)):
+        for pat in pats:
+            if not any(fnmatch.fnmatchcase(nm, pat) or nm == pat for nm in names):
+                raise QuantizationError(
+                    f"QuantConfig.{field_name} pattern {pat!r} matches no quantizable layer{near(pat, names)}; "
+                    f"layers: {', '.join(names[:12])}{' ...' if len(names) > 12 else ''}"
+                )
     output_nodes = {a for n in gm.graph.nodes if n.op == "output" for a in _flatten_args(n.args)}
 
     def mark(value: torch.fx.Node, clamp: tuple[float | None, float | None] = (None, None)) -> None:
@@ -121,6 +124,8 @@ def plan(gm: torch.fx.GraphModule, exclude: tuple[str, ...], quantize_output: bo
                 p.excluded[str(n.target)] = f"excluded by QuantConfig.exclude pattern {pat!r}"
                 continue
             p.weighted.append(str(n.target))
+            if any(fnmatch.fnmatchcase(str(n.target), x) or x == str(n.target) for x in int8_layers):
+                p.int8_layers.append(str(n.target))
         elif kind in ("add", "pool", "cat"):
             p.ops.append(n.name)
         else:
@@ -164,11 +169,16 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
 
 def apply(
     gm: torch.fx.GraphModule, p: Placement, *, qmin: int, qmax: int, per_channel: bool, weight_qmax: int,
-    fp16: bool = False,
+    fp16: bool = False, layer_qmax: dict[str, int] | None = None,
 ) -> tuple[torch.fx.GraphModule, dict[str, ActQuant]]:
-    """Insert one ActQuant per planned value and wrap planned layers in QuantWeight (in place on ``gm``)."""
+    """Insert one ActQuant per planned value and wrap planned layers in QuantWeight (in place on ``gm``).
+
+    ``layer_qmax`` overrides ``weight_qmax`` for the named layers (8-bit layers of a 4-bit model).
+    """
+    layer_qmax = layer_qmax or {}
     for name in p.weighted:
-        _set_submodule(gm, name, QuantWeight(gm.get_submodule(name), per_channel=per_channel, qmax=weight_qmax,
+        _set_submodule(gm, name, QuantWeight(gm.get_submodule(name), per_channel=per_channel,
+                                             qmax=layer_qmax.get(name, weight_qmax),
                                              fp16=fp16))
     quants: dict[str, ActQuant] = {}
     if not fp16:

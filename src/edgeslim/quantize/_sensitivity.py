@@ -34,9 +34,10 @@ from torch import nn
 from edgeslim.core.config import StrEnum, _coerce_enum
 from edgeslim.core.errors import ConfigError, DataError, EdgeslimError, QuantizationError
 from edgeslim.quantize import _graph
-from edgeslim.quantize._api import QuantizedModel, QuantReport, _link_input_scales, build_graph, quantize
-from edgeslim.quantize._config import QuantConfig, QuantMode
-from edgeslim.quantize._modules import ActQuant
+from edgeslim.quantize._api import (QuantizedModel, QuantReport, _link_input_scales, build_graph, quantize,
+                                    weight_qmax)
+from edgeslim.quantize._config import QuantConfig, QuantMode, WeightRange
+from edgeslim.quantize._modules import ActQuant, QuantWeight
 from edgeslim.runtime._runners import positive_int
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,15 @@ class RankBy(StrEnum):
 
     METRIC = "metric"
     SQNR = "sqnr"
+
+
+class Fallback(StrEnum):
+    """What the budget search keeps its most sensitive layers in. ``float``: floating point (``QuantConfig.exclude``).
+    ``int8``: 8-bit weights in a 4-bit model (``QuantConfig.int8_layers``), so every layer still runs an integer
+    kernel and no Quantize/Dequantize pair is added around float layers."""
+
+    FLOAT = "float"
+    INT8 = "int8"
 
 
 class BudgetSearch(StrEnum):
@@ -127,7 +137,8 @@ class SensitivityReport:
 
 @dataclass(frozen=True)
 class BudgetStep:
-    """One evaluated candidate: the ``n_float`` most sensitive layers kept in float."""
+    """One evaluated candidate: the ``n_float`` most sensitive layers kept in higher precision (float, or 8-bit
+    weights with ``fallback="int8"``; the field names say float either way)."""
 
     n_float: int
     kept_float: tuple[str, ...]
@@ -158,6 +169,7 @@ class BudgetResult:
     float_latency_ms: float | None = None
     seconds: float = 0.0
     noise_2se: float | None = None  # 2 SE of the paired float-vs-all-quantized top-1 difference on the search data
+    fallback: str = "float"  # what kept_float layers are kept in: "float", or "int8" (8-bit weights)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(replace(self, model=None))  # type: ignore[arg-type]  (asdict would deep-copy the model)
@@ -167,14 +179,15 @@ class BudgetResult:
 
     def table(self) -> str:
         """Every search step as text; scores in points (x100), ONNX Runtime latency at 1 thread, batch 1."""
+        kept = "in float" if self.fallback == "float" else f"at {self.fallback}"
         rows = [[str(i), str(s.n_float), str(s.params_float), _pt(s.metric), _pt(s.drop), "yes" if s.met else "no",
                  _pt(s.accuracy_ort), "-" if s.latency_p50_ms is None else f"{s.latency_p50_ms:.3f}"]
                 for i, s in enumerate(self.steps)]
         fp32 = f", FP32 ORT 1T {self.float_latency_ms:.3f} ms" if self.float_latency_ms else ""
         name = self.sensitivity.metric_name
         return (f"budget {_pt(self.max_accuracy_drop)} pt, float {name} {_pt(self.float_metric)}{fp32}\n"
-                + _table(["step", "in float", "float params", name, "drop pt", "met", "ORT top-1", "ORT 1T ms"], rows)
-                + f"\n{'met' if self.met else 'NOT met, best candidate'}: {len(self.kept_float)} layers in float "
+                + _table(["step", kept, f"params {kept}", name, "drop pt", "met", "ORT top-1", "ORT 1T ms"], rows)
+                + f"\n{'met' if self.met else 'NOT met, best candidate'}: {len(self.kept_float)} layers {kept} "
                 f"{list(self.kept_float)}, drop {_pt(self.drop)} pt"
                 + ("" if self.noise_2se is None else f"; sampling noise of the search data +-{_pt(self.noise_2se)} pt"
                    + (" (LARGER than the budget)" if self.noise_2se > self.max_accuracy_drop else "")))
@@ -255,6 +268,7 @@ class _Variants:
             if n.op == "call_module" and isinstance(gm.get_submodule(str(n.target)), ActQuant):
                 self.acts[n.args[0].name] = gm.get_submodule(str(n.target))
         self.on = {v: a.state for v, a in self.acts.items()}
+        self._eight: dict[str, tuple[int, torch.Tensor]] = {}
 
     def plan(self, floats: Sequence[str]) -> _graph.Placement:
         p = _graph.plan(self.folded, self.config.exclude + tuple(floats), self.config.quantize_output)
@@ -263,14 +277,22 @@ class _Variants:
         return p
 
     @contextlib.contextmanager
-    def variant(self, floats: Sequence[str]) -> Iterator[QuantizedModel]:
-        """The calibrated model with ``floats`` (and whatever quantizers only they needed) switched off."""
+    def variant(self, floats: Sequence[str], int8: Sequence[str] = ()) -> Iterator[QuantizedModel]:
+        """The calibrated model with ``floats`` (and whatever quantizers only they needed) switched off, and the
+        ``int8`` layers' weights at 8 bits (scales chosen as :func:`quantize` would choose them)."""
         p = self.plan(floats)
         keep = set(p.weighted)
         for name in self.layers:
             self.q.graph_module.get_submodule(name).enabled = name in keep
         for v, a in self.acts.items():
             a.state = self.on[v] if v in p.values else "off"
+        saved = {}
+        for name in int8:
+            qw = self.q.graph_module.get_submodule(name)
+            saved[name] = (qw.qmax, qw.scale.clone())
+            qmax, scale = self._eight_bit(name)
+            qw.qmax = qmax
+            qw.scale.copy_(scale)
         try:
             yield self.q
         finally:
@@ -278,11 +300,31 @@ class _Variants:
                 self.q.graph_module.get_submodule(name).enabled = True
             for v, a in self.acts.items():
                 a.state = self.on[v]
+            for name, (qmax, scale) in saved.items():
+                qw = self.q.graph_module.get_submodule(name)
+                qw.qmax = qmax
+                qw.scale.copy_(scale)
 
     @torch.no_grad()
-    def build(self, floats: Sequence[str]) -> QuantizedModel:
-        """A standalone QuantizedModel with ``floats`` excluded and the calibrated ranges copied in."""
-        cfg = replace(self.config, exclude=self.config.exclude + tuple(floats))
+    def _eight_bit(self, name: str) -> tuple[int, torch.Tensor]:
+        """8-bit weight qmax and scale of a layer, as ``quantize(..., QuantConfig(int8_layers=(name,)))`` sets them."""
+        if name not in self._eight:
+            qw = self.q.graph_module.get_submodule(name)
+            qmax = weight_qmax(replace(self.config, weight_bits=8, int8_layers=()))
+            tmp = QuantWeight(qw.layer, per_channel=qw.per_channel, qmax=qmax)
+            if self.config.weight_range == WeightRange.MSE:
+                tmp.fit_scale_mse()
+            if float(qw.input_scale) > 0:
+                tmp.set_input_scale(float(qw.input_scale))
+            self._eight[name] = (qmax, tmp.scale.clone())
+        return self._eight[name]
+
+    @torch.no_grad()
+    def build(self, floats: Sequence[str], int8: Sequence[str] = ()) -> QuantizedModel:
+        """A standalone QuantizedModel with ``floats`` excluded, ``int8`` at 8-bit weights and the calibrated
+        ranges copied in."""
+        cfg = replace(self.config, exclude=self.config.exclude + tuple(floats),
+                      int8_layers=self.config.int8_layers + tuple(int8))
         gm, p, quants = build_graph(self.model, cfg)
         for key, a in quants.items():
             src = self.acts[key.split(":")[1]]
@@ -296,7 +338,8 @@ class _Variants:
         report = QuantReport(
             mode=full.mode, precision=full.precision, calibration=full.calibration,
             calibration_samples=full.calibration_samples,
-            quantized_layers=[d for d in full.quantized_layers if d["name"] in set(p.weighted)],
+            quantized_layers=[{**d, "weights": d["weights"].replace("int4", "int8", 1)} if d["name"] in p.int8_layers
+                              else d for d in full.quantized_layers if d["name"] in set(p.weighted)],
             skipped_layers=[{"name": n, "type": type(gm.get_submodule(n)).__name__, "reason": why}
                             for n, why in p.excluded.items()],
             float_ops=[{"node": k, "reason": v} for k, v in p.float_ops.items()],
@@ -388,8 +431,10 @@ def quantize_with_budget(
     search: BudgetSearch | str = BudgetSearch.GREEDY,
     measure_latency: bool = False,
     latency_runs: int = 100,
+    fallback: Fallback | str = Fallback.FLOAT,
 ) -> BudgetResult:
-    """Quantize ``model`` keeping the fewest, most sensitive layers in float so the drop stays within budget.
+    """Quantize ``model`` keeping the fewest, most sensitive layers in float (or, with ``fallback="int8"`` and
+    4-bit weights, at 8-bit weights) so the drop stays within budget.
 
     Layers are ranked by :func:`sensitivity` (or ``sensitivity_report``); candidates keep the ``k`` most
     sensitive in float (``QuantConfig.exclude``) and are scored on ``data`` against the float model. All
@@ -413,6 +458,8 @@ def quantize_with_budget(
         measure_latency: export each candidate to INT8 ONNX (in a temporary folder) and measure its ONNX Runtime
             latency at 1 thread, batch 1, and its top-1 there.
         latency_runs: timed runs per latency measurement.
+        fallback: ``float`` (default) or ``int8`` (needs ``weight_bits=4``): what the kept layers are kept in
+            (:class:`Fallback`). The ranking is the same either way (each layer's cost of its low-bit weights).
 
     Returns:
         a :class:`BudgetResult`. When no candidate meets the budget, ``met`` is False and the model is the best
@@ -423,6 +470,10 @@ def quantize_with_budget(
         raise ConfigError(f"max_accuracy_drop={max_accuracy_drop!r} is not allowed; use a fraction in [0, 1] "
                           "(e.g. 0.002 = 0.2 points of top-1)")
     search = _coerce_enum("quantize_with_budget", "search", BudgetSearch, search)
+    fallback = _coerce_enum("quantize_with_budget", "fallback", Fallback, fallback)
+    if fallback == Fallback.INT8 and config.weight_bits != 4:
+        raise ConfigError(f"fallback='int8' keeps layers at 8-bit weights, which needs QuantConfig(weight_bits=4); "
+                          f"got weight_bits={config.weight_bits} (use fallback='float')")
     mode = _coerce_enum("quantize_with_budget", "mode", SensitivityMode, mode)
     rank_by = _rank_by(rank_by or (sensitivity_report.rank_by if sensitivity_report else RankBy.METRIC),
                        metric is None)
@@ -448,7 +499,8 @@ def quantize_with_budget(
         def step(k: int) -> bool:
             if k not in steps:
                 floats = order[:k]
-                with v.variant(floats) as q:
+                f, i8 = ((), floats) if fallback == Fallback.INT8 else (floats, ())
+                with v.variant(f, i8) as q:
                     m, sq = ev.score(q)
                 if k == 0:
                     noise["all quantized"] = ev.paired_noise()
@@ -456,9 +508,9 @@ def quantize_with_budget(
                 s = BudgetStep(k, floats, sum(v.layers[n]["params"] for n in floats), m, drop,
                                drop <= max_accuracy_drop + 1e-12, sq)
                 if tmp is not None:
-                    ms, acc, err = _latency(v.build(floats), data, tmp / f"k{k}.onnx", latency_runs)
+                    ms, acc, err = _latency(v.build(f, i8), data, tmp / f"k{k}.onnx", latency_runs)
                     s = replace(s, latency_p50_ms=ms, accuracy_ort=acc, latency_error=err)
-                log.info("budget step: %d layers in float, %s %.4f, drop %.4f", k, ev.name, m, drop)
+                log.info("budget step: %d layers in %s, %s %.4f, drop %.4f", k, fallback.value, ev.name, m, drop)
                 steps[k] = s
             return steps[k].met
 
@@ -485,7 +537,7 @@ def quantize_with_budget(
     done = list(steps.values())
     met = [s for s in done if s.met]
     best = min(met, key=lambda s: s.n_float) if met else min(done, key=lambda s: (s.drop, s.n_float))
-    chosen = v.build(best.kept_float)
+    chosen = v.build(*(((), best.kept_float) if fallback == Fallback.INT8 else (best.kept_float, ())))
     evald = None
     if eval_data is not None:
         fin = _Evaluator(model, eval_data, metric, None)
@@ -493,11 +545,11 @@ def quantize_with_budget(
         evald = {"samples": len(eval_data), "float_metric": fin.float_metric, "metric": m,
                  "drop": fin.float_metric - m}
     if not met:
-        log.warning("no candidate meets max_accuracy_drop=%g; returning the best (%d layers in float, drop %.4f)",
-                    max_accuracy_drop, best.n_float, best.drop)
+        log.warning("no candidate meets max_accuracy_drop=%g; returning the best (%d layers in %s, drop %.4f)",
+                    max_accuracy_drop, best.n_float, fallback.value, best.drop)
     return BudgetResult(chosen, bool(met), float(max_accuracy_drop), ev.float_metric, best.metric, best.drop,
                         best.kept_float, tuple(done), sensitivity_report, evald, float_ms,
-                        round(time.perf_counter() - t0, 3), noise_2se=two_se)
+                        round(time.perf_counter() - t0, 3), noise_2se=two_se, fallback=fallback.value)
 
 
 def _latency(model: nn.Module, data: Any, path: Path, runs: int) -> tuple[float | None, float | None, str | None]:

@@ -11,14 +11,17 @@ edgeslim PTQ W8A8 (defaults); edgeslim ``quantize_with_budget`` at W8A8 and at W
 ``edgeslim-budget-w4a8-replay``: the float layers chosen by ``quantize_mixed_precision.py``'s W4A8 search,
 re-applied with ``QuantConfig.exclude`` (one calibration instead of the search, when time is short).
 "Float layers" counts the Conv/Gemm/MatMul nodes of each ONNX file whose weight does not come through a
-DequantizeLinear (the layers kept in float), out of all weighted nodes. Latency: batch 1, 1 and 2 threads,
+DequantizeLinear (the layers kept in float), out of all weighted nodes. "Integer kernels" counts, in the graph ONNX
+Runtime runs (its optimized graph), the conv/matmul nodes that became integer kernels (QLinearConv, QGemm, ...) out
+of all conv/matmul nodes: a Q/DQ pair ORT cannot fuse leaves the layer running in float. Latency: batch 1, 1 and 2 threads,
 median over interleaved rounds of per-round medians (as ``quantize_mobilenet_v2.py``).
 
 Two phases, because the host is shared: ``--phase accuracy`` builds the ONNX files in ``--work`` and scores them
-(rows are cached in the results file, so a killed run resumes); ``--phase latency`` times the files in ``--work``.
+(rows are cached in the results file, so a killed run resumes); ``--phase latency`` times the files in ``--work`` (and, like ``--phase graphs``, records what ORT runs).
 
     python benchmarks/quantize_accuracy_control.py --phase accuracy [--max-drop 0.002] [--work DIR]
     python benchmarks/quantize_accuracy_control.py --phase latency [--rounds 5] [--runs 300] [--work DIR]
+    python benchmarks/quantize_accuracy_control.py --phase graphs [--work DIR]
 
 Writes benchmarks/results/quantize_accuracy_control.json. Not a test: numbers vary run to run.
 """
@@ -45,6 +48,7 @@ from edgeslim.core.io import write_json
 from edgeslim.core.metrics import host_info
 from edgeslim.data import calibration_subset
 from edgeslim.quantize import quantize_with_budget
+from edgeslim.runtime import optimized_op_types
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
@@ -71,9 +75,21 @@ def float_layers(path: Path) -> dict[str, int]:
     return {"weighted_nodes": len(nodes), "float_nodes": len(kept), "float_node_names": kept}
 
 
+INT_KERNELS = ("QLinearConv", "QGemm", "QLinearMatMul", "ConvInteger", "MatMulInteger", "MatMulIntegerToFloat")
+FLOAT_KERNELS = ("Conv", "FusedConv", "Gemm", "FusedGemm", "MatMul", "FusedMatMul")
+
+
+def ort_runs(path: Path) -> dict:
+    """Which conv/matmul nodes ONNX Runtime runs with integer kernels, from its optimized graph."""
+    ops = optimized_op_types(path)
+    return {"integer_kernels": sum(ops[o] for o in INT_KERNELS), "float_kernels": sum(ops[o] for o in FLOAT_KERNELS),
+            "quantize_linear": ops["QuantizeLinear"], "dequantize_linear": ops["DequantizeLinear"],
+            "op_types": dict(ops.most_common())}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--phase", choices=["accuracy", "latency"], required=True)
+    ap.add_argument("--phase", choices=["accuracy", "latency", "graphs"], required=True)
     ap.add_argument("--max-drop", type=float, default=0.002, help="absolute top-1 drop, a fraction")
     ap.add_argument("--search-samples", type=int, default=2000)
     ap.add_argument("--sensitivity-samples", type=int, default=500)
@@ -82,6 +98,9 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=300)
     ap.add_argument("--work", default="/tmp/edgeslim-accuracy-control")
     ap.add_argument("--fresh", action="store_true")
+    ap.add_argument("--redo", default="", help="rows to measure again although cached (the old ones are kept "
+                    "under 'superseded' with --redo-reason)")
+    ap.add_argument("--redo-reason", default="")
     ap.add_argument("--out", default=str(HERE / "results" / "quantize_accuracy_control.json"))
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -90,6 +109,10 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     res = {} if args.fresh or not out.exists() else json.loads(out.read_text())
     rows: dict[str, dict] = res.setdefault("rows", {})
+    for key in filter(None, args.redo.split(",")):
+        if key in rows:
+            res.setdefault("superseded", {})[key] = {**rows.pop(key), "reason": args.redo_reason,
+                                                     "superseded_at": time.strftime("%F %T")}
 
     def save() -> None:
         res.update({"benchmark": "quantize_accuracy_control", "model": "mobilenet_v2", "dataset": "fashion-mnist",
@@ -99,11 +122,17 @@ def main() -> None:
                     "onnxruntime": ort.__version__})
         write_json(out, res, force=True)
 
-    if args.phase == "latency":
+    if args.phase in ("latency", "graphs"):
         files = {k: work / f"{k}.onnx" for k, r in rows.items() if r.get("accuracy") is not None}
         missing = [k for k, p in files.items() if not p.exists()]
         if missing:
             raise SystemExit(f"ONNX files missing in {work} for {missing}: run --phase accuracy first")
+        for k, p in files.items():
+            rows[k]["ort_runs"] = ort_runs(p)
+        if args.phase == "graphs":
+            save()
+            print_table(res)
+            return
         x1 = np.asarray(es.data.load("fashion-mnist")[1].normalized()[:1].numpy())
         runners = {k: (lambda t, p=p: (lambda s: (lambda x: s.run(None, {s.get_inputs()[0].name: x})))(
             ort_session(p, t))) for k, p in files.items()}
@@ -173,7 +202,7 @@ def main() -> None:
                 prev = json.loads((HERE / "results" / "quantize_mixed_precision.json").read_text())
                 cfg = es.QuantConfig(weight_bits=4, num_samples=512, exclude=tuple(prev["kept_float"]))
                 q = es.quantize(model, cfg, calib=train)
-                es.export(q, "onnx", example_inputs=val, path=path)
+                es.export(q, "onnx", example_inputs=val, path=path, force=True)
                 finish(key, path, t0, tool=f"edgeslim {es.__version__}", config=cfg.to_dict(),
                        kept_float=list(prev["kept_float"]), source="kept_float of "
                        "benchmarks/results/quantize_mixed_precision.json (search not re-run here)",
@@ -181,7 +210,7 @@ def main() -> None:
             elif key == "edgeslim-w8a8":
                 cfg = es.QuantConfig(num_samples=512)
                 q = es.quantize(model, cfg, calib=train)
-                es.export(q, "onnx", example_inputs=val, path=path)
+                es.export(q, "onnx", example_inputs=val, path=path, force=True)
                 finish(key, path, t0, tool=f"edgeslim {es.__version__}", config=cfg.to_dict())
             else:
                 bits = 8 if key.endswith("w8a8") else 4
@@ -189,7 +218,7 @@ def main() -> None:
                 r = quantize_with_budget(model, cfg, calib=train, data=search, max_accuracy_drop=args.max_drop,
                                          sensitivity_samples=args.sensitivity_samples, search="bisect",
                                          rank_by="sqnr")
-                es.export(r.model, "onnx", example_inputs=val, path=path)
+                es.export(r.model, "onnx", example_inputs=val, path=path, force=True)
                 finish(key, path, t0, tool=f"edgeslim {es.__version__}", config=cfg.to_dict(), met=r.met,
                        kept_float=list(r.kept_float), search_float_metric=r.float_metric,
                        search_accuracy=r.metric, search_drop=r.drop)
@@ -206,7 +235,8 @@ def print_table(res: dict) -> None:
     fp = rows.get("fp32", {}).get("accuracy")
     print(f"\nMobileNetV2 Fashion-MNIST, top-1 on 10k val in ONNX Runtime, max drop {res['max_drop'] * 100:.1f} pt "
           f"(checked on {res['search_samples']} val samples)")
-    hdr = f"{'row':24s} {'top-1':>7s} {'drop pt':>8s} {'float layers':>12s} {'size KB':>8s} {'1T ms':>7s} {'2T ms':>7s}"
+    hdr = (f"{'row':24s} {'top-1':>7s} {'drop pt':>8s} {'float layers':>12s} {'int kernels':>11s} {'size KB':>8s} "
+           f"{'1T ms':>7s} {'2T ms':>7s}")
     print(hdr + "\n" + "-" * len(hdr))
     for k, r in rows.items():
         if r.get("accuracy") is None:
@@ -214,8 +244,10 @@ def print_table(res: dict) -> None:
             continue
         lat = [f"{r[c]:7.3f}" if c in r else f"{'-':>7s}" for c in ("latency_ms_1t", "latency_ms_2t")]
         drop = (fp - r["accuracy"]) * 100 if fp is not None else float("nan")
+        o = r.get("ort_runs")
+        ik = f"{o['integer_kernels']:>4d} of {o['integer_kernels'] + o['float_kernels']:<3d}" if o else f"{'-':>11s}"
         print(f"{k:24s} {r['accuracy'] * 100:7.2f} {drop:8.2f} {r['float_nodes']:>5d} of {r['weighted_nodes']:<3d} "
-              f"{r['size_bytes'] / 1024:8.0f} {lat[0]} {lat[1]}")
+              f"{ik:>11s} {r['size_bytes'] / 1024:8.0f} {lat[0]} {lat[1]}")
 
 
 if __name__ == "__main__":

@@ -48,8 +48,9 @@ def test_int8_export_runs_integer_kernels_in_onnxruntime(tmp_path, digits_model)
 
 
 def test_layers_kept_in_float_run_in_float_in_onnxruntime(tmp_path, digits_model):
-    # ORT (>= 1.20) quantizes the float weight of a Conv/Gemm that reads a per-tensor DequantizeLinear to
-    # per-tensor INT8 on load; the export gives such layers a per-axis DQ so they really run in float
+    # ORT (1.32, every enabled optimization level) quantizes the float weight of a Conv/Gemm that reads a
+    # per-tensor DequantizeLinear to per-tensor INT8 on load; the export gives such layers a per-axis DQ
+    # so they really run in float
     model, train, val = digits_model
     q = quantize(model, QuantConfig(num_samples=256, exclude=("dw.0", "fc")), calib=train)
     art = export(q, "onnx", example_inputs=val, path=tmp_path / "q.onnx")

@@ -10,7 +10,7 @@ float biases, and routes shared constants through Identity/Constant nodes. This 
    ``input_scale * weight_scale`` behind a ``DequantizeLinear`` (what ORT's QDQ fusion needs for QLinearConv);
 4. gives every layer kept in float (a Conv/ConvTranspose/Gemm with a float weight) that reads a per-tensor
    ``DequantizeLinear`` its own per-axis ``DequantizeLinear`` of the same values. ORT's WeightBiasQuantization
-   pass (present at every optimization level in ORT >= 1.20) otherwise quantizes such a layer's float weight to
+   pass (ORT 1.32, at every enabled optimization level) otherwise quantizes such a layer's float weight to
    per-tensor INT8 on load, so a layer the user kept in float would silently run in INT8, per tensor;
 5. removes what became unused.
 """

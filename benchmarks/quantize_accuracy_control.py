@@ -52,7 +52,7 @@ from edgeslim.runtime import optimized_op_types
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
-from quantize_mobilenet_v2 import latencies, ort_accuracy, ort_session  # noqa: E402
+from quantize_mobilenet_v2 import latencies, ort_accuracy, ort_runners  # noqa: E402
 
 WEIGHTED = {"Conv", "Gemm", "MatMul"}
 ROWS = ("fp32", "nncf-quantize", "nncf-accuracy-control", "edgeslim-w8a8", "edgeslim-budget-w8a8",
@@ -134,8 +134,7 @@ def main() -> None:
             print_table(res)
             return
         x1 = np.asarray(es.data.load("fashion-mnist")[1].normalized()[:1].numpy())
-        runners = {k: (lambda t, p=p: (lambda s: (lambda x: s.run(None, {s.get_inputs()[0].name: x})))(
-            ort_session(p, t))) for k, p in files.items()}
+        runners = ort_runners(files)
         for t in (1, 2):
             lat = latencies(runners, x1, t, args.rounds, args.runs)
             for k, v in lat.items():

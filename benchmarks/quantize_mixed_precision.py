@@ -43,7 +43,7 @@ from edgeslim.runtime import optimized_op_types
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
-from quantize_mobilenet_v2 import latencies, ort_session  # noqa: E402
+from quantize_mobilenet_v2 import latencies, ort_runners  # noqa: E402
 
 
 def main() -> None:
@@ -138,8 +138,7 @@ def retime(args, train, val) -> None:
         ops = {k: dict(optimized_op_types(a.path)) for k, a in arts.items()}
         acc = {k: es.measure(a, data=val, runtime="onnxruntime", threads=(1,), runs=10, peak_memory=False)["accuracy"]
                for k, a in arts.items()}
-        runners = {k: (lambda t, p=a.path: (lambda sess: (lambda x: sess.run(None, {sess.get_inputs()[0].name: x})))(
-            ort_session(p, t))) for k, a in arts.items()}
+        runners = ort_runners({k: a.path for k, a in arts.items()})
         lat = latencies(runners, val.normalized()[:1].numpy(), 1, 5, args.runs)  # interleaved rounds
     if abs(acc["chosen"] - rec["accuracy_10k_ort"]["after"]) > 0.0005:
         raise SystemExit(f"the rebuilt chosen model scores {acc['chosen']:.4f}, the record says "

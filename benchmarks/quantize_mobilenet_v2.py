@@ -46,6 +46,19 @@ def ort_session(path: Path, threads: int) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
+def ort_runners(paths: dict[str, Path]) -> dict:
+    """For :func:`latencies`: per file, ``make(threads) -> run(x)`` on an ORT session of that file."""
+
+    def make(path: Path):
+        def at(threads: int):
+            s = ort_session(path, threads)
+            name = s.get_inputs()[0].name
+            return lambda x: s.run(None, {name: x})
+        return at
+
+    return {k: make(p) for k, p in paths.items()}
+
+
 def ort_accuracy(path: Path, x: np.ndarray, y: np.ndarray) -> float:
     s = ort_session(path, 2)
     name = s.get_inputs()[0].name
@@ -136,8 +149,7 @@ def main() -> None:
         print("nncf not installed: its row is skipped (pip install nncf)", file=sys.stderr)
 
     x1 = xv[:1]
-    runners = {k: (lambda t, p=p: (lambda s: (lambda x: s.run(None, {"input": x})))(ort_session(p, t)))
-               for k, p in files.items()}
+    runners = ort_runners(files)
 
     def torch_runner(t: int):
         def run(x, m=model):

@@ -131,9 +131,13 @@ def fold_qdq(model):
         attrs = {a.name: a.i for a in n.attribute if a.type == 2}
         if n.op_type == "Gemm" and attrs.get("transA", 0):
             continue
-        dims = list(w.dims)
-        channels = (dims[1] * attrs.get("group", 1) if n.op_type == "Conv" else dims[0] if n.op_type == "ConvTranspose"
-                    else dims[1] if attrs.get("transB", 0) else dims[0])
+        dims = list(w.dims)  # the input's channel count, from the weight's shape
+        if n.op_type == "Conv":
+            channels = dims[1] * attrs.get("group", 1)
+        elif n.op_type == "ConvTranspose":
+            channels = dims[0]
+        else:  # Gemm: B is (K, N), or (N, K) when transposed
+            channels = dims[1] if attrs.get("transB", 0) else dims[0]
         if channels < 2:
             continue  # a one-element scale counts as per-tensor
         base = f"{n.input[0]}_axis_for_{n.input[1]}"
@@ -142,7 +146,6 @@ def fold_qdq(model):
             zp = _np(inits[dq.input[2]])
             extra.append(numpy_helper.from_array(np.full(channels, zp.reshape(()), zp.dtype), base + "_zp"))
         g.initializer.extend(extra)
-        inits.update({t.name: g.initializer[-len(extra) + k] for k, t in enumerate(extra)})
         new_nodes.append(helper.make_node("DequantizeLinear", [dq.input[0]] + [t.name for t in extra], [base],
                                           name=base + "_DequantizeLinear", axis=1))
         n.input[0] = base

@@ -7,7 +7,7 @@ import copy
 import logging
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -137,11 +137,26 @@ def _check_fits(model: nn.Module, x: torch.Tensor) -> None:
         ) from None
 
 
-def weight_qmax(config: QuantConfig) -> int:
-    """Largest weight integer: 127 for 8 bits (63 with reduce_range), 7 for 4 bits."""
-    if config.weight_bits == 4:
+def weight_qmax(config: QuantConfig, bits: int | None = None) -> int:
+    """Largest weight integer: 127 for 8 bits (63 with reduce_range), 7 for 4 bits (``bits``: config's)."""
+    if (bits or config.weight_bits) == 4:
         return 7
     return 63 if config.reduce_range else 127
+
+
+def weights_desc(config: QuantConfig, bits: int | None = None) -> str:
+    """How a layer's weights are quantized, for the report (``bits``: the config's weight bits)."""
+    if config.mode == QuantMode.FP16:
+        return "fp16"
+    return (f"int{bits or config.weight_bits} {'per-channel' if config.per_channel else 'per-tensor'} symmetric"
+            + (" (MSE scales)" if config.weight_range == WeightRange.MSE else "")
+            + (" (7-bit range)" if config.reduce_range else ""))
+
+
+def fit_weight_scale(qw: QuantWeight, config: QuantConfig) -> None:
+    """Choose a freshly built QuantWeight's scale as the config says (``weight_range``)."""
+    if config.weight_range == WeightRange.MSE and config.mode != QuantMode.FP16:
+        qw.fit_scale_mse()
 
 
 PRECISION = {QuantMode.STATIC: "int8", QuantMode.DYNAMIC: "int8-dynamic", QuantMode.FP16: "fp16"}
@@ -154,15 +169,13 @@ def build_graph(model: nn.Module, config: QuantConfig) -> tuple[torch.fx.GraphMo
     gm.edgeslim_equalization = equalize(gm) if config.equalize else None
     placement = _graph.plan(gm, config.exclude, config.quantize_output, config.int8_layers)
     signed = config.activation_type == ActivationType.INT8
-    eight = weight_qmax(replace(config, weight_bits=8, int8_layers=()))
     gm, quants = _graph.apply(gm, placement, qmin=-128 if signed else 0, qmax=127 if signed else 255,
                               per_channel=config.per_channel, weight_qmax=weight_qmax(config),
                               fp16=config.mode == QuantMode.FP16,
-                              layer_qmax={n: eight for n in placement.int8_layers})
-    if config.weight_range == WeightRange.MSE and config.mode != QuantMode.FP16:
-        for m in gm.modules():
-            if isinstance(m, QuantWeight):
-                m.fit_scale_mse()
+                              layer_qmax={n: weight_qmax(config, 8) for n in placement.int8_layers})
+    for m in gm.modules():
+        if isinstance(m, QuantWeight):
+            fit_weight_scale(m, config)
     return gm, placement, quants
 
 
@@ -207,7 +220,6 @@ def quantize(
     if probe is not None:
         _check_fits(model, probe)
     gm, placement, quants = build_graph(model, config)
-    fp16 = config.mode == QuantMode.FP16
     precision = PRECISION[config.mode]
     report = QuantReport(
         mode=config.mode.value, precision=precision, calibration=config.calibration if static else None,
@@ -251,14 +263,9 @@ def quantize(
     elif config.mode == QuantMode.DYNAMIC:
         for a in quants.values():
             a.state = "dynamic"
-    wdesc = "fp16" if fp16 else (
-        f"int{config.weight_bits} {'per-channel' if config.per_channel else 'per-tensor'} symmetric"
-        + (" (MSE scales)" if config.weight_range == WeightRange.MSE else "")
-        + (" (7-bit range)" if config.reduce_range else "")
-    )
     for name in placement.weighted:
         layer = gm.get_submodule(name).layer
-        desc = wdesc.replace("int4", "int8", 1) if name in placement.int8_layers else wdesc
+        desc = weights_desc(config, 8 if name in placement.int8_layers else None)
         report.quantized_layers.append({"name": name, "type": type(layer).__name__, "weights": desc,
                                         "params": int(sum(p.numel() for p in layer.parameters()))})
     for name, why in placement.excluded.items():

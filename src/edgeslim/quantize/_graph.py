@@ -94,6 +94,11 @@ def weighted_modules(gm: torch.fx.GraphModule) -> list[str]:
     return [str(n.target) for n in gm.graph.nodes if n.op == "call_module" and _kind(gm, n) == "weighted"]
 
 
+def _first_match(name: str, patterns: tuple[str, ...]) -> str | None:
+    """The first of ``patterns`` (module names or fnmatch patterns) that ``name`` matches."""
+    return next((x for x in patterns if x == name or fnmatch.fnmatchcase(name, x)), None)
+
+
 def plan(gm: torch.fx.GraphModule, exclude: tuple[str, ...], quantize_output: bool,
          int8_layers: tuple[str, ...] = ()) -> Placement:
     """Decide which layers and values are quantized; raise if nothing can be."""
@@ -105,7 +110,7 @@ def plan(gm: torch.fx.GraphModule, exclude: tuple[str, ...], quantize_output: bo
         )
     for field_name, pats in (("exclude", exclude), ("int8_layers", int8_layers)):
         for pat in pats:
-            if not any(fnmatch.fnmatchcase(nm, pat) or nm == pat for nm in names):
+            if not any(_first_match(nm, (pat,)) for nm in names):
                 raise QuantizationError(
                     f"QuantConfig.{field_name} pattern {pat!r} matches no quantizable layer{near(pat, names)}; "
                     f"layers: {', '.join(names[:12])}{' ...' if len(names) > 12 else ''}"
@@ -119,13 +124,14 @@ def plan(gm: torch.fx.GraphModule, exclude: tuple[str, ...], quantize_output: bo
     for n in gm.graph.nodes:
         kind = _kind(gm, n)
         if kind == "weighted":
-            pat = next((x for x in exclude if fnmatch.fnmatchcase(str(n.target), x) or x == str(n.target)), None)
+            name = str(n.target)
+            pat = _first_match(name, exclude)
             if pat is not None:
-                p.excluded[str(n.target)] = f"excluded by QuantConfig.exclude pattern {pat!r}"
+                p.excluded[name] = f"excluded by QuantConfig.exclude pattern {pat!r}"
                 continue
-            p.weighted.append(str(n.target))
-            if any(fnmatch.fnmatchcase(str(n.target), x) or x == str(n.target) for x in int8_layers):
-                p.int8_layers.append(str(n.target))
+            p.weighted.append(name)
+            if _first_match(name, int8_layers):
+                p.int8_layers.append(name)
         elif kind in ("add", "pool", "cat"):
             p.ops.append(n.name)
         else:

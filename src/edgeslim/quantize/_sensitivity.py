@@ -34,9 +34,9 @@ from torch import nn
 from edgeslim.core.config import StrEnum, _coerce_enum
 from edgeslim.core.errors import ConfigError, DataError, EdgeslimError, QuantizationError
 from edgeslim.quantize import _graph
-from edgeslim.quantize._api import (QuantizedModel, QuantReport, _link_input_scales, build_graph, quantize,
-                                    weight_qmax)
-from edgeslim.quantize._config import QuantConfig, QuantMode, WeightRange
+from edgeslim.quantize._api import (QuantizedModel, QuantReport, _link_input_scales, build_graph, fit_weight_scale,
+                                    quantize, weight_qmax, weights_desc)
+from edgeslim.quantize._config import QuantConfig, QuantMode
 from edgeslim.quantize._modules import ActQuant, QuantWeight
 from edgeslim.runtime._runners import positive_int
 
@@ -310,10 +310,9 @@ class _Variants:
         """8-bit weight qmax and scale of a layer, as ``quantize(..., QuantConfig(int8_layers=(name,)))`` sets them."""
         if name not in self._eight:
             qw = self.q.graph_module.get_submodule(name)
-            qmax = weight_qmax(replace(self.config, weight_bits=8, int8_layers=()))
+            qmax = weight_qmax(self.config, 8)
             tmp = QuantWeight(qw.layer, per_channel=qw.per_channel, qmax=qmax)
-            if self.config.weight_range == WeightRange.MSE:
-                tmp.fit_scale_mse()
+            fit_weight_scale(tmp, self.config)
             if float(qw.input_scale) > 0:
                 tmp.set_input_scale(float(qw.input_scale))
             self._eight[name] = (qmax, tmp.scale.clone())
@@ -338,8 +337,8 @@ class _Variants:
         report = QuantReport(
             mode=full.mode, precision=full.precision, calibration=full.calibration,
             calibration_samples=full.calibration_samples,
-            quantized_layers=[{**d, "weights": d["weights"].replace("int4", "int8", 1)} if d["name"] in p.int8_layers
-                              else d for d in full.quantized_layers if d["name"] in set(p.weighted)],
+            quantized_layers=[{**d, "weights": weights_desc(cfg, 8)} if d["name"] in p.int8_layers else d
+                              for d in full.quantized_layers if d["name"] in set(p.weighted)],
             skipped_layers=[{"name": n, "type": type(gm.get_submodule(n)).__name__, "reason": why}
                             for n, why in p.excluded.items()],
             float_ops=[{"node": k, "reason": v} for k, v in p.float_ops.items()],
@@ -492,6 +491,11 @@ def quantize_with_budget(
     sensitivity_report = sensitivity_report.rerank(rank_by)
     order = sensitivity_report.ranking
     steps: dict[int, BudgetStep] = {}
+
+    def split(kept: Sequence[str]) -> tuple[Sequence[str], Sequence[str]]:
+        """The kept layers as (kept in float, kept at 8-bit weights), as the fallback says."""
+        return ((), kept) if fallback == Fallback.INT8 else (kept, ())
+
     with tempfile.TemporaryDirectory(prefix="edgeslim-budget-") if measure_latency else contextlib.nullcontext() as td:
         tmp = Path(td) if td else None
         float_ms = _latency(copy.deepcopy(model), data, tmp / "float.onnx", latency_runs)[0] if tmp else None
@@ -499,7 +503,7 @@ def quantize_with_budget(
         def step(k: int) -> bool:
             if k not in steps:
                 floats = order[:k]
-                f, i8 = ((), floats) if fallback == Fallback.INT8 else (floats, ())
+                f, i8 = split(floats)
                 with v.variant(f, i8) as q:
                     m, sq = ev.score(q)
                 if k == 0:
@@ -537,7 +541,7 @@ def quantize_with_budget(
     done = list(steps.values())
     met = [s for s in done if s.met]
     best = min(met, key=lambda s: s.n_float) if met else min(done, key=lambda s: (s.drop, s.n_float))
-    chosen = v.build(*(((), best.kept_float) if fallback == Fallback.INT8 else (best.kept_float, ())))
+    chosen = v.build(*split(best.kept_float))
     evald = None
     if eval_data is not None:
         fin = _Evaluator(model, eval_data, metric, None)

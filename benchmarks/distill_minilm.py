@@ -388,8 +388,8 @@ def main() -> None:
             torch.manual_seed(0)
             out_s = distill(s, teacher, kd_cfg, data=(train, dev), train_config=tc, checkpoint_dir=work / "kd",
                             progress=False, max_steps_per_epoch=args.pruned_steps or None)
-            steps = args.pruned_steps or -(-len(train) // tc.batch_size)
-            steps = min(steps, -(-len(train) // tc.batch_size))
+            epoch_steps = -(-len(train) // tc.batch_size)
+            steps = min(args.pruned_steps or epoch_steps, epoch_steps)
             train_info[pruned_name] = {
                 "seconds": round(time.perf_counter() - t0, 1), "history": out_s.distill_history,
                 "steps": steps, "rows_seen": min(steps * tc.batch_size, len(train)),

@@ -93,6 +93,9 @@ def main() -> None:
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--variant", action="append", default=[], metavar="LABEL=DIR",
                     help="more fine-tuned pruned models (a prune_fmnist.py --out folder) measured side by side")
+    ap.add_argument("--criteria-from", default="",
+                    help="a prune_fmnist.py --out folder whose criteria rows (e.g. a --criteria-steps 0 run with BN "
+                         "recalibration) are printed and stored beside the fine-tuned criteria table")
     ap.add_argument("--host-note", default="", help="what else the host was doing (recorded in the JSON)")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "prune_fmnist.json"))
@@ -117,6 +120,10 @@ def main() -> None:
         "criteria_model": trained.get("criteria_model"), "criteria_base_accuracy": trained.get("criteria_base_accuracy"),
         "models": {},
     }
+    if args.criteria_from:
+        cj = json.loads((Path(args.criteria_from) / "prune_fmnist_train.json").read_text())
+        result["criteria_extra"] = {"source": args.criteria_from, "settings": cj.get("settings"),
+                                    "base_accuracy": cj.get("criteria_base_accuracy"), "rows": cj.get("criteria", {})}
     extra = {}
     for spec in args.variant:
         label, sep, folder = spec.partition("=")
@@ -180,7 +187,7 @@ def main() -> None:
         for label, tr in result.get("training_variants", {}).items():
             if name in tr:
                 t = tr[name]
-                print(f"   {label}: torch accuracy on 10k val: pruned {t['accuracy_pruned']:.4f}, fine-tuned "
+                print(f"   {label}: torch accuracy on 10k val: {_before(t)}, fine-tuned "
                       f"{t['accuracy_finetuned']:.4f} (drop {t['accuracy_drop_pt']:.2f} pt), MACs -{100 * t['mac_reduction']:.1f}%")
     _print_criteria(result)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -191,7 +198,7 @@ def main() -> None:
 def _print(name: str, rows: dict, threads: list[int], tr: dict | None) -> None:
     print(f"\n== {name} (ORT CPU, batch 1, variants interleaved; load average {os.getloadavg()[0]:.2f})")
     if tr:
-        print(f"   torch accuracy on 10k val: base {tr['accuracy_base']:.4f}, pruned {tr['accuracy_pruned']:.4f}, "
+        print(f"   torch accuracy on 10k val: base {tr['accuracy_base']:.4f}, {_before(tr)}, "
               f"fine-tuned {tr['accuracy_finetuned']:.4f} (drop {tr['accuracy_drop_pt']:.2f} pt)")
     hdr = f"{'variant':18s} {'MACs':>12s} {'MACx':>6s} " + " ".join(
         f"{f'p50 {t}T ms':>11s} {f'speedup {t}T':>11s}" for t in threads) + f" {'size MB':>8s} {'acc':>7s}"
@@ -206,15 +213,30 @@ def _print(name: str, rows: dict, threads: list[int], tr: dict | None) -> None:
         print(line)
 
 
+def _before(t: dict) -> str:
+    """'pruned 0.1000' or 'pruned 0.1000 / BN-recalibrated 0.7920' (the accuracy before fine-tuning)."""
+    s = f"pruned {t['accuracy_pruned']:.4f}"
+    if t.get("accuracy_bn_recalibrated") is not None:
+        s += f" / BN-recalibrated {t['accuracy_bn_recalibrated']:.4f}"
+    return s
+
+
 def _print_criteria(result: dict) -> None:
-    crit = result.get("criteria") or {}
-    if not crit:
-        return
-    print(f"\n== criteria on {result['criteria_model']} (same channel ratio; base accuracy "
-          f"{result['criteria_base_accuracy']:.4f}; torch accuracy on 10k val)")
-    print(f"{'criterion':10s} {'pruned':>8s} {'fine-tuned':>11s}")
-    for k, v in sorted(crit.items(), key=lambda kv: -kv[1]["accuracy_finetuned"]):
-        print(f"{k:10s} {v['accuracy_pruned']:8.4f} {v['accuracy_finetuned']:11.4f}")
+    tables = []
+    if result.get("criteria"):
+        tables.append((result["criteria"], result["criteria_base_accuracy"], "fine-tuned run"))
+    if result.get("criteria_extra", {}).get("rows"):
+        ex = result["criteria_extra"]
+        tables.append((ex["rows"], ex["base_accuracy"], f"from {ex['source']}"))
+    for crit, base, where in tables:
+        print(f"\n== criteria on {result.get('criteria_model') or 'resnet18'} (same channel ratio; base accuracy "
+              f"{base:.4f}; torch accuracy on 10k val; {where})")
+        print(f"{'criterion':10s} {'pruned':>8s} {'BN-recal':>9s} {'fine-tuned':>11s}")
+        key = "accuracy_finetuned" if all("accuracy_finetuned" in v for v in crit.values()) else "accuracy_bn_recalibrated"
+        for k, v in sorted(crit.items(), key=lambda kv: -(kv[1].get(key) or 0)):
+            cols = [v.get("accuracy_bn_recalibrated"), v.get("accuracy_finetuned")]
+            print(f"{k:10s} {v['accuracy_pruned']:8.4f} " + " ".join(
+                f"{c:{w}.4f}" if c is not None else f"{'-':>{w}s}" for c, w in zip(cols, (9, 11))))
 
 
 if __name__ == "__main__":

@@ -129,3 +129,18 @@ def test_a_checkpoint_is_resumed_only_with_the_same_step_cap(tmp_path):
     assert longer.resumed_from_epoch == 0  # another step cap: not the same run, trained afresh
     again = fit(m, train, None, cfg, checkpoint_dir=tmp_path, progress=False, max_steps_per_epoch=3)
     assert again.resumed_from_epoch == 1
+
+
+def test_channels_last_training_matches_the_default_layout():
+    from edgeslim.data import load
+
+    train, val = load("digits")
+    cfg = TrainConfig(epochs=1, lr=0.05, batch_size=32, augment=True, warmup_steps=2)
+    torch.manual_seed(0)
+    m = TinyCNN()
+    a = fit(m, train, val, cfg, progress=False, max_steps_per_epoch=6)
+    b = fit(m, train, val, cfg, progress=False, max_steps_per_epoch=6, channels_last=True)
+    for (name, pa), pb in zip(a.model.state_dict().items(), b.model.state_dict().values()):
+        assert torch.allclose(pa, pb, atol=1e-4), name
+        assert pb.is_contiguous(), name  # handed back in the default layout
+    assert any(not torch.equal(pa, pm) for pa, pm in zip(a.model.parameters(), m.parameters()))  # it trained

@@ -360,10 +360,10 @@ def test_cli_prune_saves_recipe_and_reports_clear_errors(tmp_path, capsys):
     assert count_macs(q, torch.zeros(1, 1, 8, 8)) == res["report"]["macs_after"]
     assert main(args) == 2  # outputs exist: refused without --force, one-line error
     assert "--force" in capsys.readouterr().err
-    assert main(args + ["--force"]) == 0
-    assert "params" in capsys.readouterr().out
+    assert main(args + ["--force", "--recalibrate-bn", "64"]) == 0
+    assert "BatchNorm statistics re-estimated on 64 inputs" in capsys.readouterr().out
     for bad, msg in ((["--target-macs", "1.5"], "target_macs"), (["--importance", "l3"], "l1"),
-                     (["--method", "magnitude"], "target_macs")):
+                     (["--method", "magnitude"], "target_macs"), (["--recalibrate-bn", "-3"], "recalibrate_bn")):
         assert main(args[:5] + ["--out", str(out), "--force"] + (["--target-macs", "0.5"] if "--method" in bad else [])
                     + bad) == 2
         err = capsys.readouterr().err
@@ -403,3 +403,56 @@ def test_bert_heads_and_ffn_removed_reload_and_export(tmp_path):
     torch.onnx.export(Wrap(p), (ids, torch.ones_like(ids)), str(path), input_names=["a", "b"], dynamo=True)
     got = ort.InferenceSession(str(path)).run(None, {"a": ids.numpy(), "b": torch.ones_like(ids).numpy()})[0]
     assert abs(got - out.detach().numpy()).max() < 1e-4
+
+
+# ------------------------------------------------------------------------------------------------ BatchNorm
+def test_bn_recalibration_restores_a_pruned_mobilenet_before_any_fine_tuning():
+    from edgeslim import data, models
+    from edgeslim.train import evaluate
+
+    train, val = data.load("fashion-mnist")
+    base = models.load("mobilenet_v2", "fashion-mnist")
+    state0 = copy.deepcopy(base.state_dict())
+    v = val.take(500, seed=3)
+    x = val.normalized()[:2]
+    plain = prune(base, PruneConfig(ratio=0.3, importance="l2"), example_inputs=x)
+    recal = prune(base, PruneConfig(ratio=0.3, importance="l2", recalibrate_bn=512), example_inputs=x,
+                  data=train.take(2000, seed=1))
+    a_plain, a_recal = evaluate(plain, v), evaluate(recal, v)
+    assert a_plain < 0.3 and a_recal > 0.55, (a_plain, a_recal)  # near chance -> most of the way back
+    sp, sr = plain.state_dict(), recal.state_dict()
+    stats = [k for k in sp if k.endswith(("running_mean", "running_var"))]
+    assert stats and all(not torch.equal(sp[k], sr[k]) for k in stats)
+    assert all(torch.equal(sp[k], sr[k]) for k in sp if k not in stats and not k.endswith("num_batches_tracked"))
+    assert "BatchNorm statistics re-estimated on 512" in recal.prune_report.note
+    assert all(torch.equal(v0, base.state_dict()[k]) for k, v0 in state0.items())  # the input is untouched
+    with pytest.raises(DataError, match="recalibrate_bn=512 needs data="):
+        prune(base, PruneConfig(ratio=0.3, recalibrate_bn=512), example_inputs=x)
+    with pytest.raises(ConfigError, match="recalibrate_bn"):
+        PruneConfig(recalibrate_bn=-1)
+
+
+def test_recalibrate_bn_inputs_modes_and_errors(caplog):
+    from edgeslim.train import recalibrate_bn
+
+    torch.manual_seed(0)
+    m = TinyCNN().train()
+    xs = [torch.randn(8, 1, 8, 8) * 3 + 1 for _ in range(4)]
+    out = recalibrate_bn(m, xs, num_samples=20)
+    assert out.training and out is not m
+    assert out.stem[1].momentum == m.stem[1].momentum == 0.1  # momentum restored
+    with torch.no_grad():  # the plain average of the batch means, over exactly 20 inputs (8 + 8 + 4)
+        want = torch.stack([m.stem[0](b).mean((0, 2, 3)) for b in (xs[0], xs[1], xs[2][:4])]).mean(0)
+    assert torch.allclose(out.stem[1].running_mean, want, atol=1e-5)
+    assert torch.equal(m.stem[1].running_mean, torch.zeros(8))  # input untouched
+    pairs = recalibrate_bn(m.eval(), [(x, torch.zeros(8)) for x in xs], num_samples=20)
+    assert not pairs.training and torch.allclose(pairs.stem[1].running_mean, want, atol=1e-5)
+    with caplog.at_level("WARNING"):
+        same = recalibrate_bn(TinyMLP(), xs)
+    assert "no BatchNorm" in caplog.text and isinstance(same, TinyMLP)
+    with pytest.raises(DataError, match="no inputs"):
+        recalibrate_bn(m, [])
+    with pytest.raises(DataError, match="expected input tensors"):
+        recalibrate_bn(m, [{"x": xs[0]}])
+    with pytest.raises(ConfigError, match="num_samples=0"):
+        recalibrate_bn(m, xs, num_samples=0)

@@ -87,7 +87,7 @@ def cmd_prune(a: argparse.Namespace) -> None:
     changes = {k: v for k, v in {
         "method": a.method, "ratio": a.ratio, "target_macs": a.target_macs, "importance": a.importance,
         "scope": a.scope, "round_to": a.round_to, "heads_ratio": a.heads_ratio,
-        "ignored_layers": tuple(a.ignore) if a.ignore else None,
+        "ignored_layers": tuple(a.ignore) if a.ignore else None, "recalibrate_bn": a.recalibrate_bn,
     }.items() if v is not None}
     if a.ratio is not None and a.target_macs is None:
         changes["target_macs"] = None  # --ratio alone prunes by ratio, even if the YAML set target_macs
@@ -319,6 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--round-to", type=int, help="kept channel counts are multiples of this (default 8)")
     pr.add_argument("--heads-ratio", type=float, help="fraction of attention heads removed (transformers)")
     pr.add_argument("--ignore", action="append", help="module-name glob left unpruned (repeatable)")
+    pr.add_argument("--recalibrate-bn", type=int, metavar="N",
+                    help="re-estimate BatchNorm statistics on N training images after pruning (0: off, the default)")
     pr.add_argument("--out", required=True, help="output folder for <model>-pruned.json/.pt")
     pr.add_argument("--force", action="store_true", help="overwrite existing outputs")
 

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from edgeslim.core.errors import ConfigError, ModelError
+from edgeslim.core.errors import ConfigError, DataError, ModelError
 from edgeslim.core.io import save_torch, write_json
 from edgeslim.prune._config import PruneConfig, PruneMethod, Schedule, Scope
 from edgeslim.prune._sparse import PRUNABLE, attach_mask, get_mask, magnitude_mask, nm_mask
@@ -31,6 +31,7 @@ from edgeslim.prune._structured import (
     snapshot,
     structure_diff,
 )
+from edgeslim.train import TrainConfig, fit, recalibrate_bn
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +100,7 @@ def prune(model: nn.Module, config: PruneConfig = PruneConfig(), *, example_inpu
         example_inputs: a tensor, a tuple of positional inputs or a dict of keyword inputs, used to trace
             the dependency graph and count MACs (batch 1 is used for MACs).
         data: labelled batches (an :class:`~edgeslim.data.ImageDataset` or an iterable of ``(x, y)``) for
-            data-driven criteria (``taylor``).
+            data-driven criteria (``taylor``) and for ``config.recalibrate_bn``.
 
     Returns:
         A new model. ``magnitude``/``nm`` keep masks as weight parametrizations (fine-tuning keeps the zeros;
@@ -108,12 +109,16 @@ def prune(model: nn.Module, config: PruneConfig = PruneConfig(), *, example_inpu
 
     Raises:
         ConfigError: bad config values, globs that match no module, a criterion that needs ``data``.
+        DataError: ``recalibrate_bn`` set without ``data``.
         ModelError: the model cannot be traced or pruned; the message names the module.
     """
     if not isinstance(model, nn.Module):
         raise ModelError(f"prune() needs a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(config, PruneConfig):
         raise ConfigError(f"prune() needs a PruneConfig, got {type(config).__name__}")
+    if config.recalibrate_bn and data is None:
+        raise DataError(f"PruneConfig.recalibrate_bn={config.recalibrate_bn} needs data= (an ImageDataset or an "
+                        "iterable of inputs / (inputs, labels)) to re-estimate BatchNorm statistics on")
     t0 = time.perf_counter()
     model = copy.deepcopy(model)
     prev = list(getattr(getattr(model, "prune_report", None), "recipe", []) or [])
@@ -144,6 +149,9 @@ def prune(model: nn.Module, config: PruneConfig = PruneConfig(), *, example_inpu
         report = _mask_prune(model, config, example_inputs, macs0, params0)
         step = {"method": str(config.method), "config": config.to_dict(),
                 "masked": sorted(n for n, m in model.named_modules() if get_mask(m) is not None)}
+    if config.recalibrate_bn:
+        model = recalibrate_bn(model, data, num_samples=config.recalibrate_bn)
+        report.note += f"; BatchNorm statistics re-estimated on {config.recalibrate_bn} inputs"
     with blame_module(model, "running the pruned model"), torch.no_grad():
         call(model.eval(), example_inputs)
     model.train(was_training)
@@ -331,8 +339,6 @@ def prune_finetune(model: nn.Module, config: PruneConfig, *, train: Any, val: An
     so an interrupted run picks up where it stopped. Returns the final model (with ``prune_report``;
     ``prune_history`` lists each round's MACs and accuracy).
     """
-    from edgeslim.train import TrainConfig, fit
-
     if steps < 1:
         raise ConfigError(f"prune_finetune(steps={steps}) must be >= 1")
     train_config = train_config or TrainConfig(epochs=1)

@@ -62,6 +62,9 @@ class PruneConfig(Config):
         schedule_steps: training steps over which AGP ramps from 0 to ``ratio``.
         schedule_every: AGP recomputes the masks every this many training steps.
         calib_batches: batches of ``data`` used by data-driven criteria (``taylor``).
+        recalibrate_bn: after pruning, re-estimate the BatchNorm running statistics on this many inputs of
+            ``data`` (0: off). Removing channels shifts what every BatchNorm sees; without this a pruned CNN
+            scores near chance until it is fine-tuned (see :func:`edgeslim.train.recalibrate_bn`).
         seed: seeds the ``random`` criterion.
     """
 
@@ -83,6 +86,7 @@ class PruneConfig(Config):
     schedule_steps: int = 1000
     schedule_every: int = 50
     calib_batches: int = 4
+    recalibrate_bn: int = 0
     seed: int = 0
 
     def __hash__(self) -> int:  # layer_ratios is a dict
@@ -130,6 +134,9 @@ class PruneConfig(Config):
             raise self._bad("schedule_every", "must be >= 1")
         if self.calib_batches < 1:
             raise self._bad("calib_batches", "must be >= 1")
+        if not isinstance(self.recalibrate_bn, int) or self.recalibrate_bn < 0:
+            raise self._bad("recalibrate_bn", "must be an integer >= 0 (inputs used to re-estimate BatchNorm "
+                            "statistics; 0 turns it off)")
 
     def to_dict(self) -> dict[str, Any]:
         d = super().to_dict()

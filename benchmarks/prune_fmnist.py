@@ -60,6 +60,9 @@ def main() -> None:
     ap.add_argument("--criteria-ratio", type=float, default=0.3)
     ap.add_argument("--criteria-steps", type=int, default=150,
                     help="fine-tuning steps per criterion (0: no fine-tuning, only the before/BN-recalibrated columns)")
+    ap.add_argument("--random-seeds", default="",
+                    help="more rows of the random criterion with these seeds (e.g. 1,2,3,4): its spread")
+    ap.add_argument("--criteria-only", default="", help="only these criteria (comma-separated; default all)")
     ap.add_argument("--no-criteria", action="store_true", help="skip the criteria table")
     ap.add_argument("--keep-early", action="store_true", help="leave the early layers (EARLY) unpruned")
     ap.add_argument("--round-to", type=int, default=8, help="pruned widths rounded to a multiple of this")
@@ -94,6 +97,7 @@ def main() -> None:
         "settings": vars(args), "train_size": len(train), "val_size": len(val), "models": {}, "criteria": {},
     }
     prev = out / "prune_fmnist_train.json"
+    prev_criteria = _earlier_criteria(args)  # read before this run rewrites the file
     if prev.is_file():  # resume: models an earlier run finished in this folder are kept (each with its settings)
         results["models"] = {k: v for k, v in json.loads(prev.read_text()).get("models", {}).items()
                              if (out / f"{k}-pruned.json").is_file()}
@@ -138,7 +142,7 @@ def main() -> None:
                  acc_pruned, acc_bn, acc_tuned, 100 * rep.mac_reduction)
         (out / "prune_fmnist_train.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
     if not args.no_criteria:
-        _criteria(args, results, train, val, x, max_steps)
+        _criteria(args, results, train, val, x, max_steps, prev_criteria)
     results["seconds_total"] = round(time.perf_counter() - t_all, 1)
     (out / "prune_fmnist_train.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
     print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk.startswith("acc") or kk == "mac_reduction"}
@@ -147,7 +151,7 @@ def main() -> None:
     print(f"total {results['seconds_total']} s")
 
 
-def _criteria(args, results: dict, train, val, x, max_steps) -> None:
+def _criteria(args, results: dict, train, val, x, max_steps, prev: dict) -> None:
     """Criteria table: same channel ratio, same short fine-tune, one row per registered criterion; accuracy right
     after pruning, after BatchNorm recalibration (EagleEye's adaptive BN, no training) and after fine-tuning."""
     name = args.criteria_model
@@ -156,9 +160,14 @@ def _criteria(args, results: dict, train, val, x, max_steps) -> None:
     base = base.cpu()
     results["criteria_model"] = name
     results["criteria_base_accuracy"] = acc_base
-    for crit in IMPORTANCE.names():
+    rows = [(c, c, 0) for c in IMPORTANCE.names() if not args.criteria_only or c in args.criteria_only.split(",")]
+    rows += [(f"random_seed{s}", "random", s) for s in (int(v) for v in args.random_seeds.split(",") if v)]
+    for label, crit, seed in rows:
+        if label in prev:  # resume: rows an earlier run of this folder finished
+            results["criteria"][label] = prev[label]
+            continue
         t0 = time.perf_counter()
-        cfg = PruneConfig(method="channel", ratio=args.criteria_ratio, importance=crit)
+        cfg = PruneConfig(method="channel", ratio=args.criteria_ratio, importance=crit, seed=seed)
         pruned = prune(base, cfg, example_inputs=x, data=train.take(512))
         acc0 = _eval(pruned, val, args.device)
         row = {"accuracy_pruned": acc0, "macs": count_macs(pruned.cpu(), x), "ratio": args.criteria_ratio}
@@ -173,8 +182,21 @@ def _criteria(args, results: dict, train, val, x, max_steps) -> None:
             row["accuracy_finetuned"] = _eval(res.model, val, args.device)
             row["finetune_steps"] = steps
         row["seconds"] = round(time.perf_counter() - t0, 1)
-        results["criteria"][crit] = row
-        log.info("criterion %s: %s", crit, {k: v for k, v in row.items() if k.startswith("acc")})
+        results["criteria"][label] = row
+        log.info("criterion %s: %s", label, {k: v for k, v in row.items() if k.startswith("acc")})
+        (Path(args.out) / "prune_fmnist_train.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+
+
+def _earlier_criteria(args) -> dict:
+    """Criteria rows an earlier run with the same ratio, steps and BN recalibration wrote to ``--out``."""
+    f = Path(args.out) / "prune_fmnist_train.json"
+    if not f.is_file():
+        return {}
+    old = json.loads(f.read_text())
+    keys = ("criteria_ratio", "criteria_steps", "recalibrate_bn", "criteria_model")
+    if any(old.get("settings", {}).get(k) != getattr(args, k) for k in keys):
+        return {}
+    return old.get("criteria", {})
 
 
 if __name__ == "__main__":

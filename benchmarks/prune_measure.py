@@ -231,11 +231,12 @@ def _print_criteria(result: dict) -> None:
     for crit, base, where in tables:
         print(f"\n== criteria on {result.get('criteria_model') or 'resnet18'} (same channel ratio; base accuracy "
               f"{base:.4f}; torch accuracy on 10k val; {where})")
-        print(f"{'criterion':10s} {'pruned':>8s} {'BN-recal':>9s} {'fine-tuned':>11s}")
-        key = "accuracy_finetuned" if all("accuracy_finetuned" in v for v in crit.values()) else "accuracy_bn_recalibrated"
+        print(f"{'criterion':13s} {'pruned':>8s} {'BN-recal':>9s} {'fine-tuned':>11s}")
+        tuned = all("accuracy_finetuned" in v for v in crit.values())
+        key = "accuracy_finetuned" if tuned else "accuracy_bn_recalibrated"
         for k, v in sorted(crit.items(), key=lambda kv: -(kv[1].get(key) or 0)):
             cols = [v.get("accuracy_bn_recalibrated"), v.get("accuracy_finetuned")]
-            print(f"{k:10s} {v['accuracy_pruned']:8.4f} " + " ".join(
+            print(f"{k:13s} {v['accuracy_pruned']:8.4f} " + " ".join(
                 f"{c:{w}.4f}" if c is not None else f"{'-':>{w}s}" for c, w in zip(cols, (9, 11))))
 
 

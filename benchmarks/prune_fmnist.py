@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from edgeslim import data, models  # noqa: E402
+from edgeslim.core.io import write_json  # noqa: E402
 from edgeslim.prune import IMPORTANCE, PruneConfig, count_macs, prune, save_pruned  # noqa: E402
 from edgeslim.train import TrainConfig, evaluate, fit, recalibrate_bn  # noqa: E402
 
@@ -96,15 +97,15 @@ def main() -> None:
                  "gpu": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else None},
         "settings": vars(args), "train_size": len(train), "val_size": len(val), "models": {}, "criteria": {},
     }
-    prev = out / "prune_fmnist_train.json"
-    prev_criteria = _earlier_criteria(args)  # read before this run rewrites the file
-    if prev.is_file():  # resume: models an earlier run finished in this folder are kept (each with its settings)
-        results["models"] = {k: v for k, v in json.loads(prev.read_text()).get("models", {}).items()
-                             if (out / f"{k}-pruned.json").is_file()}
+    state = out / "prune_fmnist_train.json"  # rewritten (atomically) after every model and criterion
+    earlier = json.loads(state.read_text()) if state.is_file() else {}
+    # resume: models an earlier run finished in this folder are kept (each with its settings), and criteria rows
+    results["models"] = {k: v for k, v in earlier.get("models", {}).items() if (out / f"{k}-pruned.json").is_file()}
+    prev_criteria = _earlier_criteria(args, earlier)
     t_all = time.perf_counter()
     for name in [m for m in args.models.split(",") if m]:
         if name in results["models"]:
-            log.info("%s: done in an earlier run (%s), kept", name, prev)
+            log.info("%s: done in an earlier run (%s), kept", name, state)
             continue
         t0 = time.perf_counter()
         base = models.load(name, "fashion-mnist")
@@ -140,18 +141,18 @@ def main() -> None:
         }
         log.info("%s: base %.4f, pruned %.4f, BN-recalibrated %s, fine-tuned %.4f, MACs -%.1f%%", name, acc_base,
                  acc_pruned, acc_bn, acc_tuned, 100 * rep.mac_reduction)
-        (out / "prune_fmnist_train.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+        write_json(state, results, force=True)
     if not args.no_criteria:
-        _criteria(args, results, train, val, x, max_steps, prev_criteria)
+        _criteria(args, results, train, val, x, prev_criteria, state)
     results["seconds_total"] = round(time.perf_counter() - t_all, 1)
-    (out / "prune_fmnist_train.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    write_json(state, results, force=True)
     print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk.startswith("acc") or kk == "mac_reduction"}
                       for k, v in results["models"].items()}, indent=1))
     print(json.dumps(results["criteria"], indent=1))
     print(f"total {results['seconds_total']} s")
 
 
-def _criteria(args, results: dict, train, val, x, max_steps, prev: dict) -> None:
+def _criteria(args, results: dict, train, val, x, prev: dict, state: Path) -> None:
     """Criteria table: same channel ratio, same short fine-tune, one row per registered criterion; accuracy right
     after pruning, after BatchNorm recalibration (EagleEye's adaptive BN, no training) and after fine-tuning."""
     name = args.criteria_model
@@ -184,19 +185,16 @@ def _criteria(args, results: dict, train, val, x, max_steps, prev: dict) -> None
         row["seconds"] = round(time.perf_counter() - t0, 1)
         results["criteria"][label] = row
         log.info("criterion %s: %s", label, {k: v for k, v in row.items() if k.startswith("acc")})
-        (Path(args.out) / "prune_fmnist_train.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+        write_json(state, results, force=True)
 
 
-def _earlier_criteria(args) -> dict:
-    """Criteria rows an earlier run with the same ratio, steps and BN recalibration wrote to ``--out``."""
-    f = Path(args.out) / "prune_fmnist_train.json"
-    if not f.is_file():
-        return {}
-    old = json.loads(f.read_text())
+def _earlier_criteria(args, earlier: dict) -> dict:
+    """Criteria rows of an earlier run in ``--out`` (``earlier``, its JSON) with the same ratio, steps, BN
+    recalibration and model; none otherwise."""
     keys = ("criteria_ratio", "criteria_steps", "recalibrate_bn", "criteria_model")
-    if any(old.get("settings", {}).get(k) != getattr(args, k) for k in keys):
+    if any(earlier.get("settings", {}).get(k) != getattr(args, k) for k in keys):
         return {}
-    return old.get("criteria", {})
+    return earlier.get("criteria", {})
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 import edgeslim as es  # noqa: E402
 from edgeslim import data, models  # noqa: E402
+from edgeslim.core.io import write_json  # noqa: E402
 from edgeslim.prune import PruneConfig, count_macs, load_pruned, prune, sparse_storage, strip_masks  # noqa: E402
 
 log = logging.getLogger("prune_measure")
@@ -146,7 +147,8 @@ def main() -> None:
         variants = {"base_fp32": base, "pruned_fp32": pruned}
         for label, folder in extra.items():
             if (folder / f"{name}-pruned.json").is_file():
-                variants[f"pruned_{label}_fp32"] = load_pruned(models.build(name, "fashion-mnist"), folder / f"{name}-pruned")
+                variants[f"pruned_{label}_fp32"] = load_pruned(models.build(name, "fashion-mnist"),
+                                                               folder / f"{name}-pruned")
             else:
                 log.warning("%s: no %s-pruned.json in %s (variant %s skipped)", name, name, folder, label)
         paths = {k: export_onnx(m, work / f"{name}-{k}.onnx", example) for k, m in variants.items()}
@@ -187,11 +189,10 @@ def main() -> None:
         for label, tr in result.get("training_variants", {}).items():
             if name in tr:
                 t = tr[name]
-                print(f"   {label}: torch accuracy on 10k val: {_before(t)}, fine-tuned "
-                      f"{t['accuracy_finetuned']:.4f} (drop {t['accuracy_drop_pt']:.2f} pt), MACs -{100 * t['mac_reduction']:.1f}%")
+                print(f"   {label}: torch accuracy on 10k val: {_before(t)}, fine-tuned {t['accuracy_finetuned']:.4f} "
+                      f"(drop {t['accuracy_drop_pt']:.2f} pt), MACs -{100 * t['mac_reduction']:.1f}%")
     _print_criteria(result)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2, default=str) + "\n")
+    write_json(args.out, result, force=True)
     print(f"\nwrote {args.out}")
 
 

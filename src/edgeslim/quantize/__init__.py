@@ -17,6 +17,6 @@ from edgeslim.quantize._sensitivity import (
 __all__ = [
     "CALIBRATORS", "ActQuant", "ActivationType", "BudgetResult", "BudgetSearch", "BudgetStep", "Fallback",
     "LayerSensitivity", "Observer", "QATConfig", "QATMethod", "QuantConfig", "QuantMode", "QuantReport", "QuantWeight",
-    "QuantizedModel", "RankBy", "SensitivityMode", "SensitivityReport", "Stats", "WeightRange", "qat", "quantize", "quantize_with_budget",
-    "restore_quantized", "save_quantized", "sensitivity",
+    "QuantizedModel", "RankBy", "SensitivityMode", "SensitivityReport", "Stats", "WeightRange", "qat", "quantize",
+    "quantize_with_budget", "restore_quantized", "save_quantized", "sensitivity",
 ]

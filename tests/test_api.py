@@ -9,11 +9,11 @@ def test_public_surface_is_pinned():
         "Artifact", "ClusterConfig", "ConfigError", "DataError", "DistillConfig", "EdgeslimError", "ExportError",
         "FactorizeConfig", "Figure", "Metrics", "ModelError", "OutputExistsError", "PruneConfig", "QuantConfig",
         "QuantizationError", "QuantizedModel", "RuntimeBackendError", "SeparableConfig", "TieConfig", "TrainConfig",
-        "ValidationFloors", "__version__", "cluster", "data", "devices", "distill", "export", "factorize", "measure",
-        "models", "prune", "quantize", "report", "separable", "share", "tie_layers",
+        "ValidationFloors", "__version__", "cluster", "data", "devices", "distill", "export", "factorize", "load",
+        "measure", "models", "prune", "quantize", "report", "save", "separable", "share", "tie_layers",
     ])
     for name in ("quantize", "export", "measure", "report", "prune", "distill", "cluster", "tie_layers", "factorize",
-                 "separable"):
+                 "separable", "save", "load"):
         assert callable(getattr(edgeslim, name)), name
 
 

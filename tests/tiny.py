@@ -157,3 +157,26 @@ class TinyRepeatBN(nn.Module):
     @staticmethod
     def example_inputs(batch: int = 4) -> torch.Tensor:
         return torch.randn(batch, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+
+
+class TinyBlocks(nn.Module):
+    """A conv stem, two identical Conv-BN-ReLU blocks (tie-able) under a residual add, a depthwise conv, pooling and
+    a two-layer head (1x8x8 input): every technique has something to work on."""
+
+    def __init__(self, width: int = 16, num_classes: int = 10) -> None:
+        super().__init__()
+        w = width
+        self.stem = nn.Sequential(nn.Conv2d(1, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU())
+        self.blocks = nn.Sequential(*[
+            nn.Sequential(nn.Conv2d(w, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU()) for _ in range(2)])
+        self.dw = nn.Sequential(nn.Conv2d(w, w, 3, padding=1, groups=w, bias=False), nn.BatchNorm2d(w), nn.ReLU())
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(w, 16), nn.ReLU(),
+                                  nn.Linear(16, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.stem(x)
+        return self.head(self.dw(y + self.blocks(y)))
+
+    @staticmethod
+    def example_inputs(batch: int = 4) -> torch.Tensor:
+        return torch.randn(batch, 1, 8, 8, generator=torch.Generator().manual_seed(0))

@@ -41,11 +41,16 @@ class Placement:
 
 
 def trace_and_fold(model: nn.Module) -> torch.fx.GraphModule:
-    """Symbolically trace an eval-mode copy of ``model`` and fold BatchNorm into the preceding convs."""
+    """Symbolically trace an eval-mode copy of ``model`` and fold BatchNorm into the preceding convs.
+
+    Layers that compute their weight (masks, codebooks) are made dense first, in ``model`` itself: pass a copy.
+    """
     from torch.fx.experimental.optimization import fuse
 
+    from edgeslim.core.recipe import materialize
+
     try:
-        return fuse(model.eval(), inplace=False)
+        return fuse(materialize(model).eval(), inplace=False)
     except Exception as e:  # torch.fx raises many types on untraceable code
         raise QuantizationError(
             f"cannot trace {type(model).__name__} with torch.fx ({type(e).__name__}: {e}); "

@@ -28,7 +28,7 @@ class ShareReport:
         totals: model-level figures (params before/after, MACs before/after when example inputs were given).
     """
 
-    technique: str
+    technique: str  # the Report protocol's name of the verb (edgeslim.core.report)
     config: dict[str, Any]
     layers: list[dict[str, Any]] = field(default_factory=list)
     totals: dict[str, Any] = field(default_factory=dict)

@@ -23,8 +23,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from edgeslim.core import recipe as _recipe
 from edgeslim.core.config import Config, StrEnum
 from edgeslim.core.errors import ConfigError
+from edgeslim.core.verbs import check_config
 from edgeslim.share._common import ShareReport, check_patterns, example_batch, macs, n_params, select, set_module
 
 log = logging.getLogger(__name__)
@@ -164,13 +166,14 @@ def _skipped(report, config, name: str, why: str, action: str) -> bool:
     report.skip(name, why)
     return True
 
-def factorize(model: nn.Module, config: FactorizeConfig = FactorizeConfig(), *,
+def factorize(model: nn.Module, config: FactorizeConfig = FactorizeConfig(), *, data: Any = None,
               example_inputs: torch.Tensor | None = None) -> nn.Module:
     """Replace Linear/conv layers by two low-rank layers (truncated SVD).
 
     Args:
         model: the model (not modified).
         config: the :class:`FactorizeConfig`.
+        data: not used (the factorization reads the weights); accepted so every verb has the same shape.
         example_inputs: optional input batch; with it the report holds the model's MACs before and after.
 
     Returns:
@@ -181,6 +184,8 @@ def factorize(model: nn.Module, config: FactorizeConfig = FactorizeConfig(), *,
         ConfigError: a named layer that cannot be factorized by the method (the message names it), a rank out of
             range, a mac_ratio that needs rank < 1, or a pattern that matches nothing.
     """
+    check_config(config, FactorizeConfig, "factorize")
+    _recipe.check_next(model, "factorize")
     src = model
     model = copy.deepcopy(model)
     method = FactorizeMethod(config.method)
@@ -205,6 +210,18 @@ def factorize(model: nn.Module, config: FactorizeConfig = FactorizeConfig(), *,
             log.warning("factorize: %s at rank %d costs more MACs than the dense layer (%.2fx)", name, r,
                         r * unit / cost)
     _finish(model, report, before, example_inputs, src)
+    ranks = {row["name"]: row["rank"] for row in report.done()}
+    return _recipe.record(model, "factorize", config, {"ranks": ranks}, report)
+
+
+@_recipe.STEPS.register("factorize")
+def _replay_factorize(model: nn.Module, step: dict) -> nn.Module:
+    """Replace the recorded layers by low-rank pairs of the recorded ranks (values come from the state_dict)."""
+    method = FactorizeMethod(step["config"].get("method", "svd"))
+    for name, r in step.get("state", {}).get("ranks", {}).items():
+        m = model.get_submodule(name)
+        mat, _, _ = _matrix(m, method)
+        set_module(model, name, _two_layers(m, method, torch.zeros(mat.shape[0], r), torch.zeros(r, mat.shape[1]), r))
     return model
 
 
@@ -322,6 +339,8 @@ def separable(model: nn.Module, config: SeparableConfig = SeparableConfig(), *, 
         ConfigError: a named layer that cannot be replaced (the message names it), a multiplier out of range,
             or a pattern that matches nothing. DataError: ``fit="activations"`` without data.
     """
+    check_config(config, SeparableConfig, "separable")
+    _recipe.check_next(model, "separable")
     src = model
     model = copy.deepcopy(model)
     chosen = select(model, config.layers, config.skip, lambda m: isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)),
@@ -365,4 +384,13 @@ def separable(model: nn.Module, config: SeparableConfig = SeparableConfig(), *, 
         report.add(name, **row, params_before=m.weight.numel(), params_after=sum(l.weight.numel() for l in new),
                    mac_ratio=round(unit / (out * inp * kh * kw), 4))
     _finish(model, report, before, example_inputs, src)
+    return _recipe.record(model, "separable", config, {"layers": [row["name"] for row in report.done()]}, report)
+
+
+@_recipe.STEPS.register("separable")
+def _replay_separable(model: nn.Module, step: dict) -> nn.Module:
+    """Replace the recorded convolutions by depthwise + pointwise pairs (values come from the state_dict)."""
+    mult = int(step["config"].get("multiplier", 1))
+    for name in step.get("state", {}).get("layers", []):
+        set_module(model, name, _separate(model.get_submodule(name), mult))
     return model

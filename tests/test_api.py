@@ -6,7 +6,8 @@ import edgeslim
 
 def test_public_surface_is_pinned():
     assert sorted(edgeslim.__all__) == sorted([
-        "Artifact", "ClusterConfig", "ConfigError", "DataError", "DistillConfig", "EdgeslimError", "ExportError",
+        "Artifact", "BudgetConfig", "ClusterConfig", "ConfigError", "DataError", "DistillConfig", "EdgeslimError",
+        "ExportError",
         "FactorizeConfig", "Figure", "Metrics", "ModelError", "OutputExistsError", "PruneConfig", "QuantConfig",
         "QuantizationError", "QuantizedModel", "RuntimeBackendError", "SeparableConfig", "TieConfig", "TrainConfig",
         "ValidationFloors", "__version__", "cluster", "data", "devices", "distill", "export", "factorize", "load",

@@ -38,6 +38,7 @@ from edgeslim.prune._api import prune
 from edgeslim.prune._config import PruneConfig
 from edgeslim.quantize._api import QuantizedModel, quantize
 from edgeslim.quantize._config import QuantConfig
+from edgeslim.quantize._sensitivity import BudgetConfig
 from edgeslim.report._api import report
 from edgeslim.share import (
     ClusterConfig,
@@ -56,7 +57,8 @@ from edgeslim.train._trainer import TrainConfig
 from edgeslim import data, devices, models, share  # noqa: E402  (subpackages users reach as edgeslim.data, ...)
 
 __all__ = [
-    "Artifact", "ClusterConfig", "ConfigError", "DataError", "DistillConfig", "EdgeslimError", "ExportError",
+    "Artifact", "BudgetConfig", "ClusterConfig", "ConfigError", "DataError", "DistillConfig", "EdgeslimError",
+    "ExportError",
     "FactorizeConfig", "Figure", "Metrics", "ModelError", "OutputExistsError", "PruneConfig", "QuantConfig",
     "QuantizationError", "QuantizedModel", "RuntimeBackendError", "SeparableConfig", "TieConfig", "TrainConfig",
     "ValidationFloors", "__version__", "cluster", "data", "devices", "distill", "export", "factorize", "load",

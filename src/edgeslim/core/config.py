@@ -1,7 +1,8 @@
 """Frozen, validated config dataclasses that round-trip to dict and YAML.
 
 Each technique's config subclasses :class:`Config`. Fields hold plain data only (numbers, strings,
-str Enums, tuples of those); runtime objects such as data or teachers are arguments of the verb.
+str Enums, tuples of those, nested configs); runtime objects such as data or teachers are arguments of the verb.
+A nested config field accepts a mapping of its fields (as YAML gives it) and writes one.
 Enum fields accept plain strings; ``from_dict`` rejects unknown keys and names the valid ones.
 """
 
@@ -63,6 +64,7 @@ class Config:
                     break
             if isinstance(value, list):
                 object.__setattr__(self, f.name, tuple(value))
+        _build_nested(self, hints)
         self.validate()
 
     def validate(self) -> None:
@@ -75,7 +77,9 @@ class Config:
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
-            if isinstance(v, enum.Enum):
+            if isinstance(v, Config):
+                v = v.to_dict()
+            elif isinstance(v, enum.Enum):
                 v = v.value
             elif isinstance(v, tuple):
                 v = [x.value if isinstance(x, enum.Enum) else x for x in v]
@@ -116,6 +120,28 @@ class Config:
 
     def replace(self: C, **changes: Any) -> C:
         return dataclasses.replace(self, **changes)
+
+
+def _build_nested(cfg: Config, hints: dict[str, Any]) -> None:
+    """Nested configs: a field whose type hint is a :class:`Config` subclass accepts a mapping of that config's
+    fields (as read from YAML) and holds the config built from it; any other value but an instance is refused."""
+    for f in dataclasses.fields(cfg):
+        types = _candidate_types(hints.get(f.name))
+        sub = next((t for t in types if isinstance(t, type) and issubclass(t, Config)), None)
+        value = getattr(cfg, f.name)
+        if sub is None or isinstance(value, sub) or (value is None and type(None) in types):
+            continue
+        where, allowed = f"{type(cfg).__name__}.{f.name}", f"use a {sub.__name__} or a mapping of its fields"
+        if isinstance(value, Config):
+            raise ConfigError(f"{where} is a {type(value).__name__}; {allowed}")
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}={_short(value)} is not allowed; {allowed}")
+        object.__setattr__(cfg, f.name, sub.from_dict(value, source=where))
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _candidate_types(hint: Any) -> list[Any]:

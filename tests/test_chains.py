@@ -11,7 +11,7 @@ import torch
 import edgeslim as es
 from edgeslim.core.recipe import FORBIDDEN
 from edgeslim.distill import DistillConfig
-from edgeslim.quantize import quantize_with_budget
+from edgeslim.quantize import BudgetConfig, quantize_with_budget
 from edgeslim.share import ClusterConfig, FactorizeConfig, SeparableConfig, TieConfig
 from edgeslim.train import TrainConfig, fit
 from tiny import TinyBlocks
@@ -29,11 +29,12 @@ STEPS = {
         max_steps_per_epoch=2, progress=False)),
     "cluster": ("cluster", lambda m, d: es.cluster(m, ClusterConfig(clusters=4))),
     "tie_layers": ("tie", lambda m, d: es.tie_layers(m, TieConfig(auto=True))),
-    "factorize": ("factorize", lambda m, d: es.factorize(m, FactorizeConfig(rank=4))),
+    "factorize": ("factorize", lambda m, d: es.factorize(m, FactorizeConfig(rank=4, skip=("stem.*",)))),
     "separable": ("separable", lambda m, d: es.separable(m, SeparableConfig())),
     "quantize static": ("quantize", lambda m, d: es.quantize(m, es.QuantConfig(num_samples=64), data=d["train"])),
     "quantize with budget": ("quantize", lambda m, d: quantize_with_budget(
-        m, es.QuantConfig(num_samples=64), calib=d["train"], data=d["score"], max_accuracy_drop=0.05).model),
+        m, BudgetConfig(max_accuracy_drop=0.05, quant=es.QuantConfig(num_samples=64)),
+        data=(d["train"], d["score"])).model),
 }
 
 

@@ -42,7 +42,7 @@ from edgeslim.core.config import Config, StrEnum, _coerce_enum
 from edgeslim.core.errors import ConfigError, DataError, EdgeslimError, QuantizationError
 from edgeslim.quantize import _graph
 from edgeslim.quantize._api import (QuantizedModel, QuantReport, _link_input_scales, build_graph, fit_weight_scale,
-                                    quantize, weight_qmax, weights_desc)
+                                    quantize, record_quantized, weight_qmax, weights_desc)
 from edgeslim.quantize._config import QuantConfig, QuantMode
 from edgeslim.quantize._modules import ActQuant, QuantWeight
 from edgeslim.runtime._runners import positive_int
@@ -318,7 +318,7 @@ class _Variants:
 
     def __init__(self, model: nn.Module, config: QuantConfig, calib: Any) -> None:
         self.model, self.config = model, config
-        self.q = quantize(model, config, calib=calib)
+        self.q = quantize(model, config, data=calib)
         self.layers = {d["name"]: d for d in self.q.report.quantized_layers}
         self.folded = _graph.trace_and_fold(copy.deepcopy(model))
         gm = self.q.graph_module
@@ -403,7 +403,7 @@ class _Variants:
             float_ops=[{"node": k, "reason": v} for k, v in p.float_ops.items()],
             activations=[a for a in full.activations if a["value"] in values],
         )
-        return QuantizedModel(gm, cfg, report).eval()
+        return record_quantized(QuantizedModel(gm, cfg, report).eval(), self.model)
 
 
 def sensitivity(

@@ -26,6 +26,7 @@ from torch import nn
 from edgeslim.core import recipe as _recipe
 from edgeslim.core.config import Config, StrEnum
 from edgeslim.core.errors import ConfigError
+from edgeslim.core.masks import mask_of, strip_masks
 from edgeslim.core.verbs import check_config
 from edgeslim.share._common import ShareReport, check_patterns, example_batch, macs, n_params, select, set_module
 
@@ -84,7 +85,7 @@ def _why_not(m: nn.Module, method: FactorizeMethod) -> str | None:
     if isinstance(m, nn.Linear):
         return "spatial_svd applies to kxk convolutions, not Linear (use method='svd')" if (
             method == FactorizeMethod.SPATIAL_SVD) else None
-    if type(m) is not nn.Conv2d:
+    if _dense_type(m) is not nn.Conv2d:
         return f"{type(m).__name__} is not a Linear or Conv2d layer"
     if m.groups != 1:
         return f"grouped/depthwise convolution (groups={m.groups})"
@@ -157,6 +158,21 @@ def _finish(model: nn.Module, report: ShareReport, before: int, x: torch.Tensor 
 
 
 
+def _dense_type(m: nn.Module) -> type:
+    """The layer's own class (a masked layer's class is a parametrized subclass of it)."""
+    return type(m).__bases__[0] if mask_of(m) is not None else type(m)
+
+
+def _bake_mask(m: nn.Module) -> dict[str, Any]:
+    """Bake a pruning mask into ``m``'s weight in place; the report says the sparsity is not kept (the new
+    layers are dense)."""
+    mask = mask_of(m)
+    if mask is None:
+        return {}
+    strip_masks(m)
+    return {"mask_baked": f"was {1 - float(mask.float().mean()):.0%} sparse; the replacement layers are dense"}
+
+
 def _skipped(report, config, name: str, why: str, action: str) -> bool:
     """Record a layer that cannot be changed: an error when the user named it, a report entry otherwise."""
     if not why:
@@ -196,6 +212,7 @@ def factorize(model: nn.Module, config: FactorizeConfig = FactorizeConfig(), *, 
     for name, m in chosen:
         if _skipped(report, config, name, _why_not(m, method), f"factorize layer {name!r} with method={method.value!r}"):
             continue
+        sparse = _bake_mask(m)
         mat, cost, unit = _matrix(m, method)
         u, s, vh = torch.linalg.svd(mat, full_matrices=False)
         r = _choose_rank(name, s, cost, unit, config)
@@ -205,7 +222,7 @@ def factorize(model: nn.Module, config: FactorizeConfig = FactorizeConfig(), *, 
         p_before, p_after = m.weight.numel(), sum(l.weight.numel() for l in new)
         report.add(name, rank=r, full_rank=len(s), energy=round(float((s[:r] ** 2).sum() / (s**2).sum()), 6),
                    params_before=p_before, params_after=p_after, mac_ratio=round(r * unit / cost, 4),
-                   larger=r * unit > cost)
+                   larger=r * unit > cost, **sparse)
         if r * unit > cost:
             log.warning("factorize: %s at rank %d costs more MACs than the dense layer (%.2fx)", name, r,
                         r * unit / cost)
@@ -270,7 +287,7 @@ class SeparableConfig(Config):
 
 
 def _why_not_separable(m: nn.Module) -> str | None:
-    if type(m) is not nn.Conv2d:
+    if _dense_type(m) is not nn.Conv2d:
         return f"{type(m).__name__} is not a Conv2d"
     if m.groups != 1:
         return f"already grouped/depthwise (groups={m.groups})"
@@ -365,6 +382,7 @@ def separable(model: nn.Module, config: SeparableConfig = SeparableConfig(), *, 
     for name, m in chosen:
         if _skipped(report, config, name, _why_not_separable(m), f"make layer {name!r} depthwise-separable"):
             continue
+        sparse = _bake_mask(m)
         out, inp, kh, kw = m.weight.shape
         if config.multiplier > min(out, kh * kw):
             raise ConfigError(f"SeparableConfig.multiplier={config.multiplier} is out of range for layer {name!r}: "
@@ -381,7 +399,8 @@ def separable(model: nn.Module, config: SeparableConfig = SeparableConfig(), *, 
                                                              config.seed), 6)
         set_module(model, name, new)
         unit = inp * config.multiplier * (kh * kw + out)
-        report.add(name, **row, params_before=m.weight.numel(), params_after=sum(l.weight.numel() for l in new),
+        report.add(name, **row, **sparse, params_before=m.weight.numel(),
+                   params_after=sum(l.weight.numel() for l in new),
                    mac_ratio=round(unit / (out * inp * kh * kw), 4))
     _finish(model, report, before, example_inputs, src)
     return _recipe.record(model, "separable", config, {"layers": [row["name"] for row in report.done()]}, report)

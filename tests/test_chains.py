@@ -29,7 +29,7 @@ STEPS = {
         max_steps_per_epoch=2, progress=False)),
     "cluster": ("cluster", lambda m, d: es.cluster(m, ClusterConfig(clusters=4))),
     "tie_layers": ("tie", lambda m, d: es.tie_layers(m, TieConfig(auto=True))),
-    "factorize": ("factorize", lambda m, d: es.factorize(m, FactorizeConfig(rank=4, skip=("stem.*",)))),
+    "factorize": ("factorize", lambda m, d: es.factorize(m, FactorizeConfig(rank=4, exclude=("stem.*",)))),
     "separable": ("separable", lambda m, d: es.separable(m, SeparableConfig())),
     "quantize static": ("quantize", lambda m, d: es.quantize(m, es.QuantConfig(num_samples=64), data=d["train"])),
     "quantize with budget": ("quantize", lambda m, d: quantize_with_budget(

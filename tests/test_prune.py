@@ -71,7 +71,7 @@ def test_config_errors_name_field_and_allowed_values():
 
 def test_config_round_trips_yaml():
     cfg = PruneConfig(method="channel", target_macs=0.4, importance="fpgm", scope="global",
-                      layer_ratios={"features.4": 0.2}, ignored_layers=("classifier",))
+                      layer_ratios={"features.4": 0.2}, exclude=("classifier",))
     assert PruneConfig.from_yaml(cfg.to_yaml()) == cfg
     assert PruneConfig.from_dict(cfg.to_dict()) == cfg
 
@@ -123,11 +123,11 @@ def test_taylor_needs_data():
 
 def test_ignored_layers_and_unknown_names():
     model = _small_cnn()
-    p = prune(model, PruneConfig(ratio=0.5, round_to=8, ignored_layers=("features.0",)), example_inputs=_x())
+    p = prune(model, PruneConfig(ratio=0.5, round_to=8, exclude=("features.0",)), example_inputs=_x())
     assert p.features[0].out_channels == 16
     assert "features.0" in p.prune_report.ignored
     with pytest.raises(ConfigError, match=r"'featurs.0' matches no module.*did you mean 'features.0'"):
-        prune(model, PruneConfig(ignored_layers=("featurs.0",)), example_inputs=_x())
+        prune(model, PruneConfig(exclude=("featurs.0",)), example_inputs=_x())
 
 
 def test_layer_ratio_caps_and_overrides():
@@ -456,3 +456,10 @@ def test_recalibrate_bn_inputs_modes_and_errors(caplog):
         recalibrate_bn(m, [{"x": xs[0]}])
     with pytest.raises(ConfigError, match="num_samples=0"):
         recalibrate_bn(m, xs, num_samples=0)
+
+
+def test_old_field_names_still_work_for_one_release():
+    with pytest.warns(DeprecationWarning, match="ignored_layers is deprecated; use exclude="):
+        cfg = PruneConfig(ignored_layers=("features.0",))
+    assert cfg.exclude == ("features.0",) and "ignored_layers" not in cfg.to_dict()
+    assert PruneConfig.from_yaml(cfg.to_yaml()) == cfg

@@ -213,7 +213,7 @@ def test_saved_quantized_model_replays_exactly(tmp_path, digits_model):
     q = quantize(model, QuantConfig(num_samples=128, exclude=("fc",)), calib=train)
     path = save_quantized(q, tmp_path / "q.pt")
     blob = torch.load(path, weights_only=True)  # plain data: no pickled modules
-    assert blob["recipe"]["exclude"] == ["fc"]
+    assert blob["steps"][-1]["technique"] == "quantize" and blob["steps"][-1]["config"]["exclude"] == ["fc"]
     r = restore_quantized(model, path)
     x = val.normalized()[:64]
     with torch.no_grad():

@@ -122,8 +122,8 @@ def test_cluster_bad_inputs_raise_with_messages():
         cluster(TinyCNN(), ClusterConfig(clusters=100, layers=("stem.*",)))
     with pytest.raises(ConfigError, match=r"'stem.1' is a BatchNorm2d.*did you mean 'stem.0'"):
         cluster(TinyCNN(), ClusterConfig(layers=("stem.1",)))
-    with pytest.raises(ConfigError, match="skip pattern 'nope'"):
-        cluster(TinyCNN(), ClusterConfig(clusters=4, skip=("nope",)))
+    with pytest.raises(ConfigError, match="exclude pattern 'nope'"):
+        cluster(TinyCNN(), ClusterConfig(clusters=4, exclude=("nope",)))
     with pytest.raises(ConfigError, match="sparsity"):
         magnitude_prune(TinyMLP(), 1.0)
 
@@ -292,7 +292,7 @@ def test_separable_bad_inputs_raise_with_messages():
 # ---- configs ------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("cfg", [
-    ClusterConfig(clusters=16, init="kmeans++", layers=("features.*",), skip=("features.0",), min_weights=100),
+    ClusterConfig(clusters=16, init="kmeans++", layers=("features.*",), exclude=("features.0",), min_weights=100),
     TieConfig(groups=[["layer3.0", "layer3.1"], ["a", "b", "c"]], init="mean"),
     TieConfig(auto=True, buffers=False, min_params=100),
     FactorizeConfig(method="spatial_svd", mac_ratio=0.5, layers=("features.3",)),
@@ -302,3 +302,10 @@ def test_separable_bad_inputs_raise_with_messages():
 def test_every_config_round_trips_yaml(cfg):
     again = type(cfg).from_yaml(cfg.to_yaml())
     assert again == cfg and again.to_dict() == cfg.to_dict()
+
+
+def test_every_share_config_names_left_alone_layers_exclude():
+    for cls in (ClusterConfig, FactorizeConfig, SeparableConfig):
+        with pytest.warns(DeprecationWarning, match="skip is deprecated; use exclude="):
+            cfg = cls(skip=("fc",))
+        assert cfg.exclude == ("fc",) and "skip" not in cfg.to_dict()

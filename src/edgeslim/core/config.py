@@ -65,6 +65,7 @@ class Config:
             if isinstance(value, list):
                 object.__setattr__(self, f.name, tuple(value))
         _build_nested(self, hints)
+        _merge_renamed(self)
         self.validate()
 
     def validate(self) -> None:
@@ -76,6 +77,8 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
+            if f.metadata.get("renamed_to"):
+                continue  # an old field name, kept for one release; its values live in the new field
             v = getattr(self, f.name)
             if isinstance(v, Config):
                 v = v.to_dict()
@@ -149,3 +152,25 @@ def _candidate_types(hint: Any) -> list[Any]:
         return []
     args = typing.get_args(hint)
     return [hint, *args] if args else [hint]
+
+
+def renamed(new: str, default: Any = ()) -> Any:
+    """A config field kept under its old name for one release: values given to it move to ``new`` (with a
+    DeprecationWarning), and it is left out of ``to_dict``."""
+    return dataclasses.field(default=default, metadata={"renamed_to": new})
+
+
+def _merge_renamed(cfg: Config) -> None:
+    import warnings
+
+    for f in dataclasses.fields(cfg):
+        new = f.metadata.get("renamed_to")
+        value = getattr(cfg, f.name)
+        if not new or value == f.default:
+            continue
+        warnings.warn(f"{type(cfg).__name__}.{f.name} is deprecated; use {new}= (the same values)", DeprecationWarning,
+                      stacklevel=4)
+        current = getattr(cfg, new)
+        merged = tuple(current) + tuple(v for v in value if v not in current) if isinstance(value, tuple) else value
+        object.__setattr__(cfg, new, merged)
+        object.__setattr__(cfg, f.name, f.default)

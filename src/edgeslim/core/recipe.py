@@ -23,7 +23,7 @@ from typing import Any
 
 from torch import nn
 
-from edgeslim.core.errors import ConfigError, ModelError
+from edgeslim.core.errors import ConfigError, EdgeslimError, ModelError
 from edgeslim.core.registry import Registry
 
 RECIPE_ATTR = "edgeslim_recipe"
@@ -96,7 +96,14 @@ def replay(model: nn.Module, steps: list[dict]) -> nn.Module:
         except ConfigError as e:
             raise ModelError(f"recipe step {i}: {e}") from None
         previous = steps[:i]
-        model = handler(model, step)
+        try:
+            model = handler(model, step)
+        except ModelError:
+            raise
+        except (EdgeslimError, KeyError, AttributeError, RuntimeError) as e:  # the model is not the one recorded
+            msg = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+            raise ModelError(f"recipe step {i} ({step['technique']}) does not match this model: {msg}; load the "
+                             "recipe into the architecture it was made from") from None
         setattr(model, RECIPE_ATTR, [dict(s) for s in previous] + [dict(step)])
     return model
 

@@ -199,7 +199,7 @@ def _width_changes(before: dict, model: nn.Module) -> dict[str, list[int]]:
 
 
 def _mask_prune(model: nn.Module, cfg: PruneConfig, example_inputs: Any, macs0: int, params0: int) -> PruneReport:
-    ignored = match_modules(model, cfg.ignored_layers, "ignored_layers")
+    ignored = match_modules(model, cfg.exclude, "exclude")
     out_name = output_layer(model, example_inputs) if cfg.ignore_output_layer else None
     ratios: dict[str, float] = {}
     for pat, r in cfg.layer_ratios.items():

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from edgeslim.core import recipe as _recipe
-from edgeslim.core.config import Config, StrEnum
+from edgeslim.core.config import Config, StrEnum, renamed
 from edgeslim.core.errors import ConfigError
 from edgeslim.core.registry import Registry
 from edgeslim.core.verbs import check_config
@@ -77,7 +77,7 @@ class ClusterConfig(Config):
         clusters: centroids per layer (2..32768; 32 = 5-bit indices, 16 = 4-bit).
         init: ``kmeans++``, ``linear`` or ``density`` (see :class:`ClusterInit`).
         layers: module names or fnmatch patterns of the Linear/Conv layers to cluster (default: all).
-        skip: names or patterns of layers to leave dense.
+        exclude: names or patterns of layers to leave dense (``skip`` is its old name, deprecated).
         min_weights: layers with fewer weights than this are left dense and reported.
         iterations: maximum Lloyd iterations per layer.
         seed: seed of ``kmeans++``.
@@ -87,7 +87,8 @@ class ClusterConfig(Config):
     clusters: int = 32
     init: ClusterInit = ClusterInit.KMEANS_PP
     layers: tuple[str, ...] = ()
-    skip: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    skip: tuple[str, ...] = renamed("exclude")
     min_weights: int = 0
     iterations: int = 300
     seed: int = 0
@@ -99,7 +100,7 @@ class ClusterConfig(Config):
             raise self._bad("min_weights", "must be >= 0")
         if self.iterations < 1:
             raise self._bad("iterations", "must be >= 1")
-        check_patterns(self, "layers", "skip")
+        check_patterns(self, "layers", "exclude")
 
 
 class ClusteredLayer:
@@ -200,7 +201,7 @@ def cluster(model: nn.Module, config: ClusterConfig = ClusterConfig(), *, data: 
     check_config(config, ClusterConfig, "cluster")
     _recipe.check_next(model, "cluster")
     model = copy.deepcopy(model)
-    chosen = select(model, config.layers, config.skip, lambda m: isinstance(m, PRUNABLE), "Linear/Conv layer")
+    chosen = select(model, config.layers, config.exclude, lambda m: isinstance(m, PRUNABLE), "Linear/Conv layer")
     report = ShareReport("cluster", config.to_dict())
     k = config.clusters
     for name, m in chosen:

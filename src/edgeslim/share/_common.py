@@ -65,7 +65,7 @@ def select(model: nn.Module, layers: Sequence[str], skip: Sequence[str], eligibl
     named = [(n, m) for n, m in model.named_modules() if n]
     cands = [(n, m) for n, m in named if eligible(m)]
     names = [n for n, _ in cands]
-    for field_name, patterns in (("layers", layers), ("skip", skip)):
+    for field_name, patterns in (("layers", layers), ("exclude", skip)):
         for p in patterns:
             if any(fnmatch.fnmatchcase(n, p) for n in names):
                 continue

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from edgeslim.core import recipe as _recipe
-from edgeslim.core.config import Config, StrEnum
+from edgeslim.core.config import Config, StrEnum, renamed
 from edgeslim.core.errors import ConfigError
 from edgeslim.core.masks import mask_of, strip_masks
 from edgeslim.core.verbs import check_config
@@ -51,7 +51,7 @@ class FactorizeConfig(Config):
         rank: the same rank for every layer.
         layers: names or fnmatch patterns of layers to factorize (default: every layer the method applies to;
             named layers it cannot factorize are an error).
-        skip: names or patterns of layers to leave as they are.
+        exclude: names or patterns of layers to leave as they are (``skip`` is its old name, deprecated).
     """
 
     kind = "factorize"
@@ -60,7 +60,8 @@ class FactorizeConfig(Config):
     mac_ratio: float | None = None
     rank: int | None = None
     layers: tuple[str, ...] = ()
-    skip: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    skip: tuple[str, ...] = renamed("exclude")
 
     def __post_init__(self) -> None:
         if self.energy is None and self.mac_ratio is None and self.rank is None:
@@ -77,7 +78,7 @@ class FactorizeConfig(Config):
                 raise self._bad(f, "must be in (0, 1]")
         if self.rank is not None and self.rank < 1:
             raise self._bad("rank", "must be >= 1")
-        check_patterns(self, "layers", "skip")
+        check_patterns(self, "layers", "exclude")
 
 
 def _why_not(m: nn.Module, method: FactorizeMethod) -> str | None:
@@ -205,7 +206,7 @@ def factorize(model: nn.Module, config: FactorizeConfig = FactorizeConfig(), *, 
     src = model
     model = copy.deepcopy(model)
     method = FactorizeMethod(config.method)
-    chosen = select(model, config.layers, config.skip, lambda m: isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d,
+    chosen = select(model, config.layers, config.exclude, lambda m: isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d,
                                                                               nn.Conv3d)), "Linear/Conv layer")
     report = ShareReport("factorize", config.to_dict())
     before = n_params(model)
@@ -259,7 +260,7 @@ class SeparableConfig(Config):
     Attributes:
         layers: names or fnmatch patterns of the standard kxk convolutions to replace (default: all of them;
             named layers that cannot be replaced are an error).
-        skip: names or patterns of layers to leave as they are.
+        exclude: names or patterns of layers to leave as they are (``skip`` is its old name, deprecated).
         multiplier: depthwise channel multiplier m (rank per input channel), 1..min(out, kh*kw).
         fit: ``weights`` or ``activations`` (see :class:`SeparableFit`; ``activations`` needs ``data``).
         samples: input samples drawn from ``data`` for the ``activations`` fit.
@@ -269,7 +270,8 @@ class SeparableConfig(Config):
 
     kind = "separable"
     layers: tuple[str, ...] = ()
-    skip: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    skip: tuple[str, ...] = renamed("exclude")
     multiplier: int = 1
     fit: SeparableFit = SeparableFit.WEIGHTS
     samples: int = 256
@@ -283,7 +285,7 @@ class SeparableConfig(Config):
             raise self._bad("samples", "must be >= 1")
         if self.max_positions < 1:
             raise self._bad("max_positions", "must be >= 1")
-        check_patterns(self, "layers", "skip")
+        check_patterns(self, "layers", "exclude")
 
 
 def _why_not_separable(m: nn.Module) -> str | None:
@@ -360,7 +362,7 @@ def separable(model: nn.Module, config: SeparableConfig = SeparableConfig(), *, 
     _recipe.check_next(model, "separable")
     src = model
     model = copy.deepcopy(model)
-    chosen = select(model, config.layers, config.skip, lambda m: isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)),
+    chosen = select(model, config.layers, config.exclude, lambda m: isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)),
                     "convolution")
     report = ShareReport("separable", config.to_dict())
     before = n_params(model)

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from edgeslim.core.config import Config, StrEnum
-from edgeslim.core.errors import ModelError, QuantizationError
+from edgeslim.core.errors import ConfigError, ModelError, QuantizationError
 from edgeslim.core.io import save_torch
 from edgeslim.quantize._api import PRECISION, QuantizedModel, QuantReport, _link_input_scales, build_graph, quantize
 from edgeslim.quantize._config import QuantConfig, QuantMode
@@ -134,7 +134,7 @@ def restore_quantized(model: nn.Module, path: str | Path) -> QuantizedModel:
     config = QuantConfig.from_dict(blob["recipe"], source=str(path))
     try:
         gm, placement, quants = build_graph(model, config)
-    except QuantizationError as e:
+    except (QuantizationError, ConfigError) as e:  # no quantizable layer, or a pattern matching no layer
         raise ModelError(f"quantized model file {str(path)!r} does not match the model: {e}") from None
     precision = PRECISION[config.mode]
     q = QuantizedModel(gm, config, QuantReport(config.mode.value, precision, config.calibration, 0))

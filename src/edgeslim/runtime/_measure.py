@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from edgeslim.core.artifact import Artifact
+from edgeslim.core.counting import count_macs, count_params
 from edgeslim.core.errors import ConfigError, DataError, RuntimeBackendError
 from edgeslim.core.metrics import Metrics, host_info
 from edgeslim.runtime._runners import RUNTIMES, Runner, eval_model, positive_int
@@ -208,12 +209,9 @@ def _static_figures(m: Metrics, target: Artifact | nn.Module, shape: tuple[int, 
         buf = io.BytesIO()
         torch.save(target.state_dict(), buf)
         raw, where = buf.getvalue(), "the serialized state_dict (torch.save)"
-        params, p_how = sum(p.numel() for p in target.parameters()), "the module's parameters (buffers excluded)"
-        from torch.utils.flop_counter import FlopCounterMode
-
-        with FlopCounterMode(display=False) as fc, torch.no_grad():
-            target(torch.zeros(1, *shape))
-        macs, m_how = fc.get_total_flops() // 2, "computed by torch.utils.flop_counter (flops / 2), batch 1"
+        params, p_how = count_params(target), "the module's parameters (buffers excluded)"
+        macs = count_macs(target, torch.zeros(1, *shape))
+        m_how = "computed by torch.utils.flop_counter (flops / 2), batch 1"
     elif target.format != "onnx":  # tflite, executorch, openvino: sizes of the files; counts from the export record
         files = [target.path] + ([target.path.with_suffix(".bin")] if target.format == "openvino" else [])
         raw = b"".join(f.read_bytes() for f in files)

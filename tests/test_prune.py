@@ -24,7 +24,7 @@ from edgeslim.prune import (
     sparse_storage,
     strip_masks,
 )
-from tiny import TinyCNN, TinyMLP
+from tiny import TinyCNN, TinyGrouped, TinyMLP
 
 pytest.importorskip("torch_pruning")
 
@@ -128,6 +128,25 @@ def test_ignored_layers_and_unknown_names():
     assert "features.0" in p.prune_report.ignored
     with pytest.raises(ConfigError, match=r"'featurs.0' matches no module.*did you mean 'features.0'"):
         prune(model, PruneConfig(exclude=("featurs.0",)), example_inputs=_x())
+
+
+def test_repeated_channel_pruning_keeps_torch_pruning_defaults_empty_and_frees_models():
+    import gc
+    import weakref
+
+    import torch_pruning as tp
+
+    init = tp.pruner.BasePruner.__init__
+    defaults = [v for v in (*(init.__defaults__ or ()), *(init.__kwdefaults__ or {}).values()) if isinstance(v, dict)]
+    assert len(defaults) >= 3  # in_channel_groups, out_channel_groups, num_heads (and channel_groups)
+    for _ in range(3):
+        p = prune(TinyGrouped(), PruneConfig(ratio=0.5, round_to=1), example_inputs=TinyGrouped.example_inputs())
+        assert p.g2.out_channels < 8 and p.g2.groups == 2  # grouped convs pruned group-wise
+        assert [len(d) for d in defaults] == [0] * len(defaults)  # nothing written into the shared defaults
+    layer = weakref.ref(p.g2)
+    del p
+    gc.collect()
+    assert layer() is None  # a discarded pruned model is freed
 
 
 def test_layer_ratio_caps_and_overrides():
@@ -403,6 +422,40 @@ def test_bert_heads_and_ffn_removed_reload_and_export(tmp_path):
     torch.onnx.export(Wrap(p), (ids, torch.ones_like(ids)), str(path), input_names=["a", "b"], dynamo=True)
     got = ort.InferenceSession(str(path)).run(None, {"a": ids.numpy(), "b": torch.ones_like(ids).numpy()})[0]
     assert abs(got - out.detach().numpy()).max() < 1e-4
+
+
+def test_transformer_heads_and_neurons_are_ranked_by_the_importance_registry():
+    transformers = pytest.importorskip("transformers")
+    from edgeslim.prune import Criterion
+
+    cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                  intermediate_size=16, max_position_embeddings=32)
+    torch.manual_seed(0)
+    model = transformers.BertModel(cfg).eval()
+    ids = torch.randint(0, 100, (2, 10), generator=torch.Generator().manual_seed(0))
+    ex = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    layer = model.encoder.layer[0]
+    att = layer.attention.self
+    per_head = [w.detach().reshape(4, -1).abs().sum(1) for w in (att.query.weight, att.key.weight, att.value.weight,
+                                                                 layer.attention.output.dense.weight.t())]
+    top2 = sorted(torch.stack(per_head).sum(0).argsort(descending=True)[:2].tolist())
+    p = prune(model, PruneConfig(ratio=0.5, heads_ratio=0.5, importance="l1"), example_inputs=ex)
+    assert p.prune_report.layers["encoder.layer.0"]["kept_heads"] == top2  # the L1 of each head's weights
+
+    # a criterion registered in IMPORTANCE decides: here the units with the highest index are kept
+    IMPORTANCE.register("by_index")(Criterion(lambda: None, False, "test only",
+                                              lambda ws, seed=0: torch.arange(ws[0].shape[0], dtype=torch.float)))
+    try:
+        p = prune(model, PruneConfig(ratio=0.5, heads_ratio=0.5, importance="by_index"), example_inputs=ex)
+        kept = p.encoder.layer[0]
+        assert p.prune_report.layers["encoder.layer.0"]["kept_heads"] == [2, 3]
+        assert torch.equal(kept.intermediate.dense.weight, layer.intermediate.dense.weight[8:])
+        assert torch.equal(kept.output.dense.weight, layer.output.dense.weight[:, 8:])
+    finally:
+        IMPORTANCE._items.pop("by_index")
+    with pytest.raises(ConfigError, match=r"importance='bn_scale' is not available for transformer heads/FFN; "
+                                          r"valid: fpgm, l1, l2, random"):
+        prune(model, PruneConfig(heads_ratio=0.5, importance="bn_scale"), example_inputs=ex)
 
 
 # ------------------------------------------------------------------------------------------------ BatchNorm

@@ -87,7 +87,7 @@ def cmd_prune(a: argparse.Namespace) -> None:
     changes = {k: v for k, v in {
         "method": a.method, "ratio": a.ratio, "target_macs": a.target_macs, "importance": a.importance,
         "scope": a.scope, "round_to": a.round_to, "heads_ratio": a.heads_ratio,
-        "ignored_layers": tuple(a.ignore) if a.ignore else None, "recalibrate_bn": a.recalibrate_bn,
+        "exclude": tuple(a.ignore) if a.ignore else None, "recalibrate_bn": a.recalibrate_bn,
     }.items() if v is not None}
     if a.ratio is not None and a.target_macs is None:
         changes["target_macs"] = None  # --ratio alone prunes by ratio, even if the YAML set target_macs

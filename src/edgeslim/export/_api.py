@@ -24,6 +24,7 @@ from torch import nn
 from edgeslim.core import recipe as _recipe
 from edgeslim.core.artifact import Artifact
 from edgeslim.core.config import Config
+from edgeslim.core.counting import count_macs, count_params
 from edgeslim.core.errors import ConfigError, DataError, ExportError, near
 from edgeslim.core.io import atomic_path, check_output
 from edgeslim.core.metrics import compare
@@ -106,14 +107,6 @@ def _torch_export(model: nn.Module, x: torch.Tensor, path: Path, opset: int) -> 
             output_names=["output"], dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
             do_constant_folding=True,
         )
-
-
-def _macs(model: nn.Module, x: torch.Tensor) -> int:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as fc, torch.no_grad():
-        model(x[:1])
-    return int(fc.get_total_flops() // 2)
 
 
 def _ort_run(path: Path, x: np.ndarray) -> np.ndarray:
@@ -199,7 +192,7 @@ def export(
         with (float_ctx() if float_ctx and prec in ("int8-dynamic", "fp16") else contextlib.nullcontext()):
             _torch_export(model, x, raw, opset)
         with float_ctx() if float_ctx else contextlib.nullcontext():
-            macs = _macs(model, x)
+            macs = count_macs(model, x)
         _convert(raw, tmp, prec, getattr(model, "edgeslim_export", {}))
         validation: dict[str, Any] = {}
         if validate:
@@ -250,9 +243,9 @@ def _export_edge(model: nn.Module, fmt: str, x: torch.Tensor, ref: torch.Tensor,
     with contextlib.ExitStack() as es:
         if getattr(model, "float_reference", None):
             es.enter_context(model.float_reference())
-        macs = _macs(model, x)
+        macs = count_macs(model, x)
     art = Artifact(target, fmt, prec, tuple(x.shape[1:]), validation,
-                   {"macs": macs, "params": sum(p.numel() for p in model.parameters()),
+                   {"macs": macs, "params": count_params(model),
                     "source_model": type(model).__name__, "export_seconds": round(time.perf_counter() - t0, 3),
                     **meta, **report_meta(model)})
     art.save_record(force=True)

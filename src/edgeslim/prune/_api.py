@@ -14,9 +14,12 @@ import torch
 from torch import nn
 
 from edgeslim.core import recipe as _recipe
+from edgeslim.core.counting import call, count_macs, count_params
 from edgeslim.core.errors import ConfigError, DataError, ModelError
 from edgeslim.core.io import save_torch, write_json
+from edgeslim.prune._channels import prune_channels
 from edgeslim.prune._config import PruneConfig, PruneMethod, Schedule, Scope
+from edgeslim.prune._inspect import blame_module, match_modules, output_layer
 from edgeslim.prune._sparse import (
     PRUNABLE,
     attach_mask,
@@ -26,20 +29,8 @@ from edgeslim.prune._sparse import (
     nm_mask,
     strip_masks,
 )
-from edgeslim.prune._structured import (
-    apply_structure,
-    bert_layers,
-    blame_module,
-    call,
-    count_macs,
-    count_params,
-    match_modules,
-    output_layer,
-    prune_channels,
-    prune_transformer,
-    snapshot,
-    structure_diff,
-)
+from edgeslim.prune._structure import apply_structure, snapshot, structure_diff
+from edgeslim.prune._transformer import bert_layers, prune_transformer
 from edgeslim.train import TrainConfig, fit, recalibrate_bn
 
 log = logging.getLogger(__name__)

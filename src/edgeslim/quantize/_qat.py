@@ -27,7 +27,7 @@ from torch import nn
 
 from edgeslim.core import recipe as _recipe
 from edgeslim.core.config import Config, StrEnum
-from edgeslim.core.errors import ModelError, QuantizationError
+from edgeslim.core.errors import ConfigError, ModelError, QuantizationError
 from edgeslim.quantize._api import QuantizedModel, _link_input_scales, quantize, record_quantized
 from edgeslim.quantize._config import QuantConfig, QuantMode
 
@@ -137,7 +137,7 @@ def restore_quantized(model: nn.Module, path: str | Path) -> QuantizedModel:
                   "state": {"learnable_scales": blob.get("learnable_scales", []), "qat": None}}]
         try:
             q = _recipe.replay(model, _recipe.steps_of(model) + steps)
-        except QuantizationError as e:
+        except (QuantizationError, ConfigError) as e:
             raise ModelError(f"quantized model file {str(path)!r} does not match the model: {e}") from None
         return _recipe.load_state_strict(q, blob["state_dict"], str(path)).eval()
     q = _recipe.load(path, model)

@@ -26,9 +26,11 @@ from torch import nn
 from edgeslim.core import recipe as _recipe
 from edgeslim.core.config import Config, StrEnum, renamed
 from edgeslim.core.errors import ConfigError
+from edgeslim.core.counting import count_macs, count_params
 from edgeslim.core.masks import mask_of, strip_masks
+from edgeslim.core.modules import select, set_module
 from edgeslim.core.verbs import check_config
-from edgeslim.share._common import ShareReport, check_patterns, example_batch, macs, n_params, select, set_module
+from edgeslim.share._common import ShareReport, check_patterns, example_batch
 
 log = logging.getLogger(__name__)
 
@@ -152,9 +154,9 @@ def _two_layers(m: nn.Module, method: FactorizeMethod, a: torch.Tensor, b: torch
 
 
 def _finish(model: nn.Module, report: ShareReport, before: int, x: torch.Tensor | None, original: nn.Module) -> None:
-    report.totals = {"params_before": before, "params_after": n_params(model)}
+    report.totals = {"params_before": before, "params_after": count_params(model)}
     if x is not None:
-        report.totals.update(macs_before=macs(original, x), macs_after=macs(model, x))
+        report.totals.update(macs_before=count_macs(original, x), macs_after=count_macs(model, x))
     model.report = report
 
 
@@ -209,7 +211,7 @@ def factorize(model: nn.Module, config: FactorizeConfig = FactorizeConfig(), *, 
     chosen = select(model, config.layers, config.exclude, lambda m: isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d,
                                                                               nn.Conv3d)), "Linear/Conv layer")
     report = ShareReport("factorize", config.to_dict())
-    before = n_params(model)
+    before = count_params(model)
     for name, m in chosen:
         if _skipped(report, config, name, _why_not(m, method), f"factorize layer {name!r} with method={method.value!r}"):
             continue
@@ -365,7 +367,7 @@ def separable(model: nn.Module, config: SeparableConfig = SeparableConfig(), *, 
     chosen = select(model, config.layers, config.exclude, lambda m: isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)),
                     "convolution")
     report = ShareReport("separable", config.to_dict())
-    before = n_params(model)
+    before = count_params(model)
     inputs: dict[str, torch.Tensor] = {}
     if config.fit == SeparableFit.ACTIVATIONS:
         x = example_batch(data, config.samples, config.seed)

@@ -466,7 +466,7 @@ def _budget_config(config: Any, calib: Any, old: dict[str, Any]) -> BudgetConfig
                           "data=(calib, score_data)", DeprecationWarning, stacklevel=3)
         return BudgetConfig() if config is None else config
     if config is not None and not isinstance(config, QuantConfig):
-        raise ConfigError(f"quantize_with_budget expects a BudgetConfig, got {type(config).__name__}")
+        raise ConfigError(f"quantize_with_budget() needs a BudgetConfig, got {type(config).__name__}")
     if "max_accuracy_drop" not in old:
         raise ConfigError("quantize_with_budget(model, QuantConfig(...)) needs max_accuracy_drop=; better, pass "
                           "BudgetConfig(max_accuracy_drop=..., quant=QuantConfig(...))")

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from edgeslim.core.errors import DataError, QuantizationError
+from edgeslim.core.progress import bar, progress_enabled
 from edgeslim.quantize import _graph
 from edgeslim.quantize._calibrate import CALIBRATORS
 from edgeslim.quantize._config import ActivationType, QuantConfig, QuantMode, WeightRange
@@ -198,6 +199,7 @@ def quantize(
     *,
     calib: Any = None,
     example_inputs: torch.Tensor | None = None,
+    progress: bool | None = None,
 ) -> QuantizedModel:
     """Quantize a copy of ``model`` (the input is never modified).
 
@@ -207,10 +209,18 @@ def quantize(
         calib: calibration data (static mode, required): an ImageDataset (a class-balanced subset of
             ``config.num_samples`` is drawn), a tensor of inputs, or an iterable of batches.
         example_inputs: an input batch for dynamic/fp16 modes (to check the shape fits).
+        progress: show progress bars on stderr (calibration, AdaRound); ``None`` inherits
+            :func:`edgeslim.core.progress.progress_enabled` (off by default).
 
     Returns:
         a :class:`QuantizedModel` whose ``report`` lists what was quantized and what was not, and why.
     """
+    with progress_enabled(progress):
+        return _quantize(model, config, calib, example_inputs)
+
+
+def _quantize(model: nn.Module, config: QuantConfig, calib: Any, example_inputs: torch.Tensor | None
+              ) -> QuantizedModel:
     t0 = time.perf_counter()
     if not isinstance(config, QuantConfig):
         raise QuantizationError(f"config must be a QuantConfig, got {type(config).__name__}")
@@ -229,11 +239,13 @@ def quantize(
         report.corrections["equalization"] = gm.edgeslim_equalization
     if static:
         aqs = list(quants.values())
-        for state in ("observe_range", "observe_hist"):
-            for a in aqs:
-                a.state = state
-            for b in batches:
-                gm(b)
+        with bar(desc="calibrate", total=2 * len(batches), unit="batch") as pb:
+            for state in ("observe_range", "observe_hist"):
+                for a in aqs:
+                    a.state = state
+                for b in batches:
+                    gm(b)
+                    pb.update()
         method = CALIBRATORS.get(config.calibration)
         inputs = {n.name for n in gm.graph.nodes if n.op == "placeholder"}
         for key, a in quants.items():

@@ -24,7 +24,9 @@ from edgeslim.devices._predict import (
     rapl_paths,
 )
 from edgeslim.devices._profile import Device, device_names, get_device, load_profile
+from edgeslim.devices._host import add_device_predictions  # noqa: I001 (needs _predict and _profile loaded)
 
-__all__ = ["DEFAULT_CALIBRATION", "HOROWITZ_SOURCE", "Calibration", "Device", "GraphCost", "Preflight", "calibrate",
+__all__ = ["DEFAULT_CALIBRATION", "HOROWITZ_SOURCE", "Calibration", "Device", "GraphCost", "Preflight",
+           "add_device_predictions", "calibrate",
            "device_names", "estimate_energy", "get_device", "graph_cost", "load_profile", "measure_energy",
            "memory_fit", "predict_latency", "preflight", "rapl_paths"]

@@ -139,7 +139,12 @@ class Config:
         data = load_yaml(text, source=source or f"{cls.__name__} YAML") or {}
         if isinstance(data, dict) and list(data) == [cls.kind]:
             data = data[cls.kind] or {}
-        return cls.from_dict(data, source=source)
+        try:
+            return cls.from_dict(data, source=source)
+        except ConfigError as e:
+            if source and source not in str(e):
+                raise ConfigError(f"{source}: {e}") from None
+            raise
 
     def replace(self: C, **changes: Any) -> C:
         return dataclasses.replace(self, **changes)

@@ -36,7 +36,16 @@ def _one_line(text: str) -> str:
     return "; ".join(ln.strip() for ln in str(text).splitlines() if ln.strip()) or "(no message)"
 
 
+def _close_bars() -> None:
+    """Close progress bars left open by an exception, so that the error line starts on a clean line."""
+    tqdm_mod = sys.modules.get("tqdm.std")
+    if tqdm_mod is not None:
+        for bar in list(getattr(tqdm_mod.tqdm, "_instances", ())):
+            bar.close()
+
+
 def _fail(prog: str, kind: str, message: str) -> None:
+    _close_bars()
     message = _one_line(message)
     if _STATE["json"]:
         print(json.dumps({"error": kind, "message": message}))
@@ -302,7 +311,7 @@ def _check_save(a: argparse.Namespace) -> Path | None:
         return None
     from edgeslim.core.artifact import SUFFIX_FORMATS
 
-    p = _out_file(a, a.save, "--save")
+    p = Path(a.save)
     rec_of = p.with_name(p.name[: -len(".json")]) if p.name.endswith(".json") else None
     if p.suffix in SUFFIX_FORMATS or (rec_of is not None and rec_of.suffix in SUFFIX_FORMATS):
         what = f"the record of the artifact {rec_of.name!r}" if rec_of is not None else "an artifact file name"
@@ -310,7 +319,7 @@ def _check_save(a: argparse.Namespace) -> Path | None:
                           "metrics under another name, e.g. metrics.json")
     if _is_artifact(a.target) and p.resolve() == Path(a.target).resolve():
         raise ConfigError(f"--save {str(p)!r} is the artifact being measured")
-    return p
+    return _out_file(a, p, "--save")
 
 
 def _runtime_stages(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -624,6 +633,9 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_INTERRUPTED
         _fail(prog, type(e).__name__, str(e))
         return EXIT_ERROR
+    except BrokenPipeError:  # the reader of stdout went away (e.g. `| head`): nothing left to say
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (so the interpreter's final flush does not fail)
+        return 141
     except OSError as e:  # the file system said no (disk full, permissions) while writing or reading
         if _STATE["interrupted"] or _caused_by_interrupt(e):
             _fail(prog, "Interrupted", interrupted)

@@ -162,7 +162,7 @@ class OrtRunner(Runner):
         so.intra_op_num_threads, so.inter_op_num_threads = self.threads, 1
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.log_severity_level = 3
+        so.log_severity_level = 4  # errors are raised as RuntimeBackendError with ORT's message, not logged twice
         try:
             self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         except Exception as e:  # ORT raises its own exception types for missing or invalid files

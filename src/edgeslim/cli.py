@@ -38,10 +38,9 @@ def _one_line(text: str) -> str:
 
 def _close_bars() -> None:
     """Close progress bars left open by an exception, so that the error line starts on a clean line."""
-    tqdm_mod = sys.modules.get("tqdm.std")
-    if tqdm_mod is not None:
-        for bar in list(getattr(tqdm_mod.tqdm, "_instances", ())):
-            bar.close()
+    from edgeslim.core.progress import close_all
+
+    close_all()
 
 
 def _fail(prog: str, kind: str, message: str) -> None:

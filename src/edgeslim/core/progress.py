@@ -10,10 +10,12 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import sys
+import weakref
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 _ENABLED: contextvars.ContextVar[bool] = contextvars.ContextVar("edgeslim_progress", default=False)
+_OPEN: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
 def enabled() -> bool:
@@ -40,8 +42,19 @@ def bar(iterable: Iterable[Any] | None = None, *, desc: str, total: int | None =
     from tqdm.auto import tqdm
 
     show = enabled() if on is None else on
-    return tqdm(iterable, desc=desc, total=total, unit=unit, leave=leave, disable=not show, file=sys.stderr,
-                mininterval=0.5, dynamic_ncols=True)
+    b = tqdm(iterable, desc=desc, total=total, unit=unit, leave=leave, disable=not show, file=sys.stderr,
+             mininterval=0.5, dynamic_ncols=True)
+    if show:
+        _OPEN.add(b)
+    return b
+
+
+def close_all() -> None:
+    """Close (and so clear) every bar still open, e.g. after an exception, before printing an error line."""
+    for b in list(_OPEN):
+        with contextlib.suppress(Exception):
+            b.close()
+    _OPEN.clear()
 
 
 def note(text: str) -> None:

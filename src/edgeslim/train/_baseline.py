@@ -29,7 +29,7 @@ def train_baseline(
     """Train zoo model ``name`` on ``dataset`` and save ``<out>/<name>-<dataset>.pt`` (FP16) and ``.json``.
 
     ``<dataset>`` in the file names is made safe (``folder:../imgs`` becomes ``folder-imgs``): every file is
-    written inside ``out``. (The shipped checkpoints are refreshed with ``out=edgeslim.models.CHECKPOINT_DIR``.)
+    written inside ``out``. (The shipped checkpoints are refreshed with ``out=edgeslim.models.checkpoint_path(name, dataset).parent``.)
 
     Args:
         init: ``random`` or ``imagenet`` (MobileNetV2 from the offline ImageNet weights).

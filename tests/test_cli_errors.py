@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import edgeslim.cli as cli
+from edgeslim import cli
 from edgeslim.cli import build_parser, main
 
 SRC = str(Path(cli.__file__).parents[1])
@@ -432,3 +432,16 @@ def test_a_failing_command_prints_no_traceback_from_a_subprocess(tmp_path):
                        text=True, env={**os.environ, "PYTHONPATH": SRC})
     assert r.returncode == 2 and r.stdout == "" and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "bad.onnx" in r.stderr
+
+
+def test_device_predictions_come_from_the_library_and_refuse_a_torch_model(tmp_path, capsys):
+    art = tiny_onnx(tmp_path / "t.onnx")
+    code, out, err = run(capsys, "measure", str(art), "--no-data", "--runs", "5", "--device", "raspberry-pi-4",
+                         "--json")
+    assert code == 0, err
+    figs = json.loads(out)["figures"]
+    assert figs["predicted_latency_ms@raspberry-pi-4"]["source"].startswith("predicted for raspberry-pi-4")
+    assert {"estimated_energy_mj@raspberry-pi-4", "memory_required_mb@raspberry-pi-4"} <= set(figs)
+    code, out, err = run(capsys, "measure", str(art), "--no-data", "--runs", "5", "--threads", "2", "--device",
+                         "raspberry-pi-4")
+    one_line_error(code, err, "1 thread, batch 1")

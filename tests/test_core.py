@@ -39,10 +39,10 @@ def _every_config() -> list:
     import dataclasses
     import typing
 
-    import edgeslim  # noqa: F401  (registers the verbs' configs)
+    import edgeslim
     import edgeslim.devices
-    import edgeslim.export._weight_only  # noqa: F401
-    import edgeslim.quantize._qat  # noqa: F401
+    import edgeslim.export._weight_only
+    import edgeslim.quantize._qat
     from edgeslim.core.config import Config
 
     def subs(c):

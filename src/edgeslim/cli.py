@@ -633,7 +633,7 @@ def main(argv: list[str] | None = None) -> int:
         _fail(prog, type(e).__name__, str(e))
         return EXIT_ERROR
     except BrokenPipeError:  # the reader of stdout went away (e.g. `| head`): nothing left to say
-        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (so the interpreter's final flush does not fail)
+        sys.stdout = open(os.devnull, "w")
         return 141
     except OSError as e:  # the file system said no (disk full, permissions) while writing or reading
         if _STATE["interrupted"] or _caused_by_interrupt(e):

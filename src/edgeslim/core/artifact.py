@@ -14,7 +14,6 @@ from typing import Any
 from edgeslim.core.errors import ExportError, ModelError, shown
 from edgeslim.core.io import write_json
 
-
 #: file suffix -> artifact format
 SUFFIX_FORMATS = {".onnx": "onnx", ".xml": "openvino", ".tflite": "tflite", ".pte": "executorch"}
 

@@ -7,7 +7,14 @@ from typing import Any
 from edgeslim.core.artifact import Artifact
 from edgeslim.core.errors import ConfigError
 from edgeslim.core.metrics import Metrics
-from edgeslim.devices._predict import calibrate, estimate_energy, graph_cost, memory_fit, predict_latency, preflight
+from edgeslim.devices._predict import (
+    calibrate,
+    estimate_energy,
+    graph_cost,
+    memory_fit,
+    predict_latency,
+    preflight,
+)
 from edgeslim.devices._profile import Device, get_device
 
 HOST_FIGURE = "latency_p50_ms@t1b1"

@@ -71,16 +71,6 @@ def _positive(text: str) -> int:
     return v
 
 
-def _non_negative(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return v
-
-
 def _positive_float(text: str) -> float:
     try:
         v = float(text)
@@ -535,7 +525,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--round-to", type=_positive, help="kept channel counts are multiples of this (default 8)")
     pr.add_argument("--heads-ratio", type=float, help="fraction of attention heads removed (transformers)")
     pr.add_argument("--ignore", action="append", help="module-name glob left unpruned (repeatable)")
-    pr.add_argument("--recalibrate-bn", type=_non_negative, metavar="N",
+    pr.add_argument("--recalibrate-bn", type=int, metavar="N",  # PruneConfig.recalibrate_bn says what is allowed
                     help="re-estimate BatchNorm statistics on N training images after pruning (0: off, the default)")
     pr.add_argument("--out", required=True, help="output folder for <model>-pruned.json/.pt")
     pr.add_argument("--force", action="store_true", help="overwrite existing outputs")
@@ -606,7 +596,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     _STATE["json"] = "--json" in argv[: argv.index("--")] if "--" in argv else "--json" in argv
     _STATE["interrupted"] = False
-    a = build_parser().parse_args(argv)
+    try:
+        a = build_parser().parse_args(argv)
+    except SystemExit as e:  # a usage error (one line already printed): return its status like any other error
+        if e.code in (0, None):  # --help, --version
+            raise
+        return int(e.code) if isinstance(e.code, int) else EXIT_ERROR
     a.warnings = []
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     prog = f"edgeslim {a.command}"

@@ -2,5 +2,6 @@
 
 from edgeslim.pipeline._demo import run_demo
 from edgeslim.pipeline._recipe import load, save, steps
+from edgeslim.pipeline._runtimes import measure_all_runtimes
 
-__all__ = ["load", "run_demo", "save", "steps"]
+__all__ = ["load", "measure_all_runtimes", "run_demo", "save", "steps"]

@@ -40,6 +40,7 @@ from torch import nn
 
 from edgeslim.core.config import Config, StrEnum, _coerce_enum
 from edgeslim.core.errors import ConfigError, DataError, EdgeslimError, QuantizationError
+from edgeslim.core.progress import bar
 from edgeslim.quantize import _graph
 from edgeslim.quantize._api import (QuantizedModel, QuantReport, _link_input_scales, build_graph, fit_weight_scale,
                                     quantize, record_quantized, weight_qmax, weights_desc)
@@ -518,7 +519,7 @@ def _sensitivity(v: _Variants, ev: _Evaluator, mode: SensitivityMode) -> Sensiti
     else:
         ref = full
     rows = []
-    for name in names:
+    for name in bar(names, desc=f"sensitivity ({ev.name})", unit="layer"):
         with v.variant([n for n in names if n != name] if one else [name]) as q:
             m, sq = ev.score(q)
         d = v.layers[name]

@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -160,17 +161,48 @@ def _config(cls: Any, path: str | None) -> Any:
     return cls.from_yaml(Path(path)) if path else cls()
 
 
+def _is_recipe(spec: str) -> bool:
+    return str(spec).endswith(".recipe")
+
+
+def _recipe_source(spec: str) -> dict:
+    from edgeslim.core.recipe import read
+
+    src = read(spec).get("source")
+    return src if isinstance(src, dict) else {}
+
+
 def _load_model(a: argparse.Namespace):
-    """The one place the CLI turns a model spec (``a.model``, ``--dataset``, ``--weights``) into a torch model."""
+    """The one place the CLI turns a model spec (``a.model``, ``--dataset``, ``--weights``) into a torch model:
+    a zoo name, ``package.module:function`` (runs the user's code), or a ``.recipe`` file (replayed)."""
     from edgeslim import models
 
+    if _is_recipe(a.model):
+        from edgeslim.pipeline import load
+
+        if getattr(a, "weights", None):
+            raise ConfigError(f"--weights does not apply to a recipe ({a.model!r} holds its own weights)")
+        base = getattr(a, "base", None)
+        return load(a.model, model=models.load(base, a.dataset, pretrained=False) if base else None)
     return models.load(a.model, a.dataset, pretrained=not a.no_pretrained, weights=a.weights)
+
+
+def _resolve_dataset(a: argparse.Namespace, spec: str | None) -> None:
+    """``--dataset`` left out: a recipe's own dataset, else fashion-mnist."""
+    if getattr(a, "dataset", "") is None:
+        a.dataset = (_recipe_source(spec).get("dataset") if spec and _is_recipe(spec) else None) or "fashion-mnist"
 
 
 def _load_data(a: argparse.Namespace):
     from edgeslim import data
 
     return data.load(a.dataset)
+
+
+def _save_model(a: argparse.Namespace, model: Any, out: Path) -> Path:
+    from edgeslim.pipeline import save
+
+    return save(model, out, force=a.force)
 
 
 def _check_model_data(a: argparse.Namespace, model: Any, val: Any) -> None:
@@ -219,7 +251,12 @@ def cmd_quantize(a: argparse.Namespace) -> None:
     from edgeslim.quantize import QuantConfig, quantize
 
     out = _out_file(a, a.out)
-    recipe = _out_file(a, out.with_suffix(".recipe.yaml"))
+    if out.suffix not in (".onnx", ".recipe"):
+        raise ConfigError(f"--out {a.out!r}: give an .onnx file (exported and validated; its recipe is written "
+                          "beside it) or a .recipe file (export it later with `edgeslim export`)")
+    recipe = _out_file(a, out.with_suffix(".recipe")) if out.suffix == ".onnx" else out
+    config_yaml = _out_file(a, out.with_suffix(".config.yaml"))
+    _resolve_dataset(a, a.model)
     base = _config(QuantConfig, a.config)
     changes = {k: v for k, v in {
         "mode": a.mode, "calibration": a.calibration, "activation_type": a.activation_type,
@@ -232,22 +269,31 @@ def cmd_quantize(a: argparse.Namespace) -> None:
     _check_model_data(a, model, val)
     if cfg.mode == "static":
         _check_samples(a, cfg.num_samples, len(train), f"training samples of {a.dataset} to calibrate on")
-    q = quantize(model, cfg, calib=train, example_inputs=val.normalized()[:8])
-    art = export(q, "onnx", example_inputs=val, path=out, force=a.force)
-    _validation_note(a, art)
-    write_text(recipe, cfg.to_yaml(), force=a.force)
-    _emit(a, {"artifact": art.to_dict(), "quantize": q.report.to_dict()},
-          f"{q.report.summary()}\nwrote {art.path} ({art.size_bytes:,} bytes); validation: cosine "
-          f"{art.validation['cosine']:.4f}, SQNR {art.validation['sqnr_db']:.1f} dB, top-1 agreement "
-          f"{art.validation['top1_agreement']:.3f}")
+    q = quantize(model, cfg, data=train, example_inputs=val.normalized()[:8])
+    art = None
+    if out.suffix == ".onnx":
+        art = export(q, "onnx", example_inputs=val, path=out, force=a.force)
+        _validation_note(a, art)
+    _save_model(a, q, recipe)
+    write_text(config_yaml, cfg.to_yaml(), force=a.force)
+    steps = " -> ".join(s["technique"] for s in q.edgeslim_recipe)
+    text = f"{q.report.summary()}\nwrote {recipe} (recipe: {steps}) and {config_yaml} (the QuantConfig)"
+    if art is not None:
+        text += (f"\nwrote {art.path} ({art.size_bytes:,} bytes); validation: cosine "
+                 f"{art.validation['cosine']:.4f}, SQNR {art.validation['sqnr_db']:.1f} dB, top-1 agreement "
+                 f"{art.validation['top1_agreement']:.3f}")
+    _emit(a, {"artifact": art.to_dict() if art else None, "recipe": str(recipe), "steps": steps.split(" -> "),
+              "quantize": q.report.to_dict()}, text)
 
 
 def cmd_prune(a: argparse.Namespace) -> None:
     from edgeslim.core.io import safe_name
     from edgeslim.prune import PruneConfig, prune, save_pruned
 
-    name = f"{safe_name(a.model)}-pruned"
-    out = _out_dir(a, a.out, (f"{name}.json", f"{name}.pt"))
+    name = f"{safe_name(Path(a.model).stem if _is_recipe(a.model) else a.model)}-pruned"
+    to_recipe = _is_recipe(a.out)
+    out = _out_file(a, a.out) if to_recipe else _out_dir(a, a.out, (f"{name}.json", f"{name}.pt"))
+    _resolve_dataset(a, a.model)
     base = _config(PruneConfig, a.config)
     changes = {k: v for k, v in {
         "method": a.method, "ratio": a.ratio, "target_macs": a.target_macs, "importance": a.importance,
@@ -262,23 +308,38 @@ def cmd_prune(a: argparse.Namespace) -> None:
     _check_model_data(a, model, val)
     p = prune(model, cfg, example_inputs=val.normalized()[:2], data=train)
     rep = p.prune_report
-    js, pt = save_pruned(p, out / name, force=a.force)
+    if to_recipe:
+        _save_model(a, p, out)
+        steps = [s["technique"] for s in p.edgeslim_recipe]
+        _emit(a, {"report": rep.to_dict(), "config": cfg.to_dict(), "recipe": str(out), "steps": steps},
+              f"{_prune_table(rep)}\n{rep.summary()}\nwrote {out} (recipe: {' -> '.join(steps)}; reload: "
+              f"edgeslim.load({str(out)!r}))\nfine-tune before use: pruned weights lose accuracy until retrained")
+        return
+    _warn(a, f"--out {a.out!r} is a folder: the <model>-pruned.json/.pt pair is deprecated; give --out NAME.recipe "
+             "(one file that `edgeslim quantize/export/measure` take as the model)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        js, pt = save_pruned(p, out / name, force=a.force)
+    _emit(a, {"report": rep.to_dict(), "config": cfg.to_dict(), "recipe": str(js), "weights": str(pt)},
+          f"{_prune_table(rep)}\n{rep.summary()}\nwrote {js} and {pt} (reload: edgeslim.prune.load_pruned(<fresh model>, "
+          f"{str(js.with_suffix(''))!r}))\nfine-tune before use: pruned weights lose accuracy until retrained")
+
+
+def _prune_table(rep: Any) -> str:
     rows = [("", "before", "after", "ratio"),
             ("params", f"{rep.params_before:,}", f"{rep.params_after:,}",
              f"{rep.params_after / rep.params_before:.3f}" if rep.params_before else "-"),
             ("MACs", f"{rep.macs_before:,}", f"{rep.macs_after:,}",
              f"{rep.macs_after / rep.macs_before:.3f}" if rep.macs_before else "-")]
     w = [max(len(r[i]) for r in rows) for i in range(4)]
-    table = "\n".join("  ".join(c.rjust(w[i]) if i else c.ljust(w[i]) for i, c in enumerate(r)) for r in rows)
-    _emit(a, {"report": rep.to_dict(), "config": cfg.to_dict(), "recipe": str(js), "weights": str(pt)},
-          f"{table}\n{rep.summary()}\nwrote {js} and {pt} (reload: edgeslim.prune.load_pruned(<fresh model>, "
-          f"{str(js.with_suffix(''))!r}))\nfine-tune before use: pruned weights lose accuracy until retrained")
+    return "\n".join("  ".join(c.rjust(w[i]) if i else c.ljust(w[i]) for i, c in enumerate(r)) for r in rows)
 
 
 def cmd_export(a: argparse.Namespace) -> None:
     from edgeslim.export import export
 
     out = _out_file(a, a.out)
+    _resolve_dataset(a, a.model)
     model = _load_model(a)
     _, val = _load_data(a)
     _check_model_data(a, model, val)
@@ -351,7 +412,12 @@ def cmd_measure(a: argparse.Namespace) -> None:
     from edgeslim.runtime import measure
 
     target: Any
-    if _is_artifact(a.target):
+    _resolve_dataset(a, a.target)
+    if _is_recipe(a.target):
+        a.model = a.target
+        target = _load_model(a)
+        runtime = a.runtime or "torch"
+    elif _is_artifact(a.target):
         target = Artifact.load(a.target)
         runtime = a.runtime or "onnxruntime"
     else:
@@ -460,9 +526,13 @@ def cmd_demo(a: argparse.Namespace) -> None:
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="zoo name (small_cnn, mobilenet_v2, resnet18) or 'package.module:function' "
-                   "(imports that module and calls the function: it runs your code)")
-    p.add_argument("--dataset", default="fashion-mnist", help="dataset name or folder:<path> (default fashion-mnist)")
+    p.add_argument("model", help="zoo name (small_cnn, mobilenet_v2, resnet18), a .recipe file written by an earlier "
+                   "command (its steps are replayed), or 'package.module:function' (imports that module and calls "
+                   "the function: it runs your code)")
+    p.add_argument("--dataset", default=None, help="dataset name or folder:<path> (default: a recipe's own dataset, "
+                   "else fashion-mnist)")
+    p.add_argument("--base", help="with a .recipe made from your own code: the 'package.module:function' to replay it "
+                   "on (runs your code; edgeslim never runs code because a file names it)")
     p.add_argument("--weights", help="state_dict file to load (read with weights_only=True)")
     p.add_argument("--no-pretrained", action="store_true", help="random initialisation instead of the shipped checkpoint")
 
@@ -511,7 +581,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--reduce-range", action="store_true", help="7-bit weights (no int16 saturation on AVX2)")
     q.add_argument("--samples", type=_positive, help="calibration samples (default 512)")
     q.add_argument("--exclude", action="append", help="module name or pattern kept in float (repeatable)")
-    q.add_argument("--out", required=True, help="output .onnx file (its recipe is written beside it)")
+    q.add_argument("--out", required=True, help="output .onnx file (exported and validated; NAME.recipe and "
+                   "NAME.config.yaml are written beside it) or a .recipe file (no export)")
     q.add_argument("--force", action="store_true", help="overwrite an existing output")
 
     pr = add("prune", cmd_prune, "prune a model (channel: physically smaller) and save its recipe + state_dict")
@@ -527,18 +598,21 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--ignore", action="append", help="module-name glob left unpruned (repeatable)")
     pr.add_argument("--recalibrate-bn", type=int, metavar="N",  # PruneConfig.recalibrate_bn says what is allowed
                     help="re-estimate BatchNorm statistics on N training images after pruning (0: off, the default)")
-    pr.add_argument("--out", required=True, help="output folder for <model>-pruned.json/.pt")
+    pr.add_argument("--out", required=True, help="output NAME.recipe (one file: the steps so far + weights; the "
+                    "model argument of quantize/export/measure/prune), or a folder for the deprecated "
+                    "<model>-pruned.json/.pt pair")
     pr.add_argument("--force", action="store_true", help="overwrite existing outputs")
 
     e = add("export", cmd_export, "export a float model to ONNX (validated against torch)")
     _model_args(e)
-    e.add_argument("--precision", choices=["fp32", "fp16"], default="fp32")
+    e.add_argument("--precision", choices=["fp32", "fp16"],
+                   help="a float model's precision (default fp32); a quantized recipe exports at its own")
     e.add_argument("--out", required=True, help="output .onnx file")
     e.add_argument("--force", action="store_true")
 
     m = add("measure", cmd_measure, "measure size, MACs, accuracy, latency and memory of an artifact or model")
     m.add_argument("target", help="an .onnx artifact, a zoo name or 'package.module:function' (runs your code)")
-    m.add_argument("--dataset", default="fashion-mnist")
+    m.add_argument("--dataset", default=None, help="default: a recipe's own dataset, else fashion-mnist")
     m.add_argument("--weights")
     m.add_argument("--no-pretrained", action="store_true")
     m.add_argument("--runtime", help="onnxruntime (default for .onnx), torch (default for models), openvino, litert, "

@@ -9,11 +9,11 @@ Never imports compression techniques.
 """
 
 from edgeslim.devices._cost import GraphCost, graph_cost
+from edgeslim.devices._host import add_device_predictions
 from edgeslim.devices._energy import HOROWITZ_SOURCE, estimate_energy, measure_energy, memory_fit, rapl_paths
 from edgeslim.devices._preflight import Preflight, preflight
 from edgeslim.devices._profile import Device, device_names, get_device, load_profile
 from edgeslim.devices._roofline import DEFAULT_CALIBRATION, Calibration, calibrate, predict_latency
-from edgeslim.devices._host import add_device_predictions  # noqa: I001 (needs _predict and _profile loaded)
 
 __all__ = ["DEFAULT_CALIBRATION", "HOROWITZ_SOURCE", "Calibration", "Device", "GraphCost", "Preflight",
            "add_device_predictions", "calibrate",

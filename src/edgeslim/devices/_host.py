@@ -7,14 +7,10 @@ from typing import Any
 from edgeslim.core.artifact import Artifact
 from edgeslim.core.errors import ConfigError
 from edgeslim.core.metrics import Metrics
-from edgeslim.devices._predict import (
-    calibrate,
-    estimate_energy,
-    graph_cost,
-    memory_fit,
-    predict_latency,
-    preflight,
-)
+from edgeslim.devices._cost import graph_cost
+from edgeslim.devices._energy import estimate_energy, memory_fit
+from edgeslim.devices._preflight import preflight
+from edgeslim.devices._roofline import calibrate, predict_latency
 from edgeslim.devices._profile import Device, get_device
 
 HOST_FIGURE = "latency_p50_ms@t1b1"

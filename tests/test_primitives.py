@@ -62,7 +62,7 @@ def test_select_pattern_matching_nothing_names_field_pattern_and_nearest_names()
     with pytest.raises(ConfigError, match=r"^ClusterConfig\.layers pattern 'stem\.1' matches no conv "
                                           r"\('stem\.1' is a BatchNorm2d\) \(did you mean 'stem\.0'.*conv names: "):
         select(model, ("stem.1",), (), _is_conv, "conv", owner="ClusterConfig")
-    with pytest.raises(ConfigError, match=r"^skip pattern 'nope' matches no module"):
+    with pytest.raises(ConfigError, match=r"^exclude pattern 'nope' matches no module"):
         select(model, (), ("nope",))
     with pytest.raises(ConfigError, match=r"^QuantConfig\.exclude pattern 'fx' matches no layer \(did you mean 'fc'"):
         require_matches(["fc", "stem.0"], ["f?", "fx"], field="QuantConfig.exclude", what="layer")

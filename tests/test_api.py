@@ -6,11 +6,11 @@ import edgeslim
 
 def test_public_surface_is_pinned():
     assert sorted(edgeslim.__all__) == sorted([
-        "Artifact", "ClusterConfig", "ConfigError", "DataError", "DistillConfig", "EdgeslimError", "ExportError",
+        "Artifact", "Budget", "ClusterConfig", "ConfigError", "DataError", "DistillConfig", "EdgeslimError", "ExportError",
         "FactorizeConfig", "Figure", "Metrics", "ModelError", "OutputExistsError", "PruneConfig", "QuantConfig",
         "QuantizationError", "QuantizedModel", "RuntimeBackendError", "SeparableConfig", "TieConfig", "TrainConfig",
         "ValidationFloors", "__version__", "cluster", "data", "devices", "distill", "export", "factorize", "measure",
-        "models", "prune", "quantize", "report", "separable", "share", "tie_layers",
+        "models", "optimize", "prune", "quantize", "report", "separable", "share", "Space", "tie_layers",
     ])
     for name in ("quantize", "export", "measure", "report", "prune", "distill", "cluster", "tie_layers", "factorize",
                  "separable"):
@@ -22,7 +22,7 @@ def test_import_stays_light():
     code = (
         "import sys, torch; before = set(sys.modules); import edgeslim; "
         "heavy = [m for m in ('onnx', 'onnxruntime', 'yaml', 'sklearn', 'mlxtend', 'nncf', 'openvino', "
-        "'onnxconverter_common', 'PIL', 'tqdm', 'torch_pruning', 'transformers') if m in sys.modules and m not in before]; print(','.join(heavy))"
+        "'onnxconverter_common', 'PIL', 'tqdm', 'torch_pruning', 'transformers', 'optuna', 'sqlalchemy') if m in sys.modules and m not in before]; print(','.join(heavy))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "", f"import edgeslim pulled in: {out}"

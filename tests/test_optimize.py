@@ -124,7 +124,7 @@ def run(digits_model, tmp_path_factory):
 
 
 def test_optimize_searches_measures_and_saves_a_validated_choice(run):
-    res, out, model, train, val = run
+    res, out, model, _, val = run
     doc = json.loads((out / "report.json").read_text())
     rows = doc["trials"]["rows"]
     assert doc["trials"]["complete"] + doc["trials"]["failed"] == 6
@@ -233,7 +233,11 @@ def test_bad_data_and_storage_fail_with_one_clear_line(digits_model, tmp_path):
 
 # ------------------------------------------------------------------------------------------------ CLI
 def test_cli_optimize_runs_through_cmd_optimize(digits_model, tmp_path, capsys, monkeypatch):
-    from edgeslim.pipeline._cli import add_optimize_parser, budget_from_args, cmd_optimize
+    from edgeslim.pipeline._cli import (
+        add_optimize_parser,
+        budget_from_args,
+        cmd_optimize,
+    )
 
     model, *_ = digits_model
     weights = save_torch(model.state_dict(), tmp_path / "tiny.pt")
@@ -308,7 +312,7 @@ def test_sigkill_then_resume_keeps_every_trial_and_the_same_choice(digits_model,
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), str(TESTS)]), "OMP_NUM_THREADS": "1"}
-    n = 8
+    n = 6
 
     def start(out: Path) -> subprocess.Popen:
         return subprocess.Popen([sys.executable, str(script), str(out), str(weights), str(space), str(n)], env=env,
@@ -325,8 +329,11 @@ def test_sigkill_then_resume_keeps_every_trial_and_the_same_choice(digits_model,
     victim.wait()
     before = _completed(kill_out / "study.db")
     assert 3 <= len(before) < n
+    con = sqlite3.connect(str(kill_out / "study.db"))
+    running = {r[0] for r in con.execute("select number from trials where state = 'RUNNING'")}
+    con.close()
     resumed = subprocess.run([sys.executable, str(script), str(kill_out), str(weights), str(space), str(n)], env=env,
-                             capture_output=True, text=True, timeout=180)
+                             check=False, capture_output=True, text=True, timeout=180)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     r_out, r_err = ref.communicate(timeout=180)
     assert ref.returncode == 0, r_err[-3000:]
@@ -348,5 +355,6 @@ def test_sigkill_then_resume_keeps_every_trial_and_the_same_choice(digits_model,
         [(t.number, t.state.name, t.user_attrs.get("params")) for t in want]
     assert [t.values for t in done] == [t.values for t in want if t.state.name == "COMPLETE"]
     assert json.loads(resumed.stdout.strip().splitlines()[-1]) == json.loads(r_out.strip().splitlines()[-1])
-    requeued = [t for t in got if t.user_attrs.get("requeued")]
-    assert len(requeued) <= 1 and all(t.state.name == "COMPLETE" for t in requeued)
+    # a trial the kill left RUNNING was re-queued in place: same number, completed by the resumed run
+    requeued = {t.number for t in got if t.user_attrs.get("requeued")}
+    assert requeued == running and all(got[k].state.name == "COMPLETE" for k in running)

@@ -8,6 +8,7 @@ Public verbs (one per step, same shape everywhere; each returns something new an
     edgeslim.report([m_before, m_after], "out/")
     p   = edgeslim.prune(model, edgeslim.PruneConfig(method="channel", target_macs=0.5), example_inputs=x)
     s   = edgeslim.distill(student, teacher, edgeslim.DistillConfig(...), data=(train, val))
+    best = edgeslim.optimize(model, data=(train, val), budget=edgeslim.Budget(max_accuracy_drop=0.005, min_speedup=3))
 
 Helpers of one technique live in its subpackage (``from edgeslim.prune import save_pruned``);
 ``edgeslim.share`` (the storage format, codecs) and ``edgeslim.devices`` (profiles, predictions) are reached
@@ -33,6 +34,9 @@ from edgeslim.core.metrics import Figure, Metrics
 from edgeslim.distill._api import distill
 from edgeslim.distill._config import DistillConfig
 from edgeslim.export._api import ValidationFloors, export
+from edgeslim.pipeline._budget import Budget
+from edgeslim.pipeline._optimize import optimize
+from edgeslim.pipeline._space import Space
 from edgeslim.prune._api import prune
 from edgeslim.prune._config import PruneConfig
 from edgeslim.quantize._api import QuantizedModel, quantize
@@ -54,9 +58,9 @@ from edgeslim.train._trainer import TrainConfig
 from edgeslim import data, devices, models, share  # noqa: E402  (subpackages users reach as edgeslim.data, ...)
 
 __all__ = [
-    "Artifact", "ClusterConfig", "ConfigError", "DataError", "DistillConfig", "EdgeslimError", "ExportError",
+    "Artifact", "Budget", "ClusterConfig", "ConfigError", "DataError", "DistillConfig", "EdgeslimError", "ExportError",
     "FactorizeConfig", "Figure", "Metrics", "ModelError", "OutputExistsError", "PruneConfig", "QuantConfig",
     "QuantizationError", "QuantizedModel", "RuntimeBackendError", "SeparableConfig", "TieConfig", "TrainConfig",
     "ValidationFloors", "__version__", "cluster", "data", "devices", "distill", "export", "factorize", "measure",
-    "models", "prune", "quantize", "report", "separable", "share", "tie_layers",
+    "models", "optimize", "prune", "quantize", "report", "separable", "share", "Space", "tie_layers",
 ]

@@ -352,7 +352,7 @@ def _search(study: Any, ctx: Context, baseline: dict[str, Any], max_trials: int 
         except KeyboardInterrupt:
             trial.set_user_attr("interrupted", True)
             raise
-        except Exception as e:  # noqa: BLE001 - one bad candidate must not end a long search; it is recorded
+        except Exception as e:
             msg = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
             trial.set_user_attr("error", msg)
             trial.set_user_attr("seconds", round(time.perf_counter() - t0, 2))

@@ -112,7 +112,7 @@ def main() -> None:
         acc_base = _eval(base, val, args.device)
         base = base.cpu()
         cfg = PruneConfig(method="channel", target_macs=args.target_macs, importance=args.importance,
-                          round_to=args.round_to, ignored_layers=EARLY[name] if args.keep_early else ())
+                          round_to=args.round_to, exclude=EARLY[name] if args.keep_early else ())
         pruned = prune(base, cfg, example_inputs=x, data=train.take(512))
         rep = pruned.prune_report
         acc_pruned = _eval(pruned, val, args.device)

@@ -39,8 +39,8 @@ def variants(name: str, target: float) -> dict[str, PruneConfig]:
     return {
         "default_r8_layer": base,
         "r16_layer": base.replace(round_to=16),
-        "r8_early_kept": base.replace(ignored_layers=EARLY[name]),
-        "r16_early_kept": base.replace(round_to=16, ignored_layers=EARLY[name]),
+        "r8_early_kept": base.replace(exclude=EARLY[name]),
+        "r16_early_kept": base.replace(round_to=16, exclude=EARLY[name]),
         "r8_global": base.replace(scope="global", max_layer_ratio=0.8),
     }
 

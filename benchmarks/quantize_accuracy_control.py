@@ -214,9 +214,9 @@ def main() -> None:
             else:
                 bits = 8 if key.endswith("w8a8") else 4
                 cfg = es.QuantConfig(weight_bits=bits, num_samples=512)
-                r = quantize_with_budget(model, cfg, calib=train, data=search, max_accuracy_drop=args.max_drop,
-                                         sensitivity_samples=args.sensitivity_samples, search="bisect",
-                                         rank_by="sqnr")
+                budget = es.BudgetConfig(max_accuracy_drop=args.max_drop, quant=cfg, search="bisect", rank_by="sqnr",
+                                         sensitivity_samples=args.sensitivity_samples)
+                r = quantize_with_budget(model, budget, data=(train, search))
                 es.export(r.model, "onnx", example_inputs=val, path=path, force=True)
                 finish(key, path, t0, tool=f"edgeslim {es.__version__}", config=cfg.to_dict(), met=r.met,
                        kept_float=list(r.kept_float), search_float_metric=r.float_metric,

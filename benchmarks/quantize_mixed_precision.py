@@ -5,8 +5,8 @@ budget search keeps the most sensitive layers in float until the drop on a fixed
 the budget. Steps:
   1. sensitivity of every quantized layer (one_at_a_time, on a seeded subset of the search data), ranked by the
      SQNR of the logits (top-1 on a few hundred samples is too coarse to rank 53 layers: --rank-by metric);
-  2. quantize_with_budget(max_accuracy_drop=0.002): each candidate's top-1 (torch fake-quant) on the search data,
-     and its INT8 ONNX file's top-1 and latency in ONNX Runtime (1 thread, batch 1);
+  2. quantize_with_budget(BudgetConfig(max_accuracy_drop=0.002, ...)): each candidate's top-1 (torch fake-quant) on
+     the search data, and its INT8 ONNX file's top-1 and latency in ONNX Runtime (1 thread, batch 1);
   3. the chosen model's top-1 on the full 10k validation split, and FP32 vs chosen ONNX size and latency.
 One calibration (512 class-balanced training samples) serves every candidate.
 
@@ -71,11 +71,9 @@ def main() -> None:
     search_data = val.take(args.search_samples, seed=0)
     model = es.models.load("mobilenet_v2", "fashion-mnist")
     config = es.QuantConfig(weight_bits=args.weight_bits, per_channel=True, num_samples=512)
-    res = quantize_with_budget(
-        model, config, calib=train, data=search_data, max_accuracy_drop=args.budget, eval_data=val,
-        sensitivity_samples=args.sensitivity_samples, search=args.search, rank_by=args.rank_by, measure_latency=True,
-        fallback=args.fallback,
-    )
+    budget = es.BudgetConfig(max_accuracy_drop=args.budget, quant=config, sensitivity_samples=args.sensitivity_samples,
+                             search=args.search, rank_by=args.rank_by, measure_latency=True, fallback=args.fallback)
+    res = quantize_with_budget(model, budget, data=(train, search_data), eval_data=val)
     sens = res.sensitivity
     print(f"\nMobileNetV2 on Fashion-MNIST, W{args.weight_bits}A8 per-channel, calibration 512 samples; "
           f"ONNX Runtime {ort.__version__}, host {host_info()['cpu']}")

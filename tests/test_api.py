@@ -6,14 +6,15 @@ import edgeslim
 
 def test_public_surface_is_pinned():
     assert sorted(edgeslim.__all__) == sorted([
-        "Artifact", "Budget", "ClusterConfig", "ConfigError", "DataError", "DistillConfig", "EdgeslimError", "ExportError",
-        "FactorizeConfig", "Figure", "Metrics", "ModelError", "OutputExistsError", "PruneConfig", "QuantConfig",
-        "QuantizationError", "QuantizedModel", "RuntimeBackendError", "SeparableConfig", "TieConfig", "TrainConfig",
-        "ValidationFloors", "__version__", "cluster", "data", "devices", "distill", "export", "factorize", "measure",
-        "models", "optimize", "prune", "quantize", "report", "separable", "share", "Space", "tie_layers",
+        "Artifact", "Budget", "BudgetConfig", "ClusterConfig", "ConfigError", "DataError", "DistillConfig",
+        "EdgeslimError", "ExportError", "FactorizeConfig", "Figure", "Metrics", "ModelError", "OutputExistsError",
+        "PruneConfig", "QuantConfig", "QuantizationError", "QuantizedModel", "RuntimeBackendError", "SeparableConfig",
+        "Space", "TieConfig", "TrainConfig", "ValidationFloors", "__version__", "cluster", "data", "devices", "distill",
+        "export", "factorize", "load", "measure", "models", "optimize", "prune", "quantize", "report", "save",
+        "separable", "share", "tie_layers",
     ])
     for name in ("quantize", "export", "measure", "report", "prune", "distill", "cluster", "tie_layers", "factorize",
-                 "separable"):
+                 "separable", "save", "load"):
         assert callable(getattr(edgeslim, name)), name
 
 

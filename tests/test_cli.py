@@ -45,7 +45,7 @@ def test_quantize_and_measure_from_the_command_line(tmp_path):
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)
     assert res["artifact"]["precision"] == "int8" and out.is_file()
-    assert res["quantization"]["calibration"] == "percentile" and res["quantization"]["calibration_samples"] == 128
+    assert res["quantize"]["calibration"] == "percentile" and res["quantize"]["calibration_samples"] == 128
     assert (tmp_path / "q.recipe.yaml").read_text().startswith("quantize:")
     m = run_cli("measure", str(out), "--samples", "300", "--runs", "20", "--save", str(tmp_path / "m.json"), "--json")
     assert m.returncode == 0, m.stderr

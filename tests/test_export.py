@@ -44,7 +44,7 @@ def test_int8_export_runs_integer_kernels_in_onnxruntime(tmp_path, digits_model)
     v = art.validation
     assert v["cosine"] > 0.99 and v["top1_agreement"] > 0.95
     assert abs(v["accuracy_artifact"] - v["accuracy_torch"]) <= 0.02
-    assert "vs_float_reference" in v and art.meta["quantization"]["precision"] == "int8"
+    assert "vs_float_reference" in v and art.meta["quantize"]["precision"] == "int8"
 
 
 def test_layers_kept_in_float_run_in_float_in_onnxruntime(tmp_path, digits_model):

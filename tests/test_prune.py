@@ -24,7 +24,7 @@ from edgeslim.prune import (
     sparse_storage,
     strip_masks,
 )
-from tiny import TinyCNN, TinyMLP
+from tiny import TinyCNN, TinyGrouped, TinyMLP
 
 pytest.importorskip("torch_pruning")
 
@@ -71,7 +71,7 @@ def test_config_errors_name_field_and_allowed_values():
 
 def test_config_round_trips_yaml():
     cfg = PruneConfig(method="channel", target_macs=0.4, importance="fpgm", scope="global",
-                      layer_ratios={"features.4": 0.2}, ignored_layers=("classifier",))
+                      layer_ratios={"features.4": 0.2}, exclude=("classifier",))
     assert PruneConfig.from_yaml(cfg.to_yaml()) == cfg
     assert PruneConfig.from_dict(cfg.to_dict()) == cfg
 
@@ -123,11 +123,30 @@ def test_taylor_needs_data():
 
 def test_ignored_layers_and_unknown_names():
     model = _small_cnn()
-    p = prune(model, PruneConfig(ratio=0.5, round_to=8, ignored_layers=("features.0",)), example_inputs=_x())
+    p = prune(model, PruneConfig(ratio=0.5, round_to=8, exclude=("features.0",)), example_inputs=_x())
     assert p.features[0].out_channels == 16
     assert "features.0" in p.prune_report.ignored
     with pytest.raises(ConfigError, match=r"'featurs.0' matches no module.*did you mean 'features.0'"):
-        prune(model, PruneConfig(ignored_layers=("featurs.0",)), example_inputs=_x())
+        prune(model, PruneConfig(exclude=("featurs.0",)), example_inputs=_x())
+
+
+def test_repeated_channel_pruning_keeps_torch_pruning_defaults_empty_and_frees_models():
+    import gc
+    import weakref
+
+    import torch_pruning as tp
+
+    init = tp.pruner.BasePruner.__init__
+    defaults = [v for v in (*(init.__defaults__ or ()), *(init.__kwdefaults__ or {}).values()) if isinstance(v, dict)]
+    assert len(defaults) >= 3  # in_channel_groups, out_channel_groups, num_heads (and channel_groups)
+    for _ in range(3):
+        p = prune(TinyGrouped(), PruneConfig(ratio=0.5, round_to=1), example_inputs=TinyGrouped.example_inputs())
+        assert p.g2.out_channels < 8 and p.g2.groups == 2  # grouped convs pruned group-wise
+        assert [len(d) for d in defaults] == [0] * len(defaults)  # nothing written into the shared defaults
+    layer = weakref.ref(p.g2)
+    del p
+    gc.collect()
+    assert layer() is None  # a discarded pruned model is freed
 
 
 def test_layer_ratio_caps_and_overrides():
@@ -405,6 +424,40 @@ def test_bert_heads_and_ffn_removed_reload_and_export(tmp_path):
     assert abs(got - out.detach().numpy()).max() < 1e-4
 
 
+def test_transformer_heads_and_neurons_are_ranked_by_the_importance_registry():
+    transformers = pytest.importorskip("transformers")
+    from edgeslim.prune import Criterion
+
+    cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                  intermediate_size=16, max_position_embeddings=32)
+    torch.manual_seed(0)
+    model = transformers.BertModel(cfg).eval()
+    ids = torch.randint(0, 100, (2, 10), generator=torch.Generator().manual_seed(0))
+    ex = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    layer = model.encoder.layer[0]
+    att = layer.attention.self
+    per_head = [w.detach().reshape(4, -1).abs().sum(1) for w in (att.query.weight, att.key.weight, att.value.weight,
+                                                                 layer.attention.output.dense.weight.t())]
+    top2 = sorted(torch.stack(per_head).sum(0).argsort(descending=True)[:2].tolist())
+    p = prune(model, PruneConfig(ratio=0.5, heads_ratio=0.5, importance="l1"), example_inputs=ex)
+    assert p.prune_report.layers["encoder.layer.0"]["kept_heads"] == top2  # the L1 of each head's weights
+
+    # a criterion registered in IMPORTANCE decides: here the units with the highest index are kept
+    IMPORTANCE.register("by_index")(Criterion(lambda: None, False, "test only",
+                                              lambda ws, seed=0: torch.arange(ws[0].shape[0], dtype=torch.float)))
+    try:
+        p = prune(model, PruneConfig(ratio=0.5, heads_ratio=0.5, importance="by_index"), example_inputs=ex)
+        kept = p.encoder.layer[0]
+        assert p.prune_report.layers["encoder.layer.0"]["kept_heads"] == [2, 3]
+        assert torch.equal(kept.intermediate.dense.weight, layer.intermediate.dense.weight[8:])
+        assert torch.equal(kept.output.dense.weight, layer.output.dense.weight[:, 8:])
+    finally:
+        IMPORTANCE._items.pop("by_index")
+    with pytest.raises(ConfigError, match=r"importance='bn_scale' is not available for transformer heads/FFN; "
+                                          r"valid: fpgm, l1, l2, random"):
+        prune(model, PruneConfig(heads_ratio=0.5, importance="bn_scale"), example_inputs=ex)
+
+
 # ------------------------------------------------------------------------------------------------ BatchNorm
 def test_bn_recalibration_restores_a_pruned_mobilenet_before_any_fine_tuning():
     from edgeslim import data, models
@@ -456,3 +509,10 @@ def test_recalibrate_bn_inputs_modes_and_errors(caplog):
         recalibrate_bn(m, [{"x": xs[0]}])
     with pytest.raises(ConfigError, match="num_samples=0"):
         recalibrate_bn(m, xs, num_samples=0)
+
+
+def test_old_field_names_still_work_for_one_release():
+    with pytest.warns(DeprecationWarning, match="ignored_layers is deprecated; use exclude="):
+        cfg = PruneConfig(ignored_layers=("features.0",))
+    assert cfg.exclude == ("features.0",) and "ignored_layers" not in cfg.to_dict()
+    assert PruneConfig.from_yaml(cfg.to_yaml()) == cfg

@@ -131,7 +131,7 @@ def test_exclusion_is_reported_and_unknown_patterns_fail_with_near_names():
     assert "fc" not in [r["name"] for r in q.report.quantized_layers]
     q2 = quantize(TinyCNN(), QuantConfig(exclude=("dw.*", "pw.*"), num_samples=8), calib=x)
     assert {s["name"] for s in q2.report.skipped_layers} == {"dw.0", "pw.0"}
-    with pytest.raises(QuantizationError, match=r"'stem\.1' matches no quantizable layer.*did you mean 'stem\.0'"):
+    with pytest.raises(ConfigError, match=r"'stem\.1' matches no quantizable layer.*did you mean 'stem\.0'"):
         quantize(TinyCNN(), QuantConfig(exclude=("stem.1",)), calib=x)
 
 
@@ -213,7 +213,7 @@ def test_saved_quantized_model_replays_exactly(tmp_path, digits_model):
     q = quantize(model, QuantConfig(num_samples=128, exclude=("fc",)), calib=train)
     path = save_quantized(q, tmp_path / "q.pt")
     blob = torch.load(path, weights_only=True)  # plain data: no pickled modules
-    assert blob["recipe"]["exclude"] == ["fc"]
+    assert blob["steps"][-1]["technique"] == "quantize" and blob["steps"][-1]["config"]["exclude"] == ["fc"]
     r = restore_quantized(model, path)
     x = val.normalized()[:64]
     with torch.no_grad():

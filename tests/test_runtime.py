@@ -9,7 +9,16 @@ from torch.utils.flop_counter import FlopCounterMode
 from edgeslim.core.artifact import Artifact
 from edgeslim.core.errors import ConfigError, RuntimeBackendError
 from edgeslim.data import ImageDataset
-from edgeslim.runtime import RUNTIMES, latency, load, measure, onnx_macs, onnx_params, optimized_op_types
+from edgeslim.runtime import (
+    RUNTIMES,
+    interleaved_latency,
+    latency,
+    load,
+    measure,
+    onnx_macs,
+    onnx_params,
+    optimized_op_types,
+)
 
 
 def export(model, path, dynamic=True):
@@ -153,6 +162,37 @@ def test_latency_is_bounded_by_runs_and_time():
     assert 1 <= lat["runs"] < 30 and time.perf_counter() - t0 < 1 and lat["p50_ms"] >= 10
     with pytest.raises(ConfigError, match="runs"):
         latency(lambda x: None, np.zeros(1), runs=0)
+
+
+def test_interleaved_latency_takes_turns_and_reports_each_runner(cnn):
+    calls: list[str] = []
+
+    def sleeper(label, ms):
+        def run():
+            calls.append(label)
+            time.sleep(ms / 1e3)
+        return run
+
+    res = interleaved_latency({"slow": sleeper("slow", 4), "fast": sleeper("fast", 1)}, rounds=3, runs=2, warmup=1,
+                              rewarm=0)
+    # one warm-up each, then every round runs each runner's whole turn before the next runner's
+    assert calls == ["slow", "fast"] + ["slow", "slow", "fast", "fast"] * 3
+    assert res["slow"]["runs"] == res["fast"]["runs"] == 6 and len(res["slow"]["round_p50_ms"]) == 3
+    assert res["fast"]["p50_ms"] >= 1 and res["slow"]["median_of_rounds_ms"] >= 4 > res["fast"]["min_ms"]
+    assert res["slow"]["min_ms"] <= res["slow"]["p50_ms"] <= res["slow"]["p90_ms"] <= res["slow"]["p99_ms"]
+    calls.clear()
+    interleaved_latency({k: sleeper(k, 0) for k in "abcd"}, rounds=4, runs=1, warmup=0, rewarm=0, shuffle=True)
+    orders = [calls[i:i + 4] for i in range(0, 16, 4)]
+    assert all(sorted(o) == list("abcd") for o in orders) and len({tuple(o) for o in orders}) > 1
+    calls.clear()
+    turn = interleaved_latency({"s": sleeper("s", 5)}, rounds=1, runs=100, warmup=0, rewarm=0,
+                               max_seconds_per_turn=0.02, min_runs=2)
+    assert 2 <= turn["s"]["runs"] < 100  # the turn ended on time, after at least min_runs
+    runner = load(cnn[1], "onnxruntime")  # a Runner gets x
+    out = interleaved_latency({"ort": runner}, TinyCNN.example_inputs(1).numpy(), rounds=2, runs=3)
+    assert out["ort"]["runs"] == 6
+    with pytest.raises(ConfigError, match="rounds"):
+        interleaved_latency({"ort": runner}, rounds=0)
 
 
 def test_peak_memory_is_measured_in_a_child_process(cnn):

@@ -30,7 +30,7 @@ from edgeslim.share import (
     strip_clustering,
     tie_layers,
 )
-from edgeslim.share._common import macs
+from edgeslim.core.counting import count_macs
 from edgeslim.share._storage import mask_to_runs, runs_to_mask
 
 
@@ -122,8 +122,8 @@ def test_cluster_bad_inputs_raise_with_messages():
         cluster(TinyCNN(), ClusterConfig(clusters=100, layers=("stem.*",)))
     with pytest.raises(ConfigError, match=r"'stem.1' is a BatchNorm2d.*did you mean 'stem.0'"):
         cluster(TinyCNN(), ClusterConfig(layers=("stem.1",)))
-    with pytest.raises(ConfigError, match="skip pattern 'nope'"):
-        cluster(TinyCNN(), ClusterConfig(clusters=4, skip=("nope",)))
+    with pytest.raises(ConfigError, match="exclude pattern 'nope'"):
+        cluster(TinyCNN(), ClusterConfig(clusters=4, exclude=("nope",)))
     with pytest.raises(ConfigError, match="sparsity"):
         magnitude_prune(TinyMLP(), 1.0)
 
@@ -245,7 +245,7 @@ def test_factorize_full_energy_reproduces_and_lower_energy_shrinks(method, tiny)
     low = factorize(model, FactorizeConfig(method=method, energy=0.5, layers=("conv2",) if tiny is TinyConvNet
                                            else ()), example_inputs=x)
     assert low.report.totals["params_after"] < low.report.totals["params_before"]
-    assert low.report.totals["macs_after"] < low.report.totals["macs_before"] == macs(model, x)
+    assert low.report.totals["macs_after"] < low.report.totals["macs_before"] == count_macs(model, x)
     assert all(r["rank"] < r["full_rank"] for r in low.report.done())
 
 
@@ -292,7 +292,7 @@ def test_separable_bad_inputs_raise_with_messages():
 # ---- configs ------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("cfg", [
-    ClusterConfig(clusters=16, init="kmeans++", layers=("features.*",), skip=("features.0",), min_weights=100),
+    ClusterConfig(clusters=16, init="kmeans++", layers=("features.*",), exclude=("features.0",), min_weights=100),
     TieConfig(groups=[["layer3.0", "layer3.1"], ["a", "b", "c"]], init="mean"),
     TieConfig(auto=True, buffers=False, min_params=100),
     FactorizeConfig(method="spatial_svd", mac_ratio=0.5, layers=("features.3",)),
@@ -302,3 +302,10 @@ def test_separable_bad_inputs_raise_with_messages():
 def test_every_config_round_trips_yaml(cfg):
     again = type(cfg).from_yaml(cfg.to_yaml())
     assert again == cfg and again.to_dict() == cfg.to_dict()
+
+
+def test_every_share_config_names_left_alone_layers_exclude():
+    for cls in (ClusterConfig, FactorizeConfig, SeparableConfig):
+        with pytest.warns(DeprecationWarning, match="skip is deprecated; use exclude="):
+            cfg = cls(skip=("fc",))
+        assert cfg.exclude == ("fc",) and "skip" not in cfg.to_dict()

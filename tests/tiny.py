@@ -157,3 +157,68 @@ class TinyRepeatBN(nn.Module):
     @staticmethod
     def example_inputs(batch: int = 4) -> torch.Tensor:
         return torch.randn(batch, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+
+
+class TinyBlocks(nn.Module):
+    """A conv stem, two identical Conv-BN-ReLU blocks (tie-able) under a residual add, a depthwise conv, pooling and
+    a two-layer head (1x8x8 input): every technique has something to work on."""
+
+    def __init__(self, width: int = 16, num_classes: int = 10) -> None:
+        super().__init__()
+        w = width
+        self.stem = nn.Sequential(nn.Conv2d(1, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU())
+        self.blocks = nn.Sequential(*[
+            nn.Sequential(nn.Conv2d(w, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU()) for _ in range(2)])
+        self.dw = nn.Sequential(nn.Conv2d(w, w, 3, padding=1, groups=w, bias=False), nn.BatchNorm2d(w), nn.ReLU())
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(w, 16), nn.ReLU(),
+                                  nn.Linear(16, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.stem(x)
+        return self.head(self.dw(y + self.blocks(y)))
+
+    @staticmethod
+    def example_inputs(batch: int = 4) -> torch.Tensor:
+        return torch.randn(batch, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+
+
+class TinyGrouped(nn.Module):
+    """A conv stem, a 2-group 3x3 conv, a 4-group 1x1 conv (grouped, not depthwise), pooling, a Linear head."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 8, 3, padding=1)
+        self.g2 = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+        self.g4 = nn.Conv2d(8, 8, 1, groups=4)
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.g4(torch.relu(self.g2(torch.relu(self.stem(x)))))
+        return self.fc(y.mean((2, 3)))
+
+    @staticmethod
+    def example_inputs(batch: int = 4) -> torch.Tensor:
+        return torch.randn(batch, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+
+
+class TinyAttention(nn.Module):
+    """Tokens (5 x 8) -> Linear(8, 16) -> one TransformerEncoderLayer (2 heads, FFN 32) -> mean -> Linear head.
+
+    MACs at batch 1: 640 (embed) + 3840 (qkv) + 800 (two attention matmuls) + 1280 (out proj) + 5120 (FFN) +
+    160 (head) = 11840.
+    """
+
+    MACS = 11840
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.embed = nn.Linear(8, 16)
+        self.encoder = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(16, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.embed(x)).mean(1))
+
+    @staticmethod
+    def example_inputs(batch: int = 4) -> torch.Tensor:
+        return torch.randn(batch, 5, 8, generator=torch.Generator().manual_seed(0))

@@ -2,12 +2,13 @@
 
 Public verbs (one per step, same shape everywhere; each returns something new and never mutates its input)::
 
-    q   = edgeslim.quantize(model, edgeslim.QuantConfig(...), calib=train)
+    q   = edgeslim.quantize(model, edgeslim.QuantConfig(...), data=train)
     art = edgeslim.export(q, "onnx", example_inputs=val)
     m   = edgeslim.measure(art, data=val, runtime="onnxruntime")
     edgeslim.report([m_before, m_after], "out/")
     p   = edgeslim.prune(model, edgeslim.PruneConfig(method="channel", target_macs=0.5), example_inputs=x)
     s   = edgeslim.distill(student, teacher, edgeslim.DistillConfig(...), data=(train, val))
+    edgeslim.save(q, "model.recipe");  q2 = edgeslim.load("model.recipe")   # any chain: steps + state_dict
     best = edgeslim.optimize(model, data=(train, val), budget=edgeslim.Budget(max_accuracy_drop=0.005, min_speedup=3))
 
 Helpers of one technique live in its subpackage (``from edgeslim.prune import save_pruned``);
@@ -41,6 +42,7 @@ from edgeslim.prune._api import prune
 from edgeslim.prune._config import PruneConfig
 from edgeslim.quantize._api import QuantizedModel, quantize
 from edgeslim.quantize._config import QuantConfig
+from edgeslim.quantize._sensitivity import BudgetConfig
 from edgeslim.report._api import report
 from edgeslim.share import (
     ClusterConfig,
@@ -53,14 +55,16 @@ from edgeslim.share import (
     tie_layers,
 )
 from edgeslim.runtime._measure import measure
+from edgeslim.pipeline._recipe import load, save
 from edgeslim.train._trainer import TrainConfig
 
 from edgeslim import data, devices, models, share  # noqa: E402  (subpackages users reach as edgeslim.data, ...)
 
 __all__ = [
-    "Artifact", "Budget", "ClusterConfig", "ConfigError", "DataError", "DistillConfig", "EdgeslimError", "ExportError",
-    "FactorizeConfig", "Figure", "Metrics", "ModelError", "OutputExistsError", "PruneConfig", "QuantConfig",
-    "QuantizationError", "QuantizedModel", "RuntimeBackendError", "SeparableConfig", "TieConfig", "TrainConfig",
-    "ValidationFloors", "__version__", "cluster", "data", "devices", "distill", "export", "factorize", "measure",
-    "models", "optimize", "prune", "quantize", "report", "separable", "share", "Space", "tie_layers",
+    "Artifact", "Budget", "BudgetConfig", "ClusterConfig", "ConfigError", "DataError", "DistillConfig",
+    "EdgeslimError", "ExportError", "FactorizeConfig", "Figure", "Metrics", "ModelError", "OutputExistsError",
+    "PruneConfig", "QuantConfig", "QuantizationError", "QuantizedModel", "RuntimeBackendError", "SeparableConfig",
+    "Space", "TieConfig", "TrainConfig", "ValidationFloors", "__version__", "cluster", "data", "devices", "distill",
+    "export", "factorize", "load", "measure", "models", "optimize", "prune", "quantize", "report", "save",
+    "separable", "share", "tie_layers",
 ]

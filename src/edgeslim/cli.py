@@ -70,7 +70,7 @@ def cmd_quantize(a: argparse.Namespace) -> None:
     q = quantize(model, cfg, calib=train, example_inputs=val.normalized()[:8])
     art = export(q, "onnx", example_inputs=val, path=a.out, force=a.force)
     write_text(Path(a.out).with_suffix(".recipe.yaml"), cfg.to_yaml(), force=True)
-    _emit(a, {"artifact": art.to_dict(), "quantization": q.report.to_dict()},
+    _emit(a, {"artifact": art.to_dict(), "quantize": q.report.to_dict()},
           f"{q.report.summary()}\nwrote {art.path} ({art.size_bytes:,} bytes); validation: cosine "
           f"{art.validation['cosine']:.4f}, SQNR {art.validation['sqnr_db']:.1f} dB, top-1 agreement "
           f"{art.validation['top1_agreement']:.3f}")
@@ -87,7 +87,7 @@ def cmd_prune(a: argparse.Namespace) -> None:
     changes = {k: v for k, v in {
         "method": a.method, "ratio": a.ratio, "target_macs": a.target_macs, "importance": a.importance,
         "scope": a.scope, "round_to": a.round_to, "heads_ratio": a.heads_ratio,
-        "ignored_layers": tuple(a.ignore) if a.ignore else None, "recalibrate_bn": a.recalibrate_bn,
+        "exclude": tuple(a.ignore) if a.ignore else None, "recalibrate_bn": a.recalibrate_bn,
     }.items() if v is not None}
     if a.ratio is not None and a.target_macs is None:
         changes["target_macs"] = None  # --ratio alone prunes by ratio, even if the YAML set target_macs

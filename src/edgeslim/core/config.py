@@ -1,7 +1,8 @@
 """Frozen, validated config dataclasses that round-trip to dict and YAML.
 
 Each technique's config subclasses :class:`Config`. Fields hold plain data only (numbers, strings,
-str Enums, tuples of those); runtime objects such as data or teachers are arguments of the verb.
+str Enums, tuples of those, nested configs); runtime objects such as data or teachers are arguments of the verb.
+A nested config field accepts a mapping of its fields (as YAML gives it) and writes one.
 Enum fields accept plain strings; ``from_dict`` rejects unknown keys and names the valid ones.
 """
 
@@ -63,6 +64,8 @@ class Config:
                     break
             if isinstance(value, list):
                 object.__setattr__(self, f.name, tuple(value))
+        _build_nested(self, hints)
+        _merge_renamed(self)
         self.validate()
 
     def validate(self) -> None:
@@ -74,8 +77,12 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
+            if f.metadata.get("renamed_to"):
+                continue  # an old field name, kept for one release; its values live in the new field
             v = getattr(self, f.name)
-            if isinstance(v, enum.Enum):
+            if isinstance(v, Config):
+                v = v.to_dict()
+            elif isinstance(v, enum.Enum):
                 v = v.value
             elif isinstance(v, tuple):
                 v = [x.value if isinstance(x, enum.Enum) else x for x in v]
@@ -118,8 +125,52 @@ class Config:
         return dataclasses.replace(self, **changes)
 
 
+def _build_nested(cfg: Config, hints: dict[str, Any]) -> None:
+    """Nested configs: a field whose type hint is a :class:`Config` subclass accepts a mapping of that config's
+    fields (as read from YAML) and holds the config built from it; any other value but an instance is refused."""
+    for f in dataclasses.fields(cfg):
+        types = _candidate_types(hints.get(f.name))
+        sub = next((t for t in types if isinstance(t, type) and issubclass(t, Config)), None)
+        value = getattr(cfg, f.name)
+        if sub is None or isinstance(value, sub) or (value is None and type(None) in types):
+            continue
+        where, allowed = f"{type(cfg).__name__}.{f.name}", f"use a {sub.__name__} or a mapping of its fields"
+        if isinstance(value, Config):
+            raise ConfigError(f"{where} is a {type(value).__name__}; {allowed}")
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}={_short(value)} is not allowed; {allowed}")
+        object.__setattr__(cfg, f.name, sub.from_dict(value, source=where))
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _candidate_types(hint: Any) -> list[Any]:
     if hint is None:
         return []
     args = typing.get_args(hint)
     return [hint, *args] if args else [hint]
+
+
+def renamed(new: str, default: Any = ()) -> Any:
+    """A config field kept under its old name for one release: values given to it move to ``new`` (with a
+    DeprecationWarning), and it is left out of ``to_dict``."""
+    return dataclasses.field(default=default, metadata={"renamed_to": new})
+
+
+def _merge_renamed(cfg: Config) -> None:
+    import warnings
+
+    for f in dataclasses.fields(cfg):
+        new = f.metadata.get("renamed_to")
+        value = getattr(cfg, f.name)
+        if not new or value == f.default:
+            continue
+        warnings.warn(f"{type(cfg).__name__}.{f.name} is deprecated; use {new}= (the same values)", DeprecationWarning,
+                      stacklevel=4)
+        current = getattr(cfg, new)
+        merged = tuple(current) + tuple(v for v in value if v not in current) if isinstance(value, tuple) else value
+        object.__setattr__(cfg, new, merged)
+        object.__setattr__(cfg, f.name, f.default)

@@ -5,14 +5,18 @@ from __future__ import annotations
 import copy
 import hashlib
 import logging
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edgeslim.core import recipe as _recipe
 from edgeslim.core.errors import ConfigError, DataError, ModelError, near
+from edgeslim.core.verbs import check_config
 from edgeslim.distill._config import DistillConfig
 from edgeslim.distill._losses import FEATURE_LOSSES, LOSSES, LossContext, make_adapter
 from edgeslim.train import TrainConfig, fit
@@ -160,6 +164,35 @@ def _cat(parts, name: str = ""):
     return torch.cat(parts)
 
 
+@dataclass
+class DistillReport:
+    """What one :func:`distill` call did: the losses, the teacher, the training history and the best accuracy."""
+
+    technique: ClassVar[str] = "distill"
+    losses: list[str]
+    teacher: str
+    epochs: int
+    steps_per_epoch: int | None
+    best_accuracy: float
+    history: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"technique": self.technique, **{k: v for k, v in self.__dict__.items()}}
+
+    def summary(self) -> str:
+        acc = f", best validation accuracy {self.best_accuracy:.4f}" if self.best_accuracy == self.best_accuracy \
+            and self.best_accuracy > 0 else ", no validation data"
+        cap = f" (at most {self.steps_per_epoch} steps each)" if self.steps_per_epoch else ""
+        return (f"distill ({' + '.join(self.losses)}) from {self.teacher}: {self.epochs} epoch(s){cap}{acc}, "
+                f"{self.seconds:.1f} s")
+
+
+@_recipe.STEPS.register("distill")
+def _replay_step(model: nn.Module, step: dict) -> nn.Module:
+    return model  # distillation changes values only; the state_dict carries them
+
+
 def distill(
     student: nn.Module,
     teacher: nn.Module,
@@ -200,6 +233,11 @@ def distill(
             batches (sequences padded per batch: pad to one length or turn ``cache_teacher`` off).
         ConfigError: unknown layer names (with the nearest valid names) or bad settings.
     """
+    check_config(config, DistillConfig, "distill")
+    _recipe.check_next(student, "distill")
+    t0 = time.perf_counter()
+    if not isinstance(data, (tuple, list)) or len(data) != 2:
+        raise DataError("distill: data= must be a pair (train, val); val may be None")
     train, val = data
     if train is None or len(train) == 0:
         raise DataError("distill: training dataset is empty")
@@ -242,7 +280,9 @@ def distill(
               step_fn=lambda m, x, y, idx: m(x, y, idx))
     out = res.model.student.eval()
     out.distill_history = res.history  # type: ignore[attr-defined]
-    return out
+    out.report = DistillReport(list(config.losses), type(teacher).__name__, train_config.epochs, max_steps_per_epoch,
+                               float(res.best_accuracy), res.history, round(time.perf_counter() - t0, 2))
+    return _recipe.record(out, "distill", config, {}, out.report, previous=student)
 
 
 def kd_loss_fn(teacher: nn.Module, config: DistillConfig = DistillConfig()):

@@ -21,11 +21,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from edgeslim.core import recipe as _recipe
 from edgeslim.core.artifact import Artifact
 from edgeslim.core.config import Config
+from edgeslim.core.counting import count_macs, count_params
 from edgeslim.core.errors import ConfigError, DataError, ExportError, near
 from edgeslim.core.io import atomic_path, check_output
 from edgeslim.core.metrics import compare
+from edgeslim.core.verbs import data_alias
 from edgeslim.export import _edge
 from edgeslim.export._qdq import compact_names, fold_qdq
 
@@ -106,14 +109,6 @@ def _torch_export(model: nn.Module, x: torch.Tensor, path: Path, opset: int) -> 
         )
 
 
-def _macs(model: nn.Module, x: torch.Tensor) -> int:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as fc, torch.no_grad():
-        model(x[:1])
-    return int(fc.get_total_flops() // 2)
-
-
 def _ort_run(path: Path, x: np.ndarray) -> np.ndarray:
     import onnxruntime as ort
 
@@ -135,6 +130,7 @@ def export(
     validate: bool = True,
     floors: ValidationFloors = ValidationFloors(),
     opset: int = 17,
+    data: Any = None,
     calib: Any = None,
 ) -> Artifact:
     """Export ``model`` to a deployable file and validate it against the torch model.
@@ -150,12 +146,14 @@ def export(
         validate: run the artifact in ONNX Runtime and compare with the torch model (floors apply).
         floors: the :class:`ValidationFloors`.
         opset: ONNX opset.
-        calib: calibration samples for INT8 ``tflite``/``executorch``, which re-quantize the quantized model's
+        data: calibration samples for INT8 ``tflite``/``executorch``, which re-quantize the quantized model's
             folded float graph with their runtime's PT2E quantizer (see ``edgeslim.export._edge``).
+        calib: the old name of ``data`` (deprecated).
 
     Returns:
         the :class:`Artifact`, whose ``validation`` holds the comparison; its record is written beside it.
     """
+    calib = data_alias(data, calib, "export")
     format = FORMAT_ALIASES.get(format, format)
     if format not in FORMATS:
         raise ConfigError(f"unknown export format {format!r}{near(format, FORMATS)}; valid: {', '.join(FORMATS)}")
@@ -194,7 +192,7 @@ def export(
         with (float_ctx() if float_ctx and prec in ("int8-dynamic", "fp16") else contextlib.nullcontext()):
             _torch_export(model, x, raw, opset)
         with float_ctx() if float_ctx else contextlib.nullcontext():
-            macs = _macs(model, x)
+            macs = count_macs(model, x)
         _convert(raw, tmp, prec, getattr(model, "edgeslim_export", {}))
         validation: dict[str, Any] = {}
         if validate:
@@ -203,11 +201,24 @@ def export(
         target, "onnx", prec, tuple(x.shape[1:]), validation,
         {"macs": macs, "opset": opset, "source_model": type(model).__name__,
          "export_seconds": round(time.perf_counter() - t0, 3),
-         "quantization": model.report.to_dict() if hasattr(model, "report") else None},
+         **report_meta(model)},
     )
     art.save_record(force=True)
     log.info("exported %s (%s, %d bytes)", target, prec, art.size_bytes)
     return art
+
+
+def report_meta(model: nn.Module) -> dict[str, Any]:
+    """The artifact's record of how the model was made: the last step's report under its technique's name, and
+    the chain of steps (technique, config, one-line summary) from the model's recipe."""
+    out: dict[str, Any] = {}
+    rep = getattr(model, "report", None)
+    if rep is not None and hasattr(rep, "to_dict"):
+        out[getattr(rep, "technique", type(rep).__name__)] = rep.to_dict()
+    steps = _recipe.steps_of(model)
+    if steps:
+        out["recipe"] = [{k: s.get(k) for k in ("technique", "config", "summary")} for s in steps]
+    return out
 
 
 def _export_edge(model: nn.Module, fmt: str, x: torch.Tensor, ref: torch.Tensor, labels: np.ndarray | None,
@@ -232,11 +243,11 @@ def _export_edge(model: nn.Module, fmt: str, x: torch.Tensor, ref: torch.Tensor,
     with contextlib.ExitStack() as es:
         if getattr(model, "float_reference", None):
             es.enter_context(model.float_reference())
-        macs = _macs(model, x)
+        macs = count_macs(model, x)
     art = Artifact(target, fmt, prec, tuple(x.shape[1:]), validation,
-                   {"macs": macs, "params": sum(p.numel() for p in model.parameters()),
+                   {"macs": macs, "params": count_params(model),
                     "source_model": type(model).__name__, "export_seconds": round(time.perf_counter() - t0, 3),
-                    **meta, "quantization": model.report.to_dict() if hasattr(model, "report") else None})
+                    **meta, **report_meta(model)})
     art.save_record(force=True)
     log.info("exported %s (%s %s, %d bytes)", target, fmt, prec, art.size_bytes)
     return art

@@ -150,25 +150,9 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
 
 def apply_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> nn.Module:
     """Load ``state`` into ``model`` strictly, with a clear error listing what does not match."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    wrong = [
-        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in own
-        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
-    ]
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {missing[:3]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
-        if wrong:
-            parts.append(f"{len(wrong)} with other shapes (e.g. {wrong[:3]})")
-        raise ModelError(f"weights in {source!r} do not match the model: " + "; ".join(parts))
-    model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
-    return model
+    from edgeslim.core.recipe import load_state_strict
+
+    return load_state_strict(model, state, source)
 
 
 def imagenet_mobilenet_v2_weights() -> Path:
@@ -238,6 +222,9 @@ def load(name: str, dataset: str = "fashion-mnist", *, pretrained: bool | str = 
             weights = ck
     if weights is not None:
         apply_state_dict(model, load_state_dict_file(weights), str(weights))
+    # where the model came from, so a saved recipe (edgeslim.save) can rebuild it; the weights travel in the file
+    model.edgeslim_source = ({"kind": "factory", "spec": name} if ":" in name
+                             else {"kind": "zoo", "name": name, "dataset": dataset})
     return model.eval()
 
 

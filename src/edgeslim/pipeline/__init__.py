@@ -7,14 +7,9 @@ fixed demo chain (baseline -> INT8 PTQ -> export -> measure -> report).
 from edgeslim.pipeline._budget import Budget, Prefer, Violation
 from edgeslim.pipeline._candidate import build_candidate
 from edgeslim.pipeline._demo import run_demo
-from edgeslim.pipeline._optimize import (
-           OptimizeReport,
-           OptimizeResult,
-           load_chosen,
-           optimize,
-           pareto_front,
-)
+from edgeslim.pipeline._optimize import OptimizeReport, OptimizeResult, load_chosen, optimize, pareto_front
+from edgeslim.pipeline._recipe import load, save, steps
 from edgeslim.pipeline._space import Space
 
-__all__ = ["Budget", "OptimizeReport", "OptimizeResult", "Prefer", "Space", "Violation", "build_candidate",
-           "load_chosen", "optimize", "pareto_front", "run_demo"]
+__all__ = ["Budget", "OptimizeReport", "OptimizeResult", "Prefer", "Space", "Violation", "build_candidate", "load",
+           "load_chosen", "optimize", "pareto_front", "run_demo", "save", "steps"]

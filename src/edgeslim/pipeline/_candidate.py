@@ -67,7 +67,6 @@ def early_layers(model: nn.Module, space: Space) -> tuple[str, ...]:
 # ---------------------------------------------------------------------------------------------- build
 def float_model(ctx: Context, params: dict[str, Any]) -> tuple[nn.Module, str, dict[str, Any]]:
     """The float model of a candidate (pruned and fine-tuned, or the base), its cache key and step records."""
-    from edgeslim.prune import load_pruned, save_pruned
     from edgeslim.prune._api import prune
     from edgeslim.prune._config import PruneConfig
     from edgeslim.train import TrainConfig, evaluate, fit
@@ -76,21 +75,21 @@ def float_model(ctx: Context, params: dict[str, Any]) -> tuple[nn.Module, str, d
         return ctx.base, ctx.base_key, {}
     sp = ctx.space
     cfg = PruneConfig(method="channel", target_macs=params["target_macs"], importance=sp.importance,
-                      round_to=sp.round_to, ignored_layers=ctx.early_layers if params["keep_early"] else (),
+                      round_to=sp.round_to, exclude=ctx.early_layers if params["keep_early"] else (),
                       recalibrate_bn=sp.bn_samples if params["recalibrate_bn"] else 0, seed=ctx.seed)
     pk = key("prune", ctx.base_key, cfg.to_dict())
     d = ctx.cache.dir("prune", pk)
     steps: dict[str, Any] = {}
     meta = Cache.done(d)
     if meta:
-        model = load_pruned(ctx.base, d / "model")
+        model = load_step(ctx.base, d / "model.recipe")
         steps["prune"] = {**meta, "cached": True}
     else:
         t0 = time.perf_counter()
         model = prune(ctx.base, cfg, example_inputs=ctx.example_inputs, data=ctx.train)
         rep = model.prune_report
         acc = evaluate(model, ctx.search_val)
-        save_pruned(model, d / "model", force=True)
+        save_step(model, d / "model.recipe")
         steps["prune"] = Cache.finish(d, {
             "seconds": round(time.perf_counter() - t0, 2), "macs_before": rep.macs_before, "macs_after": rep.macs_after,
             "params_after": rep.params_after, "config": cfg.to_dict(), "torch_accuracy_search": acc,
@@ -107,15 +106,14 @@ def float_model(ctx: Context, params: dict[str, Any]) -> tuple[nn.Module, str, d
     d = ctx.cache.dir("finetune", fk)
     meta = Cache.done(d)
     if meta:
-        tuned = load_pruned(ctx.base, d / "model")
+        tuned = load_step(ctx.base, d / "model.recipe")
         steps["finetune"] = {**meta, "cached": True}
     else:
         t0 = time.perf_counter()
         res = fit(model, ctx.train, None, tcfg, max_steps_per_epoch=cap, progress=False)
-        tuned = res.model
-        tuned.prune_report = model.prune_report
+        tuned = res.model  # fit keeps the recorded steps (the pruned structure); only the weights changed
         acc = evaluate(tuned, ctx.search_val)
-        save_pruned(tuned, d / "model", force=True)
+        save_step(tuned, d / "model.recipe")
         steps["finetune"] = Cache.finish(d, {"seconds": round(time.perf_counter() - t0, 2), "steps": epochs * cap,
                                              "config": tcfg.to_dict(), "torch_accuracy_search": acc})
     return tuned, fk, steps
@@ -138,7 +136,6 @@ def build_candidate(ctx: Context, params: dict[str, Any]) -> tuple[nn.Module, Ar
     """Build (or load from the cache) one candidate: its torch model, its validated ONNX artifact, its cache key
     and the record of every step (time spent, whether it was cached, accuracy after it)."""
     from edgeslim.export._api import export
-    from edgeslim.quantize import restore_quantized, save_quantized
     from edgeslim.quantize._api import quantize
 
     model, fkey, steps = float_model(ctx, params)
@@ -146,15 +143,15 @@ def build_candidate(ctx: Context, params: dict[str, Any]) -> tuple[nn.Module, Ar
     d = ctx.cache.dir("candidate", ck)
     meta = Cache.done(d)
     if meta:
-        final = restore_quantized(model, d / "quantized.pt") if params.get("quantize") else model
+        final = load_step(ctx.base, d / "model.recipe") if params.get("quantize") else model
         steps["export"] = {**meta, "cached": True}
         return final, Artifact.load(d / "model.onnx"), ck, steps
     t0 = time.perf_counter()
     final = model
     rec: dict[str, Any] = {}
     if params.get("quantize"):
-        final = quantize(model, quant_config(ctx, params), calib=ctx.train)
-        save_quantized(final, d / "quantized.pt", force=True)
+        final = quantize(model, quant_config(ctx, params), data=ctx.train)
+        save_step(final, d / "model.recipe")
         rec["quantize_seconds"] = round(time.perf_counter() - t0, 2)
         rec["quantize_summary"] = final.report.summary()
         rec["layers_kept_float"] = [x["name"] for x in final.report.skipped_layers]
@@ -235,15 +232,32 @@ def measure_candidate(ctx: Context, art: Artifact, ck: str, *, data: Any = None,
 
 
 def interleaved_latency(ctx: Context, paths: list[Path], rounds: int = 3) -> list[float]:
-    """Median batch-1 latency (ms) of each file, measured in ``rounds`` interleaved rounds on the budget's runtime
-    (so drifting load on a shared host hits every file alike)."""
-    from edgeslim.runtime import RUNTIMES, latency
+    """Median batch-1 latency (ms) of each file over ``rounds`` interleaved rounds on the budget's runtime (so
+    drifting load on a shared host hits every file alike): :func:`edgeslim.runtime.interleaved_latency`."""
+    from edgeslim.runtime import RUNTIMES
+    from edgeslim.runtime import interleaved_latency as interleaved
 
     b = ctx.budget
-    x = ctx.val.normalized()[:1].numpy()
-    runners = [RUNTIMES.get(b.runtime)(p, threads=b.threads) for p in paths]
-    per: list[list[float]] = [[] for _ in paths]
-    for _ in range(rounds):
-        for i, r in enumerate(runners):
-            per[i].append(latency(r, x, warmup=10, runs=ctx.space.latency_runs)["p50_ms"])
-    return [float(sorted(v)[len(v) // 2]) for v in per]
+    runners = {str(i): RUNTIMES.get(b.runtime)(p, threads=b.threads) for i, p in enumerate(paths)}
+    got = interleaved(runners, ctx.val.normalized()[:1].numpy(), rounds=rounds, runs=ctx.space.latency_runs)
+    return [float(got[str(i)]["median_of_rounds_ms"]) for i in range(len(paths))]
+
+
+# ---------------------------------------------------------------------------------------------- cache files
+def save_step(model: nn.Module, path: Path) -> None:
+    """A step's output as an edgeslim recipe file (its recorded steps + state_dict)."""
+    from edgeslim.core import recipe
+
+    recipe.save(model, path, force=True)
+
+
+def load_step(base: nn.Module, path: Path) -> nn.Module:
+    """A cached step's model: the steps recorded after ``base``'s own replayed on ``base``, then its weights."""
+    from edgeslim.core import recipe
+
+    blob = recipe.read(path)
+    own = len(recipe.steps_of(base))
+    model = recipe.replay(base, blob["steps"][own:])
+    setattr(model, recipe.RECIPE_ATTR, [dict(st) for st in blob["steps"]])
+    recipe.load_state_strict(model, blob["state_dict"], str(path))
+    return model.eval()

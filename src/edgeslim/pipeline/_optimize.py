@@ -43,7 +43,6 @@ from edgeslim.pipeline._candidate import (
     Context,
     build_candidate,
     early_layers,
-    float_model,
     interleaved_latency,
     measure_candidate,
 )
@@ -547,15 +546,13 @@ def _trial_row(t: Any) -> dict[str, Any]:
 
 def _save_chosen(ctx: Context, out: Path, params: dict[str, Any], trial: int | None, model: nn.Module, art: Artifact,
                  meets: bool) -> tuple[dict[str, Path], dict[str, Any]]:
-    """Write the chosen candidate to ``out/chosen/``: the ONNX file (+ record), its recipe and state_dicts."""
-    from edgeslim.prune import save_pruned
-    from edgeslim.quantize import save_quantized
+    """Write the chosen candidate to ``out/chosen/``: the ONNX file (+ its record), the model as one edgeslim
+    recipe file (``model.recipe``: every step + the state_dict; ``edgeslim.load``) and ``recipe.json`` (the
+    trial's parameters, which replay through :func:`build_candidate`)."""
+    from edgeslim.core import recipe as _recipe
 
     d = out / "chosen"
     d.mkdir(parents=True, exist_ok=True)
-    for old in ("pruned.json", "pruned.pt", "quantized.pt"):
-        with contextlib.suppress(FileNotFoundError):
-            (d / old).unlink()
     target = d / "model.onnx"
     tmp = d / ".model.onnx.tmp"
     shutil.copyfile(art.path, tmp)
@@ -563,42 +560,27 @@ def _save_chosen(ctx: Context, out: Path, params: dict[str, Any], trial: int | N
     chosen_art = Artifact(target, art.format, art.precision, art.input_shape, art.validation,
                           {**art.meta, "optimize_trial": trial, "meets_budget": meets})
     chosen_art.save_record(force=True)
-    files: dict[str, str] = {"artifact": "model.onnx"}
-    float_m, _, _ = float_model(ctx, params)
-    if params.get("target_macs"):
-        save_pruned(float_m, d / "pruned", force=True)
-        files["pruned"] = "pruned.json + pruned.pt"
-    if params.get("quantize"):
-        save_quantized(model, d / "quantized.pt", force=True)
-        files["quantized"] = "quantized.pt"
+    _recipe.save(model, d / "model.recipe", force=True)
     recipe = {"format": RECIPE_FORMAT, "trial": trial, "params": params, "description": describe(params),
+              "steps": [{k: st.get(k) for k in ("technique", "config", "summary")} for st in _recipe.steps_of(model)],
               "base_model": {"class": type(ctx.base).__name__, "sha256": _store.state_hash(ctx.base)},
               "space": ctx.space.to_dict(), "seed": ctx.seed, "early_layers": list(ctx.early_layers),
-              "files": files, "meets_budget": meets,
-              "replay": "edgeslim.pipeline.load_chosen(base_model, folder) rebuilds the model from these files; "
-                        "edgeslim.pipeline.build_candidate replays the params on the base model and the data"}
+              "files": {"artifact": "model.onnx", "model": "model.recipe"}, "meets_budget": meets,
+              "replay": "edgeslim.load('model.recipe', model=<a fresh instance of the input model>) rebuilds the "
+                        "model; edgeslim.pipeline.build_candidate replays the params on the input model and the data"}
     write_json(d / "recipe.json", recipe, force=True)
-    return {"artifact": target, "recipe": d / "recipe.json"}, recipe
+    return {"artifact": target, "recipe": d / "recipe.json", "model": d / "model.recipe"}, recipe
 
 
 def load_chosen(model: nn.Module, folder: str | Path) -> nn.Module:
-    """Rebuild the chosen candidate saved in ``folder`` (``out/chosen``) on a fresh copy of the input model
-    (its architecture; the weights come from the saved state_dicts). ``model`` is not modified."""
-    import json
-
-    from edgeslim.prune import load_pruned
-    from edgeslim.quantize import restore_quantized
+    """Rebuild the chosen candidate saved in ``folder`` (``out/chosen``) on a fresh copy of the input model (its
+    architecture; the weights come from ``model.recipe``). ``model`` is not modified."""
+    from edgeslim.pipeline._recipe import load
 
     d = Path(folder)
-    rec = d / "recipe.json"
-    if not rec.is_file():
-        raise ModelError(f"{str(d)!r} holds no optimize recipe (recipe.json)")
-    recipe = json.loads(rec.read_text())
-    if recipe.get("format") != RECIPE_FORMAT:
-        raise ModelError(f"{str(rec)!r} is not an optimize recipe (format {recipe.get('format')!r})")
-    params = recipe["params"]
-    m = load_pruned(model, d / "pruned") if params.get("target_macs") else copy.deepcopy(model).eval()
-    return restore_quantized(m, d / "quantized.pt") if params.get("quantize") else m
+    if not (d / "model.recipe").is_file():
+        raise ModelError(f"{str(d)!r} holds no chosen optimize candidate (model.recipe)")
+    return load(d / "model.recipe", model=model)
 
 
 __all__ = ["OptimizeReport", "OptimizeResult", "load_chosen", "optimize", "pareto_front"]

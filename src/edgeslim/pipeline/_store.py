@@ -21,6 +21,7 @@ import logging
 import os
 import re
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -183,7 +184,9 @@ def open_storage(url: str, *, shared: bool) -> Any:
         kw = {"heartbeat_interval": 10, "grace_period": 40,
               "heartbeat_stale_trial_callback": requeue_failed}
     try:
-        return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True}, **kw)
+        with warnings.catch_warnings():  # heartbeats are marked experimental in Optuna 5; they are what we rely on
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True}, **kw)
     except Exception as e:  # sqlalchemy/driver errors: unreachable host, missing driver, bad URL
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise ConfigError(f"storage {redact(url)!r} does not answer: {type(e).__name__}: {first}") from None

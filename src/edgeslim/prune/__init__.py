@@ -14,6 +14,7 @@ attention heads and makes dense runtimes faster. Every call returns a new model 
 (:class:`PruneReport`) and never modifies its input.
 """
 
+from edgeslim.core.counting import count_macs  # re-exported: it was public here first
 from edgeslim.prune._api import (
     PruneReport,
     apply_recipe,
@@ -27,7 +28,6 @@ from edgeslim.prune._api import (
 from edgeslim.prune._config import PruneConfig, PruneMethod, Schedule, Scope
 from edgeslim.prune._importance import IMPORTANCE, Criterion
 from edgeslim.prune._sparse import SparsityMask, get_mask, magnitude_mask, nm_mask, sparse_storage, strip_masks
-from edgeslim.prune._structured import count_macs
 from edgeslim.prune._vocab import VocabMap, VocabPruned, VocabReport, prune_vocabulary
 
 __all__ = [

@@ -8,29 +8,29 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from edgeslim.core import recipe as _recipe
+from edgeslim.core.counting import call, count_macs, count_params
 from edgeslim.core.errors import ConfigError, DataError, ModelError
 from edgeslim.core.io import save_torch, write_json
+from edgeslim.prune._channels import prune_channels
 from edgeslim.prune._config import PruneConfig, PruneMethod, Schedule, Scope
-from edgeslim.prune._sparse import PRUNABLE, attach_mask, get_mask, magnitude_mask, nm_mask
-from edgeslim.prune._structured import (
-    apply_structure,
-    bert_layers,
-    blame_module,
-    call,
-    count_macs,
-    count_params,
-    match_modules,
-    output_layer,
-    prune_channels,
-    prune_transformer,
-    snapshot,
-    structure_diff,
+from edgeslim.prune._inspect import blame_module, match_modules, output_layer
+from edgeslim.prune._sparse import (
+    PRUNABLE,
+    attach_mask,
+    get_mask,
+    magnitude_mask,
+    masked_layers,
+    nm_mask,
+    strip_masks,
 )
+from edgeslim.prune._structure import apply_structure, snapshot, structure_diff
+from edgeslim.prune._transformer import bert_layers, prune_transformer
 from edgeslim.train import TrainConfig, fit, recalibrate_bn
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,7 @@ class PruneReport:
         note: what the numbers mean for speed.
     """
 
+    technique: ClassVar[str] = "prune"
     method: str
     macs_before: int
     macs_after: int
@@ -72,7 +73,7 @@ class PruneReport:
         return 1 - self.macs_after / self.macs_before if self.macs_before else 0.0
 
     def to_dict(self) -> dict:
-        d = {k: v for k, v in self.__dict__.items() if k != "recipe"}
+        d = {"technique": self.technique, **{k: v for k, v in self.__dict__.items() if k != "recipe"}}
         d["mac_reduction"] = round(self.mac_reduction, 4)
         return d
 
@@ -116,6 +117,7 @@ def prune(model: nn.Module, config: PruneConfig = PruneConfig(), *, example_inpu
         raise ModelError(f"prune() needs a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(config, PruneConfig):
         raise ConfigError(f"prune() needs a PruneConfig, got {type(config).__name__}")
+    _recipe.check_next(model, "prune")
     if config.recalibrate_bn and data is None:
         raise DataError(f"PruneConfig.recalibrate_bn={config.recalibrate_bn} needs data= (an ImageDataset or an "
                         "iterable of inputs / (inputs, labels)) to re-estimate BatchNorm statistics on")
@@ -127,7 +129,11 @@ def prune(model: nn.Module, config: PruneConfig = PruneConfig(), *, example_inpu
     with blame_module(model, "running the model on example_inputs"), torch.no_grad():
         call(model, example_inputs)
     macs0, params0 = count_macs(model, example_inputs), count_params(model)
+    remask: list[str] = []
     if config.method == PruneMethod.CHANNEL:
+        # masks from an earlier magnitude/N:M step: bake them, remove channels, then mask the surviving zeros again
+        remask = masked_layers(model)
+        strip_masks(model)
         before = snapshot(model)
         if bert_layers(model):
             model, info = prune_transformer(model, config, example_inputs, data)
@@ -139,7 +145,12 @@ def prune(model: nn.Module, config: PruneConfig = PruneConfig(), *, example_inpu
         layers = _width_changes(before, model)
         if "layers" in info:
             layers = info["layers"]
-        step = {"method": "channel", "config": config.to_dict(), "structure": structure, "history": history}
+        modules = dict(model.named_modules())
+        remask = [n for n in remask if n in modules]
+        for n in remask:
+            attach_mask(modules[n], (modules[n].weight.detach() != 0).float())
+        step = {"method": "channel", "config": config.to_dict(), "structure": structure, "history": history,
+                "remask": remask}
         report = PruneReport("channel", macs0, count_macs(model, example_inputs), params0, count_params(model),
                              layers=layers, ignored=info.get("ignored", []), skipped=info.get("skipped", {}),
                              note="channels physically removed: dense runtimes get faster; measure to see how much")
@@ -158,6 +169,8 @@ def prune(model: nn.Module, config: PruneConfig = PruneConfig(), *, example_inpu
     report.recipe = prev + [step]
     report.seconds = round(time.perf_counter() - t0, 2)
     model.prune_report = report
+    model.report = report
+    _recipe.record(model, "prune", config, {k: v for k, v in step.items() if k != "config"}, report)
     log.info("%s", report.summary())
     return model
 
@@ -177,7 +190,7 @@ def _width_changes(before: dict, model: nn.Module) -> dict[str, list[int]]:
 
 
 def _mask_prune(model: nn.Module, cfg: PruneConfig, example_inputs: Any, macs0: int, params0: int) -> PruneReport:
-    ignored = match_modules(model, cfg.ignored_layers, "ignored_layers")
+    ignored = match_modules(model, cfg.exclude, "exclude")
     out_name = output_layer(model, example_inputs) if cfg.ignore_output_layer else None
     ratios: dict[str, float] = {}
     for pat, r in cfg.layer_ratios.items():
@@ -292,11 +305,17 @@ def load_pruned(model: nn.Module, path: str | Path) -> nn.Module:
 
 def apply_recipe(model: nn.Module, steps: list[dict]) -> nn.Module:
     """A copy of ``model`` with the recorded structure and masks of ``steps`` (weights not loaded)."""
-    model = copy.deepcopy(model)
+    return _apply_steps(copy.deepcopy(model), steps)
+
+
+def _apply_steps(model: nn.Module, steps: list[dict]) -> nn.Module:
     modules = dict(model.named_modules())
     for i, step in enumerate(steps):
         if step.get("method") == "channel":
+            strip_masks(model)
             apply_structure(model, step["structure"])
+            for n in step.get("remask", []):
+                attach_mask(modules[n], torch.ones_like(modules[n].weight))
         elif step.get("method") in ("magnitude", "nm"):
             cfg = PruneConfig.from_dict(step["config"], source=f"recipe step {i}")
             agp = cfg.schedule == Schedule.AGP
@@ -309,6 +328,13 @@ def apply_recipe(model: nn.Module, steps: list[dict]) -> nn.Module:
         else:
             raise ModelError(f"recipe step {i} has unknown method {step.get('method')!r}")
     return model
+
+
+@_recipe.STEPS.register("prune")
+def _replay_step(model: nn.Module, step: dict) -> nn.Module:
+    """Rebuild one recorded prune step's structure (removed channels, or masks) on ``model`` in place."""
+    state = dict(step.get("state", {}))
+    return _apply_steps(model, [{**state, "config": step.get("config", {})}])
 
 
 def replay(model: nn.Module, recipe_path: str | Path, *, example_inputs: Any) -> nn.Module:

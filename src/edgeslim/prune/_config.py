@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from edgeslim.core.config import Config, StrEnum
+from edgeslim.core.config import Config, StrEnum, renamed
 
 
 class PruneMethod(StrEnum):
@@ -51,7 +51,8 @@ class PruneConfig(Config):
         scope: rank within each layer (``layer``) or across layers (``global``).
         max_layer_ratio: no layer loses more than this fraction of its channels / weights.
         layer_ratios: per-layer ratios by module-name glob (``{"layer4.*": 0.6}``), overriding ``ratio``.
-        ignored_layers: module-name globs left untouched; each must match a module.
+        exclude: module-name globs left untouched; each must match a module (``ignored_layers`` is its old name,
+            deprecated).
         ignore_output_layer: leave the layer producing the model output (the classifier) untouched.
         round_to: kept channel counts are multiples of this (SIMD-friendly widths); 1 disables.
         heads_ratio: fraction of attention heads removed from each attention block (``channel`` only).
@@ -76,7 +77,7 @@ class PruneConfig(Config):
     scope: Scope = Scope.LAYER
     max_layer_ratio: float = 0.9
     layer_ratios: dict[str, float] = dataclasses.field(default_factory=dict)
-    ignored_layers: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
     ignore_output_layer: bool = True
     round_to: int = 8
     heads_ratio: float = 0.0
@@ -88,6 +89,7 @@ class PruneConfig(Config):
     calib_batches: int = 4
     recalibrate_bn: int = 0
     seed: int = 0
+    ignored_layers: tuple[str, ...] = renamed("exclude")
 
     def __hash__(self) -> int:  # layer_ratios is a dict
         return hash(tuple((k, str(v)) for k, v in self.to_dict().items()))
@@ -111,8 +113,8 @@ class PruneConfig(Config):
         for k, v in self.layer_ratios.items():
             if not isinstance(k, str) or not isinstance(v, (int, float)) or not 0 < v < 1:
                 raise self._bad("layer_ratios", f"entry {k!r}: {v!r} must be a ratio in (0, 1)")
-        if any(not isinstance(x, str) or not x for x in self.ignored_layers):
-            raise self._bad("ignored_layers", "must be non-empty module-name globs")
+        if any(not isinstance(x, str) or not x for x in self.exclude):
+            raise self._bad("exclude", "must be non-empty module-name globs")
         if self.round_to < 1:
             raise self._bad("round_to", "must be >= 1 (1 disables rounding)")
         if not 0 <= self.heads_ratio < 1:

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from edgeslim.core.counting import count_params
 from edgeslim.core.errors import ConfigError, ModelError
 from edgeslim.core.io import write_json
 
@@ -237,7 +238,7 @@ def prune_vocabulary(model: nn.Module, tokenizer: Any, texts: Sequence[str], *, 
     kept = np.flatnonzero(mask)
     vocab = VocabMap(kept=kept, old_size=old_size, unk_id=int(np.searchsorted(kept, unk)))
 
-    params_before = sum(p.numel() for p in model.parameters())
+    params_before = count_params(model)
     new = copy.deepcopy(model)
     new_emb = new.get_submodule(name)
     tied = [n for n, p in new.named_parameters(remove_duplicate=False) if p is new_emb.weight and n != f"{name}.weight"]
@@ -257,5 +258,5 @@ def prune_vocabulary(model: nn.Module, tokenizer: Any, texts: Sequence[str], *, 
             cfg.vocab_size = len(kept)
     report = VocabReport(embedding=name, old_size=old_size, new_size=len(kept), special_kept=len(always),
                          min_count=int(min_count), texts=len(texts), tokens=int(flat.size),
-                         params_before=params_before, params_after=sum(p.numel() for p in new.parameters()))
+                         params_before=params_before, params_after=count_params(new))
     return VocabPruned(new, vocab, report)

@@ -10,12 +10,13 @@ from edgeslim.quantize._config import ActivationType, QuantConfig, QuantMode, We
 from edgeslim.quantize._modules import ActQuant, QuantWeight
 from edgeslim.quantize._qat import QATConfig, QATMethod, qat, restore_quantized, save_quantized
 from edgeslim.quantize._sensitivity import (
-    BudgetResult, BudgetSearch, BudgetStep, Fallback, LayerSensitivity, RankBy, SensitivityMode, SensitivityReport,
-    quantize_with_budget, sensitivity,
+    BudgetConfig, BudgetResult, BudgetSearch, BudgetStep, Fallback, LayerSensitivity, RankBy, SensitivityMode,
+    SensitivityReport, quantize_with_budget, sensitivity,
 )
 
 __all__ = [
-    "CALIBRATORS", "ActQuant", "ActivationType", "BudgetResult", "BudgetSearch", "BudgetStep", "Fallback",
+    "CALIBRATORS", "ActQuant", "ActivationType", "BudgetConfig", "BudgetResult", "BudgetSearch", "BudgetStep",
+    "Fallback",
     "LayerSensitivity", "Observer", "QATConfig", "QATMethod", "QuantConfig", "QuantMode", "QuantReport", "QuantWeight",
     "QuantizedModel", "RankBy", "SensitivityMode", "SensitivityReport", "Stats", "WeightRange", "qat", "quantize",
     "quantize_with_budget", "restore_quantized", "save_quantized", "sensitivity",

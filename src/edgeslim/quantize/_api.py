@@ -8,12 +8,14 @@ import logging
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from edgeslim.core import recipe as _recipe
 from edgeslim.core.errors import DataError, QuantizationError
+from edgeslim.core.verbs import check_config, data_alias
 from edgeslim.quantize import _graph
 from edgeslim.quantize._calibrate import CALIBRATORS
 from edgeslim.quantize._config import ActivationType, QuantConfig, QuantMode, WeightRange
@@ -28,6 +30,7 @@ log = logging.getLogger(__name__)
 class QuantReport:
     """What ``quantize`` did: which layers were quantized, which were not and why, and the ranges used."""
 
+    technique: ClassVar[str] = "quantize"
     mode: str
     precision: str
     calibration: str | None
@@ -40,7 +43,7 @@ class QuantReport:
     seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {"technique": self.technique, **asdict(self)}
 
     def summary(self) -> str:
         return (
@@ -102,7 +105,7 @@ def _calibration_batches(calib: Any, config: QuantConfig, batch_size: int = 128)
     """Turn the calibration argument into a list of input batches (class-balanced when labels are known)."""
     if calib is None:
         raise DataError(
-            "static quantization needs calibration data: pass calib=<dataset or tensor of real samples> "
+            "static quantization needs calibration data: pass data=<dataset or tensor of real samples> "
             "(edgeslim never calibrates on random data)"
         )
     from edgeslim.data import ImageDataset, calibration_subset
@@ -196,24 +199,27 @@ def quantize(
     model: nn.Module,
     config: QuantConfig = QuantConfig(),
     *,
-    calib: Any = None,
+    data: Any = None,
     example_inputs: torch.Tensor | None = None,
+    calib: Any = None,
 ) -> QuantizedModel:
     """Quantize a copy of ``model`` (the input is never modified).
 
     Args:
-        model: a float ``nn.Module`` traceable by torch.fx.
+        model: a float ``nn.Module`` traceable by torch.fx (masked or clustered layers are made dense first).
         config: the :class:`QuantConfig`.
-        calib: calibration data (static mode, required): an ImageDataset (a class-balanced subset of
+        data: calibration data (static mode, required): an ImageDataset (a class-balanced subset of
             ``config.num_samples`` is drawn), a tensor of inputs, or an iterable of batches.
         example_inputs: an input batch for dynamic/fp16 modes (to check the shape fits).
+        calib: the old name of ``data`` (deprecated).
 
     Returns:
         a :class:`QuantizedModel` whose ``report`` lists what was quantized and what was not, and why.
     """
     t0 = time.perf_counter()
-    if not isinstance(config, QuantConfig):
-        raise QuantizationError(f"config must be a QuantConfig, got {type(config).__name__}")
+    calib = data_alias(data, calib, "quantize")
+    check_config(config, QuantConfig, "quantize")
+    _recipe.check_next(model, "quantize")
     static = config.mode == QuantMode.STATIC
     batches = _calibration_batches(calib, config) if static else []
     probe = batches[0] if batches else example_inputs
@@ -273,5 +279,40 @@ def quantize(
     report.float_ops = [{"node": k, "reason": v} for k, v in placement.float_ops.items()]
     qm = QuantizedModel(gm, config, report).eval()
     report.seconds = round(time.perf_counter() - t0, 3)
+    record_quantized(qm, model)
     log.info("quantize: %s", report.summary())
     return qm
+
+
+def record_quantized(qm: QuantizedModel, source: nn.Module) -> QuantizedModel:
+    """Record ``qm``'s quantize step after ``source``'s recipe (its config, learnable scales and QAT mode)."""
+    src = getattr(source, _recipe.SOURCE_ATTR, None)
+    if src is not None:
+        setattr(qm, _recipe.SOURCE_ATTR, src)
+    learnable = sorted(n for n, m in qm.named_modules() if isinstance(m, (ActQuant, QuantWeight))
+                       and isinstance(m.scale, nn.Parameter))
+    qat = sorted({str(w.qat) for w in qm.weight_quants() if getattr(w, "qat", None)})
+    previous = _recipe.steps_of(source)
+    if previous and previous[-1]["technique"] == "quantize":  # QAT of a quantized model: one quantize step
+        previous = previous[:-1]
+    setattr(qm, _recipe.RECIPE_ATTR, previous)
+    return _recipe.record(qm, "quantize", qm.config, {"learnable_scales": learnable, "qat": qat[0] if qat else None},
+                          qm.report)
+
+
+@_recipe.STEPS.register("quantize")
+def _replay_step(model: nn.Module, step: dict) -> QuantizedModel:
+    """Rebuild a quantized model's structure (BN folded, quantizers placed, modes set) for its state_dict."""
+    config = QuantConfig.from_dict(step["config"], source="recipe step 'quantize'")
+    gm, placement, quants = build_graph(model, config)
+    q = QuantizedModel(gm, config, QuantReport(config.mode.value, PRECISION[config.mode], config.calibration, 0))
+    state = step.get("state", {})
+    for name in state.get("learnable_scales", []):
+        q.get_submodule(name).make_learnable()
+    if state.get("qat"):
+        for w in q.weight_quants():
+            w.qat = state["qat"]
+    for a in quants.values():
+        a.state = {QuantMode.STATIC: "quant", QuantMode.DYNAMIC: "dynamic"}.get(config.mode, a.state)
+    q.report.quantized_layers = [{"name": n} for n in placement.weighted]
+    return q.eval()

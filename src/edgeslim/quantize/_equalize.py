@@ -19,6 +19,7 @@ import torch
 import torch.fx
 from torch import nn
 
+from edgeslim.core.modules import set_module
 from edgeslim.quantize import _graph
 
 log = logging.getLogger(__name__)
@@ -56,8 +57,7 @@ def equalize(gm: torch.fx.GraphModule, iterations: int = 20) -> dict:
         for act in acts:
             m = gm.get_submodule(str(act.target)) if act.op == "call_module" else None
             if isinstance(m, (nn.ReLU6, nn.Hardtanh)):
-                parent, _, child = str(act.target).rpartition(".")
-                setattr(gm.get_submodule(parent) if parent else gm, child, nn.ReLU())
+                set_module(gm, str(act.target), nn.ReLU())
                 relu6.append(str(act.target))
     for _ in range(iterations):
         biggest = 0.0

@@ -7,7 +7,6 @@ only consumer of such an op is folded into its output range, and weights are qua
 
 from __future__ import annotations
 
-import fnmatch
 import operator
 from dataclasses import dataclass, field
 
@@ -16,7 +15,8 @@ import torch.fx
 from torch import nn
 from torch.nn import functional as F
 
-from edgeslim.core.errors import QuantizationError, near
+from edgeslim.core.errors import QuantizationError
+from edgeslim.core.modules import first_match, require_matches, set_module
 from edgeslim.quantize._modules import ActQuant, QuantWeight
 
 WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Linear)
@@ -41,11 +41,16 @@ class Placement:
 
 
 def trace_and_fold(model: nn.Module) -> torch.fx.GraphModule:
-    """Symbolically trace an eval-mode copy of ``model`` and fold BatchNorm into the preceding convs."""
+    """Symbolically trace an eval-mode copy of ``model`` and fold BatchNorm into the preceding convs.
+
+    Layers that compute their weight (masks, codebooks) are made dense first, in ``model`` itself: pass a copy.
+    """
     from torch.fx.experimental.optimization import fuse
 
+    from edgeslim.core.recipe import materialize
+
     try:
-        return fuse(model.eval(), inplace=False)
+        return fuse(materialize(model).eval(), inplace=False)
     except Exception as e:  # torch.fx raises many types on untraceable code
         raise QuantizationError(
             f"cannot trace {type(model).__name__} with torch.fx ({type(e).__name__}: {e}); "
@@ -94,11 +99,6 @@ def weighted_modules(gm: torch.fx.GraphModule) -> list[str]:
     return [str(n.target) for n in gm.graph.nodes if n.op == "call_module" and _kind(gm, n) == "weighted"]
 
 
-def _first_match(name: str, patterns: tuple[str, ...]) -> str | None:
-    """The first of ``patterns`` (module names or fnmatch patterns) that ``name`` matches."""
-    return next((x for x in patterns if x == name or fnmatch.fnmatchcase(name, x)), None)
-
-
 def plan(gm: torch.fx.GraphModule, exclude: tuple[str, ...], quantize_output: bool,
          int8_layers: tuple[str, ...] = ()) -> Placement:
     """Decide which layers and values are quantized; raise if nothing can be."""
@@ -109,12 +109,7 @@ def plan(gm: torch.fx.GraphModule, exclude: tuple[str, ...], quantize_output: bo
             "the model has no quantizable layers (Conv1d, Conv2d, Linear); nothing to quantize"
         )
     for field_name, pats in (("exclude", exclude), ("int8_layers", int8_layers)):
-        for pat in pats:
-            if not any(_first_match(nm, (pat,)) for nm in names):
-                raise QuantizationError(
-                    f"QuantConfig.{field_name} pattern {pat!r} matches no quantizable layer{near(pat, names)}; "
-                    f"layers: {', '.join(names[:12])}{' ...' if len(names) > 12 else ''}"
-                )
+        require_matches(names, pats, field=f"QuantConfig.{field_name}", what="quantizable layer")
     output_nodes = {a for n in gm.graph.nodes if n.op == "output" for a in _flatten_args(n.args)}
 
     def mark(value: torch.fx.Node, clamp: tuple[float | None, float | None] = (None, None)) -> None:
@@ -125,12 +120,12 @@ def plan(gm: torch.fx.GraphModule, exclude: tuple[str, ...], quantize_output: bo
         kind = _kind(gm, n)
         if kind == "weighted":
             name = str(n.target)
-            pat = _first_match(name, exclude)
+            pat = first_match(name, exclude)
             if pat is not None:
                 p.excluded[name] = f"excluded by QuantConfig.exclude pattern {pat!r}"
                 continue
             p.weighted.append(name)
-            if _first_match(name, int8_layers):
+            if first_match(name, int8_layers):
                 p.int8_layers.append(name)
         elif kind in ("add", "pool", "cat"):
             p.ops.append(n.name)
@@ -167,12 +162,6 @@ def _flatten_args(args) -> list:
     return out
 
 
-def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, module)
-
-
 def apply(
     gm: torch.fx.GraphModule, p: Placement, *, qmin: int, qmax: int, per_channel: bool, weight_qmax: int,
     fp16: bool = False, layer_qmax: dict[str, int] | None = None,
@@ -183,7 +172,7 @@ def apply(
     """
     layer_qmax = layer_qmax or {}
     for name in p.weighted:
-        _set_submodule(gm, name, QuantWeight(gm.get_submodule(name), per_channel=per_channel,
+        set_module(gm, name, QuantWeight(gm.get_submodule(name), per_channel=per_channel,
                                              qmax=layer_qmax.get(name, weight_qmax),
                                              fp16=fp16))
     quants: dict[str, ActQuant] = {}

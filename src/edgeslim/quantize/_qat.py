@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,12 +25,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from edgeslim.core import recipe as _recipe
 from edgeslim.core.config import Config, StrEnum
-from edgeslim.core.errors import ModelError, QuantizationError
-from edgeslim.core.io import save_torch
-from edgeslim.quantize._api import PRECISION, QuantizedModel, QuantReport, _link_input_scales, build_graph, quantize
+from edgeslim.core.errors import ConfigError, ModelError, QuantizationError
+from edgeslim.quantize._api import QuantizedModel, _link_input_scales, quantize, record_quantized
 from edgeslim.quantize._config import QuantConfig, QuantMode
-from edgeslim.quantize._modules import ActQuant, QuantWeight
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ def qat(
             raise QuantizationError(f"QAT needs a static-mode quantized model, got mode {model.config.mode.value!r}")
         q = copy.deepcopy(model)
     else:
-        q = quantize(model, quant_config, calib=calib if calib is not None else train)
+        q = quantize(model, quant_config, data=calib if calib is not None else train)
     for a in q.act_quants():
         if config.method == QATMethod.LSQ:
             a.make_learnable()
@@ -111,42 +111,36 @@ def qat(
         _link_input_scales(out.graph_module)
     out.report.mode = f"qat-{config.method.value}"
     out.qat_history = result.history
+    record_quantized(out, model)
     return out.eval()
 
 
 def save_quantized(q: QuantizedModel, path: str | Path, *, force: bool = False) -> Path:
-    """Save a quantized model as its recipe (the QuantConfig) plus a state_dict; no pickled modules."""
-    state = {k: v.detach().clone() for k, v in q.state_dict().items()}
-    learnable = [n for n, m in q.named_modules() if isinstance(m, (ActQuant, QuantWeight))
-                 and isinstance(m.scale, nn.Parameter)]
-    return save_torch({"recipe": q.config.to_dict(), "state_dict": state, "learnable_scales": learnable,
-                       "format": "edgeslim.quantized/1"}, path, force=force)
+    """Deprecated: ``edgeslim.save(q, path)`` writes the same one recipe file (steps + state_dict)."""
+    warnings.warn("save_quantized() is deprecated; use edgeslim.save(model, path)", DeprecationWarning, stacklevel=2)
+    return _recipe.save(q, path, force=force)
 
 
 def restore_quantized(model: nn.Module, path: str | Path) -> QuantizedModel:
-    """Replay a saved recipe on a fresh float ``model`` of the same architecture, then load the state_dict."""
+    """Deprecated: ``edgeslim.load(path, model=fresh_float_model)`` replays the file on ``model``.
+
+    Files of the older ``edgeslim.quantized/1`` format (a QuantConfig plus a state_dict) are still read.
+    """
+    warnings.warn("restore_quantized() is deprecated; use edgeslim.load(path, model=...)", DeprecationWarning,
+                  stacklevel=2)
     try:
         blob = torch.load(Path(path), map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for corrupt files
-        raise ModelError(f"cannot read quantized model file {str(path)!r}: {e}") from None
-    if not isinstance(blob, dict) or blob.get("format") != "edgeslim.quantized/1":
-        raise ModelError(f"{str(path)!r} is not a file written by edgeslim's save_quantized")
-    config = QuantConfig.from_dict(blob["recipe"], source=str(path))
-    try:
-        gm, placement, quants = build_graph(model, config)
-    except QuantizationError as e:
-        raise ModelError(f"quantized model file {str(path)!r} does not match the model: {e}") from None
-    precision = PRECISION[config.mode]
-    q = QuantizedModel(gm, config, QuantReport(config.mode.value, precision, config.calibration, 0))
-    for name in blob.get("learnable_scales", []):
-        q.get_submodule(name).make_learnable()
-    state = blob["state_dict"]
-    own = q.state_dict()
-    if set(own) != set(state):
-        missing = sorted(set(own) - set(state))[:3]
-        raise ModelError(f"quantized model file {str(path)!r} does not match the model: e.g. missing {missing}")
-    q.load_state_dict(state)
-    for a in quants.values():
-        a.state = "quant" if config.mode == QuantMode.STATIC else "dynamic"
-    q.report.quantized_layers = [{"name": n} for n in placement.weighted]
-    return q.eval()
+        raise ModelError(f"cannot read quantized model file {str(path)!r}: {str(e).splitlines()[0][:160]}") from None
+    if isinstance(blob, dict) and blob.get("format") == "edgeslim.quantized/1":  # the format before the recipe
+        steps = [{"technique": "quantize", "config": blob["recipe"],
+                  "state": {"learnable_scales": blob.get("learnable_scales", []), "qat": None}}]
+        try:
+            q = _recipe.replay(model, _recipe.steps_of(model) + steps)
+        except (QuantizationError, ConfigError) as e:
+            raise ModelError(f"quantized model file {str(path)!r} does not match the model: {e}") from None
+        return _recipe.load_state_strict(q, blob["state_dict"], str(path)).eval()
+    q = _recipe.load(path, model)
+    if not isinstance(q, QuantizedModel):
+        raise ModelError(f"{str(path)!r} holds no quantized model (its last step is not quantize)")
+    return q

@@ -9,10 +9,16 @@ and the calibrated scales are copied into it, so the returned model computes exa
 ranges were observed with every layer's weights quantized: a model calibrated anew with the same exclusions
 can differ slightly (usually by less than the sampling noise of the evaluation).
 
->>> rep = sensitivity(model, QuantConfig(weight_bits=4), calib=train, data=val.take(500))
+>>> rep = sensitivity(model, QuantConfig(weight_bits=4), data=(train, val.take(500)))
 >>> print(rep.table(10))
->>> res = quantize_with_budget(model, QuantConfig(weight_bits=4), calib=train, data=val, max_accuracy_drop=0.002)
+>>> cfg = BudgetConfig(max_accuracy_drop=0.002, quant=QuantConfig(weight_bits=4))
+>>> res = quantize_with_budget(model, cfg, data=(train, val))
 >>> res.met, res.kept_float, res.model
+
+``data=(calib, score)`` is the calibration data and the data candidates are scored on; one dataset given as
+``data=`` serves as both. The keywords of the earlier releases (``calib=``, and ``max_accuracy_drop=`` and the
+other settings of :class:`BudgetConfig` beside a :class:`QuantConfig`) still work for one release, with a
+``DeprecationWarning``.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import logging
 import math
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -31,11 +38,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from edgeslim.core.config import StrEnum, _coerce_enum
+from edgeslim.core.config import Config, StrEnum, _coerce_enum
 from edgeslim.core.errors import ConfigError, DataError, EdgeslimError, QuantizationError
 from edgeslim.quantize import _graph
 from edgeslim.quantize._api import (QuantizedModel, QuantReport, _link_input_scales, build_graph, fit_weight_scale,
-                                    quantize, weight_qmax, weights_desc)
+                                    quantize, record_quantized, weight_qmax, weights_desc)
 from edgeslim.quantize._config import QuantConfig, QuantMode
 from edgeslim.quantize._modules import ActQuant, QuantWeight
 from edgeslim.runtime._runners import positive_int
@@ -76,6 +83,58 @@ class BudgetSearch(StrEnum):
 
     GREEDY = "greedy"
     BISECT = "bisect"
+
+
+@dataclass(frozen=True)
+class BudgetConfig(Config):
+    """Settings of :func:`quantize_with_budget`: the budget, the quantization, and how the search runs.
+
+    Attributes:
+        max_accuracy_drop: the allowed drop of the metric below the float model's, a fraction in [0, 1]
+            (0.002 = 0.2 points of top-1).
+        quant: the :class:`QuantConfig` every candidate is quantized with, e.g. ``QuantConfig(weight_bits=4)``
+            (in YAML, a mapping of its fields).
+        mode: the sensitivity mode used for the ranking (:class:`SensitivityMode`).
+        sensitivity_samples: rank on a seeded subset of this many samples of the search data (default: all).
+        rank_by: the order in which layers are kept in float: ``metric`` or ``sqnr`` (see :class:`RankBy`);
+            default: the order of a given ``sensitivity_report``, else ``metric``.
+        search: ``greedy`` (monotone, one layer per step) or ``bisect`` (fewer evaluations; :class:`BudgetSearch`).
+        measure_latency: export each candidate to INT8 ONNX (in a temporary folder) and measure its ONNX Runtime
+            latency at 1 thread, batch 1, and its top-1 there.
+        latency_runs: timed runs per latency measurement.
+        fallback: ``float`` (default) or ``int8`` (needs ``quant.weight_bits=4``): what the kept layers are kept in
+            (:class:`Fallback`). The ranking is the same either way (each layer's cost of its low-bit weights).
+    """
+
+    kind = "quantize_with_budget"
+    max_accuracy_drop: float = 0.01
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    mode: SensitivityMode = SensitivityMode.ONE_AT_A_TIME
+    sensitivity_samples: int | None = None
+    rank_by: RankBy | None = None
+    search: BudgetSearch = BudgetSearch.GREEDY
+    measure_latency: bool = False
+    latency_runs: int = 100
+    fallback: Fallback = Fallback.FLOAT
+
+    def validate(self) -> None:
+        d = self.max_accuracy_drop
+        if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0.0 <= d <= 1.0:
+            raise self._bad("max_accuracy_drop", "use a fraction in [0, 1] (e.g. 0.002 = 0.2 points of top-1)")
+        if self.sensitivity_samples is not None and not _count(self.sensitivity_samples):
+            raise self._bad("sensitivity_samples", "use an integer >= 1, or null (all samples)")
+        if not _count(self.latency_runs):
+            raise self._bad("latency_runs", "use an integer >= 1")
+        if not isinstance(self.measure_latency, bool):
+            raise self._bad("measure_latency", "use true or false")
+        if self.fallback == Fallback.INT8 and self.quant.weight_bits != 4:
+            raise ConfigError(f"BudgetConfig.fallback='int8' keeps layers at 8-bit weights, which needs "
+                              f"QuantConfig(weight_bits=4); got weight_bits={self.quant.weight_bits} "
+                              "(use fallback='float')")
+
+
+def _count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
 
 
 @dataclass(frozen=True)
@@ -259,7 +318,7 @@ class _Variants:
 
     def __init__(self, model: nn.Module, config: QuantConfig, calib: Any) -> None:
         self.model, self.config = model, config
-        self.q = quantize(model, config, calib=calib)
+        self.q = quantize(model, config, data=calib)
         self.layers = {d["name"]: d for d in self.q.report.quantized_layers}
         self.folded = _graph.trace_and_fold(copy.deepcopy(model))
         gm = self.q.graph_module
@@ -344,44 +403,100 @@ class _Variants:
             float_ops=[{"node": k, "reason": v} for k, v in p.float_ops.items()],
             activations=[a for a in full.activations if a["value"] in values],
         )
-        return QuantizedModel(gm, cfg, report).eval()
+        return record_quantized(QuantizedModel(gm, cfg, report).eval(), self.model)
 
 
 def sensitivity(
     model: nn.Module,
     config: QuantConfig = QuantConfig(),
     *,
-    calib: Any,
-    data: Any,
+    data: Any = None,
     metric: Metric | None = None,
     mode: SensitivityMode | str = SensitivityMode.ONE_AT_A_TIME,
     samples: int | None = None,
     rank_by: RankBy | str = RankBy.METRIC,
+    calib: Any = None,
 ) -> SensitivityReport:
     """Measure how much quantizing each layer costs, on a once-calibrated copy of ``model``.
 
     Every layer that ``quantize(model, config)`` quantizes is scored with the fake-quantized model in torch:
     ``one_at_a_time`` quantizes only that layer (all others as if in ``QuantConfig.exclude``), ``all_but_one``
     quantizes every layer but it. Calibration runs once (see the module docstring); each variant costs one
-    evaluation on ``data``.
+    evaluation on the score data.
 
     Args:
         model: the float model (not modified).
         config: the :class:`QuantConfig` (its ``exclude`` layers stay in float throughout).
-        calib: calibration data, as for :func:`quantize`.
-        data: an ImageDataset (or a list of ``(x, y)`` batches) to score on.
+        data: ``(calib, score)``: the calibration data, as for :func:`quantize`, and the data each variant is
+            scored on (an ImageDataset, or a list of ``(x, y)`` batches). One dataset given alone is used for both
+            (logged).
         metric: ``metric(model, data) -> float``, higher is better; default top-1 accuracy.
         mode: ``one_at_a_time`` or ``all_but_one``.
-        samples: score on a seeded subset of this many samples of ``data``.
+        samples: score on a seeded subset of this many samples of the score data.
         rank_by: ``metric`` (the metric lost; ties broken by the logits' SQNR) or ``sqnr`` (see :class:`RankBy`).
+        calib: deprecated alias of the first element of ``data`` (``calib=train, data=val`` is
+            ``data=(train, val)``); warns.
 
     Returns:
         a :class:`SensitivityReport`, most sensitive layer first.
     """
+    if not isinstance(config, QuantConfig):
+        raise ConfigError(f"sensitivity expects a QuantConfig, got {type(config).__name__}")
+    if calib is not None:
+        warnings.warn("sensitivity(model, config, calib=..., data=...) is deprecated; pass "
+                      "data=(calib, score_data)", DeprecationWarning, stacklevel=2)
+    calib, data = _calib_and_score("sensitivity", data, calib)
     mode = _coerce_enum("sensitivity", "mode", SensitivityMode, mode)
     rank_by = _rank_by(rank_by, metric is None)
     ev = _Evaluator(model, data, metric, samples)
     return _sensitivity(_Variants(model, config, calib), ev, mode).rerank(rank_by)
+
+
+def _budget_config(config: Any, calib: Any, old: dict[str, Any]) -> BudgetConfig:
+    """The BudgetConfig of a call, built from the earlier release's keywords (with a DeprecationWarning) if used."""
+    unknown = [k for k in old if k not in _OLD_BUDGET_KWARGS]
+    if unknown:
+        raise TypeError(f"quantize_with_budget() got an unexpected keyword argument {unknown[0]!r}")
+    if isinstance(config, BudgetConfig) or (config is None and not old):
+        if old:
+            raise ConfigError(f"quantize_with_budget: {', '.join(old)} belong in the BudgetConfig "
+                              f"(BudgetConfig({next(iter(old))}=...)), not beside it")
+        if calib is not None:
+            warnings.warn("quantize_with_budget(..., calib=..., data=...) is deprecated; pass "
+                          "data=(calib, score_data)", DeprecationWarning, stacklevel=3)
+        return BudgetConfig() if config is None else config
+    if config is not None and not isinstance(config, QuantConfig):
+        raise ConfigError(f"quantize_with_budget expects a BudgetConfig, got {type(config).__name__}")
+    if "max_accuracy_drop" not in old:
+        raise ConfigError("quantize_with_budget(model, QuantConfig(...)) needs max_accuracy_drop=; better, pass "
+                          "BudgetConfig(max_accuracy_drop=..., quant=QuantConfig(...))")
+    warnings.warn("quantize_with_budget(model, QuantConfig(...), calib=..., data=..., max_accuracy_drop=..., ...) "
+                  "is deprecated; use quantize_with_budget(model, BudgetConfig(max_accuracy_drop=..., "
+                  "quant=QuantConfig(...), ...), data=(calib, score_data))", DeprecationWarning, stacklevel=3)
+    return BudgetConfig(quant=config or QuantConfig(), **old)
+
+
+def _is_batch(x: Any) -> bool:
+    return isinstance(x, (tuple, list)) and len(x) == 2 and all(isinstance(t, torch.Tensor) for t in x)
+
+
+def _calib_and_score(verb: str, data: Any, calib: Any) -> tuple[Any, Any]:
+    """``(calibration data, score data)`` from ``data=(calib, score)``, a single ``data=`` (both), or the deprecated
+    ``calib=`` beside ``data=``. A tuple of two ``(x, y)`` batches is one dataset of batches, not a pair."""
+    pair = isinstance(data, tuple) and len(data) == 2 and not _is_batch(data) and not any(map(_is_batch, data))
+    if calib is not None:
+        if pair:
+            raise ConfigError(f"{verb}: calibration data given twice, as calib= and in data=(calib, score); "
+                              "pass data=(calib, score) only")
+        return calib, data
+    if pair:
+        return data
+    if data is None:
+        raise DataError(f"{verb} needs data: pass data=(calib, score), the calibration data and the data to score "
+                        "on, or one dataset for both")
+    log.info("%s: one dataset given as data=: calibrating on it and scoring on it too (pass data=(calib, score) "
+             "to keep them apart)", verb)
+    return data, data
 
 
 def _rank_by(rank_by: RankBy | str, has_sqnr: bool) -> RankBy:
@@ -414,77 +529,67 @@ def _sensitivity(v: _Variants, ev: _Evaluator, mode: SensitivityMode) -> Sensiti
                              round(time.perf_counter() - t0, 3))
 
 
+_OLD_BUDGET_KWARGS = ("max_accuracy_drop", "mode", "sensitivity_samples", "rank_by", "search", "measure_latency",
+                      "latency_runs", "fallback")
+
+
 def quantize_with_budget(
     model: nn.Module,
-    config: QuantConfig = QuantConfig(),
+    config: BudgetConfig | None = None,
     *,
-    calib: Any,
-    data: Any,
-    max_accuracy_drop: float,
+    data: Any = None,
     eval_data: Any = None,
     metric: Metric | None = None,
-    mode: SensitivityMode | str = SensitivityMode.ONE_AT_A_TIME,
-    sensitivity_samples: int | None = None,
     sensitivity_report: SensitivityReport | None = None,
-    rank_by: RankBy | str | None = None,
-    search: BudgetSearch | str = BudgetSearch.GREEDY,
-    measure_latency: bool = False,
-    latency_runs: int = 100,
-    fallback: Fallback | str = Fallback.FLOAT,
+    calib: Any = None,
+    **deprecated: Any,
 ) -> BudgetResult:
     """Quantize ``model`` keeping the fewest, most sensitive layers in float (or, with ``fallback="int8"`` and
     4-bit weights, at 8-bit weights) so the drop stays within budget.
 
     Layers are ranked by :func:`sensitivity` (or ``sensitivity_report``); candidates keep the ``k`` most
-    sensitive in float (``QuantConfig.exclude``) and are scored on ``data`` against the float model. All
+    sensitive in float (``QuantConfig.exclude``) and are scored on the score data against the float model. All
     candidates share one calibration (see the module docstring).
 
     Args:
         model: the float model (not modified).
-        config: the :class:`QuantConfig`, e.g. ``QuantConfig(weight_bits=4)``.
-        calib: calibration data, as for :func:`quantize`.
-        data: the data the search scores on (an ImageDataset for the default top-1 metric).
-        max_accuracy_drop: the allowed drop of the metric below the float model's, a fraction in [0, 1]
-            (0.002 = 0.2 points of top-1).
+        config: the :class:`BudgetConfig` (the budget, its ``quant`` :class:`QuantConfig` and the search settings);
+            default ``BudgetConfig()``.
+        data: ``(calib, score)``: the calibration data, as for :func:`quantize`, and the data the search scores
+            candidates on (an ImageDataset for the default top-1 metric). One dataset given alone is used for both
+            (logged); scoring on the calibration data flatters every candidate a little.
         eval_data: also score the float and the chosen model here (e.g. the full validation split).
         metric: ``metric(model, data) -> float``, higher is better; default top-1 accuracy.
-        mode: the sensitivity mode used for the ranking.
-        sensitivity_samples: rank on a seeded subset of this many samples of ``data``.
-        sensitivity_report: a ranking computed before (same model and config); skips the sensitivity pass.
-        rank_by: the order in which layers are kept in float: ``metric`` or ``sqnr`` (see :class:`RankBy`);
-            default: the order of ``sensitivity_report``, else ``metric``.
-        search: ``greedy`` (monotone, one layer per step) or ``bisect`` (fewer evaluations).
-        measure_latency: export each candidate to INT8 ONNX (in a temporary folder) and measure its ONNX Runtime
-            latency at 1 thread, batch 1, and its top-1 there.
-        latency_runs: timed runs per latency measurement.
-        fallback: ``float`` (default) or ``int8`` (needs ``weight_bits=4``): what the kept layers are kept in
-            (:class:`Fallback`). The ranking is the same either way (each layer's cost of its low-bit weights).
+        sensitivity_report: a ranking computed before (same model and ``quant`` config); skips the sensitivity pass.
+        calib: deprecated alias of the first element of ``data``; warns.
+        **deprecated: the earlier release's form, ``quantize_with_budget(model, QuantConfig(...), calib=...,
+            data=..., max_accuracy_drop=..., mode=..., ...)``: ``config`` a :class:`QuantConfig` and the fields of
+            :class:`BudgetConfig` as keywords. Still accepted for one release; warns with the new form.
 
     Returns:
         a :class:`BudgetResult`. When no candidate meets the budget, ``met`` is False and the model is the best
         candidate (the smallest drop, then the fewest float layers).
+
+    Raises:
+        ConfigError: a bad setting (naming the field), a config of another type, or a ``sensitivity_report`` of
+            other layers.
+        DataError: missing or empty data.
     """
-    if isinstance(max_accuracy_drop, bool) or not isinstance(max_accuracy_drop, (int, float)) \
-            or not 0.0 <= max_accuracy_drop <= 1.0:
-        raise ConfigError(f"max_accuracy_drop={max_accuracy_drop!r} is not allowed; use a fraction in [0, 1] "
-                          "(e.g. 0.002 = 0.2 points of top-1)")
-    search = _coerce_enum("quantize_with_budget", "search", BudgetSearch, search)
-    fallback = _coerce_enum("quantize_with_budget", "fallback", Fallback, fallback)
-    if fallback == Fallback.INT8 and config.weight_bits != 4:
-        raise ConfigError(f"fallback='int8' keeps layers at 8-bit weights, which needs QuantConfig(weight_bits=4); "
-                          f"got weight_bits={config.weight_bits} (use fallback='float')")
-    mode = _coerce_enum("quantize_with_budget", "mode", SensitivityMode, mode)
-    rank_by = _rank_by(rank_by or (sensitivity_report.rank_by if sensitivity_report else RankBy.METRIC),
+    config = _budget_config(config, calib, deprecated)
+    calib, data = _calib_and_score("quantize_with_budget", data, calib)
+    max_accuracy_drop, search, fallback = config.max_accuracy_drop, config.search, config.fallback
+    latency_runs, quant = config.latency_runs, config.quant
+    rank_by = _rank_by(config.rank_by or (sensitivity_report.rank_by if sensitivity_report else RankBy.METRIC),
                        metric is None)
-    positive_int("latency_runs", latency_runs)
     if eval_data is not None and len(eval_data) == 0:
         raise DataError("eval_data is empty: pass a non-empty dataset or None")
     t0 = time.perf_counter()
     ev = _Evaluator(model, data, metric, None)
-    v = _Variants(model, config, calib)
+    v = _Variants(model, quant, calib)
     if sensitivity_report is None:
-        sub = ev if sensitivity_samples is None else _Evaluator(model, data, metric, sensitivity_samples)
-        sensitivity_report = _sensitivity(v, sub, mode)
+        samples = config.sensitivity_samples
+        sub = ev if samples is None else _Evaluator(model, data, metric, samples)
+        sensitivity_report = _sensitivity(v, sub, config.mode)
     elif set(sensitivity_report.ranking) != set(v.layers):
         raise ConfigError("sensitivity_report does not rank this model's quantized layers: "
                           f"{sorted(set(sensitivity_report.ranking) ^ set(v.layers))[:5]} differ")
@@ -496,7 +601,8 @@ def quantize_with_budget(
         """The kept layers as (kept in float, kept at 8-bit weights), as the fallback says."""
         return ((), kept) if fallback == Fallback.INT8 else (kept, ())
 
-    with tempfile.TemporaryDirectory(prefix="edgeslim-budget-") if measure_latency else contextlib.nullcontext() as td:
+    timing = tempfile.TemporaryDirectory(prefix="edgeslim-budget-") if config.measure_latency else None
+    with timing or contextlib.nullcontext() as td:
         tmp = Path(td) if td else None
         float_ms = _latency(copy.deepcopy(model), data, tmp / "float.onnx", latency_runs)[0] if tmp else None
 

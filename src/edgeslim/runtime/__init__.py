@@ -5,7 +5,7 @@ the latency harness, static ONNX counts, and the ``measure`` verb.
 >>> m["latency_p50_ms@t1b1"], m["accuracy"], m["peak_memory_mb"]
 """
 
-from edgeslim.runtime._measure import latency, measure
+from edgeslim.runtime._measure import interleaved_latency, latency, measure
 from edgeslim.runtime._runners import RUNTIMES, OrtRunner, Runner, TorchRunner, load, missing, optimized_op_types
 from edgeslim.runtime._openvino import OpenVinoRunner  # noqa: I001 (each registers itself; its package loads lazily)
 from edgeslim.runtime._litert import LiteRtRunner
@@ -15,5 +15,5 @@ from edgeslim.runtime._static import onnx_macs, onnx_params
 from edgeslim.runtime._tune import best_for_budget, fusion_check, sweep
 
 __all__ = ["RUNTIMES", "ExecuTorchRunner", "LiteRtRunner", "OpenVinoRunner", "OrtRunner", "Runner", "TorchRunner",
-           "best_for_budget", "compare_runtimes", "fusion_check", "latency", "load", "measure", "missing", "onnx_macs",
-           "onnx_params", "optimized_op_types", "sweep"]
+           "best_for_budget", "compare_runtimes", "fusion_check", "interleaved_latency", "latency", "load", "measure",
+           "missing", "onnx_macs", "onnx_params", "optimized_op_types", "sweep"]

@@ -7,7 +7,6 @@ package is not installed (with the pip line that installs it): nothing is skippe
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -59,7 +58,8 @@ def compare_runtimes(
             agreement is not reported.
         threads: intra-op threads, the same for every runtime.
         runs: timed runs per candidate, split over ``rounds`` interleaved rounds (each round runs every
-            candidate in turn, after ``warmup`` untimed runs on the first round), so that a noisy host
+            candidate in turn, after ``warmup`` untimed runs before the first round; see
+            :func:`~edgeslim.runtime.interleaved_latency`), so that a noisy host
             affects every runtime alike.
         accuracy_samples: use a seeded random subset of this many samples (default: all of ``data``).
         peak_memory: measure each candidate's extra peak RSS in a child process.
@@ -70,7 +70,7 @@ def compare_runtimes(
         ``p50_ms``/``p90_ms``/``p99_ms`` (batch 1), ``peak_memory_mb``, ``top1_agreement``, ``cosine``,
         ``accuracy``, ``samples`` and ``status`` (``ok``, ``not installed``, or ``failed``) with ``note``.
     """
-    from edgeslim.runtime._measure import _peak_memory_probe
+    from edgeslim.runtime._measure import _peak_memory_probe, interleaved_latency
 
     threads, runs, rounds = positive_int("threads", threads), positive_int("runs", runs), positive_int("rounds", rounds)
     if data is None or len(data) == 0:
@@ -124,22 +124,12 @@ def compare_runtimes(
             row["top1_agreement"], row["cosine"] = c["top1_agreement"], c["cosine"]
         live.append((row, runner))
 
-    sample = x[:1]
-    times: dict[int, list[int]] = {id(r): [] for r, _ in live}
     per_round = max(1, -(-runs // rounds))
-    for k in range(rounds):
-        for row, runner in live:
-            with runner:
-                for _ in range(warmup if k == 0 else 1):
-                    runner.run(sample)
-                for _ in range(per_round):
-                    t0 = time.perf_counter_ns()
-                    runner.run(sample)
-                    times[id(row)].append(time.perf_counter_ns() - t0)
-    for row, _ in live:
-        ms = np.asarray(times[id(row)], np.float64) / 1e6
-        row["p50_ms"], row["p90_ms"], row["p99_ms"] = (float(v) for v in np.percentile(ms, [50, 90, 99]))
-        row["runs"] = len(ms)
+    lat = interleaved_latency({str(i): runner for i, (_, runner) in enumerate(live)}, x[:1], rounds=rounds,
+                              runs=per_round, warmup=warmup, rewarm=1) if live else {}
+    for i, (row, _) in enumerate(live):
+        t = lat[str(i)]
+        row["p50_ms"], row["p90_ms"], row["p99_ms"], row["runs"] = t["p50_ms"], t["p90_ms"], t["p99_ms"], t["runs"]
         if peak_memory:
             target = row["target"]
             try:

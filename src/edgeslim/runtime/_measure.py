@@ -15,7 +15,7 @@ import sys
 import tempfile
 import time
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from edgeslim.core.artifact import Artifact
+from edgeslim.core.counting import count_macs, count_params
 from edgeslim.core.errors import ConfigError, DataError, RuntimeBackendError
 from edgeslim.core.metrics import Metrics, host_info
 from edgeslim.runtime._runners import RUNTIMES, Runner, eval_model, positive_int
@@ -64,6 +65,81 @@ def latency(runner: Runner | Callable[[np.ndarray], Any], x: np.ndarray, *, warm
     p50, p90, p99 = np.percentile(ms, [50, 90, 99])
     return {"p50_ms": float(p50), "p90_ms": float(p90), "p99_ms": float(p99), "mean_ms": float(ms.mean()),
             "min_ms": float(ms.min()), "runs": len(times), "warmup_runs": done_warmup}
+
+
+def interleaved_latency(runners: Mapping[str, Runner | Callable[..., Any]], x: Any = None, *, rounds: int = 3,
+                        runs: int = 100, warmup: int = 10, rewarm: int = 1, shuffle: bool = False, seed: int = 0,
+                        max_seconds_per_turn: float | None = None, min_runs: int = 1) -> dict[str, dict[str, Any]]:
+    """Latency of several runners side by side: each round gives every runner one turn of timed runs, so that
+    load drifting on a shared host hits all of them alike.
+
+    Args:
+        runners: label -> a :class:`Runner` (``run(x)``; entered as a context for each turn, which sets its threads)
+            or a callable (called with ``x``, or with no argument when ``x`` is None: bind per-runner inputs there).
+        x: the input every runner gets (None: the callables take none).
+        rounds: rounds; each runs every runner in turn.
+        runs: timed runs per runner per turn.
+        warmup: untimed runs per runner before the first round.
+        rewarm: untimed runs at the start of every turn (caches after the other runners ran).
+        shuffle: reshuffle the runners' order every round (seeded by ``seed`` and the round).
+        max_seconds_per_turn: end a turn early once it has lasted this long and ``min_runs`` runs are done.
+
+    Returns:
+        label -> ``p50_ms``, ``p90_ms``, ``p99_ms``, ``mean_ms``, ``min_ms`` over all timed runs, ``runs`` (timed
+        runs done), ``rounds``, ``round_p50_ms`` (each round's median), ``median_of_rounds_ms`` and
+        ``round_spread_pct`` (interquartile range of the round medians over their median, in percent: the noise).
+    """
+    import random
+
+    rounds, runs = positive_int("rounds", rounds), positive_int("runs", runs)
+    warmup, rewarm, min_runs = (positive_int("warmup", warmup, 0), positive_int("rewarm", rewarm, 0),
+                                positive_int("min_runs", min_runs))
+    if max_seconds_per_turn is not None and not max_seconds_per_turn > 0:
+        raise ConfigError(f"max_seconds_per_turn={max_seconds_per_turn!r} is not allowed; use a number > 0 or None")
+    if not runners:
+        raise ConfigError("interleaved_latency needs at least one runner")
+
+    def bind(r: Runner | Callable[..., Any]) -> tuple[Callable[[], Any], Any]:
+        if isinstance(r, Runner):
+            return (lambda: r.run(x)), r
+        return ((lambda: r(x)) if x is not None else r), contextlib.nullcontext()
+
+    bound = {k: bind(r) for k, r in runners.items()}
+    for fn, ctx in bound.values():
+        with ctx:
+            for _ in range(warmup):
+                fn()
+    per_round: dict[str, list[list[int]]] = {k: [] for k in bound}
+    order = list(bound)
+    for r in range(rounds):
+        if shuffle:
+            random.Random(seed + r).shuffle(order)
+        for k in order:
+            fn, ctx = bound[k]
+            ts: list[int] = []
+            with ctx:
+                for _ in range(rewarm):
+                    fn()
+                end = time.perf_counter_ns() + int(max_seconds_per_turn * 1e9) if max_seconds_per_turn else None
+                while len(ts) < runs:
+                    t0 = time.perf_counter_ns()
+                    fn()
+                    t1 = time.perf_counter_ns()
+                    ts.append(t1 - t0)
+                    if end is not None and t1 >= end and len(ts) >= min_runs:
+                        break
+            per_round[k].append(ts)
+    out: dict[str, dict[str, Any]] = {}
+    for k, rs in per_round.items():
+        ms = np.asarray([t for ts in rs for t in ts], np.float64) / 1e6
+        meds = [float(np.median(ts)) / 1e6 for ts in rs]
+        p50, p90, p99 = np.percentile(ms, [50, 90, 99])
+        med = float(np.median(meds))
+        q1, q3 = np.percentile(meds, [25, 75])
+        out[k] = {"p50_ms": float(p50), "p90_ms": float(p90), "p99_ms": float(p99), "mean_ms": float(ms.mean()),
+                  "min_ms": float(ms.min()), "runs": int(ms.size), "rounds": rounds, "round_p50_ms": meds,
+                  "median_of_rounds_ms": med, "round_spread_pct": float((q3 - q1) / med * 100) if med else 0.0}
+    return out
 
 
 def _positive_ints(name: str, values: int | Iterable[int]) -> tuple[int, ...]:
@@ -208,12 +284,9 @@ def _static_figures(m: Metrics, target: Artifact | nn.Module, shape: tuple[int, 
         buf = io.BytesIO()
         torch.save(target.state_dict(), buf)
         raw, where = buf.getvalue(), "the serialized state_dict (torch.save)"
-        params, p_how = sum(p.numel() for p in target.parameters()), "the module's parameters (buffers excluded)"
-        from torch.utils.flop_counter import FlopCounterMode
-
-        with FlopCounterMode(display=False) as fc, torch.no_grad():
-            target(torch.zeros(1, *shape))
-        macs, m_how = fc.get_total_flops() // 2, "computed by torch.utils.flop_counter (flops / 2), batch 1"
+        params, p_how = count_params(target), "the module's parameters (buffers excluded)"
+        macs = count_macs(target, torch.zeros(1, *shape))
+        m_how = "computed by torch.utils.flop_counter (flops / 2), batch 1"
     elif target.format != "onnx":  # tflite, executorch, openvino: sizes of the files; counts from the export record
         files = [target.path] + ([target.path.with_suffix(".bin")] if target.format == "openvino" else [])
         raw = b"".join(f.read_bytes() for f in files)

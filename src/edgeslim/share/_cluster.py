@@ -17,11 +17,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgeslim.core.config import Config, StrEnum
+from edgeslim.core import recipe as _recipe
+from edgeslim.core.config import Config, StrEnum, renamed
 from edgeslim.core.errors import ConfigError
 from edgeslim.core.registry import Registry
+from edgeslim.core.verbs import check_config
 from edgeslim.share._common import ShareReport, check_patterns, n_params, select
-from edgeslim.share._sparsity import PRUNABLE, bake_masks, prune_mask
+from edgeslim.core.masks import MASKABLE as PRUNABLE
+from edgeslim.core.masks import mask_of, strip_masks
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +77,7 @@ class ClusterConfig(Config):
         clusters: centroids per layer (2..32768; 32 = 5-bit indices, 16 = 4-bit).
         init: ``kmeans++``, ``linear`` or ``density`` (see :class:`ClusterInit`).
         layers: module names or fnmatch patterns of the Linear/Conv layers to cluster (default: all).
-        skip: names or patterns of layers to leave dense.
+        exclude: names or patterns of layers to leave dense (``skip`` is its old name, deprecated).
         min_weights: layers with fewer weights than this are left dense and reported.
         iterations: maximum Lloyd iterations per layer.
         seed: seed of ``kmeans++``.
@@ -84,7 +87,8 @@ class ClusterConfig(Config):
     clusters: int = 32
     init: ClusterInit = ClusterInit.KMEANS_PP
     layers: tuple[str, ...] = ()
-    skip: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    skip: tuple[str, ...] = renamed("exclude")
     min_weights: int = 0
     iterations: int = 300
     seed: int = 0
@@ -96,7 +100,7 @@ class ClusterConfig(Config):
             raise self._bad("min_weights", "must be >= 0")
         if self.iterations < 1:
             raise self._bad("iterations", "must be >= 1")
-        check_patterns(self, "layers", "skip")
+        check_patterns(self, "layers", "exclude")
 
 
 class ClusteredLayer:
@@ -115,6 +119,15 @@ class ClusteredLayer:
     def weight(self) -> torch.Tensor:
         w = self.centroids[self.indices.long()]
         return w if self.weight_mask is None else w * self.weight_mask
+
+    def edgeslim_dense_(self) -> None:
+        """In place: back to the dense class, holding ``centroids[indices]`` as a plain weight parameter."""
+        w = self.weight.detach().clone()
+        for n in ("centroids", "indices", "weight_mask"):
+            delattr(self, n)
+        self.__class__ = self.dense_class
+        self.weight = nn.Parameter(w)
+        self._parameters = {"weight": self._parameters.pop("weight"), **self._parameters}  # the usual key order
 
 
 _CLASSES: dict[type, type] = {}
@@ -185,15 +198,17 @@ def cluster(model: nn.Module, config: ClusterConfig = ClusterConfig(), *, data: 
         ConfigError: a pattern that matches no layer, or a selected layer with fewer (distinct nonzero)
             weights than ``clusters``.
     """
+    check_config(config, ClusterConfig, "cluster")
+    _recipe.check_next(model, "cluster")
     model = copy.deepcopy(model)
-    chosen = select(model, config.layers, config.skip, lambda m: isinstance(m, PRUNABLE), "Linear/Conv layer")
+    chosen = select(model, config.layers, config.exclude, lambda m: isinstance(m, PRUNABLE), "Linear/Conv layer")
     report = ShareReport("cluster", config.to_dict())
     k = config.clusters
     for name, m in chosen:
         if isinstance(m, ClusteredLayer):
             report.skip(name, "already clustered (strip_clustering first to cluster again)")
             continue
-        mask = prune_mask(m)
+        mask = mask_of(m)
         w = m.weight.detach().float()
         if w.numel() < config.min_weights:
             report.skip(name, f"{w.numel()} weights < min_weights={config.min_weights}")
@@ -212,12 +227,7 @@ def cluster(model: nn.Module, config: ClusterConfig = ClusterConfig(), *, data: 
         idx = torch.zeros(w.numel(), dtype=torch.uint8 if k <= 256 else torch.int16)
         flat_mask = mask.flatten() if mask is not None else torch.ones(w.numel(), dtype=torch.bool)
         idx[flat_mask] = torch.from_numpy(labels).to(idx.dtype)
-        bake_masks(m)
-        del m.weight
-        m.__class__ = _clustered_class(type(m))
-        m.register_parameter("centroids", nn.Parameter(torch.from_numpy(cents).float()))
-        m.register_buffer("indices", idx.view(w.shape))
-        m.register_buffer("weight_mask", None if mask is None else mask.float())
+        _make_clustered(m, torch.from_numpy(cents).float(), idx.view(w.shape), None if mask is None else mask.float())
         sq_err = float(((m.weight.detach() - w) ** 2).mean())
         report.add(name, weights=w.numel(), clustered_weights=len(values), clusters=k,
                    index_bits=int(np.ceil(np.log2(k))), mse=sq_err, sparse=mask is not None)
@@ -225,23 +235,38 @@ def cluster(model: nn.Module, config: ClusterConfig = ClusterConfig(), *, data: 
     if not report.done():
         log.warning("cluster: no layer was clustered (%d skipped)", len(report.skipped()))
     model.report = report
+    layers = {r["name"]: {"clusters": r["clusters"], "sparse": r["sparse"]} for r in report.done()}
+    return _recipe.record(model, "cluster", config, {"layers": layers}, report)
+
+
+def _make_clustered(m: nn.Module, centroids: torch.Tensor, indices: torch.Tensor, mask: torch.Tensor | None) -> None:
+    """Turn layer ``m`` into its clustered class in place (its masks baked first)."""
+    strip_masks(m)
+    del m.weight
+    m.__class__ = _clustered_class(type(m))
+    m.register_parameter("centroids", nn.Parameter(centroids))
+    m.register_buffer("indices", indices)
+    m.register_buffer("weight_mask", mask)
+
+
+@_recipe.STEPS.register("cluster")
+def _replay_step(model: nn.Module, step: dict) -> nn.Module:
+    """Make the recorded layers clustered (codebook sizes, sparse or not); values come from the state_dict."""
+    for name, info in step.get("state", {}).get("layers", {}).items():
+        m = model.get_submodule(name)
+        shape = m.weight.shape
+        k = int(info["clusters"])
+        idx = torch.zeros(shape, dtype=torch.uint8 if k <= 256 else torch.int16)
+        _make_clustered(m, torch.zeros(k), idx, torch.ones(shape) if info.get("sparse") else None)
     return model
 
 
 def strip_clustering(model: nn.Module) -> nn.Module:
     """A copy of ``model`` with plain layers and dense weights: clustered layers become their original class
-    holding ``centroids[indices]``, and pruning masks from :func:`magnitude_prune` are baked into the weights.
+    holding ``centroids[indices]``, and pruning masks are baked into the weights.
     """
     model = copy.deepcopy(model)
-    for m in list(model.modules()):
-        if isinstance(m, ClusteredLayer):
-            w = m.weight.detach().clone()
-            for n in ("centroids", "indices", "weight_mask"):
-                delattr(m, n)
-            m.__class__ = m.dense_class
-            m.weight = nn.Parameter(w)
-            m._parameters = {"weight": m._parameters.pop("weight"), **m._parameters}  # the usual key order
-    bake_masks(model)
+    _recipe.materialize(model)
     if hasattr(model, "report"):
         del model.report
-    return model
+    return _recipe.record(model, "materialize")

@@ -1,17 +1,18 @@
-"""Shared plumbing of the share/ verbs: layer selection by fnmatch patterns, module surgery, the report."""
+"""Shared plumbing of the share/ verbs: the report, pattern-field checks and example batches.
+
+Layer selection, module surgery and counting live in :mod:`edgeslim.core.modules` / :mod:`edgeslim.core.counting`.
+"""
 
 from __future__ import annotations
 
-import fnmatch
 import logging
-from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
 
-from edgeslim.core.errors import ConfigError, near
+from edgeslim.core.counting import count_params as n_params  # noqa: F401 - for share/_cluster.py, _sparsity.py
+from edgeslim.core.modules import select  # noqa: F401 - for share/_cluster.py and share/_sparsity.py
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,7 @@ class ShareReport:
         totals: model-level figures (params before/after, MACs before/after when example inputs were given).
     """
 
-    technique: str
+    technique: str  # the Report protocol's name of the verb (edgeslim.core.report)
     config: dict[str, Any]
     layers: list[dict[str, Any]] = field(default_factory=list)
     totals: dict[str, Any] = field(default_factory=dict)
@@ -55,57 +56,11 @@ class ShareReport:
             f"; {extra}" if extra else "")
 
 
-def select(model: nn.Module, layers: Sequence[str], skip: Sequence[str], eligible: Callable[[nn.Module], bool],
-           what: str) -> list[tuple[str, nn.Module]]:
-    """Layers of ``model`` of an eligible type whose names match ``layers`` (all when empty) and not ``skip``.
-
-    Every pattern must match at least one eligible layer; otherwise a :class:`ConfigError` names the pattern
-    and the nearest eligible names.
-    """
-    named = [(n, m) for n, m in model.named_modules() if n]
-    cands = [(n, m) for n, m in named if eligible(m)]
-    names = [n for n, _ in cands]
-    for field_name, patterns in (("layers", layers), ("skip", skip)):
-        for p in patterns:
-            if any(fnmatch.fnmatchcase(n, p) for n in names):
-                continue
-            other = next((f"{n!r} is a {type(m).__name__}" for n, m in named if fnmatch.fnmatchcase(n, p)), "")
-            raise ConfigError(
-                f"{field_name} pattern {p!r} matches no {what}{f' ({other})' if other else ''}"
-                f"{near(p, names)}; {what} names: {', '.join(names[:12])}{' ...' if len(names) > 12 else ''}"
-            )
-    chosen = [(n, m) for n, m in cands if not layers or any(fnmatch.fnmatchcase(n, p) for p in layers)]
-    return [(n, m) for n, m in chosen if not any(fnmatch.fnmatchcase(n, p) for p in skip)]
-
-
 def check_patterns(config: Any, *fields: str) -> None:
     """Raise unless each named config field is a tuple of non-empty strings."""
     for f in fields:
         if not all(isinstance(p, str) and p for p in getattr(config, f)):
             raise config._bad(f, "must be module names or fnmatch patterns (non-empty strings)")
-
-
-def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    """Replace the submodule at dotted ``name`` by ``new``."""
-    parent_name, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
-
-
-def n_params(model: nn.Module) -> int:
-    """Parameters counted once even when tied."""
-    return sum(p.numel() for p in model.parameters())
-
-
-def macs(model: nn.Module, x: torch.Tensor) -> int:
-    """Multiply-accumulates of one forward pass on ``x[:1]`` (torch.utils.flop_counter)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    was = model.training
-    model.eval()
-    with FlopCounterMode(display=False) as fc, torch.no_grad():
-        model(x[:1])
-    model.train(was)
-    return int(fc.get_total_flops() // 2)
 
 
 def example_batch(data: Any, n: int, seed: int = 0) -> torch.Tensor:

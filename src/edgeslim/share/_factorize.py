@@ -23,9 +23,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from edgeslim.core.config import Config, StrEnum
+from edgeslim.core import recipe as _recipe
+from edgeslim.core.config import Config, StrEnum, renamed
 from edgeslim.core.errors import ConfigError
-from edgeslim.share._common import ShareReport, check_patterns, example_batch, macs, n_params, select, set_module
+from edgeslim.core.counting import count_macs, count_params
+from edgeslim.core.masks import mask_of, strip_masks
+from edgeslim.core.modules import select, set_module
+from edgeslim.core.verbs import check_config
+from edgeslim.share._common import ShareReport, check_patterns, example_batch
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +53,7 @@ class FactorizeConfig(Config):
         rank: the same rank for every layer.
         layers: names or fnmatch patterns of layers to factorize (default: every layer the method applies to;
             named layers it cannot factorize are an error).
-        skip: names or patterns of layers to leave as they are.
+        exclude: names or patterns of layers to leave as they are (``skip`` is its old name, deprecated).
     """
 
     kind = "factorize"
@@ -57,7 +62,8 @@ class FactorizeConfig(Config):
     mac_ratio: float | None = None
     rank: int | None = None
     layers: tuple[str, ...] = ()
-    skip: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    skip: tuple[str, ...] = renamed("exclude")
 
     def __post_init__(self) -> None:
         if self.energy is None and self.mac_ratio is None and self.rank is None:
@@ -74,7 +80,7 @@ class FactorizeConfig(Config):
                 raise self._bad(f, "must be in (0, 1]")
         if self.rank is not None and self.rank < 1:
             raise self._bad("rank", "must be >= 1")
-        check_patterns(self, "layers", "skip")
+        check_patterns(self, "layers", "exclude")
 
 
 def _why_not(m: nn.Module, method: FactorizeMethod) -> str | None:
@@ -82,7 +88,7 @@ def _why_not(m: nn.Module, method: FactorizeMethod) -> str | None:
     if isinstance(m, nn.Linear):
         return "spatial_svd applies to kxk convolutions, not Linear (use method='svd')" if (
             method == FactorizeMethod.SPATIAL_SVD) else None
-    if type(m) is not nn.Conv2d:
+    if _dense_type(m) is not nn.Conv2d:
         return f"{type(m).__name__} is not a Linear or Conv2d layer"
     if m.groups != 1:
         return f"grouped/depthwise convolution (groups={m.groups})"
@@ -148,11 +154,26 @@ def _two_layers(m: nn.Module, method: FactorizeMethod, a: torch.Tensor, b: torch
 
 
 def _finish(model: nn.Module, report: ShareReport, before: int, x: torch.Tensor | None, original: nn.Module) -> None:
-    report.totals = {"params_before": before, "params_after": n_params(model)}
+    report.totals = {"params_before": before, "params_after": count_params(model)}
     if x is not None:
-        report.totals.update(macs_before=macs(original, x), macs_after=macs(model, x))
+        report.totals.update(macs_before=count_macs(original, x), macs_after=count_macs(model, x))
     model.report = report
 
+
+
+def _dense_type(m: nn.Module) -> type:
+    """The layer's own class (a masked layer's class is a parametrized subclass of it)."""
+    return type(m).__bases__[0] if mask_of(m) is not None else type(m)
+
+
+def _bake_mask(m: nn.Module) -> dict[str, Any]:
+    """Bake a pruning mask into ``m``'s weight in place; the report says the sparsity is not kept (the new
+    layers are dense)."""
+    mask = mask_of(m)
+    if mask is None:
+        return {}
+    strip_masks(m)
+    return {"mask_baked": f"was {1 - float(mask.float().mean()):.0%} sparse; the replacement layers are dense"}
 
 
 def _skipped(report, config, name: str, why: str, action: str) -> bool:
@@ -164,13 +185,14 @@ def _skipped(report, config, name: str, why: str, action: str) -> bool:
     report.skip(name, why)
     return True
 
-def factorize(model: nn.Module, config: FactorizeConfig = FactorizeConfig(), *,
+def factorize(model: nn.Module, config: FactorizeConfig = FactorizeConfig(), *, data: Any = None,
               example_inputs: torch.Tensor | None = None) -> nn.Module:
     """Replace Linear/conv layers by two low-rank layers (truncated SVD).
 
     Args:
         model: the model (not modified).
         config: the :class:`FactorizeConfig`.
+        data: not used (the factorization reads the weights); accepted so every verb has the same shape.
         example_inputs: optional input batch; with it the report holds the model's MACs before and after.
 
     Returns:
@@ -181,16 +203,19 @@ def factorize(model: nn.Module, config: FactorizeConfig = FactorizeConfig(), *,
         ConfigError: a named layer that cannot be factorized by the method (the message names it), a rank out of
             range, a mac_ratio that needs rank < 1, or a pattern that matches nothing.
     """
+    check_config(config, FactorizeConfig, "factorize")
+    _recipe.check_next(model, "factorize")
     src = model
     model = copy.deepcopy(model)
     method = FactorizeMethod(config.method)
-    chosen = select(model, config.layers, config.skip, lambda m: isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d,
+    chosen = select(model, config.layers, config.exclude, lambda m: isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d,
                                                                               nn.Conv3d)), "Linear/Conv layer")
     report = ShareReport("factorize", config.to_dict())
-    before = n_params(model)
+    before = count_params(model)
     for name, m in chosen:
         if _skipped(report, config, name, _why_not(m, method), f"factorize layer {name!r} with method={method.value!r}"):
             continue
+        sparse = _bake_mask(m)
         mat, cost, unit = _matrix(m, method)
         u, s, vh = torch.linalg.svd(mat, full_matrices=False)
         r = _choose_rank(name, s, cost, unit, config)
@@ -200,11 +225,23 @@ def factorize(model: nn.Module, config: FactorizeConfig = FactorizeConfig(), *,
         p_before, p_after = m.weight.numel(), sum(l.weight.numel() for l in new)
         report.add(name, rank=r, full_rank=len(s), energy=round(float((s[:r] ** 2).sum() / (s**2).sum()), 6),
                    params_before=p_before, params_after=p_after, mac_ratio=round(r * unit / cost, 4),
-                   larger=r * unit > cost)
+                   larger=r * unit > cost, **sparse)
         if r * unit > cost:
             log.warning("factorize: %s at rank %d costs more MACs than the dense layer (%.2fx)", name, r,
                         r * unit / cost)
     _finish(model, report, before, example_inputs, src)
+    ranks = {row["name"]: row["rank"] for row in report.done()}
+    return _recipe.record(model, "factorize", config, {"ranks": ranks}, report)
+
+
+@_recipe.STEPS.register("factorize")
+def _replay_factorize(model: nn.Module, step: dict) -> nn.Module:
+    """Replace the recorded layers by low-rank pairs of the recorded ranks (values come from the state_dict)."""
+    method = FactorizeMethod(step["config"].get("method", "svd"))
+    for name, r in step.get("state", {}).get("ranks", {}).items():
+        m = model.get_submodule(name)
+        mat, _, _ = _matrix(m, method)
+        set_module(model, name, _two_layers(m, method, torch.zeros(mat.shape[0], r), torch.zeros(r, mat.shape[1]), r))
     return model
 
 
@@ -225,7 +262,7 @@ class SeparableConfig(Config):
     Attributes:
         layers: names or fnmatch patterns of the standard kxk convolutions to replace (default: all of them;
             named layers that cannot be replaced are an error).
-        skip: names or patterns of layers to leave as they are.
+        exclude: names or patterns of layers to leave as they are (``skip`` is its old name, deprecated).
         multiplier: depthwise channel multiplier m (rank per input channel), 1..min(out, kh*kw).
         fit: ``weights`` or ``activations`` (see :class:`SeparableFit`; ``activations`` needs ``data``).
         samples: input samples drawn from ``data`` for the ``activations`` fit.
@@ -235,7 +272,8 @@ class SeparableConfig(Config):
 
     kind = "separable"
     layers: tuple[str, ...] = ()
-    skip: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    skip: tuple[str, ...] = renamed("exclude")
     multiplier: int = 1
     fit: SeparableFit = SeparableFit.WEIGHTS
     samples: int = 256
@@ -249,11 +287,11 @@ class SeparableConfig(Config):
             raise self._bad("samples", "must be >= 1")
         if self.max_positions < 1:
             raise self._bad("max_positions", "must be >= 1")
-        check_patterns(self, "layers", "skip")
+        check_patterns(self, "layers", "exclude")
 
 
 def _why_not_separable(m: nn.Module) -> str | None:
-    if type(m) is not nn.Conv2d:
+    if _dense_type(m) is not nn.Conv2d:
         return f"{type(m).__name__} is not a Conv2d"
     if m.groups != 1:
         return f"already grouped/depthwise (groups={m.groups})"
@@ -322,12 +360,14 @@ def separable(model: nn.Module, config: SeparableConfig = SeparableConfig(), *, 
         ConfigError: a named layer that cannot be replaced (the message names it), a multiplier out of range,
             or a pattern that matches nothing. DataError: ``fit="activations"`` without data.
     """
+    check_config(config, SeparableConfig, "separable")
+    _recipe.check_next(model, "separable")
     src = model
     model = copy.deepcopy(model)
-    chosen = select(model, config.layers, config.skip, lambda m: isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)),
+    chosen = select(model, config.layers, config.exclude, lambda m: isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)),
                     "convolution")
     report = ShareReport("separable", config.to_dict())
-    before = n_params(model)
+    before = count_params(model)
     inputs: dict[str, torch.Tensor] = {}
     if config.fit == SeparableFit.ACTIVATIONS:
         x = example_batch(data, config.samples, config.seed)
@@ -346,6 +386,7 @@ def separable(model: nn.Module, config: SeparableConfig = SeparableConfig(), *, 
     for name, m in chosen:
         if _skipped(report, config, name, _why_not_separable(m), f"make layer {name!r} depthwise-separable"):
             continue
+        sparse = _bake_mask(m)
         out, inp, kh, kw = m.weight.shape
         if config.multiplier > min(out, kh * kw):
             raise ConfigError(f"SeparableConfig.multiplier={config.multiplier} is out of range for layer {name!r}: "
@@ -362,7 +403,17 @@ def separable(model: nn.Module, config: SeparableConfig = SeparableConfig(), *, 
                                                              config.seed), 6)
         set_module(model, name, new)
         unit = inp * config.multiplier * (kh * kw + out)
-        report.add(name, **row, params_before=m.weight.numel(), params_after=sum(l.weight.numel() for l in new),
+        report.add(name, **row, **sparse, params_before=m.weight.numel(),
+                   params_after=sum(l.weight.numel() for l in new),
                    mac_ratio=round(unit / (out * inp * kh * kw), 4))
     _finish(model, report, before, example_inputs, src)
+    return _recipe.record(model, "separable", config, {"layers": [row["name"] for row in report.done()]}, report)
+
+
+@_recipe.STEPS.register("separable")
+def _replay_separable(model: nn.Module, step: dict) -> nn.Module:
+    """Replace the recorded convolutions by depthwise + pointwise pairs (values come from the state_dict)."""
+    mult = int(step["config"].get("multiplier", 1))
+    for name in step.get("state", {}).get("layers", []):
+        set_module(model, name, _separate(model.get_submodule(name), mult))
     return model

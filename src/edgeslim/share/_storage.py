@@ -35,7 +35,7 @@ from edgeslim.core.errors import ModelError
 from edgeslim.core.io import write_bytes
 from edgeslim.core.registry import Registry
 from edgeslim.share._cluster import ClusteredLayer, strip_clustering
-from edgeslim.share._sparsity import prune_mask
+from edgeslim.core.masks import mask_of
 
 MAGIC, VERSION = b"ESLZ", 1
 RUN = 255  # mask streams: symbol 0..254 = that many zeros then a nonzero; 255 = 255 zeros, no nonzero
@@ -272,7 +272,7 @@ def save_compressed(model: nn.Module, path: str | Path, *, force: bool = False) 
 
     special: dict[str, nn.Module] = {}
     for name, m in model.named_modules():
-        if isinstance(m, ClusteredLayer) or prune_mask(m) is not None:
+        if isinstance(m, ClusteredLayer) or mask_of(m) is not None:
             special[f"{name}.weight" if name else "weight"] = m
     state = strip_clustering(model).state_dict()
     seen: dict[tuple, str] = {}

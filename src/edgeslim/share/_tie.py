@@ -19,9 +19,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from edgeslim.core import recipe as _recipe
 from edgeslim.core.config import Config, StrEnum
-from edgeslim.core.errors import ConfigError, near
-from edgeslim.share._common import ShareReport, n_params
+from edgeslim.core.counting import count_params
+from edgeslim.core.errors import ConfigError, ModelError, near
+from edgeslim.core.modules import owner_of
+from edgeslim.core.verbs import check_config
+from edgeslim.share._common import ShareReport
 
 
 class TieInit(StrEnum):
@@ -98,7 +102,7 @@ def find_groups(model: nn.Module, min_params: int = 1) -> list[list[str]]:
             continue
         by_sig: dict[tuple, list[str]] = defaultdict(list)
         for child_name, child in parent.named_children():
-            if n_params(child) >= min_params:
+            if count_params(child) >= min_params:
                 by_sig[signature(child)].append(f"{parent_name}.{child_name}" if parent_name else child_name)
         for names in by_sig.values():
             if len(names) > 1:
@@ -107,22 +111,18 @@ def find_groups(model: nn.Module, min_params: int = 1) -> list[list[str]]:
     return groups
 
 
-def _owner_slot(root: nn.Module, dotted: str) -> tuple[nn.Module, str]:
-    mod_name, _, attr = dotted.rpartition(".")
-    return (root.get_submodule(mod_name) if mod_name else root), attr
-
-
 def _owner_get(root: nn.Module, dotted: str) -> torch.Tensor:
-    owner, attr = _owner_slot(root, dotted)
+    owner, attr = owner_of(root, dotted)
     return getattr(owner, attr)
 
 
-def tie_layers(model: nn.Module, config: TieConfig) -> nn.Module:
+def tie_layers(model: nn.Module, config: TieConfig, *, data: Any = None) -> nn.Module:
     """Make groups of identical blocks share one set of parameters.
 
     Args:
         model: the model (not modified).
         config: the :class:`TieConfig`.
+        data: not used (tying reads the weights); accepted so every verb has the same shape.
 
     Returns:
         a new model whose grouped modules hold the same parameter tensors, with ``.report`` (a
@@ -132,8 +132,10 @@ def tie_layers(model: nn.Module, config: TieConfig) -> nn.Module:
         ConfigError: unknown module names, modules that are not structurally identical, a module nested in
             another of the same group, or ``auto`` finding nothing to tie.
     """
+    check_config(config, TieConfig, "tie_layers")
+    _recipe.check_next(model, "tie")
     model = copy.deepcopy(model)
-    before = n_params(model)
+    before = count_params(model)
     modules = dict(model.named_modules())
     groups = [list(g) for g in config.groups] or find_groups(model, config.min_params)
     if not groups:
@@ -165,13 +167,33 @@ def tie_layers(model: nn.Module, config: TieConfig) -> nn.Module:
                 for tname, t in {**shared, **bufs}.items():
                     if t.is_floating_point():
                         t.copy_(torch.stack([_owner_get(modules[n], tname) for n in group]).mean(0))
-        for other in group[1:]:
-            for tname, t in {**shared, **bufs}.items():
-                owner, attr = _owner_slot(modules[other], tname)
-                setattr(owner, attr, t)
+        _share(modules, group, shared, bufs)
         report.add(" = ".join(group), blocks=len(group), params_per_block=sum(p.numel() for p in shared.values()))
-    report.totals = {"params_before": before, "params_after": n_params(model)}
+    report.totals = {"params_before": before, "params_after": count_params(model)}
     model.report = report
+    return _recipe.record(model, "tie", config, {"groups": groups, "buffers": config.buffers}, report)
+
+
+def _share(modules: dict[str, nn.Module], group: list[str], shared: dict, bufs: dict) -> None:
+    """Point every module of ``group`` after the first at the first one's parameters (and buffers)."""
+    for other in group[1:]:
+        for tname, t in {**shared, **bufs}.items():
+            owner, attr = owner_of(modules[other], tname)
+            setattr(owner, attr, t)
+
+
+@_recipe.STEPS.register("tie")
+def _replay_step(model: nn.Module, step: dict) -> nn.Module:
+    """Tie the recorded groups again (the shared values come from the state_dict)."""
+    modules = dict(model.named_modules())
+    state = step.get("state", {})
+    for group in state.get("groups", []):
+        for n in group:
+            if n not in modules:
+                raise ModelError(f"recipe step 'tie' names module {n!r}, which this model lacks{near(n, modules)}")
+        first = modules[group[0]]
+        bufs = dict(first.named_buffers(remove_duplicate=False)) if state.get("buffers", True) else {}
+        _share(modules, group, dict(first.named_parameters(remove_duplicate=False)), bufs)
     return model
 
 

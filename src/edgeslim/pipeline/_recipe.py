@@ -1,0 +1,54 @@
+"""``edgeslim.save`` / ``edgeslim.load``: one recipe file for any chain of steps.
+
+The file holds where the model came from (a zoo name and dataset, or a user factory), the ordered steps every verb
+recorded (technique, config, the structure replay needs) and one state_dict; it is read with
+``weights_only=True``, never as a pickled module. ``load`` rebuilds a zoo model by itself; a model from user code
+needs ``model=`` (a fresh instance): edgeslim never runs code because a file names it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from edgeslim.core import recipe as _recipe
+from edgeslim.core.errors import ModelError
+
+
+def save(model: nn.Module, path: str | os.PathLike, *, force: bool = False) -> Path:
+    """Write ``model``'s recipe and state_dict to ``path`` (atomically; an existing file needs ``force``).
+
+    Any model can be saved: one no verb has touched saves as an empty recipe plus its weights.
+    """
+    return Path(_recipe.save(model, path, force=force))
+
+
+def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
+    """The model saved at ``path``: its recipe replayed on ``model`` (or on a fresh zoo model built from the
+    recorded source), then its state_dict loaded strictly. ``model`` is not modified."""
+    blob = _recipe.read(path)
+    if model is None:
+        model = build_source(blob.get("source"), str(path))
+    return _recipe.load(path, model)
+
+
+def build_source(source: Any, where: str) -> nn.Module:
+    """A fresh (randomly initialised) model of the recorded source; its weights come from the recipe file."""
+    from edgeslim import models
+
+    if not isinstance(source, dict) or source.get("kind") not in ("zoo", "factory"):
+        raise ModelError(f"{where} does not record which model it was made from; pass model=<a fresh instance of the "
+                         "original architecture> (CLI: --base MODEL)")
+    if source["kind"] == "factory":
+        raise ModelError(f"{where} was made from user code {source.get('spec')!r}; edgeslim does not run code "
+                         "because a file names it: pass model=<a fresh instance> (CLI: --base "
+                         f"{source.get('spec')!r})")
+    return models.build(source["name"], source.get("dataset", "fashion-mnist"))
+
+
+def steps(path: str | os.PathLike) -> list[dict]:
+    """The recorded steps of a recipe file (technique, config, state, summary), without loading weights."""
+    return _recipe.read(path)["steps"]

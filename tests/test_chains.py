@@ -1,0 +1,86 @@
+"""Every ordered pair of techniques composes: it runs, exports to ONNX that ONNX Runtime agrees with, and its saved
+recipe replays to identical outputs; a pair that makes no sense raises one ConfigError that says why.
+
+The expected outcome of each pair is :data:`edgeslim.core.recipe.FORBIDDEN` (the declared, refused orders); the
+README's composition table is this matrix.
+"""
+
+import pytest
+import torch
+
+import edgeslim as es
+from edgeslim.core.recipe import FORBIDDEN
+from edgeslim.distill import DistillConfig
+from edgeslim.quantize import BudgetConfig, quantize_with_budget
+from edgeslim.share import ClusterConfig, FactorizeConfig, SeparableConfig, TieConfig
+from edgeslim.train import TrainConfig, fit
+from tiny import TinyBlocks
+
+#: step name -> (technique it records, how to apply it)
+STEPS = {
+    "prune magnitude": ("prune", lambda m, d: es.prune(m, es.PruneConfig(method="magnitude", ratio=0.5),
+                                                       example_inputs=d["x"])),
+    "prune nm": ("prune", lambda m, d: es.prune(m, es.PruneConfig(method="nm"), example_inputs=d["x"])),
+    "prune channel": ("prune", lambda m, d: es.prune(m, es.PruneConfig(method="channel", ratio=0.5, round_to=4),
+                                                     example_inputs=d["x"])),
+    "distill": ("distill", lambda m, d: es.distill(
+        m, d["teacher"], DistillConfig(), data=(d["train"], None),
+        train_config=TrainConfig(epochs=1, batch_size=32, lr=0.01, augment=False, warmup_steps=0),
+        max_steps_per_epoch=2, progress=False)),
+    "cluster": ("cluster", lambda m, d: es.cluster(m, ClusterConfig(clusters=4))),
+    "tie_layers": ("tie", lambda m, d: es.tie_layers(m, TieConfig(auto=True))),
+    "factorize": ("factorize", lambda m, d: es.factorize(m, FactorizeConfig(rank=4, exclude=("stem.*",)))),
+    "separable": ("separable", lambda m, d: es.separable(m, SeparableConfig())),
+    "quantize static": ("quantize", lambda m, d: es.quantize(m, es.QuantConfig(num_samples=64), data=d["train"])),
+    "quantize with budget": ("quantize", lambda m, d: quantize_with_budget(
+        m, BudgetConfig(max_accuracy_drop=0.05, quant=es.QuantConfig(num_samples=64)),
+        data=(d["train"], d["score"])).model),
+}
+
+
+def refused(first: str, second: str) -> str | None:
+    """Why ``second`` may not follow ``first`` (None when the pair composes)."""
+    a, b = STEPS[first][0], STEPS[second][0]
+    return FORBIDDEN.get((a, b)) or FORBIDDEN.get((a, "*"))
+
+
+@pytest.fixture(scope="module")
+def world():
+    train, val = es.data.load("digits")
+    torch.manual_seed(0)
+    base = fit(TinyBlocks(), train, val, TrainConfig(epochs=4, lr=0.05, batch_size=32, augment=False, warmup_steps=5),
+               progress=False).model.eval()
+    d = {"train": train.take(256, seed=0), "score": val.take(128, seed=0), "teacher": base,
+         "x": val.take(32, seed=1).normalized(), "val": val.take(64, seed=2)}
+    firsts = {name: fn(base, d) for name, (_, fn) in STEPS.items()}
+    return base, d, firsts
+
+
+@pytest.mark.parametrize("second", list(STEPS))
+@pytest.mark.parametrize("first", list(STEPS))
+def test_pair_composes_or_says_why(first, second, world, tmp_path):
+    base, d, firsts = world
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    m1 = firsts[first]
+    why = refused(first, second)
+    if why:
+        with pytest.raises(es.ConfigError, match="not supported") as e:
+            STEPS[second][1](m1, d)
+        assert why in str(e.value)
+        return
+    m2 = STEPS[second][1](m1, d)
+    # the chain is recorded step by step, the report follows the one protocol
+    techniques = [s["technique"] for s in m2.edgeslim_recipe]
+    assert techniques[-2:] == [STEPS[first][0], STEPS[second][0]]
+    assert m2.report.technique == STEPS[second][0] and m2.report.summary() and m2.report.to_dict()
+    # exports to ONNX; ONNX Runtime agrees with torch (export raises below its floors)
+    art = es.export(m2, "onnx", example_inputs=d["val"], path=tmp_path / "m.onnx")
+    assert art.validation["top1_agreement"] >= 0.9 and art.validation["cosine"] >= 0.99
+    assert art.meta[STEPS[second][0]]["technique"] == STEPS[second][0]
+    assert [s["technique"] for s in art.meta["recipe"]] == techniques
+    # one recipe file replays on a fresh model to identical outputs
+    es.save(m2, tmp_path / "m.recipe")
+    m3 = es.load(tmp_path / "m.recipe", model=TinyBlocks())
+    with torch.no_grad():
+        assert torch.equal(m2.eval()(d["x"]), m3(d["x"]))
+    assert all(torch.equal(before[k], v) for k, v in base.state_dict().items())  # the input is untouched

@@ -358,3 +358,13 @@ def test_sigkill_then_resume_keeps_every_trial_and_the_same_choice(digits_model,
     # a trial the kill left RUNNING was re-queued in place: same number, completed by the resumed run
     requeued = {t.number for t in got if t.user_attrs.get("requeued")}
     assert requeued == running and all(got[k].state.name == "COMPLETE" for k in running)
+
+
+def test_host_info_records_the_vector_isa_flags():
+    from edgeslim.core.metrics import ISA_FLAGS, host_info
+
+    if not Path("/proc/cpuinfo").is_file():
+        pytest.skip("no /proc/cpuinfo on this system")
+    info = host_info()
+    flags = set(Path("/proc/cpuinfo").read_text().split("\n\n")[0].split())
+    assert info["isa"].split() == [f for f in ISA_FLAGS if f in flags] or info["isa"].startswith("none of")

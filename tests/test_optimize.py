@@ -180,6 +180,36 @@ def test_report_has_pareto_plot_budget_line_trial_table_and_provenance(run):
                          for i in front)
 
 
+def _chromium() -> str | None:
+    import shutil
+
+    return next((p for p in (shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome")) if p), None)
+
+
+@pytest.mark.skipif(_chromium() is None, reason="headless Chromium is not installed (Debian: apt-get install chromium); "
+                    "the HTML report's render check needs it")
+def test_report_renders_in_headless_chromium_with_its_plots_and_no_errors(run, tmp_path):
+    res, out, *_ = run
+    page = out / "report.html"
+    common = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-extensions",
+              f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr", "--v=0"]
+    dom = subprocess.run(common + ["--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120,
+                         check=False)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    # the browser parsed the page: both plots, one marker per completed trial, the chosen ring and the budget line
+    assert dom.stdout.count('class="pareto"') == 2
+    n_done = res.report.to_dict()["trials"]["complete"]
+    plot = dom.stdout.split('class="pareto"')[1]
+    assert plot.count("<circle") >= n_done + 1 and 'class="chosen"' in plot and "accuracy floor" in plot
+    bad = [ln for ln in dom.stderr.splitlines() if "CONSOLE" in ln or "Failed to load resource" in ln
+           or "Uncaught" in ln]
+    assert not bad, bad
+    shot = tmp_path / "report.png"
+    r = subprocess.run(common + ["--window-size=1200,2000", f"--screenshot={shot}", page.as_uri()],
+                       capture_output=True, text=True, timeout=120, check=False)
+    assert r.returncode == 0 and shot.stat().st_size > 20_000  # a rendered page, not a blank one
+
+
 def test_rerun_resumes_without_new_work_and_refuses_other_runs(run):
     res, out, model, train, val = run
     n_before = len(json.loads((out / "report.json").read_text())["trials"]["rows"])

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import random
 import shutil
 import sys
 import time
@@ -76,7 +77,7 @@ class OptimizeReport:
                 f"{c['trial']}: {c['description']}")
         fin, base = c["final"], d["baseline_final"]
         lines = [head, f"  accuracy {100 * fin['accuracy']:.2f}% vs FP32 {100 * base['accuracy']:.2f}% "
-                 f"(full validation split), latency {fin['latency_ms']:.4g} ms vs {base['latency_ms']:.4g} ms "
+                 f"({d['final_data']}), latency {fin['latency_ms']:.4g} ms vs {base['latency_ms']:.4g} ms "
                  f"({base['latency_ms'] / fin['latency_ms']:.2f}x, {d['latency_source']}), size "
                  f"{fin['size_mb']:.3g} MB"]
         if c["meets_budget"]:
@@ -330,7 +331,8 @@ def _search(study: Any, ctx: Context, baseline: dict[str, Any], max_trials: int 
 
     space, budget = ctx.space, ctx.budget
     deadline = t_start + max_minutes * 60 if max_minutes else None
-    n_space = len(space.all_candidates())
+    candidates = space.all_candidates()
+    n_space = len(candidates)
     bar = _progress_bar(max_trials, len(_finished(study)), progress)
     dup_run = 0
 
@@ -343,6 +345,12 @@ def _search(study: Any, ctx: Context, baseline: dict[str, Any], max_trials: int 
             trial.set_user_attr("duplicate_of", dup.number)
             for k, v in dup.constraints.items():
                 trial.set_constraint(k, v)
+            # queue an untried candidate instead (drawn with the trial's own seed, so a resumed run draws the same)
+            untried = [c for c in candidates if repr(c) not in done]
+            if untried:
+                pick = random.Random(ctx.seed * 1_000_003 + trial.number).choice(untried)
+                study.enqueue_trial(space.optuna_params(pick), user_attrs={"instead_of_duplicate": trial.number},
+                                    skip_if_exists=True)
             raise optuna.TrialPruned(f"same candidate as trial {dup.number}")
         t0 = time.perf_counter()
         try:

@@ -76,10 +76,10 @@ def scatter_svg(doc: dict[str, Any], x_key: str, x_title: str, x_limit: float | 
                    f'<text x="{left - 8}" y="{py(t) + 4:.1f}" text-anchor="end">{100 * t:.4g}</text>')
     out.append(f'<text x="{left + pw / 2}" y="{h - 22}" text-anchor="middle">{e(x_title)}</text>')
     out.append(f'<text x="14" y="{top + ph / 2}" text-anchor="middle" transform="rotate(-90 14 {top + ph / 2})">'
-               f'top-1 accuracy, % ({e(doc["search_data"].split(" (")[0])}, measured)</text>')
+               f'top-1 accuracy, % (search subset, measured)</text>')
     if floor is not None and y0 <= floor <= y1:
         out.append(f'<line x1="{left}" y1="{py(floor):.1f}" x2="{left + pw}" y2="{py(floor):.1f}" stroke="{RED}" '
-                   f'stroke-dasharray="6 4"/><text x="{left + pw + 6}" y="{py(floor) + 4:.1f}" fill="{RED}">'
+                   f'stroke-dasharray="6 4"/><text x="{left + 6}" y="{py(floor) - 5:.1f}" fill="{RED}">'
                    f'accuracy floor ({100 * budget["max_accuracy_drop"]:.2g} pt drop)</text>')
     if x_limit is not None and x0 <= x_limit <= x1:
         out.append(f'<line x1="{px(x_limit):.1f}" y1="{top}" x2="{px(x_limit):.1f}" y2="{top + ph}" stroke="{RED}" '
@@ -171,7 +171,7 @@ def _times(ratio: float, better: str, worse: str) -> str:
 def _final_table(doc: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     base, fin = doc["baseline_final"], doc["chosen"]["final"]
     head = ["figure", "FP32 input model", f"chosen (trial {doc['chosen']['trial']})", "change"]
-    rows = [["top-1 accuracy (full validation split)", _fig(base, "accuracy"), _fig(fin, "accuracy"),
+    rows = [[f"top-1 accuracy ({doc['final_data']})", _fig(base, "accuracy"), _fig(fin, "accuracy"),
              f"{100 * (fin['accuracy'] - base['accuracy']):+.2f} pt"],
             [f"latency ms ({doc['latency_source']})", _fig(base, "latency_ms"), _fig(fin, "latency_ms"),
              _times(base["latency_ms"] / fin["latency_ms"], "faster", "slower")],

@@ -261,6 +261,48 @@ def test_bad_data_and_storage_fail_with_one_clear_line(digits_model, tmp_path):
     assert "s3cret" not in str(e.value) and "\n" not in str(e.value)
 
 
+def test_gate_stops_hopeless_pruned_candidates_before_fine_tuning(digits_model, tmp_path):
+    model, train, val = digits_model
+    sp = FAST.replace(target_macs=(0.6,), quantize=(False,), finetune_steps=(20,), finetune_gate=0.02)
+    res = optimize(model, data=(train, val), budget=Budget(max_accuracy_drop=0.5), space=sp, max_trials=1,
+                   out=tmp_path / "g", progress=False)
+    doc = res.report.to_dict()
+    row = doc["trials"]["rows"][0]
+    assert doc["trials"]["gated"] == 1 and row["state"] == "pruned" and "finetune_gate=2 pt" in row["gated"]
+    assert not list((tmp_path / "g" / "cache").glob("finetune-*"))  # the expensive step never ran
+    assert doc["chosen"]["trial"] is None  # nothing completed: the input model is what is reported
+    assert "gated: not fine-tuned" in (tmp_path / "g" / "report.md").read_text()
+
+
+def test_ctrl_c_mid_trial_is_requeued_on_resume(digits_model, tmp_path, monkeypatch):
+    import edgeslim.pipeline._optimize as opt
+
+    model, train, val = digits_model
+    real = opt.build_candidate
+    calls = {"n": 0}
+
+    def interrupted_second_trial(ctx, params):
+        calls["n"] += 1
+        if calls["n"] == 3:  # the baseline, trial 0, then Ctrl-C in trial 1
+            raise KeyboardInterrupt
+        return real(ctx, params)
+
+    monkeypatch.setattr(opt, "build_candidate", interrupted_second_trial)
+    sp = FAST.replace(target_macs=(0.0,), cheap_trials=2)
+    kw = dict(data=(train, val), budget=Budget(max_accuracy_drop=0.05), space=sp, max_trials=3, out=tmp_path / "c",
+              progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        optimize(model, **kw)
+    monkeypatch.setattr(opt, "build_candidate", real)
+    res = optimize(model, **kw)
+    rows = res.report.to_dict()["trials"]["rows"]
+    failed = [r for r in rows if r["state"] == "fail"]
+    assert len(failed) == 1 and failed[0]["number"] == 1
+    retry = [r for r in rows if r.get("retry_of") == 1]
+    assert len(retry) == 1 and retry[0]["state"] == "complete" and retry[0]["params"] == failed[0]["params"]
+    assert res.report.to_dict()["trials"]["complete"] == 3
+
+
 # ------------------------------------------------------------------------------------------------ CLI
 def test_cli_optimize_runs_through_cmd_optimize(digits_model, tmp_path, capsys, monkeypatch):
     from edgeslim.pipeline._cli import (

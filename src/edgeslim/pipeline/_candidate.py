@@ -52,6 +52,7 @@ class Context:
     device: Any = None          # the target Device for a profile target
     calibration: Any = None     # the roofline's parameters (profile target)
     latency_how: str = ""       # how a profile's latency is predicted
+    base_torch_accuracy: float | None = None
     host: dict[str, Any] = field(default_factory=host_info)
 
 
@@ -65,6 +66,19 @@ def early_layers(model: nn.Module, space: Space) -> tuple[str, ...]:
 
 
 # ---------------------------------------------------------------------------------------------- build
+class Gated(Exception):
+    """A candidate the multi-fidelity gate stops before its expensive step (recorded; not an error)."""
+
+
+def base_accuracy(ctx: Context) -> float:
+    """The input model's torch accuracy on the search subset (what a pruned model's is compared with)."""
+    from edgeslim.train import evaluate
+
+    if ctx.base_torch_accuracy is None:
+        ctx.base_torch_accuracy = evaluate(ctx.base, ctx.search_val)
+    return ctx.base_torch_accuracy
+
+
 def float_model(ctx: Context, params: dict[str, Any]) -> tuple[nn.Module, str, dict[str, Any]]:
     """The float model of a candidate (pruned and fine-tuned, or the base), its cache key and step records."""
     from edgeslim.prune._api import prune
@@ -97,6 +111,13 @@ def float_model(ctx: Context, params: dict[str, Any]) -> tuple[nn.Module, str, d
     ft_steps = params.get("finetune_steps") or 0
     if not ft_steps:
         return model, pk, steps
+    gate = ctx.space.finetune_gate
+    if gate is not None:  # multi-fidelity: the BN-recalibrated accuracy decides whether fine-tuning is worth it
+        drop = base_accuracy(ctx) - steps["prune"]["torch_accuracy_search"]
+        if drop > gate:
+            raise Gated(f"not fine-tuned: after pruning (and BatchNorm recalibration) torch accuracy on the search "
+                        f"subset is {100 * drop:.1f} pt below the input model's, more than finetune_gate="
+                        f"{100 * gate:.0f} pt")
     per_epoch = math.ceil(len(ctx.train) / sp.finetune_batch_size)
     epochs = math.ceil(ft_steps / per_epoch)
     cap = math.ceil(ft_steps / epochs)

@@ -42,6 +42,7 @@ from edgeslim.pipeline import _store
 from edgeslim.pipeline._budget import Budget, Prefer, Violation
 from edgeslim.pipeline._candidate import (
     Context,
+    Gated,
     build_candidate,
     early_layers,
     interleaved_latency,
@@ -72,9 +73,10 @@ class OptimizeReport:
     def summary(self) -> str:
         d = self.data
         c = d["chosen"]
-        head = (f"optimize: {d['trials']['complete']} trials ({d['trials']['failed']} failed, "
-                f"{d['trials']['duplicates']} duplicates skipped) in {d['seconds']:.0f} s; chosen trial "
-                f"{c['trial']}: {c['description']}")
+        t = d["trials"]
+        head = (f"optimize: {t['complete']} trials ({t['failed']} failed, {t['gated']} gated before fine-tuning, "
+                f"{t['duplicates']} duplicates skipped) in {d['seconds']:.0f} s; chosen trial {c['trial']}: "
+                f"{c['description']}")
         fin, base = c["final"], d["baseline_final"]
         lines = [head, f"  accuracy {100 * fin['accuracy']:.2f}% vs FP32 {100 * base['accuracy']:.2f}% "
                  f"({d['final_data']}), latency {fin['latency_ms']:.4g} ms vs {base['latency_ms']:.4g} ms "
@@ -316,11 +318,12 @@ def _baseline(ctx: Context, study: Any) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------- search
 def _finished(study: Any) -> list[Any]:
-    """Trials that count toward max_trials: completed, or failed with an error of their own."""
+    """Trials that count toward max_trials: completed, failed with an error of their own, or gated."""
     from optuna.trial import TrialState
 
-    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL))
-            if t.state == TrialState.COMPLETE or "error" in t.user_attrs]
+    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL,
+                                                                TrialState.PRUNED))
+            if t.state == TrialState.COMPLETE or "error" in t.user_attrs or "gated" in t.user_attrs]
 
 
 def _search(study: Any, ctx: Context, baseline: dict[str, Any], max_trials: int | None, max_minutes: float | None,
@@ -339,8 +342,8 @@ def _search(study: Any, ctx: Context, baseline: dict[str, Any], max_trials: int 
     def objective(trial: Any) -> tuple[float, float]:
         params = space.suggest(trial)
         trial.set_user_attr("params", params)
-        done = {repr(t.user_attrs.get("params")): t for t in study.get_trials(deepcopy=False,
-                                                                              states=(TrialState.COMPLETE,))}
+        done = {repr(t.user_attrs.get("params")): t for t in study.get_trials(
+            deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)) if "duplicate_of" not in t.user_attrs}
         if (dup := done.get(repr(params))) is not None:
             trial.set_user_attr("duplicate_of", dup.number)
             for k, v in dup.constraints.items():
@@ -359,6 +362,11 @@ def _search(study: Any, ctx: Context, baseline: dict[str, Any], max_trials: int 
         except KeyboardInterrupt:
             trial.set_user_attr("interrupted", True)
             raise
+        except Gated as g:
+            trial.set_user_attr("gated", str(g))
+            trial.set_user_attr("seconds", round(time.perf_counter() - t0, 2))
+            log.info("trial %d (%s) %s", trial.number, describe(params), g)
+            raise optuna.TrialPruned(str(g)) from None
         except Exception as e:
             msg = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
             trial.set_user_attr("error", msg)
@@ -397,8 +405,9 @@ def _search(study: Any, ctx: Context, baseline: dict[str, Any], max_trials: int 
                 break
             study.optimize(objective, n_trials=1, catch=(_TrialError,), gc_after_trial=False)
             last = study.get_trials(deepcopy=False)[-1]
-            dup_run = dup_run + 1 if last.state == TrialState.PRUNED else 0
-            if bar is not None and last.state != TrialState.PRUNED:
+            is_dup = "duplicate_of" in last.user_attrs
+            dup_run = dup_run + 1 if is_dup else 0
+            if bar is not None and not is_dup:
                 bar.update(1)
                 bar.set_postfix_str(_best_text(study, ctx, baseline, deadline), refresh=True)
     finally:
@@ -505,10 +514,12 @@ def _finish(study: Any, ctx: Context, baseline: dict[str, Any], out: Path, stopp
     model, art, _, _ = build_candidate(ctx, chosen_params)
     paths, recipe = _save_chosen(ctx, out, chosen_params, chosen_no, model, art, not viol)
     counts = {s.name.lower(): 0 for s in TrialState}
-    dups = 0
+    dups = gated = 0
     for t in trials:
-        if t.state == TrialState.PRUNED and "duplicate_of" in t.user_attrs:
+        if "duplicate_of" in t.user_attrs:
             dups += 1
+        elif "gated" in t.user_attrs:
+            gated += 1
         else:
             counts[t.state.name.lower()] += 1
     doc = {
@@ -524,6 +535,7 @@ def _finish(study: Any, ctx: Context, baseline: dict[str, Any], out: Path, stopp
                        "proxy)", "final_data": f"all {len(ctx.val)} samples of {ctx.val.name}/{ctx.val.split}",
         "baseline": baseline, "baseline_final": base["figures"], "baseline_final_provenance": base["provenance"],
         "trials": {"complete": counts.get("complete", 0), "failed": counts.get("fail", 0), "duplicates": dups,
+                   "gated": gated,
                    "running": counts.get("running", 0), "waiting": counts.get("waiting", 0),
                    "rows": [_trial_row(t) for t in trials]},
         "final_candidates": [{"trial": r[0].number, "final": r[1]["figures"],
@@ -548,6 +560,7 @@ def _trial_row(t: Any) -> dict[str, Any]:
     return {"number": t.number, "state": t.state.name.lower(), "params": u.get("params", t.params),
             "description": describe(u["params"]) if "params" in u else "", "figures": u.get("figures"),
             "violations": u.get("violations"), "error": u.get("error"), "duplicate_of": u.get("duplicate_of"),
+            "gated": u.get("gated"),
             "seconds": u.get("seconds"), "requeued": u.get("requeued"), "retry_of": u.get("retry_of"),
             "cached_steps": sorted(k for k, v in (u.get("steps") or {}).items() if v.get("cached"))}
 

@@ -148,6 +148,8 @@ def _trial_cells(r: dict[str, Any], base: dict[str, Any]) -> list[str]:
         status = f"duplicate of #{r['duplicate_of']} (skipped)"
     elif r.get("error"):
         status = "failed: " + r["error"]
+    elif r.get("gated"):
+        status = "gated: " + r["gated"]
     elif r["state"] != "complete":
         status = r["state"]
     else:

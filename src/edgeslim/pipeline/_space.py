@@ -40,6 +40,9 @@ class Space(Config):
         finetune_steps: recovery fine-tune choices after pruning, in optimizer steps (0 = none).
         finetune_lr: peak learning rate of the recovery fine-tune (SGD, cosine decay).
         finetune_batch_size: batch size of the recovery fine-tune.
+        finetune_gate: multi-fidelity: a pruned candidate whose BatchNorm-recalibrated accuracy (torch, search
+            subset) is more than this fraction below the input model's is not fine-tuned (the trial is recorded
+            as gated); recalibrated accuracy ranks pruned candidates as fine-tuning will (EagleEye). None: off.
         quantize: choices for INT8 post-training quantization.
         per_channel: choices for per-channel (else per-tensor) weight scales.
         calibration: activation-range methods tried (``edgeslim.quantize.CALIBRATORS``).
@@ -63,6 +66,7 @@ class Space(Config):
     finetune_steps: tuple[int, ...] = (0, 300)
     finetune_lr: float = 0.01
     finetune_batch_size: int = 64
+    finetune_gate: float | None = 0.3
     quantize: tuple[bool, ...] = (True, False)
     per_channel: tuple[bool, ...] = (True, False)
     calibration: tuple[str, ...] = ("minmax", "percentile", "mse")
@@ -102,6 +106,9 @@ class Space(Config):
             v = getattr(self, f)
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise self._bad(f, f"must be an integer >= {lo}")
+        if self.finetune_gate is not None and (isinstance(self.finetune_gate, bool) or not isinstance(
+                self.finetune_gate, (int, float)) or not 0 <= self.finetune_gate <= 1):
+            raise self._bad("finetune_gate", "must be a fraction in [0, 1] (0.3 = 30 points) or None (off)")
         if isinstance(self.finetune_lr, bool) or not isinstance(self.finetune_lr, (int, float)) or \
                 not 0 < self.finetune_lr < 10:
             raise self._bad("finetune_lr", "must be a number in (0, 10)")

@@ -226,7 +226,7 @@ def optimize(
                                     sampler=_store.seeded_sampler(sampler, seed),
                                     load_if_exists=True)
         _check_study(study, ident, url)
-        requeued = [] if shared else _store.requeue_running(study)
+        requeued = [] if shared else _store.requeue_running(study, st)
         requeued += _requeue_interrupted(study)
         ctx = Context(base=base, base_key=_store.key(base_hash, ident["data_sha256"]), train=train, val=val,
                       search_val=val.take(space.search_samples, seed=seed), example_inputs=x, space=space,

@@ -187,7 +187,12 @@ def open_storage(url: str, *, shared: bool) -> Any:
         with warnings.catch_warnings():  # heartbeats are marked experimental in Optuna 5; they are what we rely on
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True}, **kw)
-    except Exception as e:  # sqlalchemy/driver errors: unreachable host, missing driver, bad URL
+    except ImportError:  # sqlalchemy could not import the URL's database driver
+        scheme = url.split("://", 1)[0].split("+", 1)[0]
+        pkg = {"postgresql": "psycopg2-binary", "mysql": "pymysql"}.get(scheme, f"a {scheme} driver for SQLAlchemy")
+        raise ConfigError(f"storage {redact(url)!r} needs a database driver that is not installed: "
+                          f"pip install {pkg}") from None
+    except Exception as e:  # noqa: BLE001 - sqlalchemy/driver errors: unreachable host, bad URL, refused login
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise ConfigError(f"storage {redact(url)!r} does not answer: {type(e).__name__}: {first}") from None
 
@@ -198,12 +203,11 @@ def requeue_failed(study: Any, trial: Any) -> None:
     log.warning("trial %d's worker stopped answering; its parameters are queued again", trial.number)
 
 
-def requeue_running(study: Any) -> list[int]:
-    """Put every RUNNING trial back in the queue, in place (same number and parameters); the caller holds the
-    run folder's lock, so no live process owns them. Returns their numbers."""
+def requeue_running(study: Any, storage: Any) -> list[int]:
+    """Put every RUNNING trial of ``study`` (in ``storage``) back in the queue, in place (same number and
+    parameters); the caller holds the run folder's lock, so no live process owns them. Returns their numbers."""
     from optuna.trial import TrialState
 
-    storage = study._storage  # the study's RDB storage (public type; Study keeps no public accessor)
     done = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         note = list(t.user_attrs.get("requeued", [])) + [f"left RUNNING by a stopped process; re-queued at "

@@ -14,7 +14,6 @@ import argparse
 import json
 import logging
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -23,30 +22,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import edgeslim as es
+from edgeslim.core.counting import count_macs, count_params
 from edgeslim.data import load as load_data
 from edgeslim.distill import DistillConfig, cnn_student, distill
 from edgeslim.models import load as load_model
 from edgeslim.train import TrainConfig, evaluate, fit
+from _harness import host
 
 log = logging.getLogger("distill_fmnist")
 
 
-def macs(model: torch.nn.Module, shape) -> int:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as fc, torch.no_grad():
-        model.eval()(torch.zeros(1, *shape))
-    return fc.get_total_flops() // 2
-
-
-def onnx_session(model, shape, path):
-    import onnxruntime as ort
-
+def onnx_file(model, shape, path) -> int:
+    """Export ``model`` to ``path`` (batch 1, input ``x``); the file's size in bytes."""
     torch.onnx.export(model.eval(), (torch.zeros(1, *shape),), str(path), dynamo=False, input_names=["x"],
                       output_names=["y"], opset_version=17)
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]), os.path.getsize(path)
+    return os.path.getsize(path)
 
 
 def main() -> None:
@@ -95,24 +86,19 @@ def main() -> None:
         seconds[name] = round(time.perf_counter() - t0, 1)
         log.info("%s trained in %.1fs", name, seconds[name])
     result = {}
-    sessions = {}
+    runners = {}
     with tempfile.TemporaryDirectory() as tmp:
         for i, (name, m) in enumerate(rows.items()):
-            sessions[name], size = onnx_session(m, shape, Path(tmp) / f"{i}.onnx")
+            path = Path(tmp) / f"{i}.onnx"
+            size = onnx_file(m, shape, path)
+            runners[name] = es.runtime.load(path, "onnxruntime", threads=1)
             result[name] = {"accuracy": round(evaluate(m, val, device=args.device), 4),
-                            "params": sum(p.numel() for p in m.parameters()), "macs": macs(m.cpu(), shape),
+                            "params": count_params(m), "macs": count_macs(m.cpu(), torch.zeros(1, *shape)),
                             "onnx_bytes": size, "train_seconds": seconds.get(name)}
         x = val.take(1).normalized().numpy().astype(np.float32)
-        times = {n: [] for n in sessions}
-        for _ in range(args.rounds):  # interleaved rounds so every row sees the same host load
-            for n, s in sessions.items():
-                for _ in range(5):
-                    s.run(None, {"x": x})
-                t0 = time.perf_counter()
-                k = 50
-                for _ in range(k):
-                    s.run(None, {"x": x})
-                times[n].append((time.perf_counter() - t0) / k * 1e3)
+        # interleaved rounds so every row sees the same host load
+        lat = es.runtime.interleaved_latency(runners, x, rounds=args.rounds, runs=50, warmup=0, rewarm=5)
+        times = {n: lat[n]["round_p50_ms"] for n in runners}
     t_ms = statistics.median(times["teacher (ResNet-18)"])
     print(f"\n{'row':22} {'acc':>7} {'params':>9} {'MACs':>11} {'ORT p50 ms':>10} {'speedup':>8}")
     for n, r in result.items():
@@ -125,8 +111,7 @@ def main() -> None:
             "2-core host" if os.cpu_count() and os.cpu_count() <= 4 else "ONNX Runtime FP32, 1 thread, batch 1")
     print(note)
     meta = {"args": vars(args), "train_rows": len(train), "val_rows": len(val), "note": note,
-            "host": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-            "torch": torch.__version__, "rows": result}
+            "host": host(), "rows": result}
     name = "distill_fmnist_smoke.json" if args.smoke else "distill_fmnist.json"
     (out / name).write_text(json.dumps(meta, indent=2))
     for n, m in rows.items():

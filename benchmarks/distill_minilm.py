@@ -32,12 +32,12 @@ from __future__ import annotations
 import argparse
 import copy
 import hashlib
+import itertools
 import json
 import logging
 import os
 import platform
 import re
-import statistics
 import time
 from pathlib import Path
 
@@ -50,6 +50,7 @@ from edgeslim.core.io import write_json
 from edgeslim.distill import DistillConfig, distill, layer_drop_student
 from edgeslim.prune import PruneConfig, VocabMap, load_pruned, prune, prune_vocabulary, save_pruned
 from edgeslim.train import TrainConfig, fit
+from _harness import ort_session
 
 ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("distill_minilm")
@@ -167,16 +168,6 @@ def export_onnx(clf: TextClassifier, path: Path, vocab: VocabMap | None = None) 
     onnx.save(onnx.load(str(raw)), str(tmp))  # one self-contained file
     raw.unlink()
     os.replace(tmp, path)
-
-
-def session(path: Path, threads: int):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
 def unpadded(ids: torch.Tensor) -> list[np.ndarray]:
@@ -454,7 +445,7 @@ def main() -> None:
             quantize_dynamic(str(variants[f"{name} FP32"]), str(tmp), weight_type=QuantType.QInt8)
             os.replace(tmp, variants[f"{name} INT8-dyn"])
         for k, p in variants.items():
-            sess = session(p, args.ort_threads)
+            sess = ort_session(p, args.ort_threads)
             t0 = time.perf_counter()
             pred = np.array([int(run_one(sess, f, vm).argmax(1)[0]) for f in feeds])
             rows[k] = {"onnx": str(p), "vocab_trimmed": vm is not None, "onnx_bytes": p.stat().st_size,
@@ -532,24 +523,22 @@ def measure_latency(meta: dict, args: argparse.Namespace) -> None:
     lat = unpadded(TokenSet(ids_va, val_t.labels).take(args.latency_texts, seed=1).ids)
     vocab = VocabMap.load(meta["vocab_trimming"]["map"])
     rows = meta["rows"]
-    sessions = {k: (session(Path(r["onnx"]), args.ort_threads), vocab if r["vocab_trimmed"] else None)
+    sessions = {k: (ort_session(Path(r["onnx"]), args.ort_threads), vocab if r["vocab_trimmed"] else None)
                 for k, r in rows.items()}
     load_before = [round(x, 2) for x in os.getloadavg()]
-    times: dict[str, list[float]] = {k: [] for k in sessions}
-    for s, vm in sessions.values():
-        for f in lat[:5]:
-            run_one(s, f, vm)
-    for _ in range(args.rounds):  # every round times every row on the same snippets: fair on a loaded host
-        for k, (s, vm) in sessions.items():
-            for f in lat:
-                t0 = time.perf_counter()
-                run_one(s, f, vm)
-                times[k].append((time.perf_counter() - t0) * 1e3)
+
+    def turns(s, vm):  # every turn runs the same snippets in the same order: fair on a loaded host
+        nxt = itertools.cycle(lat)
+        return lambda: run_one(s, next(nxt), vm)
+
+    # 5 warm-up snippets per row, then every round times every row on all the snippets
+    res = es.runtime.interleaved_latency({k: turns(s, vm) for k, (s, vm) in sessions.items()}, rounds=args.rounds,
+                                         runs=len(lat), warmup=5, rewarm=0)
     base = f"{TEACHER} FP32"
-    t_ms = statistics.median(times[base])
+    t_ms = res[base]["p50_ms"]
     for k, r in rows.items():
-        r["latency_p50_ms"] = round(statistics.median(times[k]), 3)
-        r["latency_p90_ms"] = round(float(np.percentile(times[k], 90)), 3)
+        r["latency_p50_ms"] = round(res[k]["p50_ms"], 3)
+        r["latency_p90_ms"] = round(res[k]["p90_ms"], 3)
         r["speedup_vs_teacher_fp32"] = round(t_ms / r["latency_p50_ms"], 3)
         r["meets_goal"] = bool(r["smaller_than_teacher_fp32"] >= 0.5 and r["speedup_vs_teacher_fp32"] >= 2.0
                                and r["teacher_accuracy_fraction"] >= 0.97)

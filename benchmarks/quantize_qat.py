@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import statistics
 import sys
 import tempfile
 import time
@@ -34,6 +33,7 @@ from edgeslim.core.io import write_json
 from edgeslim.core.metrics import host_info
 from edgeslim.quantize._qat import QATConfig, qat, restore_quantized, save_quantized
 from edgeslim.train import TrainConfig, evaluate
+from _harness import latency_rounds
 
 HERE = Path(__file__).parent
 QCFG = es.QuantConfig(per_channel=True)  # the library default: per-channel weights, mse calibration
@@ -105,15 +105,11 @@ def part_measure(args) -> None:
                 continue
             q = restore_quantized(es.models.load("mobilenet_v2"), f)
             arts[name] = es.export(q, "onnx", example_inputs=val, path=tmp / f"{name}.onnx")
-        lat: dict[str, list[float]] = {k: [] for k in arts}
-        for _ in range(args.rounds):
-            for k, a in arts.items():
-                lat[k].append(es.measure(a, threads=1, runs=args.runs, warmup=10, peak_memory=False,
-                                         max_seconds=5)["latency_p50_ms@t1b1"])
+        lat = latency_rounds(arts, args.rounds, args.runs)
         for k, a in arts.items():
             m = es.measure(a, data=val, threads=1, runs=10, peak_memory=False)
             rows.append({"variant": k, "accuracy_ort": m["accuracy"], "onnx_bytes": a.size_bytes,
-                         "latency_p50_ms": statistics.median(lat[k])})
+                         "latency_p50_ms": lat[k]})
     base = rows[0]
     print(f"MobileNetV2-FMNIST, {len(val)} validation images, ONNX Runtime 1 thread batch 1 "
           f"(QAT trained on {rec['device']})")

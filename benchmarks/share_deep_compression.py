@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import statistics
 import sys
 import tempfile
 import time
@@ -34,6 +33,7 @@ import torch
 from torch import nn
 
 import edgeslim as es
+from edgeslim.core.counting import count_params
 from edgeslim.core.io import write_json
 from edgeslim.core.metrics import host_info
 from edgeslim.share import (
@@ -50,6 +50,7 @@ from edgeslim.share import (
     strip_clustering,
 )
 from edgeslim.train import TrainConfig, evaluate, fit
+from _harness import latency_rounds
 
 HERE = Path(__file__).parent
 # iterative magnitude pruning, per layer (keys: module names of the Sequential); Han et al. 2016 end at 92/91/74%
@@ -106,16 +107,6 @@ def deep_compression(train, val, args, tmp: Path) -> dict:
             "prune_per_layer": list(PRUNE), "sparsity": sp}
 
 
-def lat_rounds(arts: dict, rounds: int, runs: int) -> dict[str, float]:
-    """Median over interleaved rounds of measure()'s p50 latency, 1 thread, batch 1."""
-    per: dict[str, list[float]] = {k: [] for k in arts}
-    for _ in range(rounds):
-        for k, a in arts.items():
-            m = es.measure(a, threads=1, runs=runs, warmup=20, peak_memory=False, max_seconds=5)
-            per[k].append(m["latency_p50_ms@t1b1"])
-    return {k: statistics.median(v) for k, v in per.items()}
-
-
 def tie_part(val, tmp: Path) -> list[dict]:
     from edgeslim.share import TieConfig, tie_layers
 
@@ -126,7 +117,7 @@ def tie_part(val, tmp: Path) -> list[dict]:
                       ("tied, shared BN statistics", TieConfig(auto=True))):
         model = base if cfg is None else tie_layers(base, cfg)
         art = es.export(model, "onnx", example_inputs=val, path=tmp / f"tie{len(rows)}.onnx", force=True)
-        rows.append({"variant": name, "params": sum(p.numel() for p in model.parameters()),
+        rows.append({"variant": name, "params": count_params(model),
                      "onnx_bytes": art.size_bytes, "accuracy_1000": evaluate(model, sub),
                      "groups": [r["name"] for r in model.report.done()] if cfg else []})
     return rows
@@ -167,7 +158,7 @@ def small_cnn_part(train, val, args, tmp: Path) -> dict:
                      "ranks": {r["name"]: r.get("rank", "dw+pw") for r in rep.done()} if rep else {},
                      "accuracy_finetuned": (base_acc if name == "baseline" else
                                             evaluate(tune(model, train, val, 1, 0.01, args.tune_steps), val))})
-    lat = lat_rounds(arts, args.rounds, args.runs)
+    lat = latency_rounds(arts, args.rounds, args.runs, warmup=20)
     b = lat["baseline"]
     for r in rows:
         r["latency_p50_ms"] = lat[r["variant"]]

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import statistics
 import sys
 import tempfile
 import time
@@ -40,6 +39,7 @@ from edgeslim.core.io import save_torch, write_json
 from edgeslim.core.metrics import host_info
 from edgeslim.share import ClusterConfig, SeparableConfig, TieConfig, cluster, separable, strip_clustering, tie_layers
 from edgeslim.train import TrainConfig, evaluate, fit
+from _harness import latency_rounds
 
 HERE = Path(__file__).parent
 SEP_LAYERS = ("layer*.*.conv1", "layer*.*.conv2")
@@ -101,15 +101,6 @@ def part_train(args) -> None:
     write_json(out / "share_recover_train.json", record, force=True)
 
 
-def _lat(arts: dict, rounds: int, runs: int) -> dict[str, float]:
-    per: dict[str, list[float]] = {k: [] for k in arts}
-    for _ in range(rounds):
-        for k, a in arts.items():
-            per[k].append(es.measure(a, threads=1, runs=runs, warmup=10, peak_memory=False,
-                                     max_seconds=5)["latency_p50_ms@t1b1"])
-    return {k: statistics.median(v) for k, v in per.items()}
-
-
 def _zipped(path: Path) -> int:
     with tempfile.TemporaryDirectory() as td:
         z = Path(td) / "a.zip"
@@ -154,7 +145,7 @@ def part_measure(args) -> None:
                     m = build(variant, train)[1]
                     m.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()})
                     arts[label] = es.export(m.eval(), "onnx", example_inputs=val, path=tmp / f"{variant}{tag}.onnx")
-                lat = _lat(arts, args.rounds, args.runs)
+                lat = latency_rounds(arts, args.rounds, args.runs)
                 for label, art in arts.items():
                     met = es.measure(art, data=val, threads=1, runs=20, peak_memory=False)
                     results["rows"].append({

@@ -84,3 +84,59 @@ def test_pair_composes_or_says_why(first, second, world, tmp_path):
     with torch.no_grad():
         assert torch.equal(m2.eval()(d["x"]), m3(d["x"]))
     assert all(torch.equal(before[k], v) for k, v in base.state_dict().items())  # the input is untouched
+
+
+def _verbs(d):
+    """Every verb, called with a config of its own type (``cfg``) or a wrong one."""
+    from edgeslim.quantize import QATConfig, qat
+
+    tc = TrainConfig(epochs=1, batch_size=32, augment=False, warmup_steps=0)
+    return {
+        "prune": (es.PruneConfig, lambda m, cfg: es.prune(m, cfg, example_inputs=d["x"])),
+        "quantize": (es.QuantConfig, lambda m, cfg: es.quantize(m, cfg, data=d["train"])),
+        "quantize_with_budget": (BudgetConfig, lambda m, cfg: quantize_with_budget(m, cfg, data=(d["train"], d["score"]))),
+        "qat": (QATConfig, lambda m, cfg: qat(m, cfg, data=(d["train"], None), train_config=tc, progress=False)),
+        "distill": (DistillConfig, lambda m, cfg: es.distill(m, d["teacher"], cfg, data=(d["train"], None),
+                                                             train_config=tc, max_steps_per_epoch=1, progress=False)),
+        "cluster": (ClusterConfig, lambda m, cfg: es.cluster(m, cfg, data=d["train"])),
+        "tie_layers": (TieConfig, lambda m, cfg: es.tie_layers(m, cfg, data=d["train"])),
+        "factorize": (FactorizeConfig, lambda m, cfg: es.factorize(m, cfg, data=d["train"])),
+        "separable": (SeparableConfig, lambda m, cfg: es.separable(m, cfg, data=d["train"])),
+    }
+
+
+@pytest.mark.parametrize("verb", ["prune", "quantize", "quantize_with_budget", "qat", "distill", "cluster",
+                                  "tie_layers", "factorize", "separable"])
+def test_every_verb_refuses_a_config_of_another_verb(verb, world):
+    base, d, _ = world
+    _, call = _verbs(d)[verb]
+    wrong = ClusterConfig() if verb != "cluster" else es.PruneConfig()
+    with pytest.raises(es.ConfigError, match=f"{verb}\\(\\) needs a"):
+        call(base, wrong)
+
+
+@pytest.mark.parametrize("verb,cfg", [
+    ("prune", es.PruneConfig(exclude=("blocks.9",))),
+    ("quantize", es.QuantConfig(exclude=("blocks.9",))),
+    ("cluster", ClusterConfig(clusters=4, exclude=("blocks.9",))),
+    ("factorize", FactorizeConfig(exclude=("blocks.9",))),
+    ("separable", SeparableConfig(exclude=("blocks.9",))),
+    ("tie_layers", TieConfig(groups=(("blocks.0", "blocks.9"),))),
+    ("distill", DistillConfig(losses=("kd", "hint"), student_layers=("blocks.9",), teacher_layers=("blocks.1",))),
+])
+def test_every_verb_refuses_a_layer_pattern_that_matches_nothing(verb, cfg, world):
+    base, d, _ = world
+    _, call = _verbs(d)[verb]
+    with pytest.raises(es.ConfigError, match="blocks.9"):
+        call(base, cfg)
+
+
+def test_every_verb_result_carries_one_report_protocol(world):
+    from edgeslim.core.report import Report
+
+    base, d, firsts = world
+    for name, model in firsts.items():
+        rep = model.report
+        assert isinstance(rep, Report), name
+        assert rep.to_dict()["technique"] == rep.technique == STEPS[name][0]
+        assert isinstance(rep.summary(), str) and rep.summary()

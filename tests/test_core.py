@@ -65,3 +65,104 @@ def test_nested_configs_round_trip_and_refuse_other_values():
         _Outer(maybe=_Outer())
     with pytest.raises(ConfigError, match=r"_Outer\.inner=None is not allowed"):  # not Optional: None is refused
         _Outer(inner=None)
+
+
+def _every_config() -> list:
+    import dataclasses
+    import typing
+
+    import edgeslim
+    import edgeslim.devices
+    import edgeslim.export._weight_only
+    import edgeslim.quantize._qat
+    from edgeslim.core.config import Config
+
+    def subs(c):
+        for s in c.__subclasses__():
+            yield s
+            yield from subs(s)
+
+    special = {"TieConfig": {"auto": True}, "Device": None}
+    out = []
+    for cls in subs(Config):
+        if cls.__name__ == "Device":
+            out.append(edgeslim.devices.get_device("raspberry-pi-4"))
+        else:
+            out.append(cls(**special.get(cls.__name__, {})))
+    assert len(out) >= 10
+    for cfg in out:
+        hints = typing.get_type_hints(type(cfg))
+        assert all(f.name in hints for f in dataclasses.fields(cfg))
+    return out
+
+
+def test_every_config_refuses_values_of_the_wrong_type():
+    import dataclasses
+    import typing
+
+    checked = 0
+    for cfg in _every_config():
+        hints = typing.get_type_hints(type(cfg))
+        for f in dataclasses.fields(cfg):
+            hint = hints[f.name]
+            bad = {bool: ["no", 1, None], int: ["lots", True, 2.5], float: ["fast", False], str: [3, ["a"]],
+                   tuple[str, ...]: ["a,b", [1], [["a"]]]}.get(hint, [])
+            for value in bad:
+                with pytest.raises(ConfigError, match=rf"{type(cfg).__name__}\.{f.name}=") as e:
+                    dataclasses.replace(cfg, **{f.name: value})
+                assert "expected" in str(e.value)
+                checked += 1
+            if hint is bool:
+                assert getattr(dataclasses.replace(cfg, **{f.name: True}), f.name) is True
+    assert checked > 100
+
+
+def test_config_collections_and_messages_are_bounded():
+    from edgeslim.core.config import MAX_ITEMS
+    from edgeslim.quantize import QuantConfig
+
+    with pytest.raises(ConfigError, match="at most 10,000"):
+        QuantConfig(exclude=tuple(f"m{i}" for i in range(MAX_ITEMS + 1)))
+    nested: list = ["x"] * 9
+    for _ in range(8):  # 9**9 leaves if printed in full
+        nested = [nested] * 9
+    with pytest.raises(ConfigError) as e:
+        QuantConfig(exclude=nested)
+    assert len(str(e.value)) < 400
+    assert QuantConfig(exclude=["a", "b"]).exclude == ("a", "b")  # lists still become tuples
+
+
+def test_yaml_alias_bombs_are_refused_before_they_are_built():
+    import time
+
+    from edgeslim.core.config import load_yaml
+
+    levels = "".join(f"{b}: &{b} [{', '.join([f'*{a}'] * 9)}]\n" for a, b in zip("abcdefgh", "bcdefghi"))
+    t0 = time.perf_counter()
+    with pytest.raises(ConfigError, match="aliases"):
+        load_yaml("a: &a [x, x, x, x, x, x, x, x, x]\n" + levels)
+    assert time.perf_counter() - t0 < 1
+    assert load_yaml("a: &a [1, 2]\nb: [*a, *a]\n") == {"a": [1, 2], "b": [[1, 2], [1, 2]]}  # small aliases are fine
+
+
+def test_publication_is_exclusive_and_stale_temporaries_go(tmp_path):
+    import os
+    import time
+
+    from edgeslim.core.io import clean_stale_temps
+
+    target = tmp_path / "out.txt"
+    with pytest.raises(OutputExistsError, match="another run"):
+        with atomic_path(target) as tmp:  # a run that started when the name was free ...
+            tmp.write_text("slow")
+            write_text(target, "fast")  # ... and one that published first
+    assert target.read_text() == "fast" and sorted(p.name for p in tmp_path.iterdir()) == ["out.txt"]
+    old = tmp_path / ".out.txt.abcdefgh.tmp"  # the pattern without a pid: stale after an hour
+    old.write_text("x")
+    os.utime(old, (time.time() - 7200,) * 2)
+    fresh = tmp_path / ".out.txt.zyxwvuts.tmp"
+    fresh.write_text("x")
+    mine = tmp_path / f".out.txt.{os.getpid()}.abcdefgh.tmp"
+    mine.write_text("x")
+    assert clean_stale_temps(target) == [old]
+    assert fresh.exists() and mine.exists()

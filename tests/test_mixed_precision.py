@@ -264,7 +264,7 @@ def test_a_bad_budget_config_value_names_the_field(fields, message):
 
 def test_budget_verb_refuses_a_wrong_config_type_or_settings_beside_the_config(digits_model):
     model, train, val = digits_model
-    with pytest.raises(ConfigError, match="quantize_with_budget expects a BudgetConfig, got PruneConfig"):
+    with pytest.raises(ConfigError, match="quantize_with_budget\(\) needs a BudgetConfig, got PruneConfig"):
         quantize_with_budget(model, PruneConfig(), data=(train, val))
     with pytest.raises(ConfigError, match=r"search belong in the BudgetConfig"):
         quantize_with_budget(model, BudgetConfig(), data=(train, val), search="bisect")

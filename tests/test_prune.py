@@ -390,15 +390,21 @@ def test_cli_prune_saves_recipe_and_reports_clear_errors(tmp_path, capsys):
 
 
 # --------------------------------------------------------------------------------------------- transformer
+def _tiny_bert(layers: int = 2, ffn: int = 64) -> tuple[nn.Module, dict, object]:
+    """A random 4-head BertModel (hidden 32), its example inputs, and its config."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
+                                  intermediate_size=ffn, max_position_embeddings=32)
+    torch.manual_seed(0)
+    ids = torch.randint(0, 100, (2, 10), generator=torch.Generator().manual_seed(0))
+    return transformers.BertModel(cfg).eval(), {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, cfg
+
+
 def test_bert_heads_and_ffn_removed_reload_and_export(tmp_path):
     transformers = pytest.importorskip("transformers")
     ort = pytest.importorskip("onnxruntime")
-    cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                  intermediate_size=64, max_position_embeddings=32)
-    torch.manual_seed(0)
-    model = transformers.BertModel(cfg).eval()
-    ids = torch.randint(0, 100, (2, 10), generator=torch.Generator().manual_seed(0))
-    ex = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    model, ex, cfg = _tiny_bert()
+    ids = ex["input_ids"]
     p = prune(model, PruneConfig(ratio=0.5, heads_ratio=0.5), example_inputs=ex)
     layer = p.encoder.layer[0]
     assert layer.attention.self.num_attention_heads == 2 and layer.attention.self.query.out_features == 16
@@ -425,15 +431,9 @@ def test_bert_heads_and_ffn_removed_reload_and_export(tmp_path):
 
 
 def test_transformer_heads_and_neurons_are_ranked_by_the_importance_registry():
-    transformers = pytest.importorskip("transformers")
     from edgeslim.prune import Criterion
 
-    cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-                                  intermediate_size=16, max_position_embeddings=32)
-    torch.manual_seed(0)
-    model = transformers.BertModel(cfg).eval()
-    ids = torch.randint(0, 100, (2, 10), generator=torch.Generator().manual_seed(0))
-    ex = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    model, ex, _ = _tiny_bert(layers=1, ffn=16)
     layer = model.encoder.layer[0]
     att = layer.attention.self
     per_head = [w.detach().reshape(4, -1).abs().sum(1) for w in (att.query.weight, att.key.weight, att.value.weight,

@@ -45,10 +45,15 @@ def test_changes_are_honest_ratios_and_points():
     size = cell(rows, "size_bytes", 2)
     assert size["change"] == "3.9x smaller" and size["factor"] == pytest.approx(3.913, abs=1e-3)
     assert size["worse"] is False and size["sources_differ"] is True
-    assert cell(rows, "latency_p50_ms@t1b1", 2)["change"] == "1.7x faster"
+    # speed is compared with the FP32 file on the same runtime, not with torch eager
+    lat = cell(rows, "latency_p50_ms@t1b1", 2)
+    assert lat["change"] == "1.3x faster" and lat["baseline"] == "FP32 ONNX"
+    assert cell(rows, "latency_p50_ms@t1b1", 1)["change"] == "1.2x faster"  # no earlier ORT stage: the first
+    assert "baseline" not in cell(rows, "latency_p50_ms@t1b1", 1)
     assert cell(rows, "macs", 2)["change"] == "2.0x fewer MACs"
-    acc = cell(rows, "accuracy", 2)
-    assert acc["change"] == "-0.20 pt" and acc["worse"] is True and acc["delta_pt"] == pytest.approx(-0.2)
+    acc = cell(rows, "accuracy", 2)  # -0.2 pt on 1000 samples is 2 images: inside two binomial standard errors
+    assert acc["change"].startswith("-0.20 pt (within noise") and acc["worse"] is None and acc["within_noise"]
+    assert acc["delta_pt"] == pytest.approx(-0.2)
     assert cell(rows, "accuracy", 1)["change"] == "±0.00 pt" and cell(rows, "accuracy", 1)["worse"] is None
     mem = cell(rows, "peak_memory_mb", 2)
     assert mem["change"] == "1.2x more memory" and mem["worse"] is True
@@ -83,14 +88,16 @@ def test_report_writes_all_formats_with_provenance(tmp_path):
     assert not list((tmp_path / "rep").glob(".*.tmp"))
 
     md = paths["md"].read_text()
-    for s in ("3.9x smaller", "1.7x faster", "-0.20 pt", "2.0x fewer MACs", "PTQ with 128 samples",
+    for s in ("3.9x smaller", "1.3x faster vs FP32 ONNX", "-0.20 pt", "2.0x fewer MACs", "PTQ with 128 samples",
+              "| latency p50, 1 thread, batch 1 |", "| file size |",
               "bytes of file m-int8.onnx", "computed by torch.utils.flop_counter",
               "predicted for raspberry-pi-4 (roofline)", "~4.20 ms"):
         assert s in md, s
-    assert "faster" not in next(line for line in md.splitlines() if line.startswith("| macs"))
+    assert "faster" not in next(line for line in md.splitlines() if line.startswith("| MACs"))
+    assert "latency_p50_ms@t1b1 |" not in md  # row names are words; the keys stay in the JSON and provenance
     regs = md.split("## Regressions")[1].split("##")[0]
-    assert "INT8 ONNX: peak_memory_mb 12.0 MB vs 10.0 MB" in regs and "1.2x more memory" in regs
-    assert "accuracy" in regs and "size_bytes" not in regs
+    assert "INT8 ONNX: peak memory 12.0 MB vs 10.0 MB" in regs and "1.2x more memory" in regs
+    assert "accuracy" not in regs and "file size" not in regs
     assert md.count("Test CPU 9000") == 1  # host shown once
     assert "torch 2.14 \\<eager>" in md  # no raw HTML tags in the Markdown
 
@@ -104,8 +111,8 @@ def test_report_writes_all_formats_with_provenance(tmp_path):
     assert data["title"] == "demo <report>" and data["notes"] == ["PTQ with 128 samples"]
     size = next(r for r in data["comparison"] if r["figure"] == "size_bytes")["cells"][2]
     assert round(size["factor"], 2) == 3.91 and size["ratio"] == pytest.approx(2.3 / 9, abs=1e-6)
-    assert {(r["stage"], r["figure"]) for r in data["regressions"]} == {
-        ("INT8 ONNX", "accuracy"), ("INT8 ONNX", "peak_memory_mb")}
+    assert {(r["stage"], r["figure"]) for r in data["regressions"]} == {("INT8 ONNX", "peak_memory_mb")}
+    assert "latency_p50_ms@t1b1" in {r["figure"] for r in data["comparison"]}  # JSON keys unchanged
 
 
 def test_json_round_trips_into_the_same_report(tmp_path):
@@ -163,3 +170,40 @@ def test_table_text_and_single_stage():
     assert "2.30 MB (3.9x smaller†)" in text and "12.0 MB (1.2x more memory) !" in text
     one = render_table([stages()[0]])
     assert "x " not in one and "!" not in one
+
+
+def test_accuracy_changes_inside_binomial_noise_are_not_regressions():
+    def stage(label, acc, n):
+        m = Metrics(label, context={"accuracy_samples": n})
+        m.add("accuracy", acc, "fraction", "measured", f"top-1 on {n} samples")
+        return m
+
+    one_image = compare_stages([stage("fp32", 0.9344, 10_000), stage("int8", 0.9343, 10_000)])
+    c = cell(one_image, "accuracy", 1)  # -0.01 pt = 1 image of 10k
+    assert c["worse"] is None and c["within_noise"] and "within noise" in c["change"]
+    real = compare_stages([stage("fp32", 0.92, 10_000), stage("int8", 0.90, 10_000)])
+    c = cell(real, "accuracy", 1)  # -2 pt on 10k samples: far outside 2 SE (about 0.8 pt)
+    assert c["worse"] is True and c["change"] == "-2.00 pt" and not c["within_noise"]
+    unknown = Metrics("b")
+    unknown.add("accuracy", 0.9343, "fraction", "measured", "top-1")  # no sample count: judged as before
+    assert cell(compare_stages([stage("a", 0.95, 10_000), unknown]), "accuracy", 1)["worse"] is True
+    assert cell(compare_stages([stage("a", 0.9344, 10_000), unknown]), "accuracy", 1)["within_noise"] is False
+
+
+def test_speed_baseline_is_the_fp32_file_on_the_same_runtime_and_noise_is_not_slower():
+    def stage(label, runtime, precision, ms):
+        m = Metrics(label, context={"runtime": runtime, "target": {"precision": precision}})
+        m.add("latency_p50_ms@t1b1", ms, "ms", "measured", runtime)
+        return m
+
+    rows = compare_stages([stage("torch", "torch", "fp32", 10.0), stage("int8 ort", "onnxruntime", "int8", 2.0),
+                           stage("fp32 ort", "onnxruntime", "fp32", 4.0), stage("int8 noisy", "onnxruntime", "int8",
+                                                                                  4.08)])
+    assert cell(rows, "latency_p50_ms@t1b1", 1)["change"] == "2.0x faster"  # vs fp32 ort, listed after it
+    assert cell(rows, "latency_p50_ms@t1b1", 1)["baseline"] == "fp32 ort"
+    assert cell(rows, "latency_p50_ms@t1b1", 2)["change"] == "2.5x faster"  # the FP32 file itself: vs the first
+    noisy = cell(rows, "latency_p50_ms@t1b1", 3)  # 2% slower than the FP32 file: timing noise
+    assert noisy["worse"] is None and "within noise" in noisy["change"]
+    text = render_table([stage("torch", "torch", "fp32", 10.0), stage("fp32 ort", "onnxruntime", "fp32", 4.0),
+                         stage("int8 ort", "onnxruntime", "int8", 2.0)])
+    assert "latency p50, 1 thread, batch 1" in text and "2.0x faster vs fp32 ort" in text

@@ -222,3 +222,8 @@ class TinyAttention(nn.Module):
     @staticmethod
     def example_inputs(batch: int = 4) -> torch.Tensor:
         return torch.randn(batch, 5, 8, generator=torch.Generator().manual_seed(0))
+
+
+def tiny_rgb_cnn() -> nn.Module:
+    """A model factory for ``package.module:function`` specs: TinyCNN on 3x8x8 inputs, 10 classes."""
+    return TinyCNN(in_channels=3)

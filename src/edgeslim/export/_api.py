@@ -29,6 +29,7 @@ from edgeslim.core.errors import ConfigError, DataError, ExportError, near
 from edgeslim.core.io import atomic_path, check_output
 from edgeslim.core.metrics import compare
 from edgeslim.core.verbs import data_alias
+from edgeslim.core.progress import bar, progress_enabled
 from edgeslim.export import _edge
 from edgeslim.export._qdq import compact_names, fold_qdq
 
@@ -132,6 +133,7 @@ def export(
     opset: int = 17,
     data: Any = None,
     calib: Any = None,
+    progress: bool | None = None,
 ) -> Artifact:
     """Export ``model`` to a deployable file and validate it against the torch model.
 
@@ -149,11 +151,21 @@ def export(
         data: calibration samples for INT8 ``tflite``/``executorch``, which re-quantize the quantized model's
             folded float graph with their runtime's PT2E quantizer (see ``edgeslim.export._edge``).
         calib: the old name of ``data`` (deprecated).
+        progress: a progress bar on stderr over the steps (export, convert, validate); ``None`` inherits
+            :func:`edgeslim.core.progress.progress_enabled` (off by default).
 
     Returns:
         the :class:`Artifact`, whose ``validation`` holds the comparison; its record is written beside it.
     """
     calib = data_alias(data, calib, "export")
+    with progress_enabled(progress):
+        return _export(model, format, example_inputs=example_inputs, path=path, precision=precision, force=force,
+                       validate=validate, floors=floors, opset=opset, calib=calib)
+
+
+def _export(model: nn.Module, format: str, *, example_inputs: Any, path: str | os.PathLike | None,
+            precision: str | None, force: bool, validate: bool, floors: ValidationFloors, opset: int, calib: Any
+            ) -> Artifact:
     format = FORMAT_ALIASES.get(format, format)
     if format not in FORMATS:
         raise ConfigError(f"unknown export format {format!r}{near(format, FORMATS)}; valid: {', '.join(FORMATS)}")
@@ -187,16 +199,21 @@ def export(
         return _export_edge(model, format, x, ref, labels, target, prec, force=force, validate=validate,
                             floors=floors, opset=opset, calib=calib, t0=t0)
     float_ctx = getattr(model, "float_reference", None)
-    with atomic_path(target, force=force) as tmp, tempfile.TemporaryDirectory() as td:
+    with atomic_path(target, force=force) as tmp, tempfile.TemporaryDirectory() as td, \
+            bar(desc=f"export {target.name}", total=3 if validate else 2, unit="step") as pb:
         raw = Path(td) / "raw.onnx"
         with (float_ctx() if float_ctx and prec in ("int8-dynamic", "fp16") else contextlib.nullcontext()):
             _torch_export(model, x, raw, opset)
         with float_ctx() if float_ctx else contextlib.nullcontext():
             macs = count_macs(model, x)
+        pb.update()
         _convert(raw, tmp, prec, getattr(model, "edgeslim_export", {}))
+        pb.update()
         validation: dict[str, Any] = {}
         if validate:
+            pb.set_postfix_str(f"validating on {len(x)} samples")
             validation = _validate(model, tmp, x, ref, labels, prec, floors)
+            pb.update()
     art = Artifact(
         target, "onnx", prec, tuple(x.shape[1:]), validation,
         {"macs": macs, "opset": opset, "source_model": type(model).__name__,

@@ -140,7 +140,16 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for corrupt files
-        raise ModelError(f"cannot read weights file {str(path)!r} (corrupt or not a torch file): {e}") from None
+        import re
+
+        text = str(e)
+        glob = re.search(r"GLOBAL ([\w.]+)", text)
+        if glob:  # never suggest weights_only=False: that would run whatever code the file carries
+            raise ModelError(f"weights file {str(path)!r} holds a Python object ({glob.group(1)}), not only tensors; "
+                             "edgeslim reads plain state_dicts and never runs code from a weights file: save one "
+                             "with torch.save(model.state_dict(), path)") from None
+        raise ModelError(f"cannot read weights file {str(path)!r}: it is corrupt, truncated or not a torch file "
+                         f"({type(e).__name__})") from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):

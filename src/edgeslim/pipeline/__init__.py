@@ -9,7 +9,8 @@ from edgeslim.pipeline._candidate import build_candidate
 from edgeslim.pipeline._demo import run_demo
 from edgeslim.pipeline._optimize import OptimizeReport, OptimizeResult, load_chosen, optimize, pareto_front
 from edgeslim.pipeline._recipe import load, save, steps
+from edgeslim.pipeline._runtimes import measure_all_runtimes
 from edgeslim.pipeline._space import Space
 
 __all__ = ["Budget", "OptimizeReport", "OptimizeResult", "Prefer", "Space", "Violation", "build_candidate", "load",
-           "load_chosen", "optimize", "pareto_front", "run_demo", "save", "steps"]
+           "load_chosen", "measure_all_runtimes", "optimize", "pareto_front", "run_demo", "save", "steps"]

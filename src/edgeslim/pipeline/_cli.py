@@ -98,7 +98,7 @@ def cmd_optimize(a: argparse.Namespace) -> None:
     model = models.load(a.model, a.dataset, pretrained=not a.no_pretrained, weights=a.weights)
     train, val = es_data.load(a.dataset)
     res = optimize(model, data=(train, val), budget=budget, space=space, max_trials=a.trials, max_minutes=a.minutes,
-                   out=a.out, storage=a.storage, seed=a.seed, resume=a.resume, progress=not a.json,
+                   out=a.out, storage=a.storage, seed=a.seed, resume=a.resume, progress=None,
                    sampler=a.sampler)
     paths = {k: str(v) for k, v in res.paths.items()}
     if a.json:

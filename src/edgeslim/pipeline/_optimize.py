@@ -160,7 +160,7 @@ def optimize(
     seed: int = 0,
     resume: bool = True,
     example_inputs: torch.Tensor | None = None,
-    progress: bool = True,
+    progress: bool | None = None,
     sampler: str = "tpe",
 ) -> OptimizeResult:
     """Search chains of edgeslim's verbs for the candidate that best meets ``budget``; save and report it.
@@ -183,7 +183,8 @@ def optimize(
         resume: continue the run already in ``out`` (the same model, data, budget, space and seed); False refuses
             a folder that holds a run.
         example_inputs: an input batch to trace the model for pruning (default: the first validation sample).
-        progress: a progress bar on stderr (trial n of N, best so far, time left).
+        progress: a progress bar on stderr (trial n of N, best so far, time left); None (default): on when the
+            caller turned progress on (``edgeslim.core.progress.progress_enabled``; the CLI does).
         sampler: ``tpe`` (multi-objective TPE with constraints) or ``nsga2`` (NSGA-II with constraints).
 
     Returns:
@@ -417,15 +418,14 @@ def _search(study: Any, ctx: Context, baseline: dict[str, Any], max_trials: int 
     return stopped
 
 
-def _progress_bar(total: int | None, initial: int, enabled: bool) -> Any:
-    if not enabled:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover - tqdm is a dependency
-        return None
-    return tqdm(total=total, initial=min(initial, total or initial), desc="optimize: trials", unit="trial",
-                file=sys.stderr, leave=True, dynamic_ncols=True)
+def _progress_bar(total: int | None, initial: int, enabled: bool | None) -> Any:
+    """Trial n of N on stderr (edgeslim.core.progress: on when ``progress`` says so, or the caller turned it on)."""
+    from edgeslim.core.progress import bar
+
+    b = bar(desc="optimize: trials", total=total, unit="trial", leave=True, on=enabled)
+    if initial:
+        b.update(min(initial, total or initial))
+    return b
 
 
 def _best_text(study: Any, ctx: Context, baseline: dict[str, Any], deadline: float | None) -> str:

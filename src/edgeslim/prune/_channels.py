@@ -205,7 +205,8 @@ def prune_channels(model: nn.Module, cfg: PruneConfig, example_inputs: Any, data
         if best is None or not reached:
             raise ModelError(
                 f"cannot remove {cfg.target_macs:.0%} of the MACs of {type(model).__name__} with max_layer_ratio="
-                f"{cfg.max_layer_ratio} and {len(ignored_map)} ignored layers; raise max_layer_ratio or lower target_macs"
+                f"{cfg.max_layer_ratio} and {len(ignored_map)} ignored layers; raise max_layer_ratio or lower "
+                "target_macs"
             )
         model = best[1]
         info["history"] = best[2]

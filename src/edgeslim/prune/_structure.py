@@ -63,7 +63,7 @@ def apply_structure(model: nn.Module, structure: dict[str, dict]) -> nn.Module:
         for k, shape in change.get("tensors", {}).items():
             if k in m._parameters and m._parameters[k] is not None:
                 old = m._parameters[k]
-                m._parameters[k] = nn.Parameter(torch.empty(shape, dtype=old.dtype), requires_grad=old.requires_grad)
+                m._parameters[k] = nn.Parameter(torch.zeros(shape, dtype=old.dtype), requires_grad=old.requires_grad)
             elif k in m._buffers and m._buffers[k] is not None:
                 old = m._buffers[k]
                 m._buffers[k] = torch.zeros(shape, dtype=old.dtype)

@@ -27,7 +27,8 @@ def bert_layers(model: nn.Module) -> dict[str, nn.Module]:
     for n, m in model.named_modules():
         att = getattr(m, "attention", None)
         if (att is not None and hasattr(getattr(att, "self", None), "query") and hasattr(att, "output")
-                and hasattr(getattr(m, "intermediate", None), "dense") and hasattr(getattr(m, "output", None), "dense")):
+                and hasattr(getattr(m, "intermediate", None), "dense")
+                and hasattr(getattr(m, "output", None), "dense")):
             found[n] = m
     return found
 

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from edgeslim.core.progress import bar
 from edgeslim.quantize._modules import ActQuant, QuantWeight
 
 log = logging.getLogger(__name__)
@@ -104,7 +105,7 @@ def adaround(model: nn.Module, batches: list[torch.Tensor], *, iterations: int =
     ref_mods = dict(ref.named_modules())
     g = torch.Generator().manual_seed(seed)
     done = []
-    for name, qw in layers:
+    for name, qw in bar(layers, desc="AdaRound", unit="layer"):
         t0 = time.perf_counter()
         layer = qw.layer
         act = _activation(model, name) if isinstance(model, torch.fx.GraphModule) else (lambda t: t)

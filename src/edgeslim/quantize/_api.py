@@ -16,6 +16,7 @@ from torch import nn
 from edgeslim.core import recipe as _recipe
 from edgeslim.core.errors import DataError, QuantizationError
 from edgeslim.core.verbs import check_config, data_alias
+from edgeslim.core.progress import bar, progress_enabled
 from edgeslim.quantize import _graph
 from edgeslim.quantize._calibrate import CALIBRATORS
 from edgeslim.quantize._config import ActivationType, QuantConfig, QuantMode, WeightRange
@@ -202,6 +203,7 @@ def quantize(
     data: Any = None,
     example_inputs: torch.Tensor | None = None,
     calib: Any = None,
+    progress: bool | None = None,
 ) -> QuantizedModel:
     """Quantize a copy of ``model`` (the input is never modified).
 
@@ -212,12 +214,20 @@ def quantize(
             ``config.num_samples`` is drawn), a tensor of inputs, or an iterable of batches.
         example_inputs: an input batch for dynamic/fp16 modes (to check the shape fits).
         calib: the old name of ``data`` (deprecated).
+        progress: show progress bars on stderr (calibration, AdaRound); ``None`` inherits
+            :func:`edgeslim.core.progress.progress_enabled` (off by default).
 
     Returns:
         a :class:`QuantizedModel` whose ``report`` lists what was quantized and what was not, and why.
     """
-    t0 = time.perf_counter()
     calib = data_alias(data, calib, "quantize")
+    with progress_enabled(progress):
+        return _quantize(model, config, calib, example_inputs)
+
+
+def _quantize(model: nn.Module, config: QuantConfig, calib: Any, example_inputs: torch.Tensor | None
+              ) -> QuantizedModel:
+    t0 = time.perf_counter()
     check_config(config, QuantConfig, "quantize")
     _recipe.check_next(model, "quantize")
     static = config.mode == QuantMode.STATIC
@@ -235,11 +245,13 @@ def quantize(
         report.corrections["equalization"] = gm.edgeslim_equalization
     if static:
         aqs = list(quants.values())
-        for state in ("observe_range", "observe_hist"):
-            for a in aqs:
-                a.state = state
-            for b in batches:
-                gm(b)
+        with bar(desc="calibrate", total=2 * len(batches), unit="batch") as pb:
+            for state in ("observe_range", "observe_hist"):
+                for a in aqs:
+                    a.state = state
+                for b in batches:
+                    gm(b)
+                    pb.update()
         method = CALIBRATORS.get(config.calibration)
         inputs = {n.name for n in gm.graph.nodes if n.op == "placeholder"}
         for key, a in quants.items():

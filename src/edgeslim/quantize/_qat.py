@@ -28,6 +28,7 @@ from torch import nn
 from edgeslim.core import recipe as _recipe
 from edgeslim.core.config import Config, StrEnum
 from edgeslim.core.errors import ConfigError, ModelError, QuantizationError
+from edgeslim.core.verbs import check_config
 from edgeslim.quantize._api import QuantizedModel, _link_input_scales, quantize, record_quantized
 from edgeslim.quantize._config import QuantConfig, QuantMode
 
@@ -82,6 +83,7 @@ def qat(
     """
     from edgeslim.train import TrainConfig, fit
 
+    check_config(config, QATConfig, "qat")
     train, val = data
     if isinstance(model, QuantizedModel):
         if model.config.mode != QuantMode.STATIC:

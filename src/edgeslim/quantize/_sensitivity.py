@@ -40,6 +40,7 @@ from torch import nn
 
 from edgeslim.core.config import Config, StrEnum, _coerce_enum
 from edgeslim.core.errors import ConfigError, DataError, EdgeslimError, QuantizationError
+from edgeslim.core.progress import bar
 from edgeslim.quantize import _graph
 from edgeslim.quantize._api import (QuantizedModel, QuantReport, _link_input_scales, build_graph, fit_weight_scale,
                                     quantize, record_quantized, weight_qmax, weights_desc)
@@ -466,7 +467,7 @@ def _budget_config(config: Any, calib: Any, old: dict[str, Any]) -> BudgetConfig
                           "data=(calib, score_data)", DeprecationWarning, stacklevel=3)
         return BudgetConfig() if config is None else config
     if config is not None and not isinstance(config, QuantConfig):
-        raise ConfigError(f"quantize_with_budget expects a BudgetConfig, got {type(config).__name__}")
+        raise ConfigError(f"quantize_with_budget() needs a BudgetConfig, got {type(config).__name__}")
     if "max_accuracy_drop" not in old:
         raise ConfigError("quantize_with_budget(model, QuantConfig(...)) needs max_accuracy_drop=; better, pass "
                           "BudgetConfig(max_accuracy_drop=..., quant=QuantConfig(...))")
@@ -518,7 +519,7 @@ def _sensitivity(v: _Variants, ev: _Evaluator, mode: SensitivityMode) -> Sensiti
     else:
         ref = full
     rows = []
-    for name in names:
+    for name in bar(names, desc=f"sensitivity ({ev.name})", unit="layer"):
         with v.variant([n for n in names if n != name] if one else [name]) as q:
             m, sq = ev.score(q)
         d = v.layers[name]

@@ -10,8 +10,11 @@ import math
 from typing import Any
 
 from edgeslim.core.metrics import Metrics
+from edgeslim.report._compare import figure_title
 
-LEGEND = ("Changes are relative to the first stage. ~ marks a predicted figure (not measured); † marks a "
+LEGEND = ("Changes are relative to the first stage; latency and throughput are relative to the FP32 stage on the same "
+          "runtime where there is one (\"vs\" names it). Changes within the measurement's noise (two binomial "
+          "standard errors for accuracy, 3% for speed) are shown but not marked worse. ~ marks a predicted figure (not measured); † marks a "
           "comparison of numbers from different sources (see where each number comes from). MAC counts are "
           "computed, not measured: fewer MACs is not a speedup; only measured latency is.")
 COLORS = ("#4c78a8", "#f58518", "#54a24b", "#b279a2", "#72b7b2", "#9d755d", "#bab0ac")
@@ -22,7 +25,12 @@ def _parts(c: dict[str, Any] | None) -> tuple[str, str]:
     if c is None:
         return "—", ""
     dagger = "†" if c.get("sources_differ") else ""
-    return ("~" if c["source"] == "predicted" else "") + c["text"], c["change"] + dagger
+    vs = f" vs {c['baseline']}" if c.get("baseline") and c["change"] else ""
+    return ("~" if c["source"] == "predicted" else "") + c["text"], c["change"] + vs + dagger
+
+
+def _title(r: dict[str, Any]) -> str:
+    return r.get("title") or figure_title(r["figure"])
 
 
 def _cell_text(c: dict[str, Any] | None, worse_mark: str) -> str:
@@ -32,7 +40,7 @@ def _cell_text(c: dict[str, Any] | None, worse_mark: str) -> str:
 
 def table_text(stages: list[Metrics], rows: list[dict[str, Any]]) -> str:
     """The side-by-side table as fixed-width text."""
-    table = [["figure"] + [s.label for s in stages]] + [[r["figure"]] + [_cell_text(c, " !") for c in r["cells"]]
+    table = [["figure"] + [s.label for s in stages]] + [[_title(r)] + [_cell_text(c, " !") for c in r["cells"]]
                                                         for r in rows]
     widths = [max(len(x[i]) for x in table) for i in range(len(table[0]))]
     table.insert(1, ["-" * w for w in widths])
@@ -73,7 +81,7 @@ def markdown(title: str, stages: list[Metrics], rows: list[dict[str, Any]], regs
 
     md = [f"# {esc(title)}", "", "| figure | " + " | ".join(esc(s.label) for s in stages) + " |",
           "|---|" + "---:|" * len(stages)]
-    md += [f"| {esc(r['figure'])} | " + " | ".join(esc(_cell_text(c, " **worse**")) for c in r["cells"]) + " |"
+    md += [f"| {esc(_title(r))} | " + " | ".join(esc(_cell_text(c, " **worse**")) for c in r["cells"]) + " |"
            for r in rows]
     md += ["", LEGEND, "", "## Regressions", ""] + ([f"- {esc(x['text'])}" for x in regs] or ["- none"])
     if notes:
@@ -83,7 +91,7 @@ def markdown(title: str, stages: list[Metrics], rows: list[dict[str, Any]], regs
         md += [f"### {esc(s.label)}", ""]
         if _context(s):
             md.append(f"- context: {esc(_context(s))}")
-        md += [f"- `{f.name}` ({esc(f.source)}): {esc(f.detail) or 'no detail recorded'}"
+        md += [f"- {esc(figure_title(f.name))} (`{f.name}`, {esc(f.source)}): {esc(f.detail) or 'no detail recorded'}"
                for f in s.figures.values()]
         md.append("")
     md += ["## Host", ""] + [f"- {esc(x)}" for x in _host_lines(stages)]
@@ -114,7 +122,7 @@ def svg(stages: list[Metrics], rows: list[dict[str, Any]]) -> str:
     parts, y = [], 4
     for n, cells, ref, relative in groups:
         how = f"relative to {stages[0].label}" if relative else "scaled to the largest value"
-        parts.append(f'<text x="0" y="{y + 12}" font-weight="bold">{e(n)} <tspan font-weight="normal" '
+        parts.append(f'<text x="0" y="{y + 12}" font-weight="bold">{e(figure_title(n))} <tspan font-weight="normal" '
                      f'fill="#555">({e(how)})</tspan></text>')
         y0 = y = y + 18
         for i, c in enumerate(cells):
@@ -156,12 +164,12 @@ def html_page(title: str, stages: list[Metrics], rows: list[dict[str, Any]], reg
             (v, chg), cls = _parts(c), {True: "worse", False: "better"}.get(c and c["worse"], "")
             chg += " — worse" if c and c["worse"] else ""
             tds.append(f'<td class="{cls}">{e(v)}' + (f"<br><small>{e(chg)}</small>" if chg else "") + "</td>")
-        trs.append(f"<tr><th>{e(r['figure'])}</th>{''.join(tds)}</tr>")
+        trs.append(f"<tr><th title=\"{e(r['figure'])}\">{e(_title(r))}</th>{''.join(tds)}</tr>")
     reg = "".join(f'<li class="worse">{e(x["text"])}</li>' for x in regs) or "<li>none</li>"
     prov = []
     for s in stages:
         ctx = f"<p><small>context: {e(_context(s))}</small></p>" if _context(s) else ""
-        items = "".join(f"<li><code>{e(f.name)}</code> ({e(f.source)}): {e(f.detail or 'no detail recorded')}</li>"
+        items = "".join(f"<li>{e(figure_title(f.name))} (<code>{e(f.name)}</code>, {e(f.source)}): {e(f.detail or 'no detail recorded')}</li>"
                         for f in s.figures.values())
         prov.append(f"<h3>{e(s.label)}</h3>{ctx}<ul>{items}</ul>")
     note_html = f"<h2>Notes</h2><ul>{''.join(f'<li>{e(n)}</li>' for n in notes)}</ul>" if notes else ""

@@ -11,9 +11,10 @@ from edgeslim.runtime._openvino import OpenVinoRunner  # noqa: I001 (each regist
 from edgeslim.runtime._litert import LiteRtRunner
 from edgeslim.runtime._executorch import ExecuTorchRunner
 from edgeslim.runtime._compare import compare_runtimes
+from edgeslim.runtime._candidates import artifact_candidates
 from edgeslim.runtime._static import onnx_macs, onnx_params
 from edgeslim.runtime._tune import best_for_budget, fusion_check, sweep
 
 __all__ = ["RUNTIMES", "ExecuTorchRunner", "LiteRtRunner", "OpenVinoRunner", "OrtRunner", "Runner", "TorchRunner",
-           "best_for_budget", "compare_runtimes", "fusion_check", "interleaved_latency", "latency", "load", "measure",
-           "missing", "onnx_macs", "onnx_params", "optimized_op_types", "sweep"]
+           "artifact_candidates", "best_for_budget", "compare_runtimes", "fusion_check", "interleaved_latency", "latency",
+           "load", "measure", "missing", "onnx_macs", "onnx_params", "optimized_op_types", "sweep"]

@@ -16,6 +16,7 @@ from torch import nn
 from edgeslim.core.artifact import Artifact
 from edgeslim.core.errors import DataError, EdgeslimError
 from edgeslim.core.metrics import compare, host_info
+from edgeslim.core.progress import bar, progress_enabled
 from edgeslim.runtime._runners import RUNTIMES, Runner, eval_model, missing, positive_int
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ def compare_runtimes(
     accuracy_samples: int | None = None,
     peak_memory: bool = True,
     list_missing: bool = True,
+    progress: bool | None = None,
 ) -> list[dict[str, Any]]:
     """Measure each candidate on its runtime with the same inputs and thread count.
 
@@ -64,13 +66,22 @@ def compare_runtimes(
         accuracy_samples: use a seeded random subset of this many samples (default: all of ``data``).
         peak_memory: measure each candidate's extra peak RSS in a child process.
         list_missing: add a row for every registered runtime whose package is not installed.
+        progress: progress bars on stderr; ``None`` inherits :func:`edgeslim.core.progress.progress_enabled`.
 
     Returns:
         rows with ``label``, ``runtime``, ``runtime_version``, ``format``, ``precision``, ``threads``,
         ``p50_ms``/``p90_ms``/``p99_ms`` (batch 1), ``peak_memory_mb``, ``top1_agreement``, ``cosine``,
         ``accuracy``, ``samples`` and ``status`` (``ok``, ``not installed``, or ``failed``) with ``note``.
     """
-    from edgeslim.runtime._measure import _peak_memory_probe, interleaved_latency
+    with progress_enabled(progress):
+        return _compare(candidates, data, reference, threads, runs, warmup, rounds, accuracy_samples, peak_memory,
+                        list_missing)
+
+
+def _compare(candidates: Mapping[str, tuple[str, Any]], data: Any, reference: nn.Module | None, threads: int,
+             runs: int, warmup: int, rounds: int, accuracy_samples: int | None, peak_memory: bool,
+             list_missing: bool) -> list[dict[str, Any]]:
+    from edgeslim.runtime._measure import _peak_memory_probe, check_classes, interleaved_latency
 
     threads, runs, rounds = positive_int("threads", threads), positive_int("runs", runs), positive_int("rounds", rounds)
     if data is None or len(data) == 0:
@@ -96,7 +107,7 @@ def compare_runtimes(
 
     rows: list[dict[str, Any]] = []
     live: list[tuple[dict[str, Any], Runner]] = []
-    for label, (runtime, target) in candidates.items():
+    for label, (runtime, target) in bar(candidates.items(), desc="load and run each runtime", unit="runtime"):
         cls = RUNTIMES.get(runtime)
         fmt = "torch module" if isinstance(target, nn.Module) else getattr(target, "format", str(target))
         prec = getattr(target, "edgeslim_precision", "fp32") if isinstance(target, nn.Module) else getattr(
@@ -117,6 +128,7 @@ def compare_runtimes(
             row.update(status="failed", note=str(e))
             log.warning("%s on %s failed: %s", label, runtime, e)
             continue
+        check_classes(out.shape[1], data, label)
         row.update(status="ok", runtime_version=runner.version, describe=runner.describe(),
                    accuracy=float((out.argmax(1) == y).mean()), target=target)
         if ref is not None:

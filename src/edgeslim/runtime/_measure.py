@@ -27,6 +27,7 @@ from edgeslim.core.artifact import Artifact
 from edgeslim.core.counting import count_macs, count_params
 from edgeslim.core.errors import ConfigError, DataError, RuntimeBackendError
 from edgeslim.core.metrics import Metrics, host_info
+from edgeslim.core.progress import bar, progress_enabled
 from edgeslim.runtime._runners import RUNTIMES, Runner, eval_model, positive_int
 from edgeslim.runtime._static import _load, onnx_macs_detail, onnx_params
 
@@ -163,6 +164,7 @@ def measure(
     label: str | None = None,
     input_shape: tuple[int, ...] | None = None,
     max_seconds: float = 10.0,
+    progress: bool | None = None,
 ) -> Metrics:
     """Measure an artifact (or a torch model) on a runtime.
 
@@ -179,7 +181,10 @@ def measure(
         peak_memory: measure ``peak_memory_mb``, the extra peak RSS of loading and running the model, in a
             child process.
         label: the name of this stage in reports (default: the file name or the module's class name).
-        input_shape: one sample's shape ``(C, H, W)`` for a module measured without ``data``.
+        input_shape: one sample's shape ``(C, H, W)``, for a module measured without ``data`` or an artifact
+            whose input shape is not fixed in the file (dynamic rank or symbolic sizes).
+        progress: show progress bars on stderr (accuracy batches, latency settings); ``None`` inherits
+            :func:`edgeslim.core.progress.progress_enabled` (off by default).
 
     Returns:
         :class:`Metrics` with ``size_bytes``, ``size_zipped_bytes``, ``params``, ``macs``, ``accuracy`` (with
@@ -189,8 +194,18 @@ def measure(
     Raises:
         ConfigError: unknown runtime or a bad setting. RuntimeBackendError: the runtime is missing, cannot load
         the target, or the model's batch dimension is fixed and a batch size differs from it.
-        DataError: the data is empty or its samples do not fit the model.
+        DataError: the data is empty, its samples do not fit the model, or its class count differs from the
+        model's output width.
     """
+    with progress_enabled(progress):
+        return _measure(target, data, runtime, threads, batch_sizes, runs, warmup, accuracy_samples, peak_memory,
+                        label, input_shape, max_seconds)
+
+
+def _measure(target: Any, data: Any, runtime: str | None, threads: int | Iterable[int],
+             batch_sizes: int | Iterable[int], runs: int, warmup: int, accuracy_samples: int | None,
+             peak_memory: bool, label: str | None, input_shape: tuple[int, ...] | None, max_seconds: float
+             ) -> Metrics:
     threads, batch_sizes = _positive_ints("threads", threads), _positive_ints("batch_sizes", batch_sizes)
     is_module = isinstance(target, nn.Module)
     runtime = str(getattr(runtime, "value", runtime) or ("torch" if is_module else "onnxruntime"))
@@ -212,7 +227,7 @@ def measure(
 
     host = host_info()
     cpu = f"host {host['cpu']} ({host['cores']} cores)"
-    what = {"module": type(target).__name__} if is_module else {
+    what = {"module": type(target).__name__, "precision": getattr(target, "edgeslim_precision", "fp32")} if is_module else {
         "path": str(target.path), "format": target.format, "precision": target.precision}
     m = Metrics(label or (what.get("module") or target.path.name), context={
         "host": host, "runtime": runtime, "runtime_version": r0.version, "target": what,
@@ -224,18 +239,21 @@ def measure(
         bs = r.fixed_batch or 256
         correct = 0
         with r:
-            for x, y in data.batches(bs):
+            for x, y in bar(data.batches(bs), desc=f"accuracy ({runtime})", unit="batch"):
                 xb = x.numpy()
                 if len(xb) < bs and r.fixed_batch:  # pad the last batch of a fixed-batch model
                     xb = np.concatenate([xb, np.zeros((bs - len(xb), *xb.shape[1:]), xb.dtype)])
                 out = r.run(xb)
                 if out.ndim != 2:
                     raise DataError(f"top-1 accuracy needs (batch, classes) logits; the model outputs {out.shape}")
+                check_classes(out.shape[1], data, m.label)
                 correct += int((out[: len(y)].argmax(1) == y.numpy()).sum())
         m.add("accuracy", correct / len(data), "fraction", "measured",
               f"top-1 on {len(data)} samples of {data.name}/{data.split}, measured on {r.describe()}, batch {bs}, "
               f"1 pass, {cpu}")
+        m.context["accuracy_samples"] = len(data)  # the report's noise rule for accuracy changes needs it
 
+    settings = bar(desc=f"latency ({runtime})", total=len(batch_sizes) * len(runners), unit="setting")
     for b in batch_sizes:
         if data is not None:
             x = data.normalized()[:b].numpy()
@@ -251,6 +269,8 @@ def measure(
                 m.add(f"latency_{p}_ms@t{t}b{b}", lat[f"{p}_ms"], "ms", "measured", how)
             m.add(f"throughput_ips@t{t}b{b}", b * 1e3 / lat["mean_ms"], "items/s", "measured",
                   f"batch / mean latency; {how}")
+            settings.update()
+    settings.close()
 
     if peak_memory:
         b, n_runs = batch_sizes[0], 5
@@ -262,10 +282,35 @@ def measure(
     return m
 
 
+def check_classes(width: int, data: Any, what: str) -> None:
+    """Refuse top-1 accuracy that cannot mean anything: a dataset with fewer than two classes, or a model whose
+    output width differs from the dataset's class count (its class indices would be compared with another
+    labelling: a 1000-class ImageNet model on a 2-class folder scores near 0% whatever it does)."""
+    classes = getattr(data, "classes", None)
+    n = len(classes) if classes is not None else getattr(data, "num_classes", None)
+    if n is None:
+        return
+    name = f"{getattr(data, 'name', 'the dataset')!r}"
+    if n < 2:
+        raise DataError(f"dataset {name} has {n} class{'es' * (n != 1)}: top-1 accuracy and agreement on it say "
+                        "nothing; give a dataset with at least two classes")
+    if width != n:
+        listed = ", ".join(map(str, list(classes)[:5])) + (", ..." if n > 5 else "") if classes is not None else ""
+        raise DataError(f"{what} outputs {width} classes but dataset {name} has {n}" + (f" ({listed})" if listed else "")
+                        + ": accuracy would compare different labellings; measure it on the dataset it was trained "
+                        "for (--dataset), or pass no data")
+
+
 def _input_shape(target: Any, data: Any, input_shape: tuple[int, ...] | None) -> tuple[int, ...]:
     """One sample's shape, from the data, ``input_shape`` or the artifact; checked against each other."""
-    known = tuple(input_shape) if input_shape is not None else (
-        None if isinstance(target, nn.Module) or not all(d > 0 for d in target.input_shape) else target.input_shape)
+    if input_shape is not None:
+        input_shape = tuple(input_shape)
+        if not input_shape or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in input_shape):
+            raise ConfigError(f"input_shape={input_shape!r} is not allowed; give one sample's shape as positive "
+                              "integers, e.g. (3, 224, 224)")
+    known = input_shape if input_shape is not None else (
+        None if isinstance(target, nn.Module) or not target.input_shape or not all(d > 0 for d in target.input_shape)
+        else target.input_shape)
     if data is not None:
         if len(data) == 0:
             raise DataError(f"dataset {data.name!r} ({data.split}) is empty: nothing to measure accuracy on")
@@ -274,7 +319,9 @@ def _input_shape(target: Any, data: Any, input_shape: tuple[int, ...] | None) ->
                             f"takes {known}")
         return tuple(data.input_shape)
     if not known:
-        raise ConfigError("the input shape is unknown: pass data= (an ImageDataset) or input_shape=(C, H, W)")
+        what = "the model's" if isinstance(target, nn.Module) else f"{target.path.name}'s"
+        raise ConfigError(f"{what} input shape is unknown (dynamic rank or symbolic sizes): pass data= (an "
+                          "ImageDataset) or input_shape=(C, H, W) (CLI: --input-shape C,H,W)")
     return known
 
 
@@ -295,7 +342,7 @@ def _static_figures(m: Metrics, target: Artifact | nn.Module, shape: tuple[int, 
         m.add("size_zipped_bytes", len(zlib.compress(raw, 9)), "bytes", "computed", f"zlib level 9 of {where}")
         for key, unit in (("params", "count"), ("macs", "MACs")):
             if target.meta.get(key):
-                m.add(key, target.meta[key], unit, "computed", f"of the torch model at export (artifact meta), batch 1")
+                m.add(key, target.meta[key], unit, "computed", "of the torch model at export (artifact meta), batch 1")
         return
     else:
         raw, where = target.path.read_bytes(), f"file {target.path.name} ({target.precision})"

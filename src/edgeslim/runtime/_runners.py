@@ -162,11 +162,13 @@ class OrtRunner(Runner):
         so.intra_op_num_threads, so.inter_op_num_threads = self.threads, 1
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.log_severity_level = 3
+        so.log_severity_level = 4  # errors are raised as RuntimeBackendError with ORT's message, not logged twice
         try:
             self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         except Exception as e:  # ORT raises its own exception types for missing or invalid files
-            raise RuntimeBackendError(f"onnxruntime cannot load {str(path)!r}: {str(e).strip()[:300]}") from None
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise RuntimeBackendError(f"onnxruntime cannot load {str(path)!r}: {first[:300]}") from None
+        self.path = path
         inputs = self.session.get_inputs()
         one_input(path, len(inputs), [i.name for i in inputs])
         self.input_name = inputs[0].name
@@ -175,7 +177,12 @@ class OrtRunner(Runner):
         self.fixed_batch = dim0 if isinstance(dim0, int) and dim0 > 0 else None
 
     def run(self, x: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input_name: np.ascontiguousarray(x, dtype=self.dtype)})[0]
+        try:
+            return self.session.run(None, {self.input_name: np.ascontiguousarray(x, dtype=self.dtype)})[0]
+        except Exception as e:  # ORT's own exception types, e.g. an input of the wrong rank or shape
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise RuntimeBackendError(f"onnxruntime cannot run {self.path.name!r} on an input of shape "
+                                      f"{tuple(np.shape(x))}: {first[:300]}") from None
 
     def describe(self) -> str:
         return f"onnxruntime {self.version} (CPUExecutionProvider), {self.threads} thread{'s' * (self.threads != 1)}"

@@ -24,7 +24,11 @@ _INT64 = 7  # onnx.TensorProto.INT64: shape constants, never weights
 
 def _load(model: Any) -> Any:
     onnx = _require("onnx", "onnx")
-    return model if isinstance(model, onnx.ModelProto) else onnx.load(str(model))
+    if isinstance(model, onnx.ModelProto):
+        return model
+    from edgeslim.core.artifact import load_onnx
+
+    return load_onnx(model)
 
 
 def onnx_params(model: str | Path | Any) -> int:

@@ -22,7 +22,9 @@ from edgeslim.core.config import Config, StrEnum, renamed
 from edgeslim.core.errors import ConfigError
 from edgeslim.core.registry import Registry
 from edgeslim.core.verbs import check_config
-from edgeslim.share._common import ShareReport, check_patterns, n_params, select
+from edgeslim.core.counting import count_params as n_params
+from edgeslim.core.modules import select
+from edgeslim.share._common import ShareReport, check_patterns
 from edgeslim.core.masks import MASKABLE as PRUNABLE
 from edgeslim.core.masks import mask_of, strip_masks
 

@@ -11,8 +11,6 @@ from typing import Any
 
 import torch
 
-from edgeslim.core.counting import count_params as n_params  # noqa: F401 - for share/_cluster.py, _sparsity.py
-from edgeslim.core.modules import select  # noqa: F401 - for share/_cluster.py and share/_sparsity.py
 
 log = logging.getLogger(__name__)
 

@@ -310,14 +310,22 @@ def _separate(m: nn.Conv2d, mult: int) -> nn.Sequential:
     root = s[:, :mult].sqrt()
     dw_w = (root[..., None] * vh[:, :mult]).reshape(inp * mult, 1, kh, kw)
     pw_w = (u[:, :, :mult] * root[:, None, :]).permute(1, 0, 2).reshape(out, inp * mult, 1, 1)
-    dw = nn.Conv2d(inp, inp * mult, (kh, kw), m.stride, m.padding, m.dilation, groups=inp, bias=False,
-                   padding_mode=m.padding_mode)
-    pw = nn.Conv2d(inp * mult, out, 1, bias=m.bias is not None)
+    new = _separable_pair(m, mult)
+    dw, pw = new[0], new[1]
     with torch.no_grad():
         dw.weight.copy_(dw_w.to(m.weight.dtype))
         pw.weight.copy_(pw_w.to(m.weight.dtype))
         if m.bias is not None:
             pw.bias.copy_(m.bias.detach())
+    return new
+
+
+def _separable_pair(m: nn.Conv2d, mult: int) -> nn.Sequential:
+    """The depthwise (in -> in*mult, kxk) + pointwise (in*mult -> out) layers replacing ``m``, uninitialised."""
+    out, inp, kh, kw = m.weight.shape
+    dw = nn.Conv2d(inp, inp * mult, (kh, kw), m.stride, m.padding, m.dilation, groups=inp, bias=False,
+                   padding_mode=m.padding_mode)
+    pw = nn.Conv2d(inp * mult, out, 1, bias=m.bias is not None)
     return nn.Sequential(dw, pw).train(m.training)
 
 
@@ -415,5 +423,5 @@ def _replay_separable(model: nn.Module, step: dict) -> nn.Module:
     """Replace the recorded convolutions by depthwise + pointwise pairs (values come from the state_dict)."""
     mult = int(step["config"].get("multiplier", 1))
     for name in step.get("state", {}).get("layers", []):
-        set_module(model, name, _separate(model.get_submodule(name), mult))
+        set_module(model, name, _separable_pair(model.get_submodule(name), mult))
     return model

@@ -11,16 +11,16 @@ Masks are the one weight parametrization of :mod:`edgeslim.core.masks` (``weight
 from __future__ import annotations
 
 import copy
-import fnmatch
 from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
 
-from edgeslim.core.errors import ConfigError
 from edgeslim.core import recipe as _recipe
+from edgeslim.core.errors import ConfigError
 from edgeslim.core.masks import MASKABLE, WeightMask, attach_mask, mask_of, masked_layers, strip_masks
-from edgeslim.share._common import ShareReport, select
+from edgeslim.core.modules import first_match, select
+from edgeslim.share._common import ShareReport
 
 PRUNABLE = MASKABLE
 PruneMask = WeightMask  # the one mask type (edgeslim.core.masks); this name is kept for one release
@@ -63,7 +63,7 @@ def magnitude_prune(model: nn.Module, sparsity: float | Mapping[str, float], *, 
             report.skip(name, "clustered (prune before clustering)")
             continue
         s = float(sparsity) if rates is None else next(
-            (float(v) for k, v in rates.items() if fnmatch.fnmatchcase(name, k)), None)
+            (float(rates[k]) for k in [first_match(name, rates)] if k is not None), None)
         if s is None:
             report.skip(name, "no sparsity given for this layer")
             continue

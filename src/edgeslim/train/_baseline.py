@@ -10,7 +10,7 @@ import torch
 
 from edgeslim import data as es_data
 from edgeslim import models as es_models
-from edgeslim.core.io import save_torch, write_json
+from edgeslim.core.io import check_output, inside, safe_name, save_torch, write_json
 from edgeslim.train._trainer import TrainConfig, evaluate, fit
 
 
@@ -28,19 +28,25 @@ def train_baseline(
 ) -> dict:
     """Train zoo model ``name`` on ``dataset`` and save ``<out>/<name>-<dataset>.pt`` (FP16) and ``.json``.
 
+    ``<dataset>`` in the file names is made safe (``folder:../imgs`` becomes ``folder-imgs``): every file is
+    written inside ``out``. (The shipped checkpoints are refreshed with ``out=edgeslim.models.checkpoint_path(name, dataset).parent``.)
+
     Args:
         init: ``random`` or ``imagenet`` (MobileNetV2 from the offline ImageNet weights).
-        out: folder for the checkpoint (default: the package's shipped-checkpoint folder).
+        out: folder for the checkpoint (default: ``edgeslim-checkpoints`` in the working folder).
         work_dir: where per-epoch checkpoints go, so an interrupted run resumes (default ``<out>/.work``).
     """
+    out_dir = Path(out) if out else Path("edgeslim-checkpoints")
+    stem = f"{safe_name(name)}-{safe_name(dataset)}"
+    ck = inside(out_dir / f"{stem}.pt", out_dir, "checkpoint")
+    for p in (ck, ck.with_suffix(".json")):
+        check_output(p, force=force)  # refuse before training, not after it
     train, val = es_data.load(dataset, seed=config.seed)
     torch.manual_seed(config.seed)
     model = es_models.build(name, dataset, input_shape=train.input_shape, num_classes=train.num_classes)
     if init == "imagenet":
         es_models.init_from_imagenet(model, name)
-    out_dir = Path(out) if out else es_models.checkpoint_path(name, dataset).parent
-    ck = out_dir / f"{name}-{dataset}.pt"
-    work = Path(work_dir) if work_dir else out_dir / ".work" / f"{name}-{dataset}"
+    work = Path(work_dir) if work_dir else out_dir / ".work" / stem
     t0 = time.perf_counter()
     result = fit(model, train, val, config, checkpoint_dir=work, progress=progress, device=device)
     fp32_acc = evaluate(result.model, val)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -105,6 +106,14 @@ def _progress(iterable, **kw):
     except ImportError:  # pragma: no cover - tqdm is a dependency
         return iterable
     return tqdm(iterable, leave=False, mininterval=1.0, **kw)
+
+
+def _progress_line(text: str) -> None:
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a dependency
+        return
+    tqdm.write(text, file=sys.stderr)
 
 
 @torch.no_grad()
@@ -273,6 +282,11 @@ def fit(
                "seconds": round(time.perf_counter() - t0, 1)}
         history.append(row)
         log.info("epoch %d: loss %.4f, val accuracy %.4f", epoch + 1, row["loss"], acc)
+        if progress and rank == 0:  # one line per epoch that stays on screen (the step bar is transient)
+            if hasattr(bar, "close"):
+                bar.close()
+            _progress_line(f"epoch {epoch + 1}/{config.epochs}: loss {row['loss']:.4f}, val accuracy "
+                           f"{acc:.4f} ({row['seconds']} s)")
         if val is None or acc > best_acc:
             best_acc = acc
             best_epoch = epoch + 1

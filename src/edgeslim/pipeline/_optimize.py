@@ -25,7 +25,6 @@ import copy
 import logging
 import random
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -210,7 +209,7 @@ def optimize(
     try:
         with torch.no_grad():
             base(x)
-    except Exception as e:  # a shape mismatch surfaces deep in torch
+    except Exception as e:  # noqa: BLE001 - a shape mismatch surfaces deep in torch
         raise DataError(f"samples of shape {tuple(x.shape[1:])} do not fit {type(base).__name__}: "
                         f"{str(e).splitlines()[0][:200]}") from None
     base_hash = _store.state_hash(base)

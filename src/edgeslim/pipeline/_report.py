@@ -90,7 +90,7 @@ def scatter_svg(doc: dict[str, Any], x_key: str, x_title: str, x_limit: float | 
         out.append(f'<polyline fill="none" stroke="{BLUE}" stroke-width="1.5" points="'
                    + " ".join(f"{px(c):.1f},{py(a):.1f}" for c, a in front) + '"/>')
     chosen = doc["chosen"]["trial"]
-    for r, (c, a) in zip(rows, pts):
+    for r, (c, a) in zip(rows, pts, strict=True):
         ok = not r["violations"]
         tip = (f"trial {r['number']}: {r['description']}; accuracy {100 * a:.2f}%, {x_key} {_num(c)}"
                + ("; meets the budget" if ok else "; " + "; ".join(v["text"] for v in r["violations"])))

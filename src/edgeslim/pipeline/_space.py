@@ -157,7 +157,7 @@ class Space(Config):
         out: dict[str, dict[str, Any]] = {}
         names = list(PARAMS)
         for combo in itertools.product(*(self.choices(n) for n in names)):
-            c = self.canonical(dict(zip(names, combo)))
+            c = self.canonical(dict(zip(names, combo, strict=True)))
             out[repr(c)] = c
         return list(out.values())
 

@@ -6,12 +6,12 @@ import edgeslim
 
 def test_public_surface_is_pinned():
     assert sorted(edgeslim.__all__) == sorted([
-        "Artifact", "BudgetConfig", "ClusterConfig", "ConfigError", "DataError", "DistillConfig", "EdgeslimError",
-        "ExportError",
-        "FactorizeConfig", "Figure", "Metrics", "ModelError", "OutputExistsError", "PruneConfig", "QuantConfig",
-        "QuantizationError", "QuantizedModel", "RuntimeBackendError", "SeparableConfig", "TieConfig", "TrainConfig",
-        "ValidationFloors", "__version__", "cluster", "data", "devices", "distill", "export", "factorize", "load",
-        "measure", "models", "prune", "quantize", "report", "save", "separable", "share", "tie_layers",
+        "Artifact", "Budget", "BudgetConfig", "ClusterConfig", "ConfigError", "DataError", "DistillConfig",
+        "EdgeslimError", "ExportError", "FactorizeConfig", "Figure", "Metrics", "ModelError", "OutputExistsError",
+        "PruneConfig", "QuantConfig", "QuantizationError", "QuantizedModel", "RuntimeBackendError", "SeparableConfig",
+        "Space", "TieConfig", "TrainConfig", "ValidationFloors", "__version__", "cluster", "data", "devices", "distill",
+        "export", "factorize", "load", "measure", "models", "optimize", "prune", "quantize", "report", "save",
+        "separable", "share", "tie_layers",
     ])
     for name in ("quantize", "export", "measure", "report", "prune", "distill", "cluster", "tie_layers", "factorize",
                  "separable", "save", "load"):
@@ -23,7 +23,7 @@ def test_import_stays_light():
     code = (
         "import sys, torch; before = set(sys.modules); import edgeslim; "
         "heavy = [m for m in ('onnx', 'onnxruntime', 'yaml', 'sklearn', 'mlxtend', 'nncf', 'openvino', "
-        "'onnxconverter_common', 'PIL', 'tqdm', 'torch_pruning', 'transformers') if m in sys.modules and m not in before]; print(','.join(heavy))"
+        "'onnxconverter_common', 'PIL', 'tqdm', 'torch_pruning', 'transformers', 'optuna', 'sqlalchemy') if m in sys.modules and m not in before]; print(','.join(heavy))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "", f"import edgeslim pulled in: {out}"

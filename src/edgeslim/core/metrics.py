@@ -67,19 +67,30 @@ class Metrics:
         return cls(d["label"], {k: Figure(**v) for k, v in d.get("figures", {}).items()}, d.get("context", {}))
 
 
+#: the /proc/cpuinfo flags that decide which integer / vector kernels a runtime can use
+ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16",
+             "amx_int8", "amx_bf16", "asimd", "asimddp", "i8mm", "sve", "bf16")
+
+
 def host_info() -> dict[str, Any]:
-    """The CPU, core count and software versions of this machine (for every measured figure)."""
+    """The CPU, its vector ISA flags, core count and software versions of this machine (for every measured
+    figure: INT8 speed-ups depend on VNNI/AVX-512 being there)."""
     cpu = platform.processor() or platform.machine()
+    flags: set[str] = set()
+    named = False
     try:
-        with open("/proc/cpuinfo") as f:
+        with open("/proc/cpuinfo") as f:  # the first CPU's entries
             for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
+                if line.startswith("model name") and not named:
+                    cpu, named = line.split(":", 1)[1].strip(), True
+                elif line.startswith(("flags", "Features")) and not flags:
+                    flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
     info: dict[str, Any] = {"cpu": cpu, "cores": os.cpu_count(), "os": platform.platform(),
                             "python": platform.python_version()}
+    if flags:
+        info["isa"] = " ".join(f for f in ISA_FLAGS if f in flags) or "none of " + ", ".join(ISA_FLAGS[:4])
     for mod in ("torch", "onnxruntime", "onnx"):
         try:
             info[mod] = __import__(mod).__version__

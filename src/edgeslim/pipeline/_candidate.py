@@ -1,0 +1,284 @@
+"""One candidate of :func:`edgeslim.optimize`: build it from its parameters (every step cached), export it,
+and measure it on the budget's target.
+
+``build_candidate(base, params, ctx)`` is deterministic: the same base weights, data, parameters and seed give
+the same model, so a candidate's parameters are its recipe. The steps run in order and each is cached under
+``out/cache`` by a content key (the key of the step before it + its own settings):
+
+    prune (+ BatchNorm recalibration)  ->  recovery fine-tune  ->  INT8 PTQ + ONNX export  ->  measurement
+
+Latency is never inferred from MACs: it is measured on the runtime (``target="host"``) or predicted for a
+device profile from the exported graph (roofline calibrated on this host's measured FP32 latency).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from edgeslim.core.artifact import Artifact
+from edgeslim.core.metrics import host_info
+from edgeslim.pipeline._budget import MB, Budget
+from edgeslim.pipeline._space import Space
+from edgeslim.pipeline._store import Cache, key
+
+log = logging.getLogger(__name__)
+
+EXPORT_OPSET = 17
+
+
+@dataclass
+class Context:
+    """Everything a trial needs besides its parameters (built once per optimize call)."""
+
+    base: nn.Module
+    base_key: str
+    train: Any
+    val: Any
+    search_val: Any
+    example_inputs: torch.Tensor
+    space: Space
+    budget: Budget
+    seed: int
+    cache: Cache
+    early_layers: tuple[str, ...] = ()
+    device: Any = None          # the target Device for a profile target
+    calibration: Any = None     # the roofline's parameters (profile target)
+    latency_how: str = ""       # how a profile's latency is predicted
+    base_torch_accuracy: float | None = None
+    host: dict[str, Any] = field(default_factory=host_info)
+
+
+def early_layers(model: nn.Module, space: Space) -> tuple[str, ...]:
+    """The early layers kept whole when ``keep_early`` is chosen: the space's globs, else the first quarter of the
+    convolutions (in definition order)."""
+    if space.early_layers:
+        return tuple(space.early_layers)
+    convs = [n for n, m in model.named_modules() if isinstance(m, nn.modules.conv._ConvNd)]
+    return tuple(convs[: max(1, len(convs) // 4)]) if convs else ()
+
+
+# ---------------------------------------------------------------------------------------------- build
+class Gated(Exception):
+    """A candidate the multi-fidelity gate stops before its expensive step (recorded; not an error)."""
+
+
+def base_accuracy(ctx: Context) -> float:
+    """The input model's torch accuracy on the search subset (what a pruned model's is compared with)."""
+    from edgeslim.train import evaluate
+
+    if ctx.base_torch_accuracy is None:
+        ctx.base_torch_accuracy = evaluate(ctx.base, ctx.search_val)
+    return ctx.base_torch_accuracy
+
+
+def float_model(ctx: Context, params: dict[str, Any]) -> tuple[nn.Module, str, dict[str, Any]]:
+    """The float model of a candidate (pruned and fine-tuned, or the base), its cache key and step records."""
+    from edgeslim.prune._api import prune
+    from edgeslim.prune._config import PruneConfig
+    from edgeslim.train import TrainConfig, evaluate, fit
+
+    if not params.get("target_macs"):
+        return ctx.base, ctx.base_key, {}
+    sp = ctx.space
+    cfg = PruneConfig(method="channel", target_macs=params["target_macs"], importance=sp.importance,
+                      round_to=sp.round_to, exclude=ctx.early_layers if params["keep_early"] else (),
+                      recalibrate_bn=sp.bn_samples if params["recalibrate_bn"] else 0, seed=ctx.seed)
+    pk = key("prune", ctx.base_key, cfg.to_dict())
+    d = ctx.cache.dir("prune", pk)
+    steps: dict[str, Any] = {}
+    meta = Cache.done(d)
+    if meta:
+        model = load_step(ctx.base, d / "model.recipe")
+        steps["prune"] = {**meta, "cached": True}
+    else:
+        t0 = time.perf_counter()
+        model = prune(ctx.base, cfg, example_inputs=ctx.example_inputs, data=ctx.train)
+        rep = model.prune_report
+        acc = evaluate(model, ctx.search_val)
+        save_step(model, d / "model.recipe")
+        steps["prune"] = Cache.finish(d, {
+            "seconds": round(time.perf_counter() - t0, 2), "macs_before": rep.macs_before, "macs_after": rep.macs_after,
+            "params_after": rep.params_after, "config": cfg.to_dict(), "torch_accuracy_search": acc,
+            "summary": rep.summary().splitlines()[0]})
+    ft_steps = params.get("finetune_steps") or 0
+    if not ft_steps:
+        return model, pk, steps
+    gate = ctx.space.finetune_gate
+    if gate is not None:  # multi-fidelity: the BN-recalibrated accuracy decides whether fine-tuning is worth it
+        drop = base_accuracy(ctx) - steps["prune"]["torch_accuracy_search"]
+        if drop > gate:
+            raise Gated(f"not fine-tuned: after pruning (and BatchNorm recalibration) torch accuracy on the search "
+                        f"subset is {100 * drop:.1f} pt below the input model's, more than finetune_gate="
+                        f"{100 * gate:.0f} pt")
+    per_epoch = math.ceil(len(ctx.train) / sp.finetune_batch_size)
+    epochs = math.ceil(ft_steps / per_epoch)
+    cap = math.ceil(ft_steps / epochs)
+    tcfg = TrainConfig(epochs=epochs, lr=sp.finetune_lr, batch_size=sp.finetune_batch_size, seed=ctx.seed,
+                       warmup_steps=min(100, ft_steps // 10), augment=False)
+    fk = key("finetune", pk, tcfg.to_dict(), cap)
+    d = ctx.cache.dir("finetune", fk)
+    meta = Cache.done(d)
+    if meta:
+        tuned = load_step(ctx.base, d / "model.recipe")
+        steps["finetune"] = {**meta, "cached": True}
+    else:
+        t0 = time.perf_counter()
+        res = fit(model, ctx.train, None, tcfg, max_steps_per_epoch=cap, progress=False)
+        tuned = res.model  # fit keeps the recorded steps (the pruned structure); only the weights changed
+        acc = evaluate(tuned, ctx.search_val)
+        save_step(tuned, d / "model.recipe")
+        steps["finetune"] = Cache.finish(d, {"seconds": round(time.perf_counter() - t0, 2), "steps": epochs * cap,
+                                             "config": tcfg.to_dict(), "torch_accuracy_search": acc})
+    return tuned, fk, steps
+
+
+def quant_config(ctx: Context, params: dict[str, Any]) -> Any:
+    from edgeslim.quantize._config import QuantConfig
+
+    return QuantConfig(per_channel=params["per_channel"], calibration=params["calibration"],
+                       equalize=params["equalize"], bias_correction=params["bias_correction"],
+                       num_samples=ctx.space.calib_samples, seed=ctx.seed)
+
+
+def candidate_key(ctx: Context, fkey: str, params: dict[str, Any]) -> str:
+    qcfg = quant_config(ctx, params).to_dict() if params.get("quantize") else None
+    return key("candidate", fkey, qcfg, EXPORT_OPSET)
+
+
+def build_candidate(ctx: Context, params: dict[str, Any]) -> tuple[nn.Module, Artifact, str, dict[str, Any]]:
+    """Build (or load from the cache) one candidate: its torch model, its validated ONNX artifact, its cache key
+    and the record of every step (time spent, whether it was cached, accuracy after it)."""
+    from edgeslim.export._api import export
+    from edgeslim.quantize._api import quantize
+
+    model, fkey, steps = float_model(ctx, params)
+    ck = candidate_key(ctx, fkey, params)
+    d = ctx.cache.dir("candidate", ck)
+    meta = Cache.done(d)
+    if meta:
+        final = load_step(ctx.base, d / "model.recipe") if params.get("quantize") else model
+        steps["export"] = {**meta, "cached": True}
+        return final, Artifact.load(d / "model.onnx"), ck, steps
+    t0 = time.perf_counter()
+    final = model
+    rec: dict[str, Any] = {}
+    if params.get("quantize"):
+        final = quantize(model, quant_config(ctx, params), data=ctx.train)
+        save_step(final, d / "model.recipe")
+        rec["quantize_seconds"] = round(time.perf_counter() - t0, 2)
+        rec["quantize_summary"] = final.report.summary()
+        rec["layers_kept_float"] = [x["name"] for x in final.report.skipped_layers]
+    t1 = time.perf_counter()
+    art = export(final, "onnx", example_inputs=ctx.search_val, path=d / "model.onnx", force=True, opset=EXPORT_OPSET)
+    rec["export_seconds"] = round(time.perf_counter() - t1, 2)
+    rec["validation"] = {k: art.validation.get(k) for k in ("samples", "cosine", "sqnr_db", "top1_agreement")}
+    rec["precision"] = art.precision
+    steps["export"] = Cache.finish(d, rec)
+    return final, art, ck, steps
+
+
+# ---------------------------------------------------------------------------------------------- measure
+def latency_label(ctx: Context, runner_desc: str, runs: int) -> str:
+    b = ctx.budget
+    if b.on_host:
+        return (f"measured on {runner_desc}, batch 1, median of {runs} runs after 10 warm-up, host "
+                f"{ctx.host['cpu']} ({ctx.host['cores']} cores)")
+    return f"predicted for {ctx.device.name}: {ctx.latency_how}; not measured on the device"
+
+
+def measure_candidate(ctx: Context, art: Artifact, ck: str, *, data: Any = None, cache: bool = True) -> dict[str, Any]:
+    """The figures the budget judges, each with where it came from.
+
+    Accuracy: top-1 measured on the budget's runtime on ``data`` (default: the search subset). Latency: median
+    batch-1 latency measured on the runtime (host) or predicted for the device. Size: the file's bytes. Peak
+    memory and energy only when the budget limits them.
+    """
+    from edgeslim.runtime._measure import measure
+
+    b, sp = ctx.budget, ctx.space
+    data = ctx.search_val if data is None else data
+    need_mem, need_energy = b.max_peak_memory_mb is not None, b.max_energy_mj is not None
+    mk = key("measure", ck, b.runtime, b.threads, b.target, sp.latency_runs, need_mem, need_energy, data.name,
+             data.split, len(data), ctx.host.get("cpu"), ctx.calibration.to_dict() if ctx.calibration else None)
+    d = ctx.cache.dir("measure", mk)
+    if cache and (meta := Cache.done(d)):
+        return meta
+    t0 = time.perf_counter()
+    m = measure(art, data=data, runtime=b.runtime, threads=(b.threads,), runs=1, warmup=0,
+                peak_memory=need_mem and b.on_host, label=art.path.name)
+    acc = m.figures["accuracy"]
+    figs: dict[str, Any] = {"accuracy": acc.value, "size_mb": art.size_bytes / MB,
+                            "macs": float(art.meta.get("macs") or m.get("macs") or 0)}
+    prov = {"accuracy": acc.detail, "size_mb": f"bytes of the ONNX file ({art.precision}) / 2**20"}
+    if b.on_host:
+        from edgeslim.runtime import RUNTIMES, latency
+
+        runner = RUNTIMES.get(b.runtime)(art, threads=b.threads)
+        lat = latency(runner, data.normalized()[:1].numpy(), warmup=10, runs=sp.latency_runs)
+        figs["latency_ms"] = lat["p50_ms"]
+        prov["latency_ms"] = latency_label(ctx, runner.describe(), lat["runs"])
+    else:
+        from edgeslim.devices import predict_latency
+
+        figs["latency_ms"] = predict_latency(art, ctx.device, ctx.calibration)["latency_ms"]
+        prov["latency_ms"] = latency_label(ctx, "", 0)
+    if need_mem:
+        if b.on_host:
+            figs["peak_memory_mb"] = m["peak_memory_mb"]
+            prov["peak_memory_mb"] = m.figures["peak_memory_mb"].detail
+        else:
+            from edgeslim.devices import memory_fit
+
+            fit = memory_fit(art, ctx.device)
+            figs["peak_memory_mb"] = fit["required_mb"]
+            prov["peak_memory_mb"] = f"predicted for {ctx.device.name}: weights + peak activations at batch 1"
+    if need_energy:
+        from edgeslim.devices import estimate_energy, get_device
+
+        dev = ctx.device if ctx.device is not None else get_device("host")
+        en = estimate_energy(art, dev)
+        figs["energy_mj"] = en["energy_mj"]
+        prov["energy_mj"] = f"{en['label']} ({en['source']}; {en['assumption']})"
+    out = {"figures": figs, "provenance": prov, "seconds": round(time.perf_counter() - t0, 2),
+           "samples": len(data), "data": f"{data.name}/{data.split}"}
+    return Cache.finish(d, out) if cache else out
+
+
+def interleaved_latency(ctx: Context, paths: list[Path], rounds: int = 3) -> list[float]:
+    """Median batch-1 latency (ms) of each file over ``rounds`` interleaved rounds on the budget's runtime (so
+    drifting load on a shared host hits every file alike): :func:`edgeslim.runtime.interleaved_latency`."""
+    from edgeslim.runtime import RUNTIMES
+    from edgeslim.runtime import interleaved_latency as interleaved
+
+    b = ctx.budget
+    runners = {str(i): RUNTIMES.get(b.runtime)(p, threads=b.threads) for i, p in enumerate(paths)}
+    got = interleaved(runners, ctx.val.normalized()[:1].numpy(), rounds=rounds, runs=ctx.space.latency_runs)
+    return [float(got[str(i)]["median_of_rounds_ms"]) for i in range(len(paths))]
+
+
+# ---------------------------------------------------------------------------------------------- cache files
+def save_step(model: nn.Module, path: Path) -> None:
+    """A step's output as an edgeslim recipe file (its recorded steps + state_dict)."""
+    from edgeslim.core import recipe
+
+    recipe.save(model, path, force=True)
+
+
+def load_step(base: nn.Module, path: Path) -> nn.Module:
+    """A cached step's model: the steps recorded after ``base``'s own replayed on ``base``, then its weights."""
+    from edgeslim.core import recipe
+
+    blob = recipe.read(path)
+    own = len(recipe.steps_of(base))
+    model = recipe.replay(base, blob["steps"][own:])
+    setattr(model, recipe.RECIPE_ATTR, [dict(st) for st in blob["steps"]])
+    recipe.load_state_strict(model, blob["state_dict"], str(path))
+    return model.eval()

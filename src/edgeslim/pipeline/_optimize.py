@@ -1,0 +1,606 @@
+"""``edgeslim.optimize``: the user's budget in, a deployable artifact out, searched with Optuna and resumable.
+
+    best = edgeslim.optimize(model, data=(train, val), budget=Budget(max_accuracy_drop=0.005, min_speedup=3.0),
+                             max_minutes=30, out="runs/mbv2")
+    best.artifact.path, best.meets_budget, best.report.summary()
+
+How it works:
+
+1. The input model is exported to FP32 ONNX and measured: the baseline every limit is judged against
+   (accuracy on the search subset of the validation split, latency on the runtime or predicted for the device).
+2. An Optuna study (multi-objective: accuracy up, latency down; the budget as constraints) runs trials, each one
+   candidate chain (see :class:`~edgeslim.pipeline.Space`). Cheap PTQ-only candidates are queued first. Every
+   trial is a row in the storage; every step's output is cached by content key under ``out/cache``.
+3. After the search the best candidates that met the budget on the search subset are re-measured on the whole
+   validation split (latency interleaved with the baseline's, on the host) and the first that still meets it is
+   chosen. When none does, the closest candidate is chosen, saved and reported with what failed and by how much.
+4. The chosen candidate is written to ``out/chosen/`` (validated ONNX file, recipe, state_dicts) and a report to
+   ``out/report.{json,md,html}``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from edgeslim._version import __version__
+from edgeslim.core.artifact import Artifact
+from edgeslim.core.errors import ConfigError, DataError, EdgeslimError, ModelError
+from edgeslim.core.io import write_json
+from edgeslim.pipeline import _store
+from edgeslim.pipeline._budget import Budget, Prefer, Violation
+from edgeslim.pipeline._candidate import (
+    Context,
+    Gated,
+    build_candidate,
+    early_layers,
+    interleaved_latency,
+    measure_candidate,
+)
+from edgeslim.pipeline._report import pareto_front, write_report
+from edgeslim.pipeline._space import Space, describe
+
+log = logging.getLogger(__name__)
+
+RECIPE_FORMAT = "edgeslim.optimize-recipe/1"
+DEFAULT_TRIALS = 40
+FINAL_CANDIDATES = 3
+MAX_DUPLICATES_IN_A_ROW = 25
+BASELINE = {"target_macs": 0.0, "quantize": False}
+
+
+@dataclass
+class OptimizeReport:
+    """What :func:`optimize` did: the budget, the baseline, every trial, the choice and its final figures."""
+
+    technique: str = "optimize"
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.data
+
+    def summary(self) -> str:
+        d = self.data
+        c = d["chosen"]
+        t = d["trials"]
+        head = (f"optimize: {t['complete']} trials ({t['failed']} failed, {t['gated']} gated before fine-tuning, "
+                f"{t['duplicates']} duplicates skipped) in {d['seconds']:.0f} s; chosen trial {c['trial']}: "
+                f"{c['description']}")
+        fin, base = c["final"], d["baseline_final"]
+        lines = [head, f"  accuracy {100 * fin['accuracy']:.2f}% vs FP32 {100 * base['accuracy']:.2f}% "
+                 f"({d['final_data']}), latency {fin['latency_ms']:.4g} ms vs {base['latency_ms']:.4g} ms "
+                 f"({base['latency_ms'] / fin['latency_ms']:.2f}x, {d['latency_source']}), size "
+                 f"{fin['size_mb']:.3g} MB"]
+        if c["meets_budget"]:
+            lines.append("  meets the budget: " + "; ".join(d["budget_lines"]))
+        else:
+            lines.append("  DOES NOT MEET the budget (closest candidate saved): "
+                         + "; ".join(v["text"] for v in c["violations"]))
+        return "\n".join(lines)
+
+
+@dataclass
+class OptimizeResult:
+    """The chosen candidate.
+
+    Attributes:
+        model: the chosen torch model (a ``QuantizedModel`` when quantized).
+        artifact: its validated ONNX :class:`~edgeslim.core.artifact.Artifact` in ``out/chosen/``.
+        recipe: its replayable recipe (the trial's parameters and the steps they stand for).
+        report: the :class:`OptimizeReport`.
+        meets_budget: whether the chosen candidate meets the budget on the final (full-split) figures.
+        violations: what fails and by how much when it does not.
+        paths: the files written (artifact, recipe, report.json/md/html).
+    """
+
+    model: nn.Module
+    artifact: Artifact
+    recipe: dict[str, Any]
+    report: OptimizeReport
+    meets_budget: bool
+    violations: list[dict[str, Any]]
+    paths: dict[str, Path]
+
+
+class _TrialError(Exception):
+    """A trial that failed for a reason recorded on it (caught by Optuna; the search goes on)."""
+
+
+def _check_args(model: Any, data: Any, budget: Any, space: Any, max_trials: Any, max_minutes: Any,
+                seed: Any) -> tuple[Any, Any]:
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"optimize() needs a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(budget, Budget):
+        raise ConfigError(f"optimize(budget=...) must be an edgeslim.Budget, got {type(budget).__name__}")
+    if space is not None and not isinstance(space, Space):
+        raise ConfigError(f"optimize(space=...) must be an edgeslim.pipeline.Space or None, got "
+                          f"{type(space).__name__}")
+    if not isinstance(data, (tuple, list)) or len(data) != 2:
+        raise DataError("optimize(data=...) must be (train, val): the training split (calibration, BatchNorm "
+                        "recalibration, fine-tuning) and the validation split (accuracy)")
+    for name, v in (("max_trials", max_trials), ("max_minutes", max_minutes)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0
+                              or (name == "max_trials" and not float(v).is_integer())):
+            raise ConfigError(f"optimize({name}={v!r}) is not allowed; use a number > 0 (trials: an integer) or None")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ConfigError(f"optimize(seed={seed!r}) is not allowed; use an integer >= 0")
+    _store.check_data(*data)
+    return data[0], data[1]
+
+
+def _import_optuna() -> Any:
+    try:
+        import optuna
+    except ImportError:
+        raise ConfigError("optimize needs optuna: pip install optuna") from None
+    return optuna
+
+
+def optimize(
+    model: nn.Module,
+    *,
+    data: tuple[Any, Any],
+    budget: Budget = Budget(),
+    space: Space | None = None,
+    max_trials: int | None = None,
+    max_minutes: float | None = None,
+    out: str | Path = "runs/optimize",
+    storage: str | None = None,
+    seed: int = 0,
+    resume: bool = True,
+    example_inputs: torch.Tensor | None = None,
+    progress: bool | None = None,
+    sampler: str = "tpe",
+) -> OptimizeResult:
+    """Search chains of edgeslim's verbs for the candidate that best meets ``budget``; save and report it.
+
+    Args:
+        model: the trained float model (not modified).
+        data: ``(train, val)`` ImageDatasets: train feeds calibration, BatchNorm recalibration and fine-tuning;
+            val measures accuracy (a seeded subset of ``space.search_samples`` during the search, all of it for
+            the final choice).
+        budget: the :class:`Budget` (limits, target, runtime, threads).
+        space: the :class:`Space` searched (default ``Space()``).
+        max_trials: stop after this many finished trials in the study (completed or failed; counted over resumes
+            and workers). Default: 40 when ``max_minutes`` is not given either.
+        max_minutes: stop starting new trials after this many minutes of this call (the final re-measurement
+            comes after).
+        out: the run folder (``study.db``, ``cache/``, ``chosen/``, ``report.*``).
+        storage: an Optuna RDB URL shared by several workers (``postgresql://user@host/db``); default: the SQLite
+            file ``out/study.db``.
+        seed: seeds the sampler (per trial number), calibration subsets, fine-tuning and the search subset.
+        resume: continue the run already in ``out`` (the same model, data, budget, space and seed); False refuses
+            a folder that holds a run.
+        example_inputs: an input batch to trace the model for pruning (default: the first validation sample).
+        progress: a progress bar on stderr (trial n of N, best so far, time left); None (default): on when the
+            caller turned progress on (``edgeslim.core.progress.progress_enabled``; the CLI does).
+        sampler: ``tpe`` (multi-objective TPE with constraints) or ``nsga2`` (NSGA-II with constraints).
+
+    Returns:
+        the :class:`OptimizeResult`: the chosen model, its validated artifact, its recipe and the report.
+
+    Raises:
+        ConfigError: a bad budget, space or setting; a run folder or study of another model, data or budget; a
+            storage that does not answer. DataError: unusable data. OutputExistsError: ``out`` holds a run and
+            ``resume`` is False, or another process is running in it.
+    """
+    t_start = time.perf_counter()
+    train, val = _check_args(model, data, budget, space, max_trials, max_minutes, seed)
+    space = space or Space()
+    if max_trials is None and max_minutes is None:
+        max_trials = DEFAULT_TRIALS
+        log.info("optimize: neither max_trials nor max_minutes given; stopping after %d trials", DEFAULT_TRIALS)
+    optuna = _import_optuna()
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"optimize(out={str(out)!r}) is a file, not a folder")
+    base = copy.deepcopy(model).eval()
+    x = val.normalized()[:1] if example_inputs is None else example_inputs
+    try:
+        with torch.no_grad():
+            base(x)
+    except Exception as e:  # noqa: BLE001 - a shape mismatch surfaces deep in torch
+        raise DataError(f"samples of shape {tuple(x.shape[1:])} do not fit {type(base).__name__}: "
+                        f"{str(e).splitlines()[0][:200]}") from None
+    base_hash = _store.state_hash(base)
+    ident = {"model_class": type(base).__name__, "base_model_sha256": base_hash,
+             "data_sha256": _store.key(_store.data_hash(train), _store.data_hash(val)),
+             "budget": budget.to_dict(), "space": space.to_dict(), "seed": seed, "sampler": sampler}
+    shared = storage is not None
+    with (contextlib.nullcontext() if shared else _store.locked(out)), _quiet_optuna(optuna):
+        _store.check_run(out, ident, resume=resume) if not shared else out.mkdir(parents=True, exist_ok=True)
+        url = storage or _store.default_storage(out)
+        st = _store.open_storage(url, shared=shared)
+        name = "edgeslim-" + _store.key(ident)[:16]
+        study = optuna.create_study(storage=st, study_name=name, directions=["maximize", "minimize"],
+                                    sampler=_store.seeded_sampler(sampler, seed),
+                                    load_if_exists=True)
+        _check_study(study, ident, url)
+        requeued = [] if shared else _store.requeue_running(study, st)
+        requeued += _requeue_interrupted(study)
+        ctx = Context(base=base, base_key=_store.key(base_hash, ident["data_sha256"]), train=train, val=val,
+                      search_val=val.take(space.search_samples, seed=seed), example_inputs=x, space=space,
+                      budget=budget, seed=seed, cache=_store.Cache(out / "cache"),
+                      early_layers=early_layers(base, space))
+        if not budget.on_host:
+            ctx.device = budget.device()
+        baseline = _baseline(ctx, study)
+        if not study.user_attrs.get("cheap_queued"):
+            for p in space.cheap():
+                study.enqueue_trial(space.optuna_params(p), skip_if_exists=True)
+            study.set_user_attr("cheap_queued", len(space.cheap()))
+        stopped = _search(study, ctx, baseline, max_trials, max_minutes, progress, t_start)
+        result = _finish(study, ctx, baseline, out, stopped, requeued, url, t_start)
+    return result
+
+
+@contextlib.contextmanager
+def _quiet_optuna(optuna: Any):
+    """Optuna logs every trial at INFO and each caught failure with a traceback; edgeslim reports them itself."""
+    prev = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    try:
+        yield
+    finally:
+        optuna.logging.set_verbosity(prev)
+
+
+def _check_study(study: Any, ident: dict[str, Any], url: str) -> None:
+    old = study.user_attrs.get("edgeslim")
+    if old is None:
+        study.set_user_attr("edgeslim", {**ident, "edgeslim_version": __version__})
+        return
+    for k in ("base_model_sha256", "data_sha256", "budget", "space", "seed"):
+        if old.get(k) != ident.get(k):
+            raise ConfigError(f"study {study.study_name!r} in storage {_store.redact(url)!r} was run with another "
+                              f"{k.replace('_sha256', '').replace('_', ' ')}; use another storage or out=")
+
+
+def _requeue_interrupted(study: Any) -> list[int]:
+    """Queue again the trials a Ctrl-C (or a dead shared worker) left failed without a result of their own."""
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    retried = {t.user_attrs.get("retry_of") for t in trials}
+    out = []
+    for t in trials:
+        if t.state == TrialState.FAIL and t.user_attrs.get("interrupted") and t.number not in retried:
+            study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
+            out.append(t.number)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- baseline
+def _baseline(ctx: Context, study: Any) -> dict[str, Any]:
+    """The FP32 ONNX file of the input model, measured once per study (kept in the study, so a resumed or second
+    worker judges every trial against the same figures)."""
+    from edgeslim.devices import DEFAULT_CALIBRATION, Calibration, calibrate, graph_cost
+
+    got = study.user_attrs.get("baseline")
+    if got:
+        if got.get("calibration"):
+            ctx.calibration = Calibration(**got["calibration"])
+        ctx.latency_how = got.get("latency_how", "")
+        return got
+    params = ctx.space.canonical(BASELINE)
+    _, art, ck, _ = build_candidate(ctx, params)
+    if not ctx.budget.on_host:
+        if ctx.device.efficiency is None:  # a CPU profile: calibrate the roofline on this host's FP32 latency
+            from edgeslim.runtime import RUNTIMES, latency
+
+            runner = RUNTIMES.get("onnxruntime")(art, threads=1)
+            host_ms = latency(runner, ctx.val.normalized()[:1].numpy(), warmup=10,
+                              runs=ctx.space.latency_runs)["p50_ms"]
+            ctx.calibration = calibrate([("fp32 input model", graph_cost(art, as_run_by="onnxruntime"), host_ms)],
+                                        "host")
+            ctx.latency_how = (f"roofline with efficiencies calibrated on this host's measured latency of the FP32 "
+                               f"input model ({host_ms:.4g} ms, onnxruntime, 1 thread)")
+        else:  # an accelerator profile with its own efficiency: host overheads say nothing about it
+            ctx.calibration = DEFAULT_CALIBRATION
+            ctx.latency_how = (f"roofline with the profile's efficiency {ctx.device.efficiency:g} and the default "
+                               "per-node overheads (not calibrated)")
+    m = measure_candidate(ctx, art, ck)
+    got = {"params": params, "figures": m["figures"], "provenance": m["provenance"], "key": ck,
+           "calibration": ctx.calibration.to_dict() if ctx.calibration else None, "latency_how": ctx.latency_how}
+    study.set_user_attr("baseline", got)
+    return study.user_attrs.get("baseline") or got
+
+
+# ---------------------------------------------------------------------------------------------- search
+def _finished(study: Any) -> list[Any]:
+    """Trials that count toward max_trials: completed, failed with an error of their own, or gated."""
+    from optuna.trial import TrialState
+
+    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL,
+                                                                TrialState.PRUNED))
+            if t.state == TrialState.COMPLETE or "error" in t.user_attrs or "gated" in t.user_attrs]
+
+
+def _search(study: Any, ctx: Context, baseline: dict[str, Any], max_trials: int | None, max_minutes: float | None,
+            progress: bool, t_start: float) -> str:
+    """Run trials until the trial or time budget is spent (or the space is exhausted); returns why it stopped."""
+    import optuna
+    from optuna.trial import TrialState
+
+    space, budget = ctx.space, ctx.budget
+    deadline = t_start + max_minutes * 60 if max_minutes else None
+    candidates = space.all_candidates()
+    n_space = len(candidates)
+    bar = _progress_bar(max_trials, len(_finished(study)), progress)
+    dup_run = 0
+
+    def objective(trial: Any) -> tuple[float, float]:
+        params = space.suggest(trial)
+        trial.set_user_attr("params", params)
+        done = {repr(t.user_attrs.get("params")): t for t in study.get_trials(
+            deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)) if "duplicate_of" not in t.user_attrs}
+        if (dup := done.get(repr(params))) is not None:
+            trial.set_user_attr("duplicate_of", dup.number)
+            for k, v in dup.constraints.items():
+                trial.set_constraint(k, v)
+            # queue an untried candidate instead (drawn with the trial's own seed, so a resumed run draws the same)
+            untried = [c for c in candidates if repr(c) not in done]
+            if untried:
+                pick = random.Random(ctx.seed * 1_000_003 + trial.number).choice(untried)
+                study.enqueue_trial(space.optuna_params(pick), user_attrs={"instead_of_duplicate": trial.number},
+                                    skip_if_exists=True)
+            raise optuna.TrialPruned(f"same candidate as trial {dup.number}")
+        t0 = time.perf_counter()
+        try:
+            _, art, ck, steps = build_candidate(ctx, params)
+            m = measure_candidate(ctx, art, ck)
+        except KeyboardInterrupt:
+            trial.set_user_attr("interrupted", True)
+            raise
+        except Gated as g:
+            trial.set_user_attr("gated", str(g))
+            trial.set_user_attr("seconds", round(time.perf_counter() - t0, 2))
+            log.info("trial %d (%s) %s", trial.number, describe(params), g)
+            raise optuna.TrialPruned(str(g)) from None
+        except Exception as e:
+            msg = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
+            trial.set_user_attr("error", msg)
+            trial.set_user_attr("seconds", round(time.perf_counter() - t0, 2))
+            log.warning("trial %d (%s) failed: %s", trial.number, describe(params), msg)
+            if not isinstance(e, EdgeslimError):
+                log.debug("trial %d traceback", trial.number, exc_info=True)
+            raise _TrialError(msg) from None
+        figs = m["figures"]
+        viol = budget.check(figs, baseline["figures"])
+        trial.set_user_attr("figures", figs)
+        trial.set_user_attr("provenance", m["provenance"])
+        trial.set_user_attr("violations", [v.to_dict() for v in viol])
+        trial.set_user_attr("steps", steps)
+        trial.set_user_attr("seconds", round(time.perf_counter() - t0, 2))
+        for k, v in budget.constraint_values(figs, baseline["figures"]).items():
+            trial.set_constraint(k, v)
+        return figs["accuracy"], figs["latency_ms"]
+
+    stopped = "max_trials"
+    try:
+        while True:
+            finished = _finished(study)
+            if max_trials is not None and len(finished) >= max_trials:
+                stopped = f"max_trials={max_trials} reached"
+                break
+            if deadline is not None and time.perf_counter() >= deadline:
+                stopped = f"max_minutes={max_minutes:g} reached"
+                break
+            distinct = {repr(t.user_attrs.get("params")) for t in finished}
+            if len(distinct) >= n_space:
+                stopped = f"all {n_space} candidates of the space tried"
+                break
+            if dup_run >= MAX_DUPLICATES_IN_A_ROW:
+                stopped = f"the sampler proposed {dup_run} tried candidates in a row: the space looks exhausted"
+                break
+            study.optimize(objective, n_trials=1, catch=(_TrialError,), gc_after_trial=False)
+            last = study.get_trials(deepcopy=False)[-1]
+            is_dup = "duplicate_of" in last.user_attrs
+            dup_run = dup_run + 1 if is_dup else 0
+            if bar is not None and not is_dup:
+                bar.update(1)
+                bar.set_postfix_str(_best_text(study, ctx, baseline, deadline), refresh=True)
+    finally:
+        if bar is not None:
+            bar.close()
+    log.info("optimize: search stopped: %s", stopped)
+    return stopped
+
+
+def _progress_bar(total: int | None, initial: int, enabled: bool | None) -> Any:
+    """Trial n of N on stderr (edgeslim.core.progress: on when ``progress`` says so, or the caller turned it on)."""
+    from edgeslim.core.progress import bar
+
+    b = bar(desc="optimize: trials", total=total, unit="trial", leave=True, on=enabled)
+    if initial:
+        b.update(min(initial, total or initial))
+    return b
+
+
+def _best_text(study: Any, ctx: Context, baseline: dict[str, Any], deadline: float | None) -> str:
+    ranked, feasible = _ranked(study, ctx.budget)
+    left = f", {max(0.0, (deadline - time.perf_counter()) / 60):.1f} min left" if deadline else ""
+    if not ranked:
+        return "no completed trial yet" + left
+    t = ranked[0]
+    f, b = t.user_attrs["figures"], baseline["figures"]
+    state = "meets budget" if feasible else "closest, budget not met"
+    return (f"best #{t.number}: acc {100 * f['accuracy']:.2f}% ({100 * (f['accuracy'] - b['accuracy']):+.2f} pt), "
+            f"{b['latency_ms'] / f['latency_ms']:.2f}x, {state}{left}")
+
+
+def _ranked(study: Any, budget: Budget) -> tuple[list[Any], bool]:
+    """Completed trials best first: those meeting the budget ranked by ``prefer``, else all by closeness."""
+    from optuna.trial import TrialState
+
+    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if "figures" in t.user_attrs]
+    feasible = [t for t in done if not t.user_attrs["violations"]]
+    if feasible:
+        return sorted(feasible, key=lambda t: _prefer_key(t.user_attrs["figures"], budget.prefer, t.number)), True
+    return sorted(done, key=lambda t: (_excess(t.user_attrs["violations"]), t.number)), False
+
+
+def _prefer_key(f: dict[str, float], prefer: Prefer, number: int) -> tuple:
+    if prefer == Prefer.ACCURACY:
+        return (-f["accuracy"], f["latency_ms"], number)
+    if prefer == Prefer.SIZE:
+        return (f["size_mb"], f["latency_ms"], number)
+    return (f["latency_ms"], -f["accuracy"], number)
+
+
+def _excess(violations: list[dict[str, Any]]) -> float:
+    """How far a candidate is from the budget: the sum of its relative excesses over the limits."""
+    return sum(max(0.0, v["excess"]) for v in violations)
+
+
+# ---------------------------------------------------------------------------------------------- final
+def _final_figures(ctx: Context, art: Artifact, ck: str, base_art: Artifact, base_ck: str,
+                   ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(candidate, baseline) figures on the whole validation split; host latency re-measured interleaved."""
+    cand = measure_candidate(ctx, art, ck, data=ctx.val, cache=False)
+    base = measure_candidate(ctx, base_art, base_ck, data=ctx.val, cache=True)
+    base = {**base, "figures": dict(base["figures"]), "provenance": dict(base["provenance"])}
+    if ctx.budget.on_host:
+        b_ms, c_ms = interleaved_latency(ctx, [base_art.path, art.path])
+        how = (f"{cand['provenance']['latency_ms']}; re-measured after the search, 3 rounds interleaved with the "
+               "FP32 baseline, median of the rounds")
+        cand["figures"]["latency_ms"], cand["provenance"]["latency_ms"] = c_ms, how
+        base["figures"]["latency_ms"], base["provenance"]["latency_ms"] = b_ms, how
+    return cand, base
+
+
+def _finish(study: Any, ctx: Context, baseline: dict[str, Any], out: Path, stopped: str, requeued: list[int],
+            url: str, t_start: float) -> OptimizeResult:
+    from optuna.trial import TrialState
+
+    budget = ctx.budget
+    ranked, feasible = _ranked(study, budget)
+    _, base_art, base_ck, _ = build_candidate(ctx, ctx.space.canonical(BASELINE))
+    trials = study.get_trials(deepcopy=False)
+    notes: list[str] = []
+    tried: list[tuple[Any, dict, dict, list[Violation]]] = []
+    for t in ranked[: FINAL_CANDIDATES if feasible else 1]:
+        _, art, ck, _ = build_candidate(ctx, t.user_attrs["params"])
+        cand, base = _final_figures(ctx, art, ck, base_art, base_ck)
+        tried.append((t, cand, base, budget.check(cand["figures"], base["figures"])))
+        if not tried[-1][3]:
+            break
+    if tried:
+        ok = [r for r in tried if not r[3]]
+        pick = ok[0] if ok else min(tried, key=lambda r: (_excess([v.to_dict() for v in r[3]]), r[0].number))
+        if feasible and not ok:
+            notes.append(f"{len(tried)} candidate(s) met the budget on the {len(ctx.search_val)}-sample search "
+                         "subset but not on the whole validation split; the closest of them is saved")
+        t, cand, base, viol = pick
+        chosen_params, chosen_no, chosen_steps = t.user_attrs["params"], t.number, t.user_attrs.get("steps", {})
+    else:  # every trial failed: the input model itself is the closest candidate there is
+        errors = [t.user_attrs["error"] for t in trials if "error" in t.user_attrs]
+        notes.append(f"no trial completed ({len(errors)} failed; first error: {errors[0] if errors else 'none'}); "
+                     "the FP32 input model is reported as the candidate")
+        chosen_params, chosen_no, chosen_steps = ctx.space.canonical(BASELINE), None, {}
+        cand, base = _final_figures(ctx, base_art, base_ck, base_art, base_ck)
+        viol = budget.check(cand["figures"], base["figures"])
+    model, art, _, _ = build_candidate(ctx, chosen_params)
+    paths, recipe = _save_chosen(ctx, out, chosen_params, chosen_no, model, art, not viol)
+    counts = {s.name.lower(): 0 for s in TrialState}
+    dups = gated = 0
+    for t in trials:
+        if "duplicate_of" in t.user_attrs:
+            dups += 1
+        elif "gated" in t.user_attrs:
+            gated += 1
+        else:
+            counts[t.state.name.lower()] += 1
+    doc = {
+        "title": f"edgeslim optimize: {type(ctx.base).__name__} on {ctx.val.name}",
+        "edgeslim_version": __version__, "seconds": round(time.perf_counter() - t_start, 1),
+        "study": {"name": study.study_name, "storage": _store.redact(url), "stopped": stopped,
+                  "requeued_on_resume": requeued},
+        "budget": budget.to_dict(), "budget_lines": budget.describe(), "space": ctx.space.to_dict(),
+        "target": budget.device_name(), "runtime": budget.runtime, "threads": budget.threads,
+        "latency_source": "measured on the host" if budget.on_host else f"predicted for {budget.device_name()}",
+        "host": ctx.host,
+        "search_data": f"{len(ctx.search_val)} samples of {ctx.val.name}/{ctx.val.split} (seeded subset; search "
+                       "proxy)", "final_data": f"all {len(ctx.val)} samples of {ctx.val.name}/{ctx.val.split}",
+        "baseline": baseline, "baseline_final": base["figures"], "baseline_final_provenance": base["provenance"],
+        "trials": {"complete": counts.get("complete", 0), "failed": counts.get("fail", 0), "duplicates": dups,
+                   "gated": gated,
+                   "running": counts.get("running", 0), "waiting": counts.get("waiting", 0),
+                   "rows": [_trial_row(t) for t in trials]},
+        "final_candidates": [{"trial": r[0].number, "final": r[1]["figures"],
+                              "violations": [v.to_dict() for v in r[3]]} for r in tried],
+        "chosen": {"trial": chosen_no, "params": chosen_params, "description": describe(chosen_params),
+                   "meets_budget": not viol, "violations": [v.to_dict() for v in viol],
+                   "final": cand["figures"], "final_provenance": cand["provenance"], "steps": chosen_steps,
+                   "artifact": str(paths["artifact"]), "recipe": str(paths["recipe"])},
+        "notes": notes,
+    }
+    if viol:
+        notes.append("nothing met the budget; closest candidate: " + "; ".join(v.text for v in viol))
+    paths.update(write_report(doc, out))
+    rep = OptimizeReport(data=doc)
+    log.info("%s", rep.summary())
+    return OptimizeResult(model=model, artifact=Artifact.load(paths["artifact"]), recipe=recipe, report=rep,
+                          meets_budget=not viol, violations=[v.to_dict() for v in viol], paths=paths)
+
+
+def _trial_row(t: Any) -> dict[str, Any]:
+    u = t.user_attrs
+    return {"number": t.number, "state": t.state.name.lower(), "params": u.get("params", t.params),
+            "description": describe(u["params"]) if "params" in u else "", "figures": u.get("figures"),
+            "violations": u.get("violations"), "error": u.get("error"), "duplicate_of": u.get("duplicate_of"),
+            "gated": u.get("gated"),
+            "seconds": u.get("seconds"), "requeued": u.get("requeued"), "retry_of": u.get("retry_of"),
+            "cached_steps": sorted(k for k, v in (u.get("steps") or {}).items() if v.get("cached"))}
+
+
+def _save_chosen(ctx: Context, out: Path, params: dict[str, Any], trial: int | None, model: nn.Module, art: Artifact,
+                 meets: bool) -> tuple[dict[str, Path], dict[str, Any]]:
+    """Write the chosen candidate to ``out/chosen/``: the ONNX file (+ its record), the model as one edgeslim
+    recipe file (``model.recipe``: every step + the state_dict; ``edgeslim.load``) and ``recipe.json`` (the
+    trial's parameters, which replay through :func:`build_candidate`)."""
+    from edgeslim.core import recipe as _recipe
+
+    d = out / "chosen"
+    d.mkdir(parents=True, exist_ok=True)
+    target = d / "model.onnx"
+    tmp = d / ".model.onnx.tmp"
+    shutil.copyfile(art.path, tmp)
+    tmp.replace(target)
+    chosen_art = Artifact(target, art.format, art.precision, art.input_shape, art.validation,
+                          {**art.meta, "optimize_trial": trial, "meets_budget": meets})
+    chosen_art.save_record(force=True)
+    _recipe.save(model, d / "model.recipe", force=True)
+    recipe = {"format": RECIPE_FORMAT, "trial": trial, "params": params, "description": describe(params),
+              "steps": [{k: st.get(k) for k in ("technique", "config", "summary")} for st in _recipe.steps_of(model)],
+              "base_model": {"class": type(ctx.base).__name__, "sha256": _store.state_hash(ctx.base)},
+              "space": ctx.space.to_dict(), "seed": ctx.seed, "early_layers": list(ctx.early_layers),
+              "files": {"artifact": "model.onnx", "model": "model.recipe"}, "meets_budget": meets,
+              "replay": "edgeslim.load('model.recipe', model=<a fresh instance of the input model>) rebuilds the "
+                        "model; edgeslim.pipeline.build_candidate replays the params on the input model and the data"}
+    write_json(d / "recipe.json", recipe, force=True)
+    return {"artifact": target, "recipe": d / "recipe.json", "model": d / "model.recipe"}, recipe
+
+
+def load_chosen(model: nn.Module, folder: str | Path) -> nn.Module:
+    """Rebuild the chosen candidate saved in ``folder`` (``out/chosen``) on a fresh copy of the input model (its
+    architecture; the weights come from ``model.recipe``). ``model`` is not modified."""
+    from edgeslim.pipeline._recipe import load
+
+    d = Path(folder)
+    if not (d / "model.recipe").is_file():
+        raise ModelError(f"{str(d)!r} holds no chosen optimize candidate (model.recipe)")
+    return load(d / "model.recipe", model=model)
+
+
+__all__ = ["OptimizeReport", "OptimizeResult", "load_chosen", "optimize", "pareto_front"]

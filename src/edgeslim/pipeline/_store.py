@@ -1,0 +1,272 @@
+"""The run store of :func:`edgeslim.optimize`: the run folder, the Optuna study, and the step cache.
+
+- The run folder ``out/`` holds ``run.json`` (which model, data, budget and space the run is for: a resume with
+  another model or budget is refused), ``study.db`` (the default SQLite storage), ``cache/`` and the outputs.
+  A lock file keeps a second process off a folder whose default SQLite study is in use.
+- Every trial is a row in an Optuna RDB storage: the SQLite file, or a URL (``postgresql://...``) that several
+  workers share. A trial left RUNNING by a killed process is re-queued: with the folder's own SQLite file (one
+  worker, under the lock) every RUNNING trial at start is put back in the queue *in place* (same number, same
+  parameters, so a seeded run continues exactly as an uninterrupted one would); with a shared URL, Optuna's
+  heartbeat marks trials of dead workers failed and they are queued again as new trials.
+- Each step's output is kept under ``cache/<step>-<key>/`` where the key hashes the base model's weights, the
+  data and every setting that step depends on, so no finished step is ever redone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import re
+import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from edgeslim.core.errors import ConfigError, DataError, OutputExistsError
+from edgeslim.core.io import write_json
+
+log = logging.getLogger(__name__)
+
+RUN_FORMAT = "edgeslim.optimize-run/1"
+
+
+# ---------------------------------------------------------------------------------------------- hashing
+def state_hash(model: nn.Module) -> str:
+    """sha256 of a model's class name and state_dict (names, dtypes, shapes and bytes)."""
+    h = hashlib.sha256(type(model).__name__.encode())
+    for k, v in model.state_dict().items():
+        t = v.detach().cpu().contiguous()
+        h.update(f"{k}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def data_hash(ds: Any) -> str:
+    """sha256 of an ImageDataset's name, split, images, labels and normalisation."""
+    h = hashlib.sha256(f"{ds.name}|{ds.split}|{len(ds)}|{ds.mean}|{ds.std}".encode())
+    h.update(ds.images.contiguous().numpy().tobytes())
+    h.update(ds.labels.contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def key(*parts: Any) -> str:
+    """A short content key of JSON-serialisable parts."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def file_hash(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------- step cache
+class Cache:
+    """Finished steps under ``root/<step>-<key>/``; a step is finished when its ``done.json`` exists."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def dir(self, step: str, k: str) -> Path:
+        d = self.root / f"{step}-{k}"
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    @staticmethod
+    def done(d: Path) -> dict[str, Any] | None:
+        f = d / "done.json"
+        if not f.is_file():
+            return None
+        try:
+            return json.loads(f.read_text())
+        except (OSError, json.JSONDecodeError):  # never half-written (atomic), but be safe
+            return None
+
+    @staticmethod
+    def finish(d: Path, meta: dict[str, Any]) -> dict[str, Any]:
+        write_json(d / "done.json", meta, force=True)
+        return meta
+
+
+# ---------------------------------------------------------------------------------------------- run folder
+def check_data(train: Any, val: Any) -> None:
+    for name, ds in (("train", train), ("val", val)):
+        if not (hasattr(ds, "normalized") and hasattr(ds, "labels") and hasattr(ds, "take")):
+            raise DataError(f"optimize: data[{name!r}] must be an edgeslim ImageDataset (edgeslim.data.load(...)), "
+                            f"got {type(ds).__name__}")
+        if len(ds) == 0:
+            raise DataError(f"optimize: the {name} split ({ds.name}/{ds.split}) is empty")
+    if tuple(train.input_shape) != tuple(val.input_shape):
+        raise DataError(f"optimize: train samples are {tuple(train.input_shape)} but validation samples "
+                        f"{tuple(val.input_shape)}")
+    if len(set(val.labels.tolist())) < 2:
+        raise DataError(f"optimize: the validation split ({val.name}/{val.split}) holds a single class: accuracy "
+                        "on it says nothing")
+
+
+@contextlib.contextmanager
+def locked(out: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``out`` for the run; a second process on the same folder is refused."""
+    import fcntl
+
+    out.mkdir(parents=True, exist_ok=True)
+    f = open(out / ".optimize.lock", "a+")
+    try:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise OutputExistsError(f"run folder {str(out)!r} is in use by another optimize process (its lock is "
+                                    "held); wait for it, or use another out=") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        yield
+    finally:
+        f.close()
+
+
+def check_run(out: Path, ident: dict[str, Any], *, resume: bool) -> bool:
+    """Write ``out/run.json`` for a new run, or check that it is the same run; True when resuming."""
+    rec = out / "run.json"
+    if not rec.is_file():
+        write_json(rec, {"format": RUN_FORMAT, **ident, "created": time.strftime("%Y-%m-%d %H:%M:%S")}, force=True)
+        return False
+    try:
+        old = json.loads(rec.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{rec}: not a readable optimize run record ({e}); use another out=") from None
+    if not resume:
+        raise OutputExistsError(f"run folder {str(out)!r} holds an earlier optimize run; pass resume=True "
+                                "(CLI: --resume) to continue it, or use another out=")
+    for k, what in (("base_model_sha256", "another model (its weights differ)"), ("data_sha256", "other data"),
+                    ("budget", "another budget"), ("space", "another search space"), ("seed", "another seed"),
+                    ("model_class", "another model class")):
+        if old.get(k) != ident.get(k):
+            raise ConfigError(f"run folder {str(out)!r} holds a run of {what}: {k} was {_short(old.get(k))}, now "
+                              f"{_short(ident.get(k))}; use another out= (or the same settings to resume)")
+    return True
+
+
+def _short(v: Any) -> str:
+    s = json.dumps(v, default=str)
+    return s if len(s) <= 120 else s[:117] + "..."
+
+
+# ---------------------------------------------------------------------------------------------- storage
+def default_storage(out: Path) -> str:
+    return f"sqlite:///{(out / 'study.db').resolve()}"
+
+
+def redact(url: str) -> str:
+    """``url`` without its password."""
+    return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
+
+
+def open_storage(url: str, *, shared: bool) -> Any:
+    """An Optuna RDB storage at ``url``; shared ones get heartbeats so dead workers' trials are re-queued."""
+    import optuna
+
+    if not isinstance(url, str) or "://" not in url:
+        raise ConfigError(f"storage={url!r} is not allowed; give an RDB URL (sqlite:///file.db, "
+                          "postgresql://user@host/db) or None for out/study.db")
+    kw: dict[str, Any] = {}
+    if shared:
+        kw = {"heartbeat_interval": 10, "grace_period": 40,
+              "heartbeat_stale_trial_callback": requeue_failed}
+    try:
+        with warnings.catch_warnings():  # heartbeats are marked experimental in Optuna 5; they are what we rely on
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True}, **kw)
+    except ImportError:  # sqlalchemy could not import the URL's database driver
+        scheme = url.split("://", 1)[0].split("+", 1)[0]
+        pkg = {"postgresql": "psycopg2-binary", "mysql": "pymysql"}.get(scheme, f"a {scheme} driver for SQLAlchemy")
+        raise ConfigError(f"storage {redact(url)!r} needs a database driver that is not installed: "
+                          f"pip install {pkg}") from None
+    except Exception as e:  # noqa: BLE001 - sqlalchemy/driver errors: unreachable host, bad URL, refused login
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ConfigError(f"storage {redact(url)!r} does not answer: {type(e).__name__}: {first}") from None
+
+
+def requeue_failed(study: Any, trial: Any) -> None:
+    """Heartbeat callback: a trial whose worker died is queued again with the same parameters."""
+    study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+    log.warning("trial %d's worker stopped answering; its parameters are queued again", trial.number)
+
+
+def requeue_running(study: Any, storage: Any) -> list[int]:
+    """Put every RUNNING trial of ``study`` (in ``storage``) back in the queue, in place (same number and
+    parameters); the caller holds the run folder's lock, so no live process owns them. Returns their numbers."""
+    from optuna.trial import TrialState
+
+    done = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        note = list(t.user_attrs.get("requeued", [])) + [f"left RUNNING by a stopped process; re-queued at "
+                                                         f"{time.strftime('%Y-%m-%d %H:%M:%S')}"]
+        storage.set_trial_user_attr(t._trial_id, "requeued", note)
+        storage.set_trial_state_values(t._trial_id, TrialState.WAITING)
+        done.append(t.number)
+    if done:
+        log.warning("re-queued trial(s) %s left RUNNING by a stopped run; finished trials are kept",
+                    ", ".join(map(str, done)))
+    return done
+
+
+# ---------------------------------------------------------------------------------------------- sampler
+def seeded_sampler(kind: str, seed: int) -> Any:
+    """A sampler that seeds a fresh Optuna sampler per trial number (``seed`` and the number).
+
+    A resumed process then draws trial *n* exactly as an uninterrupted one would (Optuna's own samplers keep
+    their random state in the process, which a restart loses); the search history they condition on is the
+    storage's. Both honour the constraints each trial sets (``Trial.set_constraint``): the budget's limits.
+    """
+    import optuna
+
+    if kind not in ("tpe", "nsga2"):
+        raise ConfigError(f"sampler={kind!r} is not allowed; valid: tpe, nsga2")
+
+    def make(n: int) -> Any:
+        s = (seed * 1_000_003 + n) % 2**32
+        if kind == "tpe":
+            return optuna.samplers.TPESampler(seed=s, n_startup_trials=8)
+        return optuna.samplers.NSGAIISampler(seed=s, population_size=8)
+
+    class PerTrialSeeded(optuna.samplers.BaseSampler):
+        def __init__(self) -> None:
+            self._inner: dict[int, Any] = {}
+
+        def _for(self, n: int) -> Any:
+            if n not in self._inner:
+                if len(self._inner) > 64:
+                    self._inner.pop(next(iter(self._inner)))
+                self._inner[n] = make(n)
+            return self._inner[n]
+
+        def infer_relative_search_space(self, study: Any, trial: Any) -> dict:
+            return self._for(trial.number).infer_relative_search_space(study, trial)
+
+        def sample_relative(self, study: Any, trial: Any, search_space: dict) -> dict:
+            return self._for(trial.number).sample_relative(study, trial, search_space)
+
+        def sample_independent(self, study: Any, trial: Any, name: str, dist: Any) -> Any:
+            return self._for(trial.number).sample_independent(study, trial, name, dist)
+
+        def before_trial(self, study: Any, trial: Any) -> None:
+            self._for(trial.number).before_trial(study, trial)
+
+        def after_trial(self, study: Any, trial: Any, state: Any, values: Any) -> None:
+            self._for(trial.number).after_trial(study, trial, state, values)
+
+        def reseed_rng(self) -> None:  # per-trial seeds are fixed by design
+            return None
+
+    return PerTrialSeeded()

@@ -6,7 +6,7 @@ import pytest
 
 from edgeslim.cli import build_parser, main
 
-COMMANDS = ["train", "quantize", "export", "measure", "report", "demo"]
+COMMANDS = ["train", "quantize", "prune", "export", "measure", "report", "optimize", "demo"]
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:

@@ -1,7 +1,6 @@
 """edgeslim.optimize: budget and space validation, a real search on a trained tiny model, the report, the
 closest candidate when nothing meets the budget, resume checks, and a SIGKILL-and-resume run in a subprocess."""
 
-import argparse
 import json
 import os
 import signal
@@ -304,39 +303,26 @@ def test_ctrl_c_mid_trial_is_requeued_on_resume(digits_model, tmp_path, monkeypa
 
 
 # ------------------------------------------------------------------------------------------------ CLI
-def test_cli_optimize_runs_through_cmd_optimize(digits_model, tmp_path, capsys, monkeypatch):
-    from edgeslim.pipeline._cli import (
-        add_optimize_parser,
-        budget_from_args,
-        cmd_optimize,
-    )
+def test_cli_optimize_runs_and_exits_3_when_nothing_meets_the_budget(digits_model, tmp_path, capsys, monkeypatch):
+    from edgeslim.cli import main
 
     model, *_ = digits_model
     weights = save_torch(model.state_dict(), tmp_path / "tiny.pt")
     space = tmp_path / "space.yaml"
     space.write_text(FAST.replace(cheap_trials=1).to_yaml())
-    p = argparse.ArgumentParser(prog="edgeslim")
-    sub = p.add_subparsers(dest="command")
-
-    def add(name, fn, help_):
-        sp = sub.add_parser(name, help=help_)
-        sp.set_defaults(fn=fn)
-        sp.add_argument("--json", action="store_true")
-        return sp
-
-    add_optimize_parser(sub, add)
     monkeypatch.syspath_prepend(str(TESTS))
-    a = p.parse_args(["optimize", "tiny:TinyCNN", "--weights", str(weights), "--dataset", "digits", "--max-drop", "3",
-                      "--min-speedup", "0.2", "--target", "jetson-orin-nano", "--trials", "2", "--space", str(space),
-                      "--out", str(tmp_path / "run"), "--json"])
-    b = budget_from_args(a)
-    assert b.max_accuracy_drop == pytest.approx(0.03) and b.min_speedup == 0.2 and b.target == "jetson-orin-nano"
-    a.fn(a)
+    common = ["tiny:TinyCNN", "--weights", str(weights), "--dataset", "digits", "--target", "jetson-orin-nano",
+              "--trials", "2", "--space", str(space), "--json"]
+    assert main(["optimize", *common, "--max-drop", "3", "--min-speedup", "0.2", "--out", str(tmp_path / "run")]) == 0
     got = json.loads(capsys.readouterr().out)
     assert got["meets_budget"] is True and Path(got["paths"]["artifact"]).is_file()
-    bad = p.parse_args(["optimize", "tiny:TinyCNN", "--max-drop", "-1", "--out", str(tmp_path / "x")])
-    with pytest.raises(ConfigError, match=r"--max-drop=-1"):
-        cmd_optimize(bad)
+    # an impossible speedup: exit 3, the closest candidate still saved, the failed limit named with its amount
+    assert main(["optimize", *common, "--max-drop", "3", "--min-speedup", "1000", "--out", str(tmp_path / "no")]) == 3
+    got = json.loads(capsys.readouterr().out)
+    assert got["meets_budget"] is False and Path(got["paths"]["artifact"]).is_file()
+    assert any("speedup" in str(v) for v in got["violations"])
+    assert main(["optimize", "tiny:TinyCNN", "--max-drop", "-1", "--out", str(tmp_path / "x"), "--json"]) == 2
+    assert "--max-drop=-1" in json.loads(capsys.readouterr().out)["message"]
 
 
 # ------------------------------------------------------------------------------------------------ kill + resume

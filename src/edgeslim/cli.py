@@ -642,6 +642,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--title", default="edgeslim report")
     r.add_argument("--force", action="store_true")
 
+    from edgeslim.pipeline._cli import add_optimize_parser
+
+    o = add_optimize_parser(sub, add)
+    o.set_defaults(on_interrupt="interrupted; the finished trials are kept in the run store: the same command "
+                                "resumes where it stopped")
+
     d = add("demo", cmd_demo, "baseline -> INT8 PTQ -> export -> validate -> measure -> report, on a shipped model")
     d.add_argument("--model", default="mobilenet_v2")
     d.add_argument("--dataset", default="fashion-mnist")
@@ -688,10 +694,10 @@ def main(argv: list[str] | None = None) -> int:
         previous = signal.signal(signal.SIGINT, on_sigint)
     except ValueError:  # not the main thread
         previous = None
-    interrupted = "interrupted; no partial outputs were written (temporary files removed)"
+    interrupted = getattr(a, "on_interrupt", "interrupted; no partial outputs were written (temporary files removed)")
     try:
         with progress_enabled(not a.json):
-            a.fn(a)
+            status = a.fn(a)
     except KeyboardInterrupt:
         _fail(prog, "Interrupted", interrupted)
         return EXIT_INTERRUPTED
@@ -719,7 +725,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
-    return 0
+    return status if isinstance(status, int) else 0
 
 
 if __name__ == "__main__":

@@ -16,6 +16,10 @@ from typing import Any
 from edgeslim.core.errors import ConfigError
 
 
+#: exit status when the search finished but no candidate meets the budget (the closest one is still saved)
+EXIT_NOT_MET = 3
+
+
 def add_optimize_parser(sub: Any, add: Callable[[str, Callable, str], argparse.ArgumentParser]
                         ) -> argparse.ArgumentParser:
     """Add the ``optimize`` subcommand with ``add(name, fn, help)`` (cli.py's helper, which adds ``--json``)."""
@@ -109,3 +113,4 @@ def cmd_optimize(a: argparse.Namespace) -> None:
     else:
         print(res.report.summary())
         print("\n".join(f"wrote {v}" for v in paths.values()))
+    return 0 if res.meets_budget else EXIT_NOT_MET

@@ -128,10 +128,12 @@ def materialize(model: nn.Module) -> nn.Module:
 FORMAT = "edgeslim.recipe/1"
 
 
-def save(model: nn.Module, path: Any, *, force: bool = False) -> Any:
+def save(model: nn.Module, path: Any, *, force: bool = False, half: bool = False) -> Any:
     """Write ``model``'s recipe (source, ordered steps) and its state_dict to one file, atomically.
 
     The file is read back with ``torch.load(weights_only=True)``: plain data and tensors, never a pickled module.
+    ``half=True`` stores floating-point tensors as FP16 (half the file; :func:`load` casts them back, so the
+    reloaded model is then close to, not bit-identical with, the saved one).
     """
     import torch
 
@@ -142,7 +144,9 @@ def save(model: nn.Module, path: Any, *, force: bool = False) -> Any:
         raise ModelError(f"save() needs a torch.nn.Module, got {type(model).__name__}")
     blob = {"format": FORMAT, "edgeslim": __version__, "source": getattr(model, SOURCE_ATTR, None),
             "steps": steps_of(model),
-            "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+            "state_dict": {k: (v.detach().cpu().half() if half and v.is_floating_point() else v.detach().cpu().clone())
+                           for k, v in model.state_dict().items()},
+            "half": bool(half),
             "torch": str(torch.__version__)}
     return save_torch(blob, path, force=force)
 

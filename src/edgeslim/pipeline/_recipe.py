@@ -18,12 +18,13 @@ from edgeslim.core import recipe as _recipe
 from edgeslim.core.errors import ModelError
 
 
-def save(model: nn.Module, path: str | os.PathLike, *, force: bool = False) -> Path:
+def save(model: nn.Module, path: str | os.PathLike, *, force: bool = False, half: bool = False) -> Path:
     """Write ``model``'s recipe and state_dict to ``path`` (atomically; an existing file needs ``force``).
 
-    Any model can be saved: one no verb has touched saves as an empty recipe plus its weights.
+    Any model can be saved: one no verb has touched saves as an empty recipe plus its weights. ``half=True`` stores
+    floating-point tensors as FP16 (half the file; the reload is then close to, not bit-identical with, the model).
     """
-    return Path(_recipe.save(model, path, force=force))
+    return Path(_recipe.save(model, path, force=force, half=half))
 
 
 def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:

@@ -6,6 +6,7 @@ import copy
 import json
 import logging
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -256,6 +257,8 @@ def save_pruned(model: nn.Module, path: str | Path, *, force: bool = False, half
     No module is pickled: :func:`load_pruned` rebuilds the pruned architecture from the recipe on a fresh
     instance of the original model, then loads the weights.
     """
+    warnings.warn("save_pruned() is deprecated; edgeslim.save(model, path) writes one recipe file for any chain "
+                  "(edgeslim.save(model, path, half=True) for FP16 storage)", DeprecationWarning, stacklevel=2)
     rep = getattr(model, "prune_report", None)
     if rep is None or not rep.recipe:
         raise ModelError("save_pruned() needs a model returned by edgeslim.prune (it carries the recipe)")
@@ -290,6 +293,10 @@ def load_pruned(model: nn.Module, path: str | Path) -> nn.Module:
     the original architecture; its weights do not matter) and load ``<path>.pt``. ``model`` is not modified."""
     from edgeslim.models._zoo import apply_state_dict, load_state_dict_file
 
+    warnings.warn("load_pruned() is deprecated; edgeslim.load(path, model=...) reads one recipe file for any chain",
+                  DeprecationWarning, stacklevel=2)
+    if str(path).endswith(".recipe"):
+        return _recipe.load(path, model)
     base = Path(path)
     base = base.with_suffix("") if base.suffix in (".pt", ".json") else base
     recipe = read_recipe(base.with_suffix(".json"))
@@ -375,10 +382,10 @@ def prune_finetune(model: nn.Module, config: PruneConfig, *, train: Any, val: An
     history: list[dict] = []
     start = 0
     if ck:
-        done = sorted(int(p.stem.split("_")[1]) for p in ck.glob("round_*.json"))
+        done = sorted(int(p.stem.split("_")[1]) for p in ck.glob("round_*.recipe"))
         if done:
             start = done[-1]
-            current = load_pruned(original, ck / f"round_{start}")
+            current = _recipe.load(ck / f"round_{start}.recipe", original)
             history = json.loads((ck / "history.json").read_text()) if (ck / "history.json").is_file() else []
             history = [r for r in history if r["round"] <= start]
             log.info("resuming prune_finetune after round %d from %s", start, ck)
@@ -400,7 +407,7 @@ def prune_finetune(model: nn.Module, config: PruneConfig, *, train: Any, val: An
         row = {"round": i, "macs": count_macs(current, example_inputs), "val_accuracy": res.best_accuracy}
         history.append(row)
         if ck:
-            save_pruned(current, ck / f"round_{i}", force=True)
+            _recipe.save(current, ck / f"round_{i}.recipe", force=True)
             write_json(ck / "history.json", history, force=True)
     current.prune_history = history
     return current

@@ -173,7 +173,8 @@ class OnnxQuantizedModel(nn.Module):
             graph, err = _onnx.preprocess(graph)
             if err:
                 raise ModelError(f"ORT pre-processing, which the recorded quantization used, now fails: {err}")
-        return graph
+            return graph
+        return _onnx.constants_to_initializers(graph)
 
     def onnx_bytes(self) -> bytes:
         """The quantized ONNX file (rebuilt from the float model and the plan after weights are loaded)."""
@@ -235,6 +236,8 @@ def quantize_onnx(model: nn.Module, config: QuantConfig, batches: list[Any], pro
     pre_err: str | None = "not used (dynamic / fp16 mode)"
     if config.mode == QuantMode.STATIC:
         graph, pre_err = _onnx.preprocess(graph)
+    else:
+        graph = _onnx.constants_to_initializers(graph)
     ranges = _onnx.calibrate(graph, batches, config) if config.mode == QuantMode.STATIC else {}
     modules = None if isinstance(float_model, OnnxModel) else [n for n, _ in float_model.named_modules()]
     excluded = _onnx.plan_exclusions(graph, ranges, config.exclude, modules) if config.mode == QuantMode.STATIC \

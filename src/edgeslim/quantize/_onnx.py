@@ -20,6 +20,7 @@ float model without data (:func:`build_qdq`), and the result is the same file.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import logging
@@ -96,6 +97,19 @@ def constants_to_initializers(graph: bytes) -> bytes:
             keep.append(n)
     del model.graph.node[:]
     model.graph.node.extend(keep)
+    # a bias shared with another node (the exporter merges equal constants, e.g. zero biases) would be quantized
+    # as an int8 activation, not as the int32 bias ORT's Conv/Gemm fusion needs: give each its own copy
+    inits = {i.name: i for i in model.graph.initializer}
+    uses = collections.Counter(t for n in keep for t in n.input)
+    for n in keep:
+        if n.op_type in ("Conv", "ConvTranspose", "Gemm") and len(n.input) > 2 and n.input[2] in inits \
+                and uses[n.input[2]] > 1:
+            copy = onnx.TensorProto()
+            copy.CopyFrom(inits[n.input[2]])
+            copy.name = f"{n.input[2]}__bias_of_{n.output[0]}"
+            model.graph.initializer.append(copy)
+            uses[n.input[2]] -= 1
+            n.input[2] = copy.name
     produced = {o for n in keep for o in n.output}
     vis = [vi for vi in model.graph.value_info if vi.name in produced]
     del model.graph.value_info[:]
@@ -301,9 +315,9 @@ def build_qdq(graph: bytes, ranges: Mapping[str, Any], excluded: Mapping[str, st
 def integer_macs(quantized: bytes, feeds: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
     """Which Conv/ConvTranspose/Gemm/MatMul run in integer kernels in ``quantized`` and their share of the MACs.
 
-    A node counts as integer when both its data inputs are ``DequantizeLinear`` outputs (ORT fuses the node with
-    them into QLinearConv/QGemm/QLinearMatMul), or when it is an integer op already (dynamic quantization's
-    ConvInteger/MatMulInteger).
+    A node counts as integer when both its data inputs are ``DequantizeLinear`` outputs and its bias (if any) a
+    dequantized int32 tensor (ORT then fuses the node into QLinearConv/QGemm/QLinearMatMul), or when it is an integer
+    op already (dynamic quantization's ConvInteger/MatMulInteger).
 
     Returns:
         ``integer_macs``, ``total_macs``, ``share`` (``None`` when the graph has no MACs), ``nodes``: one entry per
@@ -314,7 +328,16 @@ def integer_macs(quantized: bytes, feeds: dict[str, np.ndarray] | None = None) -
     onnx = _onnx()
     model = onnx.load_from_string(quantized)
     per_node = onnx_node_macs(model, feeds)
-    producer = {o: n.op_type for n in model.graph.node for o in n.output}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    int32 = {i.name for i in model.graph.initializer if i.data_type == onnx.TensorProto.INT32}
+
+    def from_dq(t: str) -> bool:
+        return t in producer and producer[t].op_type == "DequantizeLinear"
+
+    def int_bias(n) -> bool:  # ORT fuses Conv/Gemm with a bias only when it is a dequantized int32 tensor
+        if n.op_type not in ("Conv", "ConvTranspose", "Gemm") or len(n.input) < 3 or not n.input[2]:
+            return True
+        return from_dq(n.input[2]) and producer[n.input[2]].input[0] in int32
     nodes, unknown = [], []
     total = integer = 0
     for i, (n, macs) in enumerate(zip(model.graph.node, per_node, strict=True)):
@@ -324,8 +347,8 @@ def integer_macs(quantized: bytes, feeds: dict[str, np.ndarray] | None = None) -
             unknown.append(node_name(n, i))
             continue
         data = (0, 3) if n.op_type in ("QLinearConv", "QLinearMatMul", "QGemm") else (0, 1)
-        is_int = n.op_type in INTEGER_MAC_OPS or all(
-            producer.get(n.input[j]) == "DequantizeLinear" for j in data if j < len(n.input))
+        is_int = n.op_type in INTEGER_MAC_OPS or (
+            all(from_dq(n.input[j]) for j in data if j < len(n.input)) and int_bias(n))
         total += macs
         integer += macs if is_int else 0
         nodes.append({"node": node_name(n, i), "op": n.op_type, "macs": int(macs), "integer": bool(is_int)})

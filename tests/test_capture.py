@@ -8,7 +8,12 @@ import onnx
 import pytest
 import torch
 from tiny import (
-    TinyCNN, TinyFunctional, TinySameConv, TinyViT, tiny_bert, tiny_bert_inputs,
+    TinyCNN,
+    TinyFunctional,
+    TinySameConv,
+    TinyViT,
+    tiny_bert,
+    tiny_bert_inputs,
 )
 
 import edgeslim as es

@@ -373,7 +373,7 @@ def _excluded_macs(model: nn.Module, probe: Any, names: list[str]) -> int:
 
     gm = _graph.trace_and_fold(copy.deepcopy(model))
     seen: dict[str, Any] = {}
-    hooks = [gm.get_submodule(n).register_forward_pre_hook(lambda _m, a, n=n: seen.setdefault(n, a)) for n in names]
+    hooks = [gm.get_submodule(n).register_forward_pre_hook(lambda _m, a, n=n: seen.setdefault(n, a) and None) for n in names]
     try:
         with torch.no_grad():
             call(gm, first_sample(probe))

@@ -51,7 +51,7 @@ def fx_coverage(model: nn.Module, probe: Any) -> dict[str, Any]:
     names = _graph.weighted_modules(gm)
     seen: dict[str, Any] = {}
     hooks = [gm.get_submodule(n).register_forward_pre_hook(
-        lambda _m, args, n=n: seen.setdefault(n, args)) for n in names]
+        lambda _m, args, n=n: seen.setdefault(n, args) and None) for n in names]
     try:
         with torch.no_grad():
             call(gm, first_sample(probe))

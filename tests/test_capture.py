@@ -18,6 +18,7 @@ from tiny import (
 
 import edgeslim as es
 from edgeslim.core.errors import ConfigError, ExportError
+from edgeslim.core.onnx_model import OnnxModel
 from edgeslim.quantize import OnnxQuantizedModel, QuantizedModel, compare_speed
 from edgeslim.runtime import optimized_op_types
 
@@ -115,6 +116,9 @@ def test_onnx_file_input_is_served(tmp_path):
     assert art.meta["macs"] == q.report.integer_macs["total_macs"]
     with pytest.raises(ConfigError, match="capture='fx' cannot quantize an ONNX file"):
         es.quantize(str(fp32.path), es.QuantConfig(capture="fx"), data=x)
+    # the recipe replays on the same file given as the model (its bytes are the state_dict)
+    r = es.load(es.save(q, tmp_path / "q.recipe"), model=OnnxModel(fp32.path))
+    assert r.onnx_bytes() == q.onnx_bytes()
 
 
 def test_bert_inputs_stay_integer_and_dynamic_mode_works(tmp_path):
@@ -174,3 +178,29 @@ def test_compare_speed_reports_int8_against_fp32():
     assert ("SLOWER than FP32" in q.report.summary()) == s["slower"]
     again = compare_speed(model, q, rounds=2, runs=5)
     assert again["threads"] == 1 and again["batch"] == 1 and again["host"]
+
+
+@pytest.mark.parametrize("options", [{"per_channel": False}, {"activation_type": "int8"}, {"reduce_range": True},
+                                     {"calibration": "percentile"}])
+def test_onnx_capture_options(options, tmp_path):
+    model, x = _seeded(TinyFunctional), TinyFunctional.example_inputs(32)
+    q = es.quantize(model, es.QuantConfig(num_samples=32, capture="onnx", **options), data=x)
+    assert q.report.integer_macs["share"] == 1.0
+    art = es.export(q, "onnx", example_inputs=x, path=tmp_path / "q.onnx")
+    assert art.validation["vs_float_reference"]["cosine"] > 0.99
+    g = onnx.load(str(art.path)).graph
+    zero_points = [onnx.numpy_helper.to_array(i) for i in g.initializer if i.name.endswith("_zero_point")]
+    act_types = {z.dtype.name for z in zero_points if z.size == 1}
+    assert act_types >= ({"int8"} if options.get("activation_type") == "int8" else {"uint8"})
+    per_axis = [n for n in g.node if n.op_type == "DequantizeLinear" and any(a.name == "axis" for a in n.attribute)]
+    assert bool(per_axis) == options.get("per_channel", True)
+
+
+def test_a_pruned_model_quantized_on_its_graph_replays(tmp_path):
+    model, x = _seeded(TinySameConv), TinySameConv.example_inputs(32)
+    p = es.prune(model, es.PruneConfig(method="magnitude", ratio=0.5), example_inputs=x)
+    q = es.quantize(p, es.QuantConfig(num_samples=32), data=x)
+    assert [s["technique"] for s in q.edgeslim_recipe] == ["prune", "quantize"] and q.report.capture == "onnx"
+    r = es.load(es.save(q, tmp_path / "pq.recipe"), model=_seeded(TinySameConv))
+    with torch.no_grad():
+        assert torch.equal(r(x), q(x))

@@ -413,7 +413,10 @@ def replay_onnx(model: nn.Module, step: dict) -> OnnxQuantizedModel:
         raise ModelError("recipe step 'quantize' (capture onnx) lacks its plan (inputs, ranges, excluded)")
     report = QuantReport(config.mode.value, PRECISION[config.mode], config.calibration, 0)
     report.capture = "onnx"
-    return OnnxQuantizedModel(copy.deepcopy(model).eval(), config, report, plan).eval()
+    float_model = copy.deepcopy(model).eval()
+    if not isinstance(float_model, OnnxModel):
+        _recipe.materialize(float_model)  # as quantize did: masks baked, codebooks expanded
+    return OnnxQuantizedModel(float_model, config, report, plan).eval()
 
 
 def check_speed(report: Any, float_model: Any, q: Any, probe: Any) -> None:

@@ -239,21 +239,18 @@ def quantize_onnx(model: nn.Module, config: QuantConfig, batches: list[Any], pro
     else:
         graph = _onnx.constants_to_initializers(graph)
     ranges = _onnx.calibrate(graph, batches, config) if config.mode == QuantMode.STATIC else {}
-    modules = None if isinstance(float_model, OnnxModel) else [n for n, _ in float_model.named_modules()]
-    excluded = _onnx.plan_exclusions(graph, ranges, config.exclude, modules) if config.mode == QuantMode.STATIC \
-        else _onnx.plan_exclusions(graph, {}, config.exclude, modules) if config.exclude else {}
-    if config.mode != QuantMode.STATIC:
-        excluded = {k: v for k, v in excluded.items() if v.startswith("excluded by")}
+    excluded = _onnx.plan_exclusions(graph, ranges, config.exclude, not isinstance(float_model, OnnxModel),
+                                     check_ranges=config.mode == QuantMode.STATIC)
     qgraph = _onnx.build_qdq(graph, ranges, excluded, config)
     plan = {"inputs": spec, "keyed": keyed, "preprocessed": pre_err is None, "ranges": _onnx.state_json(ranges),
             "excluded": dict(sorted(excluded.items())), "opset": OPSET}
     cfg = config.replace(capture=Capture.ONNX)
     q = OnnxQuantizedModel(float_model, cfg, report, plan, qgraph).eval()
-    fill_onnx_report(report, q, graph, why, pre_err)
+    fill_onnx_report(report, q, why, pre_err)
     return q
 
 
-def fill_onnx_report(report: Any, q: OnnxQuantizedModel, float_graph: bytes, why: str, pre_err: str | None) -> None:
+def fill_onnx_report(report: Any, q: OnnxQuantizedModel, why: str, pre_err: str | None) -> None:
     """Layers quantized / left float (with their reason), integer-MAC share, ranges: from the quantized graph."""
     report.capture, report.capture_reason = "onnx", why
     if q.config.mode == QuantMode.STATIC:
@@ -281,14 +278,11 @@ def fill_onnx_report(report: Any, q: OnnxQuantizedModel, float_graph: bytes, why
     report.float_ops = [{"node": k, "reason": v} for k, v in q.plan["excluded"].items()
                         if k not in {n["node"] for n in im["nodes"]}]
     report.activations = [{"value": k, "range": [round(v[0], 6), round(v[1], 6)]} for k, v in q.plan["ranges"].items()]
-    del float_graph
 
 
 def _onnx_feeds(q: OnnxQuantizedModel) -> dict[str, np.ndarray]:
-    from edgeslim.core.onnx_model import as_feeds
-
-    example = example_from_spec(q.plan["inputs"], q.plan["keyed"])
-    return _feeds_for(q.session(), example) if example is not None else as_feeds(example)
+    """One sample for the quantized graph (its recorded export sample), to measure shapes with."""
+    return _feeds_for(q.session(), example_from_spec(q.plan["inputs"], q.plan["keyed"]))
 
 
 def _module_label(node: str, modules: bool) -> str:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import json
 import logging
 import math
 import tempfile
@@ -193,9 +192,10 @@ def node_name(n, i: int) -> str:
 
 
 def plan_exclusions(graph: bytes, ranges: Mapping[str, Any], exclude: tuple[str, ...],
-                    module_names: list[str] | None) -> dict[str, str]:
-    """node name -> why it stays float: the user's ``exclude`` patterns (matched against the module that ran the node,
-    or the node's name for ONNX input files) and nodes touching a tensor with no usable range."""
+                    by_module: bool, *, check_ranges: bool = True) -> dict[str, str]:
+    """node name -> why it stays float: the user's ``exclude`` patterns (matched against the module that ran the node
+    with ``by_module``, else against node names, as for ONNX input files) and, with ``check_ranges`` (static mode), nodes touching a tensor with
+    no usable range."""
     from edgeslim.core.modules import require_matches
 
     onnx = _onnx()
@@ -203,18 +203,18 @@ def plan_exclusions(graph: bytes, ranges: Mapping[str, Any], exclude: tuple[str,
     inits = {i.name for i in g.initializer}
     floats = set(float_activations(onnx.load_from_string(graph)))
     mac_nodes = [(node_name(n, i), n) for i, n in enumerate(g.node) if n.op_type in MAC_OPS]
-    keys = {name: (module_of(name) if module_names is not None else name) for name, _ in mac_nodes}
+    keys = {name: (module_of(name) if by_module else name) for name, _ in mac_nodes}
     if exclude:
-        candidates = sorted({k for k in keys.values() if k} | ({k for k in keys} if module_names is None else set()))
+        candidates = sorted({k for k in keys.values() if k} | (set() if by_module else set(keys)))
         require_matches(candidates, exclude, field="QuantConfig.exclude",
-                        what="module running a Conv/Gemm/MatMul" if module_names is not None else "Conv/Gemm/MatMul node")
+                        what="module running a Conv/Gemm/MatMul" if by_module else "Conv/Gemm/MatMul node")
     out: dict[str, str] = {}
     for name, n in mac_nodes:
         pat = first_match(keys[name], exclude) or first_match(name, exclude)
         if pat is not None:
             out[name] = f"excluded by QuantConfig.exclude pattern {pat!r}"
     for i, n in enumerate(g.node):
-        if n.op_type not in QUANTIZED_OPS:
+        if not check_ranges or n.op_type not in QUANTIZED_OPS:
             continue
         name = node_name(n, i)
         if name in out:
@@ -391,7 +391,3 @@ def needs_fx(config: QuantConfig) -> str | None:
     except ConfigError as e:
         return str(e).split(" needs", 1)[0]
     return None
-
-
-def dumps(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True)

@@ -34,7 +34,14 @@ import torch
 
 from edgeslim.core.errors import ConfigError, QuantizationError
 from edgeslim.core.modules import first_match
-from edgeslim.core.onnx_model import as_feeds, module_of, ort_session, run_session
+from edgeslim.core.onnx_model import (
+    as_feeds,
+    batch_len,
+    module_of,
+    ort_session,
+    run_session,
+    slice_inputs,
+)
 from edgeslim.quantize._calibrate import CALIBRATORS, Observer
 from edgeslim.quantize._config import ActivationType, QuantConfig, QuantMode
 
@@ -163,8 +170,9 @@ def calibrate(graph: bytes, batches: list[Any], config: QuantConfig) -> dict[str
     signed = config.activation_type == ActivationType.INT8
     qmin, qmax = (-128, 127) if signed else (0, 255)
     infinite: set[str] = set()
+    chunks = [slice_inputs(b, i, i + CALIB_BATCH) for b in batches for i in range(0, batch_len(b), CALIB_BATCH)]
     for state in ("observe_range", "observe_hist"):
-        for b in batches:
+        for b in chunks:  # a few samples at a time: every intermediate tensor of the graph comes back
             feeds = as_feeds(b, [i.name for i in sess.get_inputs()])
             values = dict(zip(out_names, run_session(sess, b, chunk=CALIB_BATCH), strict=True))
             values.update({k: v for k, v in feeds.items() if k in observers})

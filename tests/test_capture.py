@@ -204,3 +204,15 @@ def test_a_pruned_model_quantized_on_its_graph_replays(tmp_path):
     r = es.load(es.save(q, tmp_path / "pq.recipe"), model=_seeded(TinySameConv))
     with torch.no_grad():
         assert torch.equal(r(x), q(x))
+
+
+def test_qat_and_sensitivity_need_the_torch_model():
+    from edgeslim.core.errors import QuantizationError
+    from edgeslim.quantize import QATConfig, qat
+
+    model, x = _seeded(TinySameConv), TinySameConv.example_inputs(16)
+    q = es.quantize(model, es.QuantConfig(num_samples=16), data=x)
+    with pytest.raises(QuantizationError, match="capture='onnx'.*has none"):
+        qat(q, QATConfig(), data=(x, x))
+    with pytest.raises(QuantizationError, match="not 'onnx'"):
+        qat(model, QATConfig(), data=(x, x), quant_config=es.QuantConfig(capture="onnx"))

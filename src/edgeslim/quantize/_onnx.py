@@ -81,8 +81,20 @@ def preprocess(graph: bytes) -> tuple[bytes, str | None]:
                 quant_pre_process(str(src), str(dst))
             return constants_to_initializers(dst.read_bytes()), None
         except Exception as e:  # noqa: BLE001 - ORT's pre-processing fails on some ViT/ConvNeXt graphs
-            msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-            return constants_to_initializers(graph), f"{type(e).__name__}: {msg}"
+            return constants_to_initializers(graph), _describe(e)
+
+
+def _describe(e: BaseException) -> str:
+    """An exception in one line: its type, its message (or where it was raised when it has none)."""
+    import traceback
+
+    msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+    if not msg:
+        frames = traceback.extract_tb(e.__traceback__)
+        if frames:
+            f = frames[-1]
+            msg = f"raised in {Path(f.filename).name}:{f.lineno} ({f.name})"
+    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
 
 
 def constants_to_initializers(graph: bytes) -> bytes:

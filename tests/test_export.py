@@ -109,8 +109,18 @@ def test_bad_arguments(tmp_path):
 def test_other_int8_variants_export_and_validate(tmp_path, digits_model, options):
     model, train, val = digits_model
     q = quantize(model, QuantConfig(num_samples=256, **options), calib=train)
-    art = export(q, "onnx", example_inputs=val, path=tmp_path / "q.onnx")
+    floors = ValidationFloors()
+    if options.get("per_channel") is False:
+        # per-tensor weights of the BN-folded depthwise conv lose ~40 points: the file agrees with its quantized
+        # reference, and only the gate against FP32 sees the loss (issue 18's ShuffleNet case)
+        with pytest.raises(ExportError, match=r"vs FP32 top1_agreement .*accuracy 0\.9\d+ -> 0\.[0-8]"):
+            export(q, "onnx", example_inputs=val, path=tmp_path / "q.onnx")
+        assert not (tmp_path / "q.onnx").exists()
+        floors = ValidationFloors(float_min_cosine=-1.0, float_min_sqnr_db=-100.0, float_top1_agreement=0.0)
+    art = export(q, "onnx", example_inputs=val, path=tmp_path / "q.onnx", floors=floors)
     assert art.validation["top1_agreement"] > 0.95
+    fl = art.validation["vs_float_reference"]
+    assert fl["accuracy_float"] > 0.9 and fl["accuracy_artifact"] == art.validation["accuracy_artifact"]
     assert abs(art.validation["accuracy_artifact"] - art.validation["accuracy_torch"]) <= 0.02
     ops = optimized_ops(art.path, tmp_path)
     assert ops["QLinearConv"] + ops["ConvInteger"] >= 1 or options.get("activation_type") == "int8"

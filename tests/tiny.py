@@ -227,3 +227,111 @@ class TinyAttention(nn.Module):
 def tiny_rgb_cnn() -> nn.Module:
     """A model factory for ``package.module:function`` specs: TinyCNN on 3x8x8 inputs, 10 classes."""
     return TinyCNN(in_channels=3)
+
+
+class SameConv2d(nn.Conv2d):
+    """A Conv2d subclass with static "same" padding computed in forward and applied by ``F.pad`` before
+    ``F.conv2d`` (EfficientNet-Lite's and many timm layers' pattern): invisible to a quantizer matching modules."""
+
+    def __init__(self, *args, image_size: int = 16, **kwargs) -> None:
+        super().__init__(*args, padding=0, **kwargs)
+        k, s = self.kernel_size[0], self.stride[0]
+        out = -(-image_size // s)
+        pad = max((out - 1) * s + k - image_size, 0)
+        self.static_pad = (pad // 2, pad - pad // 2, pad // 2, pad - pad // 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = nn.functional.pad(x, self.static_pad)
+        return nn.functional.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+class TinySameConv(nn.Module):
+    """An EfficientNet-Lite-like net (3x16x16 input): a stride-2 SameConv2d stem, a depthwise SameConv2d, a 1x1
+    SameConv2d with a residual add, BatchNorm and ReLU6, global pooling and a Linear head. Of its MACs, all but
+    the head's are functional convolutions."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(SameConv2d(3, 16, 3, stride=2, bias=False, image_size=16), nn.BatchNorm2d(16),
+                                  nn.ReLU6())
+        self.dw = nn.Sequential(SameConv2d(16, 16, 3, groups=16, bias=False, image_size=8), nn.BatchNorm2d(16),
+                                nn.ReLU6())
+        self.pw = nn.Sequential(SameConv2d(16, 16, 1, bias=False, image_size=8), nn.BatchNorm2d(16))
+        self.head = nn.Linear(16, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.stem(x)
+        y = y + self.pw(self.dw(y))
+        return self.head(y.mean((2, 3)))
+
+    @staticmethod
+    def example_inputs(batch: int = 16) -> torch.Tensor:
+        return torch.randn(batch, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+
+
+class TinyFunctional(nn.Module):
+    """Weights as bare ``nn.Parameter`` used through ``F.conv2d`` and ``F.linear`` in forward (1x8x8 input)."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.w1 = nn.Parameter(torch.randn(8, 1, 3, 3, generator=g) * 0.4)
+        self.b1 = nn.Parameter(torch.randn(8, generator=g) * 0.1)
+        self.w2 = nn.Parameter(torch.randn(16, 8, 3, 3, generator=g) * 0.15)
+        self.b2 = nn.Parameter(torch.zeros(16))
+        self.wf = nn.Parameter(torch.randn(num_classes, 16, generator=g) * 0.25)
+        self.bf = nn.Parameter(torch.zeros(num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(nn.functional.conv2d(x, self.w1, self.b1, padding=1))
+        y = torch.relu(nn.functional.conv2d(y, self.w2, self.b2, stride=2, padding=1))
+        return nn.functional.linear(y.mean((2, 3)), self.wf, self.bf)
+
+    @staticmethod
+    def example_inputs(batch: int = 16) -> torch.Tensor:
+        return torch.randn(batch, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+
+
+class TinyViT(nn.Module):
+    """A ViT-like net (3x16x16 input): a 4x4 patch-embedding conv (16 tokens of 32), a class token and position
+    embedding, two ``nn.TransformerEncoderLayer`` (2 heads, GELU, pre-norm), a LayerNorm and a Linear head."""
+
+    def __init__(self, num_classes: int = 10, dim: int = 32) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, 4, stride=4)
+        self.cls = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos = nn.Parameter(torch.randn(1, 17, dim, generator=torch.Generator().manual_seed(0)) * 0.02)
+        layer = nn.TransformerEncoderLayer(dim, 2, 2 * dim, dropout=0.0, activation="gelu", batch_first=True,
+                                           norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.patch(x).flatten(2).transpose(1, 2)
+        t = torch.cat([self.cls.expand(t.shape[0], -1, -1), t], 1) + self.pos
+        return self.head(self.norm(self.encoder(t))[:, 0])
+
+    @staticmethod
+    def example_inputs(batch: int = 16) -> torch.Tensor:
+        return torch.randn(batch, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+
+
+def tiny_bert() -> nn.Module:
+    """A Hugging Face ``BertModel`` from a small ``BertConfig`` (hidden 32, 2 layers, 2 heads, vocab 100), random
+    weights (nothing downloaded); called with ``input_ids`` and ``attention_mask`` (:func:`tiny_bert_inputs`)."""
+    import transformers
+
+    cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=64, max_position_embeddings=32)
+    torch.manual_seed(0)
+    return transformers.BertModel(cfg).eval()
+
+
+def tiny_bert_inputs(batch: int = 16, length: int = 8) -> dict[str, torch.Tensor]:
+    """Token ids (int64) and an attention mask whose last tokens are padding in half of the samples."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 100, (batch, length), generator=g)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    mask[batch // 2 :, length - 3 :] = 0
+    return {"input_ids": ids, "attention_mask": mask}

@@ -13,6 +13,7 @@ import os
 import tempfile
 import time
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,13 +25,14 @@ from torch import nn
 from edgeslim.core import recipe as _recipe
 from edgeslim.core.artifact import Artifact
 from edgeslim.core.config import Config
-from edgeslim.core.counting import count_macs, count_params
+from edgeslim.core.counting import call, count_macs, count_params
 from edgeslim.core.errors import ConfigError, DataError, ExportError, near
 from edgeslim.core.io import atomic_path, check_output
 from edgeslim.core.metrics import compare
 from edgeslim.core.verbs import data_alias
 from edgeslim.core.progress import bar, progress_enabled
 from edgeslim.export import _edge
+from edgeslim.core.onnx_model import batch_len, first_output, ort_session, run_session, slice_inputs, to_onnx
 from edgeslim.export._qdq import compact_names, fold_qdq
 
 log = logging.getLogger(__name__)
@@ -39,7 +41,8 @@ FORMATS = ("onnx", "openvino", "tflite", "executorch")
 FORMAT_ALIASES = {"pte": "executorch", "ir": "openvino", "litert": "tflite"}
 PRECISIONS = ("fp32", "fp16", "int8", "int8-dynamic")
 
-# (cosine, SQNR dB, top-1 agreement) floors against the torch model that was exported
+# (cosine, SQNR dB, top-1 agreement) floors against the torch model that was exported (for a quantized model: its
+# quantized reference, so these check that the file computes what the quantized model computes)
 DEFAULT_FLOORS: dict[str, tuple[float, float, float]] = {
     "fp32": (0.99999, 50.0, 0.995),
     "fp16": (0.9999, 35.0, 0.99),
@@ -52,10 +55,17 @@ DEFAULT_FLOORS: dict[str, tuple[float, float, float]] = {
 class ValidationFloors(Config):
     """Minimum agreement between an exported artifact and its torch model; ``None`` = precision default.
 
+    A quantized model is checked twice: against its quantized reference (``min_*``: the file computes what the
+    quantized model computes) and against the FP32 model it came from (``float_*``: what quantization lost).
+
     Attributes:
         min_cosine: cosine similarity of all outputs, flattened.
         min_sqnr_db: signal-to-quantization-noise ratio in dB.
         min_top1_agreement: fraction of samples whose arg-max class agrees.
+        float_min_cosine: a quantized file against the FP32 model: cosine similarity.
+        float_min_sqnr_db: a quantized file against the FP32 model: SQNR in dB.
+        float_top1_agreement: a quantized file against the FP32 model: top-1 agreement (lenient by default; a file
+            that agrees with FP32 on 55% of the inputs never passes).
         samples: how many real samples to compare on.
     """
 
@@ -63,10 +73,13 @@ class ValidationFloors(Config):
     min_cosine: float | None = None
     min_sqnr_db: float | None = None
     min_top1_agreement: float | None = None
+    float_min_cosine: float = 0.9
+    float_min_sqnr_db: float = 6.0
+    float_top1_agreement: float = 0.8
     samples: int = 256
 
     def validate(self) -> None:
-        for f in ("min_cosine", "min_top1_agreement"):
+        for f in ("min_cosine", "min_top1_agreement", "float_min_cosine", "float_top1_agreement"):
             v = getattr(self, f)
             if v is not None and not -1.0 <= v <= 1.0:
                 raise self._bad(f, "must be in [-1, 1] (or None for the precision's default)")
@@ -82,7 +95,7 @@ class ValidationFloors(Config):
         )
 
 
-def _examples(example_inputs: Any, n: int) -> tuple[torch.Tensor, np.ndarray | None]:
+def _examples(example_inputs: Any, n: int) -> tuple[Any, np.ndarray | None]:
     if example_inputs is None:
         raise DataError("export needs example_inputs=: real samples (a dataset or an input tensor) to trace and "
                         "validate the artifact")
@@ -94,8 +107,22 @@ def _examples(example_inputs: Any, n: int) -> tuple[torch.Tensor, np.ndarray | N
     if isinstance(example_inputs, torch.Tensor):
         if example_inputs.ndim < 2 or len(example_inputs) == 0:
             raise DataError(f"example_inputs must be a batch (N, ...), got shape {tuple(example_inputs.shape)}")
-        return example_inputs[:n].float(), None
-    raise DataError(f"example_inputs must be an ImageDataset or a tensor, got {type(example_inputs).__name__}")
+        x = example_inputs[:n]
+        return (x if not x.dtype.is_floating_point else x.float()), None  # token ids stay integer
+    if isinstance(example_inputs, Mapping):
+        bad = [k for k, v in example_inputs.items() if not isinstance(v, torch.Tensor) or v.ndim < 1]
+        if bad or not example_inputs:
+            raise DataError(f"example_inputs as a dict must map input names to batched tensors; {bad[:3] or 'empty'}")
+        if batch_len(example_inputs) == 0:
+            raise DataError("example_inputs are empty")
+        return slice_inputs(example_inputs, 0, n), None
+    raise DataError(f"example_inputs must be an ImageDataset, a tensor or a dict of tensors (keyword inputs), got "
+                    f"{type(example_inputs).__name__}")
+
+
+def _shape(x: Any) -> tuple[int, ...]:
+    """One sample's shape (of the first input for keyword inputs)."""
+    return tuple((next(iter(x.values())) if isinstance(x, Mapping) else x).shape[1:])
 
 
 def _torch_export(model: nn.Module, x: torch.Tensor, path: Path, opset: int) -> None:
@@ -110,14 +137,9 @@ def _torch_export(model: nn.Module, x: torch.Tensor, path: Path, opset: int) -> 
         )
 
 
-def _ort_run(path: Path, x: np.ndarray) -> np.ndarray:
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    name = sess.get_inputs()[0].name
-    return np.concatenate([sess.run(None, {name: x[i : i + 256]})[0] for i in range(0, len(x), 256)])
+def _ort_run(path: Path, x: Any) -> np.ndarray:
+    """The file's first output on ``x`` (a tensor or a dict of input tensors) in ONNX Runtime."""
+    return run_session(ort_session(path), x)[0]
 
 
 def export(
@@ -183,6 +205,10 @@ def _export(model: nn.Module, format: str, *, example_inputs: Any, path: str | o
     if format != "onnx" and prec not in _edge.PRECISIONS[format]:
         raise ConfigError(f"format {format!r} takes precision {' or '.join(_edge.PRECISIONS[format])}, not {prec!r}")
     x, labels = _examples(example_inputs, floors.samples)
+    has_graph = callable(getattr(model, "onnx_bytes", None))  # quantized on its ONNX graph, or an ONNX file
+    if (isinstance(x, Mapping) or has_graph) and format != "onnx":
+        raise ConfigError(f"format {format!r} takes models with one tensor input built in torch; this model "
+                          f"({type(model).__name__}) exports to 'onnx' only")
     target = Path(path) if path else Path(f"{type(model).__name__.lower()}-{prec}{_edge.SUFFIX[format]}")
     if target.suffix != _edge.SUFFIX[format]:
         raise ConfigError(f"path {str(target)!r} does not fit format {format!r}: use a {_edge.SUFFIX[format]} file")
@@ -190,9 +216,9 @@ def _export(model: nn.Module, format: str, *, example_inputs: Any, path: str | o
     model = model.eval()
     try:
         with torch.no_grad():
-            ref = model(x)
+            ref = first_output(call(model, x))
     except Exception as e:  # shape mismatches surface as RuntimeError deep in torch
-        raise DataError(f"example_inputs of shape {tuple(x.shape[1:])} do not fit {type(model).__name__}: "
+        raise DataError(f"example_inputs of shape {_shape(x)} do not fit {type(model).__name__}: "
                         f"{str(e).splitlines()[0][:200]}") from None
     t0 = time.perf_counter()
     if format != "onnx":
@@ -202,27 +228,77 @@ def _export(model: nn.Module, format: str, *, example_inputs: Any, path: str | o
     with atomic_path(target, force=force) as tmp, tempfile.TemporaryDirectory() as td, \
             bar(desc=f"export {target.name}", total=3 if validate else 2, unit="step") as pb:
         raw = Path(td) / "raw.onnx"
-        with (float_ctx() if float_ctx and prec in ("int8-dynamic", "fp16") else contextlib.nullcontext()):
-            _torch_export(model, x, raw, opset)
+        if has_graph:  # the file the model runs is the artifact
+            raw.write_bytes(model.onnx_bytes())
+        elif isinstance(x, Mapping):
+            with (float_ctx() if float_ctx and prec in ("int8-dynamic", "fp16") else contextlib.nullcontext()):
+                raw.write_bytes(to_onnx(model, x, opset=opset))
+        else:
+            with (float_ctx() if float_ctx and prec in ("int8-dynamic", "fp16") else contextlib.nullcontext()):
+                _torch_export(model, x, raw, opset)
         with float_ctx() if float_ctx else contextlib.nullcontext():
             macs = count_macs(model, x)
         pb.update()
-        _convert(raw, tmp, prec, getattr(model, "edgeslim_export", {}))
+        if has_graph:
+            _check_graph(raw, tmp, prec)
+        else:
+            _convert(raw, tmp, prec, getattr(model, "edgeslim_export", {}))
         pb.update()
         validation: dict[str, Any] = {}
         if validate:
             pb.set_postfix_str(f"validating on {len(x)} samples")
             validation = _validate(model, tmp, x, ref, labels, prec, floors)
             pb.update()
+        integer = _integer_share(tmp, x, prec)
+        if not macs and integer:
+            macs = integer["total_macs"]  # an ONNX-file model: torch's counter sees no ops, the graph has them
     art = Artifact(
-        target, "onnx", prec, tuple(x.shape[1:]), validation,
+        target, "onnx", prec, _shape(x), validation,
         {"macs": macs, "opset": opset, "source_model": type(model).__name__,
          "export_seconds": round(time.perf_counter() - t0, 3),
+         **({"integer_macs": integer} if integer else {}),
          **report_meta(model)},
     )
     art.save_record(force=True)
     log.info("exported %s (%s, %d bytes)", target, prec, art.size_bytes)
     return art
+
+
+def _check_graph(raw: Path, out: Path, precision: str) -> None:
+    """A ready ONNX file (an ONNX-captured quantized model, an ONNX-file model): checked, then written as it is."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(onnx.load(str(raw)))
+    except onnx.checker.ValidationError as e:
+        raise ExportError(f"the {precision} ONNX graph is invalid: {str(e).splitlines()[0]}") from None
+    out.write_bytes(raw.read_bytes())
+
+
+def _integer_share(path: Path, x: Any, precision: str) -> dict[str, Any] | None:
+    """For INT8 files: the share of Conv/Gemm/MatMul MACs that run in integer kernels, measured on the graph."""
+    if not precision.startswith("int8"):
+        return None
+    from edgeslim.core.onnx_model import as_feeds
+    from edgeslim.quantize._capture import MIN_INTEGER_SHARE
+    from edgeslim.quantize._onnx import integer_macs
+
+    sess = ort_session(path)
+    names = [i.name for i in sess.get_inputs()]
+    feeds = as_feeds(slice_inputs(x, 0, 1), names)
+    types = {i.name: i.type for i in sess.get_inputs()}
+    feeds = {k: v.astype(np.float32) if types.get(k) == "tensor(float)" else v for k, v in feeds.items()}
+    try:
+        im = integer_macs(path.read_bytes(), feeds)
+    except Exception as e:  # noqa: BLE001 - the share is a record; a graph it cannot read is said, not fatal
+        log.warning("export: cannot measure the integer-MAC share of %s: %s", path.name, e)
+        return None
+    out = {k: im[k] for k in ("share", "integer_macs", "total_macs")}
+    out["float_nodes"] = [n["node"] for n in im["nodes"] if not n["integer"]]
+    if out["share"] is not None and out["share"] < MIN_INTEGER_SHARE:
+        log.warning("export: only %.1f%% of the MACs of %s run in integer kernels (%d of %d MAC nodes stay float)",
+                    100 * out["share"], path.name, len(out["float_nodes"]), len(im["nodes"]))
+    return out
 
 
 def report_meta(model: nn.Module) -> dict[str, Any]:
@@ -274,30 +350,58 @@ def _validate(model: nn.Module, path: Path, x: torch.Tensor, ref: torch.Tensor, 
               prec: str, floors: ValidationFloors, fmt: str = "onnx") -> dict[str, Any]:
     """Run the file in its runtime (ONNX Runtime for ONNX) on the samples and compare with the torch model;
     raise below the floors."""
-    out = _ort_run(path, x.numpy()) if fmt == "onnx" else _edge.run_in_runtime(fmt, path, x)
-    validation: dict[str, Any] = {"samples": len(x), "reference": "torch model passed to export",
+    out = _ort_run(path, x) if fmt == "onnx" else _edge.run_in_runtime(fmt, path, x)
+    n = batch_len(x)
+    validation: dict[str, Any] = {"samples": n, "reference": "torch model passed to export",
                                   "runtime": "onnxruntime" if fmt == "onnx" else _edge.RUNTIME[fmt],
                                   **compare(ref.numpy(), out)}
     if labels is not None:
         validation["accuracy_torch"] = float((ref.numpy().argmax(1) == labels).mean())
         validation["accuracy_artifact"] = float((out.argmax(1) == labels).mean())
     float_ctx = getattr(model, "float_reference", None)
+    fl = None
     if float_ctx:
         with float_ctx(), torch.no_grad():
-            validation["vs_float_reference"] = compare(model(x).numpy(), out)
+            fref = first_output(call(model, x)).float().numpy()
+        fl = compare(fref, out)
+        if labels is not None:
+            fl["accuracy_float"] = float((fref.argmax(1) == labels).mean())
+            fl["accuracy_artifact"] = validation["accuracy_artifact"]
+        fl["floors"] = {"cosine": floors.float_min_cosine, "sqnr_db": floors.float_min_sqnr_db,
+                        "top1_agreement": floors.float_top1_agreement}
+        validation["vs_float_reference"] = fl
     cmin, smin, tmin = floors.resolve(prec)
     validation["floors"] = {"cosine": cmin, "sqnr_db": smin, "top1_agreement": tmin}
+    validation["summary"] = _summary_line(validation, fl)
+    log.info("export validation: %s", validation["summary"])
     bad = [
         f"{k} {validation[k]:.4f} < {v}"
         for k, v in (("cosine", cmin), ("sqnr_db", smin), ("top1_agreement", tmin))
         if validation[k] < v
     ]
+    if fl is not None:
+        bad += [f"vs FP32 {k} {fl[k]:.4f} < {v}" for k, v in fl["floors"].items() if fl[k] < v]
     if bad:
         raise ExportError(
-            f"{prec} {fmt} export of {type(model).__name__} failed validation on {len(x)} samples: "
-            + "; ".join(bad) + " (floors are set by ValidationFloors)"
+            f"{prec} {fmt} export of {type(model).__name__} failed validation on {n} samples: "
+            + "; ".join(bad) + f" ({validation['summary']}; floors are set by ValidationFloors)"
         )
     return validation
+
+
+def _summary_line(v: dict[str, Any], fl: dict[str, Any] | None) -> str:
+    """Both comparisons in one line: the file vs its (quantized) reference, and vs FP32 (what was lost)."""
+    def part(d: dict[str, Any]) -> str:
+        return f"cosine {d['cosine']:.4f}, SQNR {d['sqnr_db']:.1f} dB, top-1 agreement {d['top1_agreement']:.3f}"
+
+    text = f"vs {'quantized ' if fl is not None else ''}reference: {part(v)}"
+    if "accuracy_artifact" in v:
+        text += f", accuracy {v['accuracy_artifact']:.4f}"
+    if fl is not None:
+        text += f"; vs FP32: {part(fl)}"
+        if "accuracy_float" in fl:
+            text += f", accuracy {fl['accuracy_float']:.4f} -> {fl['accuracy_artifact']:.4f}"
+    return text
 
 
 def _convert(raw: Path, out: Path, precision: str, opts: dict) -> None:

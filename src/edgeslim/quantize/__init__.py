@@ -6,18 +6,66 @@
 
 from edgeslim.quantize._api import QuantizedModel, QuantReport, quantize
 from edgeslim.quantize._calibrate import CALIBRATORS, Observer, Stats
-from edgeslim.quantize._config import ActivationType, QuantConfig, QuantMode, WeightRange
+from edgeslim.quantize._capture import OnnxQuantizedModel, compare_speed
+from edgeslim.quantize._config import (
+    ActivationType,
+    Capture,
+    QuantConfig,
+    QuantMode,
+    WeightRange,
+)
 from edgeslim.quantize._modules import ActQuant, QuantWeight
-from edgeslim.quantize._qat import QATConfig, QATMethod, qat, restore_quantized, save_quantized
+from edgeslim.quantize._qat import (
+    QATConfig,
+    QATMethod,
+    qat,
+    restore_quantized,
+    save_quantized,
+)
 from edgeslim.quantize._sensitivity import (
-    BudgetConfig, BudgetResult, BudgetSearch, BudgetStep, Fallback, LayerSensitivity, RankBy, SensitivityMode,
-    SensitivityReport, quantize_with_budget, sensitivity,
+    BudgetConfig,
+    BudgetResult,
+    BudgetSearch,
+    BudgetStep,
+    Fallback,
+    LayerSensitivity,
+    RankBy,
+    SensitivityMode,
+    SensitivityReport,
+    quantize_with_budget,
+    sensitivity,
 )
 
 __all__ = [
-    "CALIBRATORS", "ActQuant", "ActivationType", "BudgetConfig", "BudgetResult", "BudgetSearch", "BudgetStep",
+    "CALIBRATORS",
+    "ActQuant",
+    "ActivationType",
+    "BudgetConfig",
+    "BudgetResult",
+    "BudgetSearch",
+    "BudgetStep",
+    "Capture",
     "Fallback",
-    "LayerSensitivity", "Observer", "QATConfig", "QATMethod", "QuantConfig", "QuantMode", "QuantReport", "QuantWeight",
-    "QuantizedModel", "RankBy", "SensitivityMode", "SensitivityReport", "Stats", "WeightRange", "qat", "quantize",
-    "quantize_with_budget", "restore_quantized", "save_quantized", "sensitivity",
+    "LayerSensitivity",
+    "Observer",
+    "OnnxQuantizedModel",
+    "QATConfig",
+    "QATMethod",
+    "QuantConfig",
+    "QuantMode",
+    "QuantReport",
+    "QuantWeight",
+    "QuantizedModel",
+    "RankBy",
+    "SensitivityMode",
+    "SensitivityReport",
+    "Stats",
+    "WeightRange",
+    "compare_speed",
+    "qat",
+    "quantize",
+    "quantize_with_budget",
+    "restore_quantized",
+    "save_quantized",
+    "sensitivity",
 ]

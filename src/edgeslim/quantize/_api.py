@@ -6,15 +6,17 @@ import contextlib
 import copy
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
 
 from edgeslim.core import recipe as _recipe
+from edgeslim.core.counting import call, first_sample
 from edgeslim.core.errors import DataError, QuantizationError
+from edgeslim.core.onnx_model import OnnxModel, batch_len, slice_inputs
 from edgeslim.core.verbs import check_config, data_alias
 from edgeslim.core.progress import bar, progress_enabled
 from edgeslim.quantize import _graph
@@ -23,6 +25,9 @@ from edgeslim.quantize._config import ActivationType, QuantConfig, QuantMode, We
 from edgeslim.quantize._adaround import adaround
 from edgeslim.quantize._equalize import correct_bias, equalize
 from edgeslim.quantize._modules import ActQuant, QuantWeight
+
+if TYPE_CHECKING:
+    from edgeslim.quantize._capture import OnnxQuantizedModel
 
 log = logging.getLogger(__name__)
 
@@ -42,16 +47,42 @@ class QuantReport:
     activations: list[dict[str, Any]] = field(default_factory=list)
     corrections: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    capture: str = "fx"
+    capture_reason: str = ""
+    integer_macs: dict[str, Any] | None = None
+    preprocessing: str | None = None
+    speed: dict[str, Any] | None = None
+    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {"technique": self.technique, **asdict(self)}
 
+    @property
+    def integer_mac_share(self) -> float | None:
+        """Share of the model's Conv/Linear/MatMul MACs that run in integer kernels (None: not known)."""
+        return None if not self.integer_macs else self.integer_macs.get("share")
+
     def summary(self) -> str:
-        return (
+        from edgeslim.quantize._capture import MIN_INTEGER_SHARE, speed_note
+
+        text = (
             f"{self.precision}: {len(self.quantized_layers)} layers quantized, {len(self.skipped_layers)} kept in "
             f"float, {len(self.activations)} activation ranges ({self.calibration or 'none'}, "
-            f"{self.calibration_samples} samples), {self.seconds:.1f} s"
+            f"{self.calibration_samples} samples), {self.seconds:.1f} s; capture {self.capture}"
         )
+        share = self.integer_mac_share
+        if share is not None:
+            text += f"; {share:.1%} of MACs in integer kernels"
+        notes = list(self.warnings)
+        if share is not None and share < MIN_INTEGER_SHARE and self.precision.startswith("int8"):
+            notes.insert(0, f"WARNING: only {share:.1%} of the MACs run in integer kernels (below "
+                            f"{MIN_INTEGER_SHARE:.0%}): the model will be barely faster than FP32; see skipped_layers "
+                            "for each float layer and why")
+        if self.preprocessing and "failed" in self.preprocessing:
+            notes.append(self.preprocessing)
+        if self.speed:
+            notes.append(speed_note(self.speed))
+        return "; ".join([text, *notes])
 
 
 class QuantizedModel(nn.Module):
@@ -102,8 +133,11 @@ class QuantizedModel(nn.Module):
                 w.enabled = e
 
 
-def _calibration_batches(calib: Any, config: QuantConfig, batch_size: int = 128) -> list[torch.Tensor]:
-    """Turn the calibration argument into a list of input batches (class-balanced when labels are known)."""
+def _calibration_batches(calib: Any, config: QuantConfig, batch_size: int = 128) -> list[Any]:
+    """Turn the calibration argument into a list of input batches (class-balanced when labels are known).
+
+    A batch is a tensor, or a dict of tensors for models called with keyword inputs (token ids, attention mask).
+    """
     if calib is None:
         raise DataError(
             "static quantization needs calibration data: pass data=<dataset or tensor of real samples> "
@@ -118,25 +152,33 @@ def _calibration_batches(calib: Any, config: QuantConfig, batch_size: int = 128)
         x = sub.normalized()
     elif isinstance(calib, torch.Tensor):
         x = calib[: config.num_samples]
+    elif isinstance(calib, Mapping):
+        x = slice_inputs(calib, 0, config.num_samples)
     else:
         xs = []
         for b in calib:
             xs.append(b[0] if isinstance(b, (tuple, list)) else b)
-            if sum(len(t) for t in xs) >= config.num_samples:
+            if sum(batch_len(t) for t in xs) >= config.num_samples:
                 break
-        x = torch.cat(xs)[: config.num_samples] if xs else torch.empty(0)
-    if len(x) == 0:
+        if xs and isinstance(xs[0], Mapping):
+            x = slice_inputs({k: torch.cat([b[k] for b in xs]) for k in xs[0]}, 0, config.num_samples)
+        else:
+            x = torch.cat(xs)[: config.num_samples] if xs else torch.empty(0)
+    n = batch_len(x)
+    if n == 0:
         raise DataError("calibration data is empty: pass at least one real sample")
-    return [x[i : i + batch_size] for i in range(0, len(x), batch_size)]
+    return [slice_inputs(x, i, i + batch_size) for i in range(0, n, batch_size)]
 
 
-def _check_fits(model: nn.Module, x: torch.Tensor) -> None:
+def _check_fits(model: nn.Module, x: Any) -> None:
     try:
         with torch.no_grad():
-            model(x[:1])
+            call(model, first_sample(x))
     except Exception as e:  # a shape mismatch surfaces as RuntimeError deep in torch
+        shape = ({k: tuple(v.shape[1:]) for k, v in x.items()} if isinstance(x, Mapping)
+                 else tuple(x.shape[1:]))
         raise DataError(
-            f"input of shape {tuple(x.shape[1:])} does not fit {type(model).__name__}: "
+            f"input of shape {shape} does not fit {type(model).__name__}: "
             f"{str(e).splitlines()[0][:200]}"
         ) from None
 
@@ -201,24 +243,32 @@ def quantize(
     config: QuantConfig = QuantConfig(),
     *,
     data: Any = None,
-    example_inputs: torch.Tensor | None = None,
+    example_inputs: Any = None,
     calib: Any = None,
     progress: bool | None = None,
-) -> QuantizedModel:
+) -> QuantizedModel | OnnxQuantizedModel:
     """Quantize a copy of ``model`` (the input is never modified).
 
+    The capture (``config.capture``) decides how the model's operations are found: ``fx`` rewrites the torch graph
+    with fake quantization (a :class:`QuantizedModel`); ``onnx`` quantizes the exported ONNX graph (an
+    :class:`OnnxQuantizedModel`, run by ONNX Runtime); ``auto`` picks fx when it covers at least 90% of the MACs.
+    The report says which capture ran and why, and the share of MACs in integer kernels.
+
     Args:
-        model: a float ``nn.Module`` traceable by torch.fx (masked or clustered layers are made dense first).
+        model: a float ``nn.Module`` (masked or clustered layers are made dense first), or an ONNX file (a path, an
+            ``onnx.ModelProto`` or an :class:`~edgeslim.core.onnx_model.OnnxModel`).
         config: the :class:`QuantConfig`.
         data: calibration data (static mode, required): an ImageDataset (a class-balanced subset of
-            ``config.num_samples`` is drawn), a tensor of inputs, or an iterable of batches.
-        example_inputs: an input batch for dynamic/fp16 modes (to check the shape fits).
+            ``config.num_samples`` is drawn), a tensor of inputs, a dict of input tensors (keyword inputs such as
+            ``input_ids`` and ``attention_mask``), or an iterable of such batches.
+        example_inputs: an input batch for dynamic/fp16 modes (to check the shape fits; the ONNX capture exports
+            with it).
         calib: the old name of ``data`` (deprecated).
         progress: show progress bars on stderr (calibration, AdaRound); ``None`` inherits
             :func:`edgeslim.core.progress.progress_enabled` (off by default).
 
     Returns:
-        a :class:`QuantizedModel` whose ``report`` lists what was quantized and what was not, and why.
+        the quantized model; its ``report`` lists what was quantized and what was not, and why.
     """
     calib = data_alias(data, calib, "quantize")
     with progress_enabled(progress):
@@ -229,18 +279,45 @@ def _quantize(model: nn.Module, config: QuantConfig, calib: Any, example_inputs:
               ) -> QuantizedModel:
     t0 = time.perf_counter()
     check_config(config, QuantConfig, "quantize")
+    from edgeslim.quantize import _capture
+
+    if _capture.is_onnx_source(model):
+        model = OnnxModel(model)
     _recipe.check_next(model, "quantize")
     static = config.mode == QuantMode.STATIC
     batches = _calibration_batches(calib, config) if static else []
     probe = batches[0] if batches else example_inputs
     if probe is not None:
         _check_fits(model, probe)
-    gm, placement, quants = build_graph(model, config)
     precision = PRECISION[config.mode]
     report = QuantReport(
         mode=config.mode.value, precision=precision, calibration=config.calibration if static else None,
-        calibration_samples=sum(len(b) for b in batches),
+        calibration_samples=sum(batch_len(b) for b in batches),
     )
+    if probe is None and (config.capture != "fx" or isinstance(model, OnnxModel)):
+        if isinstance(model, OnnxModel) or config.capture == "onnx":
+            raise DataError(f"{config.mode.value} quantization on the ONNX graph needs example_inputs= (an input "
+                            "batch to export the model with)")
+        capture, why, coverage = "fx", "no example_inputs to measure the fx capture's coverage with", None
+    else:
+        capture, why, coverage = _capture.choose(model, config, probe)
+    if capture == "onnx":
+        q = _capture.quantize_onnx(model, config, batches, probe, report, why)
+        report.seconds = round(time.perf_counter() - t0, 3)
+        if config.check_speed:
+            _capture.check_speed(report, model, q, probe)
+        previous = _recipe.steps_of(model)
+        setattr(q, _recipe.RECIPE_ATTR, previous)
+        src = getattr(model, _recipe.SOURCE_ATTR, None)
+        if src is not None:
+            setattr(q, _recipe.SOURCE_ATTR, src)
+        _recipe.record(q, "quantize", q.config, {"capture": "onnx", "plan": q.plan}, report)
+        log.info("quantize: %s", report.summary())
+        return q
+    if config.capture != "fx":
+        config = config.replace(capture="fx")
+    report.capture, report.capture_reason = "fx", why
+    gm, placement, quants = build_graph(model, config)
     if gm.edgeslim_equalization:
         report.corrections["equalization"] = gm.edgeslim_equalization
     if static:
@@ -289,11 +366,33 @@ def _quantize(model: nn.Module, config: QuantConfig, calib: Any, example_inputs:
     for name, why in placement.excluded.items():
         report.skipped_layers.append({"name": name, "type": type(gm.get_submodule(name)).__name__, "reason": why})
     report.float_ops = [{"node": k, "reason": v} for k, v in placement.float_ops.items()]
+    excluded_macs = 0
+    if coverage and placement.excluded:
+        excluded_macs = _excluded_macs(model, probe, list(placement.excluded))
+    _capture.fx_integer_share(report, coverage, placement.weighted, excluded_macs)
     qm = QuantizedModel(gm, config, report).eval()
     report.seconds = round(time.perf_counter() - t0, 3)
+    if config.check_speed:
+        _capture.check_speed(report, model, qm, probe)
     record_quantized(qm, model)
     log.info("quantize: %s", report.summary())
     return qm
+
+
+def _excluded_macs(model: nn.Module, probe: Any, names: list[str]) -> int:
+    """MACs (batch 1) of the fx layers the user excluded, from the folded graph."""
+    from edgeslim.core.counting import count_macs
+
+    gm = _graph.trace_and_fold(copy.deepcopy(model))
+    seen: dict[str, Any] = {}
+    hooks = [gm.get_submodule(n).register_forward_pre_hook(lambda _m, a, n=n: seen.setdefault(n, a) and None) for n in names]
+    try:
+        with torch.no_grad():
+            call(gm, first_sample(probe))
+    finally:
+        for h in hooks:
+            h.remove()
+    return sum(count_macs(gm.get_submodule(n), seen[n]) for n in names if n in seen)
 
 
 def record_quantized(qm: QuantizedModel, source: nn.Module) -> QuantizedModel:
@@ -316,6 +415,10 @@ def record_quantized(qm: QuantizedModel, source: nn.Module) -> QuantizedModel:
 def _replay_step(model: nn.Module, step: dict) -> QuantizedModel:
     """Rebuild a quantized model's structure (BN folded, quantizers placed, modes set) for its state_dict."""
     config = QuantConfig.from_dict(step["config"], source="recipe step 'quantize'")
+    if config.capture == "onnx" or step.get("state", {}).get("capture") == "onnx":
+        from edgeslim.quantize._capture import replay_onnx
+
+        return replay_onnx(model, step)
     gm, placement, quants = build_graph(model, config)
     q = QuantizedModel(gm, config, QuantReport(config.mode.value, PRECISION[config.mode], config.calibration, 0))
     state = step.get("state", {})

@@ -26,6 +26,18 @@ class WeightRange(StrEnum):
     MSE = "mse"
 
 
+class Capture(StrEnum):
+    """How the model's operations are found. ``fx``: torch.fx tracing that matches ``nn.Conv1d/Conv2d/Linear``
+    modules (the torch fake-quant model that QAT, AdaRound, bias correction and mixed precision need). ``onnx``: the
+    exported ONNX graph, which sees every convolution, linear and matmul however it is called (functional ops,
+    ``nn.Conv2d`` subclasses, attention, Hugging Face models), quantized by ONNX Runtime's QDQ writer from edgeslim's
+    calibrated ranges. ``auto``: fx when it covers at least 90% of the model's Conv/Linear/MatMul MACs, else onnx."""
+
+    AUTO = "auto"
+    FX = "fx"
+    ONNX = "onnx"
+
+
 class ActivationType(StrEnum):
     """Activation integer type. ``uint8`` with ``int8`` weights is the fast path on x86 without VNNI."""
 
@@ -62,6 +74,10 @@ class QuantConfig(Config):
         bias_correction: subtract each quantized layer's mean output error on the calibration data from its
             bias (static mode).
         seed: seed of the calibration subset.
+        capture: ``auto`` (default), ``fx`` or ``onnx`` (:class:`Capture`): how the model's operations are found.
+        check_speed: after quantizing, time the INT8 file against the FP32 file on this host (ONNX Runtime,
+            batch 1, interleaved rounds) and put the result in the report; the summary says plainly when INT8 is
+            slower.
     """
 
     kind = "quantize"
@@ -83,6 +99,8 @@ class QuantConfig(Config):
     adaround_samples: int = 256
     bias_correction: bool = False
     seed: int = 0
+    capture: Capture = Capture.AUTO
+    check_speed: bool = False
 
     def validate(self) -> None:
         from edgeslim.quantize._calibrate import CALIBRATORS

@@ -85,12 +85,19 @@ def qat(
 
     check_config(config, QATConfig, "qat")
     train, val = data
+    if getattr(model, "edgeslim_capture", None) == "onnx":
+        raise QuantizationError("QAT trains the torch fake-quant model: a model quantized on its ONNX graph "
+                                "(capture='onnx') has none; quantize the float model with QuantConfig(capture='fx')")
     if isinstance(model, QuantizedModel):
         if model.config.mode != QuantMode.STATIC:
             raise QuantizationError(f"QAT needs a static-mode quantized model, got mode {model.config.mode.value!r}")
         q = copy.deepcopy(model)
     else:
-        q = quantize(model, quant_config, data=calib if calib is not None else train)
+        if quant_config.capture == "onnx":
+            raise QuantizationError("QAT needs QuantConfig.capture 'fx' or 'auto' (it trains the torch fake-quant "
+                                    "model), not 'onnx'")
+        # QAT trains the torch fake-quant model: the fx capture, whatever share of the model it covers
+        q = quantize(model, quant_config.replace(capture="fx"), data=calib if calib is not None else train)
     for a in q.act_quants():
         if config.method == QATMethod.LSQ:
             a.make_learnable()

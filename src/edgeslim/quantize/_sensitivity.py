@@ -319,7 +319,11 @@ class _Variants:
 
     def __init__(self, model: nn.Module, config: QuantConfig, calib: Any) -> None:
         self.model, self.config = model, config
-        self.q = quantize(model, config, data=calib)
+        if config.capture == "onnx":
+            raise QuantizationError("sensitivity and the budget search score the torch fake-quant model: "
+                                    "QuantConfig.capture must be 'fx' or 'auto' here, not 'onnx'")
+        # layers are toggled in the torch fake-quant model: the fx capture (its report states what it covers)
+        self.q = quantize(model, config.replace(capture="fx"), data=calib)
         self.layers = {d["name"]: d for d in self.q.report.quantized_layers}
         self.folded = _graph.trace_and_fold(copy.deepcopy(model))
         gm = self.q.graph_module

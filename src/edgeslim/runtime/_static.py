@@ -49,11 +49,31 @@ def onnx_params(model: str | Path | Any) -> int:
                if t.data_type != _INT64 and any(uses.get(t.name, [True])))
 
 
-def onnx_macs_detail(model: str | Path | Any) -> tuple[int, list[str]]:
-    """MACs of Conv/ConvTranspose/Gemm/MatMul (and their integer forms) at batch 1, and the nodes skipped.
+def measured_shapes(model: Any, feeds: dict[str, np.ndarray], names: list[str]) -> dict[str, list[int]]:
+    """The shapes the tensors ``names`` take when ONNX Runtime runs ``model`` on ``feeds`` (one Shape node each)."""
+    onnx = _require("onnx", "onnx")
+    ort = _require("onnxruntime", "onnxruntime")
+    from onnx import TensorProto, helper
 
-    A node is skipped (and named in the returned list) when shape inference cannot give its shapes.
-    """
+    m = onnx.ModelProto()
+    m.CopyFrom(_load(model))
+    del m.graph.output[:]
+    for i, name in enumerate(names):
+        m.graph.node.append(helper.make_node("Shape", [name], [f"__shape_{i}"]))
+        m.graph.output.append(helper.make_tensor_value_info(f"__shape_{i}", TensorProto.INT64, None))
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return {n: [int(d) for d in s] for n, s in zip(names, sess.run(None, feeds), strict=True)}
+
+
+def onnx_node_macs(model: str | Path | Any, feeds: dict[str, np.ndarray] | None = None) -> list[int | None]:
+    """MACs at batch 1 of each node of the graph, in ``graph.node`` order: an int for Conv/ConvTranspose/Gemm/MatMul
+    (and their integer forms), 0 for other ops, None where shape inference cannot give the node's shapes.
+
+    With ``feeds`` (one sample for each input), shapes come from running the graph in ONNX Runtime, which knows
+    them where static shape inference does not (reshapes computed from Shape ops)."""
     onnx = _require("onnx", "onnx")
     m = onnx.ModelProto()
     m.CopyFrom(_load(model))
@@ -67,21 +87,39 @@ def onnx_macs_detail(model: str | Path | Any) -> tuple[int, list[str]]:
         dims = vi.type.tensor_type.shape.dim
         if vi.type.tensor_type.HasField("shape") and all(d.dim_value > 0 for d in dims):
             shapes[vi.name] = [d.dim_value for d in dims]
-    total, skipped = 0, []
+    if feeds is not None:
+        wanted = sorted({t for n in g.node if n.op_type in _MAC_OPS for t in (
+            n.input[_MAC_OPS[n.op_type][0]], n.input[_MAC_OPS[n.op_type][1]], n.output[0]) if t not in shapes})
+        if wanted:
+            shapes.update(measured_shapes(m, feeds, wanted))
+    out: list[int | None] = []
     for n in g.node:
         if n.op_type not in _MAC_OPS:
+            out.append(0)
             continue
         ia, iw = _MAC_OPS[n.op_type]
-        a, w, out = shapes.get(n.input[ia]), shapes.get(n.input[iw]), shapes.get(n.output[0])
-        if a is None or w is None or out is None:
-            skipped.append(f"{n.op_type} {n.name or n.output[0]}")
+        a, w, o = shapes.get(n.input[ia]), shapes.get(n.input[iw]), shapes.get(n.output[0])
+        if a is None or w is None or o is None:
+            out.append(None)
         elif "Conv" in n.op_type:  # out elements x (in-channels per group x kernel); transposed: per input element
-            total += int(np.prod(a if n.op_type == "ConvTranspose" else out)) * int(np.prod(w[1:]))
+            out.append(int(np.prod(a if n.op_type == "ConvTranspose" else o)) * int(np.prod(w[1:])))
         elif n.op_type in ("Gemm", "QGemm"):
             trans_a = any(at.name == "transA" and at.i for at in n.attribute)
-            total += int(np.prod(out)) * (a[0] if trans_a else a[-1])
+            out.append(int(np.prod(o)) * (a[0] if trans_a else a[-1]))
         else:
-            total += int(np.prod(out)) * a[-1]
+            out.append(int(np.prod(o)) * a[-1])
+    return out
+
+
+def onnx_macs_detail(model: str | Path | Any) -> tuple[int, list[str]]:
+    """MACs of Conv/ConvTranspose/Gemm/MatMul (and their integer forms) at batch 1, and the nodes skipped.
+
+    A node is skipped (and named in the returned list) when shape inference cannot give its shapes.
+    """
+    g = _load(model).graph
+    per_node = onnx_node_macs(model)
+    total = sum(m for m in per_node if m)
+    skipped = [f"{n.op_type} {n.name or n.output[0]}" for n, m in zip(g.node, per_node) if m is None]
     if skipped:
         log.warning("MAC count skipped %d node(s) without inferred shapes: %s", len(skipped), ", ".join(skipped))
     return total, skipped

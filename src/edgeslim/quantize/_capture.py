@@ -1,0 +1,423 @@
+"""Which capture quantizes a model (fx or the ONNX graph), and the model the ONNX capture returns.
+
+``QuantConfig(capture="auto")`` measures what the fx capture would cover: the MACs of the ``nn.Conv1d/Conv2d/Linear``
+modules torch.fx finds, against all the model's MACs (``torch.utils.flop_counter``). Functional convolutions
+(``nn.Conv2d`` subclasses calling ``F.conv2d``), parameters used through ``F.linear``, attention and anything fx cannot
+trace are invisible to it; when more than 10% of the MACs would stay float (or fx cannot trace the model), the ONNX
+capture quantizes instead, and the report says which capture ran and why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import os
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from edgeslim.core import recipe as _recipe
+from edgeslim.core.counting import call, count_macs, first_sample
+from edgeslim.core.errors import (
+    ConfigError,
+    EdgeslimError,
+    ModelError,
+    QuantizationError,
+)
+from edgeslim.core.onnx_model import OnnxModel, ort_session, run_session, to_onnx
+from edgeslim.quantize import _onnx
+from edgeslim.quantize._config import Capture, QuantConfig, QuantMode
+
+log = logging.getLogger(__name__)
+
+#: the fx capture is used (in ``auto``) when it leaves at most this share of the MACs in float
+MAX_FX_FLOAT_SHARE = 0.10
+#: the report warns loudly below this share of MACs in integer kernels
+MIN_INTEGER_SHARE = 0.90
+OPSET = 17
+
+
+def fx_coverage(model: nn.Module, probe: Any) -> dict[str, Any]:
+    """What the fx capture would quantize: ``quantizable_macs`` (its Conv/Linear modules), ``total_macs`` (the whole
+    model, batch 1) and ``layers``; raises QuantizationError when fx cannot trace the model."""
+    from edgeslim.quantize import _graph
+
+    total = count_macs(model, probe)
+    gm = _graph.trace_and_fold(copy.deepcopy(model))
+    names = _graph.weighted_modules(gm)
+    seen: dict[str, Any] = {}
+    hooks = [gm.get_submodule(n).register_forward_pre_hook(
+        lambda _m, args, n=n: seen.setdefault(n, args) and None) for n in names]
+    try:
+        with torch.no_grad():
+            call(gm, first_sample(probe))
+    except Exception as e:  # noqa: BLE001 - a traced graph that does not run is one more reason for onnx
+        raise QuantizationError(f"the fx-traced graph of {type(model).__name__} does not run "
+                                f"({type(e).__name__}: {str(e).splitlines()[0][:150] if str(e) else ''})") from None
+    finally:
+        for h in hooks:
+            h.remove()
+    covered = sum(count_macs(gm.get_submodule(n), seen[n]) for n in names if n in seen)
+    return {"quantizable_macs": int(covered), "total_macs": int(total), "layers": names}
+
+
+def choose(model: nn.Module, config: QuantConfig, probe: Any) -> tuple[str, str, dict[str, Any] | None]:
+    """(capture, why, fx coverage or None) for ``model`` under ``config``."""
+    if isinstance(model, OnnxModel):
+        if config.capture == Capture.FX:
+            raise ConfigError("QuantConfig.capture='fx' cannot quantize an ONNX file (there is no torch graph to "
+                              "trace); use capture='onnx' or 'auto'")
+        return "onnx", "the model is an ONNX file", None
+    if config.capture == Capture.ONNX:
+        _onnx.check_onnx_config(config)
+        return "onnx", "asked for (capture='onnx')", None
+    try:
+        cov = fx_coverage(model, probe)
+    except QuantizationError as e:
+        if config.capture == Capture.FX:
+            raise
+        if _onnx.needs_fx(config):
+            raise QuantizationError(f"{e}; and {_onnx.needs_fx(config)} needs the fx capture") from None
+        return "onnx", f"torch.fx cannot capture the model: {str(e)[:200]}", None
+    total, covered = cov["total_macs"], cov["quantizable_macs"]
+    float_share = 1.0 - covered / total if total else 0.0
+    desc = (f"fx finds {len(cov['layers'])} Conv/Linear modules holding {100 * (1 - float_share):.1f}% of the "
+            f"model's {total:,} MACs")
+    if config.capture == Capture.FX:
+        return "fx", f"asked for (capture='fx'); {desc}", cov
+    fx_only = _onnx.needs_fx(config)
+    if fx_only:
+        return "fx", f"{fx_only} needs the torch fake-quant model; {desc}", cov
+    if total and float_share > MAX_FX_FLOAT_SHARE:
+        return "onnx", (f"{desc}: more than {MAX_FX_FLOAT_SHARE:.0%} would stay float (functional or "
+                        "attention ops fx does not match), so the exported ONNX graph is quantized"), cov
+    if not cov["layers"] and not total:
+        raise QuantizationError("the model has no quantizable layers (Conv1d, Conv2d, Linear, matmul); "
+                                "nothing to quantize")
+    return "fx", desc, cov
+
+
+# ----------------------------------------------------------------------------------------- the onnx model
+def replay_example(example: Any) -> tuple[Any, list[dict[str, Any]]]:
+    """The one sample the float model is exported with, and its record for the recipe: float inputs are zeros of
+    the sample's shape (nothing about the data is kept), integer inputs (token ids, masks) their first sample (the
+    exporter follows the model's Python branches on them, e.g. "all tokens attended")."""
+    one = first_sample(example)
+    items = one.items() if isinstance(one, Mapping) else [("input", one)]
+    spec, values = [], {}
+    for k, v in items:
+        if not isinstance(v, torch.Tensor):
+            raise ConfigError(f"input {k!r} is a {type(v).__name__}; the ONNX capture takes tensors (or a dict of "
+                              "tensors)")
+        entry: dict[str, Any] = {"name": str(k), "shape": list(v.shape[1:]), "dtype": str(v.dtype).replace("torch.", "")}
+        if v.dtype.is_floating_point:
+            values[k] = torch.zeros_like(v)
+        else:
+            entry["value"] = v.tolist()
+            values[k] = v.clone()
+        spec.append(entry)
+    return (values if isinstance(one, Mapping) else values["input"]), spec
+
+
+def example_from_spec(spec: list[dict[str, Any]], keyed: bool) -> Any:
+    values = {}
+    for e in spec:
+        dtype = getattr(torch, e["dtype"])
+        values[e["name"]] = (torch.tensor(e["value"], dtype=dtype) if "value" in e
+                             else torch.zeros([1, *e["shape"]], dtype=dtype))
+    return values if keyed else values[spec[0]["name"]]
+
+
+class OnnxQuantizedModel(nn.Module):
+    """A model quantized on its ONNX graph: the quantized ONNX file, run by ONNX Runtime in ``forward``.
+
+    The float model it was made from is kept (``float_model``; its weights are this module's state_dict), so
+    ``float_reference()`` computes the FP32 reference, and a recipe replays the quantization from the recorded plan
+    (ranges per tensor, excluded nodes) without data. :func:`edgeslim.export` writes the quantized file as it is.
+
+    Attributes:
+        float_model: the float model (an :class:`~edgeslim.core.onnx_model.OnnxModel` for ONNX-file inputs).
+        config: the :class:`QuantConfig` used (``capture="onnx"``).
+        report: the :class:`~edgeslim.quantize.QuantReport`.
+        plan: plain data: ``inputs`` (the export sample's record), ``keyed``, ``preprocessed``, ``ranges``,
+            ``excluded``, ``opset``.
+        edgeslim_precision: ``int8``, ``int8-dynamic`` or ``fp16`` (read by export).
+    """
+
+    def __init__(self, float_model: nn.Module, config: QuantConfig, report: Any, plan: dict[str, Any],
+                 graph: bytes | None = None) -> None:
+        super().__init__()
+        self.float_model = float_model
+        self.config = config
+        self.report = report
+        self.plan = plan
+        self.edgeslim_precision = report.precision
+        self.edgeslim_capture = "onnx"
+        self._graph = graph
+        self._session: Any = None
+        self._float = False
+        self.register_load_state_dict_post_hook(lambda m, _keys: m._drop_graph())
+
+    def _drop_graph(self) -> None:
+        self._graph, self._session = None, None
+
+    def float_graph(self) -> bytes:
+        """The float model's ONNX graph, as quantized (pre-processed when the plan says so)."""
+        example = example_from_spec(self.plan["inputs"], self.plan["keyed"])
+        graph = to_onnx(self.float_model, example, opset=self.plan.get("opset", OPSET))
+        if self.plan.get("preprocessed"):
+            graph, err = _onnx.preprocess(graph)
+            if err:
+                raise ModelError(f"ORT pre-processing, which the recorded quantization used, now fails: {err}")
+            return graph
+        return _onnx.constants_to_initializers(graph)
+
+    def onnx_bytes(self) -> bytes:
+        """The quantized ONNX file (rebuilt from the float model and the plan after weights are loaded)."""
+        if self._graph is None:
+            graph = self.float_graph()
+            names = set(_onnx.float_activations(_onnx._onnx().load_from_string(graph)))
+            lost = [t for t in self.plan["ranges"] if t not in names]
+            if lost:
+                raise ModelError(f"the recorded ranges name {len(lost)} tensor(s) the model's ONNX graph does not "
+                                 f"have (e.g. {lost[:3]}): the model is not the one quantized")
+            self._graph = _onnx.build_qdq(graph, self.plan["ranges"], self.plan["excluded"], self.config)
+        return self._graph
+
+    def session(self) -> Any:
+        if self._session is None:
+            self._session = ort_session(self.onnx_bytes())
+        return self._session
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self._float:
+            return self.float_model(*args, **kwargs)
+        if args and kwargs:
+            raise ConfigError("pass the inputs either as one tensor or by name, not both")
+        if kwargs:
+            example: Any = kwargs
+        elif len(args) == 1 and not isinstance(args[0], Mapping):
+            example = args[0]
+        elif len(args) == 1:
+            example = dict(args[0])
+        else:
+            example = dict(zip([e["name"] for e in self.plan["inputs"]], args, strict=False))
+        outs = [torch.from_numpy(o) for o in run_session(self.session(), example)]
+        return outs[0] if len(outs) == 1 else tuple(outs)
+
+    @contextlib.contextmanager
+    def float_reference(self) -> Iterator[OnnxQuantizedModel]:
+        """Within the block the model computes in float (the float model it was made from)."""
+        was, self._float = self._float, True
+        try:
+            yield self
+        finally:
+            self._float = was
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_session"] = None  # an ONNX Runtime session is rebuilt, never copied
+        return state
+
+
+def quantize_onnx(model: nn.Module, config: QuantConfig, batches: list[Any], probe: Any, report: Any,
+                  why: str) -> OnnxQuantizedModel:
+    """Quantize ``model`` on its ONNX graph (analysis, statistics, apply; see ``_onnx``) and fill ``report``."""
+    float_model = copy.deepcopy(model).eval() if not isinstance(model, OnnxModel) else model
+    if not isinstance(float_model, OnnxModel):
+        _recipe.materialize(float_model)
+    example, spec = replay_example(probe)
+    keyed = isinstance(example, Mapping)
+    graph = to_onnx(float_model, example, opset=OPSET)
+    pre_err: str | None = "not used (dynamic / fp16 mode)"
+    if config.mode == QuantMode.STATIC:
+        graph, pre_err = _onnx.preprocess(graph)
+    else:
+        graph = _onnx.constants_to_initializers(graph)
+    ranges = _onnx.calibrate(graph, batches, config) if config.mode == QuantMode.STATIC else {}
+    excluded = _onnx.plan_exclusions(graph, ranges, config.exclude, not isinstance(float_model, OnnxModel),
+                                     check_ranges=config.mode == QuantMode.STATIC)
+    qgraph = _onnx.build_qdq(graph, ranges, excluded, config)
+    plan = {"inputs": spec, "keyed": keyed, "preprocessed": pre_err is None, "ranges": _onnx.state_json(ranges),
+            "excluded": dict(sorted(excluded.items())), "opset": OPSET}
+    cfg = config.replace(capture=Capture.ONNX)
+    q = OnnxQuantizedModel(float_model, cfg, report, plan, qgraph).eval()
+    fill_onnx_report(report, q, why, pre_err)
+    return q
+
+
+def fill_onnx_report(report: Any, q: OnnxQuantizedModel, why: str, pre_err: str | None) -> None:
+    """Layers quantized / left float (with their reason), integer-MAC share, ranges: from the quantized graph."""
+    report.capture, report.capture_reason = "onnx", why
+    if q.config.mode == QuantMode.STATIC:
+        report.preprocessing = ("ORT quant_pre_process (shape inference + graph optimization)" if pre_err is None
+                                else f"ORT quant_pre_process failed ({pre_err}); quantized without it")
+    else:
+        report.preprocessing = None
+    im = _onnx.integer_macs(q.onnx_bytes(), _onnx_feeds(q))
+    modules = not isinstance(q.float_model, OnnxModel)
+    for n in im["nodes"]:
+        module = _module_label(n["node"], modules)
+        if n["integer"]:
+            report.quantized_layers.append({"name": n["node"], "type": n["op"], "module": module, "macs": n["macs"],
+                                            "weights": _weights_desc(q.config)})
+        else:
+            report.skipped_layers.append({"name": n["node"], "type": n["op"], "module": module, "macs": n["macs"],
+                                          "reason": _onnx.float_reason(n["node"], n["op"], q.plan["excluded"],
+                                                                       q.config)})
+    for node in im["unknown"]:
+        report.skipped_layers.append({"name": node, "type": "?", "reason": "shape inference gives no shapes for "
+                                      "this node: its MACs are not counted"})
+    report.integer_macs = {"share": im["share"], "integer_macs": im["integer_macs"], "total_macs": im["total_macs"],
+                           "source": "the quantized ONNX graph (Conv/Gemm/MatMul fed by DequantizeLinear on both "
+                                     "inputs, or integer ops)"}
+    report.float_ops = [{"node": k, "reason": v} for k, v in q.plan["excluded"].items()
+                        if k not in {n["node"] for n in im["nodes"]}]
+    report.activations = [{"value": k, "range": [round(v[0], 6), round(v[1], 6)]} for k, v in q.plan["ranges"].items()]
+
+
+def _onnx_feeds(q: OnnxQuantizedModel) -> dict[str, np.ndarray]:
+    """One sample for the quantized graph (its recorded export sample), to measure shapes with."""
+    return _feeds_for(q.session(), example_from_spec(q.plan["inputs"], q.plan["keyed"]))
+
+
+def _module_label(node: str, modules: bool) -> str:
+    from edgeslim.core.onnx_model import module_of
+
+    return module_of(node) if modules else ""
+
+
+def _weights_desc(config: QuantConfig) -> str:
+    if config.mode == QuantMode.FP16:
+        return "fp16"
+    return f"int8 {'per-channel' if config.per_channel else 'per-tensor'} symmetric" + (
+        " (7-bit range)" if config.reduce_range else "") + (" (dynamic activations)" if config.mode ==
+                                                              QuantMode.DYNAMIC else "")
+
+
+def fx_integer_share(report: Any, coverage: dict[str, Any] | None, quantized: list[str],
+                     excluded_macs: int = 0) -> None:
+    """The fx capture's integer-MAC share, estimated from the torch modules it quantized."""
+    if not coverage or not coverage["total_macs"]:
+        return
+    total = coverage["total_macs"]
+    integer = max(0, coverage["quantizable_macs"] - excluded_macs)
+    report.integer_macs = {"share": integer / total, "integer_macs": integer, "total_macs": total,
+                           "source": "estimated from the quantized torch modules; edgeslim.export measures it on the "
+                                     "ONNX graph"}
+    rest = total - coverage["quantizable_macs"]
+    if rest > 0:
+        report.skipped_layers.append({
+            "name": "(functional and attention ops)", "type": "F.conv2d/F.linear/matmul",
+            "macs": int(rest),
+            "reason": f"{rest:,} MACs ({rest / total:.1%}) run outside nn.Conv/nn.Linear modules, which the fx capture "
+                      "does not see: they stay float (capture='onnx' quantizes them)"})
+
+
+def is_onnx_source(model: Any) -> bool:
+    return isinstance(model, (str, os.PathLike)) or hasattr(model, "SerializeToString")
+
+
+# ------------------------------------------------------------------------------------------- speed check
+def compare_speed(float_model: Any, quantized: Any, example_inputs: Any = None, *, threads: int = 1, rounds: int = 5,
+                  runs: int = 20) -> dict[str, Any]:
+    """Time the quantized ONNX file against the float model's ONNX file on this host: ONNX Runtime, batch 1,
+    ``rounds`` interleaved rounds of ``runs`` runs each (load drifting on a shared host hits both alike).
+
+    Args:
+        float_model: the float model (an ``nn.Module`` or an ONNX file / :class:`OnnxModel`).
+        quantized: a model returned by :func:`edgeslim.quantize` (either capture).
+        example_inputs: one input (batch 1 is taken) for the float export and the timing; for ONNX-capture models
+            the recorded export sample is used when omitted.
+
+    Returns:
+        ``float_ms``, ``quantized_ms`` (median of the round medians), ``speedup`` (float / quantized),
+        ``slower`` (True when the quantized file is slower), ``threads``, ``rounds``, ``spread_pct`` (noise), ``host``.
+    """
+    from edgeslim.core.metrics import host_info
+    from edgeslim.runtime._measure import interleaved_latency
+
+    if isinstance(float_model, (str, os.PathLike)) or hasattr(float_model, "SerializeToString"):
+        float_model = OnnxModel(float_model)
+    if example_inputs is None:
+        plan = getattr(quantized, "plan", None)
+        if plan is None:
+            raise ConfigError("compare_speed needs example_inputs= for a model quantized with the fx capture")
+        example_inputs = example_from_spec(plan["inputs"], plan["keyed"])
+    x = first_sample(example_inputs)
+    fgraph = to_onnx(float_model, x, opset=OPSET)
+    qgraph = quantized_graph(quantized, x)
+    sessions = {"float": ort_session(fgraph, threads=threads), "quantized": ort_session(qgraph, threads=threads)}
+    feeds = {k: _feeds_for(s, x) for k, s in sessions.items()}
+    runners = {k: (lambda s=s, f=feeds[k]: s.run(None, f)) for k, s in sessions.items()}
+    lat = interleaved_latency(runners, rounds=rounds, runs=runs, warmup=3, shuffle=True)
+    f_ms, q_ms = lat["float"]["median_of_rounds_ms"], lat["quantized"]["median_of_rounds_ms"]
+    spread = max(lat["float"]["round_spread_pct"], lat["quantized"]["round_spread_pct"])
+    return {"float_ms": round(f_ms, 4), "quantized_ms": round(q_ms, 4), "speedup": round(f_ms / q_ms, 3),
+            "slower": bool(q_ms > f_ms), "threads": threads, "rounds": rounds, "batch": 1,
+            "spread_pct": round(float(spread), 1), "runtime": "onnxruntime (CPUExecutionProvider)",
+            "host": host_info().get("cpu", "")}
+
+
+def _feeds_for(session: Any, x: Any) -> dict[str, np.ndarray]:
+    from edgeslim.core.onnx_model import _NP_TYPES, as_feeds
+
+    names = [i.name for i in session.get_inputs()]
+    types = {i.name: _NP_TYPES.get(i.type) for i in session.get_inputs()}
+    feeds = as_feeds(x, names)
+    return {k: v.astype(types[k]) if types.get(k) is not None else v for k, v in feeds.items() if k in types}
+
+
+def quantized_graph(quantized: Any, x: Any) -> bytes:
+    """The quantized model's ONNX file in memory (the ONNX capture's own; the fx capture's via edgeslim.export)."""
+    if isinstance(quantized, OnnxQuantizedModel):
+        return quantized.onnx_bytes()
+    import tempfile
+    from pathlib import Path
+
+    from edgeslim.export import export
+
+    with tempfile.TemporaryDirectory() as td:
+        art = export(quantized, "onnx", example_inputs=x, path=Path(td) / "q.onnx", validate=False)
+        return art.path.read_bytes()
+
+
+def speed_note(speed: dict[str, Any] | None) -> str:
+    if not speed:
+        return ""
+    if speed["slower"]:
+        return (f"WARNING: the INT8 file is SLOWER than FP32 on this host ({speed['quantized_ms']:.3f} ms vs "
+                f"{speed['float_ms']:.3f} ms, {speed['speedup']:.2f}x, {speed['threads']} thread(s), batch 1): keep "
+                "the FP32 model for speed here")
+    return (f"INT8 {speed['speedup']:.2f}x the FP32 speed on this host ({speed['quantized_ms']:.3f} vs "
+            f"{speed['float_ms']:.3f} ms, {speed['threads']} thread(s), batch 1)")
+
+
+def replay_onnx(model: nn.Module, step: dict) -> OnnxQuantizedModel:
+    """Rebuild an ONNX-captured quantized model on a fresh float model (its weights come from the state_dict)."""
+    from edgeslim.quantize._api import PRECISION, QuantReport
+
+    config = QuantConfig.from_dict(step["config"], source="recipe step 'quantize'")
+    plan = step.get("state", {}).get("plan")
+    if not isinstance(plan, dict) or not {"inputs", "ranges", "excluded"} <= set(plan):
+        raise ModelError("recipe step 'quantize' (capture onnx) lacks its plan (inputs, ranges, excluded)")
+    report = QuantReport(config.mode.value, PRECISION[config.mode], config.calibration, 0)
+    report.capture = "onnx"
+    float_model = copy.deepcopy(model).eval()
+    if not isinstance(float_model, OnnxModel):
+        _recipe.materialize(float_model)  # as quantize did: masks baked, codebooks expanded
+    return OnnxQuantizedModel(float_model, config, report, plan).eval()
+
+
+def check_speed(report: Any, float_model: Any, q: Any, probe: Any) -> None:
+    """``QuantConfig(check_speed=True)``: time INT8 vs FP32 and record it (a failure to time is said, not raised)."""
+    try:
+        report.speed = compare_speed(float_model, q, probe)
+    except EdgeslimError as e:
+        report.warnings.append(f"speed check failed: {e}")
+    if report.speed and report.speed["slower"]:
+        log.warning("quantize: %s", speed_note(report.speed))

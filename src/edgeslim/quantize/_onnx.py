@@ -1,0 +1,413 @@
+"""Post-training quantization on the exported ONNX graph (``QuantConfig(capture="onnx")``).
+
+Why this capture (see docs/design-quantize-capture.md): the ONNX export records every convolution, linear and
+matmul however the model calls it (``nn.Conv2d`` subclasses calling ``F.conv2d``, functional weights,
+``nn.MultiheadAttention``, Hugging Face attention), and ONNX Runtime's own QDQ writer places Q/DQ where ORT's CPU
+kernels fuse them into integer kernels. So the steps are:
+
+1. analysis: export the float model to ONNX (:func:`edgeslim.core.onnx_model.to_onnx`, or take the user's file),
+   run ORT's ``quant_pre_process`` (shape inference and graph optimization; when it fails, say so and go on
+   without it), and decide which nodes stay float and why;
+2. statistics: every float activation becomes a graph output, the calibration data runs through ONNX Runtime and
+   edgeslim's own calibration methods (:data:`~edgeslim.quantize.CALIBRATORS`) turn the observed values into one
+   range per tensor;
+3. apply: ORT's ``quantize_static`` writes the QDQ graph (U8 activations by default, S8 weights per channel) from
+   exactly those ranges (given as its calibration cache, so ORT does not calibrate again).
+
+The ranges, the excluded nodes and whether pre-processing ran are plain data: a recipe replays them on a fresh
+float model without data (:func:`build_qdq`), and the result is the same file.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import math
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from edgeslim.core.errors import ConfigError, QuantizationError
+from edgeslim.core.modules import first_match
+from edgeslim.core.onnx_model import (
+    as_feeds,
+    batch_len,
+    module_of,
+    ort_session,
+    run_session,
+    slice_inputs,
+)
+from edgeslim.quantize._calibrate import CALIBRATORS, Observer
+from edgeslim.quantize._config import ActivationType, QuantConfig, QuantMode
+
+log = logging.getLogger(__name__)
+
+#: the ops whose multiply-accumulates count (their integer forms come out of ORT's fusion)
+MAC_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+#: ops ORT runs as integer kernels, or that move int8 data so the integer chain is never broken (pooling, padding,
+#: resize, concat, reshape-like); Softmax, LayerNormalization, Sigmoid, Mul ... stay float (no gain, real loss)
+QUANTIZED_OPS = (*MAC_OPS, "Add", "Concat", "MaxPool", "AveragePool", "GlobalAveragePool", "Pad", "Resize",
+                 "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Split", "Slice", "Relu", "Clip")
+#: a calibrated range beyond this magnitude is no activation but a mask constant (e.g. -3.4e38 for padded tokens)
+RANGE_LIMIT = 1e6
+#: op types whose output is integer on ORT's CPU (dynamic quantization's kernels)
+INTEGER_MAC_OPS = ("ConvInteger", "MatMulInteger", "QLinearConv", "QLinearMatMul", "QGemm")
+CALIB_BATCH = 8
+
+
+def _onnx():
+    import onnx
+
+    return onnx
+
+
+def preprocess(graph: bytes) -> tuple[bytes, str | None]:
+    """ORT's ``quant_pre_process`` on ``graph``: (the pre-processed graph, None) or (``graph``, why it failed).
+
+    Either way, Constant nodes become initializers (ORT's quantizer treats a Constant's output as an activation
+    that needs a calibrated range, and a constant has none)."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    with tempfile.TemporaryDirectory() as td:
+        src, dst = Path(td) / "float.onnx", Path(td) / "pre.onnx"
+        src.write_bytes(graph)
+        try:
+            with _quiet():
+                quant_pre_process(str(src), str(dst))
+            return constants_to_initializers(dst.read_bytes()), None
+        except Exception as e:  # noqa: BLE001 - ORT's pre-processing fails on some ViT/ConvNeXt graphs
+            return constants_to_initializers(graph), _describe(e)
+
+
+def _describe(e: BaseException) -> str:
+    """An exception in one line: its type, its message (or where it was raised when it has none)."""
+    import traceback
+
+    msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+    if not msg:
+        frames = traceback.extract_tb(e.__traceback__)
+        if frames:
+            f = frames[-1]
+            msg = f"raised in {Path(f.filename).name}:{f.lineno} ({f.name})"
+    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+
+
+def constants_to_initializers(graph: bytes) -> bytes:
+    """``graph`` with every Constant node holding a tensor turned into an initializer of the same name, and no
+    stale ``value_info`` (ORT's optimizer can reuse a removed tensor's name for a new initializer, e.g. a folded
+    BatchNorm's bias, and a leftover int64 value_info of that name then breaks the quantized graph)."""
+    onnx = _onnx()
+    from onnx import helper
+
+    model = onnx.load_from_string(graph)
+    keep = []
+    for n in model.graph.node:
+        if n.op_type == "Constant" and len(n.attribute) == 1 and n.attribute[0].name == "value":
+            t = helper.get_attribute_value(n.attribute[0])
+            t.name = n.output[0]
+            model.graph.initializer.append(t)
+        else:
+            keep.append(n)
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
+    # a bias shared with another node (the exporter merges equal constants, e.g. zero biases) would be quantized
+    # as an int8 activation, not as the int32 bias ORT's Conv/Gemm fusion needs: give each its own copy
+    inits = {i.name: i for i in model.graph.initializer}
+    uses = collections.Counter(t for n in keep for t in n.input)
+    for n in keep:
+        if n.op_type in ("Conv", "ConvTranspose", "Gemm") and len(n.input) > 2 and n.input[2] in inits \
+                and uses[n.input[2]] > 1:
+            copy = onnx.TensorProto()
+            copy.CopyFrom(inits[n.input[2]])
+            copy.name = f"{n.input[2]}__bias_of_{n.output[0]}"
+            model.graph.initializer.append(copy)
+            uses[n.input[2]] -= 1
+            n.input[2] = copy.name
+    produced = {o for n in keep for o in n.output}
+    vis = [vi for vi in model.graph.value_info if vi.name in produced]
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(vis)
+    return model.SerializeToString()
+
+
+@contextlib.contextmanager
+def _quiet():
+    """ORT's quantization tools log warnings (pre-processing advice, shape guesses) through the root logger."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+def float_activations(model) -> list[str]:
+    """Names of the float tensors that are not weights: graph inputs and node outputs (shape-inferred types)."""
+    onnx = _onnx()
+    g = onnx.shape_inference.infer_shapes(model).graph
+    inits = {i.name for i in g.initializer}
+    produced = {i.name for i in g.input} | {o for n in g.node if n.op_type != "Constant" for o in n.output}
+    out = []
+    for vi in [*g.input, *g.value_info, *g.output]:
+        if (vi.name in produced and vi.name not in inits and vi.name not in out
+                and vi.type.tensor_type.elem_type == onnx.TensorProto.FLOAT):
+            out.append(vi.name)
+    return out
+
+
+def calibrate(graph: bytes, batches: list[Any], config: QuantConfig) -> dict[str, tuple[float, float]]:
+    """One clipping range per float activation of ``graph``, from edgeslim's calibration method on ``batches``.
+
+    Two passes over the data like the torch path: min/max, then a histogram over that range. Graph inputs keep their
+    observed range (clipping input data only loses information).
+    """
+    onnx = _onnx()
+    model = onnx.load_from_string(graph)
+    names = float_activations(model)
+    outputs = {o.name for o in model.graph.output}
+    inferred = {vi.name: vi for vi in onnx.shape_inference.infer_shapes(model).graph.value_info}
+    for n in names:
+        if n not in outputs and n in inferred:
+            model.graph.output.append(inferred[n])
+    graph_inputs = {i.name for i in model.graph.input}
+    sess = ort_session(model.SerializeToString(), optimize=False)
+    out_names = [o.name for o in sess.get_outputs()]
+    observers = {n: Observer() for n in names if n in out_names or n in graph_inputs}
+    signed = config.activation_type == ActivationType.INT8
+    qmin, qmax = (-128, 127) if signed else (0, 255)
+    infinite: set[str] = set()
+    chunks = [slice_inputs(b, i, i + CALIB_BATCH) for b in batches for i in range(0, batch_len(b), CALIB_BATCH)]
+    for state in ("observe_range", "observe_hist"):
+        for b in chunks:  # a few samples at a time: every intermediate tensor of the graph comes back
+            feeds = as_feeds(b, [i.name for i in sess.get_inputs()])
+            values = dict(zip(out_names, run_session(sess, b, chunk=CALIB_BATCH), strict=True))
+            values.update({k: v for k, v in feeds.items() if k in observers})
+            for n, obs in observers.items():
+                v = values.get(n)
+                if v is None or v.size == 0 or not np.issubdtype(v.dtype, np.floating) or n in infinite:
+                    continue
+                if not np.isfinite(v).all():  # e.g. a -inf attention mask: no 8-bit range holds it
+                    infinite.add(n)
+                    continue
+                getattr(obs, state)(torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)))
+    method = CALIBRATORS.get(config.calibration)
+    ranges = {n: (-math.inf, math.inf) for n in infinite}
+    for n, obs in observers.items():
+        if obs.lo == float("inf") or n in infinite:
+            continue
+        fn = CALIBRATORS.get("minmax") if n in graph_inputs else method
+        lo, hi = fn(obs.stats(qmin, qmax, config.percentile))
+        ranges[n] = (float(min(lo, 0.0)), float(max(hi, 0.0)))
+    return ranges
+
+
+def node_name(n, i: int) -> str:
+    return n.name or f"{n.op_type}_{i}"
+
+
+def plan_exclusions(graph: bytes, ranges: Mapping[str, Any], exclude: tuple[str, ...],
+                    by_module: bool, *, check_ranges: bool = True) -> dict[str, str]:
+    """node name -> why it stays float: the user's ``exclude`` patterns (matched against the module that ran the node
+    with ``by_module``, else against node names, as for ONNX input files) and, with ``check_ranges`` (static mode), nodes touching a tensor with
+    no usable range."""
+    from edgeslim.core.modules import require_matches
+
+    onnx = _onnx()
+    g = onnx.load_from_string(graph).graph
+    inits = {i.name for i in g.initializer}
+    floats = set(float_activations(onnx.load_from_string(graph)))
+    mac_nodes = [(node_name(n, i), n) for i, n in enumerate(g.node) if n.op_type in MAC_OPS]
+    keys = {name: (module_of(name) if by_module else name) for name, _ in mac_nodes}
+    if exclude:
+        candidates = sorted({k for k in keys.values() if k} | (set() if by_module else set(keys)))
+        require_matches(candidates, exclude, field="QuantConfig.exclude",
+                        what="module running a Conv/Gemm/MatMul" if by_module else "Conv/Gemm/MatMul node")
+    out: dict[str, str] = {}
+    for name, n in mac_nodes:
+        pat = first_match(keys[name], exclude) or first_match(name, exclude)
+        if pat is not None:
+            out[name] = f"excluded by QuantConfig.exclude pattern {pat!r}"
+    for i, n in enumerate(g.node):
+        if not check_ranges or n.op_type not in QUANTIZED_OPS:
+            continue
+        name = node_name(n, i)
+        if name in out:
+            continue
+        for t in [*n.input, *n.output]:
+            if not t or t in inits or t not in floats:
+                continue
+            r = ranges.get(t)
+            if r is None:
+                out[name] = f"its tensor {t!r} was never reached during calibration (no range)"
+                break
+            if not all(math.isfinite(v) and abs(v) <= RANGE_LIMIT for v in r):
+                out[name] = (f"its tensor {t!r} holds values up to {max(abs(r[0]), abs(r[1])):.3g} (a mask constant, "
+                             "not an activation): 8 bits cannot represent it")
+                break
+    return out
+
+
+def write_qdq(graph: bytes, ranges: Mapping[str, Any], excluded: Mapping[str, str], config: QuantConfig) -> bytes:
+    """ORT's ``quantize_static`` on ``graph`` with edgeslim's ranges (its calibration cache) and exclusions."""
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.calibrate import (
+        TensorData,
+        TensorsData,
+        save_tensors_data,
+    )
+
+    onnx = _onnx()
+    model = onnx.load_from_string(graph)
+    for i, n in enumerate(model.graph.node):  # ORT identifies nodes by name: give unnamed nodes the names we use
+        if not n.name:
+            n.name = node_name(n, i)
+    usable = {k: v for k, v in ranges.items() if all(math.isfinite(x) and abs(x) <= RANGE_LIMIT for x in v)}
+    data = TensorsData(CalibrationMethod.MinMax, {
+        k: TensorData(lowest=np.float32(lo), highest=np.float32(hi)) for k, (lo, hi) in usable.items()})
+    signed = config.activation_type == ActivationType.INT8
+    with tempfile.TemporaryDirectory() as td:
+        src, dst, cache = Path(td) / "float.onnx", Path(td) / "int8.onnx", Path(td) / "ranges.json"
+        onnx.save(model, str(src))
+        save_tensors_data(data, cache)
+        with _quiet():
+            quantize_static(
+                str(src), str(dst), calibration_data_reader=None, quant_format=QuantFormat.QDQ,
+                op_types_to_quantize=list(QUANTIZED_OPS), per_channel=config.per_channel,
+                reduce_range=config.reduce_range,
+                activation_type=QuantType.QInt8 if signed else QuantType.QUInt8, weight_type=QuantType.QInt8,
+                nodes_to_exclude=sorted(excluded), calibrate_method=CalibrationMethod.MinMax,
+                calibration_cache_path=str(cache),
+                extra_options={"ActivationSymmetric": signed, "WeightSymmetric": True,
+                               "ForceQuantizeNoInputCheck": True},
+            )
+        return dst.read_bytes()
+
+
+def write_dynamic(graph: bytes, excluded: Mapping[str, str], config: QuantConfig) -> bytes:
+    """ORT's ``quantize_dynamic``: INT8 weights, activations quantized per batch at run time."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with tempfile.TemporaryDirectory() as td:
+        src, dst = Path(td) / "float.onnx", Path(td) / "dyn.onnx"
+        onnx = _onnx()
+        model = onnx.load_from_string(graph)
+        for i, n in enumerate(model.graph.node):
+            if not n.name:
+                n.name = node_name(n, i)
+        onnx.save(model, str(src))
+        with _quiet():
+            quantize_dynamic(str(src), str(dst), per_channel=config.per_channel, reduce_range=config.reduce_range,
+                             weight_type=QuantType.QInt8, nodes_to_exclude=sorted(excluded),
+                             op_types_to_quantize=["MatMul", "Gemm", "Conv"])
+        return dst.read_bytes()
+
+
+def write_fp16(graph: bytes) -> bytes:
+    try:
+        from onnxconverter_common import float16
+    except ImportError:
+        raise QuantizationError("fp16 on the ONNX graph needs onnxconverter-common: pip install "
+                                "onnxconverter-common") from None
+    onnx = _onnx()
+    return float16.convert_float_to_float16(onnx.load_from_string(graph), keep_io_types=True).SerializeToString()
+
+
+def build_qdq(graph: bytes, ranges: Mapping[str, Any], excluded: Mapping[str, str], config: QuantConfig) -> bytes:
+    """The quantized graph for ``config.mode`` (the apply step; deterministic given its inputs)."""
+    if config.mode == QuantMode.STATIC:
+        return write_qdq(graph, ranges, excluded, config)
+    if config.mode == QuantMode.DYNAMIC:
+        return write_dynamic(graph, excluded, config)
+    return write_fp16(graph)
+
+
+def integer_macs(quantized: bytes, feeds: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+    """Which Conv/ConvTranspose/Gemm/MatMul run in integer kernels in ``quantized`` and their share of the MACs.
+
+    A node counts as integer when both its data inputs are ``DequantizeLinear`` outputs and its bias (if any) a
+    dequantized int32 tensor (ORT then fuses the node into QLinearConv/QGemm/QLinearMatMul), or when it is an integer
+    op already (dynamic quantization's ConvInteger/MatMulInteger).
+
+    Returns:
+        ``integer_macs``, ``total_macs``, ``share`` (``None`` when the graph has no MACs), ``nodes``: one entry per
+        MAC node (``node``, ``op``, ``macs``, ``integer``) and ``unknown``: nodes whose shapes were not inferred.
+    """
+    from edgeslim.runtime._static import onnx_node_macs
+
+    onnx = _onnx()
+    model = onnx.load_from_string(quantized)
+    per_node = onnx_node_macs(model, feeds)
+    producer = {o: n for n in model.graph.node for o in n.output}
+    int32 = {i.name for i in model.graph.initializer if i.data_type == onnx.TensorProto.INT32}
+
+    def from_dq(t: str) -> bool:
+        return t in producer and producer[t].op_type == "DequantizeLinear"
+
+    def int_bias(n) -> bool:  # ORT fuses Conv/Gemm with a bias only when it is a dequantized int32 tensor
+        if n.op_type not in ("Conv", "ConvTranspose", "Gemm") or len(n.input) < 3 or not n.input[2]:
+            return True
+        return from_dq(n.input[2]) and producer[n.input[2]].input[0] in int32
+    nodes, unknown = [], []
+    total = integer = 0
+    for i, (n, macs) in enumerate(zip(model.graph.node, per_node, strict=True)):
+        if n.op_type not in (*MAC_OPS, *INTEGER_MAC_OPS):
+            continue
+        if macs is None:
+            unknown.append(node_name(n, i))
+            continue
+        data = (0, 3) if n.op_type in ("QLinearConv", "QLinearMatMul", "QGemm") else (0, 1)
+        is_int = n.op_type in INTEGER_MAC_OPS or (
+            all(from_dq(n.input[j]) for j in data if j < len(n.input)) and int_bias(n))
+        total += macs
+        integer += macs if is_int else 0
+        nodes.append({"node": node_name(n, i), "op": n.op_type, "macs": int(macs), "integer": bool(is_int)})
+    return {"integer_macs": int(integer), "total_macs": int(total),
+            "share": (integer / total) if total else None, "nodes": nodes, "unknown": unknown}
+
+
+def float_reason(node: str, op: str, excluded: Mapping[str, str], config: QuantConfig) -> str:
+    """Why a MAC node of the quantized graph runs in float."""
+    if node in excluded:
+        return excluded[node]
+    if config.mode == QuantMode.FP16:
+        return "fp16 mode: every layer runs in half precision, none in integer kernels"
+    if config.mode == QuantMode.DYNAMIC and op == "MatMul":
+        return "dynamic mode quantizes MatMul with a constant weight only; this one multiplies two activations"
+    return "ONNX Runtime's quantizer left it in float (its inputs are not quantized tensors)"
+
+
+def state_json(ranges: Mapping[str, Any]) -> dict[str, list[float]]:
+    """Ranges as plain lists of Python floats (recipe state)."""
+    return {k: [float(v[0]), float(v[1])] for k, v in ranges.items()}
+
+
+def check_onnx_config(config: QuantConfig) -> None:
+    """Refuse settings the ONNX capture does not do (they need the torch fake-quant model: ``capture="fx"``)."""
+    torch_only = {"adaround": config.adaround, "bias_correction": config.bias_correction,
+                  "equalize": config.equalize, "int8_layers": bool(config.int8_layers),
+                  "quantize_output": config.quantize_output,
+                  "weight_range": config.weight_range != "minmax", "weight_bits": config.weight_bits != 8}
+    bad = [k for k, v in torch_only.items() if v]
+    if bad:
+        raise ConfigError(f"QuantConfig.{bad[0]}={getattr(config, bad[0])!r} needs the torch fake-quant model: it is "
+                          "not available with capture='onnx'; use capture='fx' (or 'auto', which then picks fx)")
+
+
+def needs_fx(config: QuantConfig) -> str | None:
+    """The first setting only the torch (fx) capture does, or None."""
+    try:
+        check_onnx_config(config)
+    except ConfigError as e:
+        return str(e).split(" needs", 1)[0]
+    return None

@@ -109,3 +109,19 @@ def test_a_three_step_chain_through_one_recipe_file(tmp_path):
     r = run_cli("export", str(bad), "--out", str(tmp_path / "b.onnx"))
     assert r.returncode == 2 and "Traceback" not in r.stderr and "bad.recipe" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and not np.any([p.name == "b.onnx" for p in tmp_path.iterdir()])
+
+
+def test_an_onnx_file_is_a_model_for_quantize(tmp_path):
+    import onnx
+
+    fp32, q = tmp_path / "fp32.onnx", tmp_path / "q.onnx"
+    r = run_cli("export", "small_cnn", "--out", str(fp32), "--json")
+    assert r.returncode == 0, r.stderr
+    r = run_cli("quantize", str(fp32), "--samples", "128", "--out", str(q), "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["quantize"]["capture"] == "onnx" and res["artifact"]["precision"] == "int8"
+    assert res["artifact"]["meta"]["integer_macs"]["share"] >= 0.9
+    ops = {n.op_type for n in onnx.load(str(q)).graph.node}
+    assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
+    assert res["artifact"]["validation"]["vs_float_reference"]["top1_agreement"] >= 0.9

@@ -177,6 +177,12 @@ def _load_model(a: argparse.Namespace):
     a zoo name, ``package.module:function`` (runs the user's code), or a ``.recipe`` file (replayed)."""
     from edgeslim import models
 
+    if str(a.model).endswith(".onnx"):
+        from edgeslim.core.onnx_model import OnnxModel
+
+        if not Path(a.model).is_file():
+            raise ConfigError(f"model {a.model!r}: no such ONNX file")
+        return OnnxModel(a.model)  # an ONNX file as a model: quantize works on its graph (capture=onnx)
     if _is_recipe(a.model):
         from edgeslim.pipeline import load
 
@@ -262,6 +268,7 @@ def cmd_quantize(a: argparse.Namespace) -> None:
         "mode": a.mode, "calibration": a.calibration, "activation_type": a.activation_type,
         "num_samples": a.samples, "exclude": tuple(a.exclude) if a.exclude else None,
         "per_channel": False if a.per_tensor else None, "reduce_range": True if a.reduce_range else None,
+        "capture": a.capture,
     }.items() if v is not None}
     cfg = base.replace(**changes)
     model = _load_model(a)
@@ -527,8 +534,8 @@ def cmd_demo(a: argparse.Namespace) -> None:
 
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="zoo name (small_cnn, mobilenet_v2, resnet18), a .recipe file written by an earlier "
-                   "command (its steps are replayed), or 'package.module:function' (imports that module and calls "
-                   "the function: it runs your code)")
+                   "command (its steps are replayed), an .onnx file (quantized on its graph), or "
+                   "'package.module:function' (imports that module and calls the function: it runs your code)")
     p.add_argument("--dataset", default=None, help="dataset name or folder:<path> (default: a recipe's own dataset, "
                    "else fashion-mnist)")
     p.add_argument("--base", help="with a .recipe made from your own code: the 'package.module:function' to replay it "
@@ -577,6 +584,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--mode", choices=["static", "dynamic", "fp16"])
     q.add_argument("--calibration", help="minmax, percentile, entropy or mse")
     q.add_argument("--activation-type", choices=["uint8", "int8"])
+    q.add_argument("--capture", choices=["auto", "fx", "onnx"],
+                   help="how the model's operations are found: fx (torch graph: needed by AdaRound, bias correction, "
+                        "QAT), onnx (the exported ONNX graph: sees functional convs, attention, HF models; an .onnx "
+                        "model always), auto (default: fx when it covers >= 90%% of the MACs)")
     q.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor instead of per channel")
     q.add_argument("--reduce-range", action="store_true", help="7-bit weights (no int16 saturation on AVX2)")
     q.add_argument("--samples", type=_positive, help="calibration samples (default 512)")

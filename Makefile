@@ -7,7 +7,7 @@ RT_STAMP := $(VENV)/.edgeslim-runtimes
 FMNIST := /usr/share/datasets/fashion-mnist
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test setup runtimes dataset bench clean
+.PHONY: demo test setup runtimes dataset system-packages bench clean
 
 setup: $(STAMP) dataset
 
@@ -43,10 +43,24 @@ dataset:
 	  $(SUDO) apt-get update -q >/dev/null && $(SUDO) apt-get install -y -q dataset-fashion-mnist >/dev/null; \
 	else echo "note: no apt-get; edgeslim will look for Fashion-MNIST in ~/.cache/edgeslim or download it"; fi
 
+# PostgreSQL (tests/test_workers.py starts a throw-away server: optimize workers sharing one study) and Chromium
+# (the optimize report's render test). Debian packages, like the dataset; without apt-get those tests skip, saying so.
+PG_INITDB := $(firstword $(wildcard /usr/lib/postgresql/*/bin/initdb))
+system-packages:
+	@missing=""; \
+	[ -n "$(PG_INITDB)" ] || command -v initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || missing="$$missing chromium"; \
+	if [ -z "$$missing" ]; then :; \
+	elif command -v apt-get >/dev/null 2>&1 && { [ "$$(id -u)" = 0 ] || command -v sudo >/dev/null 2>&1; }; then \
+	  echo "installing Debian package(s):$$missing"; \
+	  $(SUDO) apt-get update -q >/dev/null && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing >/dev/null; \
+	else echo "note: no apt-get (or neither root nor sudo):$$missing not installed; the tests that need it skip"; fi
+
 demo: setup
 	$(VENV)/bin/edgeslim demo
 
-test: setup runtimes
+test: setup runtimes system-packages
 	$(PY) -m pytest -q
 
 bench: setup

@@ -38,7 +38,8 @@ def add_optimize_parser(sub: Any, add: Callable[[str, Callable, str], argparse.A
     o.add_argument("--no-pretrained", action="store_true", help="random initialisation instead of the shipped "
                    "checkpoint")
     o.add_argument("--budget", metavar="YAML", help="Budget YAML (the limit options below override it)")
-    o.add_argument("--space", metavar="YAML", help="search Space YAML (default: edgeslim's default space)")
+    o.add_argument("--space", metavar="YAML", help="search Space YAML, or 'ptq' (INT8 PTQ variants only: no pruning "
+                   "or training); default: edgeslim's default space")
     o.add_argument("--max-drop", type=float, metavar="PT", help="allowed top-1 drop in POINTS, e.g. 0.5 "
                    "(default 1.0, or the Budget YAML's)")
     o.add_argument("--max-latency-ms", type=float, metavar="MS", help="latency limit, batch 1")
@@ -145,10 +146,10 @@ def _from_options(a: argparse.Namespace, out: str) -> dict[str, Any]:
     """optimize()'s arguments from the command line; the options are recorded for --resume RUN / --worker."""
     from edgeslim import data as es_data
     from edgeslim import models
-    from edgeslim.pipeline._space import Space
+    from edgeslim.pipeline._space import Space, space_from
 
     budget = budget_from_args(a)  # every option is checked before the model and data load
-    space = Space.from_yaml(a.space) if a.space else Space()
+    space = space_from(a.space) if a.space else Space()
     if a.samples is not None:
         if a.samples < 1:
             raise ConfigError(f"--samples={a.samples} is not allowed; use an integer >= 1")

@@ -204,3 +204,15 @@ def test_postgres_fixture_listens_on_loopback_only(postgres):
         addr = con.execute("show listen_addresses").fetchone()[0]
         assert addr == "127.0.0.1"
         assert con.execute("select current_user").fetchone()[0] == "edgeslim"
+
+
+def test_space_presets_and_unknown_names():
+    from edgeslim.core.errors import ConfigError
+    from edgeslim.pipeline._space import space_from
+
+    ptq = space_from("ptq")
+    cands = ptq.all_candidates()
+    assert cands and all(c["target_macs"] == 0 and c["quantize"] for c in cands)  # PTQ variants only, no training
+    assert len(cands) == 2 * 3 * 2 * 2  # per-channel x calibration x CLE x bias correction
+    with pytest.raises(ConfigError, match=r"space 'ptqq' is neither a YAML file nor a preset \(presets: ptq\)"):
+        space_from("ptqq")

@@ -36,11 +36,11 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT / "tests"))  # the throw-away PostgreSQL server, shared with the tests' fixture
 
-from _harness import host  # noqa: E402
-from _postgres import PostgresServer  # noqa: E402
+from _harness import host
+from _postgres import PostgresServer
 
-from edgeslim.core.io import write_json  # noqa: E402
-from edgeslim.pipeline import Space  # noqa: E402
+from edgeslim.core.io import write_json
+from edgeslim.pipeline import Space
 
 TARGET = 1.7
 
@@ -92,7 +92,7 @@ def measure(pg: PostgresServer, workers: int, space: Space, trials: int, max_dro
                            for w in sorted({t.user_attrs.get("worker") for t in ran})},
             "duplicates_skipped": sum(1 for t in ts if "duplicate_of" in t.user_attrs),
             "processes_wall_s": round(wall, 1), "load_avg_before": load_before, "load_avg_after": load_after,
-            "chosen": [r["recipe"]["params"] for r in results][0], "meets_budget": results[0]["meets_budget"]}
+            "chosen": results[0]["recipe"]["params"], "meets_budget": results[0]["meets_budget"]}
 
 
 def main() -> None:

@@ -118,7 +118,7 @@ class PostgresServer:
                 pass  # the folder goes anyway; a server whose folder is gone shuts itself down
         shutil.rmtree(self.root, ignore_errors=True)
 
-    def __enter__(self) -> PostgresServer:
+    def __enter__(self) -> PostgresServer:  # noqa: PYI034 - Python 3.10 has no typing.Self
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -17,3 +17,23 @@ def digits_model():
     from tiny import trained_tiny_cnn
 
     return trained_tiny_cnn()
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A throw-away PostgreSQL server for the test session (tests/_postgres.py); ``postgres.new_database(name)``
+    gives a fresh database's URL. Skips, saying why, when no server can be started here."""
+    from _postgres import NoPostgres, PostgresServer
+
+    try:
+        import psycopg  # noqa: F401 - the driver SQLAlchemy uses for postgresql:// URLs
+    except ImportError:
+        pytest.skip("psycopg is not installed (pip install -e '.[dev]'): no PostgreSQL driver")
+    try:
+        server = PostgresServer.start()
+    except NoPostgres as e:
+        pytest.skip(f"no PostgreSQL server could be started: {e}")
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -92,22 +92,22 @@ def float_model(ctx: Context, params: dict[str, Any]) -> tuple[nn.Module, str, d
                       round_to=sp.round_to, exclude=ctx.early_layers if params["keep_early"] else (),
                       recalibrate_bn=sp.bn_samples if params["recalibrate_bn"] else 0, seed=ctx.seed)
     pk = key("prune", ctx.base_key, cfg.to_dict())
-    d = ctx.cache.dir("prune", pk)
     steps: dict[str, Any] = {}
-    meta = Cache.done(d)
-    if meta:
-        model = load_step(ctx.base, d / "model.recipe")
-        steps["prune"] = {**meta, "cached": True}
-    else:
-        t0 = time.perf_counter()
-        model = prune(ctx.base, cfg, example_inputs=ctx.example_inputs, data=ctx.train)
-        rep = model.prune_report
-        acc = evaluate(model, ctx.search_val)
-        save_step(model, d / "model.recipe")
-        steps["prune"] = Cache.finish(d, {
-            "seconds": round(time.perf_counter() - t0, 2), "macs_before": rep.macs_before, "macs_after": rep.macs_after,
-            "params_after": rep.params_after, "config": cfg.to_dict(), "torch_accuracy_search": acc,
-            "summary": rep.summary().splitlines()[0]})
+    with ctx.cache.claim("prune", pk) as d:
+        meta = Cache.done(d)
+        if meta:
+            model = load_step(ctx.base, d / "model.recipe")
+            steps["prune"] = {**meta, "cached": True}
+        else:
+            t0 = time.perf_counter()
+            model = prune(ctx.base, cfg, example_inputs=ctx.example_inputs, data=ctx.train)
+            rep = model.prune_report
+            acc = evaluate(model, ctx.search_val)
+            save_step(model, d / "model.recipe")
+            steps["prune"] = Cache.finish(d, {
+                "seconds": round(time.perf_counter() - t0, 2), "macs_before": rep.macs_before,
+                "macs_after": rep.macs_after, "params_after": rep.params_after, "config": cfg.to_dict(),
+                "torch_accuracy_search": acc, "summary": rep.summary().splitlines()[0]})
     ft_steps = params.get("finetune_steps") or 0
     if not ft_steps:
         return model, pk, steps
@@ -124,19 +124,20 @@ def float_model(ctx: Context, params: dict[str, Any]) -> tuple[nn.Module, str, d
     tcfg = TrainConfig(epochs=epochs, lr=sp.finetune_lr, batch_size=sp.finetune_batch_size, seed=ctx.seed,
                        warmup_steps=min(100, ft_steps // 10), augment=False)
     fk = key("finetune", pk, tcfg.to_dict(), cap)
-    d = ctx.cache.dir("finetune", fk)
-    meta = Cache.done(d)
-    if meta:
-        tuned = load_step(ctx.base, d / "model.recipe")
-        steps["finetune"] = {**meta, "cached": True}
-    else:
-        t0 = time.perf_counter()
-        res = fit(model, ctx.train, None, tcfg, max_steps_per_epoch=cap, progress=False)
-        tuned = res.model  # fit keeps the recorded steps (the pruned structure); only the weights changed
-        acc = evaluate(tuned, ctx.search_val)
-        save_step(tuned, d / "model.recipe")
-        steps["finetune"] = Cache.finish(d, {"seconds": round(time.perf_counter() - t0, 2), "steps": epochs * cap,
-                                             "config": tcfg.to_dict(), "torch_accuracy_search": acc})
+    with ctx.cache.claim("finetune", fk) as d:
+        meta = Cache.done(d)
+        if meta:
+            tuned = load_step(ctx.base, d / "model.recipe")
+            steps["finetune"] = {**meta, "cached": True}
+        else:
+            t0 = time.perf_counter()
+            res = fit(model, ctx.train, None, tcfg, max_steps_per_epoch=cap, progress=False)
+            tuned = res.model  # fit keeps the recorded steps (the pruned structure); only the weights changed
+            acc = evaluate(tuned, ctx.search_val)
+            save_step(tuned, d / "model.recipe")
+            steps["finetune"] = Cache.finish(d, {"seconds": round(time.perf_counter() - t0, 2),
+                                                 "steps": epochs * cap, "config": tcfg.to_dict(),
+                                                 "torch_accuracy_search": acc})
     return tuned, fk, steps
 
 
@@ -156,12 +157,17 @@ def candidate_key(ctx: Context, fkey: str, params: dict[str, Any]) -> str:
 def build_candidate(ctx: Context, params: dict[str, Any]) -> tuple[nn.Module, Artifact, str, dict[str, Any]]:
     """Build (or load from the cache) one candidate: its torch model, its validated ONNX artifact, its cache key
     and the record of every step (time spent, whether it was cached, accuracy after it)."""
+    model, fkey, steps = float_model(ctx, params)
+    ck = candidate_key(ctx, fkey, params)
+    with ctx.cache.claim("candidate", ck) as d:
+        return _quantize_export(ctx, params, model, ck, d, steps)
+
+
+def _quantize_export(ctx: Context, params: dict[str, Any], model: nn.Module, ck: str, d: Path,
+                     steps: dict[str, Any]) -> tuple[nn.Module, Artifact, str, dict[str, Any]]:
     from edgeslim.export._api import export
     from edgeslim.quantize._api import quantize
 
-    model, fkey, steps = float_model(ctx, params)
-    ck = candidate_key(ctx, fkey, params)
-    d = ctx.cache.dir("candidate", ck)
     meta = Cache.done(d)
     if meta:
         final = load_step(ctx.base, d / "model.recipe") if params.get("quantize") else model
@@ -201,16 +207,22 @@ def measure_candidate(ctx: Context, art: Artifact, ck: str, *, data: Any = None,
     batch-1 latency measured on the runtime (host) or predicted for the device. Size: the file's bytes. Peak
     memory and energy only when the budget limits them.
     """
-    from edgeslim.runtime._measure import measure
-
     b, sp = ctx.budget, ctx.space
     data = ctx.search_val if data is None else data
     need_mem, need_energy = b.max_peak_memory_mb is not None, b.max_energy_mj is not None
     mk = key("measure", ck, b.runtime, b.threads, b.target, sp.latency_runs, need_mem, need_energy, data.name,
              data.split, len(data), ctx.host.get("cpu"), ctx.calibration.to_dict() if ctx.calibration else None)
-    d = ctx.cache.dir("measure", mk)
-    if cache and (meta := Cache.done(d)):
-        return meta
+    if not cache:
+        return _measure(ctx, art, data, None)
+    with ctx.cache.claim("measure", mk) as d:
+        return Cache.done(d) or _measure(ctx, art, data, d)
+
+
+def _measure(ctx: Context, art: Artifact, data: Any, d: Path | None) -> dict[str, Any]:
+    from edgeslim.runtime._measure import measure
+
+    b, sp = ctx.budget, ctx.space
+    need_mem, need_energy = b.max_peak_memory_mb is not None, b.max_energy_mj is not None
     t0 = time.perf_counter()
     m = measure(art, data=data, runtime=b.runtime, threads=(b.threads,), runs=1, warmup=0,
                 peak_memory=need_mem and b.on_host, label=art.path.name)
@@ -249,7 +261,7 @@ def measure_candidate(ctx: Context, art: Artifact, ck: str, *, data: Any = None,
         prov["energy_mj"] = f"{en['label']} ({en['source']}; {en['assumption']})"
     out = {"figures": figs, "provenance": prov, "seconds": round(time.perf_counter() - t0, 2),
            "samples": len(data), "data": f"{data.name}/{data.split}"}
-    return Cache.finish(d, out) if cache else out
+    return Cache.finish(d, out) if d is not None else out
 
 
 def interleaved_latency(ctx: Context, paths: list[Path], rounds: int = 3) -> list[float]:

@@ -16,6 +16,12 @@ How it works:
    chosen. When none does, the closest candidate is chosen, saved and reported with what failed and by how much.
 4. The chosen candidate is written to ``out/chosen/`` (validated ONNX file, recipe, state_dicts) and a report to
    ``out/report.{json,md,html}``.
+
+Several workers (processes, on one machine or several) share one study through ``storage="postgresql://..."``:
+each runs trials until the study holds ``max_trials`` finished ones (a worker that finds every remaining slot
+taken by a running trial waits for it, so a dead worker's trial is picked up, not lost), then writes the report
+from the whole study. ``edgeslim optimize --resume out --worker`` joins a run with the options in its
+``run.json``.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import logging
 import random
 import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,6 +63,7 @@ RECIPE_FORMAT = "edgeslim.optimize-recipe/1"
 DEFAULT_TRIALS = 40
 FINAL_CANDIDATES = 3
 MAX_DUPLICATES_IN_A_ROW = 25
+WAIT_POLL_S = 1.0  # how often a worker whose trial slots are all taken looks again
 BASELINE = {"target_macs": 0.0, "quantize": False}
 
 
@@ -161,6 +169,8 @@ def optimize(
     example_inputs: torch.Tensor | None = None,
     progress: bool | None = None,
     sampler: str = "tpe",
+    heartbeat_s: int = 10,
+    command: dict[str, Any] | None = None,
 ) -> OptimizeResult:
     """Search chains of edgeslim's verbs for the candidate that best meets ``budget``; save and report it.
 
@@ -172,12 +182,14 @@ def optimize(
         budget: the :class:`Budget` (limits, target, runtime, threads).
         space: the :class:`Space` searched (default ``Space()``).
         max_trials: stop after this many finished trials in the study (completed or failed; counted over resumes
-            and workers). Default: 40 when ``max_minutes`` is not given either.
+            and workers: a worker starts a trial only while finished + running trials are fewer). Default: 40 when
+            ``max_minutes`` is not given either.
         max_minutes: stop starting new trials after this many minutes of this call (the final re-measurement
             comes after).
         out: the run folder (``study.db``, ``cache/``, ``chosen/``, ``report.*``).
-        storage: an Optuna RDB URL shared by several workers (``postgresql://user@host/db``); default: the SQLite
-            file ``out/study.db``.
+        storage: an Optuna RDB URL shared by several workers (``postgresql://user@host/db``; each worker calls
+            optimize with the same arguments, or runs ``edgeslim optimize --resume out --worker``); default: the
+            SQLite file ``out/study.db`` (one process at a time). Recorded in ``out/run.json`` without its password.
         seed: seeds the sampler (per trial number), calibration subsets, fine-tuning and the search subset.
         resume: continue the run already in ``out`` (the same model, data, budget, space and seed); False refuses
             a folder that holds a run.
@@ -185,6 +197,11 @@ def optimize(
         progress: a progress bar on stderr (trial n of N, best so far, time left); None (default): on when the
             caller turned progress on (``edgeslim.core.progress.progress_enabled``; the CLI does).
         sampler: ``tpe`` (multi-objective TPE with constraints) or ``nsga2`` (NSGA-II with constraints).
+        heartbeat_s: shared storage only: seconds between a worker's heartbeats; a trial whose worker has been
+            silent for 3 heartbeats is failed and its candidate queued again. Every worker of a study should use
+            the same value (the CLI records it in ``run.json``).
+        command: how the run was started (the CLI's options), recorded in ``run.json`` so that
+            ``edgeslim optimize --resume out --worker`` can join with them.
 
     Returns:
         the :class:`OptimizeResult`: the chosen model, its validated artifact, its recipe and the report.
@@ -217,17 +234,28 @@ def optimize(
              "data_sha256": _store.key(_store.data_hash(train), _store.data_hash(val)),
              "budget": budget.to_dict(), "space": space.to_dict(), "seed": seed, "sampler": sampler}
     shared = storage is not None
-    with (contextlib.nullcontext() if shared else _store.locked(out)), _quiet_optuna(optuna):
-        _store.check_run(out, ident, resume=resume) if not shared else out.mkdir(parents=True, exist_ok=True)
-        url = storage or _store.default_storage(out)
-        st = _store.open_storage(url, shared=shared)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_quiet_optuna(optuna))
+        if shared:  # the database must answer before anything is written
+            url = storage
+            st = _store.open_storage(url, shared=True, heartbeat_s=heartbeat_s)
+            with _store.locked(out, name=".run.lock", wait=True):
+                _store.check_run(out, ident, resume=resume, storage=url, command=command)
+        else:
+            stack.enter_context(_store.locked(out))
+            _store.check_run(out, ident, resume=resume, command=command)
+            url = _store.default_storage(out)
+            st = _store.open_storage(url, shared=False)
         name = "edgeslim-" + _store.key(ident)[:16]
         study = optuna.create_study(storage=st, study_name=name, directions=["maximize", "minimize"],
                                     sampler=_store.seeded_sampler(sampler, seed),
                                     load_if_exists=True)
         _check_study(study, ident, url)
-        requeued = [] if shared else _store.requeue_running(study, st)
-        requeued += _requeue_interrupted(study)
+        slots = _store.StudyLock(st, name, shared=shared)
+        stack.callback(slots.close)
+        with slots.held():
+            requeued = [] if shared else _store.requeue_running(study, st)
+            requeued += _requeue_interrupted(study)
         ctx = Context(base=base, base_key=_store.key(base_hash, ident["data_sha256"]), train=train, val=val,
                       search_val=val.take(space.search_samples, seed=seed), example_inputs=x, space=space,
                       budget=budget, seed=seed, cache=_store.Cache(out / "cache"),
@@ -235,12 +263,15 @@ def optimize(
         if not budget.on_host:
             ctx.device = budget.device()
         baseline = _baseline(ctx, study)
-        if not study.user_attrs.get("cheap_queued"):
-            for p in space.cheap():
-                study.enqueue_trial(space.optuna_params(p), skip_if_exists=True)
-            study.set_user_attr("cheap_queued", len(space.cheap()))
-        stopped = _search(study, ctx, baseline, max_trials, max_minutes, progress, t_start)
-        result = _finish(study, ctx, baseline, out, stopped, requeued, url, t_start)
+        with slots.held():
+            if not study.user_attrs.get("cheap_queued"):
+                for p in space.cheap():
+                    study.enqueue_trial(space.optuna_params(p), skip_if_exists=True)
+                study.set_user_attr("cheap_queued", len(space.cheap()))
+        stopped = _search(study, ctx, baseline, max_trials, max_minutes, progress, t_start, slots)
+        # workers sharing the folder take turns at the report (each writes it from the whole study)
+        with _store.locked(out, name=".finish.lock", wait=True) if shared else contextlib.nullcontext():
+            result = _finish(study, ctx, baseline, out, stopped, requeued, url, t_start)
     return result
 
 
@@ -327,8 +358,14 @@ def _finished(study: Any) -> list[Any]:
 
 
 def _search(study: Any, ctx: Context, baseline: dict[str, Any], max_trials: int | None, max_minutes: float | None,
-            progress: bool, t_start: float) -> str:
-    """Run trials until the trial or time budget is spent (or the space is exhausted); returns why it stopped."""
+            progress: bool, t_start: float, slots: _store.StudyLock) -> str:
+    """Run trials until the trial or time budget is spent (or the space is exhausted); returns why it stopped.
+
+    Each trial starts under ``slots`` (the study's lock): the check that a slot of ``max_trials`` is free
+    (finished + running trials of every worker), Optuna's ask (which first fails the trials of dead workers and
+    queues them again) and the claim of the candidate (no other worker's running or finished trial has the same
+    parameters). The lock is released before the candidate is built, so workers build and measure in parallel.
+    """
     import optuna
     from optuna.trial import TrialState
 
@@ -338,23 +375,38 @@ def _search(study: Any, ctx: Context, baseline: dict[str, Any], max_trials: int 
     n_space = len(candidates)
     bar = _progress_bar(max_trials, len(_finished(study)), progress)
     dup_run = 0
+    me = _store.worker_id()
+    last: dict[str, Any] = {}
 
-    def objective(trial: Any) -> tuple[float, float]:
+    def claim(trial: Any) -> dict[str, Any]:
+        """The trial's candidate, or TrialPruned when another trial has (or is running) the same one."""
         params = space.suggest(trial)
         trial.set_user_attr("params", params)
-        done = {repr(t.user_attrs.get("params")): t for t in study.get_trials(
-            deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)) if "duplicate_of" not in t.user_attrs}
-        if (dup := done.get(repr(params))) is not None:
+        trial.set_user_attr("worker", me)
+        last["number"] = trial.number
+        taken = {repr(t.user_attrs.get("params")): t for t in study.get_trials(
+            deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING))
+            if "duplicate_of" not in t.user_attrs and "params" in t.user_attrs and t.number != trial.number}
+        if (dup := taken.get(repr(params))) is not None:
+            last["duplicate"] = True
             trial.set_user_attr("duplicate_of", dup.number)
             for k, v in dup.constraints.items():
                 trial.set_constraint(k, v)
             # queue an untried candidate instead (drawn with the trial's own seed, so a resumed run draws the same)
-            untried = [c for c in candidates if repr(c) not in done]
+            untried = [c for c in candidates if repr(c) not in taken]
             if untried:
                 pick = random.Random(ctx.seed * 1_000_003 + trial.number).choice(untried)
                 study.enqueue_trial(space.optuna_params(pick), user_attrs={"instead_of_duplicate": trial.number},
                                     skip_if_exists=True)
-            raise optuna.TrialPruned(f"same candidate as trial {dup.number}")
+            what = "running" if dup.state == TrialState.RUNNING else "tried"
+            raise optuna.TrialPruned(f"same candidate as trial {dup.number} ({what})")
+        return params
+
+    def objective(trial: Any) -> tuple[float, float]:
+        try:
+            params = claim(trial)
+        finally:
+            slots.release()  # claimed (or given up): the other workers may start theirs
         t0 = time.perf_counter()
         try:
             _, art, ck, steps = build_candidate(ctx, params)
@@ -387,25 +439,47 @@ def _search(study: Any, ctx: Context, baseline: dict[str, Any], max_trials: int 
         return figs["accuracy"], figs["latency_ms"]
 
     stopped = "max_trials"
+    waiting_since = None
     try:
         while True:
-            finished = _finished(study)
-            if max_trials is not None and len(finished) >= max_trials:
-                stopped = f"max_trials={max_trials} reached"
-                break
-            if deadline is not None and time.perf_counter() >= deadline:
-                stopped = f"max_minutes={max_minutes:g} reached"
-                break
-            distinct = {repr(t.user_attrs.get("params")) for t in finished}
-            if len(distinct) >= n_space:
-                stopped = f"all {n_space} candidates of the space tried"
-                break
-            if dup_run >= MAX_DUPLICATES_IN_A_ROW:
-                stopped = f"the sampler proposed {dup_run} tried candidates in a row: the space looks exhausted"
-                break
-            study.optimize(objective, n_trials=1, catch=(_TrialError,), gc_after_trial=False)
-            last = study.get_trials(deepcopy=False)[-1]
-            is_dup = "duplicate_of" in last.user_attrs
+            ran = False
+            with slots.held():
+                finished = _finished(study)
+                if max_trials is not None and len(finished) >= max_trials:
+                    stopped = f"max_trials={max_trials} reached"
+                    break
+                if deadline is not None and time.perf_counter() >= deadline:
+                    stopped = f"max_minutes={max_minutes:g} reached"
+                    break
+                distinct = {repr(t.user_attrs.get("params")) for t in finished}
+                if len(distinct) >= n_space:
+                    stopped = f"all {n_space} candidates of the space tried"
+                    break
+                if dup_run >= MAX_DUPLICATES_IN_A_ROW:
+                    stopped = f"the sampler proposed {dup_run} tried candidates in a row: the space looks exhausted"
+                    break
+                running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+                if max_trials is None or len(finished) + running < max_trials:
+                    ran, waiting_since = True, None
+                    last.clear()
+                    try:
+                        study.optimize(objective, n_trials=1, catch=(_TrialError,), gc_after_trial=False)
+                    except optuna.exceptions.UpdateFinishedTrialError:
+                        # another worker took this one's trial for dead (its heartbeat lagged) and queued it again
+                        log.warning("trial %s was failed by another worker (no heartbeat for %d intervals) while it "
+                                    "ran here; its candidate was queued again, this result is dropped",
+                                    last.get("number", "?"), _store.GRACE_INTERVALS)
+            if not ran:  # every free slot is taken by a running trial: wait for it (or for its worker to go stale)
+                if waiting_since is None:
+                    waiting_since = time.perf_counter()
+                    log.info("optimize: %d finished + %d running trials fill max_trials=%d; waiting for them",
+                             len(finished), running, max_trials)
+                time.sleep(WAIT_POLL_S)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    optuna.storages.fail_stale_trials(study)  # a dead worker's trial is failed and queued again
+                continue
+            is_dup = bool(last.get("duplicate"))
             dup_run = dup_run + 1 if is_dup else 0
             if bar is not None and not is_dup:
                 bar.update(1)
@@ -512,6 +586,7 @@ def _finish(study: Any, ctx: Context, baseline: dict[str, Any], out: Path, stopp
         viol = budget.check(cand["figures"], base["figures"])
     model, art, _, _ = build_candidate(ctx, chosen_params)
     paths, recipe = _save_chosen(ctx, out, chosen_params, chosen_no, model, art, not viol)
+    lost = {t.user_attrs["retry_of"] for t in trials if "worker_lost" in t.user_attrs}  # failed by a heartbeat
     counts = {s.name.lower(): 0 for s in TrialState}
     dups = gated = 0
     for t in trials:
@@ -536,7 +611,9 @@ def _finish(study: Any, ctx: Context, baseline: dict[str, Any], out: Path, stopp
         "trials": {"complete": counts.get("complete", 0), "failed": counts.get("fail", 0), "duplicates": dups,
                    "gated": gated,
                    "running": counts.get("running", 0), "waiting": counts.get("waiting", 0),
-                   "rows": [_trial_row(t) for t in trials]},
+                   "worker_lost": sorted(lost),
+                   "workers": sorted({t.user_attrs["worker"] for t in trials if "worker" in t.user_attrs}),
+                   "rows": [{**_trial_row(t), "worker_lost": t.number in lost} for t in trials]},
         "final_candidates": [{"trial": r[0].number, "final": r[1]["figures"],
                               "violations": [v.to_dict() for v in r[3]]} for r in tried],
         "chosen": {"trial": chosen_no, "params": chosen_params, "description": describe(chosen_params),
@@ -561,6 +638,7 @@ def _trial_row(t: Any) -> dict[str, Any]:
             "violations": u.get("violations"), "error": u.get("error"), "duplicate_of": u.get("duplicate_of"),
             "gated": u.get("gated"),
             "seconds": u.get("seconds"), "requeued": u.get("requeued"), "retry_of": u.get("retry_of"),
+            "worker": u.get("worker"),
             "cached_steps": sorted(k for k, v in (u.get("steps") or {}).items() if v.get("cached"))}
 
 

@@ -150,6 +150,8 @@ def _trial_cells(r: dict[str, Any], base: dict[str, Any]) -> list[str]:
         status = "failed: " + r["error"]
     elif r.get("gated"):
         status = "gated: " + r["gated"]
+    elif r.get("worker_lost"):
+        status = f"its worker ({r.get('worker') or '?'}) stopped answering; re-queued"
     elif r["state"] != "complete":
         status = r["state"]
     else:

@@ -173,6 +173,27 @@ class Space(Config):
                 for pc, cal, eq, bc in (combos[i] for i in dict.fromkeys(picks))]
 
 
+#: named spaces for the CLI's ``--space NAME`` (a YAML file otherwise)
+PRESETS: dict[str, dict[str, Any]] = {
+    # INT8 PTQ variants only (per-channel x calibration x CLE x bias correction): no pruning, no training
+    "ptq": {"target_macs": (0.0,), "quantize": (True,)},
+}
+
+
+def space_from(name_or_yaml: str) -> Space:
+    """A preset (``ptq``) by name, else a Space YAML file."""
+    from pathlib import Path
+
+    from edgeslim.core.errors import ConfigError
+
+    if name_or_yaml in PRESETS:
+        return Space(**PRESETS[name_or_yaml])
+    if not Path(name_or_yaml).exists():
+        raise ConfigError(f"space {name_or_yaml!r} is neither a YAML file nor a preset (presets: "
+                          f"{', '.join(PRESETS)})")
+    return Space.from_yaml(Path(name_or_yaml))
+
+
 def describe(params: dict[str, Any]) -> str:
     """A candidate in words, e.g. ``prune 35% MACs (early kept, BN recal, 300 ft steps) + INT8 per-channel mse``."""
     parts = []

@@ -1,15 +1,21 @@
 """The run store of :func:`edgeslim.optimize`: the run folder, the Optuna study, and the step cache.
 
-- The run folder ``out/`` holds ``run.json`` (which model, data, budget and space the run is for: a resume with
-  another model or budget is refused), ``study.db`` (the default SQLite storage), ``cache/`` and the outputs.
-  A lock file keeps a second process off a folder whose default SQLite study is in use.
+- The run folder ``out/`` holds ``run.json`` (which model, data, budget, space and storage the run is for, and
+  the command that started it: a resume with another model or budget is refused, a ``--worker`` joins with it),
+  ``study.db`` (the default SQLite storage), ``cache/`` and the outputs. A lock file keeps a second process off a
+  folder whose default SQLite study is in use.
 - Every trial is a row in an Optuna RDB storage: the SQLite file, or a URL (``postgresql://...``) that several
   workers share. A trial left RUNNING by a killed process is re-queued: with the folder's own SQLite file (one
   worker, under the lock) every RUNNING trial at start is put back in the queue *in place* (same number, same
   parameters, so a seeded run continues exactly as an uninterrupted one would); with a shared URL, Optuna's
   heartbeat marks trials of dead workers failed and they are queued again as new trials.
+- Workers of a shared study serialise the few steps that must not interleave (queueing, claiming a candidate
+  and a slot of the trial budget) with a PostgreSQL advisory lock (:class:`StudyLock`); everything else runs
+  in parallel.
 - Each step's output is kept under ``cache/<step>-<key>/`` where the key hashes the base model's weights, the
-  data and every setting that step depends on, so no finished step is ever redone.
+  data and every setting that step depends on, so no finished step is ever redone. A step is built under a
+  file lock of its own (:meth:`Cache.claim`), so workers sharing the folder never write the same step at once:
+  the second waits and takes the first one's output.
 """
 
 from __future__ import annotations
@@ -71,7 +77,14 @@ def file_hash(path: str | Path) -> str:
 
 # ---------------------------------------------------------------------------------------------- step cache
 class Cache:
-    """Finished steps under ``root/<step>-<key>/``; a step is finished when its ``done.json`` exists."""
+    """Finished steps under ``root/<step>-<key>/``; a step is finished when its ``done.json`` exists (written
+    last, atomically).
+
+    Processes may share a cache folder: :meth:`claim` holds an exclusive lock on one step while it is looked up
+    and, when missing, built, so two workers never write the same step's files at once and the second one
+    finds the first one's output instead of redoing it. A step half-written by a killed process has no
+    ``done.json`` and is simply built again (its files overwritten) by the next claimant.
+    """
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -80,6 +93,19 @@ class Cache:
         d = self.root / f"{step}-{k}"
         d.mkdir(parents=True, exist_ok=True)
         return d
+
+    @contextlib.contextmanager
+    def claim(self, step: str, k: str) -> Iterator[Path]:
+        """The step's folder, with its lock (``<step>-<key>.lock`` beside it) held until the block ends."""
+        import fcntl
+
+        d = self.dir(step, k)
+        with open(self.root / f"{step}-{k}.lock", "a+") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)  # blocks while another process builds this very step
+            try:
+                yield d
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
 
     @staticmethod
     def done(d: Path) -> dict[str, Any] | None:
@@ -114,18 +140,21 @@ def check_data(train: Any, val: Any) -> None:
 
 
 @contextlib.contextmanager
-def locked(out: Path) -> Iterator[None]:
-    """Hold an exclusive lock on ``out`` for the run; a second process on the same folder is refused."""
+def locked(out: Path, *, name: str = ".optimize.lock", wait: bool = False) -> Iterator[None]:
+    """Hold an exclusive lock on ``out`` (the file ``name`` in it): for the whole run with the folder's own
+    SQLite study (a second process on the folder is refused), or, with ``wait``, for a short step that workers
+    sharing the folder take turns at (writing ``run.json``, the report)."""
     import fcntl
 
     out.mkdir(parents=True, exist_ok=True)
-    f = open(out / ".optimize.lock", "a+")
+    f = open(out / name, "a+")
     try:
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(f, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             raise OutputExistsError(f"run folder {str(out)!r} is in use by another optimize process (its lock is "
-                                    "held); wait for it, or use another out=") from None
+                                    "held); wait for it, or use another out= (workers sharing a study: "
+                                    "storage=postgresql://...)") from None
         f.seek(0)
         f.truncate()
         f.write(f"{os.getpid()}\n")
@@ -135,16 +164,22 @@ def locked(out: Path) -> Iterator[None]:
         f.close()
 
 
-def check_run(out: Path, ident: dict[str, Any], *, resume: bool) -> bool:
-    """Write ``out/run.json`` for a new run, or check that it is the same run; True when resuming."""
+def check_run(out: Path, ident: dict[str, Any], *, resume: bool, storage: str | None = None,
+              command: dict[str, Any] | None = None) -> bool:
+    """Write ``out/run.json`` for a new run, or check that it is the same run; True when resuming.
+
+    ``storage`` (a shared study's URL, None for the folder's own ``study.db``) is recorded without its password
+    (a worker joining gives it again, or libpq finds it in ``PGPASSWORD`` / ``~/.pgpass``); ``command`` is how
+    the run was started (the CLI's options), so ``edgeslim optimize --resume out --worker`` can join with them.
+    """
     rec = out / "run.json"
     if not rec.is_file():
-        write_json(rec, {"format": RUN_FORMAT, **ident, "created": time.strftime("%Y-%m-%d %H:%M:%S")}, force=True)
+        doc = {"format": RUN_FORMAT, **ident, "storage": strip_password(storage) if storage else None,
+               "storage_password": bool(storage) and strip_password(storage) != storage,
+               "command": command, "created": time.strftime("%Y-%m-%d %H:%M:%S")}
+        write_json(rec, doc, force=True)
         return False
-    try:
-        old = json.loads(rec.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{rec}: not a readable optimize run record ({e}); use another out=") from None
+    old = read_run(out)
     if not resume:
         raise OutputExistsError(f"run folder {str(out)!r} holds an earlier optimize run; pass resume=True "
                                 "(CLI: --resume) to continue it, or use another out=")
@@ -154,7 +189,32 @@ def check_run(out: Path, ident: dict[str, Any], *, resume: bool) -> bool:
         if old.get(k) != ident.get(k):
             raise ConfigError(f"run folder {str(out)!r} holds a run of {what}: {k} was {_short(old.get(k))}, now "
                               f"{_short(ident.get(k))}; use another out= (or the same settings to resume)")
+    was = old.get("storage")
+    now = strip_password(storage) if storage else None
+    if was != now:
+        how = f"give storage={was!r} (CLI: --storage)" if was else "give no storage= (CLI: no --storage)"
+        raise ConfigError(f"run folder {str(out)!r} holds a run whose study is in {_where(was)}, not in "
+                          f"{_where(now)}; {how} to resume it, or use another out=")
     return True
+
+
+def _where(url: str | None) -> str:
+    return repr(url) if url else "the folder's own study.db"
+
+
+def read_run(out: Path) -> dict[str, Any]:
+    """``out/run.json`` as a dict (ConfigError when it is missing or unreadable)."""
+    rec = Path(out) / "run.json"
+    if not rec.is_file():
+        raise ConfigError(f"{str(rec)!r} not found: {str(out)!r} holds no optimize run (start one with "
+                          "`edgeslim optimize MODEL ... --out` first, or copy its run.json here)")
+    try:
+        doc = json.loads(rec.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{rec}: not a readable optimize run record ({e}); use another out=") from None
+    if not isinstance(doc, dict) or doc.get("format") != RUN_FORMAT:
+        raise ConfigError(f"{rec}: not an optimize run record (format {RUN_FORMAT!r} expected)")
+    return doc
 
 
 def _short(v: Any) -> str:
@@ -168,28 +228,44 @@ def default_storage(out: Path) -> str:
 
 
 def redact(url: str) -> str:
-    """``url`` without its password."""
+    """``url`` with its password replaced by ``***``."""
     return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
 
 
-def open_storage(url: str, *, shared: bool) -> Any:
-    """An Optuna RDB storage at ``url``; shared ones get heartbeats so dead workers' trials are re-queued."""
+def strip_password(url: str) -> str:
+    """``url`` without its password (what ``run.json`` records)."""
+    return re.sub(r"://([^:/@]+):[^@]*@", r"://\1@", url)
+
+
+#: a trial whose worker has sent no heartbeat for this many heartbeat intervals is taken as dead
+GRACE_INTERVALS = 3
+
+
+def open_storage(url: str, *, shared: bool, heartbeat_s: int = 10) -> Any:
+    """An Optuna RDB storage at ``url``; shared ones get heartbeats (every ``heartbeat_s`` seconds) so a trial
+    whose worker died (silent for ``GRACE_INTERVALS`` heartbeats) is failed and its parameters queued again."""
     import optuna
 
     if not isinstance(url, str) or "://" not in url:
         raise ConfigError(f"storage={url!r} is not allowed; give an RDB URL (sqlite:///file.db, "
                           "postgresql://user@host/db) or None for out/study.db")
+    if isinstance(heartbeat_s, bool) or not isinstance(heartbeat_s, int) or heartbeat_s < 1:
+        raise ConfigError(f"heartbeat_s={heartbeat_s!r} is not allowed; use an integer >= 1 (seconds)")
     kw: dict[str, Any] = {}
     if shared:
-        kw = {"heartbeat_interval": 10, "grace_period": 40,
+        kw = {"heartbeat_interval": heartbeat_s, "grace_period": GRACE_INTERVALS * heartbeat_s,
               "heartbeat_stale_trial_callback": requeue_failed}
+    engine: dict[str, Any] = {"pool_pre_ping": True}
+    if url.startswith("postgresql"):  # a host that drops packets must not hang the command
+        engine["connect_args"] = {"connect_timeout": 10}
     try:
         with warnings.catch_warnings():  # heartbeats are marked experimental in Optuna 5; they are what we rely on
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True}, **kw)
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine, **kw)
     except ImportError:  # sqlalchemy could not import the URL's database driver
         scheme = url.split("://", 1)[0].split("+", 1)[0]
-        pkg = {"postgresql": "psycopg2-binary", "mysql": "pymysql"}.get(scheme, f"a {scheme} driver for SQLAlchemy")
+        pkg = {"postgresql": "'psycopg[binary]'", "mysql": "pymysql"}.get(scheme,
+                                                                          f"a {scheme} driver for SQLAlchemy")
         raise ConfigError(f"storage {redact(url)!r} needs a database driver that is not installed: "
                           f"pip install {pkg}") from None
     except Exception as e:  # noqa: BLE001 - sqlalchemy/driver errors: unreachable host, bad URL, refused login
@@ -198,9 +274,71 @@ def open_storage(url: str, *, shared: bool) -> Any:
 
 
 def requeue_failed(study: Any, trial: Any) -> None:
-    """Heartbeat callback: a trial whose worker died is queued again with the same parameters."""
-    study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
-    log.warning("trial %d's worker stopped answering; its parameters are queued again", trial.number)
+    """Heartbeat callback: a trial whose worker died is queued again with the same parameters (Optuna calls it
+    once per such trial, in the one worker whose update marked it failed)."""
+    study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number, "worker_lost": trial.user_attrs.get(
+        "worker", "?")})
+    log.warning("trial %d's worker (%s) stopped answering; its parameters are queued again", trial.number,
+                trial.user_attrs.get("worker", "?"))
+
+
+def worker_id() -> str:
+    """This process as the trials it runs record it: ``host:pid``."""
+    import socket
+
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class StudyLock:
+    """An exclusive lock shared by every worker of one study in a shared storage, for the short steps that must
+    not interleave: queueing trials, and claiming a candidate and a slot of the trial budget.
+
+    PostgreSQL: a session-level advisory lock (``pg_advisory_lock``) on a connection of its own, released by the
+    server if the worker dies. Other storages take no lock (the folder's own SQLite study has one process; for
+    another shared database a warning says that two workers may then run the same candidate at once).
+    """
+
+    def __init__(self, storage: Any, study_name: str, *, shared: bool) -> None:
+        self._conn = None
+        self._held = False
+        self._key = int(hashlib.sha256(study_name.encode()).hexdigest()[:15], 16)  # fits a signed bigint
+        engine = getattr(storage, "engine", None)
+        if shared and engine is not None and engine.dialect.name == "postgresql":
+            self._conn = engine.connect()
+        elif shared:
+            log.warning("storage %s has no advisory lock edgeslim knows: two workers may claim the same candidate "
+                        "or overrun the trial budget by a trial each", engine.dialect.name if engine else "?")
+
+    def acquire(self) -> None:
+        if self._conn is not None and not self._held:
+            from sqlalchemy import text
+
+            self._conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": self._key})
+            self._conn.commit()
+        self._held = True
+
+    def release(self) -> None:
+        if self._conn is not None and self._held:
+            from sqlalchemy import text
+
+            self._conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": self._key})
+            self._conn.commit()
+        self._held = False
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[StudyLock]:
+        """Hold the lock for the block (the block may :meth:`release` it early)."""
+        self.acquire()
+        try:
+            yield self
+        finally:
+            self.release()
+
+    def close(self) -> None:
+        self.release()
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
 
 
 def requeue_running(study: Any, storage: Any) -> list[int]:

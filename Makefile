@@ -7,7 +7,7 @@ RT_STAMP := $(VENV)/.edgeslim-runtimes
 FMNIST := /usr/share/datasets/fashion-mnist
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test setup runtimes dataset system-packages bench clean
+.PHONY: demo test lint format setup runtimes dataset system-packages bench clean
 
 setup: $(STAMP) dataset
 
@@ -65,8 +65,17 @@ demo: setup
 	$(VENV)/bin/edgeslim optimize mobilenet_v2 --dataset fashion-mnist --space ptq --max-drop 0.5 --min-speedup 1.5 \
 	  --threads 1 --trials 4 --samples 1000 --out edgeslim-out --resume
 
-test: setup runtimes system-packages
+test: setup runtimes system-packages lint
 	$(PY) -m pytest -q
+
+# ruff: lint and format check (configured in pyproject.toml); `make format` applies the formatting
+lint: setup
+	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m ruff format --check src tests benchmarks
+
+format: setup
+	$(PY) -m ruff check --fix src tests benchmarks
+	$(PY) -m ruff format src tests benchmarks
 
 bench: setup
 	$(PY) benchmarks/quantize_mobilenet_v2.py

@@ -31,8 +31,9 @@ def host() -> dict[str, Any]:
     return {**host_info(), "cpus": os.cpu_count(), "load_avg": [round(v, 2) for v in os.getloadavg()]}
 
 
-def latency_rounds(arts: dict[str, Any], rounds: int, runs: int, *, warmup: int = 10,
-                   max_seconds: float = 5.0) -> dict[str, float]:
+def latency_rounds(
+    arts: dict[str, Any], rounds: int, runs: int, *, warmup: int = 10, max_seconds: float = 5.0
+) -> dict[str, float]:
     """Median over interleaved rounds of each ONNX artifact's per-round median latency (ms): ONNX Runtime, 1 thread,
     batch 1, an all-zeros input (as ``edgeslim.measure`` without data); ``warmup`` untimed runs at every turn."""
     import numpy as np
@@ -40,8 +41,8 @@ def latency_rounds(arts: dict[str, Any], rounds: int, runs: int, *, warmup: int 
     import edgeslim as es
 
     runners = {k: es.runtime.load(a, "onnxruntime", threads=1) for k, a in arts.items()}
-    runs_of = {k: (lambda r=r, x=np.zeros((1, *arts[k].input_shape), np.float32): r.run(x))
-               for k, r in runners.items()}
-    res = es.runtime.interleaved_latency(runs_of, rounds=rounds, runs=runs, warmup=0, rewarm=warmup,
-                                         max_seconds_per_turn=max_seconds)
+    runs_of = {k: (lambda r=r, x=np.zeros((1, *arts[k].input_shape), np.float32): r.run(x)) for k, r in runners.items()}
+    res = es.runtime.interleaved_latency(
+        runs_of, rounds=rounds, runs=runs, warmup=0, rewarm=warmup, max_seconds_per_turn=max_seconds
+    )
     return {k: r["median_of_rounds_ms"] for k, r in res.items()}

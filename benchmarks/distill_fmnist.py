@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _harness import host
 
 import edgeslim as es
 from edgeslim.core.counting import count_macs, count_params
@@ -28,15 +29,21 @@ from edgeslim.data import load as load_data
 from edgeslim.distill import DistillConfig, cnn_student, distill
 from edgeslim.models import load as load_model
 from edgeslim.train import TrainConfig, evaluate, fit
-from _harness import host
 
 log = logging.getLogger("distill_fmnist")
 
 
 def onnx_file(model, shape, path) -> int:
     """Export ``model`` to ``path`` (batch 1, input ``x``); the file's size in bytes."""
-    torch.onnx.export(model.eval(), (torch.zeros(1, *shape),), str(path), dynamo=False, input_names=["x"],
-                      output_names=["y"], opset_version=17)
+    torch.onnx.export(
+        model.eval(),
+        (torch.zeros(1, *shape),),
+        str(path),
+        dynamo=False,
+        input_names=["x"],
+        output_names=["y"],
+        opset_version=17,
+    )
     return os.path.getsize(path)
 
 
@@ -69,8 +76,13 @@ def main() -> None:
     variants = {
         "student no-KD": None,
         "student KD (T=4)": DistillConfig(losses=("kd",), temperature=4.0, hard_weight=0.5),
-        "student hint+KD": DistillConfig(losses=("kd", "hint"), weights=(1.0, 1.0), hard_weight=0.5,
-                                         student_layers=("features.8",), teacher_layers=("layer3",)),
+        "student hint+KD": DistillConfig(
+            losses=("kd", "hint"),
+            weights=(1.0, 1.0),
+            hard_weight=0.5,
+            student_layers=("features.8",),
+            teacher_layers=("layer3",),
+        ),
         "student RKD+KD": DistillConfig(losses=("kd", "rkd"), weights=(1.0, 1.0), hard_weight=0.5),
     }
     seconds = {}
@@ -81,8 +93,16 @@ def main() -> None:
         if cfg is None:
             rows[name] = fit(student, train, val, tc, device=args.device, progress=False).model
         else:
-            rows[name] = distill(student, teacher, cfg, data=(train, val), train_config=tc, device=args.device,
-                                 checkpoint_dir=ck / "cache", progress=False)
+            rows[name] = distill(
+                student,
+                teacher,
+                cfg,
+                data=(train, val),
+                train_config=tc,
+                device=args.device,
+                checkpoint_dir=ck / "cache",
+                progress=False,
+            )
         seconds[name] = round(time.perf_counter() - t0, 1)
         log.info("%s trained in %.1fs", name, seconds[name])
     result = {}
@@ -92,9 +112,13 @@ def main() -> None:
             path = Path(tmp) / f"{i}.onnx"
             size = onnx_file(m, shape, path)
             runners[name] = es.runtime.load(path, "onnxruntime", threads=1)
-            result[name] = {"accuracy": round(evaluate(m, val, device=args.device), 4),
-                            "params": count_params(m), "macs": count_macs(m.cpu(), torch.zeros(1, *shape)),
-                            "onnx_bytes": size, "train_seconds": seconds.get(name)}
+            result[name] = {
+                "accuracy": round(evaluate(m, val, device=args.device), 4),
+                "params": count_params(m),
+                "macs": count_macs(m.cpu(), torch.zeros(1, *shape)),
+                "onnx_bytes": size,
+                "train_seconds": seconds.get(name),
+            }
         x = val.take(1).normalized().numpy().astype(np.float32)
         # interleaved rounds so every row sees the same host load
         lat = es.runtime.interleaved_latency(runners, x, rounds=args.rounds, runs=50, warmup=0, rewarm=5)
@@ -105,13 +129,24 @@ def main() -> None:
         r["ort_ms_median"] = round(statistics.median(times[n]), 4)
         r["measured_speedup_vs_teacher"] = round(t_ms / r["ort_ms_median"], 2)
         r["size_ratio_vs_teacher"] = round(r["onnx_bytes"] / result["teacher (ResNet-18)"]["onnx_bytes"], 4)
-        print(f"{n:22} {r['accuracy']:7.4f} {r['params']:9d} {r['macs']:11d} {r['ort_ms_median']:10.3f} "
-              f"{r['measured_speedup_vs_teacher']:7.2f}x")
-    note = ("ONNX Runtime FP32, 1 thread, batch 1, median of interleaved rounds; measured on a shared, loaded "
-            "2-core host" if os.cpu_count() and os.cpu_count() <= 4 else "ONNX Runtime FP32, 1 thread, batch 1")
+        print(
+            f"{n:22} {r['accuracy']:7.4f} {r['params']:9d} {r['macs']:11d} {r['ort_ms_median']:10.3f} "
+            f"{r['measured_speedup_vs_teacher']:7.2f}x"
+        )
+    note = (
+        "ONNX Runtime FP32, 1 thread, batch 1, median of interleaved rounds; measured on a shared, loaded 2-core host"
+        if os.cpu_count() and os.cpu_count() <= 4
+        else "ONNX Runtime FP32, 1 thread, batch 1"
+    )
     print(note)
-    meta = {"args": vars(args), "train_rows": len(train), "val_rows": len(val), "note": note,
-            "host": host(), "rows": result}
+    meta = {
+        "args": vars(args),
+        "train_rows": len(train),
+        "val_rows": len(val),
+        "note": note,
+        "host": host(),
+        "rows": result,
+    }
     name = "distill_fmnist_smoke.json" if args.smoke else "distill_fmnist.json"
     (out / name).write_text(json.dumps(meta, indent=2))
     for n, m in rows.items():

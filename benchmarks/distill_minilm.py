@@ -43,6 +43,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _harness import ort_session
 from torch import nn
 
 import edgeslim as es
@@ -50,7 +51,6 @@ from edgeslim.core.io import write_json
 from edgeslim.distill import DistillConfig, distill, layer_drop_student
 from edgeslim.prune import PruneConfig, VocabMap, load_pruned, prune, prune_vocabulary, save_pruned
 from edgeslim.train import TrainConfig, fit
-from _harness import ort_session
 
 ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("distill_minilm")
@@ -78,8 +78,9 @@ class TokenSet:
         return self.subset(np.sort(np.random.default_rng(seed).choice(len(self), n, replace=False)))
 
     def batches(self, batch_size: int = 256):
-        return [(self.ids[i : i + batch_size], self.labels[i : i + batch_size])
-                for i in range(0, len(self), batch_size)]
+        return [
+            (self.ids[i : i + batch_size], self.labels[i : i + batch_size]) for i in range(0, len(self), batch_size)
+        ]
 
 
 class Pool(nn.Module):
@@ -131,13 +132,15 @@ def embeddings(bert: nn.Module, ids: torch.Tensor, batch: int = 128) -> torch.Te
         x = ids[j]
         mask = (x != 0).long()
         n = int(mask.sum(1).max())
-        out[j] = es.models.mean_pool(bert(input_ids=x[:, :n], attention_mask=mask[:, :n]).last_hidden_state,
-                                     mask[:, :n])
+        out[j] = es.models.mean_pool(
+            bert(input_ids=x[:, :n], attention_mask=mask[:, :n]).last_hidden_state, mask[:, :n]
+        )
     return out
 
 
-def train_head(emb: torch.Tensor, y: torch.Tensor, dev_emb: torch.Tensor, dev_y: torch.Tensor, seed: int = 0
-               ) -> tuple[nn.Linear, float]:
+def train_head(
+    emb: torch.Tensor, y: torch.Tensor, dev_emb: torch.Tensor, dev_y: torch.Tensor, seed: int = 0
+) -> tuple[nn.Linear, float]:
     """Logistic regression on frozen embeddings (full-batch AdamW, best weight decay on the dev slice)."""
     best = (None, -1.0)
     for wd in (0.0, 1e-4, 1e-3):
@@ -161,9 +164,16 @@ def export_onnx(clf: TextClassifier, path: Path, vocab: VocabMap | None = None) 
     ids = torch.tensor([[101, 2023, 2003, 1037, 3231, 102]])  # [CLS] this is a test [SEP]
     ex = (ids if vocab is None else vocab(ids), torch.ones(1, 6, dtype=torch.long))
     raw = path.with_suffix(".raw.onnx")
-    torch.onnx.export(Exported(clf).eval(), ex, str(raw), input_names=["input_ids", "attention_mask"],
-                      output_names=["logits"], dynamo=False, opset_version=17,
-                      dynamic_axes={"input_ids": {0: "b", 1: "t"}, "attention_mask": {0: "b", 1: "t"}})
+    torch.onnx.export(
+        Exported(clf).eval(),
+        ex,
+        str(raw),
+        input_names=["input_ids", "attention_mask"],
+        output_names=["logits"],
+        dynamo=False,
+        opset_version=17,
+        dynamic_axes={"input_ids": {0: "b", 1: "t"}, "attention_mask": {0: "b", 1: "t"}},
+    )
     tmp = path.with_suffix(".tmp.onnx")
     onnx.save(onnx.load(str(raw)), str(tmp))  # one self-contained file
     raw.unlink()
@@ -187,8 +197,10 @@ def fingerprint(model: nn.Module) -> str:
 
 def run_one(sess, ids: np.ndarray, vocab: VocabMap | None) -> np.ndarray:
     """One batch-1 inference; a trimmed model gets its ids remapped here (part of the timed call)."""
-    feed = {"input_ids": ids if vocab is None else vocab.old_to_new[ids],
-            "attention_mask": np.ones(ids.shape, dtype=np.int64)}
+    feed = {
+        "input_ids": ids if vocab is None else vocab.old_to_new[ids],
+        "attention_mask": np.ones(ids.shape, dtype=np.int64),
+    }
     return sess.run(None, feed)[0]
 
 
@@ -231,19 +243,31 @@ def main() -> None:
     ap.add_argument("--ort-threads", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=10, help="interleaved latency rounds")
     ap.add_argument("--latency-texts", type=int, default=30, help="val snippets timed per round")
-    ap.add_argument("--only", choices=("KD", "CE-only", "KD-pruned"), default=None,
-                    help="train just this student and exit (run KD and CE-only in parallel processes; KD-pruned "
-                         "starts from the trained KD student; rerun to measure)")
-    ap.add_argument("--ffn-keep", type=int, default=768,
-                    help="KD-pruned: FFN neurons kept per layer (of 1536; multiple of 8)")
+    ap.add_argument(
+        "--only",
+        choices=("KD", "CE-only", "KD-pruned"),
+        default=None,
+        help="train just this student and exit (run KD and CE-only in parallel processes; KD-pruned "
+        "starts from the trained KD student; rerun to measure)",
+    )
+    ap.add_argument(
+        "--ffn-keep", type=int, default=768, help="KD-pruned: FFN neurons kept per layer (of 1536; multiple of 8)"
+    )
     ap.add_argument("--pruned-steps", type=int, default=0, help="KD-pruned: recovery steps (0: one full epoch)")
-    ap.add_argument("--skip-missing", action="store_true",
-                    help="measure only the students already trained (others are listed as not run)")
+    ap.add_argument(
+        "--skip-missing",
+        action="store_true",
+        help="measure only the students already trained (others are listed as not run)",
+    )
     phase = ap.add_mutually_exclusive_group()
-    phase.add_argument("--skip-latency", action="store_true",
-                       help="train, export and measure accuracy (cached in --work); no timing")
-    phase.add_argument("--latency-only", action="store_true",
-                       help="time the models a --skip-latency run exported (run it on a quiet host)")
+    phase.add_argument(
+        "--skip-latency", action="store_true", help="train, export and measure accuracy (cached in --work); no timing"
+    )
+    phase.add_argument(
+        "--latency-only",
+        action="store_true",
+        help="time the models a --skip-latency run exported (run it on a quiet host)",
+    )
     ap.add_argument("--eval-n", type=int, default=0, help="held-out rows for accuracy (0: all)")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--work", type=Path, default=Path("/tmp/distill_minilm"), help="caches and checkpoints")
@@ -258,8 +282,9 @@ def main() -> None:
         args.work = args.work.with_name(args.work.name + "_smoke")
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
-    out = args.out or (work / "distill_minilm_smoke.json" if args.smoke
-                       else ROOT / "benchmarks" / "results" / "distill_minilm.json")
+    out = args.out or (
+        work / "distill_minilm_smoke.json" if args.smoke else ROOT / "benchmarks" / "results" / "distill_minilm.json"
+    )
     manifest_path = work / "eval.json"
     if args.latency_only:
         if not manifest_path.is_file():
@@ -284,8 +309,14 @@ def main() -> None:
     train = TokenSet(ids_tr[fit_idx], y_tr[fit_idx])
     dev = TokenSet(ids_tr[dev_idx], y_tr[dev_idx])
     val = TokenSet(ids_va, val_t.labels)
-    log.info("train %d, dev %d, held-out val %d; mean tokens %.1f (max_len %d)", len(train), len(dev), len(val),
-             float((ids_tr != 0).sum(1).float().mean()), args.max_len)
+    log.info(
+        "train %d, dev %d, held-out val %d; mean tokens %.1f (max_len %d)",
+        len(train),
+        len(dev),
+        len(val),
+        float((ids_tr != 0).sum(1).float().mean()),
+        args.max_len,
+    )
 
     # 1) teacher: frozen encoder + linear head on precomputed mean-pooled embeddings
     emb_path = work / "emb.pt"
@@ -318,8 +349,16 @@ def main() -> None:
         s.bert.embeddings.word_embeddings.weight.requires_grad_(False)
         return s
 
-    tc = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer="adamw",
-                     weight_decay=0.01, augment=False, seed=0, warmup_steps=30)
+    tc = TrainConfig(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        optimizer="adamw",
+        weight_decay=0.01,
+        augment=False,
+        seed=0,
+        warmup_steps=30,
+    )
     kd_cfg = DistillConfig(losses=("kd",), temperature=args.temperature, hard_weight=args.hard_weight)
     train_info: dict[str, dict] = {}
     students: dict[str, TextClassifier] = {}
@@ -341,16 +380,20 @@ def main() -> None:
             t0 = time.perf_counter()
             torch.manual_seed(0)
             if name == "student KD":
-                s = distill(s, teacher, kd_cfg, data=(train, dev), train_config=tc, checkpoint_dir=work / "kd",
-                            progress=False)
+                s = distill(
+                    s, teacher, kd_cfg, data=(train, dev), train_config=tc, checkpoint_dir=work / "kd", progress=False
+                )
                 hist = s.distill_history
             else:
                 res = fit(s, train, dev, tc, checkpoint_dir=work / "ce", progress=False)
                 s, hist = res.model, res.history
             # after a resume: only this process's part
-            train_info[name] = {"seconds": round(time.perf_counter() - t0, 1), "history": hist,
-                                "finished_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
-                                "load_avg_at_end": [round(x, 2) for x in os.getloadavg()]}
+            train_info[name] = {
+                "seconds": round(time.perf_counter() - t0, 1),
+                "history": hist,
+                "finished_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+                "load_avg_at_end": [round(x, 2) for x in os.getloadavg()],
+            }
             torch.save(s.state_dict(), final)
             final.with_suffix(".json").write_text(json.dumps(train_info[name]))
         students[name] = s.eval()
@@ -377,24 +420,35 @@ def main() -> None:
             s.bert.embeddings.word_embeddings.weight.requires_grad_(False)
             t0 = time.perf_counter()
             torch.manual_seed(0)
-            out_s = distill(s, teacher, kd_cfg, data=(train, dev), train_config=tc, checkpoint_dir=work / "kd",
-                            progress=False, max_steps_per_epoch=args.pruned_steps or None)
+            out_s = distill(
+                s,
+                teacher,
+                kd_cfg,
+                data=(train, dev),
+                train_config=tc,
+                checkpoint_dir=work / "kd",
+                progress=False,
+                max_steps_per_epoch=args.pruned_steps or None,
+            )
             epoch_steps = -(-len(train) // tc.batch_size)
             steps = min(args.pruned_steps or epoch_steps, epoch_steps)
             train_info[pruned_name] = {
-                "seconds": round(time.perf_counter() - t0, 1), "history": out_s.distill_history,
-                "steps": steps, "rows_seen": min(steps * tc.batch_size, len(train)),
-                "prune_config": prune_cfg.to_dict(), "prune_report": s.prune_report.to_dict(),
+                "seconds": round(time.perf_counter() - t0, 1),
+                "history": out_s.distill_history,
+                "steps": steps,
+                "rows_seen": min(steps * tc.batch_size, len(train)),
+                "prune_config": prune_cfg.to_dict(),
+                "prune_report": s.prune_report.to_dict(),
                 "finished_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
-                "load_avg_at_end": [round(x, 2) for x in os.getloadavg()]}
+                "load_avg_at_end": [round(x, 2) for x in os.getloadavg()],
+            }
             out_s.prune_report = s.prune_report
             save_pruned(out_s, pruned_path, force=True)
             pruned_path.with_suffix(".info.json").write_text(json.dumps(train_info[pruned_name], default=str))
             s = out_s
         if s is not None:
             students[pruned_name] = s.eval()
-            log.info("%s ready (%.0fs)\n%s", pruned_name, train_info[pruned_name]["seconds"],
-                     s.prune_report.summary())
+            log.info("%s ready (%.0fs)\n%s", pruned_name, train_info[pruned_name]["seconds"], s.prune_report.summary())
     if args.only:
         return
     students["student layer-drop init, untrained"] = new_student().eval()
@@ -448,9 +502,13 @@ def main() -> None:
             sess = ort_session(p, args.ort_threads)
             t0 = time.perf_counter()
             pred = np.array([int(run_one(sess, f, vm).argmax(1)[0]) for f in feeds])
-            rows[k] = {"onnx": str(p), "vocab_trimmed": vm is not None, "onnx_bytes": p.stat().st_size,
-                       "accuracy": round(float((pred == labels).mean()), 4),
-                       "eval_seconds": round(time.perf_counter() - t0, 1)}
+            rows[k] = {
+                "onnx": str(p),
+                "vocab_trimmed": vm is not None,
+                "onnx_bytes": p.stat().st_size,
+                "accuracy": round(float((pred == labels).mean()), 4),
+                "eval_seconds": round(time.perf_counter() - t0, 1),
+            }
             del sess
             log.info("%s: %s", k, rows[k])
         cache[name] = {"key": key, "rows": {k: rows[k] for k in variants}}
@@ -470,34 +528,49 @@ def main() -> None:
         "benchmark": "distill_minilm",
         "goal": GOAL,
         "teacher": "all-MiniLM-L6-v2, encoder frozen, linear head on mean-pooled L2-normalised embeddings "
-                   f"(dev accuracy {dev_acc:.4f}); not fine-tuned (CPU budget)",
+        f"(dev accuracy {dev_acc:.4f}); not fine-tuned (CPU budget)",
         "student": "layer_drop_student keep=(0, 2, 4), teacher head as init; encoder + head trained, word "
-                   "embeddings frozen; dynamic padding; KD and CE-only with the same TrainConfig and seed",
+        "embeddings frozen; dynamic padding; KD and CE-only with the same TrainConfig and seed",
         "student_pruned": f"{pruned_name}: the trained KD student, edgeslim.prune PruneConfig(method='channel', "
-                          f"ratio={prune_cfg.ratio:g}, importance='l2') removes FFN neurons ({width} -> "
-                          f"{args.ffn_keep} per layer, physically; still a BertModel), then distill() KD from the "
-                          "teacher with the same DistillConfig and TrainConfig (word embeddings frozen), "
-                          "vocab-trimmed like the others",
+        f"ratio={prune_cfg.ratio:g}, importance='l2') removes FFN neurons ({width} -> "
+        f"{args.ffn_keep} per layer, physically; still a BertModel), then distill() KD from the "
+        "teacher with the same DistillConfig and TrainConfig (word embeddings frozen), "
+        "vocab-trimmed like the others",
         "vocab_trimming": {
             "how": "edgeslim.prune.prune_vocabulary(student, tokenizer, train-split texts, min_count="
-                   f"{args.min_count}) after training (frozen embeddings + every train token kept: same weights as "
-                   "trimming first); ids remapped by VocabMap (numpy lookup) before the ONNX graph",
-            "summary": vreport.summary(), "old_size": vreport.old_size, "new_size": vreport.new_size,
-            "params_before": vreport.params_before, "params_after": vreport.params_after,
+            f"{args.min_count}) after training (frozen embeddings + every train token kept: same weights as "
+            "trimming first); ids remapped by VocabMap (numpy lookup) before the ONNX graph",
+            "summary": vreport.summary(),
+            "old_size": vreport.old_size,
+            "new_size": vreport.new_size,
+            "params_before": vreport.params_before,
+            "params_after": vreport.params_after,
             "held_out_tokens_mapped_to_unk": round(float(oov.mean()), 4),
             "held_out_texts_with_a_dropped_token": round(float(np.mean(oov_rows)), 4),
-            "map": str(vocab_path)},
-        "kd_config": kd_cfg.to_dict(), "train_config": tc.to_dict(),
-        "training": {k: {kk: v for kk, v in d.items()} for k, d in train_info.items()},
+            "map": str(vocab_path),
+        },
+        "kd_config": kd_cfg.to_dict(),
+        "train_config": tc.to_dict(),
+        "training": {k: dict(d) for k, d in train_info.items()},
         "args": {k: str(v) for k, v in vars(args).items()},
-        "data": {"train": len(train), "dev (best epoch, from the train split)": len(dev), "held_out_val": len(val),
-                 "accuracy_rows": len(val_eval), "max_len": args.max_len,
-                 "students_not_run": [n for n in ("student KD", "student CE-only", pruned_name)
-                                      if n not in students]},
-        "rows": rows, "accuracy_phase_seconds": round(time.perf_counter() - t_all, 1),
+        "data": {
+            "train": len(train),
+            "dev (best epoch, from the train split)": len(dev),
+            "held_out_val": len(val),
+            "accuracy_rows": len(val_eval),
+            "max_len": args.max_len,
+            "students_not_run": [n for n in ("student KD", "student CE-only", pruned_name) if n not in students],
+        },
+        "rows": rows,
+        "accuracy_phase_seconds": round(time.perf_counter() - t_all, 1),
         "accuracy_phase_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
-        "env": {"python": platform.python_version(), "torch": torch.__version__, "onnxruntime": ort.__version__,
-                "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count()},
+        "env": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "onnxruntime": ort.__version__,
+            "cpu": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(),
+        },
         "latency": None,
         "status": "latency not measured yet (run --latency-only on a quiet host)",
     }
@@ -523,8 +596,10 @@ def measure_latency(meta: dict, args: argparse.Namespace) -> None:
     lat = unpadded(TokenSet(ids_va, val_t.labels).take(args.latency_texts, seed=1).ids)
     vocab = VocabMap.load(meta["vocab_trimming"]["map"])
     rows = meta["rows"]
-    sessions = {k: (ort_session(Path(r["onnx"]), args.ort_threads), vocab if r["vocab_trimmed"] else None)
-                for k, r in rows.items()}
+    sessions = {
+        k: (ort_session(Path(r["onnx"]), args.ort_threads), vocab if r["vocab_trimmed"] else None)
+        for k, r in rows.items()
+    }
     load_before = [round(x, 2) for x in os.getloadavg()]
 
     def turns(s, vm):  # every turn runs the same snippets in the same order: fair on a loaded host
@@ -532,35 +607,49 @@ def measure_latency(meta: dict, args: argparse.Namespace) -> None:
         return lambda: run_one(s, next(nxt), vm)
 
     # 5 warm-up snippets per row, then every round times every row on all the snippets
-    res = es.runtime.interleaved_latency({k: turns(s, vm) for k, (s, vm) in sessions.items()}, rounds=args.rounds,
-                                         runs=len(lat), warmup=5, rewarm=0)
+    res = es.runtime.interleaved_latency(
+        {k: turns(s, vm) for k, (s, vm) in sessions.items()}, rounds=args.rounds, runs=len(lat), warmup=5, rewarm=0
+    )
     base = f"{TEACHER} FP32"
     t_ms = res[base]["p50_ms"]
     for k, r in rows.items():
         r["latency_p50_ms"] = round(res[k]["p50_ms"], 3)
         r["latency_p90_ms"] = round(res[k]["p90_ms"], 3)
         r["speedup_vs_teacher_fp32"] = round(t_ms / r["latency_p50_ms"], 3)
-        r["meets_goal"] = bool(r["smaller_than_teacher_fp32"] >= 0.5 and r["speedup_vs_teacher_fp32"] >= 2.0
-                               and r["teacher_accuracy_fraction"] >= 0.97)
+        r["meets_goal"] = bool(
+            r["smaller_than_teacher_fp32"] >= 0.5
+            and r["speedup_vs_teacher_fp32"] >= 2.0
+            and r["teacher_accuracy_fraction"] >= 0.97
+        )
     meta["latency"] = {
         "how": f"ONNX Runtime {ort.__version__} CPUExecutionProvider, intra_op {args.ort_threads} thread(s), batch 1, "
-               f"{len(lat)} real held-out snippets at their own length (mean "
-               f"{np.mean([f.shape[1] for f in lat]):.1f} tokens), 5 warm-up runs per row, then all {len(rows)} rows "
-               f"interleaved in {args.rounds} rounds ({len(lat) * args.rounds} timed runs per row)",
+        f"{len(lat)} real held-out snippets at their own length (mean "
+        f"{np.mean([f.shape[1] for f in lat]):.1f} tokens), 5 warm-up runs per row, then all {len(rows)} rows "
+        f"interleaved in {args.rounds} rounds ({len(lat) * args.rounds} timed runs per row)",
         "utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
-        "load_avg_before": load_before, "load_avg_after": [round(x, 2) for x in os.getloadavg()],
+        "load_avg_before": load_before,
+        "load_avg_after": [round(x, 2) for x in os.getloadavg()],
     }
-    meta["status"] = "complete" if not meta["data"]["students_not_run"] else (
-        f"PARTIAL: not trained: {meta['data']['students_not_run']}")
-    print(f"\n== MiniLM-L6 sentiment, Rotten Tomatoes held-out val ({meta['data']['accuracy_rows']} snippets); "
-          f"goal {GOAL}\n{meta['latency']['how']}")
-    print(f"{'row':56s} {'MB':>6s} {'smaller':>8s} {'p50 ms':>7s} {'p90 ms':>7s} {'speedup':>8s} {'acc':>7s} "
-          f"{'of T':>6s} goal")
+    meta["status"] = (
+        "complete"
+        if not meta["data"]["students_not_run"]
+        else (f"PARTIAL: not trained: {meta['data']['students_not_run']}")
+    )
+    print(
+        f"\n== MiniLM-L6 sentiment, Rotten Tomatoes held-out val ({meta['data']['accuracy_rows']} snippets); "
+        f"goal {GOAL}\n{meta['latency']['how']}"
+    )
+    print(
+        f"{'row':56s} {'MB':>6s} {'smaller':>8s} {'p50 ms':>7s} {'p90 ms':>7s} {'speedup':>8s} {'acc':>7s} "
+        f"{'of T':>6s} goal"
+    )
     for k, r in rows.items():
-        print(f"{k:56s} {r['onnx_bytes'] / 1e6:6.1f} {r['smaller_than_teacher_fp32'] * 100:7.1f}% "
-              f"{r['latency_p50_ms']:7.2f} {r['latency_p90_ms']:7.2f} {r['speedup_vs_teacher_fp32']:7.2f}x "
-              f"{r['accuracy']:7.4f} {r['teacher_accuracy_fraction'] * 100:5.1f}% "
-              f"{'MET' if r['meets_goal'] else 'missed'}")
+        print(
+            f"{k:56s} {r['onnx_bytes'] / 1e6:6.1f} {r['smaller_than_teacher_fp32'] * 100:7.1f}% "
+            f"{r['latency_p50_ms']:7.2f} {r['latency_p90_ms']:7.2f} {r['speedup_vs_teacher_fp32']:7.2f}x "
+            f"{r['accuracy']:7.4f} {r['teacher_accuracy_fraction'] * 100:5.1f}% "
+            f"{'MET' if r['meets_goal'] else 'missed'}"
+        )
 
 
 if __name__ == "__main__":

@@ -40,8 +40,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--smoke", action="store_true")
-    ap.add_argument("--work", type=Path, default=Path("/tmp/distill_recovery"),
-                    help="stage results and checkpoints; delete it after changing settings")
+    ap.add_argument(
+        "--work",
+        type=Path,
+        default=Path("/tmp/distill_recovery"),
+        help="stage results and checkpoints; delete it after changing settings",
+    )
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
@@ -74,10 +78,15 @@ def main() -> None:
     pcfg = es.PruneConfig(method="channel", target_macs=args.target_macs)
     pruned = es.prune(teacher, pcfg, example_inputs=x)
     rep = pruned.prune_report
-    log.info("pruned: MACs %d -> %d (-%.1f%%), params %d -> %d", rep.macs_before, rep.macs_after,
-             100 * rep.mac_reduction, rep.params_before, rep.params_after)
-    tc = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, augment=False, seed=0,
-                     warmup_steps=20)
+    log.info(
+        "pruned: MACs %d -> %d (-%.1f%%), params %d -> %d",
+        rep.macs_before,
+        rep.macs_after,
+        100 * rep.mac_reduction,
+        rep.params_before,
+        rep.params_after,
+    )
+    tc = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, augment=False, seed=0, warmup_steps=20)
     kd_cfg = DistillConfig(losses=("kd",), temperature=args.temperature, hard_weight=1.0)
     stage("teacher_accuracy", lambda: acc(teacher))
     stage("pruned_accuracy", lambda: acc(pruned))
@@ -88,8 +97,18 @@ def main() -> None:
 
     def kd_run() -> float:
         torch.manual_seed(0)
-        return acc(distill(pruned, teacher, kd_cfg, data=(sub, None), train_config=tc, checkpoint_dir=work / "kd",
-                           device=args.device, progress=False))
+        return acc(
+            distill(
+                pruned,
+                teacher,
+                kd_cfg,
+                data=(sub, None),
+                train_config=tc,
+                checkpoint_dir=work / "kd",
+                device=args.device,
+                progress=False,
+            )
+        )
 
     stage("ce_accuracy", ce_run)
     stage("kd_accuracy", kd_run)
@@ -101,30 +120,52 @@ def main() -> None:
         "pruned + fine-tune CE": st["ce_accuracy"]["value"],
         "pruned + fine-tune KD": st["kd_accuracy"]["value"],
     }
-    budget = (f"{args.epochs} epoch(s) over {len(sub)} training rows, batch {args.batch_size}, SGD lr {args.lr}, "
-              f"{args.device}" + (", short CPU budget" if args.device == "cpu" else ""))
-    print(f"\n== ResNet-18-FMNIST pruned to {100 * (1 - rep.mac_reduction):.1f}% MACs — fine-tune: {budget}; "
-          f"accuracy on {len(val)} test rows")
+    budget = (
+        f"{args.epochs} epoch(s) over {len(sub)} training rows, batch {args.batch_size}, SGD lr {args.lr}, "
+        f"{args.device}" + (", short CPU budget" if args.device == "cpu" else "")
+    )
+    print(
+        f"\n== ResNet-18-FMNIST pruned to {100 * (1 - rep.mac_reduction):.1f}% MACs — fine-tune: {budget}; "
+        f"accuracy on {len(val)} test rows"
+    )
     print(f"{'row':30s} {'accuracy':>9s} {'of teacher':>11s} {'seconds':>8s}")
-    secs = {"pruned + fine-tune CE": st["ce_accuracy"]["seconds"],
-            "pruned + fine-tune KD": st["kd_accuracy"]["seconds"]}
+    secs = {
+        "pruned + fine-tune CE": st["ce_accuracy"]["seconds"],
+        "pruned + fine-tune KD": st["kd_accuracy"]["seconds"],
+    }
     for k, v in rows.items():
         print(f"{k:30s} {v:9.4f} {100 * v / t_acc:10.1f}% {secs.get(k, ''):>8}")
-    out = args.out or (work / "distill_recovery_smoke.json" if args.smoke
-                       else ROOT / "benchmarks" / "results" / "distill_recovery.json")
+    out = args.out or (
+        work / "distill_recovery_smoke.json"
+        if args.smoke
+        else ROOT / "benchmarks" / "results" / "distill_recovery.json"
+    )
     meta = {
-        "benchmark": "distill_recovery", "budget": budget,
+        "benchmark": "distill_recovery",
+        "budget": budget,
         "note": "short fine-tuning budget; stage seconds on a shared, loaded host (include the KD teacher-cache pass)",
-        "val_rows": len(val), "train_rows": len(sub),
-        "prune": {"config": pcfg.to_dict(), "macs_before": rep.macs_before, "macs_after": rep.macs_after,
-                  "mac_reduction": round(rep.mac_reduction, 4), "params_before": rep.params_before,
-                  "params_after": rep.params_after},
-        "train_config": tc.to_dict(), "kd_config": kd_cfg.to_dict(),
+        "val_rows": len(val),
+        "train_rows": len(sub),
+        "prune": {
+            "config": pcfg.to_dict(),
+            "macs_before": rep.macs_before,
+            "macs_after": rep.macs_after,
+            "mac_reduction": round(rep.mac_reduction, 4),
+            "params_before": rep.params_before,
+            "params_after": rep.params_after,
+        },
+        "train_config": tc.to_dict(),
+        "kd_config": kd_cfg.to_dict(),
         "accuracy": rows,
         "kd_minus_ce_pt": round(100 * (rows["pruned + fine-tune KD"] - rows["pruned + fine-tune CE"]), 2),
         "stage_seconds": {k: v["seconds"] for k, v in st.items()},
-        "env": {"python": platform.python_version(), "torch": torch.__version__,
-                "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "threads": args.threads},
+        "env": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "cpu": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(),
+            "threads": args.threads,
+        },
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(meta, indent=2))

@@ -46,8 +46,16 @@ class SameConv2d(nn.Conv2d):
     """A Conv2d subclass with static TF-style "same" padding applied by F.pad before F.conv2d (EfficientNet-Lite)."""
 
     def __init__(self, conv: nn.Conv2d, image_size: int) -> None:
-        super().__init__(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, 0, conv.dilation,
-                         conv.groups, conv.bias is not None)
+        super().__init__(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            conv.stride,
+            0,
+            conv.dilation,
+            conv.groups,
+            conv.bias is not None,
+        )
         self.load_state_dict(conv.state_dict())
         k, s = self.kernel_size[0], self.stride[0]
         out = -(-image_size // s)
@@ -62,8 +70,11 @@ def effnet_like(size: int) -> nn.Module:
     """MobileNetV2 (ImageNet weights) with every Conv2d replaced by a SameConv2d computing the same function."""
     model = mobilenet_v2()
     sizes: dict[str, int] = {}
-    hooks = [m.register_forward_pre_hook(lambda m, a, n=n: sizes.setdefault(n, a[0].shape[-1]) and None)
-             for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    hooks = [
+        m.register_forward_pre_hook(lambda m, a, n=n: sizes.setdefault(n, a[0].shape[-1]) and None)
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Conv2d)
+    ]
     with torch.no_grad():
         model(torch.zeros(1, 3, size, size))
     for h in hooks:
@@ -131,8 +142,15 @@ def ort_quantize_static(fp32: Path, out: Path, calib: torch.Tensor) -> dict:
         quant_pre_process(str(fp32), str(pre))
     except Exception as e:  # noqa: BLE001 - ORT's pre-processing fails on some graphs; quantize without it
         pre, note = fp32, f"quant_pre_process failed ({type(e).__name__}); not pre-processed"
-    quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    quantize_static(
+        str(pre),
+        str(out),
+        Reader(),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+    )
     return {"ptq_seconds": round(time.perf_counter() - t0, 2), "note": note}
 
 
@@ -154,28 +172,46 @@ def run_model(name: str, model: nn.Module, calib: torch.Tensor, val: torch.Tenso
     t0 = time.perf_counter()
     q = es.quantize(copy.deepcopy(model), es.QuantConfig(num_samples=len(calib)), data=calib)
     ptq = time.perf_counter() - t0
-    art = es.export(q, "onnx", example_inputs=val, path=work / f"{name}-edgeslim.onnx",
-                    floors=es.ValidationFloors(float_min_cosine=-1.0, float_min_sqnr_db=-100.0,
-                                               float_top1_agreement=0.0))
-    row["edgeslim"] = {"ptq_seconds": round(ptq, 2), "export_seconds": art.meta["export_seconds"],
-                       "capture": q.report.capture, "capture_reason": q.report.capture_reason,
-                       "integer_mac_share_report": q.report.integer_mac_share,
-                       "integer_mac_share_file": art.meta.get("integer_macs", {}).get("share"),
-                       "preprocessing": q.report.preprocessing,
-                       "vs_fp32": {k: art.validation["vs_float_reference"][k]
-                                   for k in ("cosine", "sqnr_db", "top1_agreement")}}
+    art = es.export(
+        q,
+        "onnx",
+        example_inputs=val,
+        path=work / f"{name}-edgeslim.onnx",
+        floors=es.ValidationFloors(float_min_cosine=-1.0, float_min_sqnr_db=-100.0, float_top1_agreement=0.0),
+    )
+    row["edgeslim"] = {
+        "ptq_seconds": round(ptq, 2),
+        "export_seconds": art.meta["export_seconds"],
+        "capture": q.report.capture,
+        "capture_reason": q.report.capture_reason,
+        "integer_mac_share_report": q.report.integer_mac_share,
+        "integer_mac_share_file": art.meta.get("integer_macs", {}).get("share"),
+        "preprocessing": q.report.preprocessing,
+        "vs_fp32": {k: art.validation["vs_float_reference"][k] for k in ("cosine", "sqnr_db", "top1_agreement")},
+    }
     ref = OrtRunner(fp32).run(val.numpy())
     row["ort"]["vs_fp32"] = compare(ref, OrtRunner(ort_path).run(val.numpy()))
     files = {"fp32": fp32, "ort_quantize_static": ort_path, "edgeslim": art.path}
     x1 = val[:1].numpy()
     row["latency"] = {}
     for t in args.threads:
-        lat = interleaved_latency({k: OrtRunner(p, threads=t) for k, p in files.items()}, x1, rounds=args.rounds,
-                                  runs=args.runs, warmup=3, shuffle=True)
+        lat = interleaved_latency(
+            {k: OrtRunner(p, threads=t) for k, p in files.items()},
+            x1,
+            rounds=args.rounds,
+            runs=args.runs,
+            warmup=3,
+            shuffle=True,
+        )
         base = lat["fp32"]["median_of_rounds_ms"]
-        row["latency"][f"{t}T"] = {k: {"median_ms": round(v["median_of_rounds_ms"], 3),
-                                       "x_fp32": round(base / v["median_of_rounds_ms"], 3),
-                                       "spread_pct": round(v["round_spread_pct"], 1)} for k, v in lat.items()}
+        row["latency"][f"{t}T"] = {
+            k: {
+                "median_ms": round(v["median_of_rounds_ms"], 3),
+                "x_fp32": round(base / v["median_of_rounds_ms"], 3),
+                "spread_pct": round(v["round_spread_pct"], 1),
+            }
+            for k, v in lat.items()
+        }
     row["size_bytes"] = {k: p.stat().st_size for k, p in files.items()}
     return row
 
@@ -202,17 +238,30 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as td:
         for name in args.models:
             rows.append(run_model(name, builders[name](), calib, val, Path(td), args))
-    result = {"benchmark": "int8_224", "input": [1, 3, args.size, args.size], "calibration_images": args.calib,
-              "calibration_data": "random crops of scikit-learn's sample photos, ImageNet-normalized",
-              "smoke": args.smoke, "host": {**host_info(), "isa": isa_flags()},
-              "note": "median of interleaved rounds at batch 1; ResNet-18 is random-init (speed only)", "rows": rows}
+    result = {
+        "benchmark": "int8_224",
+        "input": [1, 3, args.size, args.size],
+        "calibration_images": args.calib,
+        "calibration_data": "random crops of scikit-learn's sample photos, ImageNet-normalized",
+        "smoke": args.smoke,
+        "host": {**host_info(), "isa": isa_flags()},
+        "note": "median of interleaved rounds at batch 1; ResNet-18 is random-init (speed only)",
+        "rows": rows,
+    }
     write_json(args.out, result, force=True)
     for r in rows:
-        lat = "; ".join(f"{t}: " + ", ".join(f"{k} {v['x_fp32']:.2f}x" for k, v in d.items())
-                        for t, d in r["latency"].items())
-        logging.getLogger("int8_224").warning("%s: %s | PTQ edgeslim %.1fs, ORT %.1fs | capture %s, integer MACs %s",
-                                              r["model"], lat, r["edgeslim"]["ptq_seconds"], r["ort"]["ptq_seconds"],
-                                              r["edgeslim"]["capture"], r["edgeslim"]["integer_mac_share_file"])
+        lat = "; ".join(
+            f"{t}: " + ", ".join(f"{k} {v['x_fp32']:.2f}x" for k, v in d.items()) for t, d in r["latency"].items()
+        )
+        logging.getLogger("int8_224").warning(
+            "%s: %s | PTQ edgeslim %.1fs, ORT %.1fs | capture %s, integer MACs %s",
+            r["model"],
+            lat,
+            r["edgeslim"]["ptq_seconds"],
+            r["ort"]["ptq_seconds"],
+            r["edgeslim"]["capture"],
+            r["edgeslim"]["integer_mac_share_file"],
+        )
 
 
 if __name__ == "__main__":

@@ -50,17 +50,30 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="a < 2-minute run to check the script works")
     ap.add_argument("-v", "--verbose", action="store_true")
     a = ap.parse_args()
-    logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(levelname)s %(name)s: "
-                        "%(message)s")
+    logging.basicConfig(
+        level=logging.INFO if a.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     torch.manual_seed(0)
     t0 = time.perf_counter()
     model = es.models.load("mobilenet_v2", dataset="fashion-mnist", pretrained=True)
     train, val = es.data.load("fashion-mnist")
     if a.smoke:
-        space = es.Space(target_macs=(0.0, 0.3), keep_early_layers=(True,), finetune_steps=(10,),
-                         calibration=("minmax",), per_channel=(True,), equalize=(False,), bias_correction=(False,),
-                         quantize=(True,), calib_samples=128, bn_samples=128, cheap_trials=1, search_samples=300,
-                         latency_runs=10, finetune_batch_size=32)
+        space = es.Space(
+            target_macs=(0.0, 0.3),
+            keep_early_layers=(True,),
+            finetune_steps=(10,),
+            calibration=("minmax",),
+            per_channel=(True,),
+            equalize=(False,),
+            bias_correction=(False,),
+            quantize=(True,),
+            calib_samples=128,
+            bn_samples=128,
+            cheap_trials=1,
+            search_samples=300,
+            latency_runs=10,
+            finetune_batch_size=32,
+        )
         trials, minutes, eval_n, rounds, out = 2, None, 1000, 2, a.out + "-smoke"
     else:
         space = es.Space()
@@ -68,15 +81,29 @@ def main() -> None:
     val_eval = val.take(eval_n, seed=0) if eval_n else val
     if a.smoke:  # the chosen candidate is re-measured on these 1,000 images instead of all 10,000
         val = val_eval
-    budget = es.Budget(max_accuracy_drop=a.max_drop / 100, min_speedup=a.min_speedup, target="host",
-                       runtime="onnxruntime", threads=a.threads)
+    budget = es.Budget(
+        max_accuracy_drop=a.max_drop / 100,
+        min_speedup=a.min_speedup,
+        target="host",
+        runtime="onnxruntime",
+        threads=a.threads,
+    )
 
     work = Path(out) / "bench"
     work.mkdir(parents=True, exist_ok=True)
     ex = val.normalized()[:1]
     t_opt = time.perf_counter()
-    res = es.optimize(model, data=(train, val), budget=budget, space=space, max_trials=trials, max_minutes=minutes,
-                      out=out, seed=0, progress=True)
+    res = es.optimize(
+        model,
+        data=(train, val),
+        budget=budget,
+        space=space,
+        max_trials=trials,
+        max_minutes=minutes,
+        out=out,
+        seed=0,
+        progress=True,
+    )
     opt_seconds = time.perf_counter() - t_opt
 
     rows: dict[str, dict] = {}
@@ -87,55 +114,115 @@ def main() -> None:
     q = es.quantize(model, es.QuantConfig(), data=train)
     rows["PTQ alone (edgeslim defaults)"] = {
         "artifact": es.export(q, "onnx", example_inputs=val, path=work / "ptq.onnx", force=True),
-        "seconds": time.perf_counter() - t}
+        "seconds": time.perf_counter() - t,
+    }
     t = time.perf_counter()
-    p = es.prune(model, es.PruneConfig(method="channel", target_macs=a.prune_macs, round_to=space.round_to,
-                                       recalibrate_bn=space.bn_samples), example_inputs=ex, data=train)
+    p = es.prune(
+        model,
+        es.PruneConfig(
+            method="channel", target_macs=a.prune_macs, round_to=space.round_to, recalibrate_bn=space.bn_samples
+        ),
+        example_inputs=ex,
+        data=train,
+    )
     steps = max(space.finetune_steps)
     if steps:
         per_epoch = math.ceil(len(train) / space.finetune_batch_size)
         epochs = math.ceil(steps / per_epoch)
-        p = fit(p, train, None, es.TrainConfig(epochs=epochs, lr=space.finetune_lr,
-                                                        batch_size=space.finetune_batch_size, augment=False,
-                                                        warmup_steps=min(100, steps // 10)),
-                         max_steps_per_epoch=math.ceil(steps / epochs), progress=False).model
+        p = fit(
+            p,
+            train,
+            None,
+            es.TrainConfig(
+                epochs=epochs,
+                lr=space.finetune_lr,
+                batch_size=space.finetune_batch_size,
+                augment=False,
+                warmup_steps=min(100, steps // 10),
+            ),
+            max_steps_per_epoch=math.ceil(steps / epochs),
+            progress=False,
+        ).model
     rows[f"pruning alone ({a.prune_macs:.0%} MACs, {steps} ft steps)"] = {
         "artifact": es.export(p, "onnx", example_inputs=val, path=work / "pruned.onnx", force=True),
-        "seconds": time.perf_counter() - t}
+        "seconds": time.perf_counter() - t,
+    }
     rows[f"optimize (trial {res.recipe['trial']}: {res.recipe['description']})"] = {
-        "artifact": res.artifact, "seconds": opt_seconds}
+        "artifact": res.artifact,
+        "seconds": opt_seconds,
+    }
 
     runners = {k: RUNTIMES.get("onnxruntime")(r["artifact"], threads=a.threads) for k, r in rows.items()}
     lat = interleaved_latency(runners, val.normalized()[:1].numpy(), rounds=rounds, runs=space.latency_runs * 4)
     base_ms = lat["FP32 ONNX"]["median_of_rounds_ms"]
     for k, r in rows.items():
-        m = es.measure(r["artifact"], data=val_eval, runtime="onnxruntime", threads=(a.threads,), runs=1, warmup=0,
-                       peak_memory=False)
-        r.update(accuracy=m["accuracy"], latency_ms=lat[k]["median_of_rounds_ms"],
-                 spread_pct=lat[k]["round_spread_pct"], size_mb=r["artifact"].size_bytes / 2**20)
+        m = es.measure(
+            r["artifact"],
+            data=val_eval,
+            runtime="onnxruntime",
+            threads=(a.threads,),
+            runs=1,
+            warmup=0,
+            peak_memory=False,
+        )
+        r.update(
+            accuracy=m["accuracy"],
+            latency_ms=lat[k]["median_of_rounds_ms"],
+            spread_pct=lat[k]["round_spread_pct"],
+            size_mb=r["artifact"].size_bytes / 2**20,
+        )
     base_acc = rows["FP32 ONNX"]["accuracy"]
     out_rows = []
-    print(f"\nMobileNetV2 / Fashion-MNIST, budget: drop <= {a.max_drop} pt, speedup >= {a.min_speedup}x "
-          f"(onnxruntime, {a.threads} thread, batch 1, host {host_info()['cpu']})")
+    print(
+        f"\nMobileNetV2 / Fashion-MNIST, budget: drop <= {a.max_drop} pt, speedup >= {a.min_speedup}x "
+        f"(onnxruntime, {a.threads} thread, batch 1, host {host_info()['cpu']})"
+    )
     print(f"accuracy on {len(val_eval)} validation images; latency median of {rounds} interleaved rounds\n")
     print(f"{'row':70s} {'acc %':>7s} {'drop pt':>8s} {'ms':>8s} {'speedup':>8s} {'MB':>6s} {'meets':>6s} {'s':>6s}")
     for k, r in rows.items():
         drop = 100 * (base_acc - r["accuracy"])
         speed = base_ms / r["latency_ms"]
         meets = drop <= a.max_drop + 1e-9 and speed >= a.min_speedup
-        print(f"{k[:70]:70s} {100 * r['accuracy']:7.2f} {drop:8.2f} {r['latency_ms']:8.3f} {speed:7.2f}x "
-              f"{r['size_mb']:6.2f} {'yes' if meets else 'no':>6s} {r['seconds']:6.0f}")
-        out_rows.append({"row": k, "accuracy": r["accuracy"], "drop_pt": drop, "latency_ms": r["latency_ms"],
-                         "latency_round_spread_pct": r["spread_pct"], "speedup": speed, "size_mb": r["size_mb"],
-                         "meets_budget": meets, "seconds": r["seconds"], "file": str(r["artifact"].path)})
-    doc = {"benchmark": "optimize_fmnist", "smoke": a.smoke, "host": host_info(),
-           "budget": budget.to_dict(), "space": space.to_dict(), "max_trials": trials, "max_minutes": minutes,
-           "eval_samples": len(val_eval), "latency": f"onnxruntime, {a.threads} thread(s), batch 1, median of "
-           f"{rounds} interleaved rounds of {space.latency_runs * 4} runs",
-           "optimize": {"meets_budget": res.meets_budget, "violations": res.violations, "recipe": res.recipe,
-                        "report": str(res.paths.get("html")), "trials": res.report.data["trials"]["complete"],
-                        "seconds": opt_seconds},
-           "rows": out_rows, "seconds": round(time.perf_counter() - t0, 1)}
+        print(
+            f"{k[:70]:70s} {100 * r['accuracy']:7.2f} {drop:8.2f} {r['latency_ms']:8.3f} {speed:7.2f}x "
+            f"{r['size_mb']:6.2f} {'yes' if meets else 'no':>6s} {r['seconds']:6.0f}"
+        )
+        out_rows.append(
+            {
+                "row": k,
+                "accuracy": r["accuracy"],
+                "drop_pt": drop,
+                "latency_ms": r["latency_ms"],
+                "latency_round_spread_pct": r["spread_pct"],
+                "speedup": speed,
+                "size_mb": r["size_mb"],
+                "meets_budget": meets,
+                "seconds": r["seconds"],
+                "file": str(r["artifact"].path),
+            }
+        )
+    doc = {
+        "benchmark": "optimize_fmnist",
+        "smoke": a.smoke,
+        "host": host_info(),
+        "budget": budget.to_dict(),
+        "space": space.to_dict(),
+        "max_trials": trials,
+        "max_minutes": minutes,
+        "eval_samples": len(val_eval),
+        "latency": f"onnxruntime, {a.threads} thread(s), batch 1, median of "
+        f"{rounds} interleaved rounds of {space.latency_runs * 4} runs",
+        "optimize": {
+            "meets_budget": res.meets_budget,
+            "violations": res.violations,
+            "recipe": res.recipe,
+            "report": str(res.paths.get("html")),
+            "trials": res.report.data["trials"]["complete"],
+            "seconds": opt_seconds,
+        },
+        "rows": out_rows,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
     path = write_json(HERE / "results" / f"optimize_fmnist{'_smoke' if a.smoke else ''}.json", doc, force=True)
     print(f"\noptimize report: {res.paths.get('html')}\nwrote {path} ({doc['seconds']:.0f} s)")
 

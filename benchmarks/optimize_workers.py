@@ -46,13 +46,22 @@ TARGET = 1.7
 
 
 def _env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
-            "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+    }
 
 
 def _cli(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "edgeslim.cli", "optimize", *args], env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "edgeslim.cli", "optimize", *args],
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _wait(p: subprocess.Popen, what: str) -> dict:
@@ -70,9 +79,29 @@ def measure(pg: PostgresServer, workers: int, space: Space, trials: int, max_dro
     out = work / f"run-{workers}"
     out.mkdir(parents=True)
     (out.parent / f"space-{workers}.yaml").write_text(space.to_yaml())
-    _wait(_cli("small_cnn", "--dataset", "fashion-mnist", "--space", str(out.parent / f"space-{workers}.yaml"),
-               "--max-drop", str(max_drop), "--threads", "1", "--trials", str(trials), "--storage", url,
-               "--out", str(out), "--minutes", "0.0001", "--json"), "the study's first command")
+    _wait(
+        _cli(
+            "small_cnn",
+            "--dataset",
+            "fashion-mnist",
+            "--space",
+            str(out.parent / f"space-{workers}.yaml"),
+            "--max-drop",
+            str(max_drop),
+            "--threads",
+            "1",
+            "--trials",
+            str(trials),
+            "--storage",
+            url,
+            "--out",
+            str(out),
+            "--minutes",
+            "0.0001",
+            "--json",
+        ),
+        "the study's first command",
+    )
     load_before = [round(v, 2) for v in os.getloadavg()]
     t0 = time.perf_counter()
     procs = [_cli("--resume", str(out), "--worker", "--json") for _ in range(workers)]
@@ -81,18 +110,33 @@ def measure(pg: PostgresServer, workers: int, space: Space, trials: int, max_dro
     load_after = [round(v, 2) for v in os.getloadavg()]
     name = next(n for n in optuna.get_all_study_names(url) if n.startswith("edgeslim-"))
     ts = optuna.load_study(study_name=name, storage=url).get_trials()
-    ran = [t for t in ts if t.datetime_start and t.datetime_complete and "duplicate_of" not in t.user_attrs
-           and (t.state.name == "COMPLETE" or "error" in t.user_attrs or "gated" in t.user_attrs)]
+    ran = [
+        t
+        for t in ts
+        if t.datetime_start
+        and t.datetime_complete
+        and "duplicate_of" not in t.user_attrs
+        and (t.state.name == "COMPLETE" or "error" in t.user_attrs or "gated" in t.user_attrs)
+    ]
     span = (max(t.datetime_complete for t in ran) - min(t.datetime_start for t in ran)).total_seconds()
     secs = [t.user_attrs["seconds"] for t in ran if t.user_attrs.get("seconds") is not None]
-    return {"workers": workers, "finished_trials": len(ran), "span_s": round(span, 2),
-            "trials_per_hour": round(3600 * len(ran) / span, 1),
-            "mean_trial_s": round(sum(secs) / len(secs), 2) if secs else None,
-            "per_worker": {w: sum(1 for t in ran if t.user_attrs.get("worker") == w)
-                           for w in sorted({t.user_attrs.get("worker") for t in ran})},
-            "duplicates_skipped": sum(1 for t in ts if "duplicate_of" in t.user_attrs),
-            "processes_wall_s": round(wall, 1), "load_avg_before": load_before, "load_avg_after": load_after,
-            "chosen": results[0]["recipe"]["params"], "meets_budget": results[0]["meets_budget"]}
+    return {
+        "workers": workers,
+        "finished_trials": len(ran),
+        "span_s": round(span, 2),
+        "trials_per_hour": round(3600 * len(ran) / span, 1),
+        "mean_trial_s": round(sum(secs) / len(secs), 2) if secs else None,
+        "per_worker": {
+            w: sum(1 for t in ran if t.user_attrs.get("worker") == w)
+            for w in sorted({t.user_attrs.get("worker") for t in ran})
+        },
+        "duplicates_skipped": sum(1 for t in ts if "duplicate_of" in t.user_attrs),
+        "processes_wall_s": round(wall, 1),
+        "load_avg_before": load_before,
+        "load_avg_after": load_after,
+        "chosen": results[0]["recipe"]["params"],
+        "meets_budget": results[0]["meets_budget"],
+    }
 
 
 def main() -> None:
@@ -104,8 +148,14 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="a ~1-minute run to check the script works")
     a = ap.parse_args()
     trials, samples, runs = (3, 300, 20) if a.smoke else (a.trials, a.samples, 50)
-    space = Space(target_macs=(0.0,), quantize=(True,), calib_samples=256, cheap_trials=2, search_samples=samples,
-                  latency_runs=runs)
+    space = Space(
+        target_macs=(0.0,),
+        quantize=(True,),
+        calib_samples=256,
+        cheap_trials=2,
+        search_samples=samples,
+        latency_runs=runs,
+    )
     work = Path(a.work + ("-smoke" if a.smoke else ""))
     if work.exists():
         import shutil
@@ -117,28 +167,46 @@ def main() -> None:
         rows = [measure(pg, k, space, trials, a.max_drop, work) for k in (1, 2)]
     one, two = rows
     ratio = two["trials_per_hour"] / one["trials_per_hour"]
-    doc = {"benchmark": "optimize_workers", "smoke": a.smoke, "host": host(),
-           "setup": {"model": "small_cnn (shipped checkpoint)", "data": "fashion-mnist",
-                     "space": "PTQ only: per-channel x calibration (minmax, percentile, mse) x CLE x bias correction",
-                     "trials_per_measurement": trials, "search_samples": samples, "latency_runs": runs,
-                     "threads_per_worker": 1, "storage": "PostgreSQL (throw-away server on 127.0.0.1, fsync off)",
-                     "throughput": "finished trials / (last trial end - first trial start), from the study's "
-                                   "timestamps"},
-           "rows": rows, "speedup_2_vs_1": round(ratio, 2), "target": TARGET, "meets_target": ratio >= TARGET,
-           "note": "a shared host: the load average (1, 5, 15 min) before/after each measurement says how much else "
-                   "ran; with fewer free cores than workers the figure says little about the design",
-           "seconds": round(time.perf_counter() - t0, 1)}
+    doc = {
+        "benchmark": "optimize_workers",
+        "smoke": a.smoke,
+        "host": host(),
+        "setup": {
+            "model": "small_cnn (shipped checkpoint)",
+            "data": "fashion-mnist",
+            "space": "PTQ only: per-channel x calibration (minmax, percentile, mse) x CLE x bias correction",
+            "trials_per_measurement": trials,
+            "search_samples": samples,
+            "latency_runs": runs,
+            "threads_per_worker": 1,
+            "storage": "PostgreSQL (throw-away server on 127.0.0.1, fsync off)",
+            "throughput": "finished trials / (last trial end - first trial start), from the study's timestamps",
+        },
+        "rows": rows,
+        "speedup_2_vs_1": round(ratio, 2),
+        "target": TARGET,
+        "meets_target": ratio >= TARGET,
+        "note": "a shared host: the load average (1, 5, 15 min) before/after each measurement says how much else "
+        "ran; with fewer free cores than workers the figure says little about the design",
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
     path = write_json(HERE / "results" / f"optimize_workers{'_smoke' if a.smoke else ''}.json", doc, force=True)
-    print(f"{'workers':>8} {'trials':>7} {'span s':>8} {'trials/h':>9} {'mean trial s':>13} {'dups':>5} "
-          f"{'load before -> after (1 min)':>30}")
+    print(
+        f"{'workers':>8} {'trials':>7} {'span s':>8} {'trials/h':>9} {'mean trial s':>13} {'dups':>5} "
+        f"{'load before -> after (1 min)':>30}"
+    )
     for r in rows:
-        print(f"{r['workers']:>8} {r['finished_trials']:>7} {r['span_s']:>8.1f} {r['trials_per_hour']:>9.0f} "
-              f"{r['mean_trial_s'] or 0:>13.2f} {r['duplicates_skipped']:>5} "
-              f"{r['load_avg_before'][0]:>19.2f} -> {r['load_avg_after'][0]:.2f}")
+        print(
+            f"{r['workers']:>8} {r['finished_trials']:>7} {r['span_s']:>8.1f} {r['trials_per_hour']:>9.0f} "
+            f"{r['mean_trial_s'] or 0:>13.2f} {r['duplicates_skipped']:>5} "
+            f"{r['load_avg_before'][0]:>19.2f} -> {r['load_avg_after'][0]:.2f}"
+        )
     cores = doc["host"].get("cpus")
-    print(f"2 workers / 1 worker: {ratio:.2f}x trials per hour (target >= {TARGET}x: "
-          f"{'met' if ratio >= TARGET else 'NOT met'}); host {doc['host']['cpu']}, {cores} cores, "
-          f"isa {doc['host'].get('isa')}; load average at start {doc['host']['load_avg']}")
+    print(
+        f"2 workers / 1 worker: {ratio:.2f}x trials per hour (target >= {TARGET}x: "
+        f"{'met' if ratio >= TARGET else 'NOT met'}); host {doc['host']['cpu']}, {cores} cores, "
+        f"isa {doc['host'].get('isa')}; load average at start {doc['host']['load_avg']}"
+    )
     print(f"wrote {path}")
 
 

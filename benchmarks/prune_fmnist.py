@@ -59,22 +59,41 @@ def main() -> None:
     ap.add_argument("--models", default="resnet18,mobilenet_v2")
     ap.add_argument("--criteria-model", default="resnet18")
     ap.add_argument("--criteria-ratio", type=float, default=0.3)
-    ap.add_argument("--criteria-steps", type=int, default=150,
-                    help="fine-tuning steps per criterion (0: no fine-tuning, only the before/BN-recalibrated columns)")
-    ap.add_argument("--random-seeds", default="",
-                    help="more rows of the random criterion with these seeds (e.g. 1,2,3,4): its spread")
+    ap.add_argument(
+        "--criteria-steps",
+        type=int,
+        default=150,
+        help="fine-tuning steps per criterion (0: no fine-tuning, only the before/BN-recalibrated columns)",
+    )
+    ap.add_argument(
+        "--random-seeds",
+        default="",
+        help="more rows of the random criterion with these seeds (e.g. 1,2,3,4): its spread",
+    )
     ap.add_argument("--criteria-only", default="", help="only these criteria (comma-separated; default all)")
     ap.add_argument("--no-criteria", action="store_true", help="skip the criteria table")
     ap.add_argument("--keep-early", action="store_true", help="leave the early layers (EARLY) unpruned")
     ap.add_argument("--round-to", type=int, default=8, help="pruned widths rounded to a multiple of this")
-    ap.add_argument("--steps-per-epoch", type=int, default=0,
-                    help="cap on fine-tuning steps per epoch (0: the whole training split; for CPU-only hosts)")
+    ap.add_argument(
+        "--steps-per-epoch",
+        type=int,
+        default=0,
+        help="cap on fine-tuning steps per epoch (0: the whole training split; for CPU-only hosts)",
+    )
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    ap.add_argument("--recalibrate-bn", type=int, default=1024,
-                    help="re-estimate BatchNorm statistics on this many training images after pruning, before "
-                         "fine-tuning (0: off); the accuracy is recorded before and after")
-    ap.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
-                    help="train in NHWC memory format (same arithmetic, faster CPU convolutions)")
+    ap.add_argument(
+        "--recalibrate-bn",
+        type=int,
+        default=1024,
+        help="re-estimate BatchNorm statistics on this many training images after pruning, before "
+        "fine-tuning (0: off); the accuracy is recorded before and after",
+    )
+    ap.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="train in NHWC memory format (same arithmetic, faster CPU convolutions)",
+    )
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.device.startswith("cuda"):
@@ -93,9 +112,17 @@ def main() -> None:
     x = val.normalized()[:2]
     results: dict = {
         "benchmark": "prune_fmnist (training half)",
-        "host": {"python": platform.python_version(), "torch": torch.__version__, "device": args.device,
-                 "gpu": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else None},
-        "settings": vars(args), "train_size": len(train), "val_size": len(val), "models": {}, "criteria": {},
+        "host": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "device": args.device,
+            "gpu": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else None,
+        },
+        "settings": vars(args),
+        "train_size": len(train),
+        "val_size": len(val),
+        "models": {},
+        "criteria": {},
     }
     state = out / "prune_fmnist_train.json"  # rewritten (atomically) after every model and criterion
     earlier = json.loads(state.read_text()) if state.is_file() else {}
@@ -111,8 +138,13 @@ def main() -> None:
         base = models.load(name, "fashion-mnist")
         acc_base = _eval(base, val, args.device)
         base = base.cpu()
-        cfg = PruneConfig(method="channel", target_macs=args.target_macs, importance=args.importance,
-                          round_to=args.round_to, exclude=EARLY[name] if args.keep_early else ())
+        cfg = PruneConfig(
+            method="channel",
+            target_macs=args.target_macs,
+            importance=args.importance,
+            round_to=args.round_to,
+            exclude=EARLY[name] if args.keep_early else (),
+        )
         pruned = prune(base, cfg, example_inputs=x, data=train.take(512))
         rep = pruned.prune_report
         acc_pruned = _eval(pruned, val, args.device)
@@ -122,32 +154,64 @@ def main() -> None:
             acc_bn = _eval(pruned, val, args.device)
         tc = TrainConfig(epochs=epochs, batch_size=256, lr=0.02, weight_decay=4e-5, warmup_steps=50)
         # an interrupted run resumes after the last finished epoch
-        res = fit(pruned.cpu(), train, val, tc, device=args.device, progress=False, max_steps_per_epoch=max_steps,
-                  checkpoint_dir=out / f"{name}-ckpt", channels_last=args.channels_last)
+        res = fit(
+            pruned.cpu(),
+            train,
+            val,
+            tc,
+            device=args.device,
+            progress=False,
+            max_steps_per_epoch=max_steps,
+            checkpoint_dir=out / f"{name}-ckpt",
+            channels_last=args.channels_last,
+        )
         tuned = res.model
         tuned.prune_report = rep
         acc_tuned = _eval(tuned, val, args.device)
         tuned = tuned.cpu()
         save_pruned(tuned, out / f"{name}-pruned", force=True, half=True)  # FP16 storage: files < 16 MB
         results["models"][name] = {
-            "accuracy_base": acc_base, "accuracy_pruned": acc_pruned, "accuracy_bn_recalibrated": acc_bn,
+            "accuracy_base": acc_base,
+            "accuracy_pruned": acc_pruned,
+            "accuracy_bn_recalibrated": acc_bn,
             "accuracy_finetuned": acc_tuned,
             "accuracy_drop_pt": round(100 * (acc_base - acc_tuned), 2),
-            "macs_base": rep.macs_before, "macs_pruned": rep.macs_after, "mac_reduction": round(rep.mac_reduction, 4),
-            "params_base": rep.params_before, "params_pruned": rep.params_after,
-            "channel_ratio": rep.layers.get("_channel_ratio"), "config": cfg.to_dict(),
-            "train_config": tc.to_dict(), "max_steps_per_epoch": max_steps, "settings": vars(args),
-            "history": res.history, "seconds": round(time.perf_counter() - t0, 1),
+            "macs_base": rep.macs_before,
+            "macs_pruned": rep.macs_after,
+            "mac_reduction": round(rep.mac_reduction, 4),
+            "params_base": rep.params_before,
+            "params_pruned": rep.params_after,
+            "channel_ratio": rep.layers.get("_channel_ratio"),
+            "config": cfg.to_dict(),
+            "train_config": tc.to_dict(),
+            "max_steps_per_epoch": max_steps,
+            "settings": vars(args),
+            "history": res.history,
+            "seconds": round(time.perf_counter() - t0, 1),
         }
-        log.info("%s: base %.4f, pruned %.4f, BN-recalibrated %s, fine-tuned %.4f, MACs -%.1f%%", name, acc_base,
-                 acc_pruned, acc_bn, acc_tuned, 100 * rep.mac_reduction)
+        log.info(
+            "%s: base %.4f, pruned %.4f, BN-recalibrated %s, fine-tuned %.4f, MACs -%.1f%%",
+            name,
+            acc_base,
+            acc_pruned,
+            acc_bn,
+            acc_tuned,
+            100 * rep.mac_reduction,
+        )
         write_json(state, results, force=True)
     if not args.no_criteria:
         _criteria(args, results, train, val, x, prev_criteria, state)
     results["seconds_total"] = round(time.perf_counter() - t_all, 1)
     write_json(state, results, force=True)
-    print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk.startswith("acc") or kk == "mac_reduction"}
-                      for k, v in results["models"].items()}, indent=1))
+    print(
+        json.dumps(
+            {
+                k: {kk: vv for kk, vv in v.items() if kk.startswith("acc") or kk == "mac_reduction"}
+                for k, v in results["models"].items()
+            },
+            indent=1,
+        )
+    )
     print(json.dumps(results["criteria"], indent=1))
     print(f"total {results['seconds_total']} s")
 
@@ -178,8 +242,16 @@ def _criteria(args, results: dict, train, val, x, prev: dict, state: Path) -> No
         steps = 3 if args.smoke else args.criteria_steps
         if steps:
             tc = TrainConfig(epochs=1, batch_size=256, lr=0.01, warmup_steps=20)
-            res = fit(pruned.cpu(), train, val, tc, device=args.device, progress=False, max_steps_per_epoch=steps,
-                      channels_last=args.channels_last)
+            res = fit(
+                pruned.cpu(),
+                train,
+                val,
+                tc,
+                device=args.device,
+                progress=False,
+                max_steps_per_epoch=steps,
+                channels_last=args.channels_last,
+            )
             row["accuracy_finetuned"] = _eval(res.model, val, args.device)
             row["finetune_steps"] = steps
         row["seconds"] = round(time.perf_counter() - t0, 1)

@@ -61,11 +61,17 @@ def main() -> None:
     example = val.take(64, seed=2)
     work = Path(tempfile.mkdtemp(prefix="prune-ab-"))
     threads = [int(t) for t in args.threads.split(",")]
-    result: dict = {"benchmark": "prune_latency_ab", "settings": vars(args),
-                    "host": {"python": platform.python_version(), "torch": torch.__version__,
-                             "note": f"2-core host, load avg {os.getloadavg()[0]:.1f} at start; variants "
-                                     "interleaved round by round; pruned weights not fine-tuned (latency only)"},
-                    "models": {}}
+    result: dict = {
+        "benchmark": "prune_latency_ab",
+        "settings": vars(args),
+        "host": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "note": f"2-core host, load avg {os.getloadavg()[0]:.1f} at start; variants "
+            "interleaved round by round; pruned weights not fine-tuned (latency only)",
+        },
+        "models": {},
+    }
     for name in args.models.split(","):
         base = models.load(name, "fashion-mnist")
         macs0 = count_macs(base, xt)
@@ -91,11 +97,18 @@ def main() -> None:
             rows[k] = r
         result["models"].setdefault(name, {})["rows"] = rows
         print(f"\n== {name}: ORT batch 1, interleaved; speedup / MAC gain (target >= 0.8)")
-        print(f"{'variant':18s} {'MACx':>6s} " + " ".join(f"{f'p50 {t}T':>9s} {f'x{t}T':>6s} {f'r{t}T':>6s}" for t in threads))
+        print(
+            f"{'variant':18s} {'MACx':>6s} "
+            + " ".join(f"{f'p50 {t}T':>9s} {f'x{t}T':>6s} {f'r{t}T':>6s}" for t in threads)
+        )
         for k, r in rows.items():
-            print(f"{k:18s} {r['mac_gain']:6.2f} " + " ".join(
-                f"{r[f'p50_ms_{t}t']:9.3f} {r[f'speedup_{t}t']:6.2f} {r.get(f'speedup_over_mac_gain_{t}t', 1.0):6.2f}"
-                for t in threads))
+            print(
+                f"{k:18s} {r['mac_gain']:6.2f} "
+                + " ".join(
+                    f"{r[f'p50_ms_{t}t']:9.3f} {r[f'speedup_{t}t']:6.2f} {r.get(f'speedup_over_mac_gain_{t}t', 1.0):6.2f}"
+                    for t in threads
+                )
+            )
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nwrote {args.out}")
 

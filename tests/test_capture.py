@@ -166,8 +166,9 @@ def test_float_floor_catches_what_the_quantized_reference_hides(tmp_path):
     model, x = _seeded(TinyFunctional), TinyFunctional.example_inputs(32)
     q = es.quantize(model, es.QuantConfig(num_samples=32), data=x)
     with pytest.raises(ExportError, match="vs FP32 sqnr_db"):
-        es.export(q, "onnx", example_inputs=x, path=tmp_path / "q.onnx",
-                  floors=es.ValidationFloors(float_min_sqnr_db=80.0))
+        es.export(
+            q, "onnx", example_inputs=x, path=tmp_path / "q.onnx", floors=es.ValidationFloors(float_min_sqnr_db=80.0)
+        )
     assert not (tmp_path / "q.onnx").exists()
 
 
@@ -175,8 +176,11 @@ def test_compare_speed_reports_int8_against_fp32():
     model, x = _seeded(TinySameConv), TinySameConv.example_inputs(32)
     q = es.quantize(model, es.QuantConfig(num_samples=32, check_speed=True), data=x)
     s = q.report.speed
-    assert s["float_ms"] > 0 and s["quantized_ms"] > 0 and s["speedup"] == pytest.approx(
-        s["float_ms"] / s["quantized_ms"], rel=1e-2)
+    assert (
+        s["float_ms"] > 0
+        and s["quantized_ms"] > 0
+        and s["speedup"] == pytest.approx(s["float_ms"] / s["quantized_ms"], rel=1e-2)
+    )
     assert ("SLOWER than FP32" in q.report.summary()) == s["slower"]
     again = compare_speed(model, q, rounds=2, runs=5)
     assert again["threads"] == 1 and again["batch"] == 1 and again["host"]
@@ -186,8 +190,10 @@ def test_compare_speed_reports_int8_against_fp32():
     assert fx["float_ms"] > 0 and fx["quantized_ms"] > 0
 
 
-@pytest.mark.parametrize("options", [{"per_channel": False}, {"activation_type": "int8"}, {"reduce_range": True},
-                                     {"calibration": "percentile"}])
+@pytest.mark.parametrize(
+    "options",
+    [{"per_channel": False}, {"activation_type": "int8"}, {"reduce_range": True}, {"calibration": "percentile"}],
+)
 def test_onnx_capture_options(options, tmp_path):
     model, x = _seeded(TinyFunctional), TinyFunctional.example_inputs(32)
     q = es.quantize(model, es.QuantConfig(num_samples=32, capture="onnx", **options), data=x)

@@ -7,6 +7,7 @@ README's composition table is this matrix.
 
 import pytest
 import torch
+from tiny import TinyBlocks
 
 import edgeslim as es
 from edgeslim.core.recipe import FORBIDDEN
@@ -14,27 +15,45 @@ from edgeslim.distill import DistillConfig
 from edgeslim.quantize import BudgetConfig, quantize_with_budget
 from edgeslim.share import ClusterConfig, FactorizeConfig, SeparableConfig, TieConfig
 from edgeslim.train import TrainConfig, fit
-from tiny import TinyBlocks
 
 #: step name -> (technique it records, how to apply it)
 STEPS = {
-    "prune magnitude": ("prune", lambda m, d: es.prune(m, es.PruneConfig(method="magnitude", ratio=0.5),
-                                                       example_inputs=d["x"])),
+    "prune magnitude": (
+        "prune",
+        lambda m, d: es.prune(m, es.PruneConfig(method="magnitude", ratio=0.5), example_inputs=d["x"]),
+    ),
     "prune nm": ("prune", lambda m, d: es.prune(m, es.PruneConfig(method="nm"), example_inputs=d["x"])),
-    "prune channel": ("prune", lambda m, d: es.prune(m, es.PruneConfig(method="channel", ratio=0.5, round_to=4),
-                                                     example_inputs=d["x"])),
-    "distill": ("distill", lambda m, d: es.distill(
-        m, d["teacher"], DistillConfig(), data=(d["train"], None),
-        train_config=TrainConfig(epochs=1, batch_size=32, lr=0.01, augment=False, warmup_steps=0),
-        max_steps_per_epoch=2, progress=False)),
+    "prune channel": (
+        "prune",
+        lambda m, d: es.prune(m, es.PruneConfig(method="channel", ratio=0.5, round_to=4), example_inputs=d["x"]),
+    ),
+    "distill": (
+        "distill",
+        lambda m, d: es.distill(
+            m,
+            d["teacher"],
+            DistillConfig(),
+            data=(d["train"], None),
+            train_config=TrainConfig(epochs=1, batch_size=32, lr=0.01, augment=False, warmup_steps=0),
+            max_steps_per_epoch=2,
+            progress=False,
+        ),
+    ),
     "cluster": ("cluster", lambda m, d: es.cluster(m, ClusterConfig(clusters=4))),
     "tie_layers": ("tie", lambda m, d: es.tie_layers(m, TieConfig(auto=True))),
     "factorize": ("factorize", lambda m, d: es.factorize(m, FactorizeConfig(rank=4, exclude=("stem.*",)))),
     "separable": ("separable", lambda m, d: es.separable(m, SeparableConfig())),
     "quantize static": ("quantize", lambda m, d: es.quantize(m, es.QuantConfig(num_samples=64), data=d["train"])),
-    "quantize with budget": ("quantize", lambda m, d: quantize_with_budget(
-        m, BudgetConfig(max_accuracy_drop=0.05, quant=es.QuantConfig(num_samples=64)),
-        data=(d["train"], d["score"])).model),
+    "quantize with budget": (
+        "quantize",
+        lambda m, d: (
+            quantize_with_budget(
+                m,
+                BudgetConfig(max_accuracy_drop=0.05, quant=es.QuantConfig(num_samples=64)),
+                data=(d["train"], d["score"]),
+            ).model
+        ),
+    ),
 }
 
 
@@ -48,10 +67,20 @@ def refused(first: str, second: str) -> str | None:
 def world():
     train, val = es.data.load("digits")
     torch.manual_seed(0)
-    base = fit(TinyBlocks(), train, val, TrainConfig(epochs=4, lr=0.05, batch_size=32, augment=False, warmup_steps=5),
-               progress=False).model.eval()
-    d = {"train": train.take(256, seed=0), "score": val.take(128, seed=0), "teacher": base,
-         "x": val.take(32, seed=1).normalized(), "val": val.take(64, seed=2)}
+    base = fit(
+        TinyBlocks(),
+        train,
+        val,
+        TrainConfig(epochs=4, lr=0.05, batch_size=32, augment=False, warmup_steps=5),
+        progress=False,
+    ).model.eval()
+    d = {
+        "train": train.take(256, seed=0),
+        "score": val.take(128, seed=0),
+        "teacher": base,
+        "x": val.take(32, seed=1).normalized(),
+        "val": val.take(64, seed=2),
+    }
     firsts = {name: fn(base, d) for name, (_, fn) in STEPS.items()}
     return base, d, firsts
 
@@ -94,10 +123,17 @@ def _verbs(d):
     return {
         "prune": (es.PruneConfig, lambda m, cfg: es.prune(m, cfg, example_inputs=d["x"])),
         "quantize": (es.QuantConfig, lambda m, cfg: es.quantize(m, cfg, data=d["train"])),
-        "quantize_with_budget": (BudgetConfig, lambda m, cfg: quantize_with_budget(m, cfg, data=(d["train"], d["score"]))),
+        "quantize_with_budget": (
+            BudgetConfig,
+            lambda m, cfg: quantize_with_budget(m, cfg, data=(d["train"], d["score"])),
+        ),
         "qat": (QATConfig, lambda m, cfg: qat(m, cfg, data=(d["train"], None), train_config=tc, progress=False)),
-        "distill": (DistillConfig, lambda m, cfg: es.distill(m, d["teacher"], cfg, data=(d["train"], None),
-                                                             train_config=tc, max_steps_per_epoch=1, progress=False)),
+        "distill": (
+            DistillConfig,
+            lambda m, cfg: es.distill(
+                m, d["teacher"], cfg, data=(d["train"], None), train_config=tc, max_steps_per_epoch=1, progress=False
+            ),
+        ),
         "cluster": (ClusterConfig, lambda m, cfg: es.cluster(m, cfg, data=d["train"])),
         "tie_layers": (TieConfig, lambda m, cfg: es.tie_layers(m, cfg, data=d["train"])),
         "factorize": (FactorizeConfig, lambda m, cfg: es.factorize(m, cfg, data=d["train"])),
@@ -105,8 +141,10 @@ def _verbs(d):
     }
 
 
-@pytest.mark.parametrize("verb", ["prune", "quantize", "quantize_with_budget", "qat", "distill", "cluster",
-                                  "tie_layers", "factorize", "separable"])
+@pytest.mark.parametrize(
+    "verb",
+    ["prune", "quantize", "quantize_with_budget", "qat", "distill", "cluster", "tie_layers", "factorize", "separable"],
+)
 def test_every_verb_refuses_a_config_of_another_verb(verb, world):
     base, d, _ = world
     _, call = _verbs(d)[verb]
@@ -115,15 +153,18 @@ def test_every_verb_refuses_a_config_of_another_verb(verb, world):
         call(base, wrong)
 
 
-@pytest.mark.parametrize("verb,cfg", [
-    ("prune", es.PruneConfig(exclude=("blocks.9",))),
-    ("quantize", es.QuantConfig(exclude=("blocks.9",))),
-    ("cluster", ClusterConfig(clusters=4, exclude=("blocks.9",))),
-    ("factorize", FactorizeConfig(exclude=("blocks.9",))),
-    ("separable", SeparableConfig(exclude=("blocks.9",))),
-    ("tie_layers", TieConfig(groups=(("blocks.0", "blocks.9"),))),
-    ("distill", DistillConfig(losses=("kd", "hint"), student_layers=("blocks.9",), teacher_layers=("blocks.1",))),
-])
+@pytest.mark.parametrize(
+    "verb,cfg",
+    [
+        ("prune", es.PruneConfig(exclude=("blocks.9",))),
+        ("quantize", es.QuantConfig(exclude=("blocks.9",))),
+        ("cluster", ClusterConfig(clusters=4, exclude=("blocks.9",))),
+        ("factorize", FactorizeConfig(exclude=("blocks.9",))),
+        ("separable", SeparableConfig(exclude=("blocks.9",))),
+        ("tie_layers", TieConfig(groups=(("blocks.0", "blocks.9"),))),
+        ("distill", DistillConfig(losses=("kd", "hint"), student_layers=("blocks.9",), teacher_layers=("blocks.1",))),
+    ],
+)
 def test_every_verb_refuses_a_layer_pattern_that_matches_nothing(verb, cfg, world):
     base, d, _ = world
     _, call = _verbs(d)[verb]

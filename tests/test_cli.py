@@ -71,8 +71,21 @@ def test_a_three_step_chain_through_one_recipe_file(tmp_path):
     import edgeslim as es
 
     p1, p2, q = tmp_path / "p.recipe", tmp_path / "pm.recipe", tmp_path / "q.onnx"
-    r = run_cli("prune", "small_cnn", "--method", "channel", "--ratio", "0.25", "--round-to", "4", "--recalibrate-bn",
-                "512", "--out", str(p1), "--json")
+    r = run_cli(
+        "prune",
+        "small_cnn",
+        "--method",
+        "channel",
+        "--ratio",
+        "0.25",
+        "--round-to",
+        "4",
+        "--recalibrate-bn",
+        "512",
+        "--out",
+        str(p1),
+        "--json",
+    )
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["steps"] == ["prune"]
     r = run_cli("prune", str(p1), "--method", "magnitude", "--ratio", "0.5", "--out", str(p2), "--json")

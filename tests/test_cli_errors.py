@@ -67,8 +67,13 @@ def tiny_onnx(path: Path, *, dynamic_rank: bool = False, classes: int = 10) -> P
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", classes])
     w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((64, classes)).astype(np.float32), "w")
     s = numpy_helper.from_array(np.array([0, -1], np.int64), "s")
-    g = helper.make_graph([helper.make_node("Reshape", ["x", "s"], ["f"]), helper.make_node("MatMul", ["f", "w"], ["y"])],
-                          "tiny", [x], [y], [w, s])
+    g = helper.make_graph(
+        [helper.make_node("Reshape", ["x", "s"], ["f"]), helper.make_node("MatMul", ["f", "w"], ["y"])],
+        "tiny",
+        [x],
+        [y],
+        [w, s],
+    )
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(path))
     return path
 
@@ -86,6 +91,7 @@ def image_folder(root: Path, classes: tuple[str, ...], n: int = 5, size: int = 8
 
 def no_work(monkeypatch):
     """Make any model loading fail loudly: a refusal must come before the work starts."""
+
     def boom(a):
         raise AssertionError("work started before the bad input was refused")
 
@@ -116,8 +122,9 @@ def test_dynamic_rank_onnx_needs_input_shape_and_measure_save_feeds_report(tmp_p
     code, out, err = run(capsys, "measure", str(dyn), "--no-data")
     one_line_error(code, err, "dyn.onnx", "input shape is unknown", "--input-shape C,H,W")
     save = tmp_path / "m.json"
-    code, out, err = run(capsys, "measure", str(dyn), "--no-data", "--input-shape", "1,8,8", "--runs", "3",
-                         "--save", str(save), "--json")
+    code, out, err = run(
+        capsys, "measure", str(dyn), "--no-data", "--input-shape", "1,8,8", "--runs", "3", "--save", str(save), "--json"
+    )
     assert code == 0, err
     figs = json.loads(out)["figures"]
     assert figs["latency_p50_ms@t1b1"]["value"] > 0 and "zeros" in figs["latency_p50_ms@t1b1"]["detail"]
@@ -132,8 +139,25 @@ def test_dynamic_rank_onnx_needs_input_shape_and_measure_save_feeds_report(tmp_p
 def test_measure_runtime_all_save_feeds_report(tmp_path, capsys):
     art = tiny_onnx(tmp_path / "t.onnx")
     save = tmp_path / "all.json"
-    code, out, err = run(capsys, "measure", str(art), "--runtime", "all", "--dataset", "digits", "--samples", "50",
-                         "--runs", "5", "--no-memory", "--save", str(save), "--json", "--input-shape", "1,8,8")
+    code, out, err = run(
+        capsys,
+        "measure",
+        str(art),
+        "--runtime",
+        "all",
+        "--dataset",
+        "digits",
+        "--samples",
+        "50",
+        "--runs",
+        "5",
+        "--no-memory",
+        "--save",
+        str(save),
+        "--json",
+        "--input-shape",
+        "1,8,8",
+    )
     assert code == 0, err
     rows = json.loads(out)["rows"]
     assert any(r["runtime"] == "onnxruntime" and r["status"] == "ok" for r in rows)
@@ -189,8 +213,9 @@ def test_bad_config_files_are_one_line_before_any_work(case, tmp_path, capsys, m
     assert time.perf_counter() - t0 < 5
     line = one_line_error(code, err, words)
     assert "c.yaml" in line and len(line) < 600  # values in messages are bounded
-    code, out, err = run(capsys, "quantize", "small_cnn", "--config", str(cfg), "--out", str(tmp_path / "q.onnx"),
-                         "--json")
+    code, out, err = run(
+        capsys, "quantize", "small_cnn", "--config", str(cfg), "--out", str(tmp_path / "q.onnx"), "--json"
+    )
     assert json_error(out, "ConfigError")
     assert sorted(p.name for p in tmp_path.iterdir()) == (["c.yaml"] if text is not None else [])  # nothing written
 
@@ -199,10 +224,12 @@ def test_bad_config_files_are_one_line_before_any_work(case, tmp_path, capsys, m
 
 
 def test_bad_option_values_are_one_line_with_json(capsys):
-    for args, words in ((["measure", "x.onnx", "--samples", "-5"], "--samples: expected a positive integer"),
-                        (["quantize", "small_cnn", "--out", "q.onnx", "--samples", "0"], "positive integer"),
-                        (["measure", "x.onnx", "--threads", "0,1"], "positive integers"),
-                        (["train", "small_cnn", "--epochs", "none"], "--epochs")):
+    for args, words in (
+        (["measure", "x.onnx", "--samples", "-5"], "--samples: expected a positive integer"),
+        (["quantize", "small_cnn", "--out", "q.onnx", "--samples", "0"], "positive integer"),
+        (["measure", "x.onnx", "--threads", "0,1"], "positive integers"),
+        (["train", "small_cnn", "--epochs", "none"], "--epochs"),
+    ):
         code, out, err = run(capsys, *args)
         one_line_error(code, err, words)
         code, out, err = run(capsys, *args, "--json")
@@ -211,21 +238,38 @@ def test_bad_option_values_are_one_line_with_json(capsys):
 
 def test_too_many_samples_and_threads_warn_and_run(tmp_path, capsys):
     art = tiny_onnx(tmp_path / "t.onnx")
-    code, out, err = run(capsys, "measure", str(art), "--dataset", "digits", "--samples", "100000000", "--threads",
-                         "64", "--runs", "3", "--json")
+    code, out, err = run(
+        capsys,
+        "measure",
+        str(art),
+        "--dataset",
+        "digits",
+        "--samples",
+        "100000000",
+        "--threads",
+        "64",
+        "--runs",
+        "3",
+        "--json",
+    )
     assert code == 0, err
     res = json.loads(out)
     warnings = [ln for ln in err.splitlines() if "warning:" in ln]
     assert len(warnings) == 2 and res["warnings"] and len(res["warnings"]) == 2
-    assert "--samples 100,000,000" in warnings[1] and f"all {res['context']['accuracy_samples']:,} are used" in warnings[1]
+    assert (
+        "--samples 100,000,000" in warnings[1] and f"all {res['context']['accuracy_samples']:,} are used" in warnings[1]
+    )
     assert "--threads 64" in warnings[0] and "core" in warnings[0]
     assert "latency_p50_ms@t64b1" in res["figures"]
 
 
 def test_global_flags_work_before_and_after_the_verb(capsys):
     p = build_parser()
-    for argv in (["-v", "--json", "measure", "x.onnx"], ["measure", "x.onnx", "-v", "--json"],
-                 ["--json", "measure", "x.onnx", "--verbose"]):
+    for argv in (
+        ["-v", "--json", "measure", "x.onnx"],
+        ["measure", "x.onnx", "-v", "--json"],
+        ["--json", "measure", "x.onnx", "--verbose"],
+    ):
         a = p.parse_args(argv)
         assert a.verbose is True and a.json is True
     a = p.parse_args(["measure", "x.onnx"])
@@ -321,8 +365,9 @@ def test_temporary_files_of_a_killed_writer_are_removed_by_the_next_run(tmp_path
             time.sleep(60)
     """)
     killed = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-    alive = subprocess.Popen([sys.executable, "-c", code.replace("out.json", "out.json")], stdout=subprocess.PIPE,
-                             text=True)
+    alive = subprocess.Popen(
+        [sys.executable, "-c", code.replace("out.json", "out.json")], stdout=subprocess.PIPE, text=True
+    )
     try:
         assert killed.stdout.readline().strip() == "ready" and alive.stdout.readline().strip() == "ready"
         killed.send_signal(signal.SIGKILL)
@@ -348,8 +393,9 @@ def test_class_count_mismatch_and_one_class_datasets_are_refused(tmp_path, capsy
     two = image_folder(tmp_path / "two", ("cat", "dog"))
     one = image_folder(tmp_path / "one", ("cat",))
     for ds, words in ((two, ("outputs 10 classes", "has 2 (cat, dog)")), (one, ("has 1 class",))):
-        code, out, err = run(capsys, "export", "tiny:tiny_rgb_cnn", "--dataset", f"folder:{ds}", "--out",
-                             str(tmp_path / "m.onnx"))
+        code, out, err = run(
+            capsys, "export", "tiny:tiny_rgb_cnn", "--dataset", f"folder:{ds}", "--out", str(tmp_path / "m.onnx")
+        )
         one_line_error(code, err, *words)
         assert not (tmp_path / "m.onnx").exists()
     # an artifact measured on a dataset with another class count: refused too, not "accuracy 0%"
@@ -390,11 +436,15 @@ def test_train_writes_only_inside_out_and_defaults_to_the_working_folder(tmp_pat
     work.mkdir()
     monkeypatch.chdir(work)
     shipped = sorted(p.name for p in CHECKPOINT_DIR.iterdir())
-    code, out, err = run(capsys, "train", "small_cnn", "--dataset", "folder:../x", "--epochs", "1", "--out", "ck",
-                         "--json")
+    code, out, err = run(
+        capsys, "train", "small_cnn", "--dataset", "folder:../x", "--epochs", "1", "--out", "ck", "--json"
+    )
     assert code == 0, err
-    assert sorted(p.name for p in (work / "ck").iterdir()) == [".work", "small_cnn-folder-x.json",
-                                                               "small_cnn-folder-x.pt"]
+    assert sorted(p.name for p in (work / "ck").iterdir()) == [
+        ".work",
+        "small_cnn-folder-x.json",
+        "small_cnn-folder-x.pt",
+    ]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["work", "x"]  # nothing beside the folder named
     code, out, err = run(capsys, "train", "small_cnn", "--dataset", "folder:../x", "--epochs", "1")
     assert code == 0, err
@@ -428,20 +478,26 @@ def test_progress_bars_go_to_stderr_in_the_cli_but_not_with_json_or_in_the_libra
 def test_a_failing_command_prints_no_traceback_from_a_subprocess(tmp_path):
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"\x08\x01garbage")
-    r = subprocess.run([sys.executable, "-m", "edgeslim.cli", "measure", str(bad), "--no-data"], capture_output=True,
-                       text=True, env={**os.environ, "PYTHONPATH": SRC})
+    r = subprocess.run(
+        [sys.executable, "-m", "edgeslim.cli", "measure", str(bad), "--no-data"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": SRC},
+    )
     assert r.returncode == 2 and r.stdout == "" and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "bad.onnx" in r.stderr
 
 
 def test_device_predictions_come_from_the_library_and_refuse_a_torch_model(tmp_path, capsys):
     art = tiny_onnx(tmp_path / "t.onnx")
-    code, out, err = run(capsys, "measure", str(art), "--no-data", "--runs", "5", "--device", "raspberry-pi-4",
-                         "--json")
+    code, out, err = run(
+        capsys, "measure", str(art), "--no-data", "--runs", "5", "--device", "raspberry-pi-4", "--json"
+    )
     assert code == 0, err
     figs = json.loads(out)["figures"]
     assert figs["predicted_latency_ms@raspberry-pi-4"]["source"].startswith("predicted for raspberry-pi-4")
     assert {"estimated_energy_mj@raspberry-pi-4", "memory_required_mb@raspberry-pi-4"} <= set(figs)
-    code, out, err = run(capsys, "measure", str(art), "--no-data", "--runs", "5", "--threads", "2", "--device",
-                         "raspberry-pi-4")
+    code, out, err = run(
+        capsys, "measure", str(art), "--no-data", "--runs", "5", "--threads", "2", "--device", "raspberry-pi-4"
+    )
     one_line_error(code, err, "1 thread, batch 1")

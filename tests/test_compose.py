@@ -10,8 +10,11 @@ from edgeslim.share import ClusterConfig, cluster, strip_clustering
 
 
 def _int8_weights(path):
-    return [numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer
-            if i.data_type == onnx.TensorProto.INT8 and len(i.dims) >= 2]
+    return [
+        numpy_helper.to_array(i)
+        for i in onnx.load(str(path)).graph.initializer
+        if i.data_type == onnx.TensorProto.INT8 and len(i.dims) >= 2
+    ]
 
 
 def test_clustered_then_int8_keeps_the_codebook_per_channel(digits_model, tmp_path):
@@ -20,8 +23,12 @@ def test_clustered_then_int8_keeps_the_codebook_per_channel(digits_model, tmp_pa
     clustered = strip_clustering(cluster(model, ClusterConfig(clusters=4)))
     q = es.quantize(clustered, es.QuantConfig(per_channel=True), calib=train)
     art = es.export(q, "onnx", example_inputs=val, path=tmp_path / "c4-int8.onnx")
-    plain = es.export(es.quantize(model, es.QuantConfig(per_channel=True), calib=train), "onnx",
-                      example_inputs=val, path=tmp_path / "int8.onnx")
+    plain = es.export(
+        es.quantize(model, es.QuantConfig(per_channel=True), calib=train),
+        "onnx",
+        example_inputs=val,
+        path=tmp_path / "int8.onnx",
+    )
     weights = _int8_weights(art.path)
     assert len(weights) == 4  # stem, depthwise, pointwise, fc
     # BN folding scales each output channel, so the clusters survive per output channel, not per layer

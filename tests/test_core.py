@@ -105,8 +105,13 @@ def test_every_config_refuses_values_of_the_wrong_type():
         hints = typing.get_type_hints(type(cfg))
         for f in dataclasses.fields(cfg):
             hint = hints[f.name]
-            bad = {bool: ["no", 1, None], int: ["lots", True, 2.5], float: ["fast", False], str: [3, ["a"]],
-                   tuple[str, ...]: ["a,b", [1], [["a"]]]}.get(hint, [])
+            bad = {
+                bool: ["no", 1, None],
+                int: ["lots", True, 2.5],
+                float: ["fast", False],
+                str: [3, ["a"]],
+                tuple[str, ...]: ["a,b", [1], [["a"]]],
+            }.get(hint, [])
             for value in bad:
                 with pytest.raises(ConfigError, match=rf"{type(cfg).__name__}\.{f.name}=") as e:
                     dataclasses.replace(cfg, **{f.name: value})

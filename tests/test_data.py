@@ -45,16 +45,27 @@ def test_calibration_subset_is_class_balanced_and_seeded():
 def test_missing_and_corrupt_data_give_clear_errors(tmp_path):
     with pytest.raises(DataError, match="Fashion-MNIST not found in .*missing train-images-idx3-ubyte.gz"):
         data.load("fashion-mnist", root=tmp_path)
-    for f in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
-              "t10k-labels-idx1-ubyte.gz"):
+    for f in (
+        "train-images-idx3-ubyte.gz",
+        "train-labels-idx1-ubyte.gz",
+        "t10k-images-idx3-ubyte.gz",
+        "t10k-labels-idx1-ubyte.gz",
+    ):
         with gzip.open(tmp_path / f, "wb") as fh:
             fh.write(b"\x00\x00\x08\x03\x00\x00\x00\x05garbage")
     with pytest.raises(DataError, match="cannot read IDX file .*train-images-idx3-ubyte.gz"):
         data.load("fashion-mnist", root=tmp_path)
     with pytest.raises(ConfigError, match="unknown dataset 'fashion_mnist'.*did you mean 'fashion-mnist'"):
         data.load("fashion_mnist")
-    empty = ImageDataset("x", "train", torch.zeros(0, 1, 8, 8, dtype=torch.uint8), torch.zeros(0, dtype=torch.long),
-                         ("a",), (0.5,), (0.5,))
+    empty = ImageDataset(
+        "x",
+        "train",
+        torch.zeros(0, 1, 8, 8, dtype=torch.uint8),
+        torch.zeros(0, dtype=torch.long),
+        ("a",),
+        (0.5,),
+        (0.5,),
+    )
     with pytest.raises(DataError, match="empty"):
         calibration_subset(empty, 8)
 

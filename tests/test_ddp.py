@@ -54,9 +54,21 @@ def test_two_process_ddp_matches_single_process(tmp_path: Path):
     single, ddp = tmp_path / "single.pt", tmp_path / "ddp.pt"
     subprocess.run([sys.executable, str(script), str(single)], check=True, env=env, timeout=120)
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
-         str(ddp), "ddp"],
-        env=env, timeout=120, capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(script),
+            str(ddp),
+            "ddp",
+        ],
+        env=env,
+        timeout=120,
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = torch.load(single, weights_only=True), torch.load(ddp, weights_only=True)

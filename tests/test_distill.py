@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny import TinyCNN, TinyMLP
 from torch import nn
 
 from edgeslim.core.errors import ConfigError, DataError, ModelError
 from edgeslim.distill import LOSSES, DistillConfig, LossContext, cnn_student, distill, kd_loss_fn, layer_drop_student
 from edgeslim.train import TrainConfig, evaluate, fit
-from tiny import TinyCNN, TinyMLP
 
 TC = TrainConfig(epochs=2, lr=0.1, batch_size=32, augment=False, warmup_steps=5)
 
@@ -26,8 +26,13 @@ def digits():
 def teacher(digits):
     train, val = digits
     torch.manual_seed(0)
-    return fit(TinyMLP(), train, val, TrainConfig(epochs=6, lr=0.1, batch_size=32, augment=False, warmup_steps=5),
-               progress=False).model
+    return fit(
+        TinyMLP(),
+        train,
+        val,
+        TrainConfig(epochs=6, lr=0.1, batch_size=32, augment=False, warmup_steps=5),
+        progress=False,
+    ).model
 
 
 def _state(m: nn.Module) -> dict:
@@ -38,10 +43,24 @@ def test_losses_are_zero_for_identical_and_positive_otherwise():
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(6, 10, generator=g)
     fmap = torch.randn(6, 4, 5, 5, generator=g)
-    same = LossContext(logits, logits.clone(), torch.zeros(6, dtype=torch.long), 4.0, [fmap], [fmap.clone()],
-                       nn.ModuleList([nn.Identity()]))
-    other = LossContext(logits, torch.randn(6, 10, generator=g), torch.zeros(6, dtype=torch.long), 4.0, [fmap],
-                        [torch.randn(6, 4, 5, 5, generator=g)], nn.ModuleList([nn.Identity()]))
+    same = LossContext(
+        logits,
+        logits.clone(),
+        torch.zeros(6, dtype=torch.long),
+        4.0,
+        [fmap],
+        [fmap.clone()],
+        nn.ModuleList([nn.Identity()]),
+    )
+    other = LossContext(
+        logits,
+        torch.randn(6, 10, generator=g),
+        torch.zeros(6, dtype=torch.long),
+        4.0,
+        [fmap],
+        [torch.randn(6, 4, 5, 5, generator=g)],
+        nn.ModuleList([nn.Identity()]),
+    )
     for name in ("kd", "hint", "attention", "rkd", "similarity"):
         assert float(LOSSES.get(name)(same)) == pytest.approx(0.0, abs=1e-5), name
         assert float(LOSSES.get(name)(other)) > 1e-4, name
@@ -52,8 +71,14 @@ def test_kd_distill_makes_student_agree_with_teacher_and_leaves_inputs_alone(dig
     torch.manual_seed(1)
     student = TinyMLP()
     before_s, before_t = _state(student), _state(teacher)
-    out = distill(student, teacher, DistillConfig(hard_weight=0.0, temperature=2.0), data=(train, val),
-                  train_config=TC.replace(epochs=4), progress=False)
+    out = distill(
+        student,
+        teacher,
+        DistillConfig(hard_weight=0.0, temperature=2.0),
+        data=(train, val),
+        train_config=TC.replace(epochs=4),
+        progress=False,
+    )
     x = val.normalized()
     with torch.no_grad():
         agree = float((out(x).argmax(1) == teacher(x).argmax(1)).float().mean())
@@ -70,10 +95,12 @@ def test_teacher_cache_is_written_keyed_and_gives_same_result_as_live_teacher(di
     cfg = DistillConfig(losses=("kd", "similarity"), weights=(1.0, 0.5))
     torch.manual_seed(2)
     student = TinyMLP()
-    cached = distill(student, teacher, cfg, data=(train, val), train_config=TC, progress=False,
-                     checkpoint_dir=tmp_path / "a")
-    live = distill(student, teacher, cfg.replace(cache_teacher=False), data=(train, val), train_config=TC,
-                   progress=False)
+    cached = distill(
+        student, teacher, cfg, data=(train, val), train_config=TC, progress=False, checkpoint_dir=tmp_path / "a"
+    )
+    live = distill(
+        student, teacher, cfg.replace(cache_teacher=False), data=(train, val), train_config=TC, progress=False
+    )
     files = list((tmp_path / "a").glob("teacher-*.pt"))
     assert len(files) == 1
     assert torch.load(files[0], weights_only=True)["logits"].shape == (len(train), 10)
@@ -94,10 +121,12 @@ def test_feature_losses_on_cnn_with_different_spatial_sizes(digits):
     train, val = digits
     torch.manual_seed(4)
     teacher = TinyCNN()
-    cfg = DistillConfig(losses=("kd", "hint", "attention", "rkd"), student_layers=("stem", "pw"),
-                        teacher_layers=("stem", "dw"))
-    out = distill(TinyCNN(), teacher, cfg, data=(train.take(64), None), train_config=TC.replace(epochs=1),
-                  progress=False)
+    cfg = DistillConfig(
+        losses=("kd", "hint", "attention", "rkd"), student_layers=("stem", "pw"), teacher_layers=("stem", "dw")
+    )
+    out = distill(
+        TinyCNN(), teacher, cfg, data=(train.take(64), None), train_config=TC.replace(epochs=1), progress=False
+    )
     assert isinstance(out, TinyCNN)
 
 
@@ -127,11 +156,21 @@ def test_bad_input_errors(digits, teacher):
     with pytest.raises(ConfigError, match="student_layers"):
         DistillConfig(losses=("hint",))
     with pytest.raises(ConfigError, match=r"no module 'net\.22'.*did you mean 'net\.2'"):
-        distill(TinyMLP(), teacher, DistillConfig(losses=("hint",), student_layers=("net.22",),
-                                                  teacher_layers=("net.1",)), data=(train, val), progress=False)
+        distill(
+            TinyMLP(),
+            teacher,
+            DistillConfig(losses=("hint",), student_layers=("net.22",), teacher_layers=("net.1",)),
+            data=(train, val),
+            progress=False,
+        )
     with pytest.raises(ConfigError, match="teacher has no module 'fc1'"):
-        distill(TinyMLP(), teacher, DistillConfig(losses=("hint",), student_layers=("net.1",),
-                                                  teacher_layers=("fc1",)), data=(train, val), progress=False)
+        distill(
+            TinyMLP(),
+            teacher,
+            DistillConfig(losses=("hint",), student_layers=("net.1",), teacher_layers=("fc1",)),
+            data=(train, val),
+            progress=False,
+        )
     with pytest.raises(ModelError, match=r"output shape \(2, 5\) does not match teacher output shape \(2, 10\)"):
         distill(TinyMLP(num_classes=5), teacher, data=(train, val), progress=False)
     with pytest.raises(DataError, match="empty"):
@@ -156,16 +195,23 @@ def test_cnn_students_are_smaller_and_run():
 
 def test_layer_drop_student_copies_every_other_layer():
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=6, num_attention_heads=2,
-                                  intermediate_size=32, max_position_embeddings=16)
+    cfg = transformers.BertConfig(
+        vocab_size=50,
+        hidden_size=16,
+        num_hidden_layers=6,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=16,
+    )
     torch.manual_seed(0)
     teacher = transformers.BertModel(cfg).eval()
     student = layer_drop_student(teacher).eval()
     assert len(student.encoder.layer) == 3 and student.config.num_hidden_layers == 3
     assert len(teacher.encoder.layer) == 6
     for s_i, t_i in zip(range(3), (0, 2, 4)):
-        for (k, v), (_, w) in zip(student.encoder.layer[s_i].state_dict().items(),
-                                  teacher.encoder.layer[t_i].state_dict().items()):
+        for (k, v), (_, w) in zip(
+            student.encoder.layer[s_i].state_dict().items(), teacher.encoder.layer[t_i].state_dict().items()
+        ):
             assert torch.equal(v, w), k
     ids = torch.randint(0, 50, (2, 8))
     assert student(input_ids=ids).last_hidden_state.shape == (2, 8, 16)
@@ -183,22 +229,44 @@ def test_checkpoint_resume_and_early_stop(digits, teacher, tmp_path):
     assert len(list(tmp_path.glob("run-*/last.pt"))) == 1
     assert again.distill_history == first.distill_history  # resumed after the last epoch: nothing retrained
     # another config in the same folder gets its own run (no cross-resume)
-    other = distill(student, teacher, cfg.replace(temperature=2.0), data=(train, val), train_config=TC,
-                    progress=False, checkpoint_dir=tmp_path)
+    other = distill(
+        student,
+        teacher,
+        cfg.replace(temperature=2.0),
+        data=(train, val),
+        train_config=TC,
+        progress=False,
+        checkpoint_dir=tmp_path,
+    )
     assert len(list(tmp_path.glob("run-*/last.pt"))) == 2 and len(other.distill_history) == 2
     # early stop: an lr so small that validation accuracy cannot improve for `patience` epochs
-    stopped = distill(student, teacher, cfg, data=(train, val), progress=False,
-                      train_config=TC.replace(epochs=20, lr=1e-9, patience=2))
+    stopped = distill(
+        student,
+        teacher,
+        cfg,
+        data=(train, val),
+        progress=False,
+        train_config=TC.replace(epochs=20, lr=1e-9, patience=2),
+    )
     assert len(stopped.distill_history) < 20
 
 
 # --- transformer losses (tiny BertModel, no downloads) and the registry sweep -------------------------------------
 
+
 def _tiny_bert(seed: int, layers: int = 2, vocab: int = 50):
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.BertConfig(vocab_size=vocab, hidden_size=16, num_hidden_layers=layers, num_attention_heads=2,
-                                  intermediate_size=32, max_position_embeddings=16, attn_implementation="eager",
-                                  hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    cfg = transformers.BertConfig(
+        vocab_size=vocab,
+        hidden_size=16,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=16,
+        attn_implementation="eager",
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     torch.manual_seed(seed)
     return transformers.BertModel(cfg).eval()
 
@@ -214,8 +282,10 @@ def _sharpen(bert: nn.Module) -> None:
 def _attn_outputs(model: nn.Module, ids: torch.Tensor, layers: tuple[int, ...]) -> list:
     """(context, attention_probs) of the self-attention of the given layers, via forward hooks."""
     got: dict[int, tuple] = {}
-    hooks = [model.encoder.layer[i].attention.self.register_forward_hook(lambda m, a, o, i=i: got.__setitem__(i, o))
-             for i in layers]
+    hooks = [
+        model.encoder.layer[i].attention.self.register_forward_hook(lambda m, a, o, i=i: got.__setitem__(i, o))
+        for i in layers
+    ]
     try:
         model(input_ids=ids, output_attentions=True)
     finally:
@@ -294,8 +364,9 @@ class _TokenSet:
         return _TokenSet(self.ids[:n], self.labels[:n])
 
     def batches(self, batch_size: int = 256):
-        return [(self.ids[i : i + batch_size], self.labels[i : i + batch_size])
-                for i in range(0, len(self), batch_size)]
+        return [
+            (self.ids[i : i + batch_size], self.labels[i : i + batch_size]) for i in range(0, len(self), batch_size)
+        ]
 
 
 class _TextClassifier(nn.Module):
@@ -314,10 +385,16 @@ def test_distill_text_student_with_attention_map_and_hidden_state_on_token_ids(t
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(1, 50, (64, 8), generator=g)
     data = _TokenSet(ids, (ids[:, 0] > 25).long())
-    pairs = (("bert.encoder.layer.0.attention.self", "bert.encoder.layer.0.attention.self"),
-             ("bert.encoder.layer.1.attention.self", "bert.encoder.layer.2.attention.self"))
-    cfg = DistillConfig(losses=("kd", "attention_map", "hidden_state"), weights=(1.0, 100.0, 1.0),
-                        student_layers=tuple(s for s, _ in pairs), teacher_layers=tuple(t for _, t in pairs))
+    pairs = (
+        ("bert.encoder.layer.0.attention.self", "bert.encoder.layer.0.attention.self"),
+        ("bert.encoder.layer.1.attention.self", "bert.encoder.layer.2.attention.self"),
+    )
+    cfg = DistillConfig(
+        losses=("kd", "attention_map", "hidden_state"),
+        weights=(1.0, 100.0, 1.0),
+        student_layers=tuple(s for s, _ in pairs),
+        teacher_layers=tuple(t for _, t in pairs),
+    )
 
     def attn_loss(m: nn.Module) -> float:
         s = _attn_outputs(m.bert, ids, (0, 1))
@@ -326,9 +403,15 @@ def test_distill_text_student_with_attention_map_and_hidden_state_on_token_ids(t
 
     with torch.no_grad():
         before = attn_loss(student)
-    out = distill(student, teacher, cfg, data=(data, data.take(32)), progress=False, checkpoint_dir=tmp_path,
-                  train_config=TrainConfig(epochs=4, batch_size=16, lr=1e-2, optimizer="adamw", augment=False,
-                                           warmup_steps=2))
+    out = distill(
+        student,
+        teacher,
+        cfg,
+        data=(data, data.take(32)),
+        progress=False,
+        checkpoint_dir=tmp_path,
+        train_config=TrainConfig(epochs=4, batch_size=16, lr=1e-2, optimizer="adamw", augment=False, warmup_steps=2),
+    )
     with torch.no_grad():
         after = attn_loss(out)
     assert len(out.bert.encoder.layer) == 2 and len(out.distill_history) == 4
@@ -357,6 +440,12 @@ def test_teacher_feature_cache_with_batch_dependent_lengths_says_how_to_fix():
     cfg = DistillConfig(losses=("kd", "hidden_state"), student_layers=("feat",), teacher_layers=("feat",))
     with pytest.raises(ModelError, match="changes shape between batches.*cache_teacher=False"):
         distill(_Trimmed(), _Trimmed(), cfg, data=(data, None), train_config=TC, progress=False)
-    out = distill(_Trimmed(), _Trimmed(), cfg.replace(cache_teacher=False), data=(data, None), progress=False,
-                  train_config=TC.replace(epochs=1))
+    out = distill(
+        _Trimmed(),
+        _Trimmed(),
+        cfg.replace(cache_teacher=False),
+        data=(data, None),
+        progress=False,
+        train_config=TC.replace(epochs=1),
+    )
     assert isinstance(out, _Trimmed)

@@ -9,7 +9,7 @@ import torch
 from onnx import numpy_helper
 from tiny import TinyCNN, TinyMLP
 
-from edgeslim import Artifact, ValidationFloors, export, quantize, QuantConfig
+from edgeslim import Artifact, QuantConfig, ValidationFloors, export, quantize
 from edgeslim.core.errors import ConfigError, DataError, ExportError, OutputExistsError
 
 

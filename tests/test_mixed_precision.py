@@ -79,8 +79,9 @@ def test_rank_by_sqnr(fragile):
     assert rep.rank_by == "sqnr" and rep.ranking[0] == "fc"
     assert [r.sqnr_db for r in rep.layers] == sorted(r.sqnr_db for r in rep.layers)
     back = rep.rerank("metric")
-    assert back.rank_by == "metric" and sorted(back.layers, key=lambda r: r.layer) == sorted(rep.layers,
-                                                                                            key=lambda r: r.layer)
+    assert back.rank_by == "metric" and sorted(back.layers, key=lambda r: r.layer) == sorted(
+        rep.layers, key=lambda r: r.layer
+    )
     assert [r.sensitivity for r in back.layers] == sorted((r.sensitivity for r in back.layers), reverse=True)
 
 
@@ -140,8 +141,9 @@ def test_budget_with_int8_fallback_keeps_every_layer_integer(fragile, tmp_path):
 
 def test_budget_loose_needs_no_float_layer(digits_model):
     model, train, val = digits_model
-    res = quantize_with_budget(model, BudgetConfig(max_accuracy_drop=0.03, quant=W8), data=(train, val),
-                               eval_data=train)
+    res = quantize_with_budget(
+        model, BudgetConfig(max_accuracy_drop=0.03, quant=W8), data=(train, val), eval_data=train
+    )
     assert res.met and res.kept_float == () and len(res.steps) == 1
     assert res.drop <= 0.03 and res.model.report.skipped_layers == []
     assert res.eval["samples"] == len(train) and res.eval["float_metric"] > 0.9
@@ -164,8 +166,12 @@ def test_budget_tight_keeps_the_sensitive_layers_in_float(fragile):
     assert ev.score(res.model)[0] == pytest.approx(res.metric)
     assert _same(m, before)
     # bisection (0, 1, 2, 4, then 3) finds the same candidate, reusing the ranking
-    res2 = quantize_with_budget(m, BudgetConfig(max_accuracy_drop=0.05, quant=W4, search="bisect"),
-                                data=(train, val), sensitivity_report=res.sensitivity)
+    res2 = quantize_with_budget(
+        m,
+        BudgetConfig(max_accuracy_drop=0.05, quant=W4, search="bisect"),
+        data=(train, val),
+        sensitivity_report=res.sensitivity,
+    )
     assert res2.met and res2.kept_float == res.kept_float
 
 
@@ -191,8 +197,9 @@ def test_unreachable_budget_returns_the_best_candidate(fragile):
         with torch.no_grad():
             return -float(((model(data.normalized()) - m(data.normalized())) ** 2).mean())
 
-    res = quantize_with_budget(m, BudgetConfig(max_accuracy_drop=0.0, quant=W4), data=(train, val),
-                               metric=neg_logit_mse)
+    res = quantize_with_budget(
+        m, BudgetConfig(max_accuracy_drop=0.0, quant=W4), data=(train, val), metric=neg_logit_mse
+    )
     assert not res.met and len(res.steps) == 5 and res.drop > 0
     assert res.drop == min(s.drop for s in res.steps) and isinstance(res.model, torch.nn.Module)
     assert res.to_dict()["met"] is False and "NOT met" in res.table()
@@ -224,41 +231,54 @@ def test_bad_inputs(digits_model):
     with pytest.raises(QuantizationError, match="no quantizable layers"):
         quantize_with_budget(NoWeights(), BudgetConfig(max_accuracy_drop=0.01, quant=W8), data=(train, val))
     with pytest.raises(ConfigError, match=r"matches no quantizable layer.*did you mean"):
-        quantize_with_budget(model, BudgetConfig(max_accuracy_drop=0.01, quant=W8.replace(exclude=("stem.9",))),
-                             data=(train, val))
+        quantize_with_budget(
+            model, BudgetConfig(max_accuracy_drop=0.01, quant=W8.replace(exclude=("stem.9",))), data=(train, val)
+        )
     with pytest.raises(DataError):
         sensitivity(TinyCNN(), W8, data=(None, val))
 
 
 def test_budget_config_round_trips_with_its_nested_quant_config(tmp_path):
-    cfg = BudgetConfig(max_accuracy_drop=0.002, quant=QuantConfig(weight_bits=4, exclude=("fc",)), search="bisect",
-                       rank_by="sqnr", sensitivity_samples=200, fallback="int8")
+    cfg = BudgetConfig(
+        max_accuracy_drop=0.002,
+        quant=QuantConfig(weight_bits=4, exclude=("fc",)),
+        search="bisect",
+        rank_by="sqnr",
+        sensitivity_samples=200,
+        fallback="int8",
+    )
     assert cfg.to_dict()["quant"] == cfg.quant.to_dict() and cfg.to_dict()["quant"]["weight_bits"] == 4
     assert BudgetConfig.from_yaml(cfg.to_yaml()) == cfg and BudgetConfig.from_dict(cfg.to_dict()) == cfg
     assert edgeslim.BudgetConfig is BudgetConfig and CONFIGS[BudgetConfig.kind] is BudgetConfig
     # a hand-written recipe: the nested mapping names only the fields it changes
     path = tmp_path / "budget.yaml"
-    path.write_text("quantize_with_budget:\n  max_accuracy_drop: 0.005\n  quant:\n    weight_bits: 4\n"
-                    "    calibration: percentile\n  search: bisect\n")
+    path.write_text(
+        "quantize_with_budget:\n  max_accuracy_drop: 0.005\n  quant:\n    weight_bits: 4\n"
+        "    calibration: percentile\n  search: bisect\n"
+    )
     got = BudgetConfig.from_yaml(path)
-    assert got == BudgetConfig(max_accuracy_drop=0.005, quant=QuantConfig(weight_bits=4, calibration="percentile"),
-                               search="bisect")
+    assert got == BudgetConfig(
+        max_accuracy_drop=0.005, quant=QuantConfig(weight_bits=4, calibration="percentile"), search="bisect"
+    )
     assert isinstance(got.quant, QuantConfig) and got.search is BudgetSearch.BISECT
 
 
-@pytest.mark.parametrize(("fields", "message"), [
-    ({"quant": {"weight_bit": 4}}, r"BudgetConfig\.quant: unknown QuantConfig field 'weight_bit'.*weight_bits"),
-    ({"quant": {"weight_bits": 3}}, r"QuantConfig\.weight_bits=3 is not allowed; supported: 4, 8"),
-    ({"quant": "w4"}, r"BudgetConfig\.quant='w4' is not allowed; use a QuantConfig or a mapping of its fields"),
-    ({"quant": PruneConfig()}, r"BudgetConfig\.quant is a PruneConfig; use a QuantConfig"),
-    ({"mode": "all"}, r"BudgetConfig\.mode='all' is not allowed.*valid: one_at_a_time, all_but_one"),
-    ({"rank_by": "top1"}, r"BudgetConfig\.rank_by='top1' is not allowed.*valid: metric, sqnr"),
-    ({"fallback": "fp16"}, r"BudgetConfig\.fallback='fp16' is not allowed.*valid: float, int8"),
-    ({"sensitivity_samples": 0}, r"BudgetConfig\.sensitivity_samples=0 is not allowed; use an integer >= 1"),
-    ({"latency_runs": 2.5}, r"BudgetConfig\.latency_runs=2\.5 is not allowed; expected an integer"),
-    ({"measure_latency": "no"}, r"BudgetConfig\.measure_latency='no' is not allowed; expected true or false"),
-    ({"max_accuracy_drop": 0.01, "budget": 1}, r"unknown BudgetConfig field 'budget'"),
-])
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"quant": {"weight_bit": 4}}, r"BudgetConfig\.quant: unknown QuantConfig field 'weight_bit'.*weight_bits"),
+        ({"quant": {"weight_bits": 3}}, r"QuantConfig\.weight_bits=3 is not allowed; supported: 4, 8"),
+        ({"quant": "w4"}, r"BudgetConfig\.quant='w4' is not allowed; use a QuantConfig or a mapping of its fields"),
+        ({"quant": PruneConfig()}, r"BudgetConfig\.quant is a PruneConfig; use a QuantConfig"),
+        ({"mode": "all"}, r"BudgetConfig\.mode='all' is not allowed.*valid: one_at_a_time, all_but_one"),
+        ({"rank_by": "top1"}, r"BudgetConfig\.rank_by='top1' is not allowed.*valid: metric, sqnr"),
+        ({"fallback": "fp16"}, r"BudgetConfig\.fallback='fp16' is not allowed.*valid: float, int8"),
+        ({"sensitivity_samples": 0}, r"BudgetConfig\.sensitivity_samples=0 is not allowed; use an integer >= 1"),
+        ({"latency_runs": 2.5}, r"BudgetConfig\.latency_runs=2\.5 is not allowed; expected an integer"),
+        ({"measure_latency": "no"}, r"BudgetConfig\.measure_latency='no' is not allowed; expected true or false"),
+        ({"max_accuracy_drop": 0.01, "budget": 1}, r"unknown BudgetConfig field 'budget'"),
+    ],
+)
 def test_a_bad_budget_config_value_names_the_field(fields, message):
     with pytest.raises(ConfigError, match=message):
         BudgetConfig.from_dict(fields)
@@ -266,7 +286,7 @@ def test_a_bad_budget_config_value_names_the_field(fields, message):
 
 def test_budget_verb_refuses_a_wrong_config_type_or_settings_beside_the_config(digits_model):
     model, train, val = digits_model
-    with pytest.raises(ConfigError, match="quantize_with_budget\(\) needs a BudgetConfig, got PruneConfig"):
+    with pytest.raises(ConfigError, match=r"quantize_with_budget\(\) needs a BudgetConfig, got PruneConfig"):
         quantize_with_budget(model, PruneConfig(), data=(train, val))
     with pytest.raises(ConfigError, match=r"search belong in the BudgetConfig"):
         quantize_with_budget(model, BudgetConfig(), data=(train, val), search="bisect")
@@ -286,11 +306,13 @@ def test_budget_verb_refuses_a_wrong_config_type_or_settings_beside_the_config(d
 def test_the_deprecated_call_warns_and_gives_what_the_new_call_gives(fragile):
     m, train, val = fragile
     with pytest.warns(DeprecationWarning, match=r"deprecated; use quantize_with_budget\(model, BudgetConfig\(") as w:
-        old = quantize_with_budget(m, W4, calib=train, data=val, max_accuracy_drop=0.05, search="bisect",
-                                   sensitivity_samples=150)
+        old = quantize_with_budget(
+            m, W4, calib=train, data=val, max_accuracy_drop=0.05, search="bisect", sensitivity_samples=150
+        )
     assert len(w) == 1 and w[0].filename == __file__  # one warning, pointing at the caller's line
-    new = quantize_with_budget(m, BudgetConfig(max_accuracy_drop=0.05, quant=W4, search="bisect",
-                                               sensitivity_samples=150), data=(train, val))
+    new = quantize_with_budget(
+        m, BudgetConfig(max_accuracy_drop=0.05, quant=W4, search="bisect", sensitivity_samples=150), data=(train, val)
+    )
     assert old.met and old.kept_float and old.kept_float == new.kept_float
     assert old.sensitivity.ranking == new.sensitivity.ranking and old.sensitivity.samples == 150
     assert [(s.n_float, s.metric, s.drop) for s in old.steps] == [(s.n_float, s.metric, s.drop) for s in new.steps]

@@ -24,9 +24,18 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 TESTS = Path(__file__).resolve().parent
 
 # a small space on TinyCNN (8 channels): pruning needs round_to=1 to remove anything
-FAST = Space(target_macs=(0.0, 0.3), keep_early_layers=(False,), round_to=1, bn_samples=256,
-             finetune_steps=(0, 20), calibration=("minmax", "mse"), calib_samples=128, cheap_trials=2,
-             search_samples=300, latency_runs=20)
+FAST = Space(
+    target_macs=(0.0, 0.3),
+    keep_early_layers=(False,),
+    round_to=1,
+    bn_samples=256,
+    finetune_steps=(0, 20),
+    calibration=("minmax", "mse"),
+    calib_samples=128,
+    cheap_trials=2,
+    search_samples=300,
+    latency_runs=20,
+)
 
 
 # ------------------------------------------------------------------------------------------------ Budget
@@ -49,7 +58,8 @@ def test_budget_refuses_contradictions_and_unknowns_naming_field_and_value(tmp_p
         Budget(prefer="speed")
     # a latency budget for a device without a latency predictor (an NPU profile that gives no efficiency)
     prof = tmp_path / "npu.yaml"
-    prof.write_text(textwrap.dedent("""\
+    prof.write_text(
+        textwrap.dedent("""\
         device:
           name: mystery-npu
           description: an NPU with no published efficiency
@@ -63,12 +73,14 @@ def test_budget_refuses_contradictions_and_unknowns_naming_field_and_value(tmp_p
           operators: all
           fallback: none
           sources: {peak_gops: assumption}
-        """))
+        """)
+    )
     with pytest.raises(ConfigError, match=r"min_speedup=2.*mystery-npu.*no latency predictor"):
         Budget(min_speedup=2.0, target=str(prof))
     assert Budget(max_size_mb=1.0, target=str(prof)).device().name == "mystery-npu"  # a size budget is fine
-    assert Budget.from_yaml(Budget(min_speedup=3, target="raspberry-pi-4").to_yaml()) == \
-        Budget(min_speedup=3, target="raspberry-pi-4")
+    assert Budget.from_yaml(Budget(min_speedup=3, target="raspberry-pi-4").to_yaml()) == Budget(
+        min_speedup=3, target="raspberry-pi-4"
+    )
 
 
 def test_budget_check_says_which_limit_failed_and_by_how_much():
@@ -115,8 +127,16 @@ def run(digits_model, tmp_path_factory):
     out = tmp_path_factory.mktemp("opt") / "run"
     torch.set_num_threads(1)
     try:
-        res = optimize(model, data=(train, val), budget=Budget(max_accuracy_drop=0.03), space=FAST, max_trials=6,
-                       out=out, seed=0, progress=False)
+        res = optimize(
+            model,
+            data=(train, val),
+            budget=Budget(max_accuracy_drop=0.03),
+            space=FAST,
+            max_trials=6,
+            out=out,
+            seed=0,
+            progress=False,
+        )
     finally:
         torch.set_num_threads(min(2, os.cpu_count() or 1))
     return res, out, model, train, val
@@ -165,8 +185,11 @@ def test_report_has_pareto_plot_budget_line_trial_table_and_provenance(run):
     page = (out / "report.html").read_text()
     assert page.count('<svg xmlns="http://www.w3.org/2000/svg" class="pareto"') == 2
     assert 'class="chosen"' in page and "accuracy floor (3 pt drop)" in page
-    assert "measured on onnxruntime" in page and "<script" not in page and "http://" not in page.replace(
-        'xmlns="http://www.w3.org/2000/svg"', "")
+    assert (
+        "measured on onnxruntime" in page
+        and "<script" not in page
+        and "http://" not in page.replace('xmlns="http://www.w3.org/2000/svg"', "")
+    )
     doc = res.report.to_dict()
     for r in doc["trials"]["rows"]:
         assert f"<td>{r['number']}</td>" in page
@@ -175,8 +198,9 @@ def test_report_has_pareto_plot_budget_line_trial_table_and_provenance(run):
     assert res.report.technique == "optimize" and "chosen trial" in res.report.summary()
     pts = [(r["figures"]["accuracy"], r["figures"]["latency_ms"]) for r in doc["trials"]["rows"] if r["figures"]]
     front = pareto_front(pts)
-    assert front and all(not any(a2 >= pts[i][0] and l2 <= pts[i][1] and (a2, l2) != pts[i] for a2, l2 in pts)
-                         for i in front)
+    assert front and all(
+        not any(a2 >= pts[i][0] and l2 <= pts[i][1] and (a2, l2) != pts[i] for a2, l2 in pts) for i in front
+    )
 
 
 def _chromium() -> str | None:
@@ -185,55 +209,110 @@ def _chromium() -> str | None:
     return next((p for p in (shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome")) if p), None)
 
 
-@pytest.mark.skipif(_chromium() is None, reason="headless Chromium is not installed (Debian: apt-get install chromium); "
-                    "the HTML report's render check needs it")
+@pytest.mark.skipif(
+    _chromium() is None,
+    reason="headless Chromium is not installed (Debian: apt-get install chromium); "
+    "the HTML report's render check needs it",
+)
 def test_report_renders_in_headless_chromium_with_its_plots_and_no_errors(run, tmp_path):
     res, out, *_ = run
     page = out / "report.html"
-    common = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-extensions",
-              f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr", "--v=0"]
-    dom = subprocess.run(common + ["--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120,
-                         check=False)
+    common = [
+        _chromium(),
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+        "--disable-extensions",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--enable-logging=stderr",
+        "--v=0",
+    ]
+    dom = subprocess.run(
+        common + ["--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120, check=False
+    )
     assert dom.returncode == 0, dom.stderr[-2000:]
     # the browser parsed the page: both plots, one marker per completed trial, the chosen ring and the budget line
     assert dom.stdout.count('class="pareto"') == 2
     n_done = res.report.to_dict()["trials"]["complete"]
     plot = dom.stdout.split('class="pareto"')[1]
     assert plot.count("<circle") >= n_done + 1 and 'class="chosen"' in plot and "accuracy floor" in plot
-    bad = [ln for ln in dom.stderr.splitlines() if "CONSOLE" in ln or "Failed to load resource" in ln
-           or "Uncaught" in ln]
+    bad = [
+        ln for ln in dom.stderr.splitlines() if "CONSOLE" in ln or "Failed to load resource" in ln or "Uncaught" in ln
+    ]
     assert not bad, bad
     shot = tmp_path / "report.png"
-    r = subprocess.run(common + ["--window-size=1200,2000", f"--screenshot={shot}", page.as_uri()],
-                       capture_output=True, text=True, timeout=120, check=False)
+    r = subprocess.run(
+        common + ["--window-size=1200,2000", f"--screenshot={shot}", page.as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert r.returncode == 0 and shot.stat().st_size > 20_000  # a rendered page, not a blank one
 
 
 def test_rerun_resumes_without_new_work_and_refuses_other_runs(run):
     res, out, model, train, val = run
     n_before = len(json.loads((out / "report.json").read_text())["trials"]["rows"])
-    again = optimize(model, data=(train, val), budget=Budget(max_accuracy_drop=0.03), space=FAST, max_trials=6,
-                     out=out, seed=0, progress=False)
+    again = optimize(
+        model,
+        data=(train, val),
+        budget=Budget(max_accuracy_drop=0.03),
+        space=FAST,
+        max_trials=6,
+        out=out,
+        seed=0,
+        progress=False,
+    )
     doc = again.report.to_dict()
     assert len(doc["trials"]["rows"]) == n_before  # max_trials already reached: nothing re-run
     assert doc["chosen"]["params"] == res.report.to_dict()["chosen"]["params"]
     with pytest.raises(ConfigError, match="holds a run of another budget"):
-        optimize(model, data=(train, val), budget=Budget(max_accuracy_drop=0.01), space=FAST, max_trials=6,
-                 out=out, progress=False)
+        optimize(
+            model,
+            data=(train, val),
+            budget=Budget(max_accuracy_drop=0.01),
+            space=FAST,
+            max_trials=6,
+            out=out,
+            progress=False,
+        )
     with pytest.raises(ConfigError, match="another model"):  # the same class, other weights
-        optimize(model.__class__(), data=(train, val), budget=Budget(max_accuracy_drop=0.03), space=FAST,
-                 max_trials=6, out=out, progress=False)
+        optimize(
+            model.__class__(),
+            data=(train, val),
+            budget=Budget(max_accuracy_drop=0.03),
+            space=FAST,
+            max_trials=6,
+            out=out,
+            progress=False,
+        )
     with pytest.raises(OutputExistsError, match="pass resume=True"):
-        optimize(model, data=(train, val), budget=Budget(max_accuracy_drop=0.03), space=FAST, max_trials=6,
-                 out=out, resume=False, progress=False)
+        optimize(
+            model,
+            data=(train, val),
+            budget=Budget(max_accuracy_drop=0.03),
+            space=FAST,
+            max_trials=6,
+            out=out,
+            resume=False,
+            progress=False,
+        )
 
 
 def test_nothing_meets_the_budget_saves_and_reports_the_closest(digits_model, tmp_path):
     model, train, val = digits_model
     sp = FAST.replace(target_macs=(0.0,), quantize=(True,), cheap_trials=2)
-    res = optimize(model, data=(train, val), budget=Budget(max_accuracy_drop=0.0, min_speedup=50.0,
-                                                           target="raspberry-pi-4"),
-                   space=sp, max_trials=2, out=tmp_path / "r", progress=False)
+    res = optimize(
+        model,
+        data=(train, val),
+        budget=Budget(max_accuracy_drop=0.0, min_speedup=50.0, target="raspberry-pi-4"),
+        space=sp,
+        max_trials=2,
+        out=tmp_path / "r",
+        progress=False,
+    )
     assert not res.meets_budget
     fields = {v["field"] for v in res.violations}
     assert "min_speedup" in fields
@@ -250,21 +329,35 @@ def test_bad_data_and_storage_fail_with_one_clear_line(digits_model, tmp_path):
     with pytest.raises(DataError, match=r"data=.*\(train, val\)"):
         optimize(model, data=train, out=tmp_path / "a", progress=False)
     with pytest.raises(DataError, match="single class"):
-        optimize(model, data=(train, val.subset(np.flatnonzero(val.labels.numpy() == 0))), out=tmp_path / "b",
-                 progress=False)
+        optimize(
+            model, data=(train, val.subset(np.flatnonzero(val.labels.numpy() == 0))), out=tmp_path / "b", progress=False
+        )
     with pytest.raises(ConfigError, match=r"max_trials=0"):
         optimize(model, data=(train, val), max_trials=0, out=tmp_path / "c", progress=False)
     with pytest.raises(ConfigError, match=r"does not answer|needs a database driver.*pip install psycopg2") as e:
-        optimize(model, data=(train, val), storage="postgresql://bob:s3cret@127.0.0.1:1/nodb", max_trials=1,
-                 out=tmp_path / "d", progress=False)
+        optimize(
+            model,
+            data=(train, val),
+            storage="postgresql://bob:s3cret@127.0.0.1:1/nodb",
+            max_trials=1,
+            out=tmp_path / "d",
+            progress=False,
+        )
     assert "s3cret" not in str(e.value) and "\n" not in str(e.value)
 
 
 def test_gate_stops_hopeless_pruned_candidates_before_fine_tuning(digits_model, tmp_path):
     model, train, val = digits_model
     sp = FAST.replace(target_macs=(0.6,), quantize=(False,), finetune_steps=(20,), finetune_gate=0.02)
-    res = optimize(model, data=(train, val), budget=Budget(max_accuracy_drop=0.5), space=sp, max_trials=1,
-                   out=tmp_path / "g", progress=False)
+    res = optimize(
+        model,
+        data=(train, val),
+        budget=Budget(max_accuracy_drop=0.5),
+        space=sp,
+        max_trials=1,
+        out=tmp_path / "g",
+        progress=False,
+    )
     doc = res.report.to_dict()
     row = doc["trials"]["rows"][0]
     assert doc["trials"]["gated"] == 1 and row["state"] == "pruned" and "finetune_gate=2 pt" in row["gated"]
@@ -288,8 +381,14 @@ def test_ctrl_c_mid_trial_is_requeued_on_resume(digits_model, tmp_path, monkeypa
 
     monkeypatch.setattr(opt, "build_candidate", interrupted_second_trial)
     sp = FAST.replace(target_macs=(0.0,), cheap_trials=2)
-    kw = dict(data=(train, val), budget=Budget(max_accuracy_drop=0.05), space=sp, max_trials=3, out=tmp_path / "c",
-              progress=False)
+    kw = dict(
+        data=(train, val),
+        budget=Budget(max_accuracy_drop=0.05),
+        space=sp,
+        max_trials=3,
+        out=tmp_path / "c",
+        progress=False,
+    )
     with pytest.raises(KeyboardInterrupt):
         optimize(model, **kw)
     monkeypatch.setattr(opt, "build_candidate", real)
@@ -311,8 +410,20 @@ def test_cli_optimize_runs_and_exits_3_when_nothing_meets_the_budget(digits_mode
     space = tmp_path / "space.yaml"
     space.write_text(FAST.replace(cheap_trials=1).to_yaml())
     monkeypatch.syspath_prepend(str(TESTS))
-    common = ["tiny:TinyCNN", "--weights", str(weights), "--dataset", "digits", "--target", "jetson-orin-nano",
-              "--trials", "2", "--space", str(space), "--json"]
+    common = [
+        "tiny:TinyCNN",
+        "--weights",
+        str(weights),
+        "--dataset",
+        "digits",
+        "--target",
+        "jetson-orin-nano",
+        "--trials",
+        "2",
+        "--space",
+        str(space),
+        "--json",
+    ]
     assert main(["optimize", *common, "--max-drop", "3", "--min-speedup", "0.2", "--out", str(tmp_path / "run")]) == 0
     got = json.loads(capsys.readouterr().out)
     assert got["meets_budget"] is True and Path(got["paths"]["artifact"]).is_file()
@@ -349,8 +460,10 @@ def _completed(db: Path) -> dict[int, tuple]:
         return {}
     try:
         con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1)
-        rows = con.execute("select t.number, v.objective, v.value, t.datetime_complete from trials t join "
-                           "trial_values v on v.trial_id = t.trial_id where t.state = 'COMPLETE'").fetchall()
+        rows = con.execute(
+            "select t.number, v.objective, v.value, t.datetime_complete from trials t join "
+            "trial_values v on v.trial_id = t.trial_id where t.state = 'COMPLETE'"
+        ).fetchall()
         con.close()
     except sqlite3.Error:
         return {}
@@ -373,8 +486,13 @@ def test_sigkill_then_resume_keeps_every_trial_and_the_same_choice(digits_model,
     n = 6
 
     def start(out: Path) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, str(script), str(out), str(weights), str(space), str(n)], env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        return subprocess.Popen(
+            [sys.executable, str(script), str(out), str(weights), str(space), str(n)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
 
     ref_out, kill_out = tmp_path / "ref", tmp_path / "killed"
     ref, victim = start(ref_out), start(kill_out)
@@ -390,8 +508,14 @@ def test_sigkill_then_resume_keeps_every_trial_and_the_same_choice(digits_model,
     con = sqlite3.connect(str(kill_out / "study.db"))
     running = {r[0] for r in con.execute("select number from trials where state = 'RUNNING'")}
     con.close()
-    resumed = subprocess.run([sys.executable, str(script), str(kill_out), str(weights), str(space), str(n)], env=env,
-                             check=False, capture_output=True, text=True, timeout=180)
+    resumed = subprocess.run(
+        [sys.executable, str(script), str(kill_out), str(weights), str(space), str(n)],
+        env=env,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     r_out, r_err = ref.communicate(timeout=180)
     assert ref.returncode == 0, r_err[-3000:]
@@ -409,8 +533,9 @@ def test_sigkill_then_resume_keeps_every_trial_and_the_same_choice(digits_model,
     assert len(keys) == len(set(keys)) == n  # none duplicated, none missing
     assert all(t.state.name in ("COMPLETE", "PRUNED") for t in got)  # nothing left RUNNING or failed
     # the resumed study is the uninterrupted one: the same candidates in the same order, the same figures
-    assert [(t.number, t.state.name, t.user_attrs.get("params")) for t in got] == \
-        [(t.number, t.state.name, t.user_attrs.get("params")) for t in want]
+    assert [(t.number, t.state.name, t.user_attrs.get("params")) for t in got] == [
+        (t.number, t.state.name, t.user_attrs.get("params")) for t in want
+    ]
     assert [t.values for t in done] == [t.values for t in want if t.state.name == "COMPLETE"]
     assert json.loads(resumed.stdout.strip().splitlines()[-1]) == json.loads(r_out.strip().splitlines()[-1])
     # a trial the kill left RUNNING was re-queued in place: same number, completed by the resumed run

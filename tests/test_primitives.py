@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny import TinyAttention, TinyCNN
 from torch import nn
 
 from edgeslim.core.counting import count_macs, count_params
 from edgeslim.core.errors import ConfigError, ModelError
 from edgeslim.core.modules import first_match, get_module, require_matches, select, set_module
-from tiny import TinyAttention, TinyCNN
 
 
 # ------------------------------------------------------------------------------------------------ counting
@@ -59,8 +59,11 @@ def test_select_globs_skip_and_eligibility():
 
 def test_select_pattern_matching_nothing_names_field_pattern_and_nearest_names():
     model = TinyCNN()
-    with pytest.raises(ConfigError, match=r"^ClusterConfig\.layers pattern 'stem\.1' matches no conv "
-                                          r"\('stem\.1' is a BatchNorm2d\) \(did you mean 'stem\.0'.*conv names: "):
+    with pytest.raises(
+        ConfigError,
+        match=r"^ClusterConfig\.layers pattern 'stem\.1' matches no conv "
+        r"\('stem\.1' is a BatchNorm2d\) \(did you mean 'stem\.0'.*conv names: ",
+    ):
         select(model, ("stem.1",), (), _is_conv, "conv", owner="ClusterConfig")
     with pytest.raises(ConfigError, match=r"^exclude pattern 'nope' matches no module"):
         select(model, (), ("nope",))

@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from tiny import TinyCNN, TinyGrouped, TinyMLP
 from torch import nn
 
 from edgeslim.core.errors import ConfigError, DataError, ModelError
@@ -24,7 +25,6 @@ from edgeslim.prune import (
     sparse_storage,
     strip_masks,
 )
-from tiny import TinyCNN, TinyGrouped, TinyMLP
 
 pytest.importorskip("torch_pruning")
 
@@ -70,8 +70,14 @@ def test_config_errors_name_field_and_allowed_values():
 
 
 def test_config_round_trips_yaml():
-    cfg = PruneConfig(method="channel", target_macs=0.4, importance="fpgm", scope="global",
-                      layer_ratios={"features.4": 0.2}, exclude=("classifier",))
+    cfg = PruneConfig(
+        method="channel",
+        target_macs=0.4,
+        importance="fpgm",
+        scope="global",
+        layer_ratios={"features.4": 0.2},
+        exclude=("classifier",),
+    )
     assert PruneConfig.from_yaml(cfg.to_yaml()) == cfg
     assert PruneConfig.from_dict(cfg.to_dict()) == cfg
 
@@ -167,8 +173,11 @@ def test_unsupported_model_names_the_module():
             return self.head(self.conv(x).view(-1, 8 * 8 * 8))  # a hard-coded width breaks once pruned
 
     with pytest.raises(ModelError, match="running the pruned model failed in module '(Hardcoded|head)'"):
-        prune(Hardcoded(), PruneConfig(ratio=0.5, round_to=1, ignore_output_layer=False),
-              example_inputs=torch.randn(2, 1, 8, 8))
+        prune(
+            Hardcoded(),
+            PruneConfig(ratio=0.5, round_to=1, ignore_output_layer=False),
+            example_inputs=torch.randn(2, 1, 8, 8),
+        )
     with pytest.raises(ModelError, match="on example_inputs failed in module 'net.1'"):
         prune(TinyMLP(), PruneConfig(), example_inputs=torch.randn(2, 1, 5, 5))  # wrong input for the model
 
@@ -181,8 +190,15 @@ class _ShuffleNetLike(nn.Module):
         self.stem = nn.Conv2d(3, 16, 3, padding=1)
 
         def branch() -> nn.Sequential:
-            return nn.Sequential(nn.Conv2d(8, 16, 1), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1,
-                                 groups=16), nn.BatchNorm2d(16), nn.Conv2d(16, 8, 1), nn.ReLU())
+            return nn.Sequential(
+                nn.Conv2d(8, 16, 1),
+                nn.BatchNorm2d(16),
+                nn.ReLU(),
+                nn.Conv2d(16, 16, 3, padding=1, groups=16),
+                nn.BatchNorm2d(16),
+                nn.Conv2d(16, 8, 1),
+                nn.ReLU(),
+            )
 
         self.b1, self.b2 = branch(), branch()
         self.head = nn.Conv2d(16, 32, 1)
@@ -216,8 +232,16 @@ def _tiny_swin(v2: bool) -> nn.Module:
 
     torch.manual_seed(0)
     kw = {"block": SwinTransformerBlockV2, "downsample_layer": PatchMergingV2} if v2 else {}
-    return SwinTransformer(patch_size=[4, 4], embed_dim=32, depths=[2, 2], num_heads=[2, 4], window_size=[4, 4],
-                           stochastic_depth_prob=0.0, num_classes=10, **kw).eval()
+    return SwinTransformer(
+        patch_size=[4, 4],
+        embed_dim=32,
+        depths=[2, 2],
+        num_heads=[2, 4],
+        window_size=[4, 4],
+        stochastic_depth_prob=0.0,
+        num_classes=10,
+        **kw,
+    ).eval()
 
 
 @pytest.mark.parametrize("v2", [False, True], ids=["swin", "swin_v2"])
@@ -303,8 +327,11 @@ def test_masks_survive_finetuning_and_save_storage(digits_model, tmp_path):
     from edgeslim.train import TrainConfig, fit
 
     model, train, val = digits_model
-    p = prune(model, PruneConfig(method="magnitude", ratio=0.8, ignore_output_layer=False),
-              example_inputs=TinyCNN.example_inputs())
+    p = prune(
+        model,
+        PruneConfig(method="magnitude", ratio=0.8, ignore_output_layer=False),
+        example_inputs=TinyCNN.example_inputs(),
+    )
     zeros = p.pw[0].weight == 0
     t = fit(p, train, val, TrainConfig(epochs=1, batch_size=64, augment=False), progress=False, max_steps_per_epoch=10)
     assert (t.model.pw[0].weight[zeros] == 0).all()
@@ -328,9 +355,15 @@ def test_agp_schedule_ramps_during_fit(digits_model):
     p = prune(model, cfg, example_inputs=TinyCNN.example_inputs())
     assert float((p.pw[0].weight == 0).float().mean()) == 0.0  # starts dense
     mask = get_mask(p.pw[0])
-    assert mask.target(10) == pytest.approx(0.6 * (1 - 0.5 ** 3))
-    t = fit(p, train, val, TrainConfig(epochs=1, batch_size=32, augment=False, warmup_steps=2), progress=False,
-            max_steps_per_epoch=25)
+    assert mask.target(10) == pytest.approx(0.6 * (1 - 0.5**3))
+    t = fit(
+        p,
+        train,
+        val,
+        TrainConfig(epochs=1, batch_size=32, augment=False, warmup_steps=2),
+        progress=False,
+        max_steps_per_epoch=25,
+    )
     assert float((t.model.pw[0].weight == 0).float().mean()) == pytest.approx(0.6, abs=0.02)
 
 
@@ -350,8 +383,15 @@ def test_prune_finetune_resumes(digits_model, tmp_path):
     model, train, val = digits_model
     cfg = PruneConfig(ratio=0.5, round_to=2)
     tc = TrainConfig(epochs=1, batch_size=64, augment=False, warmup_steps=2)
-    kw = dict(train=train, val=val, steps=2, train_config=tc, example_inputs=TinyCNN.example_inputs(),
-              checkpoint_dir=tmp_path, max_steps_per_epoch=5)
+    kw = dict(
+        train=train,
+        val=val,
+        steps=2,
+        train_config=tc,
+        example_inputs=TinyCNN.example_inputs(),
+        checkpoint_dir=tmp_path,
+        max_steps_per_epoch=5,
+    )
     a = prune_finetune(model, cfg, **kw)
     assert [r["round"] for r in a.prune_history] == [1, 2]
     assert a.stem[0].out_channels < 8 and [s["technique"] for s in a.edgeslim_recipe] == ["prune", "prune"]
@@ -369,8 +409,19 @@ def test_cli_prune_saves_recipe_and_reports_clear_errors(tmp_path, capsys):
     from edgeslim.models import build
 
     out = tmp_path / "out"
-    args = ["prune", "small_cnn", "--dataset", "digits", "--no-pretrained", "--target-macs", "0.5",
-            "--importance", "l2", "--out", str(out)]
+    args = [
+        "prune",
+        "small_cnn",
+        "--dataset",
+        "digits",
+        "--no-pretrained",
+        "--target-macs",
+        "0.5",
+        "--importance",
+        "l2",
+        "--out",
+        str(out),
+    ]
     assert main(args + ["--json"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert 0.4 < res["report"]["mac_reduction"] < 0.6 and res["config"]["importance"] == "l2"
@@ -380,10 +431,21 @@ def test_cli_prune_saves_recipe_and_reports_clear_errors(tmp_path, capsys):
     assert "--force" in capsys.readouterr().err
     assert main(args + ["--force", "--recalibrate-bn", "64"]) == 0
     assert "BatchNorm statistics re-estimated on 64 inputs" in capsys.readouterr().out
-    for bad, msg in ((["--target-macs", "1.5"], "target_macs"), (["--importance", "l3"], "l1"),
-                     (["--method", "magnitude"], "target_macs"), (["--recalibrate-bn", "-3"], "recalibrate_bn")):
-        assert main(args[:5] + ["--out", str(out), "--force"] + (["--target-macs", "0.5"] if "--method" in bad else [])
-                    + bad) == 2
+    for bad, msg in (
+        (["--target-macs", "1.5"], "target_macs"),
+        (["--importance", "l3"], "l1"),
+        (["--method", "magnitude"], "target_macs"),
+        (["--recalibrate-bn", "-3"], "recalibrate_bn"),
+    ):
+        assert (
+            main(
+                args[:5]
+                + ["--out", str(out), "--force"]
+                + (["--target-macs", "0.5"] if "--method" in bad else [])
+                + bad
+            )
+            == 2
+        )
         err = capsys.readouterr().err
         assert msg in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
@@ -392,8 +454,14 @@ def test_cli_prune_saves_recipe_and_reports_clear_errors(tmp_path, capsys):
 def _tiny_bert(layers: int = 2, ffn: int = 64) -> tuple[nn.Module, dict, object]:
     """A random 4-head BertModel (hidden 32), its example inputs, and its config."""
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
-                                  intermediate_size=ffn, max_position_embeddings=32)
+    cfg = transformers.BertConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        intermediate_size=ffn,
+        max_position_embeddings=32,
+    )
     torch.manual_seed(0)
     ids = torch.randint(0, 100, (2, 10), generator=torch.Generator().manual_seed(0))
     return transformers.BertModel(cfg).eval(), {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, cfg
@@ -435,15 +503,18 @@ def test_transformer_heads_and_neurons_are_ranked_by_the_importance_registry():
     model, ex, _ = _tiny_bert(layers=1, ffn=16)
     layer = model.encoder.layer[0]
     att = layer.attention.self
-    per_head = [w.detach().reshape(4, -1).abs().sum(1) for w in (att.query.weight, att.key.weight, att.value.weight,
-                                                                 layer.attention.output.dense.weight.t())]
+    per_head = [
+        w.detach().reshape(4, -1).abs().sum(1)
+        for w in (att.query.weight, att.key.weight, att.value.weight, layer.attention.output.dense.weight.t())
+    ]
     top2 = sorted(torch.stack(per_head).sum(0).argsort(descending=True)[:2].tolist())
     p = prune(model, PruneConfig(ratio=0.5, heads_ratio=0.5, importance="l1"), example_inputs=ex)
     assert p.prune_report.layers["encoder.layer.0"]["kept_heads"] == top2  # the L1 of each head's weights
 
     # a criterion registered in IMPORTANCE decides: here the units with the highest index are kept
-    IMPORTANCE.register("by_index")(Criterion(lambda: None, False, "test only",
-                                              lambda ws, seed=0: torch.arange(ws[0].shape[0], dtype=torch.float)))
+    IMPORTANCE.register("by_index")(
+        Criterion(lambda: None, False, "test only", lambda ws, seed=0: torch.arange(ws[0].shape[0], dtype=torch.float))
+    )
     try:
         p = prune(model, PruneConfig(ratio=0.5, heads_ratio=0.5, importance="by_index"), example_inputs=ex)
         kept = p.encoder.layer[0]
@@ -452,8 +523,11 @@ def test_transformer_heads_and_neurons_are_ranked_by_the_importance_registry():
         assert torch.equal(kept.output.dense.weight, layer.output.dense.weight[:, 8:])
     finally:
         IMPORTANCE._items.pop("by_index")
-    with pytest.raises(ConfigError, match=r"importance='bn_scale' is not available for transformer heads/FFN; "
-                                          r"valid: fpgm, l1, l2, random"):
+    with pytest.raises(
+        ConfigError,
+        match=r"importance='bn_scale' is not available for transformer heads/FFN; "
+        r"valid: fpgm, l1, l2, random",
+    ):
         prune(model, PruneConfig(heads_ratio=0.5, importance="bn_scale"), example_inputs=ex)
 
 
@@ -468,8 +542,12 @@ def test_bn_recalibration_restores_a_pruned_mobilenet_before_any_fine_tuning():
     v = val.take(500, seed=3)
     x = val.normalized()[:2]
     plain = prune(base, PruneConfig(ratio=0.3, importance="l2"), example_inputs=x)
-    recal = prune(base, PruneConfig(ratio=0.3, importance="l2", recalibrate_bn=512), example_inputs=x,
-                  data=train.take(2000, seed=1))
+    recal = prune(
+        base,
+        PruneConfig(ratio=0.3, importance="l2", recalibrate_bn=512),
+        example_inputs=x,
+        data=train.take(2000, seed=1),
+    )
     a_plain, a_recal = evaluate(plain, v), evaluate(recal, v)
     assert a_plain < 0.3 and a_recal > 0.55, (a_plain, a_recal)  # near chance -> most of the way back
     sp, sr = plain.state_dict(), recal.state_dict()

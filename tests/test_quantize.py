@@ -23,6 +23,7 @@ def _stats(x: np.ndarray, qmin: int = 0, qmax: int = 255, pct: float = 99.9) -> 
 def test_every_registered_config_round_trips_through_yaml():
     import edgeslim.export._weight_only  # noqa: F401  (registers WeightOnlyConfig)
     import edgeslim.share  # noqa: F401  (registers its configs)
+
     assert {"quantize", "train", "validation", "weight_only"} <= set(CONFIGS)
     needs_args = {"tie": {"auto": True}}  # TieConfig has no valid default: groups or auto must be given
     for kind, cls in CONFIGS.items():
@@ -185,9 +186,15 @@ def test_qat_trains_scales_and_exports_them_to_integer_onnx(tmp_path, digits_mod
     model, train, val = digits_model
     ptq = quantize(model, QuantConfig(calibration="minmax", num_samples=256), calib=train)
     before = [float(a.scale) for a in ptq.act_quants()]
-    q = qat(ptq, QATConfig(method=method), data=(train, val),
-            train_config=TrainConfig(epochs=2, lr=1e-3, optimizer="adamw", weight_decay=0.0, warmup_steps=0,
-                                     augment=False, batch_size=32), progress=False)
+    q = qat(
+        ptq,
+        QATConfig(method=method),
+        data=(train, val),
+        train_config=TrainConfig(
+            epochs=2, lr=1e-3, optimizer="adamw", weight_decay=0.0, warmup_steps=0, augment=False, batch_size=32
+        ),
+        progress=False,
+    )
     after = [float(a.scale.detach()) for a in q.act_quants()]
     assert [float(a.scale) for a in ptq.act_quants()] == before  # the input model is untouched
     assert (after != before) == (method == "lsq")  # LSQ learns activation scales; STE keeps the calibrated ones
@@ -228,7 +235,9 @@ def test_4bit_weights_use_16_levels_and_export(tmp_path, digits_model):
     model, train, val = digits_model
     q = quantize(model, QuantConfig(weight_bits=4, num_samples=128), calib=train)
     for w in q.weight_quants():
-        levels = torch.unique(torch.round(w.quantized_weight().detach() / w.scale.view(-1, *[1] * (w.layer.weight.ndim - 1))))
+        levels = torch.unique(
+            torch.round(w.quantized_weight().detach() / w.scale.view(-1, *[1] * (w.layer.weight.ndim - 1)))
+        )
         assert levels.min() >= -8 and levels.max() <= 7
     assert q.report.quantized_layers[0]["weights"].startswith("int4")
     art = export(q, "onnx", example_inputs=val, path=tmp_path / "w4.onnx")
@@ -244,6 +253,7 @@ def test_cross_layer_equalization_is_exact_for_relu_and_balances_ranges():
     model = TinyChain().eval()
     x = TinyChain.example_inputs()
     gm = trace_and_fold(model)
+
     def spread(w):
         r = w.detach().abs().flatten(1).amax(1)
         return float(r.max() / r.min())
@@ -311,7 +321,8 @@ def test_adaround_rounds_to_the_grid_and_never_reconstructs_worse_than_nearest(d
     for q in (rtn, ada):
         seen = {}
         h = q.graph_module.get_submodule("stem.0").register_forward_hook(
-            lambda m, i, o, seen=seen: seen.update(e=float((o - float_stem(i[0])).pow(2).mean())))
+            lambda m, i, o, seen=seen: seen.update(e=float((o - float_stem(i[0])).pow(2).mean()))
+        )
         with torch.no_grad():
             q(x)
         h.remove()
@@ -322,8 +333,10 @@ def test_adaround_rounds_to_the_grid_and_never_reconstructs_worse_than_nearest(d
 def test_mse_weight_scales_never_fit_the_weights_worse_than_minmax():
     x = TinyCNN.example_inputs(16)
     model = TinyCNN().eval()
-    qs = {r: quantize(model, QuantConfig(weight_bits=4, weight_range=r, num_samples=16), calib=x)
-          for r in ("minmax", "mse")}
+    qs = {
+        r: quantize(model, QuantConfig(weight_bits=4, weight_range=r, num_samples=16), calib=x)
+        for r in ("minmax", "mse")
+    }
     assert "MSE scales" in qs["mse"].report.quantized_layers[0]["weights"]
     for a, b in zip(qs["minmax"].weight_quants(), qs["mse"].weight_quants()):
         err = [float((w.quantized_weight() - w.layer.weight).pow(2).sum()) for w in (a, b)]

@@ -40,8 +40,13 @@ def cell(rows, figure, stage):
 
 def test_changes_are_honest_ratios_and_points():
     rows = compare_stages(stages())
-    assert [r["figure"] for r in rows][:5] == ["accuracy", "size_bytes", "macs", "latency_p50_ms@t1b1",
-                                                "peak_memory_mb"]
+    assert [r["figure"] for r in rows][:5] == [
+        "accuracy",
+        "size_bytes",
+        "macs",
+        "latency_p50_ms@t1b1",
+        "peak_memory_mb",
+    ]
     size = cell(rows, "size_bytes", 2)
     assert size["change"] == "3.9x smaller" and size["factor"] == pytest.approx(3.913, abs=1e-3)
     assert size["worse"] is False and size["sources_differ"] is True
@@ -88,10 +93,19 @@ def test_report_writes_all_formats_with_provenance(tmp_path):
     assert not list((tmp_path / "rep").glob(".*.tmp"))
 
     md = paths["md"].read_text()
-    for s in ("3.9x smaller", "1.3x faster vs FP32 ONNX", "-0.20 pt", "2.0x fewer MACs", "PTQ with 128 samples",
-              "| latency p50, 1 thread, batch 1 |", "| file size |",
-              "bytes of file m-int8.onnx", "computed by torch.utils.flop_counter",
-              "predicted for raspberry-pi-4 (roofline)", "~4.20 ms"):
+    for s in (
+        "3.9x smaller",
+        "1.3x faster vs FP32 ONNX",
+        "-0.20 pt",
+        "2.0x fewer MACs",
+        "PTQ with 128 samples",
+        "| latency p50, 1 thread, batch 1 |",
+        "| file size |",
+        "bytes of file m-int8.onnx",
+        "computed by torch.utils.flop_counter",
+        "predicted for raspberry-pi-4 (roofline)",
+        "~4.20 ms",
+    ):
         assert s in md, s
     assert "faster" not in next(line for line in md.splitlines() if line.startswith("| MACs"))
     assert "latency_p50_ms@t1b1 |" not in md  # row names are words; the keys stay in the JSON and provenance
@@ -132,7 +146,9 @@ def test_zero_nan_and_unit_mismatch_are_shown_not_hidden(tmp_path):
         m.add("energy", energy, "mJ" if m is a else "J", "predicted", "energy model")
     rows = compare_stages([a, b])
     assert cell(rows, "peak_memory_mb", 1)["change"] == "+3.0 MB" and cell(rows, "peak_memory_mb", 1)["worse"]
-    assert cell(rows, "latency_p50_ms@t1b1", 1)["change"] == "" and cell(rows, "latency_p50_ms@t1b1", 1)["worse"] is None
+    assert (
+        cell(rows, "latency_p50_ms@t1b1", 1)["change"] == "" and cell(rows, "latency_p50_ms@t1b1", 1)["worse"] is None
+    )
     assert cell(rows, "energy", 1)["change"].startswith("not compared: unit")
     text = report([a, b], tmp_path)["json"].read_text()
     assert "NaN" not in text and json.loads(text)["stages"][1]["figures"]["latency_p50_ms@t1b1"]["value"] is None
@@ -196,14 +212,24 @@ def test_speed_baseline_is_the_fp32_file_on_the_same_runtime_and_noise_is_not_sl
         m.add("latency_p50_ms@t1b1", ms, "ms", "measured", runtime)
         return m
 
-    rows = compare_stages([stage("torch", "torch", "fp32", 10.0), stage("int8 ort", "onnxruntime", "int8", 2.0),
-                           stage("fp32 ort", "onnxruntime", "fp32", 4.0), stage("int8 noisy", "onnxruntime", "int8",
-                                                                                  4.08)])
+    rows = compare_stages(
+        [
+            stage("torch", "torch", "fp32", 10.0),
+            stage("int8 ort", "onnxruntime", "int8", 2.0),
+            stage("fp32 ort", "onnxruntime", "fp32", 4.0),
+            stage("int8 noisy", "onnxruntime", "int8", 4.08),
+        ]
+    )
     assert cell(rows, "latency_p50_ms@t1b1", 1)["change"] == "2.0x faster"  # vs fp32 ort, listed after it
     assert cell(rows, "latency_p50_ms@t1b1", 1)["baseline"] == "fp32 ort"
     assert cell(rows, "latency_p50_ms@t1b1", 2)["change"] == "2.5x faster"  # the FP32 file itself: vs the first
     noisy = cell(rows, "latency_p50_ms@t1b1", 3)  # 2% slower than the FP32 file: timing noise
     assert noisy["worse"] is None and "within noise" in noisy["change"]
-    text = render_table([stage("torch", "torch", "fp32", 10.0), stage("fp32 ort", "onnxruntime", "fp32", 4.0),
-                         stage("int8 ort", "onnxruntime", "int8", 2.0)])
+    text = render_table(
+        [
+            stage("torch", "torch", "fp32", 10.0),
+            stage("fp32 ort", "onnxruntime", "fp32", 4.0),
+            stage("int8 ort", "onnxruntime", "int8", 2.0),
+        ]
+    )
     assert "latency p50, 1 thread, batch 1" in text and "2.0x faster vs fp32 ort" in text

@@ -22,9 +22,16 @@ from edgeslim.runtime import (
 
 
 def export(model, path, dynamic=True):
-    torch.onnx.export(model.eval(), TinyCNN.example_inputs(1), str(path), dynamo=False, opset_version=17,
-                      input_names=["input"], output_names=["logits"],
-                      dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}} if dynamic else None)
+    torch.onnx.export(
+        model.eval(),
+        TinyCNN.example_inputs(1),
+        str(path),
+        dynamo=False,
+        opset_version=17,
+        input_names=["input"],
+        output_names=["logits"],
+        dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}} if dynamic else None,
+    )
     return Artifact(path, "onnx", "fp32", (1, 8, 8))
 
 
@@ -65,8 +72,11 @@ def test_measure_reports_every_figure_with_its_source(cnn):
     _, art = cnn
     m = measure(art, data=dataset(40), threads=(1, 2), batch_sizes=(1, 4), runs=15, warmup=2, peak_memory=False)
     names = ["size_bytes", "size_zipped_bytes", "params", "macs", "accuracy"] + [
-        f"{k}@t{t}b{b}" for t in (1, 2) for b in (1, 4)
-        for k in ("latency_p50_ms", "latency_p90_ms", "latency_p99_ms", "throughput_ips")]
+        f"{k}@t{t}b{b}"
+        for t in (1, 2)
+        for b in (1, 4)
+        for k in ("latency_p50_ms", "latency_p90_ms", "latency_p99_ms", "throughput_ips")
+    ]
     assert set(names) <= set(m.figures)
     for n in names:
         f = m.figures[n]
@@ -171,10 +181,12 @@ def test_interleaved_latency_takes_turns_and_reports_each_runner(cnn):
         def run():
             calls.append(label)
             time.sleep(ms / 1e3)
+
         return run
 
-    res = interleaved_latency({"slow": sleeper("slow", 4), "fast": sleeper("fast", 1)}, rounds=3, runs=2, warmup=1,
-                              rewarm=0)
+    res = interleaved_latency(
+        {"slow": sleeper("slow", 4), "fast": sleeper("fast", 1)}, rounds=3, runs=2, warmup=1, rewarm=0
+    )
     # one warm-up each, then every round runs each runner's whole turn before the next runner's
     assert calls == ["slow", "fast"] + ["slow", "slow", "fast", "fast"] * 3
     assert res["slow"]["runs"] == res["fast"]["runs"] == 6 and len(res["slow"]["round_p50_ms"]) == 3
@@ -182,11 +194,12 @@ def test_interleaved_latency_takes_turns_and_reports_each_runner(cnn):
     assert res["slow"]["min_ms"] <= res["slow"]["p50_ms"] <= res["slow"]["p90_ms"] <= res["slow"]["p99_ms"]
     calls.clear()
     interleaved_latency({k: sleeper(k, 0) for k in "abcd"}, rounds=4, runs=1, warmup=0, rewarm=0, shuffle=True)
-    orders = [calls[i:i + 4] for i in range(0, 16, 4)]
+    orders = [calls[i : i + 4] for i in range(0, 16, 4)]
     assert all(sorted(o) == list("abcd") for o in orders) and len({tuple(o) for o in orders}) > 1
     calls.clear()
-    turn = interleaved_latency({"s": sleeper("s", 5)}, rounds=1, runs=100, warmup=0, rewarm=0,
-                               max_seconds_per_turn=0.02, min_runs=2)
+    turn = interleaved_latency(
+        {"s": sleeper("s", 5)}, rounds=1, runs=100, warmup=0, rewarm=0, max_seconds_per_turn=0.02, min_runs=2
+    )
     assert 2 <= turn["s"]["runs"] < 100  # the turn ended on time, after at least min_runs
     runner = load(cnn[1], "onnxruntime")  # a Runner gets x
     out = interleaved_latency({"ort": runner}, TinyCNN.example_inputs(1).numpy(), rounds=2, runs=3)
@@ -207,11 +220,17 @@ def test_a_model_with_two_inputs_is_refused_with_their_names(tmp_path):
 
     from edgeslim.core.errors import RuntimeBackendError
 
-    g = helper.make_graph([helper.make_node("Add", ["a", "b"], ["y"])], "two",
-                          [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 4]) for n in ("a", "b")],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+    g = helper.make_graph(
+        [helper.make_node("Add", ["a", "b"], ["y"])],
+        "two",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 4]) for n in ("a", "b")],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+    )
     p = tmp_path / "two.onnx"
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(p))
-    with pytest.raises(RuntimeBackendError, match=r"two\.onnx' has 2 inputs \(a, b\); edgeslim runners take models "
-                                                  "with exactly one input"):
+    with pytest.raises(
+        RuntimeBackendError,
+        match=r"two\.onnx' has 2 inputs \(a, b\); edgeslim runners take models "
+        "with exactly one input",
+    ):
         load(str(p), "onnxruntime")

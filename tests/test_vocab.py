@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+
 import numpy as np
 import pytest
 import torch
@@ -13,8 +14,28 @@ from edgeslim.prune import VocabMap, prune_vocabulary
 transformers = pytest.importorskip("transformers")
 
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-WORDS = ["the", "movie", "was", "good", "bad", "great", "awful", "plot", "actors", "not", "very", "boring",
-         "fun", "story", "a", "and", "##s", "##ly", "film", "music"]
+WORDS = [
+    "the",
+    "movie",
+    "was",
+    "good",
+    "bad",
+    "great",
+    "awful",
+    "plot",
+    "actors",
+    "not",
+    "very",
+    "boring",
+    "fun",
+    "story",
+    "a",
+    "and",
+    "##s",
+    "##ly",
+    "film",
+    "music",
+]
 TRAIN = ["the movie was good", "the plot was boring", "a great story and great actors"]
 
 
@@ -32,9 +53,16 @@ def tok(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def bert(tok):
-    cfg = transformers.BertConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                                  intermediate_size=32, max_position_embeddings=32, pad_token_id=0,
-                                  attn_implementation="eager")
+    cfg = transformers.BertConfig(
+        vocab_size=len(tok),
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+        pad_token_id=0,
+        attn_implementation="eager",
+    )
     torch.manual_seed(0)
     return transformers.BertModel(cfg).eval()
 
@@ -116,31 +144,47 @@ def test_onnx_export_of_trimmed_model(bert, tok, tmp_path):
     enc = tok(TRAIN[:1], return_tensors="pt")
     ids = vocab(enc["input_ids"])
     path = tmp_path / "small.onnx"
-    torch.onnx.export(Wrap(small).eval(), (ids, enc["attention_mask"]), str(path), dynamo=False, opset_version=17,
-                      input_names=["input_ids", "attention_mask"])
+    torch.onnx.export(
+        Wrap(small).eval(),
+        (ids, enc["attention_mask"]),
+        str(path),
+        dynamo=False,
+        opset_version=17,
+        input_names=["input_ids", "attention_mask"],
+    )
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = sess.run(None, {"input_ids": ids.numpy(), "attention_mask": enc["attention_mask"].numpy()})[0]
     ref = _run(bert, tok, TRAIN[:1]).numpy()
     assert np.abs(got - ref).max() < 1e-4
 
 
-@pytest.mark.parametrize(("texts", "kwargs", "match"), [
-    ([], {}, "texts is empty"),
-    ("the movie", {}, "not a single string"),
-    (["ok", 3], {}, "must all be strings"),
-    (TRAIN, {"min_count": 0}, "min_count=0"),
-    (TRAIN, {"min_count": 1.5}, "min_count=1.5"),
-    (TRAIN, {"keep": ("zzzz",)}, "'zzzz' is not in"),
-    (TRAIN, {"keep": (10_000,)}, "neither a token string nor an id"),
-])
+@pytest.mark.parametrize(
+    ("texts", "kwargs", "match"),
+    [
+        ([], {}, "texts is empty"),
+        ("the movie", {}, "not a single string"),
+        (["ok", 3], {}, "must all be strings"),
+        (TRAIN, {"min_count": 0}, "min_count=0"),
+        (TRAIN, {"min_count": 1.5}, "min_count=1.5"),
+        (TRAIN, {"keep": ("zzzz",)}, "'zzzz' is not in"),
+        (TRAIN, {"keep": (10_000,)}, "neither a token string nor an id"),
+    ],
+)
 def test_bad_input_is_a_clear_config_error(bert, tok, texts, kwargs, match):
     with pytest.raises(ConfigError, match=match):
         prune_vocabulary(bert, tok, texts, **kwargs)
 
 
 def test_tied_output_embedding_is_refused(tok):
-    cfg = transformers.BertConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                  intermediate_size=32, max_position_embeddings=32, tie_word_embeddings=True)
+    cfg = transformers.BertConfig(
+        vocab_size=len(tok),
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+        tie_word_embeddings=True,
+    )
     mlm = transformers.BertForMaskedLM(cfg).eval()
     with pytest.raises(ModelError, match="tied output layer"):
         prune_vocabulary(mlm, tok, TRAIN)

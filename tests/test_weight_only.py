@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-
 import numpy as np
 import onnx
 import pytest
 import torch
+from tiny import TinyMLP
 
 from edgeslim.core.errors import ConfigError, ExportError, QuantizationError
 from edgeslim.export._weight_only import WeightOnlyConfig, export_weight_only
-from tiny import TinyMLP
 
 
 def _mlp() -> tuple[torch.nn.Module, torch.Tensor]:
@@ -52,10 +51,12 @@ def test_int8_closer_than_int4(tmp_path):
     # one outlier weight per output row (as in real LLM/BERT weights): per-group scales confine it to one group
     with torch.no_grad():
         m.net[1].weight[:, 7] *= 8.0
-    c0 = export_weight_only(m, WeightOnlyConfig(bits=4, group_size=0, min_cosine=0.5), example_inputs=x,
-                            path=tmp_path / "c.onnx")
-    c32 = export_weight_only(m, WeightOnlyConfig(bits=4, group_size=32, min_cosine=0.5), example_inputs=x,
-                             path=tmp_path / "d.onnx")
+    c0 = export_weight_only(
+        m, WeightOnlyConfig(bits=4, group_size=0, min_cosine=0.5), example_inputs=x, path=tmp_path / "c.onnx"
+    )
+    c32 = export_weight_only(
+        m, WeightOnlyConfig(bits=4, group_size=32, min_cosine=0.5), example_inputs=x, path=tmp_path / "d.onnx"
+    )
     assert c32["sqnr_db"] > c0["sqnr_db"] + 3  # smaller groups -> finer scales -> less error
     assert c32["bytes"] > c0["bytes"]  # ... paid for with more scales
 

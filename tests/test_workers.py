@@ -20,8 +20,17 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 TESTS = Path(__file__).resolve().parent
 
 # PTQ only (16 candidates: per-channel x calibration x CLE x bias correction): no training, about a second a trial
-PTQ = Space(target_macs=(0.0,), keep_early_layers=(False,), round_to=1, quantize=(True,),
-            calibration=("minmax", "mse"), calib_samples=128, cheap_trials=2, search_samples=300, latency_runs=20)
+PTQ = Space(
+    target_macs=(0.0,),
+    keep_early_layers=(False,),
+    round_to=1,
+    quantize=(True,),
+    calibration=("minmax", "mse"),
+    calib_samples=128,
+    cheap_trials=2,
+    search_samples=300,
+    latency_runs=20,
+)
 HEARTBEAT = 2  # seconds; a worker silent for 3 heartbeats is taken as dead
 
 
@@ -30,8 +39,13 @@ def _env() -> dict[str, str]:
 
 
 def _cli(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "edgeslim.cli", "optimize", *args], env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "edgeslim.cli", "optimize", *args],
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _start_run(tmp_path: Path, digits_model, url: str, n: int) -> Path:
@@ -43,9 +57,30 @@ def _start_run(tmp_path: Path, digits_model, url: str, n: int) -> Path:
     space = tmp_path / "space.yaml"
     space.write_text(PTQ.to_yaml())
     out = tmp_path / "run"
-    starter = _cli("tiny:TinyCNN", "--weights", str(weights), "--dataset", "digits", "--space", str(space),
-                   "--max-drop", "3", "--threads", "1", "--trials", str(n), "--storage", url, "--out", str(out),
-                   "--heartbeat", str(HEARTBEAT), "--minutes", "0.0001", "--json")
+    starter = _cli(
+        "tiny:TinyCNN",
+        "--weights",
+        str(weights),
+        "--dataset",
+        "digits",
+        "--space",
+        str(space),
+        "--max-drop",
+        "3",
+        "--threads",
+        "1",
+        "--trials",
+        str(n),
+        "--storage",
+        url,
+        "--out",
+        str(out),
+        "--heartbeat",
+        str(HEARTBEAT),
+        "--minutes",
+        "0.0001",
+        "--json",
+    )
     got = _finish(starter)
     assert got["trials"]["complete"] == 0 and got["recipe"]["trial"] is None  # nothing run yet: the input model
     return out
@@ -75,9 +110,12 @@ def _check_study(url: str, n: int) -> list:
     assert len(done) == n  # the shared budget: exactly n, none lost, none run past it
     keys = [json.dumps(t.user_attrs["params"], sort_keys=True) for t in done]
     assert len(set(keys)) == n  # no candidate run twice
-    assert all(t.user_attrs["figures"]["latency_ms"] > 0 and 0 < t.user_attrs["figures"]["accuracy"] <= 1
-               and t.values == [t.user_attrs["figures"]["accuracy"], t.user_attrs["figures"]["latency_ms"]]
-               for t in done)
+    assert all(
+        t.user_attrs["figures"]["latency_ms"] > 0
+        and 0 < t.user_attrs["figures"]["accuracy"] <= 1
+        and t.values == [t.user_attrs["figures"]["accuracy"], t.user_attrs["figures"]["latency_ms"]]
+        for t in done
+    )
     assert not [t for t in trials if t.state.name == "RUNNING"]
     # a trial pruned as a duplicate points at a different trial with the same candidate
     for t in trials:
@@ -119,8 +157,14 @@ def test_a_sigkilled_workers_running_trial_is_picked_up_by_the_other(digits_mode
     while killed is None:
         assert victim.poll() is None, f"the worker ended before it was killed: {victim.communicate()[1][-2000:]}"
         assert time.time() < deadline, "the worker ran no trial within 90 s"
-        running = [t for t in _trials(url) if t.state.name == "RUNNING" and t.user_attrs.get("worker") == me
-                   and "params" in t.user_attrs and "duplicate_of" not in t.user_attrs]
+        running = [
+            t
+            for t in _trials(url)
+            if t.state.name == "RUNNING"
+            and t.user_attrs.get("worker") == me
+            and "params" in t.user_attrs
+            and "duplicate_of" not in t.user_attrs
+        ]
         if running:
             victim.send_signal(signal.SIGSTOP)  # frozen: check the trial is still running, then kill
             still = [t for t in _trials(url) if t.number == running[0].number and t.state.name == "RUNNING"]
@@ -140,14 +184,16 @@ def test_a_sigkilled_workers_running_trial_is_picked_up_by_the_other(digits_mode
     assert retry[0].user_attrs["params"] == killed.user_attrs["params"]
     assert retry[0].user_attrs["worker"] == f"{socket.gethostname()}:{survivor.pid}"
     assert got["trials"]["complete"] == n and got["trials"]["worker_lost"] == [killed.number]
-    row = next(r for r in json.loads((out / "report.json").read_text())["trials"]["rows"]
-               if r["number"] == killed.number)
+    row = next(
+        r for r in json.loads((out / "report.json").read_text())["trials"]["rows"] if r["number"] == killed.number
+    )
     assert row["worker_lost"] is True and row["state"] == "fail"
     assert "stopped answering; re-queued" in (out / "report.md").read_text()
 
 
-def test_storage_that_does_not_answer_is_one_line_exit_2_and_writes_nothing(digits_model, tmp_path, capsys,
-                                                                          monkeypatch):
+def test_storage_that_does_not_answer_is_one_line_exit_2_and_writes_nothing(
+    digits_model, tmp_path, capsys, monkeypatch
+):
     from edgeslim.cli import main
 
     model, *_ = digits_model
@@ -157,8 +203,22 @@ def test_storage_that_does_not_answer_is_one_line_exit_2_and_writes_nothing(digi
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = tmp_path / "run"
-    code = main(["optimize", "tiny:TinyCNN", "--weights", str(weights), "--dataset", "digits", "--trials", "1",
-                 "--storage", f"postgresql://bob:s3cret@127.0.0.1:{port}/opt", "--out", str(out)])
+    code = main(
+        [
+            "optimize",
+            "tiny:TinyCNN",
+            "--weights",
+            str(weights),
+            "--dataset",
+            "digits",
+            "--trials",
+            "1",
+            "--storage",
+            f"postgresql://bob:s3cret@127.0.0.1:{port}/opt",
+            "--out",
+            str(out),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "does not answer" in err and f"postgresql://bob:***@127.0.0.1:{port}/opt" in err and "s3cret" not in err
@@ -174,8 +234,30 @@ def test_worker_and_resume_from_the_record_refuse_what_they_cannot_do(digits_mod
     space.write_text(PTQ.replace(cheap_trials=1).to_yaml())
     monkeypatch.syspath_prepend(str(TESTS))
     out = tmp_path / "run"
-    assert main(["optimize", "tiny:TinyCNN", "--weights", str(weights), "--dataset", "digits", "--space", str(space),
-                 "--target", "jetson-orin-nano", "--max-drop", "3", "--trials", "1", "--out", str(out), "--json"]) == 0
+    assert (
+        main(
+            [
+                "optimize",
+                "tiny:TinyCNN",
+                "--weights",
+                str(weights),
+                "--dataset",
+                "digits",
+                "--space",
+                str(space),
+                "--target",
+                "jetson-orin-nano",
+                "--max-drop",
+                "3",
+                "--trials",
+                "1",
+                "--out",
+                str(out),
+                "--json",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     # a run in its own study.db: no worker can join it
     assert main(["optimize", "--resume", str(out), "--worker"]) == 2

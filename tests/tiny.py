@@ -60,8 +60,13 @@ def trained_tiny_cnn(epochs: int = 15) -> tuple[nn.Module, object, object]:
 
     train, val = load("digits")
     torch.manual_seed(0)
-    res = fit(TinyCNN(), train, val, TrainConfig(epochs=epochs, lr=0.1, batch_size=32, augment=False, warmup_steps=20),
-              progress=False)
+    res = fit(
+        TinyCNN(),
+        train,
+        val,
+        TrainConfig(epochs=epochs, lr=0.1, batch_size=32, augment=False, warmup_steps=20),
+        progress=False,
+    )
     return res.model, train, val
 
 
@@ -146,9 +151,12 @@ class TinyRepeatBN(nn.Module):
     def __init__(self, width: int = 8, num_classes: int = 10) -> None:
         super().__init__()
         self.stem = nn.Conv2d(1, width, 3, padding=1)
-        self.blocks = nn.Sequential(*[
-            nn.Sequential(nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
-            for _ in range(3)])
+        self.blocks = nn.Sequential(
+            *[
+                nn.Sequential(nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+                for _ in range(3)
+            ]
+        )
         self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -167,11 +175,13 @@ class TinyBlocks(nn.Module):
         super().__init__()
         w = width
         self.stem = nn.Sequential(nn.Conv2d(1, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU())
-        self.blocks = nn.Sequential(*[
-            nn.Sequential(nn.Conv2d(w, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU()) for _ in range(2)])
+        self.blocks = nn.Sequential(
+            *[nn.Sequential(nn.Conv2d(w, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU()) for _ in range(2)]
+        )
         self.dw = nn.Sequential(nn.Conv2d(w, w, 3, padding=1, groups=w, bias=False), nn.BatchNorm2d(w), nn.ReLU())
-        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(w, 16), nn.ReLU(),
-                                  nn.Linear(16, num_classes))
+        self.head = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(w, 16), nn.ReLU(), nn.Linear(16, num_classes)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.stem(x)
@@ -252,10 +262,12 @@ class TinySameConv(nn.Module):
 
     def __init__(self, num_classes: int = 10) -> None:
         super().__init__()
-        self.stem = nn.Sequential(SameConv2d(3, 16, 3, stride=2, bias=False, image_size=16), nn.BatchNorm2d(16),
-                                  nn.ReLU6())
-        self.dw = nn.Sequential(SameConv2d(16, 16, 3, groups=16, bias=False, image_size=8), nn.BatchNorm2d(16),
-                                nn.ReLU6())
+        self.stem = nn.Sequential(
+            SameConv2d(3, 16, 3, stride=2, bias=False, image_size=16), nn.BatchNorm2d(16), nn.ReLU6()
+        )
+        self.dw = nn.Sequential(
+            SameConv2d(16, 16, 3, groups=16, bias=False, image_size=8), nn.BatchNorm2d(16), nn.ReLU6()
+        )
         self.pw = nn.Sequential(SameConv2d(16, 16, 1, bias=False, image_size=8), nn.BatchNorm2d(16))
         self.head = nn.Linear(16, num_classes)
 
@@ -301,8 +313,9 @@ class TinyViT(nn.Module):
         self.patch = nn.Conv2d(3, dim, 4, stride=4)
         self.cls = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos = nn.Parameter(torch.randn(1, 17, dim, generator=torch.Generator().manual_seed(0)) * 0.02)
-        layer = nn.TransformerEncoderLayer(dim, 2, 2 * dim, dropout=0.0, activation="gelu", batch_first=True,
-                                           norm_first=True)
+        layer = nn.TransformerEncoderLayer(
+            dim, 2, 2 * dim, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
+        )
         self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)
@@ -322,8 +335,14 @@ def tiny_bert() -> nn.Module:
     weights (nothing downloaded); called with ``input_ids`` and ``attention_mask`` (:func:`tiny_bert_inputs`)."""
     import transformers
 
-    cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                  intermediate_size=64, max_position_embeddings=32)
+    cfg = transformers.BertConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=32,
+    )
     torch.manual_seed(0)
     return transformers.BertModel(cfg).eval()
 

@@ -19,6 +19,7 @@ as subpackages; the sharing verbs ``cluster``, ``tie_layers``, ``factorize`` and
 those load when a verb needs them.
 """
 
+from edgeslim import data, devices, models, share  # noqa: E402  (subpackages users reach as edgeslim.data, ...)
 from edgeslim._version import __version__
 from edgeslim.core.artifact import Artifact
 from edgeslim.core.errors import (
@@ -37,6 +38,7 @@ from edgeslim.distill._config import DistillConfig
 from edgeslim.export._api import ValidationFloors, export
 from edgeslim.pipeline._budget import Budget
 from edgeslim.pipeline._optimize import optimize
+from edgeslim.pipeline._recipe import load, save
 from edgeslim.pipeline._space import Space
 from edgeslim.prune._api import prune
 from edgeslim.prune._config import PruneConfig
@@ -44,6 +46,7 @@ from edgeslim.quantize._api import QuantizedModel, quantize
 from edgeslim.quantize._config import QuantConfig
 from edgeslim.quantize._sensitivity import BudgetConfig
 from edgeslim.report._api import report
+from edgeslim.runtime._measure import measure
 from edgeslim.share import (
     ClusterConfig,
     FactorizeConfig,
@@ -54,17 +57,49 @@ from edgeslim.share import (
     separable,
     tie_layers,
 )
-from edgeslim.runtime._measure import measure
-from edgeslim.pipeline._recipe import load, save
 from edgeslim.train._trainer import TrainConfig
 
-from edgeslim import data, devices, models, share  # noqa: E402  (subpackages users reach as edgeslim.data, ...)
-
 __all__ = [
-    "Artifact", "Budget", "BudgetConfig", "ClusterConfig", "ConfigError", "DataError", "DistillConfig",
-    "EdgeslimError", "ExportError", "FactorizeConfig", "Figure", "Metrics", "ModelError", "OutputExistsError",
-    "PruneConfig", "QuantConfig", "QuantizationError", "QuantizedModel", "RuntimeBackendError", "SeparableConfig",
-    "Space", "TieConfig", "TrainConfig", "ValidationFloors", "__version__", "cluster", "data", "devices", "distill",
-    "export", "factorize", "load", "measure", "models", "optimize", "prune", "quantize", "report", "save",
-    "separable", "share", "tie_layers",
+    "Artifact",
+    "Budget",
+    "BudgetConfig",
+    "ClusterConfig",
+    "ConfigError",
+    "DataError",
+    "DistillConfig",
+    "EdgeslimError",
+    "ExportError",
+    "FactorizeConfig",
+    "Figure",
+    "Metrics",
+    "ModelError",
+    "OutputExistsError",
+    "PruneConfig",
+    "QuantConfig",
+    "QuantizationError",
+    "QuantizedModel",
+    "RuntimeBackendError",
+    "SeparableConfig",
+    "Space",
+    "TieConfig",
+    "TrainConfig",
+    "ValidationFloors",
+    "__version__",
+    "cluster",
+    "data",
+    "devices",
+    "distill",
+    "export",
+    "factorize",
+    "load",
+    "measure",
+    "models",
+    "optimize",
+    "prune",
+    "quantize",
+    "report",
+    "save",
+    "separable",
+    "share",
+    "tie_layers",
 ]

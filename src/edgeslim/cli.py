@@ -109,8 +109,11 @@ def _check_threads(a: argparse.Namespace, threads: tuple[int, ...]) -> None:
     cores = _cores()
     over = [t for t in threads if t > cores]
     if over:
-        _warn(a, f"--threads {','.join(map(str, over))} is more than the {cores} core(s) this process may use: "
-                 "threads beyond the cores oversubscribe the CPU, and their latency says little about the model")
+        _warn(
+            a,
+            f"--threads {','.join(map(str, over))} is more than the {cores} core(s) this process may use: "
+            "threads beyond the cores oversubscribe the CPU, and their latency says little about the model",
+        )
 
 
 def _check_samples(a: argparse.Namespace, asked: int | None, have: int, what: str) -> None:
@@ -222,8 +225,10 @@ def _check_model_data(a: argparse.Namespace, model: Any, val: Any) -> None:
         with torch.no_grad():
             out = model.eval()(val.normalized()[:1])
     except Exception as e:  # a shape mismatch surfaces as RuntimeError deep in torch
-        raise DataError(f"samples of --dataset {a.dataset!r} (shape {tuple(val.input_shape)}) do not fit the model: "
-                        f"{_one_line(str(e))[:200]}") from None
+        raise DataError(
+            f"samples of --dataset {a.dataset!r} (shape {tuple(val.input_shape)}) do not fit the model: "
+            f"{_one_line(str(e))[:200]}"
+        ) from None
     if isinstance(out, torch.Tensor) and out.ndim == 2:
         check_classes(int(out.shape[1]), val, f"model {a.model!r}")
 
@@ -244,11 +249,15 @@ def cmd_train(a: argparse.Namespace) -> None:
     stem = f"{safe_name(a.model)}-{safe_name(a.dataset)}"
     out = _out_dir(a, a.out, (f"{stem}.pt", f"{stem}.json"))
     cfg = TrainConfig(epochs=a.epochs, lr=a.lr, batch_size=a.batch_size, seed=a.seed)
-    rec = train_baseline(a.model, a.dataset, cfg, init=a.init, out=out, force=a.force, progress=not a.json,
-                         device=a.device)
-    _emit(a, {**rec, "checkpoint": str(out / f"{stem}.pt")},
-          f"{a.model} on {a.dataset}: accuracy {rec['accuracy']:.4f} ({rec['train_seconds']} s); wrote "
-          f"{out / f'{stem}.pt'} and .json")
+    rec = train_baseline(
+        a.model, a.dataset, cfg, init=a.init, out=out, force=a.force, progress=not a.json, device=a.device
+    )
+    _emit(
+        a,
+        {**rec, "checkpoint": str(out / f"{stem}.pt")},
+        f"{a.model} on {a.dataset}: accuracy {rec['accuracy']:.4f} ({rec['train_seconds']} s); wrote "
+        f"{out / f'{stem}.pt'} and .json",
+    )
 
 
 def cmd_quantize(a: argparse.Namespace) -> None:
@@ -258,18 +267,28 @@ def cmd_quantize(a: argparse.Namespace) -> None:
 
     out = _out_file(a, a.out)
     if out.suffix not in (".onnx", ".recipe"):
-        raise ConfigError(f"--out {a.out!r}: give an .onnx file (exported and validated; its recipe is written "
-                          "beside it) or a .recipe file (export it later with `edgeslim export`)")
+        raise ConfigError(
+            f"--out {a.out!r}: give an .onnx file (exported and validated; its recipe is written "
+            "beside it) or a .recipe file (export it later with `edgeslim export`)"
+        )
     recipe = _out_file(a, out.with_suffix(".recipe")) if out.suffix == ".onnx" else out
     config_yaml = _out_file(a, out.with_suffix(".config.yaml"))
     _resolve_dataset(a, a.model)
     base = _config(QuantConfig, a.config)
-    changes = {k: v for k, v in {
-        "mode": a.mode, "calibration": a.calibration, "activation_type": a.activation_type,
-        "num_samples": a.samples, "exclude": tuple(a.exclude) if a.exclude else None,
-        "per_channel": False if a.per_tensor else None, "reduce_range": True if a.reduce_range else None,
-        "capture": a.capture,
-    }.items() if v is not None}
+    changes = {
+        k: v
+        for k, v in {
+            "mode": a.mode,
+            "calibration": a.calibration,
+            "activation_type": a.activation_type,
+            "num_samples": a.samples,
+            "exclude": tuple(a.exclude) if a.exclude else None,
+            "per_channel": False if a.per_tensor else None,
+            "reduce_range": True if a.reduce_range else None,
+            "capture": a.capture,
+        }.items()
+        if v is not None
+    }
     cfg = base.replace(**changes)
     model = _load_model(a)
     train, val = _load_data(a)
@@ -286,11 +305,21 @@ def cmd_quantize(a: argparse.Namespace) -> None:
     steps = " -> ".join(s["technique"] for s in q.edgeslim_recipe)
     text = f"{q.report.summary()}\nwrote {recipe} (recipe: {steps}) and {config_yaml} (the QuantConfig)"
     if art is not None:
-        text += (f"\nwrote {art.path} ({art.size_bytes:,} bytes); validation: cosine "
-                 f"{art.validation['cosine']:.4f}, SQNR {art.validation['sqnr_db']:.1f} dB, top-1 agreement "
-                 f"{art.validation['top1_agreement']:.3f}")
-    _emit(a, {"artifact": art.to_dict() if art else None, "recipe": str(recipe), "steps": steps.split(" -> "),
-              "quantize": q.report.to_dict()}, text)
+        text += (
+            f"\nwrote {art.path} ({art.size_bytes:,} bytes); validation: cosine "
+            f"{art.validation['cosine']:.4f}, SQNR {art.validation['sqnr_db']:.1f} dB, top-1 agreement "
+            f"{art.validation['top1_agreement']:.3f}"
+        )
+    _emit(
+        a,
+        {
+            "artifact": art.to_dict() if art else None,
+            "recipe": str(recipe),
+            "steps": steps.split(" -> "),
+            "quantize": q.report.to_dict(),
+        },
+        text,
+    )
 
 
 def cmd_prune(a: argparse.Namespace) -> None:
@@ -302,11 +331,21 @@ def cmd_prune(a: argparse.Namespace) -> None:
     out = _out_file(a, a.out) if to_recipe else _out_dir(a, a.out, (f"{name}.json", f"{name}.pt"))
     _resolve_dataset(a, a.model)
     base = _config(PruneConfig, a.config)
-    changes = {k: v for k, v in {
-        "method": a.method, "ratio": a.ratio, "target_macs": a.target_macs, "importance": a.importance,
-        "scope": a.scope, "round_to": a.round_to, "heads_ratio": a.heads_ratio,
-        "exclude": tuple(a.ignore) if a.ignore else None, "recalibrate_bn": a.recalibrate_bn,
-    }.items() if v is not None}
+    changes = {
+        k: v
+        for k, v in {
+            "method": a.method,
+            "ratio": a.ratio,
+            "target_macs": a.target_macs,
+            "importance": a.importance,
+            "scope": a.scope,
+            "round_to": a.round_to,
+            "heads_ratio": a.heads_ratio,
+            "exclude": tuple(a.ignore) if a.ignore else None,
+            "recalibrate_bn": a.recalibrate_bn,
+        }.items()
+        if v is not None
+    }
     if a.ratio is not None and a.target_macs is None:
         changes["target_macs"] = None  # --ratio alone prunes by ratio, even if the YAML set target_macs
     cfg = base.replace(**changes)
@@ -318,26 +357,45 @@ def cmd_prune(a: argparse.Namespace) -> None:
     if to_recipe:
         _save_model(a, p, out)
         steps = [s["technique"] for s in p.edgeslim_recipe]
-        _emit(a, {"report": rep.to_dict(), "config": cfg.to_dict(), "recipe": str(out), "steps": steps},
-              f"{_prune_table(rep)}\n{rep.summary()}\nwrote {out} (recipe: {' -> '.join(steps)}; reload: "
-              f"edgeslim.load({str(out)!r}))\nfine-tune before use: pruned weights lose accuracy until retrained")
+        _emit(
+            a,
+            {"report": rep.to_dict(), "config": cfg.to_dict(), "recipe": str(out), "steps": steps},
+            f"{_prune_table(rep)}\n{rep.summary()}\nwrote {out} (recipe: {' -> '.join(steps)}; reload: "
+            f"edgeslim.load({str(out)!r}))\nfine-tune before use: pruned weights lose accuracy until retrained",
+        )
         return
-    _warn(a, f"--out {a.out!r} is a folder: the <model>-pruned.json/.pt pair is deprecated; give --out NAME.recipe "
-             "(one file that `edgeslim quantize/export/measure` take as the model)")
+    _warn(
+        a,
+        f"--out {a.out!r} is a folder: the <model>-pruned.json/.pt pair is deprecated; give --out NAME.recipe "
+        "(one file that `edgeslim quantize/export/measure` take as the model)",
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         js, pt = save_pruned(p, out / name, force=a.force)
-    _emit(a, {"report": rep.to_dict(), "config": cfg.to_dict(), "recipe": str(js), "weights": str(pt)},
-          f"{_prune_table(rep)}\n{rep.summary()}\nwrote {js} and {pt} (reload: edgeslim.prune.load_pruned(<fresh model>, "
-          f"{str(js.with_suffix(''))!r}))\nfine-tune before use: pruned weights lose accuracy until retrained")
+    _emit(
+        a,
+        {"report": rep.to_dict(), "config": cfg.to_dict(), "recipe": str(js), "weights": str(pt)},
+        f"{_prune_table(rep)}\n{rep.summary()}\nwrote {js} and {pt} (reload: edgeslim.prune.load_pruned(<fresh model>, "
+        f"{str(js.with_suffix(''))!r}))\nfine-tune before use: pruned weights lose accuracy until retrained",
+    )
 
 
 def _prune_table(rep: Any) -> str:
-    rows = [("", "before", "after", "ratio"),
-            ("params", f"{rep.params_before:,}", f"{rep.params_after:,}",
-             f"{rep.params_after / rep.params_before:.3f}" if rep.params_before else "-"),
-            ("MACs", f"{rep.macs_before:,}", f"{rep.macs_after:,}",
-             f"{rep.macs_after / rep.macs_before:.3f}" if rep.macs_before else "-")]
+    rows = [
+        ("", "before", "after", "ratio"),
+        (
+            "params",
+            f"{rep.params_before:,}",
+            f"{rep.params_after:,}",
+            f"{rep.params_after / rep.params_before:.3f}" if rep.params_before else "-",
+        ),
+        (
+            "MACs",
+            f"{rep.macs_before:,}",
+            f"{rep.macs_after:,}",
+            f"{rep.macs_after / rep.macs_before:.3f}" if rep.macs_before else "-",
+        ),
+    ]
     w = [max(len(r[i]) for r in rows) for i in range(4)]
     return "\n".join("  ".join(c.rjust(w[i]) if i else c.ljust(w[i]) for i, c in enumerate(r)) for r in rows)
 
@@ -352,8 +410,12 @@ def cmd_export(a: argparse.Namespace) -> None:
     _check_model_data(a, model, val)
     art = export(model, "onnx", example_inputs=val, path=out, precision=a.precision, force=a.force)
     _validation_note(a, art)
-    _emit(a, art.to_dict(), f"wrote {art.path} ({art.precision}, {art.size_bytes:,} bytes); validation: "
-          f"cosine {art.validation['cosine']:.6f}, top-1 agreement {art.validation['top1_agreement']:.3f}")
+    _emit(
+        a,
+        art.to_dict(),
+        f"wrote {art.path} ({art.precision}, {art.size_bytes:,} bytes); validation: "
+        f"cosine {art.validation['cosine']:.6f}, top-1 agreement {art.validation['top1_agreement']:.3f}",
+    )
 
 
 def _is_artifact(target: str) -> bool:
@@ -372,8 +434,10 @@ def _check_save(a: argparse.Namespace) -> Path | None:
     rec_of = p.with_name(p.name[: -len(".json")]) if p.name.endswith(".json") else None
     if p.suffix in SUFFIX_FORMATS or (rec_of is not None and rec_of.suffix in SUFFIX_FORMATS):
         what = f"the record of the artifact {rec_of.name!r}" if rec_of is not None else "an artifact file name"
-        raise ConfigError(f"--save {str(p)!r} is {what}; measure needs that file to know the artifact: save the "
-                          "metrics under another name, e.g. metrics.json")
+        raise ConfigError(
+            f"--save {str(p)!r} is {what}; measure needs that file to know the artifact: save the "
+            "metrics under another name, e.g. metrics.json"
+        )
     if _is_artifact(a.target) and p.resolve() == Path(a.target).resolve():
         raise ConfigError(f"--save {str(p)!r} is the artifact being measured")
     return _out_file(a, p, "--save")
@@ -388,11 +452,21 @@ def _runtime_stages(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if r.get("status") != "ok":
             continue
         t = r["threads"]
-        m = Metrics(f"{r['label']} ({r['runtime']})" if r["label"] != r["runtime"] else r["runtime"], context={
-            "runtime": r["runtime"], "runtime_version": r.get("runtime_version"), "host": r.get("host"),
-            "target": {"format": r.get("format"), "precision": r.get("precision"), "path": r.get("path")},
-            "threads": [t], "batch_sizes": [1], "accuracy_samples": r.get("samples")})
-        how = f"measured on {r.get('describe', r['runtime'])}, batch 1, {r.get('runs')} interleaved runs, {r.get('host')}"
+        m = Metrics(
+            f"{r['label']} ({r['runtime']})" if r["label"] != r["runtime"] else r["runtime"],
+            context={
+                "runtime": r["runtime"],
+                "runtime_version": r.get("runtime_version"),
+                "host": r.get("host"),
+                "target": {"format": r.get("format"), "precision": r.get("precision"), "path": r.get("path")},
+                "threads": [t],
+                "batch_sizes": [1],
+                "accuracy_samples": r.get("samples"),
+            },
+        )
+        how = (
+            f"measured on {r.get('describe', r['runtime'])}, batch 1, {r.get('runs')} interleaved runs, {r.get('host')}"
+        )
         m.add("accuracy", r["accuracy"], "fraction", "measured", f"top-1 on {r.get('samples')} samples; {how}")
         for p in ("p50", "p90", "p99"):
             m.add(f"latency_{p}_ms@t{t}b1", r[f"{p}_ms"], "ms", "measured", how)
@@ -437,8 +511,16 @@ def cmd_measure(a: argparse.Namespace) -> None:
         _check_samples(a, a.samples, len(val), f"validation samples of {a.dataset}")
         if a.samples:
             val = val.take(a.samples, seed=0)
-    m = measure(target, data=val, runtime=runtime, threads=a.threads, batch_sizes=a.batch, runs=a.runs,
-                label=a.label or str(a.target), input_shape=a.input_shape)
+    m = measure(
+        target,
+        data=val,
+        runtime=runtime,
+        threads=a.threads,
+        batch_sizes=a.batch,
+        runs=a.runs,
+        label=a.label or str(a.target),
+        input_shape=a.input_shape,
+    )
     if a.device:
         from edgeslim.devices import add_device_predictions
 
@@ -471,13 +553,26 @@ def _measure_all(a: argparse.Namespace, save: Path | None) -> None:
         a.model = a.target
         target = _load_model(a)
         _check_model_data(a, target, val)
-    rows = measure_all_runtimes(target, data=val, calib=train, precision=a.precision, reference=reference,
-                                threads=a.threads[0], runs=a.runs, peak_memory=not a.no_memory,
-                                artifacts_dir=a.artifacts, name=Path(a.target).name)
+    rows = measure_all_runtimes(
+        target,
+        data=val,
+        calib=train,
+        precision=a.precision,
+        reference=reference,
+        threads=a.threads[0],
+        runs=a.runs,
+        peak_memory=not a.no_memory,
+        artifacts_dir=a.artifacts,
+        name=Path(a.target).name,
+    )
     if save:
         write_json(save, {"rows": rows, "stages": _runtime_stages(rows)}, force=a.force)
-    _emit(a, {"rows": rows}, render_rows(rows) + f"\n{len(val)} samples of {val.name}/{val.split}; latency at "
-          f"batch 1, {a.threads[0]} thread(s), interleaved rounds on host {rows[0].get('host', '?')}")
+    _emit(
+        a,
+        {"rows": rows},
+        render_rows(rows) + f"\n{len(val)} samples of {val.name}/{val.split}; latency at "
+        f"batch 1, {a.threads[0]} thread(s), interleaved rounds on host {rows[0].get('host', '?')}",
+    )
 
 
 def _read_stages(f: str) -> list[Any]:
@@ -491,16 +586,21 @@ def _read_stages(f: str) -> list[Any]:
         d = json.loads(p.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ConfigError(f"metrics file {f!r} is not readable JSON: {type(e).__name__}") from None
-    items = d["stages"] if isinstance(d, dict) and isinstance(d.get("stages"), list) else (
-        d if isinstance(d, list) else [d])
+    items = (
+        d["stages"]
+        if isinstance(d, dict) and isinstance(d.get("stages"), list)
+        else (d if isinstance(d, list) else [d])
+    )
     out = []
     for i, s in enumerate(items):
         try:
             out.append(Metrics.from_dict(s))
         except (AttributeError, KeyError, TypeError, ValueError):
             where = f" (entry {i})" if len(items) > 1 else ""
-            raise ConfigError(f"metrics file {f!r}{where} is not a saved Metrics JSON (label, figures, context); "
-                              "write one with `edgeslim measure ... --save`") from None
+            raise ConfigError(
+                f"metrics file {f!r}{where} is not a saved Metrics JSON (label, figures, context); "
+                "write one with `edgeslim measure ... --save`"
+            ) from None
     if not out:
         raise ConfigError(f"metrics file {f!r} holds no measured stages")
     return out
@@ -512,8 +612,11 @@ def cmd_report(a: argparse.Namespace) -> None:
     out = _out_dir(a, a.out, ("report.json", "report.md", "report.html"))
     stages = [s for f in a.metrics for s in _read_stages(f)]
     paths = report(stages, out, title=a.title, force=a.force)
-    _emit(a, {k: str(v) for k, v in paths.items()}, render_table(stages) + "\n" +
-          "\n".join(f"wrote {v}" for v in paths.values()))
+    _emit(
+        a,
+        {k: str(v) for k, v in paths.items()},
+        render_table(stages) + "\n" + "\n".join(f"wrote {v}" for v in paths.values()),
+    )
 
 
 def cmd_demo(a: argparse.Namespace) -> None:
@@ -523,31 +626,60 @@ def cmd_demo(a: argparse.Namespace) -> None:
     _out_dir(a, a.out, (f"{a.model}-fp32.onnx", f"{a.model}-int8.onnx", "report.json", "report.md", "report.html"))
     _check_threads(a, a.threads)
     res = run_demo(a.model, a.dataset, a.out, threads=a.threads, eval_samples=a.samples, runs=a.runs, force=a.force)
-    text = (render_table(res["stages"]) + "\n\n" + "\n".join(res["notes"]) + "\n\n"
-            + "\n".join(f"wrote {v}" for v in res["report"].values()) + f"\ndemo took {res['seconds']} s")
-    _emit(a, {"stages": [s.to_dict() for s in res["stages"]], "report": {k: str(v) for k, v in res["report"].items()},
-              "notes": res["notes"], "seconds": res["seconds"]}, text)
+    text = (
+        render_table(res["stages"])
+        + "\n\n"
+        + "\n".join(res["notes"])
+        + "\n\n"
+        + "\n".join(f"wrote {v}" for v in res["report"].values())
+        + f"\ndemo took {res['seconds']} s"
+    )
+    _emit(
+        a,
+        {
+            "stages": [s.to_dict() for s in res["stages"]],
+            "report": {k: str(v) for k, v in res["report"].items()},
+            "notes": res["notes"],
+            "seconds": res["seconds"],
+        },
+        text,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- parser
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="zoo name (small_cnn, mobilenet_v2, resnet18), a .recipe file written by an earlier "
-                   "command (its steps are replayed), an .onnx file (quantized on its graph), or "
-                   "'package.module:function' (imports that module and calls the function: it runs your code)")
-    p.add_argument("--dataset", default=None, help="dataset name or folder:<path> (default: a recipe's own dataset, "
-                   "else fashion-mnist)")
-    p.add_argument("--base", help="with a .recipe made from your own code: the 'package.module:function' to replay it "
-                   "on (runs your code; edgeslim never runs code because a file names it)")
+    p.add_argument(
+        "model",
+        help="zoo name (small_cnn, mobilenet_v2, resnet18), a .recipe file written by an earlier "
+        "command (its steps are replayed), an .onnx file (quantized on its graph), or "
+        "'package.module:function' (imports that module and calls the function: it runs your code)",
+    )
+    p.add_argument(
+        "--dataset",
+        default=None,
+        help="dataset name or folder:<path> (default: a recipe's own dataset, else fashion-mnist)",
+    )
+    p.add_argument(
+        "--base",
+        help="with a .recipe made from your own code: the 'package.module:function' to replay it "
+        "on (runs your code; edgeslim never runs code because a file names it)",
+    )
     p.add_argument("--weights", help="state_dict file to load (read with weights_only=True)")
-    p.add_argument("--no-pretrained", action="store_true", help="random initialisation instead of the shipped checkpoint")
+    p.add_argument(
+        "--no-pretrained", action="store_true", help="random initialisation instead of the shipped checkpoint"
+    )
 
 
 def _global_flags(p: argparse.ArgumentParser, default: Any) -> None:
     p.add_argument("-v", "--verbose", action="store_true", default=default, help="log progress at INFO level")
-    p.add_argument("--json", action="store_true", default=default,
-                   help="print machine-readable JSON (errors too: {\"error\": ..., \"message\": ...})")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        default=default,
+        help='print machine-readable JSON (errors too: {"error": ..., "message": ...})',
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -573,9 +705,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=_positive, default=128)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default="cpu", help="where the training steps run: cpu (default) or cuda")
-    t.add_argument("--out", default="edgeslim-checkpoints",
-                   help="checkpoint folder (default: edgeslim-checkpoints in the working folder); files are named "
-                        "<model>-<dataset>.pt/.json and always written inside it")
+    t.add_argument(
+        "--out",
+        default="edgeslim-checkpoints",
+        help="checkpoint folder (default: edgeslim-checkpoints in the working folder); files are named "
+        "<model>-<dataset>.pt/.json and always written inside it",
+    )
     t.add_argument("--force", action="store_true", help="overwrite an existing checkpoint")
 
     q = add("quantize", cmd_quantize, "quantize a model with calibration data and export the INT8 ONNX artifact")
@@ -584,16 +719,23 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--mode", choices=["static", "dynamic", "fp16"])
     q.add_argument("--calibration", help="minmax, percentile, entropy or mse")
     q.add_argument("--activation-type", choices=["uint8", "int8"])
-    q.add_argument("--capture", choices=["auto", "fx", "onnx"],
-                   help="how the model's operations are found: fx (torch graph: needed by AdaRound, bias correction, "
-                        "QAT), onnx (the exported ONNX graph: sees functional convs, attention, HF models; an .onnx "
-                        "model always), auto (default: fx when it covers >= 90%% of the MACs)")
+    q.add_argument(
+        "--capture",
+        choices=["auto", "fx", "onnx"],
+        help="how the model's operations are found: fx (torch graph: needed by AdaRound, bias correction, "
+        "QAT), onnx (the exported ONNX graph: sees functional convs, attention, HF models; an .onnx "
+        "model always), auto (default: fx when it covers >= 90%% of the MACs)",
+    )
     q.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor instead of per channel")
     q.add_argument("--reduce-range", action="store_true", help="7-bit weights (no int16 saturation on AVX2)")
     q.add_argument("--samples", type=_positive, help="calibration samples (default 512)")
     q.add_argument("--exclude", action="append", help="module name or pattern kept in float (repeatable)")
-    q.add_argument("--out", required=True, help="output .onnx file (exported and validated; NAME.recipe and "
-                   "NAME.config.yaml are written beside it) or a .recipe file (no export)")
+    q.add_argument(
+        "--out",
+        required=True,
+        help="output .onnx file (exported and validated; NAME.recipe and "
+        "NAME.config.yaml are written beside it) or a .recipe file (no export)",
+    )
     q.add_argument("--force", action="store_true", help="overwrite an existing output")
 
     pr = add("prune", cmd_prune, "prune a model (channel: physically smaller) and save its recipe + state_dict")
@@ -607,17 +749,28 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--round-to", type=_positive, help="kept channel counts are multiples of this (default 8)")
     pr.add_argument("--heads-ratio", type=float, help="fraction of attention heads removed (transformers)")
     pr.add_argument("--ignore", action="append", help="module-name glob left unpruned (repeatable)")
-    pr.add_argument("--recalibrate-bn", type=int, metavar="N",  # PruneConfig.recalibrate_bn says what is allowed
-                    help="re-estimate BatchNorm statistics on N training images after pruning (0: off, the default)")
-    pr.add_argument("--out", required=True, help="output NAME.recipe (one file: the steps so far + weights; the "
-                    "model argument of quantize/export/measure/prune), or a folder for the deprecated "
-                    "<model>-pruned.json/.pt pair")
+    pr.add_argument(
+        "--recalibrate-bn",
+        type=int,
+        metavar="N",  # PruneConfig.recalibrate_bn says what is allowed
+        help="re-estimate BatchNorm statistics on N training images after pruning (0: off, the default)",
+    )
+    pr.add_argument(
+        "--out",
+        required=True,
+        help="output NAME.recipe (one file: the steps so far + weights; the "
+        "model argument of quantize/export/measure/prune), or a folder for the deprecated "
+        "<model>-pruned.json/.pt pair",
+    )
     pr.add_argument("--force", action="store_true", help="overwrite existing outputs")
 
     e = add("export", cmd_export, "export a float model to ONNX (validated against torch)")
     _model_args(e)
-    e.add_argument("--precision", choices=["fp32", "fp16"],
-                   help="a float model's precision (default fp32); a quantized recipe exports at its own")
+    e.add_argument(
+        "--precision",
+        choices=["fp32", "fp16"],
+        help="a float model's precision (default fp32); a quantized recipe exports at its own",
+    )
     e.add_argument("--out", required=True, help="output .onnx file")
     e.add_argument("--force", action="store_true")
 
@@ -626,10 +779,17 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--dataset", default=None, help="default: a recipe's own dataset, else fashion-mnist")
     m.add_argument("--weights")
     m.add_argument("--no-pretrained", action="store_true")
-    m.add_argument("--runtime", help="onnxruntime (default for .onnx), torch (default for models), openvino, litert, "
-                   "executorch, or 'all': every runtime side by side in one table (models are exported for each)")
-    m.add_argument("--precision", choices=["fp32", "int8"], default="fp32",
-                   help="with --runtime all and a model: fp32, or int8 (edgeslim PTQ on the training split first)")
+    m.add_argument(
+        "--runtime",
+        help="onnxruntime (default for .onnx), torch (default for models), openvino, litert, "
+        "executorch, or 'all': every runtime side by side in one table (models are exported for each)",
+    )
+    m.add_argument(
+        "--precision",
+        choices=["fp32", "int8"],
+        default="fp32",
+        help="with --runtime all and a model: fp32, or int8 (edgeslim PTQ on the training split first)",
+    )
     m.add_argument("--reference", help="with --runtime all and an artifact: the zoo model to measure agreement against")
     m.add_argument("--artifacts", help="with --runtime all and a model: keep the exported files in this folder")
     m.add_argument("--no-memory", action="store_true", help="with --runtime all: skip the peak-memory child processes")
@@ -638,14 +798,21 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--runs", type=_positive, default=100)
     m.add_argument("--samples", type=_positive, help="evaluate accuracy on this many validation samples")
     m.add_argument("--no-data", action="store_true", help="latency on zeros, no accuracy")
-    m.add_argument("--input-shape", type=_ints, metavar="C,H,W",
-                   help="one sample's shape, for an .onnx file whose input shape is not fixed (dynamic rank or "
-                        "symbolic sizes), e.g. 3,224,224")
+    m.add_argument(
+        "--input-shape",
+        type=_ints,
+        metavar="C,H,W",
+        help="one sample's shape, for an .onnx file whose input shape is not fixed (dynamic rank or "
+        "symbolic sizes), e.g. 3,224,224",
+    )
     m.add_argument("--label")
     m.add_argument("--save", help="write the metrics JSON here (input for `edgeslim report`)")
     m.add_argument("--force", action="store_true")
-    m.add_argument("--device", action="append",
-                   help="also print figures predicted for this device profile (repeatable), e.g. raspberry-pi-4")
+    m.add_argument(
+        "--device",
+        action="append",
+        help="also print figures predicted for this device profile (repeatable), e.g. raspberry-pi-4",
+    )
 
     r = add("report", cmd_report, "write a JSON/Markdown/HTML report from saved metrics, in pipeline order")
     r.add_argument("metrics", nargs="+", help="metrics JSON files written by `edgeslim measure --save`")
@@ -656,8 +823,10 @@ def build_parser() -> argparse.ArgumentParser:
     from edgeslim.pipeline._cli import add_optimize_parser
 
     o = add_optimize_parser(sub, add)
-    o.set_defaults(on_interrupt="interrupted; the finished trials are kept in the run store: the same command "
-                                "resumes where it stopped")
+    o.set_defaults(
+        on_interrupt="interrupted; the finished trials are kept in the run store: the same command "
+        "resumes where it stopped"
+    )
 
     d = add("demo", cmd_demo, "baseline -> INT8 PTQ -> export -> validate -> measure -> report, on a shipped model")
     d.add_argument("--model", default="mobilenet_v2")
@@ -694,7 +863,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         return int(e.code) if isinstance(e.code, int) else EXIT_ERROR
     a.warnings = []
-    logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if a.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     prog = f"edgeslim {a.command}"
 
     def on_sigint(signum: int, frame: Any) -> None:
@@ -719,7 +890,7 @@ def main(argv: list[str] | None = None) -> int:
         _fail(prog, type(e).__name__, str(e))
         return EXIT_ERROR
     except BrokenPipeError:  # the reader of stdout went away (e.g. `| head`): nothing left to say
-        sys.stdout = open(os.devnull, "w")
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - stdout for the rest of this process
         return 141
     except OSError as e:  # the file system said no (disk full, permissions) while writing or reading
         if _STATE["interrupted"] or _caused_by_interrupt(e):

@@ -77,8 +77,10 @@ class Artifact:
         if p.suffix != ".onnx":
             fmt = SUFFIX_FORMATS.get(p.suffix)
             if fmt is None:
-                raise ExportError(f"cannot tell the format of {str(p)!r}: no record beside it and its suffix is not "
-                                  f"one of {', '.join(SUFFIX_FORMATS)}")
+                raise ExportError(
+                    f"cannot tell the format of {str(p)!r}: no record beside it and its suffix is not "
+                    f"one of {', '.join(SUFFIX_FORMATS)}"
+                )
             # without a record only the format is known; the precision and input shape are not
             return cls(p, fmt, "unknown", ())
         m = load_onnx(p, load_external_data=False)
@@ -90,8 +92,11 @@ class Artifact:
         if not all(d > 0 for d in dims):
             dims = []
         ops = {n.op_type for n in m.graph.node}
-        precision = "int8" if "QuantizeLinear" in ops or "QLinearConv" in ops else (
-            "int8-dynamic" if "DynamicQuantizeLinear" in ops else "fp32")
+        precision = (
+            "int8"
+            if "QuantizeLinear" in ops or "QLinearConv" in ops
+            else ("int8-dynamic" if "DynamicQuantizeLinear" in ops else "fp32")
+        )
         return cls(p, "onnx", precision, tuple(dims))
 
     @classmethod
@@ -100,19 +105,25 @@ class Artifact:
         try:
             d = json.loads(rec.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ExportError(f"the record {str(rec)!r} beside {p.name!r} is not readable JSON ({type(e).__name__}); "
-                              "move or delete it to measure the file without it") from None
+            raise ExportError(
+                f"the record {str(rec)!r} beside {p.name!r} is not readable JSON ({type(e).__name__}); "
+                "move or delete it to measure the file without it"
+            ) from None
         if not isinstance(d, dict) or not {"format", "precision", "input_shape"} <= set(d) or set(d) - names:
             what = f"keys {shown(sorted(d)[:8])}" if isinstance(d, dict) else f"a {type(d).__name__}"
-            raise ExportError(f"the record {str(rec)!r} beside {p.name!r} is not an artifact record (it has {what}; an "
-                              f"artifact record has {', '.join(sorted(names))}); it may be a metrics file saved over "
-                              "it: move or delete it to measure the file without it")
+            raise ExportError(
+                f"the record {str(rec)!r} beside {p.name!r} is not an artifact record (it has {what}; an "
+                f"artifact record has {', '.join(sorted(names))}); it may be a metrics file saved over "
+                "it: move or delete it to measure the file without it"
+            )
         d["path"] = p
         try:
             return cls(**d)
         except (TypeError, ValueError) as e:
-            raise ExportError(f"the record {str(rec)!r} beside {p.name!r} has a bad value: {shown(str(e))}; move or "
-                              "delete it to measure the file without it") from None
+            raise ExportError(
+                f"the record {str(rec)!r} beside {p.name!r} has a bad value: {shown(str(e))}; move or "
+                "delete it to measure the file without it"
+            ) from None
 
 
 def load_onnx(path: str | Path, *, load_external_data: bool = True) -> Any:
@@ -122,5 +133,7 @@ def load_onnx(path: str | Path, *, load_external_data: bool = True) -> Any:
     try:
         return onnx.load(str(path), load_external_data=load_external_data)
     except Exception as e:  # protobuf DecodeError, onnx's own errors, a missing external-data file ...
-        raise ModelError(f"{str(path)!r} is not a readable ONNX model (truncated, corrupt or not ONNX): "
-                         f"{type(e).__name__}: {shown(str(e).splitlines()[0] if str(e) else '', 120)}") from None
+        raise ModelError(
+            f"{str(path)!r} is not a readable ONNX model (truncated, corrupt or not ONNX): "
+            f"{type(e).__name__}: {shown(str(e).splitlines()[0] if str(e) else '', 120)}"
+        ) from None

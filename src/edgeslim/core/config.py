@@ -136,13 +136,18 @@ class Config:
             source = str(text_or_path)
             p = Path(text_or_path)
             if not p.is_file():
-                raise ConfigError(f"config file {source!r} does not exist" if not p.exists() else
-                                  f"config file {source!r} is not a file")
+                raise ConfigError(
+                    f"config file {source!r} does not exist"
+                    if not p.exists()
+                    else f"config file {source!r} is not a file"
+                )
             try:
                 text = p.read_text(encoding="utf-8")
             except (OSError, UnicodeDecodeError) as e:
-                raise ConfigError(f"cannot read config file {source!r}: {type(e).__name__}: "
-                                  f"{str(e).splitlines()[0] if str(e) else ''}") from None
+                raise ConfigError(
+                    f"cannot read config file {source!r}: {type(e).__name__}: "
+                    f"{str(e).splitlines()[0] if str(e) else ''}"
+                ) from None
         data = load_yaml(text, source=source or f"{cls.__name__} YAML") or {}
         if isinstance(data, dict) and list(data) == [cls.kind]:
             data = data[cls.kind] or {}
@@ -197,14 +202,18 @@ def load_yaml(text: str, *, source: str = "YAML", max_nodes: int = MAX_YAML_NODE
             return None
         n = _expanded_size(node, {}, max_nodes)
         if n > max_nodes:
-            raise ConfigError(f"{source}: the YAML expands to more than {max_nodes:,} values once its aliases (*name) "
-                              "are expanded; a config is far smaller (refused before it is built)")
+            raise ConfigError(
+                f"{source}: the YAML expands to more than {max_nodes:,} values once its aliases (*name) "
+                "are expanded; a config is far smaller (refused before it is built)"
+            )
         return loader.construct_document(node)
     except yaml.constructor.ConstructorError as e:
         problem = " ".join(str(e.problem or "").split())
         if "constructor for the tag" in problem:
-            problem = (f"the tag {problem.split('tag', 1)[1].strip()} is not allowed: configs are plain YAML data "
-                       "(mappings, lists, strings, numbers, booleans)")
+            problem = (
+                f"the tag {problem.split('tag', 1)[1].strip()} is not allowed: configs are plain YAML data "
+                "(mappings, lists, strings, numbers, booleans)"
+            )
         raise ConfigError(f"{source}{where(e.problem_mark)}: {problem}") from None
     except yaml.MarkedYAMLError as e:
         problem = " ".join(str(e.problem or e.context or "malformed YAML").split())
@@ -254,8 +263,11 @@ def _describe(hint: Any) -> str:
     if origin in (typing.Union, types.UnionType):
         return " or ".join("null" if a is type(None) else _describe(a) for a in args)
     if origin is tuple:
-        return f"a list of {_describe(args[0])}" if len(args) == 2 and args[1] is Ellipsis else (
-            f"a list of {len(args)} values")
+        return (
+            f"a list of {_describe(args[0])}"
+            if len(args) == 2 and args[1] is Ellipsis
+            else (f"a list of {len(args)} values")
+        )
     if origin is dict or hint is dict:
         return "a mapping" + (f" of {_describe(args[0])} to {_describe(args[1])}" if args else "")
     return str(hint)
@@ -326,8 +338,9 @@ def _checked(cls_name: str, field: str, hint: Any, value: Any) -> Any:
     except _Mismatch:
         size = len(value) if isinstance(value, (list, tuple, Mapping)) else 0
         extra = f" (it has {size:,} entries; at most {MAX_ITEMS:,} are allowed)" if size > MAX_ITEMS else ""
-        raise ConfigError(f"{cls_name}.{field}={shown(value)} is not allowed; expected {_describe(hint)}{extra}") \
-            from None
+        raise ConfigError(
+            f"{cls_name}.{field}={shown(value)} is not allowed; expected {_describe(hint)}{extra}"
+        ) from None
     except RecursionError:
         raise ConfigError(f"{cls_name}.{field} is nested too deeply") from None
 
@@ -353,8 +366,11 @@ def _merge_renamed(cfg: Config) -> None:
         value = getattr(cfg, f.name)
         if not new or value == f.default:
             continue
-        warnings.warn(f"{type(cfg).__name__}.{f.name} is deprecated; use {new}= (the same values)", DeprecationWarning,
-                      stacklevel=4)
+        warnings.warn(
+            f"{type(cfg).__name__}.{f.name} is deprecated; use {new}= (the same values)",
+            DeprecationWarning,
+            stacklevel=4,
+        )
         current = getattr(cfg, new)
         merged = tuple(current) + tuple(v for v in value if v not in current) if isinstance(value, tuple) else value
         object.__setattr__(cfg, new, merged)

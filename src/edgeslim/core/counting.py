@@ -54,9 +54,8 @@ def _sdpa_flops(query_shape: Any, key_shape: Any, value_shape: Any, *args: Any, 
 def _extra_formulas() -> dict[Any, Any]:
     """Flop formulas for attention kernels ``torch.utils.flop_counter`` does not know (CPU SDPA)."""
     aten = torch.ops.aten
-    ops = [getattr(aten, name) for name in ("_scaled_dot_product_flash_attention_for_cpu",)
-           if hasattr(aten, name)]
-    return {op: _sdpa_flops for op in ops}
+    ops = [getattr(aten, name) for name in ("_scaled_dot_product_flash_attention_for_cpu",) if hasattr(aten, name)]
+    return dict.fromkeys(ops, _sdpa_flops)
 
 
 @contextlib.contextmanager
@@ -90,15 +89,19 @@ def count_macs(model: nn.Module, example_inputs: Any) -> int:
     was = model.training
     model.eval()
     try:
-        with torch.no_grad(), _no_fused_attention(), \
-                FlopCounterMode(display=False, custom_mapping=_extra_formulas()) as fc:
+        with (
+            torch.no_grad(),
+            _no_fused_attention(),
+            FlopCounterMode(display=False, custom_mapping=_extra_formulas()) as fc,
+        ):
             call(model, first_sample(example_inputs))
     except EdgeslimError:
         raise
     except Exception as e:  # noqa: BLE001 - any failure of the user's forward becomes one clear line
         msg = str(e).splitlines()[0][:300] if str(e) else ""
-        raise ModelError(f"cannot count the MACs of {type(model).__name__}: its forward pass failed "
-                         f"({type(e).__name__}: {msg})") from e
+        raise ModelError(
+            f"cannot count the MACs of {type(model).__name__}: its forward pass failed ({type(e).__name__}: {msg})"
+        ) from e
     finally:
         model.train(was)
     return int(fc.get_total_flops() // 2)

@@ -122,8 +122,10 @@ def _publish(tmp: Path, target: Path, force: bool) -> None:
     if force:
         os.replace(tmp, target)
         return
-    exists = OutputExistsError(f"output {str(target)!r} already exists (another run may have written it while this "
-                               "one worked); pass force=True (CLI: --force) to overwrite it")
+    exists = OutputExistsError(
+        f"output {str(target)!r} already exists (another run may have written it while this "
+        "one worked); pass force=True (CLI: --force) to overwrite it"
+    )
     try:
         os.link(tmp, target)  # atomic, fails if the name exists
         return

@@ -59,8 +59,11 @@ class Metrics:
         return name in self.figures
 
     def to_dict(self) -> dict[str, Any]:
-        return {"label": self.label, "figures": {k: asdict(v) for k, v in self.figures.items()},
-                "context": self.context}
+        return {
+            "label": self.label,
+            "figures": {k: asdict(v) for k, v in self.figures.items()},
+            "context": self.context,
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Metrics:
@@ -68,8 +71,25 @@ class Metrics:
 
 
 #: the /proc/cpuinfo flags that decide which integer / vector kernels a runtime can use
-ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16",
-             "amx_int8", "amx_bf16", "asimd", "asimddp", "i8mm", "sve", "bf16")
+ISA_FLAGS = (
+    "sse4_2",
+    "avx",
+    "avx2",
+    "fma",
+    "f16c",
+    "avx512f",
+    "avx512bw",
+    "avx512_vnni",
+    "avx_vnni",
+    "avx512_bf16",
+    "amx_int8",
+    "amx_bf16",
+    "asimd",
+    "asimddp",
+    "i8mm",
+    "sve",
+    "bf16",
+)
 
 
 def host_info() -> dict[str, Any]:
@@ -87,8 +107,12 @@ def host_info() -> dict[str, Any]:
                     flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    info: dict[str, Any] = {"cpu": cpu, "cores": os.cpu_count(), "os": platform.platform(),
-                            "python": platform.python_version()}
+    info: dict[str, Any] = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "os": platform.platform(),
+        "python": platform.python_version(),
+    }
     if flags:
         info["isa"] = " ".join(f for f in ISA_FLAGS if f in flags) or "none of " + ", ".join(ISA_FLAGS[:4])
     for mod in ("torch", "onnxruntime", "onnx"):

@@ -33,8 +33,14 @@ def _listing(what: str, names: Sequence[str]) -> str:
     return f"{what} names: {', '.join(names[:_SHOWN])}{more}" if names else f"the model has no {what}"
 
 
-def require_matches(names: Sequence[str], patterns: Iterable[str], *, field: str, what: str = "module",
-                    others: Sequence[tuple[str, nn.Module]] = ()) -> None:
+def require_matches(
+    names: Sequence[str],
+    patterns: Iterable[str],
+    *,
+    field: str,
+    what: str = "module",
+    others: Sequence[tuple[str, nn.Module]] = (),
+) -> None:
     """Raise :class:`ConfigError` for the first of ``patterns`` that matches none of ``names``.
 
     Args:
@@ -52,9 +58,16 @@ def require_matches(names: Sequence[str], patterns: Iterable[str], *, field: str
         raise ConfigError(f"{field} pattern {p!r} matches no {what}{other}{near(p, names)}; {_listing(what, names)}")
 
 
-def select(model: nn.Module, layers: Sequence[str] = (), skip: Sequence[str] = (),
-           eligible: Callable[[nn.Module], bool] | None = None, what: str = "module", *, owner: str = "",
-           fields: tuple[str, str] = ("layers", "exclude")) -> list[tuple[str, nn.Module]]:
+def select(
+    model: nn.Module,
+    layers: Sequence[str] = (),
+    skip: Sequence[str] = (),
+    eligible: Callable[[nn.Module], bool] | None = None,
+    what: str = "module",
+    *,
+    owner: str = "",
+    fields: tuple[str, str] = ("layers", "exclude"),
+) -> list[tuple[str, nn.Module]]:
     """The ``(name, module)`` pairs of ``model`` that are eligible, match ``layers`` and match no ``skip`` pattern.
 
     Args:
@@ -77,8 +90,9 @@ def select(model: nn.Module, layers: Sequence[str] = (), skip: Sequence[str] = (
     names = [n for n, _ in cands]
     for f, patterns in zip(fields, (layers, skip)):
         require_matches(names, patterns, field=f"{owner}.{f}" if owner else f, what=what, others=named)
-    return [(n, m) for n, m in cands
-            if (not layers or first_match(n, layers) is not None) and first_match(n, skip) is None]
+    return [
+        (n, m) for n, m in cands if (not layers or first_match(n, layers) is not None) and first_match(n, skip) is None
+    ]
 
 
 def owner_of(model: nn.Module, dotted: str) -> tuple[nn.Module, str]:

@@ -24,8 +24,16 @@ from torch import nn
 
 from edgeslim.core.errors import DataError, ModelError
 
-__all__ = ["OnnxModel", "as_feeds", "first_output", "input_names", "module_of", "ort_session", "slice_inputs",
-           "to_onnx"]
+__all__ = [
+    "OnnxModel",
+    "as_feeds",
+    "first_output",
+    "input_names",
+    "module_of",
+    "ort_session",
+    "slice_inputs",
+    "to_onnx",
+]
 
 SINGLE_INPUT = "input"
 
@@ -49,7 +57,9 @@ def batch_len(example: Any) -> int:
     if isinstance(example, Mapping):
         lens = {len(v) for v in example.values() if isinstance(v, torch.Tensor)}
         if len(lens) != 1:
-            raise DataError(f"the inputs {list(example)} must be tensors with one batch size (got sizes {sorted(lens)})")
+            raise DataError(
+                f"the inputs {list(example)} must be tensors with one batch size (got sizes {sorted(lens)})"
+            )
         return lens.pop()
     return len(example)
 
@@ -118,8 +128,17 @@ def to_onnx(model: nn.Module, example: Any, *, opset: int = 17) -> bytes:
         warnings.simplefilter("ignore")
         # the TorchScript exporter writes one self-contained file, turns fake quantization into Q/DQ nodes and
         # sees functional convolutions, linears and matmuls wherever they are called
-        torch.onnx.export(adapter, args, f, dynamo=False, opset_version=opset, input_names=names,
-                          output_names=out_names, dynamic_axes=axes, do_constant_folding=True)
+        torch.onnx.export(
+            adapter,
+            args,
+            f,
+            dynamo=False,
+            opset_version=opset,
+            input_names=names,
+            output_names=out_names,
+            dynamic_axes=axes,
+            do_constant_folding=True,
+        )
     model.train(was)
     return f.getvalue()
 
@@ -166,8 +185,11 @@ def run_session(session: Any, example: Any, *, chunk: int = 256) -> list[np.ndar
     if missing:
         raise DataError(f"the ONNX model needs inputs {names}; missing {missing} (pass a dict of inputs by name)")
     dtypes = {i.name: _NP_TYPES.get(i.type) for i in session.get_inputs()}
-    feeds = {k: v.astype(dtypes[k]) if dtypes.get(k) is not None and v.dtype != dtypes[k] else v
-             for k, v in feeds.items() if k in dtypes}
+    feeds = {
+        k: v.astype(dtypes[k]) if dtypes.get(k) is not None and v.dtype != dtypes[k] else v
+        for k, v in feeds.items()
+        if k in dtypes
+    }
     n = len(next(iter(feeds.values())))
     outs: list[list[np.ndarray]] = []
     i = 0
@@ -183,9 +205,16 @@ def run_session(session: Any, example: Any, *, chunk: int = 256) -> list[np.ndar
     return [np.concatenate([o[j] for o in outs]) for j in range(len(outs[0]))]
 
 
-_NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
-             "tensor(int32)": np.int32, "tensor(double)": np.float64, "tensor(bool)": np.bool_,
-             "tensor(uint8)": np.uint8, "tensor(int8)": np.int8}
+_NP_TYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(double)": np.float64,
+    "tensor(bool)": np.bool_,
+    "tensor(uint8)": np.uint8,
+    "tensor(int8)": np.int8,
+}
 
 
 class OnnxModel(nn.Module):
@@ -230,8 +259,10 @@ class OnnxModel(nn.Module):
 
                 onnx.load_from_string(self.onnx_bytes())
             except Exception as e:  # noqa: BLE001 - protobuf's DecodeError and friends
-                raise ModelError(f"{self.name!r} is not a valid ONNX file ({type(e).__name__}: "
-                                 f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
+                raise ModelError(
+                    f"{self.name!r} is not a valid ONNX file ({type(e).__name__}: "
+                    f"{str(e).splitlines()[0][:200] if str(e) else ''})"
+                ) from None
             self._session = ort_session(self.onnx_bytes())
         return self._session
 

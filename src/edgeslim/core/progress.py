@@ -36,14 +36,30 @@ def progress_enabled(on: bool | None = True) -> Iterator[None]:
         _ENABLED.reset(token)
 
 
-def bar(iterable: Iterable[Any] | None = None, *, desc: str, total: int | None = None, unit: str = "it",
-        leave: bool = False, on: bool | None = None) -> Any:
+def bar(
+    iterable: Iterable[Any] | None = None,
+    *,
+    desc: str,
+    total: int | None = None,
+    unit: str = "it",
+    leave: bool = False,
+    on: bool | None = None,
+) -> Any:
     """A tqdm bar on stderr, shown when progress is enabled (or ``on`` says so); a silent pass-through otherwise."""
     from tqdm.auto import tqdm
 
     show = enabled() if on is None else on
-    b = tqdm(iterable, desc=desc, total=total, unit=unit, leave=leave, disable=not show, file=sys.stderr,
-             mininterval=0.5, dynamic_ncols=True)
+    b = tqdm(
+        iterable,
+        desc=desc,
+        total=total,
+        unit=unit,
+        leave=leave,
+        disable=not show,
+        file=sys.stderr,
+        mininterval=0.5,
+        dynamic_ncols=True,
+    )
     if show:
         _OPEN.add(b)
     return b

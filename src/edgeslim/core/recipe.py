@@ -36,22 +36,22 @@ STEPS: Registry[Callable[[nn.Module, dict], nn.Module]] = Registry("recipe step"
 #: (earlier technique, later technique) -> why that order is refused. "*" as the later technique: anything.
 FORBIDDEN: dict[tuple[str, str], str] = {
     ("quantize", "*"): "the model is already quantized (fake-quantized graph); apply every other step before "
-                       "quantize, or fine-tune it with edgeslim.quantize.qat",
+    "quantize, or fine-tune it with edgeslim.quantize.qat",
     ("cluster", "prune"): "clustered layers compute their weight from a shared codebook, which pruning cannot "
-                          "slice or mask; prune first, then cluster (Deep Compression's order)",
+    "slice or mask; prune first, then cluster (Deep Compression's order)",
     ("cluster", "factorize"): "factorizing replaces the clustered layers by dense low-rank ones and so undoes the "
-                              "clustering; factorize first, then cluster",
+    "clustering; factorize first, then cluster",
     ("cluster", "separable"): "the depthwise-separable rewrite replaces the clustered layers by dense ones and so "
-                              "undoes the clustering; apply separable first, then cluster",
+    "undoes the clustering; apply separable first, then cluster",
     ("cluster", "cluster"): "the model is already clustered; strip_clustering first to cluster again",
     ("tie", "prune"): "pruning would resize one user of a shared (tied) parameter and not the others; prune "
-                      "first, then tie",
+    "first, then tie",
     ("tie", "cluster"): "clustering gives each tied layer a codebook of its own and so unties them; cluster "
-                        "first, then tie",
+    "first, then tie",
     ("tie", "factorize"): "factorizing replaces each tied layer by a low-rank pair of its own and so unties them; "
-                          "factorize first, then tie",
+    "factorize first, then tie",
     ("tie", "separable"): "the depthwise-separable rewrite replaces each tied layer by layers of its own and so "
-                          "unties them; apply separable first, then tie",
+    "unties them; apply separable first, then tie",
 }
 
 
@@ -69,8 +69,15 @@ def check_next(model: Any, technique: str) -> None:
             raise ConfigError(f"{technique} after {done} is not supported: {why}")
 
 
-def record(model: nn.Module, technique: str, config: Any = None, state: dict | None = None,
-           report: Any = None, *, previous: Any = None) -> nn.Module:
+def record(
+    model: nn.Module,
+    technique: str,
+    config: Any = None,
+    state: dict | None = None,
+    report: Any = None,
+    *,
+    previous: Any = None,
+) -> nn.Module:
     """Append one step to ``model``'s recipe (the steps of ``previous``, default ``model``'s own, come first)."""
     if technique not in STEPS:
         raise ModelError(f"no replay is registered for technique {technique!r}; registered: {', '.join(STEPS)}")
@@ -79,8 +86,9 @@ def record(model: nn.Module, technique: str, config: Any = None, state: dict | N
     summary = ""
     if report is not None and hasattr(report, "summary"):
         summary = str(report.summary())
-    steps.append({"technique": technique, "config": copy.deepcopy(cfg), "state": copy.deepcopy(state or {}),
-                  "summary": summary})
+    steps.append(
+        {"technique": technique, "config": copy.deepcopy(cfg), "state": copy.deepcopy(state or {}), "summary": summary}
+    )
     setattr(model, RECIPE_ATTR, steps)
     return model
 
@@ -102,8 +110,10 @@ def replay(model: nn.Module, steps: list[dict]) -> nn.Module:
             raise
         except (EdgeslimError, KeyError, AttributeError, RuntimeError) as e:  # the model is not the one recorded
             msg = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
-            raise ModelError(f"recipe step {i} ({step['technique']}) does not match this model: {msg}; load the "
-                             "recipe into the architecture it was made from") from None
+            raise ModelError(
+                f"recipe step {i} ({step['technique']}) does not match this model: {msg}; load the "
+                "recipe into the architecture it was made from"
+            ) from None
         setattr(model, RECIPE_ATTR, [dict(s) for s in previous] + [dict(step)])
     return model
 
@@ -142,12 +152,18 @@ def save(model: nn.Module, path: Any, *, force: bool = False, half: bool = False
 
     if not isinstance(model, nn.Module):
         raise ModelError(f"save() needs a torch.nn.Module, got {type(model).__name__}")
-    blob = {"format": FORMAT, "edgeslim": __version__, "source": getattr(model, SOURCE_ATTR, None),
-            "steps": steps_of(model),
-            "state_dict": {k: (v.detach().cpu().half() if half and v.is_floating_point() else v.detach().cpu().clone())
-                           for k, v in model.state_dict().items()},
-            "half": bool(half),
-            "torch": str(torch.__version__)}
+    blob = {
+        "format": FORMAT,
+        "edgeslim": __version__,
+        "source": getattr(model, SOURCE_ATTR, None),
+        "steps": steps_of(model),
+        "state_dict": {
+            k: (v.detach().cpu().half() if half and v.is_floating_point() else v.detach().cpu().clone())
+            for k, v in model.state_dict().items()
+        },
+        "half": bool(half),
+        "torch": str(torch.__version__),
+    }
     return save_torch(blob, path, force=force)
 
 
@@ -168,8 +184,10 @@ def read(path: Any) -> dict:
         raise ModelError(f"cannot read recipe file {str(p)!r}: not an edgeslim recipe, or corrupt ({first})") from None
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         fmt = blob.get("format") if isinstance(blob, dict) else type(blob).__name__
-        raise ModelError(f"{str(p)!r} is not an edgeslim recipe file (format {fmt!r}, expected {FORMAT!r}); "
-                         "write one with edgeslim.save(model, path)")
+        raise ModelError(
+            f"{str(p)!r} is not an edgeslim recipe file (format {fmt!r}, expected {FORMAT!r}); "
+            "write one with edgeslim.save(model, path)"
+        )
     if not isinstance(blob.get("steps"), list) or not isinstance(blob.get("state_dict"), dict):
         raise ModelError(f"recipe file {str(p)!r} lacks its steps or its state_dict")
     return blob
@@ -191,8 +209,11 @@ def load_state_strict(model: nn.Module, state: dict, source: str) -> nn.Module:
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
-    wrong = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-             for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    wrong = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
+    ]
     if missing or unexpected or wrong:
         parts = []
         if missing:

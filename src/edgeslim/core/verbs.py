@@ -11,8 +11,10 @@ from edgeslim.core.errors import ConfigError
 def check_config(config: Any, cls: type, verb: str) -> None:
     """Raise :class:`ConfigError` unless ``config`` is a ``cls`` (the verb's own config type)."""
     if not isinstance(config, cls):
-        raise ConfigError(f"{verb}() needs a {cls.__name__}, got {type(config).__name__}"
-                          + (f" (a {config.kind!r} config belongs to another verb)" if hasattr(config, "kind") else ""))
+        raise ConfigError(
+            f"{verb}() needs a {cls.__name__}, got {type(config).__name__}"
+            + (f" (a {config.kind!r} config belongs to another verb)" if hasattr(config, "kind") else "")
+        )
 
 
 def data_alias(data: Any, calib: Any, verb: str) -> Any:

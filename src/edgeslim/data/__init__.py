@@ -12,8 +12,18 @@ from edgeslim.data._dataset import ImageDataset, calibration_subset, stratified_
 from edgeslim.data._sources import SOURCES, image_folder
 from edgeslim.data._text import TextDataset, load_text, text_names
 
-__all__ = ["ImageDataset", "load", "calibration_subset", "stratified_split", "image_folder", "names", "SOURCES",
-           "TextDataset", "load_text", "text_names"]
+__all__ = [
+    "ImageDataset",
+    "load",
+    "calibration_subset",
+    "stratified_split",
+    "image_folder",
+    "names",
+    "SOURCES",
+    "TextDataset",
+    "load_text",
+    "text_names",
+]
 
 
 def names() -> list[str]:

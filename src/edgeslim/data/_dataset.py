@@ -60,7 +60,13 @@ class ImageDataset(torch.utils.data.Dataset):
     def subset(self, indices: Sequence[int] | np.ndarray | torch.Tensor, split: str | None = None) -> ImageDataset:
         idx = torch.as_tensor(np.asarray(indices), dtype=torch.long)
         return ImageDataset(
-            self.name, split or self.split, self.images[idx], self.labels[idx], self.classes, self.mean, self.std,
+            self.name,
+            split or self.split,
+            self.images[idx],
+            self.labels[idx],
+            self.classes,
+            self.mean,
+            self.std,
             self.source,
         )
 
@@ -78,8 +84,12 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def describe(self) -> dict:
         return {
-            "name": self.name, "split": self.split, "size": len(self), "input_shape": list(self.input_shape),
-            "num_classes": self.num_classes, "source": self.source,
+            "name": self.name,
+            "split": self.split,
+            "size": len(self),
+            "input_shape": list(self.input_shape),
+            "num_classes": self.num_classes,
+            "source": self.source,
         }
 
 

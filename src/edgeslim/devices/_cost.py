@@ -12,8 +12,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections import Counter
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -23,13 +24,30 @@ from edgeslim.runtime._static import _MAC_OPS, _load
 log = logging.getLogger(__name__)
 
 _ELEM = {1: 4, 2: 1, 3: 1, 6: 4, 7: 8, 10: 2, 11: 8, 16: 2}  # ONNX TensorProto dtype -> bytes
-_FREE = {"QuantizeLinear", "DequantizeLinear", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Shape", "Constant",
-         "Identity", "Gather", "Cast"}
+_FREE = {
+    "QuantizeLinear",
+    "DequantizeLinear",
+    "Reshape",
+    "Flatten",
+    "Squeeze",
+    "Unsqueeze",
+    "Shape",
+    "Constant",
+    "Identity",
+    "Gather",
+    "Cast",
+}
 _INT_OPS = ("QLinear", "QGemm", "ConvInteger", "MatMulInteger")
 COMPUTE_CLASSES = ("conv", "dwconv", "conv1x1", "gemm")
 LIGHT_CLASSES = ("elementwise", "pool")
-_POOL = ("MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "QLinearAveragePool",
-         "QLinearGlobalAveragePool")
+_POOL = (
+    "MaxPool",
+    "AveragePool",
+    "GlobalAveragePool",
+    "GlobalMaxPool",
+    "QLinearAveragePool",
+    "QLinearGlobalAveragePool",
+)
 
 
 def op_class(op_type: str, weight_shape: Sequence[int] | None, group: int = 1) -> str:
@@ -105,8 +123,9 @@ def graph_cost(artifact: Any, batch: int = 1, *, as_run_by: str | None = None) -
     import onnx
 
     if as_run_by not in (None, *RUNTIME_GRAPHS):
-        raise ConfigError(f"graph_cost(as_run_by={as_run_by!r}) is not supported; use None or one of "
-                          f"{', '.join(RUNTIME_GRAPHS)}")
+        raise ConfigError(
+            f"graph_cost(as_run_by={as_run_by!r}) is not supported; use None or one of {', '.join(RUNTIME_GRAPHS)}"
+        )
     try:
         m = onnx.ModelProto()
         m.CopyFrom(_load(_path(artifact)))
@@ -157,8 +176,11 @@ def graph_cost(artifact: Any, batch: int = 1, *, as_run_by: str | None = None) -
         macs, w = 0, None
         if n.op_type in _COST_MAC_OPS:
             ia, iw = _COST_MAC_OPS[n.op_type]
-            a, w, out = (shapes.get(n.input[ia], (None,))[0], shapes.get(n.input[iw], (None,))[0],
-                         shapes.get(n.output[0], (None,))[0])
+            a, w, out = (
+                shapes.get(n.input[ia], (None,))[0],
+                shapes.get(n.input[iw], (None,))[0],
+                shapes.get(n.output[0], (None,))[0],
+            )
             if a is None or w is None or out is None:
                 w = None
                 skipped.append(n.name or n.output[0])
@@ -175,8 +197,9 @@ def graph_cost(artifact: Any, batch: int = 1, *, as_run_by: str | None = None) -
     if skipped:
         raise ModelError(f"shape inference gave no shapes for {len(skipped)} compute node(s): {', '.join(skipped)}")
     weight_bytes = sum(nbytes(t, False) for t in inits)
-    return GraphCost(tuple(nodes), weight_bytes, _peak_activation(g, shapes, inits, nbytes),
-                     dict(Counter(n.op_type for n in g.node)))
+    return GraphCost(
+        tuple(nodes), weight_bytes, _peak_activation(g, shapes, inits, nbytes), dict(Counter(n.op_type for n in g.node))
+    )
 
 
 def _ort_executed_graph(m: Any, where: str, batch: int) -> tuple[Any, dict[str, tuple[list[int], int]]]:
@@ -211,8 +234,14 @@ def _ort_executed_graph(m: Any, where: str, batch: int) -> tuple[Any, dict[str, 
     feeds = {}
     for i in sess.get_inputs():
         dims = [d if isinstance(d, int) and d > 0 else (batch if k == 0 else 1) for k, d in enumerate(i.shape)]
-        dt = {"tensor(float)": np.float32, "tensor(int64)": np.int64, "tensor(int32)": np.int32,
-              "tensor(float16)": np.float16, "tensor(uint8)": np.uint8, "tensor(int8)": np.int8}.get(i.type, np.float32)
+        dt = {
+            "tensor(float)": np.float32,
+            "tensor(int64)": np.int64,
+            "tensor(int32)": np.int32,
+            "tensor(float16)": np.float16,
+            "tensor(uint8)": np.uint8,
+            "tensor(int8)": np.int8,
+        }.get(i.type, np.float32)
         feeds[i.name] = np.zeros(dims, dtype=dt)
     outs = sess.run(None, feeds)
     shapes = {t.name: (list(t.dims), t.data_type) for t in opt.graph.initializer}

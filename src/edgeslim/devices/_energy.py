@@ -3,8 +3,9 @@ fits a device's memory."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from edgeslim.devices._cost import GraphCost, graph_cost
 from edgeslim.devices._profile import Device, get_device
@@ -14,10 +15,14 @@ from edgeslim.devices._profile import Device, get_device
 # (we use 640 pJ per 32-bit word = 160 pJ/byte as in the paper's summary table).
 HOROWITZ_PJ_PER_MAC = {"int8": 0.2 + 0.1, "fp16": 1.1 + 0.4, "fp32": 3.7 + 0.9}
 HOROWITZ_PJ_PER_DRAM_BYTE = 640.0 / 4
-HOROWITZ_SOURCE = ("M. Horowitz, 'Computing's energy problem (and what we can do about it)', ISSCC 2014, "
-                   "doi:10.1109/ISSCC.2014.6757323 (45 nm)")
-ENERGY_ASSUMPTION = ("compute energy scaled linearly from 45 nm to the device's process node (assumption); DRAM "
-                     "energy per byte not scaled (off-chip I/O); peripheral/static power ignored")
+HOROWITZ_SOURCE = (
+    "M. Horowitz, 'Computing's energy problem (and what we can do about it)', ISSCC 2014, "
+    "doi:10.1109/ISSCC.2014.6757323 (45 nm)"
+)
+ENERGY_ASSUMPTION = (
+    "compute energy scaled linearly from 45 nm to the device's process node (assumption); DRAM "
+    "energy per byte not scaled (off-chip I/O); peripheral/static power ignored"
+)
 
 
 def estimate_energy(artifact: Any, device: str | Device, *, cost: GraphCost | None = None) -> dict[str, Any]:
@@ -33,8 +38,14 @@ def estimate_energy(artifact: Any, device: str | Device, *, cost: GraphCost | No
         p_dev = p if p in dev.peak_gops else ("fp16" if "fp16" in dev.peak_gops else p)
         compute_pj += macs * HOROWITZ_PJ_PER_MAC[p_dev] * scale
     dram_pj = cost.bytes * HOROWITZ_PJ_PER_DRAM_BYTE
-    return {"energy_mj": (compute_pj + dram_pj) * 1e-9, "compute_mj": compute_pj * 1e-9, "dram_mj": dram_pj * 1e-9,
-            "label": f"estimated for {dev.name}", "source": HOROWITZ_SOURCE, "assumption": ENERGY_ASSUMPTION}
+    return {
+        "energy_mj": (compute_pj + dram_pj) * 1e-9,
+        "compute_mj": compute_pj * 1e-9,
+        "dram_mj": dram_pj * 1e-9,
+        "label": f"estimated for {dev.name}",
+        "source": HOROWITZ_SOURCE,
+        "assumption": ENERGY_ASSUMPTION,
+    }
 
 
 def rapl_paths() -> list[Path]:
@@ -72,5 +83,11 @@ def memory_fit(artifact: Any, device: str | Device, *, cost: GraphCost | None = 
     dev = get_device(device) if isinstance(device, str) else device
     cost = cost or graph_cost(artifact)
     need_mb = (cost.weight_bytes + cost.peak_activation_bytes) / 2**20
-    return {"weights_mb": cost.weight_bytes / 2**20, "peak_activation_mb": cost.peak_activation_bytes / 2**20,
-            "required_mb": need_mb, "ram_mb": dev.ram_mb, "fits": need_mb <= dev.ram_mb, "device": dev.name}
+    return {
+        "weights_mb": cost.weight_bytes / 2**20,
+        "peak_activation_mb": cost.peak_activation_bytes / 2**20,
+        "required_mb": need_mb,
+        "ram_mb": dev.ram_mb,
+        "fits": need_mb <= dev.ram_mb,
+        "device": dev.name,
+    }

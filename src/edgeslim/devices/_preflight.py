@@ -28,8 +28,10 @@ class Preflight:
             return f"{self.device}: fully runs: yes"
         ops = ", ".join(f"{k} x{v}" for k, v in sorted(self.unsupported.items()))
         why = "; ".join(self.reasons)
-        return (f"{self.device}: fully runs: no; unsupported: {ops or '-'}"
-                f"{'; ' + why if why else ''}; fallback: {self.fallback}")
+        return (
+            f"{self.device}: fully runs: no; unsupported: {ops or '-'}"
+            f"{'; ' + why if why else ''}; fallback: {self.fallback}"
+        )
 
 
 def preflight(artifact: Any, device: str | Device) -> Preflight:
@@ -39,14 +41,20 @@ def preflight(artifact: Any, device: str | Device) -> Preflight:
     """
     dev = get_device(device) if isinstance(device, str) else device
     cost = graph_cost(artifact)
-    bad = Counter(op for op, k in cost.op_counts.items() for _ in range(k) if not dev.supports(op)
-                  and op not in ("Constant", "Shape", "Identity"))
+    bad = Counter(
+        op
+        for op, k in cost.op_counts.items()
+        for _ in range(k)
+        if not dev.supports(op) and op not in ("Constant", "Shape", "Identity")
+    )
     reasons = []
     if "fp32" not in dev.precisions and "fp16" not in dev.precisions:
         flt = Counter(n.op_type for n in cost.nodes if n.precision == "fp32" and n.macs)
         if flt:
-            reasons.append(f"{dev.name} runs {'/'.join(dev.precisions)} only: {sum(flt.values())} float compute "
-                           f"node(s) ({', '.join(sorted(flt))}) need full-integer quantization")
+            reasons.append(
+                f"{dev.name} runs {'/'.join(dev.precisions)} only: {sum(flt.values())} float compute "
+                f"node(s) ({', '.join(sorted(flt))}) need full-integer quantization"
+            )
             for op, k in flt.items():
                 bad[op] += k
     return Preflight(dev.name, dict(bad), tuple(reasons), dev.fallback)

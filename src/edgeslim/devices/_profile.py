@@ -97,8 +97,20 @@ class Device(Config):
         raise ConfigError(f"device {self.name!r} has no peak_gops")  # unreachable after validate()
 
 
-REQUIRED = ("name", "description", "kind", "peak_gops", "mem_bandwidth_gbs", "ram_mb", "tdp_w", "process_nm",
-            "precisions", "operators", "fallback", "sources")
+REQUIRED = (
+    "name",
+    "description",
+    "kind",
+    "peak_gops",
+    "mem_bandwidth_gbs",
+    "ram_mb",
+    "tdp_w",
+    "process_nm",
+    "precisions",
+    "operators",
+    "fallback",
+    "sources",
+)
 
 
 def _profiles_dir() -> Path:
@@ -136,7 +148,7 @@ def load_profile(path: str | os.PathLike) -> Device:
     return _measure_host(dev) if dev.measured else dev
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def get_device(name: str) -> Device:
     """The shipped profile ``name`` (host figures measured on first use). Unknown names list the valid ones."""
     if isinstance(name, Device):

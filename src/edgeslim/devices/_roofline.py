@@ -14,7 +14,8 @@ accelerator they are used as measured here (an ASSUMPTION, no data). Everything 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -55,9 +56,14 @@ class Calibration:
         return self.overhead_s.get(f"{precision}/{kind}", self.overhead_s.get(f"fp32/{kind}", 0.0))
 
     def to_dict(self) -> dict:
-        return {"efficiency": self.efficiency, "overhead_s": self.overhead_s,
-                "bandwidth_factor": self.bandwidth_factor, "call_overhead_s": self.call_overhead_s,
-                "host_peak_fp32": self.host_peak_fp32, "error_pct": self.error_pct}
+        return {
+            "efficiency": self.efficiency,
+            "overhead_s": self.overhead_s,
+            "bandwidth_factor": self.bandwidth_factor,
+            "call_overhead_s": self.call_overhead_s,
+            "host_peak_fp32": self.host_peak_fp32,
+            "error_pct": self.error_pct,
+        }
 
 
 _PRECS = ("fp32", "int8")
@@ -66,7 +72,9 @@ _PRECS = ("fp32", "int8")
 DEFAULT_CALIBRATION = Calibration(
     {f"{p}/{c}": 0.5 for p in (*_PRECS, "fp16") for c in COMPUTE_CLASSES},
     {f"{p}/{k}": v for p in (*_PRECS, "fp16") for k, v in (("compute", 5e-6), ("light", 2e-6))},
-    {p: 1.0 for p in (*_PRECS, "fp16")}, 20e-6)
+    dict.fromkeys((*_PRECS, "fp16"), 1.0),
+    20e-6,
+)
 
 
 def _overhead_scale(dev: Device, cal: Calibration) -> float:
@@ -76,8 +84,14 @@ def _overhead_scale(dev: Device, cal: Calibration) -> float:
     return cal.host_peak_fp32 / dev.peak("fp32")
 
 
-def predict_latency(artifact: Any, device: str | Device, calibration: Calibration | None = None, *,
-                    batch: int = 1, cost: GraphCost | None = None) -> dict[str, Any]:
+def predict_latency(
+    artifact: Any,
+    device: str | Device,
+    calibration: Calibration | None = None,
+    *,
+    batch: int = 1,
+    cost: GraphCost | None = None,
+) -> dict[str, Any]:
     """Per-op-class roofline latency of ``artifact`` on ``device`` ("predicted for D").
 
     Returns:
@@ -94,17 +108,36 @@ def predict_latency(artifact: Any, device: str | Device, calibration: Calibratio
         t_m = n.bytes / (dev.mem_bandwidth_gbs * 1e9 * cal.bandwidth_factor.get(n.precision, 1.0))
         t = max(t_c, t_m) + cal.overhead(n.precision, n.op_class) * ovh
         total += t
-        layers.append({"name": n.name, "op": n.op_type, "class": n.op_class, "precision": n.precision,
-                       "macs": n.macs, "bytes": n.bytes, "bound": "compute" if t_c >= t_m else "memory",
-                       "ms": t * 1e3})
-    return {"latency_ms": total * 1e3, "label": f"predicted for {dev.name}", "device": dev.name,
-            "layers": layers, "macs": cost.macs, "bytes": cost.bytes,
-            "call_overhead_ms": cal.call_overhead_s * ovh * 1e3}
+        layers.append(
+            {
+                "name": n.name,
+                "op": n.op_type,
+                "class": n.op_class,
+                "precision": n.precision,
+                "macs": n.macs,
+                "bytes": n.bytes,
+                "bound": "compute" if t_c >= t_m else "memory",
+                "ms": t * 1e3,
+            }
+        )
+    return {
+        "latency_ms": total * 1e3,
+        "label": f"predicted for {dev.name}",
+        "device": dev.name,
+        "layers": layers,
+        "macs": cost.macs,
+        "bytes": cost.bytes,
+        "call_overhead_ms": cal.call_overhead_s * ovh * 1e3,
+    }
 
 
 def _param_names() -> list[str]:
-    return ([f"eff:{p}/{c}" for p in _PRECS for c in COMPUTE_CLASSES] + [f"bw:{p}" for p in _PRECS]
-            + [f"ovh:{p}/{k}" for p in _PRECS for k in ("compute", "light")] + ["call"])
+    return (
+        [f"eff:{p}/{c}" for p in _PRECS for c in COMPUTE_CLASSES]
+        + [f"bw:{p}" for p in _PRECS]
+        + [f"ovh:{p}/{k}" for p in _PRECS for k in ("compute", "light")]
+        + ["call"]
+    )
 
 
 def _features(cost: GraphCost, dev: Device, cal: Calibration) -> np.ndarray:
@@ -160,8 +193,13 @@ def _from_vector(x: np.ndarray, host_peak: float) -> Calibration:
     return Calibration(eff, ovh, bw, call, host_peak)
 
 
-def calibrate(samples: Sequence[tuple[str, Any, float]], device: str | Device = "host", *,
-              prior_weight: float = 0.1, iterations: int = 4) -> Calibration:
+def calibrate(
+    samples: Sequence[tuple[str, Any, float]],
+    device: str | Device = "host",
+    *,
+    prior_weight: float = 0.1,
+    iterations: int = 4,
+) -> Calibration:
     """Fit the per-class efficiencies, bandwidth factors and overheads to measured latencies on ``device``.
 
     Args:

@@ -6,4 +6,13 @@ from edgeslim.distill._config import DistillConfig
 from edgeslim.distill._losses import LOSSES, LossContext
 from edgeslim.distill._students import cnn_student, layer_drop_student
 
-__all__ = ["LOSSES", "DistillConfig", "DistillReport", "LossContext", "cnn_student", "distill", "kd_loss_fn", "layer_drop_student"]
+__all__ = [
+    "LOSSES",
+    "DistillConfig",
+    "DistillReport",
+    "LossContext",
+    "cnn_student",
+    "distill",
+    "kd_loss_fn",
+    "layer_drop_student",
+]

@@ -41,8 +41,10 @@ def _module(model: nn.Module, name: str, who: str) -> nn.Module:
     mods = dict(model.named_modules())
     if name not in mods:
         names = [n for n in mods if n]
-        raise ConfigError(f"{who} has no module {name!r}{near(name, names)}; "
-                          f"some valid names: {', '.join(names[:12])}{' …' if len(names) > 12 else ''}")
+        raise ConfigError(
+            f"{who} has no module {name!r}{near(name, names)}; "
+            f"some valid names: {', '.join(names[:12])}{' …' if len(names) > 12 else ''}"
+        )
     return mods[name]
 
 
@@ -128,8 +130,9 @@ def _fingerprint(teacher: nn.Module, train, config: DistillConfig) -> str:
 
 
 @torch.no_grad()
-def _teacher_cache(teacher: nn.Module, train, config: DistillConfig, device, cache_dir: Path | None,
-                   batch_size: int = 256) -> dict[str, Any]:
+def _teacher_cache(
+    teacher: nn.Module, train, config: DistillConfig, device, cache_dir: Path | None, batch_size: int = 256
+) -> dict[str, Any]:
     key = _fingerprint(teacher, train, config)
     path = cache_dir / f"teacher-{key}.pt" if cache_dir else None
     if path is not None and path.is_file():
@@ -142,8 +145,11 @@ def _teacher_cache(teacher: nn.Module, train, config: DistillConfig, device, cac
         out, f = _run_capture(teacher, x_all[i : i + batch_size].to(device), config.teacher_layers, "teacher")
         logits.append(out.cpu())
         feats.append([_to(_detach(v), "cpu") for v in f])
-    cache = {"key": key, "logits": torch.cat(logits),
-             "feats": [_cat([b[j] for b in feats], name) for j, name in enumerate(config.teacher_layers)]}
+    cache = {
+        "key": key,
+        "logits": torch.cat(logits),
+        "feats": [_cat([b[j] for b in feats], name) for j, name in enumerate(config.teacher_layers)],
+    }
     if path is not None:
         from edgeslim.core.io import save_torch
 
@@ -158,9 +164,11 @@ def _cat(parts, name: str = ""):
         return parts[0]
     shapes = {tuple(p.shape[1:]) for p in parts}
     if len(shapes) > 1:
-        raise ModelError(f"distill: teacher feature {name!r} changes shape between batches ({sorted(shapes)[:3]}), "
-                         "e.g. token sequences padded per batch; pad the inputs to one length or set "
-                         "DistillConfig(cache_teacher=False)")
+        raise ModelError(
+            f"distill: teacher feature {name!r} changes shape between batches ({sorted(shapes)[:3]}), "
+            "e.g. token sequences padded per batch; pad the inputs to one length or set "
+            "DistillConfig(cache_teacher=False)"
+        )
     return torch.cat(parts)
 
 
@@ -178,14 +186,19 @@ class DistillReport:
     seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        return {"technique": self.technique, **{k: v for k, v in self.__dict__.items()}}
+        return {"technique": self.technique, **self.__dict__}
 
     def summary(self) -> str:
-        acc = f", best validation accuracy {self.best_accuracy:.4f}" if self.best_accuracy == self.best_accuracy \
-            and self.best_accuracy > 0 else ", no validation data"
+        acc = (
+            f", best validation accuracy {self.best_accuracy:.4f}"
+            if self.best_accuracy == self.best_accuracy and self.best_accuracy > 0
+            else ", no validation data"
+        )
         cap = f" (at most {self.steps_per_epoch} steps each)" if self.steps_per_epoch else ""
-        return (f"distill ({' + '.join(self.losses)}) from {self.teacher}: {self.epochs} epoch(s){cap}{acc}, "
-                f"{self.seconds:.1f} s")
+        return (
+            f"distill ({' + '.join(self.losses)}) from {self.teacher}: {self.epochs} epoch(s){cap}{acc}, "
+            f"{self.seconds:.1f} s"
+        )
 
 
 @_recipe.STEPS.register("distill")
@@ -257,9 +270,11 @@ def distill(
         student.train(was)
         t_out, t_feats = _run_capture(teacher, probe, config.teacher_layers, "teacher")
     if not isinstance(s_out, torch.Tensor) or not isinstance(t_out, torch.Tensor) or s_out.shape != t_out.shape:
-        raise ModelError(f"distill: student output shape {tuple(getattr(s_out, 'shape', ()))} does not match "
-                         f"teacher output shape {tuple(getattr(t_out, 'shape', ()))}; both must return logits "
-                         "over the same classes")
+        raise ModelError(
+            f"distill: student output shape {tuple(getattr(s_out, 'shape', ()))} does not match "
+            f"teacher output shape {tuple(getattr(t_out, 'shape', ()))}; both must return logits "
+            "over the same classes"
+        )
     adapters = nn.ModuleList()
     if ADAPTED & set(config.losses):
         adapters.extend(make_adapter(s, t) for s, t in zip(s_feats, t_feats, strict=True))
@@ -275,13 +290,29 @@ def distill(
     if ck is not None:  # one resumable run per (distill config, student architecture); the teacher cache is shared
         tag = hashlib.sha1((config.to_yaml() + repr(student)).encode()).hexdigest()[:12]
         run_dir = ck / f"run-{tag}"
-    res = fit(wrapper, train, val, train_config, checkpoint_dir=run_dir, resume=resume, progress=progress,
-              device=device, max_steps_per_epoch=max_steps_per_epoch,
-              step_fn=lambda m, x, y, idx: m(x, y, idx))
+    res = fit(
+        wrapper,
+        train,
+        val,
+        train_config,
+        checkpoint_dir=run_dir,
+        resume=resume,
+        progress=progress,
+        device=device,
+        max_steps_per_epoch=max_steps_per_epoch,
+        step_fn=lambda m, x, y, idx: m(x, y, idx),
+    )
     out = res.model.student.eval()
     out.distill_history = res.history  # type: ignore[attr-defined]
-    out.report = DistillReport(list(config.losses), type(teacher).__name__, train_config.epochs, max_steps_per_epoch,
-                               float(res.best_accuracy), res.history, round(time.perf_counter() - t0, 2))
+    out.report = DistillReport(
+        list(config.losses),
+        type(teacher).__name__,
+        train_config.epochs,
+        max_steps_per_epoch,
+        float(res.best_accuracy),
+        res.history,
+        round(time.perf_counter() - t0, 2),
+    )
     return _recipe.record(out, "distill", config, {}, out.report, previous=student)
 
 
@@ -304,8 +335,10 @@ def kd_loss_fn(teacher: nn.Module, config: DistillConfig = DistillConfig()):
         with torch.no_grad():
             t = teacher(inputs)
         if t.shape != outputs.shape:
-            raise ModelError(f"kd_loss_fn: student output shape {tuple(outputs.shape)} does not match teacher "
-                             f"output shape {tuple(t.shape)}")
+            raise ModelError(
+                f"kd_loss_fn: student output shape {tuple(outputs.shape)} does not match teacher "
+                f"output shape {tuple(t.shape)}"
+            )
         ctx = LossContext(outputs, t, targets, config.temperature)
         return sum(config.weight_of(i) * LOSSES.get(n)(ctx) for i, n in enumerate(config.losses))
 

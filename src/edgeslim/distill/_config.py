@@ -41,8 +41,9 @@ class DistillConfig(Config):
             raise self._bad("losses", f"give at least one of {', '.join(LOSSES.names())}")
         for name in self.losses:
             if name not in LOSSES:
-                raise self._bad("losses", f"unknown loss {name!r}{near(name, LOSSES.names())}; "
-                                          f"valid: {', '.join(LOSSES.names())}")
+                raise self._bad(
+                    "losses", f"unknown loss {name!r}{near(name, LOSSES.names())}; valid: {', '.join(LOSSES.names())}"
+                )
         if self.weights and len(self.weights) != len(self.losses):
             raise self._bad("weights", f"give one weight per loss ({len(self.losses)}) or none")
         if any(w < 0 for w in self.weights):

@@ -60,8 +60,16 @@ def _pairs(ctx: LossContext):
 def kd(ctx: LossContext) -> torch.Tensor:
     """Hinton KD: KL(teacher ‖ student) of temperature-softened distributions, times T²."""
     t = ctx.temperature
-    return F.kl_div(F.log_softmax(ctx.student_logits / t, -1), F.log_softmax(ctx.teacher_logits / t, -1),
-                    reduction="batchmean", log_target=True) * t * t
+    return (
+        F.kl_div(
+            F.log_softmax(ctx.student_logits / t, -1),
+            F.log_softmax(ctx.teacher_logits / t, -1),
+            reduction="batchmean",
+            log_target=True,
+        )
+        * t
+        * t
+    )
 
 
 @LOSSES.register("hint")
@@ -102,8 +110,10 @@ def attention_map(ctx: LossContext) -> torch.Tensor:
     losses = []
     for s, t in _pairs(ctx):
         if not (isinstance(s, (tuple, list)) and len(s) > 1 and s[1] is not None and s[1].ndim == 4):
-            raise ValueError("attention_map: the paired module did not return attention probabilities; load the "
-                             "model with attn_implementation='eager' and call it with output_attentions=True")
+            raise ValueError(
+                "attention_map: the paired module did not return attention probabilities; load the "
+                "model with attn_implementation='eager' and call it with output_attentions=True"
+            )
         ps, pt = s[1].mean(1), t[1].mean(1)
         losses.append(F.kl_div(ps.clamp_min(1e-8).log(), pt, reduction="batchmean"))
     return torch.stack(losses).mean()

@@ -22,8 +22,9 @@ def layer_drop_student(bert_model: nn.Module, keep: Sequence[int] | None = None)
     n = len(layers)
     keep = list(range(0, n, 2)) if keep is None else [int(k) for k in keep]
     if not keep or any(k < 0 or k >= n for k in keep) or len(set(keep)) != len(keep) or keep != sorted(keep):
-        raise ConfigError(f"layer_drop_student: keep={keep!r} is not allowed; give distinct increasing layer "
-                          f"indices in 0..{n - 1}")
+        raise ConfigError(
+            f"layer_drop_student: keep={keep!r} is not allowed; give distinct increasing layer indices in 0..{n - 1}"
+        )
     student = copy.deepcopy(bert_model)
     student.encoder.layer = nn.ModuleList([student.encoder.layer[k] for k in keep])
     for new_i, layer in enumerate(student.encoder.layer):
@@ -34,8 +35,15 @@ def layer_drop_student(bert_model: nn.Module, keep: Sequence[int] | None = None)
     return student
 
 
-def cnn_student(name: str, *, width: float = 0.5, depth: float = 1.0, in_channels: int = 1,
-                num_classes: int = 10, input_size: int = 28) -> nn.Module:
+def cnn_student(
+    name: str,
+    *,
+    width: float = 0.5,
+    depth: float = 1.0,
+    in_channels: int = 1,
+    num_classes: int = 10,
+    input_size: int = 28,
+) -> nn.Module:
     """A width/depth-reduced zoo CNN (random init): ``small_cnn`` by width, ``resnet18`` by width and depth."""
     if not 0 < width <= 4:
         raise ConfigError(f"cnn_student: width={width!r} is not allowed; must be in (0, 4]")
@@ -53,8 +61,14 @@ def cnn_student(name: str, *, width: float = 0.5, depth: float = 1.0, in_channel
         base = max(4, round(64 * width))
         # rebuild with the reduced width: torchvision's BasicBlock has a fixed base width, so scale the stages
         m.inplanes = base
-        m.conv1 = nn.Conv2d(in_channels, base, 3 if input_size < 64 else 7, 1 if input_size < 64 else 2,
-                            1 if input_size < 64 else 3, bias=False)
+        m.conv1 = nn.Conv2d(
+            in_channels,
+            base,
+            3 if input_size < 64 else 7,
+            1 if input_size < 64 else 2,
+            1 if input_size < 64 else 3,
+            bias=False,
+        )
         m.bn1 = nn.BatchNorm2d(base)
         if input_size < 64:
             m.maxpool = nn.Identity()

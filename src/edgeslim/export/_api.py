@@ -29,10 +29,10 @@ from edgeslim.core.counting import call, count_macs, count_params
 from edgeslim.core.errors import ConfigError, DataError, ExportError, near
 from edgeslim.core.io import atomic_path, check_output
 from edgeslim.core.metrics import compare
-from edgeslim.core.verbs import data_alias
-from edgeslim.core.progress import bar, progress_enabled
-from edgeslim.export import _edge
 from edgeslim.core.onnx_model import batch_len, first_output, ort_session, run_session, slice_inputs, to_onnx
+from edgeslim.core.progress import bar, progress_enabled
+from edgeslim.core.verbs import data_alias
+from edgeslim.export import _edge
 from edgeslim.export._qdq import compact_names, fold_qdq
 
 log = logging.getLogger(__name__)
@@ -97,8 +97,10 @@ class ValidationFloors(Config):
 
 def _examples(example_inputs: Any, n: int) -> tuple[Any, np.ndarray | None]:
     if example_inputs is None:
-        raise DataError("export needs example_inputs=: real samples (a dataset or an input tensor) to trace and "
-                        "validate the artifact")
+        raise DataError(
+            "export needs example_inputs=: real samples (a dataset or an input tensor) to trace and "
+            "validate the artifact"
+        )
     if hasattr(example_inputs, "normalized") and hasattr(example_inputs, "labels"):
         if len(example_inputs) == 0:
             raise DataError("example_inputs dataset is empty")
@@ -116,8 +118,10 @@ def _examples(example_inputs: Any, n: int) -> tuple[Any, np.ndarray | None]:
         if batch_len(example_inputs) == 0:
             raise DataError("example_inputs are empty")
         return slice_inputs(example_inputs, 0, n), None
-    raise DataError(f"example_inputs must be an ImageDataset, a tensor or a dict of tensors (keyword inputs), got "
-                    f"{type(example_inputs).__name__}")
+    raise DataError(
+        f"example_inputs must be an ImageDataset, a tensor or a dict of tensors (keyword inputs), got "
+        f"{type(example_inputs).__name__}"
+    )
 
 
 def _shape(x: Any) -> tuple[int, ...]:
@@ -131,8 +135,14 @@ def _torch_export(model: nn.Module, x: torch.Tensor, path: Path, opset: int) -> 
         # the TorchScript exporter turns fake-quantization into QuantizeLinear/DequantizeLinear pairs and
         # writes one self-contained file; the dynamo exporter does neither reliably for fake-quant modules
         torch.onnx.export(
-            model, (x[:1],), str(path), dynamo=False, opset_version=opset, input_names=["input"],
-            output_names=["output"], dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
+            model,
+            (x[:1],),
+            str(path),
+            dynamo=False,
+            opset_version=opset,
+            input_names=["input"],
+            output_names=["output"],
+            dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
             do_constant_folding=True,
         )
 
@@ -181,34 +191,61 @@ def export(
     """
     calib = data_alias(data, calib, "export")
     with progress_enabled(progress):
-        return _export(model, format, example_inputs=example_inputs, path=path, precision=precision, force=force,
-                       validate=validate, floors=floors, opset=opset, calib=calib)
+        return _export(
+            model,
+            format,
+            example_inputs=example_inputs,
+            path=path,
+            precision=precision,
+            force=force,
+            validate=validate,
+            floors=floors,
+            opset=opset,
+            calib=calib,
+        )
 
 
-def _export(model: nn.Module, format: str, *, example_inputs: Any, path: str | os.PathLike | None,
-            precision: str | None, force: bool, validate: bool, floors: ValidationFloors, opset: int, calib: Any
-            ) -> Artifact:
+def _export(
+    model: nn.Module,
+    format: str,
+    *,
+    example_inputs: Any,
+    path: str | os.PathLike | None,
+    precision: str | None,
+    force: bool,
+    validate: bool,
+    floors: ValidationFloors,
+    opset: int,
+    calib: Any,
+) -> Artifact:
     format = FORMAT_ALIASES.get(format, format)
     if format not in FORMATS:
         raise ConfigError(f"unknown export format {format!r}{near(format, FORMATS)}; valid: {', '.join(FORMATS)}")
     own = getattr(model, "edgeslim_precision", None)
     if precision is not None and precision not in PRECISIONS:
-        raise ConfigError(f"precision={precision!r} is not allowed{near(precision, PRECISIONS)}; valid: "
-                          f"{', '.join(PRECISIONS)}")
+        raise ConfigError(
+            f"precision={precision!r} is not allowed{near(precision, PRECISIONS)}; valid: {', '.join(PRECISIONS)}"
+        )
     if own and precision and precision != own:
-        raise ConfigError(f"precision={precision!r} conflicts with the quantized model's precision {own!r}; "
-                          "leave precision unset for quantized models")
+        raise ConfigError(
+            f"precision={precision!r} conflicts with the quantized model's precision {own!r}; "
+            "leave precision unset for quantized models"
+        )
     if not own and precision not in (None, "fp32", "fp16"):
-        raise ConfigError(f"precision={precision!r} needs a quantized model: use edgeslim.quantize first "
-                          "(a float model exports as 'fp32' or 'fp16')")
+        raise ConfigError(
+            f"precision={precision!r} needs a quantized model: use edgeslim.quantize first "
+            "(a float model exports as 'fp32' or 'fp16')"
+        )
     prec = own or precision or "fp32"
     if format != "onnx" and prec not in _edge.PRECISIONS[format]:
         raise ConfigError(f"format {format!r} takes precision {' or '.join(_edge.PRECISIONS[format])}, not {prec!r}")
     x, labels = _examples(example_inputs, floors.samples)
     has_graph = callable(getattr(model, "onnx_bytes", None))  # quantized on its ONNX graph, or an ONNX file
     if (isinstance(x, Mapping) or has_graph) and format != "onnx":
-        raise ConfigError(f"format {format!r} takes models with one tensor input built in torch; this model "
-                          f"({type(model).__name__}) exports to 'onnx' only")
+        raise ConfigError(
+            f"format {format!r} takes models with one tensor input built in torch; this model "
+            f"({type(model).__name__}) exports to 'onnx' only"
+        )
     target = Path(path) if path else Path(f"{type(model).__name__.lower()}-{prec}{_edge.SUFFIX[format]}")
     if target.suffix != _edge.SUFFIX[format]:
         raise ConfigError(f"path {str(target)!r} does not fit format {format!r}: use a {_edge.SUFFIX[format]} file")
@@ -218,23 +255,40 @@ def _export(model: nn.Module, format: str, *, example_inputs: Any, path: str | o
         with torch.no_grad():
             ref = first_output(call(model, x))
     except Exception as e:  # shape mismatches surface as RuntimeError deep in torch
-        raise DataError(f"example_inputs of shape {_shape(x)} do not fit {type(model).__name__}: "
-                        f"{str(e).splitlines()[0][:200]}") from None
+        raise DataError(
+            f"example_inputs of shape {_shape(x)} do not fit {type(model).__name__}: {str(e).splitlines()[0][:200]}"
+        ) from None
     t0 = time.perf_counter()
     if format != "onnx":
-        return _export_edge(model, format, x, ref, labels, target, prec, force=force, validate=validate,
-                            floors=floors, opset=opset, calib=calib, t0=t0)
+        return _export_edge(
+            model,
+            format,
+            x,
+            ref,
+            labels,
+            target,
+            prec,
+            force=force,
+            validate=validate,
+            floors=floors,
+            opset=opset,
+            calib=calib,
+            t0=t0,
+        )
     float_ctx = getattr(model, "float_reference", None)
-    with atomic_path(target, force=force) as tmp, tempfile.TemporaryDirectory() as td, \
-            bar(desc=f"export {target.name}", total=3 if validate else 2, unit="step") as pb:
+    with (
+        atomic_path(target, force=force) as tmp,
+        tempfile.TemporaryDirectory() as td,
+        bar(desc=f"export {target.name}", total=3 if validate else 2, unit="step") as pb,
+    ):
         raw = Path(td) / "raw.onnx"
         if has_graph:  # the file the model runs is the artifact
             raw.write_bytes(model.onnx_bytes())
         elif isinstance(x, Mapping):
-            with (float_ctx() if float_ctx and prec in ("int8-dynamic", "fp16") else contextlib.nullcontext()):
+            with float_ctx() if float_ctx and prec in ("int8-dynamic", "fp16") else contextlib.nullcontext():
                 raw.write_bytes(to_onnx(model, x, opset=opset))
         else:
-            with (float_ctx() if float_ctx and prec in ("int8-dynamic", "fp16") else contextlib.nullcontext()):
+            with float_ctx() if float_ctx and prec in ("int8-dynamic", "fp16") else contextlib.nullcontext():
                 _torch_export(model, x, raw, opset)
         with float_ctx() if float_ctx else contextlib.nullcontext():
             macs = count_macs(model, x)
@@ -253,11 +307,19 @@ def _export(model: nn.Module, format: str, *, example_inputs: Any, path: str | o
         if not macs and integer:
             macs = integer["total_macs"]  # an ONNX-file model: torch's counter sees no ops, the graph has them
     art = Artifact(
-        target, "onnx", prec, _shape(x), validation,
-        {"macs": macs, "opset": opset, "source_model": type(model).__name__,
-         "export_seconds": round(time.perf_counter() - t0, 3),
-         **({"integer_macs": integer} if integer else {}),
-         **report_meta(model)},
+        target,
+        "onnx",
+        prec,
+        _shape(x),
+        validation,
+        {
+            "macs": macs,
+            "opset": opset,
+            "source_model": type(model).__name__,
+            "export_seconds": round(time.perf_counter() - t0, 3),
+            **({"integer_macs": integer} if integer else {}),
+            **report_meta(model),
+        },
     )
     art.save_record(force=True)
     log.info("exported %s (%s, %d bytes)", target, prec, art.size_bytes)
@@ -296,8 +358,13 @@ def _integer_share(path: Path, x: Any, precision: str) -> dict[str, Any] | None:
     out = {k: im[k] for k in ("share", "integer_macs", "total_macs")}
     out["float_nodes"] = [n["node"] for n in im["nodes"] if not n["integer"]]
     if out["share"] is not None and out["share"] < MIN_INTEGER_SHARE:
-        log.warning("export: only %.1f%% of the MACs of %s run in integer kernels (%d of %d MAC nodes stay float)",
-                    100 * out["share"], path.name, len(out["float_nodes"]), len(im["nodes"]))
+        log.warning(
+            "export: only %.1f%% of the MACs of %s run in integer kernels (%d of %d MAC nodes stay float)",
+            100 * out["share"],
+            path.name,
+            len(out["float_nodes"]),
+            len(im["nodes"]),
+        )
     return out
 
 
@@ -314,9 +381,22 @@ def report_meta(model: nn.Module) -> dict[str, Any]:
     return out
 
 
-def _export_edge(model: nn.Module, fmt: str, x: torch.Tensor, ref: torch.Tensor, labels: np.ndarray | None,
-                 target: Path, prec: str, *, force: bool, validate: bool, floors: ValidationFloors, opset: int,
-                 calib: Any, t0: float) -> Artifact:
+def _export_edge(
+    model: nn.Module,
+    fmt: str,
+    x: torch.Tensor,
+    ref: torch.Tensor,
+    labels: np.ndarray | None,
+    target: Path,
+    prec: str,
+    *,
+    force: bool,
+    validate: bool,
+    floors: ValidationFloors,
+    opset: int,
+    calib: Any,
+    t0: float,
+) -> Artifact:
     """Write an openvino/tflite/executorch artifact, validated in its own runtime against the torch model."""
     check_output(target, force=force)
     if fmt == "openvino":
@@ -324,8 +404,9 @@ def _export_edge(model: nn.Module, fmt: str, x: torch.Tensor, ref: torch.Tensor,
     with tempfile.TemporaryDirectory() as td:
         tmp = Path(td) / f"model{_edge.SUFFIX[fmt]}"
         if fmt == "openvino":  # from edgeslim's own ONNX file (INT8: its Q/DQ nodes)
-            onnx_art = export(model, "onnx", example_inputs=x, path=Path(td) / "model.onnx", validate=False,
-                              opset=opset)
+            onnx_art = export(
+                model, "onnx", example_inputs=x, path=Path(td) / "model.onnx", validate=False, opset=opset
+            )
             meta = _edge.write_openvino(onnx_art.path, tmp)
         elif fmt == "tflite":
             meta = _edge.write_tflite(model, x, tmp, prec, calib)
@@ -337,24 +418,46 @@ def _export_edge(model: nn.Module, fmt: str, x: torch.Tensor, ref: torch.Tensor,
         if getattr(model, "float_reference", None):
             es.enter_context(model.float_reference())
         macs = count_macs(model, x)
-    art = Artifact(target, fmt, prec, tuple(x.shape[1:]), validation,
-                   {"macs": macs, "params": count_params(model),
-                    "source_model": type(model).__name__, "export_seconds": round(time.perf_counter() - t0, 3),
-                    **meta, **report_meta(model)})
+    art = Artifact(
+        target,
+        fmt,
+        prec,
+        tuple(x.shape[1:]),
+        validation,
+        {
+            "macs": macs,
+            "params": count_params(model),
+            "source_model": type(model).__name__,
+            "export_seconds": round(time.perf_counter() - t0, 3),
+            **meta,
+            **report_meta(model),
+        },
+    )
     art.save_record(force=True)
     log.info("exported %s (%s %s, %d bytes)", target, fmt, prec, art.size_bytes)
     return art
 
 
-def _validate(model: nn.Module, path: Path, x: torch.Tensor, ref: torch.Tensor, labels: np.ndarray | None,
-              prec: str, floors: ValidationFloors, fmt: str = "onnx") -> dict[str, Any]:
+def _validate(
+    model: nn.Module,
+    path: Path,
+    x: torch.Tensor,
+    ref: torch.Tensor,
+    labels: np.ndarray | None,
+    prec: str,
+    floors: ValidationFloors,
+    fmt: str = "onnx",
+) -> dict[str, Any]:
     """Run the file in its runtime (ONNX Runtime for ONNX) on the samples and compare with the torch model;
     raise below the floors."""
     out = _ort_run(path, x) if fmt == "onnx" else _edge.run_in_runtime(fmt, path, x)
     n = batch_len(x)
-    validation: dict[str, Any] = {"samples": n, "reference": "torch model passed to export",
-                                  "runtime": "onnxruntime" if fmt == "onnx" else _edge.RUNTIME[fmt],
-                                  **compare(ref.numpy(), out)}
+    validation: dict[str, Any] = {
+        "samples": n,
+        "reference": "torch model passed to export",
+        "runtime": "onnxruntime" if fmt == "onnx" else _edge.RUNTIME[fmt],
+        **compare(ref.numpy(), out),
+    }
     if labels is not None:
         validation["accuracy_torch"] = float((ref.numpy().argmax(1) == labels).mean())
         validation["accuracy_artifact"] = float((out.argmax(1) == labels).mean())
@@ -367,8 +470,11 @@ def _validate(model: nn.Module, path: Path, x: torch.Tensor, ref: torch.Tensor, 
         if labels is not None:
             fl["accuracy_float"] = float((fref.argmax(1) == labels).mean())
             fl["accuracy_artifact"] = validation["accuracy_artifact"]
-        fl["floors"] = {"cosine": floors.float_min_cosine, "sqnr_db": floors.float_min_sqnr_db,
-                        "top1_agreement": floors.float_top1_agreement}
+        fl["floors"] = {
+            "cosine": floors.float_min_cosine,
+            "sqnr_db": floors.float_min_sqnr_db,
+            "top1_agreement": floors.float_top1_agreement,
+        }
         validation["vs_float_reference"] = fl
     cmin, smin, tmin = floors.resolve(prec)
     validation["floors"] = {"cosine": cmin, "sqnr_db": smin, "top1_agreement": tmin}
@@ -384,13 +490,15 @@ def _validate(model: nn.Module, path: Path, x: torch.Tensor, ref: torch.Tensor, 
     if bad:
         raise ExportError(
             f"{prec} {fmt} export of {type(model).__name__} failed validation on {n} samples: "
-            + "; ".join(bad) + f" ({validation['summary']}; floors are set by ValidationFloors)"
+            + "; ".join(bad)
+            + f" ({validation['summary']}; floors are set by ValidationFloors)"
         )
     return validation
 
 
 def _summary_line(v: dict[str, Any], fl: dict[str, Any] | None) -> str:
     """Both comparisons in one line: the file vs its (quantized) reference, and vs FP32 (what was lost)."""
+
     def part(d: dict[str, Any]) -> str:
         return f"cosine {d['cosine']:.4f}, SQNR {d['sqnr_db']:.1f} dB, top-1 agreement {d['top1_agreement']:.3f}"
 
@@ -412,8 +520,9 @@ def _convert(raw: Path, out: Path, precision: str, opts: dict) -> None:
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
         dyn = raw.with_name("dynamic.onnx")
-        quantize_dynamic(str(raw), str(dyn), per_channel=bool(opts.get("per_channel", True)),
-                         weight_type=QuantType.QInt8)
+        quantize_dynamic(
+            str(raw), str(dyn), per_channel=bool(opts.get("per_channel", True)), weight_type=QuantType.QInt8
+        )
         raw = dyn
     model = onnx.load(str(raw))
     if precision == "int8":

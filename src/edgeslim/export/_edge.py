@@ -38,8 +38,9 @@ def _need(module: str, fmt: str) -> ModuleType:
     try:
         return importlib.import_module(module)
     except ImportError as e:
-        raise ExportError(f"{fmt} export needs {module.split('.')[0]!r} ({e}): pip install "
-                          f"'edgeslim[{EXTRA[fmt]}]'") from None
+        raise ExportError(
+            f"{fmt} export needs {module.split('.')[0]!r} ({e}): pip install 'edgeslim[{EXTRA[fmt]}]'"
+        ) from None
 
 
 def _float(model: nn.Module) -> contextlib.AbstractContextManager:
@@ -57,9 +58,11 @@ def _float_graph(model: nn.Module, x1: torch.Tensor) -> nn.Module:
 
 def _calib_samples(calib: Any, n: int) -> torch.Tensor:
     if calib is None:
-        raise DataError("INT8 tflite/executorch export re-quantizes with the runtime's PT2E quantizer and needs "
-                        "calibration data: pass calib=<dataset or tensor of real samples> (the same you gave "
-                        "edgeslim.quantize)")
+        raise DataError(
+            "INT8 tflite/executorch export re-quantizes with the runtime's PT2E quantizer and needs "
+            "calibration data: pass calib=<dataset or tensor of real samples> (the same you gave "
+            "edgeslim.quantize)"
+        )
     if hasattr(calib, "normalized") and hasattr(calib, "take"):
         if len(calib) == 0:
             raise DataError(f"calibration dataset {calib.name!r} is empty")
@@ -69,8 +72,9 @@ def _calib_samples(calib: Any, n: int) -> torch.Tensor:
     raise DataError(f"calib must be an ImageDataset or a non-empty tensor batch, got {type(calib).__name__}")
 
 
-def _pt2e(model: nn.Module, x1: torch.Tensor, quantizer: Any, calib: Any, *,
-          fold_quantize: bool = True) -> tuple[nn.Module, dict[str, Any]]:
+def _pt2e(
+    model: nn.Module, x1: torch.Tensor, quantizer: Any, calib: Any, *, fold_quantize: bool = True
+) -> tuple[nn.Module, dict[str, Any]]:
     """PT2E post-training quantization of ``model``'s float graph with ``quantizer``, calibrated on ``calib``.
 
     litert-torch needs ``fold_quantize=False`` (folded int8 weight constants fail its converter).
@@ -101,12 +105,16 @@ def write_tflite(model: nn.Module, x: torch.Tensor, out: Path, precision: str, c
             from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
             from litert_torch.quantize.quant_config import QuantConfig
 
-            quantizer = PT2EQuantizer().set_global(get_symmetric_quantization_config(
-                is_per_channel=_per_channel(model)))
+            quantizer = PT2EQuantizer().set_global(
+                get_symmetric_quantization_config(is_per_channel=_per_channel(model))
+            )
             qmodel, info = _pt2e(model, x1, quantizer, calib, fold_quantize=False)
             edge = litert_torch.convert(qmodel, (x1,), quant_config=QuantConfig(pt2e_quantizer=quantizer))
-            meta["int8"] = {"method": "re-quantized with litert-torch PT2EQuantizer (symmetric INT8, per-channel "
-                                      f"weights={_per_channel(model)}) on the folded float graph", **info}
+            meta["int8"] = {
+                "method": "re-quantized with litert-torch PT2EQuantizer (symmetric INT8, per-channel "
+                f"weights={_per_channel(model)}) on the folded float graph",
+                **info,
+            }
         else:
             with _float(model):
                 edge = litert_torch.convert(model.eval(), (x1,))
@@ -120,8 +128,7 @@ def write_executorch(model: nn.Module, x: torch.Tensor, out: Path, precision: st
     from executorch.exir import to_edge_transform_and_lower
 
     x1 = x[:1]
-    meta: dict[str, Any] = {"converter": "executorch.exir to_edge_transform_and_lower + XnnpackPartitioner",
-                            "batch": 1}
+    meta: dict[str, Any] = {"converter": "executorch.exir to_edge_transform_and_lower + XnnpackPartitioner", "batch": 1}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if precision == "int8":
@@ -130,15 +137,20 @@ def write_executorch(model: nn.Module, x: torch.Tensor, out: Path, precision: st
                 get_symmetric_quantization_config,
             )
 
-            quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(
-                is_per_channel=_per_channel(model)))
+            quantizer = XNNPACKQuantizer().set_global(
+                get_symmetric_quantization_config(is_per_channel=_per_channel(model))
+            )
             graph, info = _pt2e(model, x1, quantizer, calib)
-            meta["int8"] = {"method": "re-quantized with ExecuTorch XNNPACKQuantizer (symmetric INT8, per-channel "
-                                      f"weights={_per_channel(model)}) on the folded float graph", **info}
+            meta["int8"] = {
+                "method": "re-quantized with ExecuTorch XNNPACKQuantizer (symmetric INT8, per-channel "
+                f"weights={_per_channel(model)}) on the folded float graph",
+                **info,
+            }
         else:
             graph = _float_graph(model, x1)
-        program = to_edge_transform_and_lower(torch.export.export(graph, (x1,)),
-                                              partitioner=[XnnpackPartitioner()]).to_executorch()
+        program = to_edge_transform_and_lower(
+            torch.export.export(graph, (x1,)), partitioner=[XnnpackPartitioner()]
+        ).to_executorch()
     out.write_bytes(program.buffer)
     return meta
 

@@ -72,8 +72,10 @@ def fold_qdq(model):
     producers = {}
     nodes = []
     for n in _toposort(keep, {i.name for i in g.input} | set(inits)):
-        if n.op_type not in ("QuantizeLinear", "DequantizeLinear") and n.input and all(
-            i in inits for i in n.input if i
+        if (
+            n.op_type not in ("QuantizeLinear", "DequantizeLinear")
+            and n.input
+            and all(i in inits for i in n.input if i)
         ):
             for t in _evaluate(n, inits):
                 g.initializer.append(t)
@@ -107,14 +109,21 @@ def fold_qdq(model):
                     bscale = bscale.reshape(())
                 qb = np.clip(np.round(b / bscale), -(2**31), 2**31 - 1).astype(np.int32)
                 base = n.input[2]
-                g.initializer.extend([
-                    numpy_helper.from_array(qb, base + "_int32"),
-                    numpy_helper.from_array(bscale.astype(np.float32), base + "_int32_scale"),
-                ])
-                new_nodes.append(helper.make_node(
-                    "DequantizeLinear", [base + "_int32", base + "_int32_scale"],
-                    [base + "_dq"], name=base + "_DequantizeLinear", **({"axis": 0} if bscale.ndim else {}),
-                ))
+                g.initializer.extend(
+                    [
+                        numpy_helper.from_array(qb, base + "_int32"),
+                        numpy_helper.from_array(bscale.astype(np.float32), base + "_int32_scale"),
+                    ]
+                )
+                new_nodes.append(
+                    helper.make_node(
+                        "DequantizeLinear",
+                        [base + "_int32", base + "_int32_scale"],
+                        [base + "_dq"],
+                        name=base + "_DequantizeLinear",
+                        **({"axis": 0} if bscale.ndim else {}),
+                    )
+                )
                 n.input[2] = base + "_dq"
         new_nodes.append(n)
     # 4. float layers reading a per-tensor DQ get a private per-axis DQ (see the module docstring)
@@ -146,8 +155,15 @@ def fold_qdq(model):
             zp = _np(inits[dq.input[2]])
             extra.append(numpy_helper.from_array(np.full(channels, zp.reshape(()), zp.dtype), base + "_zp"))
         g.initializer.extend(extra)
-        new_nodes.append(helper.make_node("DequantizeLinear", [dq.input[0]] + [t.name for t in extra], [base],
-                                          name=base + "_DequantizeLinear", axis=1))
+        new_nodes.append(
+            helper.make_node(
+                "DequantizeLinear",
+                [dq.input[0]] + [t.name for t in extra],
+                [base],
+                name=base + "_DequantizeLinear",
+                axis=1,
+            )
+        )
         n.input[0] = base
     del g.node[:]
     g.node.extend(_toposort(new_nodes, {i.name for i in g.input} | {i.name for i in g.initializer}))
@@ -199,7 +215,8 @@ def _evaluate(node, inits: dict) -> list:
 
     feeds = {i: _np(inits[i]) for i in node.input if i}
     graph = helper.make_graph(
-        [node], "fold",
+        [node],
+        "fold",
         [helper.make_tensor_value_info(k, helper.np_dtype_to_tensor_dtype(v.dtype), v.shape) for k, v in feeds.items()],
         [helper.make_tensor_value_info(o, 0, None) for o in node.output],
     )

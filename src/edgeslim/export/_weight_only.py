@@ -80,8 +80,13 @@ def _gemm_to_matmul(model: Any) -> int:
     new_nodes, n_rewritten = [], 0
     for node in model.graph.node:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        ok = (node.op_type == "Gemm" and node.input[1] in inits and attrs.get("transA", 0) == 0
-              and float(attrs.get("alpha", 1.0)) == 1.0 and float(attrs.get("beta", 1.0)) == 1.0)
+        ok = (
+            node.op_type == "Gemm"
+            and node.input[1] in inits
+            and attrs.get("transA", 0) == 0
+            and float(attrs.get("alpha", 1.0)) == 1.0
+            and float(attrs.get("beta", 1.0)) == 1.0
+        )
         if not ok:
             new_nodes.append(node)
             continue
@@ -94,7 +99,9 @@ def _gemm_to_matmul(model: Any) -> int:
         mm_out = node.output[0] + "_mm" if has_bias else node.output[0]
         new_nodes.append(helper.make_node("MatMul", [node.input[0], wname], [mm_out], name=node.name + "_matmul"))
         if has_bias:
-            new_nodes.append(helper.make_node("Add", [mm_out, node.input[2]], [node.output[0]], name=node.name + "_add"))
+            new_nodes.append(
+                helper.make_node("Add", [mm_out, node.input[2]], [node.output[0]], name=node.name + "_add")
+            )
         n_rewritten += 1
     if not n_rewritten:
         return 0
@@ -109,8 +116,9 @@ def _gemm_to_matmul(model: Any) -> int:
     return n_rewritten
 
 
-def weight_only_onnx(src: str | Path, path: str | Path, config: WeightOnlyConfig = WeightOnlyConfig(), *,
-                     force: bool = False) -> dict[str, Any]:
+def weight_only_onnx(
+    src: str | Path, path: str | Path, config: WeightOnlyConfig = WeightOnlyConfig(), *, force: bool = False
+) -> dict[str, Any]:
     """Quantize the constant MatMul weights of the ONNX file ``src`` to ``config.bits`` and write ``path``.
 
     Returns:
@@ -128,8 +136,10 @@ def weight_only_onnx(src: str | Path, path: str | Path, config: WeightOnlyConfig
     inits = {t.name for t in model.graph.initializer}
     candidates = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits]
     if not candidates:
-        raise QuantizationError(f"{src}: no MatMul/Gemm with a constant weight to quantize (ops: "
-                                f"{sorted(Counter(n.op_type for n in model.graph.node))})")
+        raise QuantizationError(
+            f"{src}: no MatMul/Gemm with a constant weight to quantize (ops: "
+            f"{sorted(Counter(n.op_type for n in model.graph.node))})"
+        )
     # per node: a block never spans more than K (rounded up to a power of two >= 16, as MatMulNBits requires);
     # per-channel = one block over the whole K. ORT takes one block size per pass, so run one pass per size.
     shapes = {t.name: tuple(t.dims) for t in model.graph.initializer}
@@ -144,8 +154,10 @@ def weight_only_onnx(src: str | Path, path: str | Path, config: WeightOnlyConfig
     try:
         for block, names in sorted(by_block.items()):
             algo = DefaultWeightOnlyQuantConfig(
-                block_size=block, is_symmetric=config.symmetric,
-                accuracy_level=config.accuracy_level or None, bits=config.bits,
+                block_size=block,
+                is_symmetric=config.symmetric,
+                accuracy_level=config.accuracy_level or None,
+                bits=config.bits,
             )
             others = [c for c in candidates if c not in names]  # ORT's nodes_to_include adds, it does not restrict
             q = MatMulNBitsQuantizer(model, algo_config=algo, nodes_to_exclude=others)
@@ -157,20 +169,35 @@ def weight_only_onnx(src: str | Path, path: str | Path, config: WeightOnlyConfig
     ops = Counter(n.op_type for n in out_model.graph.node)
     n_q = ops.get("MatMulNBits", 0)
     if n_q == 0:
-        raise QuantizationError(f"{src}: ORT quantized none of {len(candidates)} MatMuls "
-                                f"(bits={config.bits}, group_size={config.group_size})")
+        raise QuantizationError(
+            f"{src}: ORT quantized none of {len(candidates)} MatMuls "
+            f"(bits={config.bits}, group_size={config.group_size})"
+        )
     with atomic_path(path, force=force) as tmp:
         onnx.save(out_model, str(tmp))
     skipped = len(candidates) - n_q
     if skipped:
         log.warning("weight-only: %d of %d constant-weight MatMuls left in FP32", skipped, len(candidates))
-    return {"quantized": n_q, "skipped": skipped, "gemm_rewritten": rewritten, "ops": dict(ops),
-            "src_bytes": Path(src).stat().st_size, "bytes": Path(path).stat().st_size, "config": config.to_dict()}
+    return {
+        "quantized": n_q,
+        "skipped": skipped,
+        "gemm_rewritten": rewritten,
+        "ops": dict(ops),
+        "src_bytes": Path(src).stat().st_size,
+        "bytes": Path(path).stat().st_size,
+        "config": config.to_dict(),
+    }
 
 
-def export_weight_only(model: nn.Module, config: WeightOnlyConfig = WeightOnlyConfig(), *,
-                       example_inputs: torch.Tensor, path: str | Path, opset: int = 17,
-                       force: bool = False) -> dict[str, Any]:
+def export_weight_only(
+    model: nn.Module,
+    config: WeightOnlyConfig = WeightOnlyConfig(),
+    *,
+    example_inputs: torch.Tensor,
+    path: str | Path,
+    opset: int = 17,
+    force: bool = False,
+) -> dict[str, Any]:
     """Export ``model`` to ONNX with weight-only quantized Linear layers and validate it against torch.
 
     The model is deep-copied (never mutated). ``example_inputs`` must be real inputs (a batch): the cosine and top-1
@@ -200,6 +227,8 @@ def export_weight_only(model: nn.Module, config: WeightOnlyConfig = WeightOnlyCo
     report.update(compare(ref, out))
     if report["cosine"] < config.min_cosine:
         Path(path).unlink(missing_ok=True)
-        raise ExportError(f"weight-only INT{config.bits} (group_size={config.group_size}) output cosine "
-                          f"{report['cosine']:.4f} < min_cosine {config.min_cosine}; try 8 bits or a smaller group")
+        raise ExportError(
+            f"weight-only INT{config.bits} (group_size={config.group_size}) output cosine "
+            f"{report['cosine']:.4f} < min_cosine {config.min_cosine}; try 8 bits or a smaller group"
+        )
     return report

@@ -3,6 +3,7 @@
 >>> model = edgeslim.models.load("mobilenet_v2", dataset="fashion-mnist", pretrained=True)
 """
 
+from edgeslim.models._text import load_text, mean_pool, text_model_names
 from edgeslim.models._zoo import (
     ZOO,
     SmallCNN,
@@ -17,10 +18,21 @@ from edgeslim.models._zoo import (
     names,
     shipped,
 )
-from edgeslim.models._text import load_text, mean_pool, text_model_names
 
 __all__ = [
-    "ZOO", "SmallCNN", "apply_state_dict", "build", "checkpoint_info", "checkpoint_path", "init_from_imagenet",
-    "load", "load_factory", "load_state_dict_file", "names", "shipped",
-    "load_text", "mean_pool", "text_model_names",
+    "ZOO",
+    "SmallCNN",
+    "apply_state_dict",
+    "build",
+    "checkpoint_info",
+    "checkpoint_path",
+    "init_from_imagenet",
+    "load",
+    "load_factory",
+    "load_state_dict_file",
+    "names",
+    "shipped",
+    "load_text",
+    "mean_pool",
+    "text_model_names",
 ]

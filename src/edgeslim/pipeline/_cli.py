@@ -21,27 +21,44 @@ from typing import Any
 
 from edgeslim.core.errors import ConfigError
 
-
 #: exit status when the search finished but no candidate meets the budget (the closest one is still saved)
 EXIT_NOT_MET = 3
 
 
-def add_optimize_parser(sub: Any, add: Callable[[str, Callable, str], argparse.ArgumentParser]
-                        ) -> argparse.ArgumentParser:
+def add_optimize_parser(
+    sub: Any, add: Callable[[str, Callable, str], argparse.ArgumentParser]
+) -> argparse.ArgumentParser:
     """Add the ``optimize`` subcommand with ``add(name, fn, help)`` (cli.py's helper, which adds ``--json``)."""
-    o = add("optimize", cmd_optimize, "search prune / fine-tune / INT8 chains for the model that meets a budget "
-            "(measured on this host or predicted for a device); save the chosen artifact and a report")
-    o.add_argument("model", nargs="?", help="zoo name (small_cnn, mobilenet_v2, resnet18) or "
-                   "'package.module:function' (runs that code); left out with --resume RUN / --worker: the run's own")
+    o = add(
+        "optimize",
+        cmd_optimize,
+        "search prune / fine-tune / INT8 chains for the model that meets a budget "
+        "(measured on this host or predicted for a device); save the chosen artifact and a report",
+    )
+    o.add_argument(
+        "model",
+        nargs="?",
+        help="zoo name (small_cnn, mobilenet_v2, resnet18) or "
+        "'package.module:function' (runs that code); left out with --resume RUN / --worker: the run's own",
+    )
     o.add_argument("--dataset", help="dataset name or folder:<path> (default fashion-mnist)")
     o.add_argument("--weights", help="state_dict file to load (read with weights_only=True)")
-    o.add_argument("--no-pretrained", action="store_true", help="random initialisation instead of the shipped "
-                   "checkpoint")
+    o.add_argument(
+        "--no-pretrained", action="store_true", help="random initialisation instead of the shipped checkpoint"
+    )
     o.add_argument("--budget", metavar="YAML", help="Budget YAML (the limit options below override it)")
-    o.add_argument("--space", metavar="YAML", help="search Space YAML, or 'ptq' (INT8 PTQ variants only: no pruning "
-                   "or training); default: edgeslim's default space")
-    o.add_argument("--max-drop", type=float, metavar="PT", help="allowed top-1 drop in POINTS, e.g. 0.5 "
-                   "(default 1.0, or the Budget YAML's)")
+    o.add_argument(
+        "--space",
+        metavar="YAML",
+        help="search Space YAML, or 'ptq' (INT8 PTQ variants only: no pruning "
+        "or training); default: edgeslim's default space",
+    )
+    o.add_argument(
+        "--max-drop",
+        type=float,
+        metavar="PT",
+        help="allowed top-1 drop in POINTS, e.g. 0.5 (default 1.0, or the Budget YAML's)",
+    )
     o.add_argument("--max-latency-ms", type=float, metavar="MS", help="latency limit, batch 1")
     o.add_argument("--min-speedup", type=float, metavar="X", help="at least X times faster than the FP32 ONNX file")
     o.add_argument("--max-size-mb", type=float, metavar="MB", help="file size limit")
@@ -50,30 +67,60 @@ def add_optimize_parser(sub: Any, add: Callable[[str, Callable, str], argparse.A
     o.add_argument("--target", help="host (measured here, default) or a device profile name / YAML (predicted)")
     o.add_argument("--runtime", help="runtime measured on (default onnxruntime)")
     o.add_argument("--threads", type=int, help="deployment threads (default 1)")
-    o.add_argument("--prefer", choices=["latency", "accuracy", "size"], help="what the choice among candidates "
-                   "that meet the budget is best at (default latency)")
+    o.add_argument(
+        "--prefer",
+        choices=["latency", "accuracy", "size"],
+        help="what the choice among candidates that meet the budget is best at (default latency)",
+    )
     o.add_argument("--minutes", type=float, help="stop starting trials after this many minutes (of this process)")
     o.add_argument("--trials", type=int, help="stop after this many finished trials (default 40 without --minutes)")
-    o.add_argument("--samples", type=int, help="validation samples accuracy is measured on during the search "
-                   "(the chosen candidate is re-measured on all of them)")
+    o.add_argument(
+        "--samples",
+        type=int,
+        help="validation samples accuracy is measured on during the search "
+        "(the chosen candidate is re-measured on all of them)",
+    )
     o.add_argument("--out", help="run folder (study.db, cache/, chosen/, report.*; default runs/optimize)")
-    o.add_argument("--storage", metavar="URL", help="shared Optuna storage, e.g. postgresql://user@host/db: workers "
-                   "(--worker) on this or other machines join the study; recorded in run.json without its password")
-    o.add_argument("--resume", nargs="?", const=True, metavar="RUN", help="continue the run in RUN (default: --out); "
-                   "without a model, with the options it was started with")
-    o.add_argument("--worker", action="store_true", help="join the shared study of the run (--resume RUN): its "
-                   "model, data, budget, space and storage from RUN/run.json; run trials until the study's trial "
-                   "budget is used up, then write the report from the whole study")
-    o.add_argument("--heartbeat", type=int, metavar="S", help="shared storage: seconds between a worker's "
-                   "heartbeats; a trial whose worker is silent for 3 of them is queued again (default 10)")
+    o.add_argument(
+        "--storage",
+        metavar="URL",
+        help="shared Optuna storage, e.g. postgresql://user@host/db: workers "
+        "(--worker) on this or other machines join the study; recorded in run.json without its password",
+    )
+    o.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        metavar="RUN",
+        help="continue the run in RUN (default: --out); without a model, with the options it was started with",
+    )
+    o.add_argument(
+        "--worker",
+        action="store_true",
+        help="join the shared study of the run (--resume RUN): its "
+        "model, data, budget, space and storage from RUN/run.json; run trials until the study's trial "
+        "budget is used up, then write the report from the whole study",
+    )
+    o.add_argument(
+        "--heartbeat",
+        type=int,
+        metavar="S",
+        help="shared storage: seconds between a worker's "
+        "heartbeats; a trial whose worker is silent for 3 of them is queued again (default 10)",
+    )
     o.add_argument("--seed", type=int, help="default 0")
     o.add_argument("--sampler", choices=["tpe", "nsga2"], help="default tpe")
     return o
 
 
-_LIMITS = (("max_drop", "max_accuracy_drop"), ("max_latency_ms", "max_latency_ms"), ("min_speedup", "min_speedup"),
-           ("max_size_mb", "max_size_mb"), ("max_memory_mb", "max_peak_memory_mb"),
-           ("max_energy_mj", "max_energy_mj"))
+_LIMITS = (
+    ("max_drop", "max_accuracy_drop"),
+    ("max_latency_ms", "max_latency_ms"),
+    ("min_speedup", "min_speedup"),
+    ("max_size_mb", "max_size_mb"),
+    ("max_memory_mb", "max_peak_memory_mb"),
+    ("max_energy_mj", "max_energy_mj"),
+)
 
 
 def budget_from_args(a: argparse.Namespace) -> Any:
@@ -113,16 +160,27 @@ def cmd_optimize(a: argparse.Namespace) -> int:
         res = optimize(**kw, out=out, progress=None)
     except ConfigError as e:
         if had_password and a.storage is None and "does not answer" in str(e):
-            raise ConfigError(f"{e} (run.json keeps no password: give the URL with it in --storage, or set "
-                              "PGPASSWORD or ~/.pgpass)") from None
+            raise ConfigError(
+                f"{e} (run.json keeps no password: give the URL with it in --storage, or set PGPASSWORD or ~/.pgpass)"
+            ) from None
         raise
     paths = {k: str(v) for k, v in res.paths.items()}
     if a.json:
-        print(json.dumps({"meets_budget": res.meets_budget, "violations": res.violations, "recipe": res.recipe,
-                          "final": res.report.data["chosen"]["final"],
-                          "baseline_final": res.report.data["baseline_final"],
-                          "trials": {k: v for k, v in res.report.data["trials"].items() if k != "rows"},
-                          "paths": paths}, indent=2, default=str))
+        print(
+            json.dumps(
+                {
+                    "meets_budget": res.meets_budget,
+                    "violations": res.violations,
+                    "recipe": res.recipe,
+                    "final": res.report.data["chosen"]["final"],
+                    "baseline_final": res.report.data["baseline_final"],
+                    "trials": {k: v for k, v in res.report.data["trials"].items() if k != "rows"},
+                    "paths": paths,
+                },
+                indent=2,
+                default=str,
+            )
+        )
     else:
         print(res.report.summary())
         print("\n".join(f"wrote {v}" for v in paths.values()))
@@ -137,8 +195,10 @@ def _run_folder(a: argparse.Namespace) -> str:
     if a.worker:
         raise ConfigError("--worker joins a run: give its folder, --resume RUN")
     if a.model is None:
-        raise ConfigError("give the model (a zoo name or package.module:function), or --resume RUN to continue a "
-                          "run with the options it was started with")
+        raise ConfigError(
+            "give the model (a zoo name or package.module:function), or --resume RUN to continue a "
+            "run with the options it was started with"
+        )
     return a.out or "runs/optimize"
 
 
@@ -158,17 +218,53 @@ def _from_options(a: argparse.Namespace, out: str) -> dict[str, Any]:
     model = models.load(a.model, dataset, pretrained=not a.no_pretrained, weights=a.weights)
     train, val = es_data.load(dataset)
     heartbeat = a.heartbeat or 10
-    command = {"model": a.model, "dataset": dataset, "weights": str(Path(a.weights).resolve()) if a.weights else None,
-               "pretrained": not a.no_pretrained, "trials": a.trials, "minutes": a.minutes, "heartbeat": heartbeat}
-    return {"model": model, "data": (train, val), "budget": budget, "space": space, "max_trials": a.trials,
-            "max_minutes": a.minutes, "storage": a.storage, "seed": 0 if a.seed is None else a.seed,
-            "resume": bool(a.resume), "sampler": a.sampler or "tpe", "heartbeat_s": heartbeat, "command": command}
+    command = {
+        "model": a.model,
+        "dataset": dataset,
+        "weights": str(Path(a.weights).resolve()) if a.weights else None,
+        "pretrained": not a.no_pretrained,
+        "trials": a.trials,
+        "minutes": a.minutes,
+        "heartbeat": heartbeat,
+    }
+    return {
+        "model": model,
+        "data": (train, val),
+        "budget": budget,
+        "space": space,
+        "max_trials": a.trials,
+        "max_minutes": a.minutes,
+        "storage": a.storage,
+        "seed": 0 if a.seed is None else a.seed,
+        "resume": bool(a.resume),
+        "sampler": a.sampler or "tpe",
+        "heartbeat_s": heartbeat,
+        "command": command,
+    }
 
 
 #: options that name what a run is: taken from run.json when resuming without a model or joining as a worker
-_RUN_OPTIONS = ("dataset", "weights", "budget", "space", "max_drop", "max_latency_ms", "min_speedup", "max_size_mb",
-                "max_memory_mb", "max_energy_mj", "target", "runtime", "threads", "prefer", "trials", "samples",
-                "seed", "sampler", "heartbeat")
+_RUN_OPTIONS = (
+    "dataset",
+    "weights",
+    "budget",
+    "space",
+    "max_drop",
+    "max_latency_ms",
+    "min_speedup",
+    "max_size_mb",
+    "max_memory_mb",
+    "max_energy_mj",
+    "target",
+    "runtime",
+    "threads",
+    "prefer",
+    "trials",
+    "samples",
+    "seed",
+    "sampler",
+    "heartbeat",
+)
 
 
 def _from_record(a: argparse.Namespace, out: str) -> tuple[dict[str, Any], bool]:
@@ -185,22 +281,38 @@ def _from_record(a: argparse.Namespace, out: str) -> tuple[dict[str, Any], bool]
     given += ["model"] if a.model is not None else []
     given += ["--no-pretrained"] if a.no_pretrained else []
     if given:
-        raise ConfigError(f"{how} takes the model, data, budget and space from {out}/run.json; drop "
-                          f"{', '.join(given)} (only --storage, --minutes and --json may be given)")
+        raise ConfigError(
+            f"{how} takes the model, data, budget and space from {out}/run.json; drop "
+            f"{', '.join(given)} (only --storage, --minutes and --json may be given)"
+        )
     rec = read_run(Path(out))
     cmd = rec.get("command")
     if not isinstance(cmd, dict) or not cmd.get("model"):
-        raise ConfigError(f"{out}/run.json records no command (the run was started from Python): join it by "
-                          "calling edgeslim.optimize with the same model, data, budget, space and storage")
+        raise ConfigError(
+            f"{out}/run.json records no command (the run was started from Python): join it by "
+            "calling edgeslim.optimize with the same model, data, budget, space and storage"
+        )
     if a.worker and not rec.get("storage"):
-        raise ConfigError(f"--worker: the run in {out!r} keeps its study in its own study.db, which one process at "
-                          "a time may use; start the run with --storage postgresql://... to share it between workers")
-    model = models.load(cmd["model"], cmd["dataset"], pretrained=cmd.get("pretrained", True),
-                        weights=cmd.get("weights"))
+        raise ConfigError(
+            f"--worker: the run in {out!r} keeps its study in its own study.db, which one process at "
+            "a time may use; start the run with --storage postgresql://... to share it between workers"
+        )
+    model = models.load(
+        cmd["model"], cmd["dataset"], pretrained=cmd.get("pretrained", True), weights=cmd.get("weights")
+    )
     train, val = es_data.load(cmd["dataset"])
-    kw = {"model": model, "data": (train, val), "budget": Budget.from_dict(rec["budget"], source=f"{out}/run.json"),
-          "space": Space.from_dict(rec["space"], source=f"{out}/run.json"), "max_trials": cmd.get("trials"),
-          "max_minutes": a.minutes,  # this process's own limit, never the starter's
-          "storage": a.storage or rec.get("storage"), "seed": rec["seed"], "resume": True,
-          "sampler": rec.get("sampler", "tpe"), "heartbeat_s": cmd.get("heartbeat", 10), "command": cmd}
+    kw = {
+        "model": model,
+        "data": (train, val),
+        "budget": Budget.from_dict(rec["budget"], source=f"{out}/run.json"),
+        "space": Space.from_dict(rec["space"], source=f"{out}/run.json"),
+        "max_trials": cmd.get("trials"),
+        "max_minutes": a.minutes,  # this process's own limit, never the starter's
+        "storage": a.storage or rec.get("storage"),
+        "seed": rec["seed"],
+        "resume": True,
+        "sampler": rec.get("sampler", "tpe"),
+        "heartbeat_s": cmd.get("heartbeat", 10),
+        "command": cmd,
+    }
     return kw, bool(rec.get("storage_password"))

@@ -52,17 +52,20 @@ def run_demo(
     info = es_models.checkpoint_info(model_name, dataset)
     stages: list[Metrics] = []
     log.info("measuring the FP32 baseline in torch")
-    stages.append(measure(model, data=val, runtime="torch", threads=threads, runs=runs,
-                          label="FP32 baseline (torch eager)"))
+    stages.append(
+        measure(model, data=val, runtime="torch", threads=threads, runs=runs, label="FP32 baseline (torch eager)")
+    )
     fp32 = export(model, "onnx", example_inputs=val, path=fp32_path, force=force)
-    stages.append(measure(fp32, data=val, runtime="onnxruntime", threads=threads, runs=runs,
-                          label="FP32 ONNX (onnxruntime)"))
+    stages.append(
+        measure(fp32, data=val, runtime="onnxruntime", threads=threads, runs=runs, label="FP32 ONNX (onnxruntime)")
+    )
     tq = time.perf_counter()
     q = quantize(model, config, calib=train)
     q_seconds = time.perf_counter() - tq
     int8 = export(q, "onnx", example_inputs=val, path=int8_path, force=force)
-    stages.append(measure(int8, data=val, runtime="onnxruntime", threads=threads, runs=runs,
-                          label="INT8 ONNX (onnxruntime)"))
+    stages.append(
+        measure(int8, data=val, runtime="onnxruntime", threads=threads, runs=runs, label="INT8 ONNX (onnxruntime)")
+    )
     notes = [
         f"Model: {model_name} on {dataset}; shipped checkpoint accuracy {info.get('accuracy', 'n/a')} "
         f"(recorded when it was trained: {info.get('command', 'n/a')}).",
@@ -73,7 +76,14 @@ def run_demo(
         f"on {int8.validation['samples']} real samples.",
         f"Threads measured: {', '.join(map(str, threads))}; torch {torch.__version__}.",
     ]
-    paths = report(stages, out, title=f"edgeslim demo: {model_name} on {dataset}, FP32 -> INT8", force=force,
-                   notes=notes)
-    return {"stages": stages, "artifacts": {"fp32": fp32, "int8": int8}, "report": paths,
-            "quant_report": q.report, "seconds": round(time.perf_counter() - t0, 1), "notes": notes}
+    paths = report(
+        stages, out, title=f"edgeslim demo: {model_name} on {dataset}, FP32 -> INT8", force=force, notes=notes
+    )
+    return {
+        "stages": stages,
+        "artifacts": {"fp32": fp32, "int8": int8},
+        "report": paths,
+        "quant_report": q.report,
+        "seconds": round(time.perf_counter() - t0, 1),
+        "notes": notes,
+    }

@@ -81,19 +81,25 @@ class OptimizeReport:
         d = self.data
         c = d["chosen"]
         t = d["trials"]
-        head = (f"optimize: {t['complete']} trials ({t['failed']} failed, {t['gated']} gated before fine-tuning, "
-                f"{t['duplicates']} duplicates skipped) in {d['seconds']:.0f} s; chosen trial {c['trial']}: "
-                f"{c['description']}")
+        head = (
+            f"optimize: {t['complete']} trials ({t['failed']} failed, {t['gated']} gated before fine-tuning, "
+            f"{t['duplicates']} duplicates skipped) in {d['seconds']:.0f} s; chosen trial {c['trial']}: "
+            f"{c['description']}"
+        )
         fin, base = c["final"], d["baseline_final"]
-        lines = [head, f"  accuracy {100 * fin['accuracy']:.2f}% vs FP32 {100 * base['accuracy']:.2f}% "
-                 f"({d['final_data']}), latency {fin['latency_ms']:.4g} ms vs {base['latency_ms']:.4g} ms "
-                 f"({base['latency_ms'] / fin['latency_ms']:.2f}x, {d['latency_source']}), size "
-                 f"{fin['size_mb']:.3g} MB"]
+        lines = [
+            head,
+            f"  accuracy {100 * fin['accuracy']:.2f}% vs FP32 {100 * base['accuracy']:.2f}% "
+            f"({d['final_data']}), latency {fin['latency_ms']:.4g} ms vs {base['latency_ms']:.4g} ms "
+            f"({base['latency_ms'] / fin['latency_ms']:.2f}x, {d['latency_source']}), size "
+            f"{fin['size_mb']:.3g} MB",
+        ]
         if c["meets_budget"]:
             lines.append("  meets the budget: " + "; ".join(d["budget_lines"]))
         else:
-            lines.append("  DOES NOT MEET the budget (closest candidate saved): "
-                         + "; ".join(v["text"] for v in c["violations"]))
+            lines.append(
+                "  DOES NOT MEET the budget (closest candidate saved): " + "; ".join(v["text"] for v in c["violations"])
+            )
         return "\n".join(lines)
 
 
@@ -124,21 +130,27 @@ class _TrialError(Exception):
     """A trial that failed for a reason recorded on it (caught by Optuna; the search goes on)."""
 
 
-def _check_args(model: Any, data: Any, budget: Any, space: Any, max_trials: Any, max_minutes: Any,
-                seed: Any) -> tuple[Any, Any]:
+def _check_args(
+    model: Any, data: Any, budget: Any, space: Any, max_trials: Any, max_minutes: Any, seed: Any
+) -> tuple[Any, Any]:
     if not isinstance(model, nn.Module):
         raise ModelError(f"optimize() needs a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(budget, Budget):
         raise ConfigError(f"optimize(budget=...) must be an edgeslim.Budget, got {type(budget).__name__}")
     if space is not None and not isinstance(space, Space):
-        raise ConfigError(f"optimize(space=...) must be an edgeslim.pipeline.Space or None, got "
-                          f"{type(space).__name__}")
+        raise ConfigError(f"optimize(space=...) must be an edgeslim.pipeline.Space or None, got {type(space).__name__}")
     if not isinstance(data, (tuple, list)) or len(data) != 2:
-        raise DataError("optimize(data=...) must be (train, val): the training split (calibration, BatchNorm "
-                        "recalibration, fine-tuning) and the validation split (accuracy)")
+        raise DataError(
+            "optimize(data=...) must be (train, val): the training split (calibration, BatchNorm "
+            "recalibration, fine-tuning) and the validation split (accuracy)"
+        )
     for name, v in (("max_trials", max_trials), ("max_minutes", max_minutes)):
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0
-                              or (name == "max_trials" and not float(v).is_integer())):
+        if v is not None and (
+            isinstance(v, bool)
+            or not isinstance(v, (int, float))
+            or not v > 0
+            or (name == "max_trials" and not float(v).is_integer())
+        ):
             raise ConfigError(f"optimize({name}={v!r}) is not allowed; use a number > 0 (trials: an integer) or None")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ConfigError(f"optimize(seed={seed!r}) is not allowed; use an integer >= 0")
@@ -227,12 +239,19 @@ def optimize(
         with torch.no_grad():
             base(x)
     except Exception as e:  # noqa: BLE001 - a shape mismatch surfaces deep in torch
-        raise DataError(f"samples of shape {tuple(x.shape[1:])} do not fit {type(base).__name__}: "
-                        f"{str(e).splitlines()[0][:200]}") from None
+        raise DataError(
+            f"samples of shape {tuple(x.shape[1:])} do not fit {type(base).__name__}: {str(e).splitlines()[0][:200]}"
+        ) from None
     base_hash = _store.state_hash(base)
-    ident = {"model_class": type(base).__name__, "base_model_sha256": base_hash,
-             "data_sha256": _store.key(_store.data_hash(train), _store.data_hash(val)),
-             "budget": budget.to_dict(), "space": space.to_dict(), "seed": seed, "sampler": sampler}
+    ident = {
+        "model_class": type(base).__name__,
+        "base_model_sha256": base_hash,
+        "data_sha256": _store.key(_store.data_hash(train), _store.data_hash(val)),
+        "budget": budget.to_dict(),
+        "space": space.to_dict(),
+        "seed": seed,
+        "sampler": sampler,
+    }
     shared = storage is not None
     with contextlib.ExitStack() as stack:
         stack.enter_context(_quiet_optuna(optuna))
@@ -247,19 +266,32 @@ def optimize(
             url = _store.default_storage(out)
             st = _store.open_storage(url, shared=False)
         name = "edgeslim-" + _store.key(ident)[:16]
-        study = optuna.create_study(storage=st, study_name=name, directions=["maximize", "minimize"],
-                                    sampler=_store.seeded_sampler(sampler, seed),
-                                    load_if_exists=True)
+        study = optuna.create_study(
+            storage=st,
+            study_name=name,
+            directions=["maximize", "minimize"],
+            sampler=_store.seeded_sampler(sampler, seed),
+            load_if_exists=True,
+        )
         _check_study(study, ident, url)
         slots = _store.StudyLock(st, name, shared=shared)
         stack.callback(slots.close)
         with slots.held():
             requeued = [] if shared else _store.requeue_running(study, st)
             requeued += _requeue_interrupted(study)
-        ctx = Context(base=base, base_key=_store.key(base_hash, ident["data_sha256"]), train=train, val=val,
-                      search_val=val.take(space.search_samples, seed=seed), example_inputs=x, space=space,
-                      budget=budget, seed=seed, cache=_store.Cache(out / "cache"),
-                      early_layers=early_layers(base, space))
+        ctx = Context(
+            base=base,
+            base_key=_store.key(base_hash, ident["data_sha256"]),
+            train=train,
+            val=val,
+            search_val=val.take(space.search_samples, seed=seed),
+            example_inputs=x,
+            space=space,
+            budget=budget,
+            seed=seed,
+            cache=_store.Cache(out / "cache"),
+            early_layers=early_layers(base, space),
+        )
         if not budget.on_host:
             ctx.device = budget.device()
         baseline = _baseline(ctx, study)
@@ -293,8 +325,10 @@ def _check_study(study: Any, ident: dict[str, Any], url: str) -> None:
         return
     for k in ("base_model_sha256", "data_sha256", "budget", "space", "seed"):
         if old.get(k) != ident.get(k):
-            raise ConfigError(f"study {study.study_name!r} in storage {_store.redact(url)!r} was run with another "
-                              f"{k.replace('_sha256', '').replace('_', ' ')}; use another storage or out=")
+            raise ConfigError(
+                f"study {study.study_name!r} in storage {_store.redact(url)!r} was run with another "
+                f"{k.replace('_sha256', '').replace('_', ' ')}; use another storage or out="
+            )
 
 
 def _requeue_interrupted(study: Any) -> list[int]:
@@ -330,19 +364,31 @@ def _baseline(ctx: Context, study: Any) -> dict[str, Any]:
             from edgeslim.runtime import RUNTIMES, latency
 
             runner = RUNTIMES.get("onnxruntime")(art, threads=1)
-            host_ms = latency(runner, ctx.val.normalized()[:1].numpy(), warmup=10,
-                              runs=ctx.space.latency_runs)["p50_ms"]
-            ctx.calibration = calibrate([("fp32 input model", graph_cost(art, as_run_by="onnxruntime"), host_ms)],
-                                        "host")
-            ctx.latency_how = (f"roofline with efficiencies calibrated on this host's measured latency of the FP32 "
-                               f"input model ({host_ms:.4g} ms, onnxruntime, 1 thread)")
+            host_ms = latency(runner, ctx.val.normalized()[:1].numpy(), warmup=10, runs=ctx.space.latency_runs)[
+                "p50_ms"
+            ]
+            ctx.calibration = calibrate(
+                [("fp32 input model", graph_cost(art, as_run_by="onnxruntime"), host_ms)], "host"
+            )
+            ctx.latency_how = (
+                f"roofline with efficiencies calibrated on this host's measured latency of the FP32 "
+                f"input model ({host_ms:.4g} ms, onnxruntime, 1 thread)"
+            )
         else:  # an accelerator profile with its own efficiency: host overheads say nothing about it
             ctx.calibration = DEFAULT_CALIBRATION
-            ctx.latency_how = (f"roofline with the profile's efficiency {ctx.device.efficiency:g} and the default "
-                               "per-node overheads (not calibrated)")
+            ctx.latency_how = (
+                f"roofline with the profile's efficiency {ctx.device.efficiency:g} and the default "
+                "per-node overheads (not calibrated)"
+            )
     m = measure_candidate(ctx, art, ck)
-    got = {"params": params, "figures": m["figures"], "provenance": m["provenance"], "key": ck,
-           "calibration": ctx.calibration.to_dict() if ctx.calibration else None, "latency_how": ctx.latency_how}
+    got = {
+        "params": params,
+        "figures": m["figures"],
+        "provenance": m["provenance"],
+        "key": ck,
+        "calibration": ctx.calibration.to_dict() if ctx.calibration else None,
+        "latency_how": ctx.latency_how,
+    }
     study.set_user_attr("baseline", got)
     return study.user_attrs.get("baseline") or got
 
@@ -352,13 +398,23 @@ def _finished(study: Any) -> list[Any]:
     """Trials that count toward max_trials: completed, failed with an error of their own, or gated."""
     from optuna.trial import TrialState
 
-    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL,
-                                                                TrialState.PRUNED))
-            if t.state == TrialState.COMPLETE or "error" in t.user_attrs or "gated" in t.user_attrs]
+    return [
+        t
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED))
+        if t.state == TrialState.COMPLETE or "error" in t.user_attrs or "gated" in t.user_attrs
+    ]
 
 
-def _search(study: Any, ctx: Context, baseline: dict[str, Any], max_trials: int | None, max_minutes: float | None,
-            progress: bool, t_start: float, slots: _store.StudyLock) -> str:
+def _search(
+    study: Any,
+    ctx: Context,
+    baseline: dict[str, Any],
+    max_trials: int | None,
+    max_minutes: float | None,
+    progress: bool,
+    t_start: float,
+    slots: _store.StudyLock,
+) -> str:
     """Run trials until the trial or time budget is spent (or the space is exhausted); returns why it stopped.
 
     Each trial starts under ``slots`` (the study's lock): the check that a slot of ``max_trials`` is free
@@ -384,9 +440,13 @@ def _search(study: Any, ctx: Context, baseline: dict[str, Any], max_trials: int 
         trial.set_user_attr("params", params)
         trial.set_user_attr("worker", me)
         last["number"] = trial.number
-        taken = {repr(t.user_attrs.get("params")): t for t in study.get_trials(
-            deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING))
-            if "duplicate_of" not in t.user_attrs and "params" in t.user_attrs and t.number != trial.number}
+        taken = {
+            repr(t.user_attrs.get("params")): t
+            for t in study.get_trials(
+                deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+            )
+            if "duplicate_of" not in t.user_attrs and "params" in t.user_attrs and t.number != trial.number
+        }
         if (dup := taken.get(repr(params))) is not None:
             last["duplicate"] = True
             trial.set_user_attr("duplicate_of", dup.number)
@@ -396,8 +456,9 @@ def _search(study: Any, ctx: Context, baseline: dict[str, Any], max_trials: int 
             untried = [c for c in candidates if repr(c) not in taken]
             if untried:
                 pick = random.Random(ctx.seed * 1_000_003 + trial.number).choice(untried)
-                study.enqueue_trial(space.optuna_params(pick), user_attrs={"instead_of_duplicate": trial.number},
-                                    skip_if_exists=True)
+                study.enqueue_trial(
+                    space.optuna_params(pick), user_attrs={"instead_of_duplicate": trial.number}, skip_if_exists=True
+                )
             what = "running" if dup.state == TrialState.RUNNING else "tried"
             raise optuna.TrialPruned(f"same candidate as trial {dup.number} ({what})")
         return params
@@ -466,14 +527,21 @@ def _search(study: Any, ctx: Context, baseline: dict[str, Any], max_trials: int 
                         study.optimize(objective, n_trials=1, catch=(_TrialError,), gc_after_trial=False)
                     except optuna.exceptions.UpdateFinishedTrialError:
                         # another worker took this one's trial for dead (its heartbeat lagged) and queued it again
-                        log.warning("trial %s was failed by another worker (no heartbeat for %d intervals) while it "
-                                    "ran here; its candidate was queued again, this result is dropped",
-                                    last.get("number", "?"), _store.GRACE_INTERVALS)
+                        log.warning(
+                            "trial %s was failed by another worker (no heartbeat for %d intervals) while it "
+                            "ran here; its candidate was queued again, this result is dropped",
+                            last.get("number", "?"),
+                            _store.GRACE_INTERVALS,
+                        )
             if not ran:  # every free slot is taken by a running trial: wait for it (or for its worker to go stale)
                 if waiting_since is None:
                     waiting_since = time.perf_counter()
-                    log.info("optimize: %d finished + %d running trials fill max_trials=%d; waiting for them",
-                             len(finished), running, max_trials)
+                    log.info(
+                        "optimize: %d finished + %d running trials fill max_trials=%d; waiting for them",
+                        len(finished),
+                        running,
+                        max_trials,
+                    )
                 time.sleep(WAIT_POLL_S)
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -509,8 +577,10 @@ def _best_text(study: Any, ctx: Context, baseline: dict[str, Any], deadline: flo
     t = ranked[0]
     f, b = t.user_attrs["figures"], baseline["figures"]
     state = "meets budget" if feasible else "closest, budget not met"
-    return (f"best #{t.number}: acc {100 * f['accuracy']:.2f}% ({100 * (f['accuracy'] - b['accuracy']):+.2f} pt), "
-            f"{b['latency_ms'] / f['latency_ms']:.2f}x, {state}{left}")
+    return (
+        f"best #{t.number}: acc {100 * f['accuracy']:.2f}% ({100 * (f['accuracy'] - b['accuracy']):+.2f} pt), "
+        f"{b['latency_ms'] / f['latency_ms']:.2f}x, {state}{left}"
+    )
 
 
 def _ranked(study: Any, budget: Budget) -> tuple[list[Any], bool]:
@@ -538,23 +608,38 @@ def _excess(violations: list[dict[str, Any]]) -> float:
 
 
 # ---------------------------------------------------------------------------------------------- final
-def _final_figures(ctx: Context, art: Artifact, ck: str, base_art: Artifact, base_ck: str,
-                   ) -> tuple[dict[str, Any], dict[str, Any]]:
+def _final_figures(
+    ctx: Context,
+    art: Artifact,
+    ck: str,
+    base_art: Artifact,
+    base_ck: str,
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """(candidate, baseline) figures on the whole validation split; host latency re-measured interleaved."""
     cand = measure_candidate(ctx, art, ck, data=ctx.val, cache=False)
     base = measure_candidate(ctx, base_art, base_ck, data=ctx.val, cache=True)
     base = {**base, "figures": dict(base["figures"]), "provenance": dict(base["provenance"])}
     if ctx.budget.on_host:
         b_ms, c_ms = interleaved_latency(ctx, [base_art.path, art.path])
-        how = (f"{cand['provenance']['latency_ms']}; re-measured after the search, 3 rounds interleaved with the "
-               "FP32 baseline, median of the rounds")
+        how = (
+            f"{cand['provenance']['latency_ms']}; re-measured after the search, 3 rounds interleaved with the "
+            "FP32 baseline, median of the rounds"
+        )
         cand["figures"]["latency_ms"], cand["provenance"]["latency_ms"] = c_ms, how
         base["figures"]["latency_ms"], base["provenance"]["latency_ms"] = b_ms, how
     return cand, base
 
 
-def _finish(study: Any, ctx: Context, baseline: dict[str, Any], out: Path, stopped: str, requeued: list[int],
-            url: str, t_start: float) -> OptimizeResult:
+def _finish(
+    study: Any,
+    ctx: Context,
+    baseline: dict[str, Any],
+    out: Path,
+    stopped: str,
+    requeued: list[int],
+    url: str,
+    t_start: float,
+) -> OptimizeResult:
     from optuna.trial import TrialState
 
     budget = ctx.budget
@@ -573,14 +658,18 @@ def _finish(study: Any, ctx: Context, baseline: dict[str, Any], out: Path, stopp
         ok = [r for r in tried if not r[3]]
         pick = ok[0] if ok else min(tried, key=lambda r: (_excess([v.to_dict() for v in r[3]]), r[0].number))
         if feasible and not ok:
-            notes.append(f"{len(tried)} candidate(s) met the budget on the {len(ctx.search_val)}-sample search "
-                         "subset but not on the whole validation split; the closest of them is saved")
+            notes.append(
+                f"{len(tried)} candidate(s) met the budget on the {len(ctx.search_val)}-sample search "
+                "subset but not on the whole validation split; the closest of them is saved"
+            )
         t, cand, base, viol = pick
         chosen_params, chosen_no, chosen_steps = t.user_attrs["params"], t.number, t.user_attrs.get("steps", {})
     else:  # every trial failed: the input model itself is the closest candidate there is
         errors = [t.user_attrs["error"] for t in trials if "error" in t.user_attrs]
-        notes.append(f"no trial completed ({len(errors)} failed; first error: {errors[0] if errors else 'none'}); "
-                     "the FP32 input model is reported as the candidate")
+        notes.append(
+            f"no trial completed ({len(errors)} failed; first error: {errors[0] if errors else 'none'}); "
+            "the FP32 input model is reported as the candidate"
+        )
         chosen_params, chosen_no, chosen_steps = ctx.space.canonical(BASELINE), None, {}
         cand, base = _final_figures(ctx, base_art, base_ck, base_art, base_ck)
         viol = budget.check(cand["figures"], base["figures"])
@@ -598,28 +687,53 @@ def _finish(study: Any, ctx: Context, baseline: dict[str, Any], out: Path, stopp
             counts[t.state.name.lower()] += 1
     doc = {
         "title": f"edgeslim optimize: {type(ctx.base).__name__} on {ctx.val.name}",
-        "edgeslim_version": __version__, "seconds": round(time.perf_counter() - t_start, 1),
-        "study": {"name": study.study_name, "storage": _store.redact(url), "stopped": stopped,
-                  "requeued_on_resume": requeued},
-        "budget": budget.to_dict(), "budget_lines": budget.describe(), "space": ctx.space.to_dict(),
-        "target": budget.device_name(), "runtime": budget.runtime, "threads": budget.threads,
+        "edgeslim_version": __version__,
+        "seconds": round(time.perf_counter() - t_start, 1),
+        "study": {
+            "name": study.study_name,
+            "storage": _store.redact(url),
+            "stopped": stopped,
+            "requeued_on_resume": requeued,
+        },
+        "budget": budget.to_dict(),
+        "budget_lines": budget.describe(),
+        "space": ctx.space.to_dict(),
+        "target": budget.device_name(),
+        "runtime": budget.runtime,
+        "threads": budget.threads,
         "latency_source": "measured on the host" if budget.on_host else f"predicted for {budget.device_name()}",
         "host": ctx.host,
-        "search_data": f"{len(ctx.search_val)} samples of {ctx.val.name}/{ctx.val.split} (seeded subset; search "
-                       "proxy)", "final_data": f"all {len(ctx.val)} samples of {ctx.val.name}/{ctx.val.split}",
-        "baseline": baseline, "baseline_final": base["figures"], "baseline_final_provenance": base["provenance"],
-        "trials": {"complete": counts.get("complete", 0), "failed": counts.get("fail", 0), "duplicates": dups,
-                   "gated": gated,
-                   "running": counts.get("running", 0), "waiting": counts.get("waiting", 0),
-                   "worker_lost": sorted(lost),
-                   "workers": sorted({t.user_attrs["worker"] for t in trials if "worker" in t.user_attrs}),
-                   "rows": [{**_trial_row(t), "worker_lost": t.number in lost} for t in trials]},
-        "final_candidates": [{"trial": r[0].number, "final": r[1]["figures"],
-                              "violations": [v.to_dict() for v in r[3]]} for r in tried],
-        "chosen": {"trial": chosen_no, "params": chosen_params, "description": describe(chosen_params),
-                   "meets_budget": not viol, "violations": [v.to_dict() for v in viol],
-                   "final": cand["figures"], "final_provenance": cand["provenance"], "steps": chosen_steps,
-                   "artifact": str(paths["artifact"]), "recipe": str(paths["recipe"])},
+        "search_data": f"{len(ctx.search_val)} samples of {ctx.val.name}/{ctx.val.split} (seeded subset; search proxy)",
+        "final_data": f"all {len(ctx.val)} samples of {ctx.val.name}/{ctx.val.split}",
+        "baseline": baseline,
+        "baseline_final": base["figures"],
+        "baseline_final_provenance": base["provenance"],
+        "trials": {
+            "complete": counts.get("complete", 0),
+            "failed": counts.get("fail", 0),
+            "duplicates": dups,
+            "gated": gated,
+            "running": counts.get("running", 0),
+            "waiting": counts.get("waiting", 0),
+            "worker_lost": sorted(lost),
+            "workers": sorted({t.user_attrs["worker"] for t in trials if "worker" in t.user_attrs}),
+            "rows": [{**_trial_row(t), "worker_lost": t.number in lost} for t in trials],
+        },
+        "final_candidates": [
+            {"trial": r[0].number, "final": r[1]["figures"], "violations": [v.to_dict() for v in r[3]]} for r in tried
+        ],
+        "chosen": {
+            "trial": chosen_no,
+            "params": chosen_params,
+            "description": describe(chosen_params),
+            "meets_budget": not viol,
+            "violations": [v.to_dict() for v in viol],
+            "final": cand["figures"],
+            "final_provenance": cand["provenance"],
+            "steps": chosen_steps,
+            "artifact": str(paths["artifact"]),
+            "recipe": str(paths["recipe"]),
+        },
         "notes": notes,
     }
     if viol:
@@ -627,23 +741,40 @@ def _finish(study: Any, ctx: Context, baseline: dict[str, Any], out: Path, stopp
     paths.update(write_report(doc, out))
     rep = OptimizeReport(data=doc)
     log.info("%s", rep.summary())
-    return OptimizeResult(model=model, artifact=Artifact.load(paths["artifact"]), recipe=recipe, report=rep,
-                          meets_budget=not viol, violations=[v.to_dict() for v in viol], paths=paths)
+    return OptimizeResult(
+        model=model,
+        artifact=Artifact.load(paths["artifact"]),
+        recipe=recipe,
+        report=rep,
+        meets_budget=not viol,
+        violations=[v.to_dict() for v in viol],
+        paths=paths,
+    )
 
 
 def _trial_row(t: Any) -> dict[str, Any]:
     u = t.user_attrs
-    return {"number": t.number, "state": t.state.name.lower(), "params": u.get("params", t.params),
-            "description": describe(u["params"]) if "params" in u else "", "figures": u.get("figures"),
-            "violations": u.get("violations"), "error": u.get("error"), "duplicate_of": u.get("duplicate_of"),
-            "gated": u.get("gated"),
-            "seconds": u.get("seconds"), "requeued": u.get("requeued"), "retry_of": u.get("retry_of"),
-            "worker": u.get("worker"),
-            "cached_steps": sorted(k for k, v in (u.get("steps") or {}).items() if v.get("cached"))}
+    return {
+        "number": t.number,
+        "state": t.state.name.lower(),
+        "params": u.get("params", t.params),
+        "description": describe(u["params"]) if "params" in u else "",
+        "figures": u.get("figures"),
+        "violations": u.get("violations"),
+        "error": u.get("error"),
+        "duplicate_of": u.get("duplicate_of"),
+        "gated": u.get("gated"),
+        "seconds": u.get("seconds"),
+        "requeued": u.get("requeued"),
+        "retry_of": u.get("retry_of"),
+        "worker": u.get("worker"),
+        "cached_steps": sorted(k for k, v in (u.get("steps") or {}).items() if v.get("cached")),
+    }
 
 
-def _save_chosen(ctx: Context, out: Path, params: dict[str, Any], trial: int | None, model: nn.Module, art: Artifact,
-                 meets: bool) -> tuple[dict[str, Path], dict[str, Any]]:
+def _save_chosen(
+    ctx: Context, out: Path, params: dict[str, Any], trial: int | None, model: nn.Module, art: Artifact, meets: bool
+) -> tuple[dict[str, Path], dict[str, Any]]:
     """Write the chosen candidate to ``out/chosen/``: the ONNX file (+ its record), the model as one edgeslim
     recipe file (``model.recipe``: every step + the state_dict; ``edgeslim.load``) and ``recipe.json`` (the
     trial's parameters, which replay through :func:`build_candidate`)."""
@@ -655,17 +786,31 @@ def _save_chosen(ctx: Context, out: Path, params: dict[str, Any], trial: int | N
     tmp = d / ".model.onnx.tmp"
     shutil.copyfile(art.path, tmp)
     tmp.replace(target)
-    chosen_art = Artifact(target, art.format, art.precision, art.input_shape, art.validation,
-                          {**art.meta, "optimize_trial": trial, "meets_budget": meets})
+    chosen_art = Artifact(
+        target,
+        art.format,
+        art.precision,
+        art.input_shape,
+        art.validation,
+        {**art.meta, "optimize_trial": trial, "meets_budget": meets},
+    )
     chosen_art.save_record(force=True)
     _recipe.save(model, d / "model.recipe", force=True)
-    recipe = {"format": RECIPE_FORMAT, "trial": trial, "params": params, "description": describe(params),
-              "steps": [{k: st.get(k) for k in ("technique", "config", "summary")} for st in _recipe.steps_of(model)],
-              "base_model": {"class": type(ctx.base).__name__, "sha256": _store.state_hash(ctx.base)},
-              "space": ctx.space.to_dict(), "seed": ctx.seed, "early_layers": list(ctx.early_layers),
-              "files": {"artifact": "model.onnx", "model": "model.recipe"}, "meets_budget": meets,
-              "replay": "edgeslim.load('model.recipe', model=<a fresh instance of the input model>) rebuilds the "
-                        "model; edgeslim.pipeline.build_candidate replays the params on the input model and the data"}
+    recipe = {
+        "format": RECIPE_FORMAT,
+        "trial": trial,
+        "params": params,
+        "description": describe(params),
+        "steps": [{k: st.get(k) for k in ("technique", "config", "summary")} for st in _recipe.steps_of(model)],
+        "base_model": {"class": type(ctx.base).__name__, "sha256": _store.state_hash(ctx.base)},
+        "space": ctx.space.to_dict(),
+        "seed": ctx.seed,
+        "early_layers": list(ctx.early_layers),
+        "files": {"artifact": "model.onnx", "model": "model.recipe"},
+        "meets_budget": meets,
+        "replay": "edgeslim.load('model.recipe', model=<a fresh instance of the input model>) rebuilds the "
+        "model; edgeslim.pipeline.build_candidate replays the params on the input model and the data",
+    }
     write_json(d / "recipe.json", recipe, force=True)
     return {"artifact": target, "recipe": d / "recipe.json", "model": d / "model.recipe"}, recipe
 

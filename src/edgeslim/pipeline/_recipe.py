@@ -41,12 +41,16 @@ def build_source(source: Any, where: str) -> nn.Module:
     from edgeslim import models
 
     if not isinstance(source, dict) or source.get("kind") not in ("zoo", "factory"):
-        raise ModelError(f"{where} does not record which model it was made from; pass model=<a fresh instance of the "
-                         "original architecture> (CLI: --base MODEL)")
+        raise ModelError(
+            f"{where} does not record which model it was made from; pass model=<a fresh instance of the "
+            "original architecture> (CLI: --base MODEL)"
+        )
     if source["kind"] == "factory":
-        raise ModelError(f"{where} was made from user code {source.get('spec')!r}; edgeslim does not run code "
-                         "because a file names it: pass model=<a fresh instance> (CLI: --base "
-                         f"{source.get('spec')!r})")
+        raise ModelError(
+            f"{where} was made from user code {source.get('spec')!r}; edgeslim does not run code "
+            "because a file names it: pass model=<a fresh instance> (CLI: --base "
+            f"{source.get('spec')!r})"
+        )
     return models.build(source["name"], source.get("dataset", "fashion-mnist"))
 
 

@@ -21,8 +21,11 @@ GREEN, GREY, BLUE, RED = "#54a24b", "#9d9d9d", "#4c78a8", "#c0392b"
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     """Indices of the points ``(accuracy, cost)`` no other point beats (higher accuracy, lower cost)."""
-    return [i for i, (a, c) in enumerate(points)
-            if not any(a2 >= a and c2 <= c and (a2 > a or c2 < c) for j, (a2, c2) in enumerate(points) if j != i)]
+    return [
+        i
+        for i, (a, c) in enumerate(points)
+        if not any(a2 >= a and c2 <= c and (a2 > a or c2 < c) for j, (a2, c2) in enumerate(points) if j != i)
+    ]
 
 
 def _rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
@@ -69,56 +72,85 @@ def scatter_svg(doc: dict[str, Any], x_key: str, x_title: str, x_limit: float | 
 
     out = [f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="#fafafa" stroke="#999"/>']
     for t in _ticks(x0, x1):
-        out.append(f'<line x1="{px(t):.1f}" y1="{top + ph}" x2="{px(t):.1f}" y2="{top + ph + 5}" stroke="#555"/>'
-                   f'<text x="{px(t):.1f}" y="{top + ph + 18}" text-anchor="middle">{_num(t)}</text>')
+        out.append(
+            f'<line x1="{px(t):.1f}" y1="{top + ph}" x2="{px(t):.1f}" y2="{top + ph + 5}" stroke="#555"/>'
+            f'<text x="{px(t):.1f}" y="{top + ph + 18}" text-anchor="middle">{_num(t)}</text>'
+        )
     for t in _ticks(y0, y1):
-        out.append(f'<line x1="{left - 5}" y1="{py(t):.1f}" x2="{left}" y2="{py(t):.1f}" stroke="#555"/>'
-                   f'<text x="{left - 8}" y="{py(t) + 4:.1f}" text-anchor="end">{100 * t:.4g}</text>')
+        out.append(
+            f'<line x1="{left - 5}" y1="{py(t):.1f}" x2="{left}" y2="{py(t):.1f}" stroke="#555"/>'
+            f'<text x="{left - 8}" y="{py(t) + 4:.1f}" text-anchor="end">{100 * t:.4g}</text>'
+        )
     out.append(f'<text x="{left + pw / 2}" y="{h - 22}" text-anchor="middle">{e(x_title)}</text>')
-    out.append(f'<text x="14" y="{top + ph / 2}" text-anchor="middle" transform="rotate(-90 14 {top + ph / 2})">'
-               f'top-1 accuracy, % (search subset, measured)</text>')
+    out.append(
+        f'<text x="14" y="{top + ph / 2}" text-anchor="middle" transform="rotate(-90 14 {top + ph / 2})">'
+        f"top-1 accuracy, % (search subset, measured)</text>"
+    )
     if floor is not None and y0 <= floor <= y1:
-        out.append(f'<line x1="{left}" y1="{py(floor):.1f}" x2="{left + pw}" y2="{py(floor):.1f}" stroke="{RED}" '
-                   f'stroke-dasharray="6 4"/><text x="{left + 6}" y="{py(floor) - 5:.1f}" fill="{RED}">'
-                   f'accuracy floor ({100 * budget["max_accuracy_drop"]:.2g} pt drop)</text>')
+        out.append(
+            f'<line x1="{left}" y1="{py(floor):.1f}" x2="{left + pw}" y2="{py(floor):.1f}" stroke="{RED}" '
+            f'stroke-dasharray="6 4"/><text x="{left + 6}" y="{py(floor) - 5:.1f}" fill="{RED}">'
+            f"accuracy floor ({100 * budget['max_accuracy_drop']:.2g} pt drop)</text>"
+        )
     if x_limit is not None and x0 <= x_limit <= x1:
-        out.append(f'<line x1="{px(x_limit):.1f}" y1="{top}" x2="{px(x_limit):.1f}" y2="{top + ph}" stroke="{RED}" '
-                   f'stroke-dasharray="6 4"/><text x="{px(x_limit) + 4:.1f}" y="{top + 12}" fill="{RED}">'
-                   f'{e(x_limit_label)}</text>')
+        out.append(
+            f'<line x1="{px(x_limit):.1f}" y1="{top}" x2="{px(x_limit):.1f}" y2="{top + ph}" stroke="{RED}" '
+            f'stroke-dasharray="6 4"/><text x="{px(x_limit) + 4:.1f}" y="{top + 12}" fill="{RED}">'
+            f"{e(x_limit_label)}</text>"
+        )
     front = sorted((pts[i] for i in pareto_front([(a, c) for c, a in pts])), key=lambda p: p[0])
     if len(front) > 1:
-        out.append(f'<polyline fill="none" stroke="{BLUE}" stroke-width="1.5" points="'
-                   + " ".join(f"{px(c):.1f},{py(a):.1f}" for c, a in front) + '"/>')
+        out.append(
+            f'<polyline fill="none" stroke="{BLUE}" stroke-width="1.5" points="'
+            + " ".join(f"{px(c):.1f},{py(a):.1f}" for c, a in front)
+            + '"/>'
+        )
     chosen = doc["chosen"]["trial"]
     for r, (c, a) in zip(rows, pts, strict=True):
         ok = not r["violations"]
-        tip = (f"trial {r['number']}: {r['description']}; accuracy {100 * a:.2f}%, {x_key} {_num(c)}"
-               + ("; meets the budget" if ok else "; " + "; ".join(v["text"] for v in r["violations"])))
-        out.append(f'<circle cx="{px(c):.1f}" cy="{py(a):.1f}" r="5" fill="{GREEN if ok else GREY}" '
-                   f'fill-opacity="0.85" stroke="#333" stroke-width="0.5"><title>{e(tip)}</title></circle>')
+        tip = f"trial {r['number']}: {r['description']}; accuracy {100 * a:.2f}%, {x_key} {_num(c)}" + (
+            "; meets the budget" if ok else "; " + "; ".join(v["text"] for v in r["violations"])
+        )
+        out.append(
+            f'<circle cx="{px(c):.1f}" cy="{py(a):.1f}" r="5" fill="{GREEN if ok else GREY}" '
+            f'fill-opacity="0.85" stroke="#333" stroke-width="0.5"><title>{e(tip)}</title></circle>'
+        )
         if r["number"] == chosen:
-            out.append(f'<circle class="chosen" cx="{px(c):.1f}" cy="{py(a):.1f}" r="10" fill="none" stroke="{RED}" '
-                       f'stroke-width="2.5"><title>{e("chosen: " + tip)}</title></circle><text x="{px(c) + 12:.1f}" '
-                       f'y="{py(a) - 8:.1f}" fill="{RED}" font-weight="bold">chosen #{r["number"]}</text>')
+            out.append(
+                f'<circle class="chosen" cx="{px(c):.1f}" cy="{py(a):.1f}" r="10" fill="none" stroke="{RED}" '
+                f'stroke-width="2.5"><title>{e("chosen: " + tip)}</title></circle><text x="{px(c) + 12:.1f}" '
+                f'y="{py(a) - 8:.1f}" fill="{RED}" font-weight="bold">chosen #{r["number"]}</text>'
+            )
     bx, by = px(base[x_key]), py(base["accuracy"])
-    out.append(f'<rect x="{bx - 5:.1f}" y="{by - 5:.1f}" width="10" height="10" fill="#222"><title>FP32 baseline: '
-               f'accuracy {100 * base["accuracy"]:.2f}%, {x_key} {_num(base[x_key])}</title></rect>'
-               f'<text x="{bx - 8:.1f}" y="{by - 9:.1f}" text-anchor="end">FP32</text>')
+    out.append(
+        f'<rect x="{bx - 5:.1f}" y="{by - 5:.1f}" width="10" height="10" fill="#222"><title>FP32 baseline: '
+        f"accuracy {100 * base['accuracy']:.2f}%, {x_key} {_num(base[x_key])}</title></rect>"
+        f'<text x="{bx - 8:.1f}" y="{by - 9:.1f}" text-anchor="end">FP32</text>'
+    )
     ly = top + 40
-    for color, label, shape in ((GREEN, "meets the budget", "c"), (GREY, "misses the budget", "c"),
-                                ("#222", "FP32 input model", "s"), (BLUE, "Pareto front", "l"),
-                                (RED, "chosen / budget limit", "r")):
-        mark = {"c": f'<circle cx="{left + pw + 14}" cy="{ly}" r="5" fill="{color}"/>',
-                "s": f'<rect x="{left + pw + 9}" y="{ly - 5}" width="10" height="10" fill="{color}"/>',
-                "l": f'<line x1="{left + pw + 6}" y1="{ly}" x2="{left + pw + 22}" y2="{ly}" stroke="{color}" '
-                     'stroke-width="2"/>',
-                "r": f'<circle cx="{left + pw + 14}" cy="{ly}" r="7" fill="none" stroke="{color}" stroke-width="2"/>'}
+    for color, label, shape in (
+        (GREEN, "meets the budget", "c"),
+        (GREY, "misses the budget", "c"),
+        ("#222", "FP32 input model", "s"),
+        (BLUE, "Pareto front", "l"),
+        (RED, "chosen / budget limit", "r"),
+    ):
+        mark = {
+            "c": f'<circle cx="{left + pw + 14}" cy="{ly}" r="5" fill="{color}"/>',
+            "s": f'<rect x="{left + pw + 9}" y="{ly - 5}" width="10" height="10" fill="{color}"/>',
+            "l": f'<line x1="{left + pw + 6}" y1="{ly}" x2="{left + pw + 22}" y2="{ly}" stroke="{color}" '
+            'stroke-width="2"/>',
+            "r": f'<circle cx="{left + pw + 14}" cy="{ly}" r="7" fill="none" stroke="{color}" stroke-width="2"/>',
+        }
         out.append(mark[shape] + f'<text x="{left + pw + 26}" y="{ly + 4}">{e(label)}</text>')
         ly += 20
     title = f"accuracy vs {x_key}: {len(rows)} completed trials"
-    return (f'<svg xmlns="http://www.w3.org/2000/svg" class="pareto" width="{w}" height="{h}" viewBox="0 0 {w} {h}" '
-            f'font-family="sans-serif" font-size="12" role="img" aria-label="{e(title)}"><title>{e(title)}</title>'
-            + "".join(out) + "</svg>")
+    return (
+        f'<svg xmlns="http://www.w3.org/2000/svg" class="pareto" width="{w}" height="{h}" viewBox="0 0 {w} {h}" '
+        f'font-family="sans-serif" font-size="12" role="img" aria-label="{e(title)}"><title>{e(title)}</title>'
+        + "".join(out)
+        + "</svg>"
+    )
 
 
 def _latency_axis(doc: dict[str, Any]) -> tuple[str, float | None, str]:
@@ -160,9 +192,18 @@ def _trial_cells(r: dict[str, Any], base: dict[str, Any]) -> list[str]:
         status += " [re-queued after a stopped run]"
     if r.get("retry_of") is not None:
         status += f" [retry of #{r['retry_of']}]"
-    return [str(r["number"]), r["description"] or "—", _fig(f, "accuracy"), drop, _fig(f, "latency_ms"), speed,
-            _fig(f, "size_mb"), status, f"{r['seconds']:.1f}" if r.get("seconds") is not None else "—",
-            ", ".join(r.get("cached_steps") or []) or "—"]
+    return [
+        str(r["number"]),
+        r["description"] or "—",
+        _fig(f, "accuracy"),
+        drop,
+        _fig(f, "latency_ms"),
+        speed,
+        _fig(f, "size_mb"),
+        status,
+        f"{r['seconds']:.1f}" if r.get("seconds") is not None else "—",
+        ", ".join(r.get("cached_steps") or []) or "—",
+    ]
 
 
 TRIAL_HEAD = ["#", "candidate", "accuracy", "Δ pt", "latency ms", "speedup", "size MB", "budget", "s", "cached"]
@@ -175,12 +216,26 @@ def _times(ratio: float, better: str, worse: str) -> str:
 def _final_table(doc: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     base, fin = doc["baseline_final"], doc["chosen"]["final"]
     head = ["figure", "FP32 input model", f"chosen (trial {doc['chosen']['trial']})", "change"]
-    rows = [[f"top-1 accuracy ({doc['final_data']})", _fig(base, "accuracy"), _fig(fin, "accuracy"),
-             f"{100 * (fin['accuracy'] - base['accuracy']):+.2f} pt"],
-            [f"latency ms ({doc['latency_source']})", _fig(base, "latency_ms"), _fig(fin, "latency_ms"),
-             _times(base["latency_ms"] / fin["latency_ms"], "faster", "slower")],
-            ["ONNX file size MB", _fig(base, "size_mb"), _fig(fin, "size_mb"),
-             _times(base["size_mb"] / fin["size_mb"], "smaller", "larger")]]
+    rows = [
+        [
+            f"top-1 accuracy ({doc['final_data']})",
+            _fig(base, "accuracy"),
+            _fig(fin, "accuracy"),
+            f"{100 * (fin['accuracy'] - base['accuracy']):+.2f} pt",
+        ],
+        [
+            f"latency ms ({doc['latency_source']})",
+            _fig(base, "latency_ms"),
+            _fig(fin, "latency_ms"),
+            _times(base["latency_ms"] / fin["latency_ms"], "faster", "slower"),
+        ],
+        [
+            "ONNX file size MB",
+            _fig(base, "size_mb"),
+            _fig(fin, "size_mb"),
+            _times(base["size_mb"] / fin["size_mb"], "smaller", "larger"),
+        ],
+    ]
     for k, label in (("peak_memory_mb", "peak memory MB"), ("energy_mj", "energy per inference mJ (estimated)")):
         if k in fin:
             rows.append([label, _fig(base, k), _fig(fin, k), f"{fin[k] / base[k]:.2f}x" if base.get(k) else "—"])
@@ -200,8 +255,10 @@ def _step_rows(doc: dict[str, Any]) -> list[list[str]]:
             bought.append(s["quantize_summary"])
         if "validation" in s:
             v = s["validation"]
-            bought.append(f"ONNX vs torch: cosine {v['cosine']:.5f}, top-1 agreement {v['top1_agreement']:.3f} on "
-                          f"{v['samples']} samples")
+            bought.append(
+                f"ONNX vs torch: cosine {v['cosine']:.5f}, top-1 agreement {v['top1_agreement']:.3f} on "
+                f"{v['samples']} samples"
+            )
         out.append([name, f"{cost:.1f} s" + (" (cached)" if s.get("cached") else ""), "; ".join(bought)])
     return out
 
@@ -211,22 +268,47 @@ def markdown(doc: dict[str, Any]) -> str:
         return " ".join(str(t).split()).replace("|", "\\|").replace("<", "\\<")
 
     def table(head: list[str], rows: list[list[str]]) -> list[str]:
-        return (["| " + " | ".join(esc(h) for h in head) + " |", "|" + "---|" * len(head)]
-                + ["| " + " | ".join(esc(c) for c in r) + " |" for r in rows])
+        return ["| " + " | ".join(esc(h) for h in head) + " |", "|" + "---|" * len(head)] + [
+            "| " + " | ".join(esc(c) for c in r) + " |" for r in rows
+        ]
 
     c = doc["chosen"]
-    verdict = ("**Meets the budget.**" if c["meets_budget"] else
-               "**Nothing met the budget**; the closest candidate is saved: "
-               + "; ".join(v["text"] for v in c["violations"]))
-    md = [f"# {esc(doc['title'])}", "", verdict, "",
-          f"Chosen: trial {c['trial']}, {esc(c['description'])} -> `{esc(c['artifact'])}` (recipe `{esc(c['recipe'])}`)",
-          "", "## Budget", ""] + [f"- {esc(x)}" for x in doc["budget_lines"]] + [
-          f"- target: {esc(doc['target'])} ({esc(doc['latency_source'])}), runtime {esc(doc['runtime'])}, "
-          f"{doc['threads']} thread(s)", "", "## Final figures (re-measured after the search)", ""]
+    verdict = (
+        "**Meets the budget.**"
+        if c["meets_budget"]
+        else "**Nothing met the budget**; the closest candidate is saved: "
+        + "; ".join(v["text"] for v in c["violations"])
+    )
+    md = (
+        [
+            f"# {esc(doc['title'])}",
+            "",
+            verdict,
+            "",
+            f"Chosen: trial {c['trial']}, {esc(c['description'])} -> `{esc(c['artifact'])}` (recipe `{esc(c['recipe'])}`)",
+            "",
+            "## Budget",
+            "",
+        ]
+        + [f"- {esc(x)}" for x in doc["budget_lines"]]
+        + [
+            f"- target: {esc(doc['target'])} ({esc(doc['latency_source'])}), runtime {esc(doc['runtime'])}, "
+            f"{doc['threads']} thread(s)",
+            "",
+            "## Final figures (re-measured after the search)",
+            "",
+        ]
+    )
     md += table(*_final_table(doc))
     md += ["", "## What each step cost and bought", ""] + table(["step", "cost", "bought"], _step_rows(doc))
-    md += ["", "## Trials", "", f"Search figures: accuracy on {esc(doc['search_data'])}; latency "
-           f"{esc(doc['latency_source'])}. Stopped: {esc(doc['study']['stopped'])}.", ""]
+    md += [
+        "",
+        "## Trials",
+        "",
+        f"Search figures: accuracy on {esc(doc['search_data'])}; latency "
+        f"{esc(doc['latency_source'])}. Stopped: {esc(doc['study']['stopped'])}.",
+        "",
+    ]
     base = doc["baseline"]["figures"]
     md += table(TRIAL_HEAD, [_trial_cells(r, base) for r in doc["trials"]["rows"]])
     if doc["notes"]:
@@ -234,8 +316,13 @@ def markdown(doc: dict[str, Any]) -> str:
     md += ["", "## Where the numbers come from", ""]
     for k, v in doc["chosen"]["final_provenance"].items():
         md.append(f"- chosen `{k}`: {esc(v)}")
-    md += ["", "## Host", "", f"- {esc(', '.join(f'{k}={v}' for k, v in doc['host'].items()))}",
-           f"- study {esc(doc['study']['name'])} in {esc(doc['study']['storage'])}"]
+    md += [
+        "",
+        "## Host",
+        "",
+        f"- {esc(', '.join(f'{k}={v}' for k, v in doc['host'].items()))}",
+        f"- study {esc(doc['study']['name'])} in {esc(doc['study']['storage'])}",
+    ]
     return "\n".join(md) + "\n"
 
 
@@ -243,13 +330,22 @@ def html_page(doc: dict[str, Any]) -> str:
     e = html.escape
 
     def table(head: list[str], rows: list[list[str]], cls: str = "") -> str:
-        return (f'<table class="{cls}"><thead><tr>' + "".join(f"<th>{e(h)}</th>" for h in head) + "</tr></thead><tbody>"
-                + "".join("<tr>" + "".join(f"<td>{e(x)}</td>" for x in r) + "</tr>" for r in rows) + "</tbody></table>")
+        return (
+            f'<table class="{cls}"><thead><tr>'
+            + "".join(f"<th>{e(h)}</th>" for h in head)
+            + "</tr></thead><tbody>"
+            + "".join("<tr>" + "".join(f"<td>{e(x)}</td>" for x in r) + "</tr>" for r in rows)
+            + "</tbody></table>"
+        )
 
     c = doc["chosen"]
-    verdict = ('<p class="ok">Meets the budget.</p>' if c["meets_budget"] else
-               '<p class="bad">Nothing met the budget; the closest candidate is saved: '
-               + e("; ".join(v["text"] for v in c["violations"])) + "</p>")
+    verdict = (
+        '<p class="ok">Meets the budget.</p>'
+        if c["meets_budget"]
+        else '<p class="bad">Nothing met the budget; the closest candidate is saved: '
+        + e("; ".join(v["text"] for v in c["violations"]))
+        + "</p>"
+    )
     lat_title, lat_limit, lat_label = _latency_axis(doc)
     size_limit = doc["budget"].get("max_size_mb")
     base = doc["baseline"]["figures"]
@@ -257,31 +353,48 @@ def html_page(doc: dict[str, Any]) -> str:
     for r in doc["trials"]["rows"]:
         cls = "chosen" if r["number"] == c["trial"] else ""
         trial_rows.append(f'<tr class="{cls}">' + "".join(f"<td>{e(x)}</td>" for x in _trial_cells(r, base)) + "</tr>")
-    trials = ("<table><thead><tr>" + "".join(f"<th>{e(h)}</th>" for h in TRIAL_HEAD) + "</tr></thead><tbody>"
-              + "".join(trial_rows) + "</tbody></table>")
+    trials = (
+        "<table><thead><tr>"
+        + "".join(f"<th>{e(h)}</th>" for h in TRIAL_HEAD)
+        + "</tr></thead><tbody>"
+        + "".join(trial_rows)
+        + "</tbody></table>"
+    )
     prov = "".join(f"<li><code>{e(k)}</code>: {e(v)}</li>" for k, v in c["final_provenance"].items())
     notes = "".join(f"<li>{e(n)}</li>" for n in doc["notes"])
-    css = CSS + ("p.ok{color:#1e7b34;font-weight:bold}p.bad{color:#a93226;font-weight:bold}tr.chosen td{background:"
-                 "#fdebd0;font-weight:bold}td{text-align:left}svg{display:block;margin:1em 0}")
-    return (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><meta name="viewport" '
-            f'content="width=device-width, initial-scale=1"><title>{e(doc["title"])}</title><style>{css}</style>'
-            f"</head><body><h1>{e(doc['title'])}</h1>{verdict}"
-            f"<p>Chosen: trial {e(str(c['trial']))}, {e(c['description'])} &rarr; <code>{e(c['artifact'])}</code></p>"
-            "<h2>Budget</h2><ul>" + "".join(f"<li>{e(x)}</li>" for x in doc["budget_lines"])
-            + f"<li>target {e(doc['target'])} ({e(doc['latency_source'])}), runtime {e(doc['runtime'])}, "
-            f"{doc['threads']} thread(s)</li></ul>"
-            "<h2>Final figures (re-measured after the search)</h2>" + table(*_final_table(doc))
-            + "<h2>Pareto plots (search figures)</h2>"
-            + f"<p>Accuracy on {e(doc['search_data'])}; latency {e(doc['latency_source'])}.</p>"
-            + scatter_svg(doc, "latency_ms", lat_title, lat_limit, lat_label)
-            + scatter_svg(doc, "size_mb", "ONNX file size, MB (2**20 bytes), measured", size_limit,
-                          f"limit {size_limit:g} MB" if size_limit else "")
-            + "<h2>What each step cost and bought</h2>" + table(["step", "cost", "bought"], _step_rows(doc))
-            + f"<h2>Trials</h2><p>Stopped: {e(doc['study']['stopped'])}.</p>{trials}"
-            + (f"<h2>Notes</h2><ul>{notes}</ul>" if notes else "")
-            + f"<h2>Where the numbers come from</h2><ul>{prov}</ul><h2>Host</h2><ul><li>"
-            + e(", ".join(f"{k}={v}" for k, v in doc["host"].items()))
-            + f"</li><li>study {e(doc['study']['name'])} in {e(doc['study']['storage'])}</li></ul></body></html>\n")
+    css = CSS + (
+        "p.ok{color:#1e7b34;font-weight:bold}p.bad{color:#a93226;font-weight:bold}tr.chosen td{background:"
+        "#fdebd0;font-weight:bold}td{text-align:left}svg{display:block;margin:1em 0}"
+    )
+    return (
+        f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><meta name="viewport" '
+        f'content="width=device-width, initial-scale=1"><title>{e(doc["title"])}</title><style>{css}</style>'
+        f"</head><body><h1>{e(doc['title'])}</h1>{verdict}"
+        f"<p>Chosen: trial {e(str(c['trial']))}, {e(c['description'])} &rarr; <code>{e(c['artifact'])}</code></p>"
+        "<h2>Budget</h2><ul>"
+        + "".join(f"<li>{e(x)}</li>" for x in doc["budget_lines"])
+        + f"<li>target {e(doc['target'])} ({e(doc['latency_source'])}), runtime {e(doc['runtime'])}, "
+        f"{doc['threads']} thread(s)</li></ul>"
+        "<h2>Final figures (re-measured after the search)</h2>"
+        + table(*_final_table(doc))
+        + "<h2>Pareto plots (search figures)</h2>"
+        + f"<p>Accuracy on {e(doc['search_data'])}; latency {e(doc['latency_source'])}.</p>"
+        + scatter_svg(doc, "latency_ms", lat_title, lat_limit, lat_label)
+        + scatter_svg(
+            doc,
+            "size_mb",
+            "ONNX file size, MB (2**20 bytes), measured",
+            size_limit,
+            f"limit {size_limit:g} MB" if size_limit else "",
+        )
+        + "<h2>What each step cost and bought</h2>"
+        + table(["step", "cost", "bought"], _step_rows(doc))
+        + f"<h2>Trials</h2><p>Stopped: {e(doc['study']['stopped'])}.</p>{trials}"
+        + (f"<h2>Notes</h2><ul>{notes}</ul>" if notes else "")
+        + f"<h2>Where the numbers come from</h2><ul>{prov}</ul><h2>Host</h2><ul><li>"
+        + e(", ".join(f"{k}={v}" for k, v in doc["host"].items()))
+        + f"</li><li>study {e(doc['study']['name'])} in {e(doc['study']['storage'])}</li></ul></body></html>\n"
+    )
 
 
 def write_report(doc: dict[str, Any], out: Path) -> dict[str, Path]:

@@ -25,8 +25,12 @@ from edgeslim.runtime._compare import compare_runtimes
 from edgeslim.runtime._runners import missing
 
 #: runtime -> (export format, file suffix) for models exported for every runtime
-EXPORTS = (("onnxruntime", "onnx", ".onnx"), ("openvino", "openvino", ".xml"), ("litert", "tflite", ".tflite"),
-           ("executorch", "executorch", ".pte"))
+EXPORTS = (
+    ("onnxruntime", "onnx", ".onnx"),
+    ("openvino", "openvino", ".xml"),
+    ("litert", "tflite", ".tflite"),
+    ("executorch", "executorch", ".pte"),
+)
 
 
 def measure_all_runtimes(
@@ -83,12 +87,24 @@ def measure_all_runtimes(
                     candidates[runtime] = (runtime, None)  # listed as not installed, with its pip line
                     continue
                 try:
-                    art = export(model, fmt, path=out / f"{stem}-{precision}{sfx}", example_inputs=data, force=True,
-                                 calib=calib)
+                    art = export(
+                        model, fmt, path=out / f"{stem}-{precision}{sfx}", example_inputs=data, force=True, calib=calib
+                    )
                 except EdgeslimError as e:
-                    extra.append({"label": runtime, "runtime": runtime, "threads": threads, "status": "failed",
-                                  "note": f"export to {fmt}: {e}"})
+                    extra.append(
+                        {
+                            "label": runtime,
+                            "runtime": runtime,
+                            "threads": threads,
+                            "status": "failed",
+                            "note": f"export to {fmt}: {e}",
+                        }
+                    )
                     continue
                 candidates[runtime] = (runtime, art)
-        return compare_runtimes(candidates, data=data, reference=reference, threads=threads, runs=runs,
-                                peak_memory=peak_memory) + extra
+        return (
+            compare_runtimes(
+                candidates, data=data, reference=reference, threads=threads, runs=runs, peak_memory=peak_memory
+            )
+            + extra
+        )

@@ -15,13 +15,30 @@ from typing import Any
 from edgeslim.core.config import Config
 
 #: the canonical parameter names, in the order steps run
-PARAMS = ("target_macs", "keep_early", "recalibrate_bn", "finetune_steps", "quantize", "per_channel", "calibration",
-          "equalize", "bias_correction")
+PARAMS = (
+    "target_macs",
+    "keep_early",
+    "recalibrate_bn",
+    "finetune_steps",
+    "quantize",
+    "per_channel",
+    "calibration",
+    "equalize",
+    "bias_correction",
+)
 PRUNE_PARAMS = ("keep_early", "recalibrate_bn", "finetune_steps")
 QUANT_PARAMS = ("per_channel", "calibration", "equalize", "bias_correction")
-_DIMS = {"target_macs": "target_macs", "keep_early": "keep_early_layers", "recalibrate_bn": "recalibrate_bn",
-         "finetune_steps": "finetune_steps", "quantize": "quantize", "per_channel": "per_channel",
-         "calibration": "calibration", "equalize": "equalize", "bias_correction": "bias_correction"}
+_DIMS = {
+    "target_macs": "target_macs",
+    "keep_early": "keep_early_layers",
+    "recalibrate_bn": "recalibrate_bn",
+    "finetune_steps": "finetune_steps",
+    "quantize": "quantize",
+    "per_channel": "per_channel",
+    "calibration": "calibration",
+    "equalize": "equalize",
+    "bias_correction": "bias_correction",
+}
 
 
 @dataclass(frozen=True)
@@ -85,11 +102,17 @@ class Space(Config):
             v = getattr(self, f)
             if not isinstance(v, tuple) or not v or not all(isinstance(x, bool) for x in v) or len(set(v)) != len(v):
                 raise self._bad(f, "must be a non-empty list of distinct booleans (true/false), e.g. [true, false]")
-        if not self.target_macs or len(set(self.target_macs)) != len(self.target_macs) or not all(
-                isinstance(x, (int, float)) and not isinstance(x, bool) and 0 <= x < 1 for x in self.target_macs):
+        if (
+            not self.target_macs
+            or len(set(self.target_macs)) != len(self.target_macs)
+            or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and 0 <= x < 1 for x in self.target_macs)
+        ):
             raise self._bad("target_macs", "must be distinct fractions in [0, 1) (0 = no pruning), e.g. [0, 0.3]")
-        if not self.finetune_steps or len(set(self.finetune_steps)) != len(self.finetune_steps) or not all(
-                isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in self.finetune_steps):
+        if (
+            not self.finetune_steps
+            or len(set(self.finetune_steps)) != len(self.finetune_steps)
+            or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in self.finetune_steps)
+        ):
             raise self._bad("finetune_steps", "must be distinct integers >= 0 (0 = no fine-tune), e.g. [0, 300]")
         if not self.calibration or len(set(self.calibration)) != len(self.calibration):
             raise self._bad("calibration", f"must be distinct names from: {', '.join(CALIBRATORS.names())}")
@@ -101,16 +124,29 @@ class Space(Config):
             raise self._bad("importance", "taylor needs gradients per trial; use l1, l2, bn_scale or fpgm")
         if not all(isinstance(e, str) and e for e in self.early_layers):
             raise self._bad("early_layers", "must be non-empty module-name globs")
-        for f, lo in (("round_to", 1), ("bn_samples", 1), ("finetune_batch_size", 1), ("calib_samples", 1),
-                      ("cheap_trials", 0), ("search_samples", 1), ("latency_runs", 1)):
+        for f, lo in (
+            ("round_to", 1),
+            ("bn_samples", 1),
+            ("finetune_batch_size", 1),
+            ("calib_samples", 1),
+            ("cheap_trials", 0),
+            ("search_samples", 1),
+            ("latency_runs", 1),
+        ):
             v = getattr(self, f)
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise self._bad(f, f"must be an integer >= {lo}")
-        if self.finetune_gate is not None and (isinstance(self.finetune_gate, bool) or not isinstance(
-                self.finetune_gate, (int, float)) or not 0 <= self.finetune_gate <= 1):
+        if self.finetune_gate is not None and (
+            isinstance(self.finetune_gate, bool)
+            or not isinstance(self.finetune_gate, (int, float))
+            or not 0 <= self.finetune_gate <= 1
+        ):
             raise self._bad("finetune_gate", "must be a fraction in [0, 1] (0.3 = 30 points) or None (off)")
-        if isinstance(self.finetune_lr, bool) or not isinstance(self.finetune_lr, (int, float)) or \
-                not 0 < self.finetune_lr < 10:
+        if (
+            isinstance(self.finetune_lr, bool)
+            or not isinstance(self.finetune_lr, (int, float))
+            or not 0 < self.finetune_lr < 10
+        ):
             raise self._bad("finetune_lr", "must be a number in (0, 10)")
 
     # ------------------------------------------------------------------------------------------ params
@@ -133,8 +169,9 @@ class Space(Config):
             if not self.active(name, params):
                 continue
             ch = self.choices(name)
-            params[name] = ch[0] if len(ch) == 1 and name not in trial.params else \
-                trial.suggest_categorical(name, list(ch))
+            params[name] = (
+                ch[0] if len(ch) == 1 and name not in trial.params else trial.suggest_categorical(name, list(ch))
+            )
         return self.canonical(params)
 
     def canonical(self, params: dict[str, Any]) -> dict[str, Any]:
@@ -168,9 +205,19 @@ class Space(Config):
         combos = list(itertools.product(self.per_channel, self.calibration, self.equalize, self.bias_correction))
         k = min(self.cheap_trials, len(combos))
         picks = [round(i * (len(combos) - 1) / max(k - 1, 1)) for i in range(k)] if k > 1 else [0]
-        return [self.canonical({"target_macs": 0.0, "quantize": True, "per_channel": pc, "calibration": cal,
-                                "equalize": eq, "bias_correction": bc})
-                for pc, cal, eq, bc in (combos[i] for i in dict.fromkeys(picks))]
+        return [
+            self.canonical(
+                {
+                    "target_macs": 0.0,
+                    "quantize": True,
+                    "per_channel": pc,
+                    "calibration": cal,
+                    "equalize": eq,
+                    "bias_correction": bc,
+                }
+            )
+            for pc, cal, eq, bc in (combos[i] for i in dict.fromkeys(picks))
+        ]
 
 
 #: named spaces for the CLI's ``--space NAME`` (a YAML file otherwise)
@@ -189,8 +236,7 @@ def space_from(name_or_yaml: str) -> Space:
     if name_or_yaml in PRESETS:
         return Space(**PRESETS[name_or_yaml])
     if not Path(name_or_yaml).exists():
-        raise ConfigError(f"space {name_or_yaml!r} is neither a YAML file nor a preset (presets: "
-                          f"{', '.join(PRESETS)})")
+        raise ConfigError(f"space {name_or_yaml!r} is neither a YAML file nor a preset (presets: {', '.join(PRESETS)})")
     return Space.from_yaml(Path(name_or_yaml))
 
 
@@ -198,13 +244,24 @@ def describe(params: dict[str, Any]) -> str:
     """A candidate in words, e.g. ``prune 35% MACs (early kept, BN recal, 300 ft steps) + INT8 per-channel mse``."""
     parts = []
     if params.get("target_macs"):
-        extra = [x for x in ("early kept" if params.get("keep_early") else "",
-                             "BN recal" if params.get("recalibrate_bn") else "",
-                             f"{params['finetune_steps']} ft steps" if params.get("finetune_steps") else "") if x]
+        extra = [
+            x
+            for x in (
+                "early kept" if params.get("keep_early") else "",
+                "BN recal" if params.get("recalibrate_bn") else "",
+                f"{params['finetune_steps']} ft steps" if params.get("finetune_steps") else "",
+            )
+            if x
+        ]
         parts.append(f"prune {100 * params['target_macs']:.0f}% MACs" + (f" ({', '.join(extra)})" if extra else ""))
     if params.get("quantize"):
-        extra = [x for x in ("CLE" if params.get("equalize") else "", "bias corr" if params.get("bias_correction")
-                             else "") if x]
-        parts.append(f"INT8 {'per-channel' if params.get('per_channel') else 'per-tensor'} {params.get('calibration')}"
-                     + (f" + {' + '.join(extra)}" if extra else ""))
+        extra = [
+            x
+            for x in ("CLE" if params.get("equalize") else "", "bias corr" if params.get("bias_correction") else "")
+            if x
+        ]
+        parts.append(
+            f"INT8 {'per-channel' if params.get('per_channel') else 'per-tensor'} {params.get('calibration')}"
+            + (f" + {' + '.join(extra)}" if extra else "")
+        )
     return " + ".join(parts) or "FP32 (unchanged)"

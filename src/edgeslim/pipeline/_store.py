@@ -127,16 +127,20 @@ class Cache:
 def check_data(train: Any, val: Any) -> None:
     for name, ds in (("train", train), ("val", val)):
         if not (hasattr(ds, "normalized") and hasattr(ds, "labels") and hasattr(ds, "take")):
-            raise DataError(f"optimize: data[{name!r}] must be an edgeslim ImageDataset (edgeslim.data.load(...)), "
-                            f"got {type(ds).__name__}")
+            raise DataError(
+                f"optimize: data[{name!r}] must be an edgeslim ImageDataset (edgeslim.data.load(...)), "
+                f"got {type(ds).__name__}"
+            )
         if len(ds) == 0:
             raise DataError(f"optimize: the {name} split ({ds.name}/{ds.split}) is empty")
     if tuple(train.input_shape) != tuple(val.input_shape):
-        raise DataError(f"optimize: train samples are {tuple(train.input_shape)} but validation samples "
-                        f"{tuple(val.input_shape)}")
+        raise DataError(
+            f"optimize: train samples are {tuple(train.input_shape)} but validation samples {tuple(val.input_shape)}"
+        )
     if len(set(val.labels.tolist())) < 2:
-        raise DataError(f"optimize: the validation split ({val.name}/{val.split}) holds a single class: accuracy "
-                        "on it says nothing")
+        raise DataError(
+            f"optimize: the validation split ({val.name}/{val.split}) holds a single class: accuracy on it says nothing"
+        )
 
 
 @contextlib.contextmanager
@@ -147,14 +151,16 @@ def locked(out: Path, *, name: str = ".optimize.lock", wait: bool = False) -> It
     import fcntl
 
     out.mkdir(parents=True, exist_ok=True)
-    f = open(out / name, "a+")
+    f = open(out / name, "a+")  # noqa: SIM115 - held open as the lock for the run's lifetime
     try:
         try:
             fcntl.flock(f, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            raise OutputExistsError(f"run folder {str(out)!r} is in use by another optimize process (its lock is "
-                                    "held); wait for it, or use another out= (workers sharing a study: "
-                                    "storage=postgresql://...)") from None
+            raise OutputExistsError(
+                f"run folder {str(out)!r} is in use by another optimize process (its lock is "
+                "held); wait for it, or use another out= (workers sharing a study: "
+                "storage=postgresql://...)"
+            ) from None
         f.seek(0)
         f.truncate()
         f.write(f"{os.getpid()}\n")
@@ -164,8 +170,9 @@ def locked(out: Path, *, name: str = ".optimize.lock", wait: bool = False) -> It
         f.close()
 
 
-def check_run(out: Path, ident: dict[str, Any], *, resume: bool, storage: str | None = None,
-              command: dict[str, Any] | None = None) -> bool:
+def check_run(
+    out: Path, ident: dict[str, Any], *, resume: bool, storage: str | None = None, command: dict[str, Any] | None = None
+) -> bool:
     """Write ``out/run.json`` for a new run, or check that it is the same run; True when resuming.
 
     ``storage`` (a shared study's URL, None for the folder's own ``study.db``) is recorded without its password
@@ -174,27 +181,43 @@ def check_run(out: Path, ident: dict[str, Any], *, resume: bool, storage: str | 
     """
     rec = out / "run.json"
     if not rec.is_file():
-        doc = {"format": RUN_FORMAT, **ident, "storage": strip_password(storage) if storage else None,
-               "storage_password": bool(storage) and strip_password(storage) != storage,
-               "command": command, "created": time.strftime("%Y-%m-%d %H:%M:%S")}
+        doc = {
+            "format": RUN_FORMAT,
+            **ident,
+            "storage": strip_password(storage) if storage else None,
+            "storage_password": bool(storage) and strip_password(storage) != storage,
+            "command": command,
+            "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
         write_json(rec, doc, force=True)
         return False
     old = read_run(out)
     if not resume:
-        raise OutputExistsError(f"run folder {str(out)!r} holds an earlier optimize run; pass resume=True "
-                                "(CLI: --resume) to continue it, or use another out=")
-    for k, what in (("base_model_sha256", "another model (its weights differ)"), ("data_sha256", "other data"),
-                    ("budget", "another budget"), ("space", "another search space"), ("seed", "another seed"),
-                    ("model_class", "another model class")):
+        raise OutputExistsError(
+            f"run folder {str(out)!r} holds an earlier optimize run; pass resume=True "
+            "(CLI: --resume) to continue it, or use another out="
+        )
+    for k, what in (
+        ("base_model_sha256", "another model (its weights differ)"),
+        ("data_sha256", "other data"),
+        ("budget", "another budget"),
+        ("space", "another search space"),
+        ("seed", "another seed"),
+        ("model_class", "another model class"),
+    ):
         if old.get(k) != ident.get(k):
-            raise ConfigError(f"run folder {str(out)!r} holds a run of {what}: {k} was {_short(old.get(k))}, now "
-                              f"{_short(ident.get(k))}; use another out= (or the same settings to resume)")
+            raise ConfigError(
+                f"run folder {str(out)!r} holds a run of {what}: {k} was {_short(old.get(k))}, now "
+                f"{_short(ident.get(k))}; use another out= (or the same settings to resume)"
+            )
     was = old.get("storage")
     now = strip_password(storage) if storage else None
     if was != now:
         how = f"give storage={was!r} (CLI: --storage)" if was else "give no storage= (CLI: no --storage)"
-        raise ConfigError(f"run folder {str(out)!r} holds a run whose study is in {_where(was)}, not in "
-                          f"{_where(now)}; {how} to resume it, or use another out=")
+        raise ConfigError(
+            f"run folder {str(out)!r} holds a run whose study is in {_where(was)}, not in "
+            f"{_where(now)}; {how} to resume it, or use another out="
+        )
     return True
 
 
@@ -206,8 +229,10 @@ def read_run(out: Path) -> dict[str, Any]:
     """``out/run.json`` as a dict (ConfigError when it is missing or unreadable)."""
     rec = Path(out) / "run.json"
     if not rec.is_file():
-        raise ConfigError(f"{str(rec)!r} not found: {str(out)!r} holds no optimize run (start one with "
-                          "`edgeslim optimize MODEL ... --out` first, or copy its run.json here)")
+        raise ConfigError(
+            f"{str(rec)!r} not found: {str(out)!r} holds no optimize run (start one with "
+            "`edgeslim optimize MODEL ... --out` first, or copy its run.json here)"
+        )
     try:
         doc = json.loads(rec.read_text())
     except (OSError, json.JSONDecodeError) as e:
@@ -247,14 +272,19 @@ def open_storage(url: str, *, shared: bool, heartbeat_s: int = 10) -> Any:
     import optuna
 
     if not isinstance(url, str) or "://" not in url:
-        raise ConfigError(f"storage={url!r} is not allowed; give an RDB URL (sqlite:///file.db, "
-                          "postgresql://user@host/db) or None for out/study.db")
+        raise ConfigError(
+            f"storage={url!r} is not allowed; give an RDB URL (sqlite:///file.db, "
+            "postgresql://user@host/db) or None for out/study.db"
+        )
     if isinstance(heartbeat_s, bool) or not isinstance(heartbeat_s, int) or heartbeat_s < 1:
         raise ConfigError(f"heartbeat_s={heartbeat_s!r} is not allowed; use an integer >= 1 (seconds)")
     kw: dict[str, Any] = {}
     if shared:
-        kw = {"heartbeat_interval": heartbeat_s, "grace_period": GRACE_INTERVALS * heartbeat_s,
-              "heartbeat_stale_trial_callback": requeue_failed}
+        kw = {
+            "heartbeat_interval": heartbeat_s,
+            "grace_period": GRACE_INTERVALS * heartbeat_s,
+            "heartbeat_stale_trial_callback": requeue_failed,
+        }
     engine: dict[str, Any] = {"pool_pre_ping": True}
     if url.startswith("postgresql"):  # a host that drops packets must not hang the command
         engine["connect_args"] = {"connect_timeout": 10}
@@ -264,10 +294,10 @@ def open_storage(url: str, *, shared: bool, heartbeat_s: int = 10) -> Any:
             return optuna.storages.RDBStorage(url, engine_kwargs=engine, **kw)
     except ImportError:  # sqlalchemy could not import the URL's database driver
         scheme = url.split("://", 1)[0].split("+", 1)[0]
-        pkg = {"postgresql": "'psycopg[binary]'", "mysql": "pymysql"}.get(scheme,
-                                                                          f"a {scheme} driver for SQLAlchemy")
-        raise ConfigError(f"storage {redact(url)!r} needs a database driver that is not installed: "
-                          f"pip install {pkg}") from None
+        pkg = {"postgresql": "'psycopg[binary]'", "mysql": "pymysql"}.get(scheme, f"a {scheme} driver for SQLAlchemy")
+        raise ConfigError(
+            f"storage {redact(url)!r} needs a database driver that is not installed: pip install {pkg}"
+        ) from None
     except Exception as e:  # noqa: BLE001 - sqlalchemy/driver errors: unreachable host, bad URL, refused login
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise ConfigError(f"storage {redact(url)!r} does not answer: {type(e).__name__}: {first}") from None
@@ -276,10 +306,14 @@ def open_storage(url: str, *, shared: bool, heartbeat_s: int = 10) -> Any:
 def requeue_failed(study: Any, trial: Any) -> None:
     """Heartbeat callback: a trial whose worker died is queued again with the same parameters (Optuna calls it
     once per such trial, in the one worker whose update marked it failed)."""
-    study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number, "worker_lost": trial.user_attrs.get(
-        "worker", "?")})
-    log.warning("trial %d's worker (%s) stopped answering; its parameters are queued again", trial.number,
-                trial.user_attrs.get("worker", "?"))
+    study.enqueue_trial(
+        trial.params, user_attrs={"retry_of": trial.number, "worker_lost": trial.user_attrs.get("worker", "?")}
+    )
+    log.warning(
+        "trial %d's worker (%s) stopped answering; its parameters are queued again",
+        trial.number,
+        trial.user_attrs.get("worker", "?"),
+    )
 
 
 def worker_id() -> str:
@@ -306,8 +340,11 @@ class StudyLock:
         if shared and engine is not None and engine.dialect.name == "postgresql":
             self._conn = engine.connect()
         elif shared:
-            log.warning("storage %s has no advisory lock edgeslim knows: two workers may claim the same candidate "
-                        "or overrun the trial budget by a trial each", engine.dialect.name if engine else "?")
+            log.warning(
+                "storage %s has no advisory lock edgeslim knows: two workers may claim the same candidate "
+                "or overrun the trial budget by a trial each",
+                engine.dialect.name if engine else "?",
+            )
 
     def acquire(self) -> None:
         if self._conn is not None and not self._held:
@@ -348,14 +385,16 @@ def requeue_running(study: Any, storage: Any) -> list[int]:
 
     done = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        note = list(t.user_attrs.get("requeued", [])) + [f"left RUNNING by a stopped process; re-queued at "
-                                                         f"{time.strftime('%Y-%m-%d %H:%M:%S')}"]
+        note = list(t.user_attrs.get("requeued", [])) + [
+            f"left RUNNING by a stopped process; re-queued at {time.strftime('%Y-%m-%d %H:%M:%S')}"
+        ]
         storage.set_trial_user_attr(t._trial_id, "requeued", note)
         storage.set_trial_state_values(t._trial_id, TrialState.WAITING)
         done.append(t.number)
     if done:
-        log.warning("re-queued trial(s) %s left RUNNING by a stopped run; finished trials are kept",
-                    ", ".join(map(str, done)))
+        log.warning(
+            "re-queued trial(s) %s left RUNNING by a stopped run; finished trials are kept", ", ".join(map(str, done))
+        )
     return done
 
 

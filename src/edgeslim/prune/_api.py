@@ -79,8 +79,10 @@ class PruneReport:
         return d
 
     def summary(self) -> str:
-        lines = [f"prune ({self.method}): MACs {self.macs_before:,} -> {self.macs_after:,} "
-                 f"(-{self.mac_reduction:.1%}), params {self.params_before:,} -> {self.params_after:,}"]
+        lines = [
+            f"prune ({self.method}): MACs {self.macs_before:,} -> {self.macs_after:,} "
+            f"(-{self.mac_reduction:.1%}), params {self.params_before:,} -> {self.params_after:,}"
+        ]
         if self.sparsity:
             lines.append(f"  weight sparsity over masked layers: {self.sparsity:.1%}")
         if self.ignored:
@@ -92,8 +94,7 @@ class PruneReport:
         return "\n".join(lines)
 
 
-def prune(model: nn.Module, config: PruneConfig = PruneConfig(), *, example_inputs: Any,
-          data: Any = None) -> nn.Module:
+def prune(model: nn.Module, config: PruneConfig = PruneConfig(), *, example_inputs: Any, data: Any = None) -> nn.Module:
     """Prune a copy of ``model``; the input model is not modified.
 
     Args:
@@ -120,8 +121,10 @@ def prune(model: nn.Module, config: PruneConfig = PruneConfig(), *, example_inpu
         raise ConfigError(f"prune() needs a PruneConfig, got {type(config).__name__}")
     _recipe.check_next(model, "prune")
     if config.recalibrate_bn and data is None:
-        raise DataError(f"PruneConfig.recalibrate_bn={config.recalibrate_bn} needs data= (an ImageDataset or an "
-                        "iterable of inputs / (inputs, labels)) to re-estimate BatchNorm statistics on")
+        raise DataError(
+            f"PruneConfig.recalibrate_bn={config.recalibrate_bn} needs data= (an ImageDataset or an "
+            "iterable of inputs / (inputs, labels)) to re-estimate BatchNorm statistics on"
+        )
     t0 = time.perf_counter()
     model = copy.deepcopy(model)
     prev = list(getattr(getattr(model, "prune_report", None), "recipe", []) or [])
@@ -150,17 +153,33 @@ def prune(model: nn.Module, config: PruneConfig = PruneConfig(), *, example_inpu
         remask = [n for n in remask if n in modules]
         for n in remask:
             attach_mask(modules[n], (modules[n].weight.detach() != 0).float())
-        step = {"method": "channel", "config": config.to_dict(), "structure": structure, "history": history,
-                "remask": remask}
-        report = PruneReport("channel", macs0, count_macs(model, example_inputs), params0, count_params(model),
-                             layers=layers, ignored=info.get("ignored", []), skipped=info.get("skipped", {}),
-                             note="channels physically removed: dense runtimes get faster; measure to see how much")
+        step = {
+            "method": "channel",
+            "config": config.to_dict(),
+            "structure": structure,
+            "history": history,
+            "remask": remask,
+        }
+        report = PruneReport(
+            "channel",
+            macs0,
+            count_macs(model, example_inputs),
+            params0,
+            count_params(model),
+            layers=layers,
+            ignored=info.get("ignored", []),
+            skipped=info.get("skipped", {}),
+            note="channels physically removed: dense runtimes get faster; measure to see how much",
+        )
         if "channel_ratio" in info:
             report.layers["_channel_ratio"] = info["channel_ratio"]
     else:
         report = _mask_prune(model, config, example_inputs, macs0, params0)
-        step = {"method": str(config.method), "config": config.to_dict(),
-                "masked": sorted(n for n, m in model.named_modules() if get_mask(m) is not None)}
+        step = {
+            "method": str(config.method),
+            "config": config.to_dict(),
+            "masked": sorted(n for n, m in model.named_modules() if get_mask(m) is not None),
+        }
     if config.recalibrate_bn:
         model = recalibrate_bn(model, data, num_samples=config.recalibrate_bn)
         report.note += f"; BatchNorm statistics re-estimated on {config.recalibrate_bn} inputs"
@@ -197,14 +216,15 @@ def _mask_prune(model: nn.Module, cfg: PruneConfig, example_inputs: Any, macs0: 
     for pat, r in cfg.layer_ratios.items():
         for n in match_modules(model, [pat], "layer_ratios"):
             ratios[n] = min(float(r), cfg.max_layer_ratio)
-    targets = {n: m for n, m in model.named_modules()
-               if isinstance(m, PRUNABLE) and n not in ignored and n != out_name}
+    targets = {n: m for n, m in model.named_modules() if isinstance(m, PRUNABLE) and n not in ignored and n != out_name}
     skipped: dict[str, str] = {}
     if out_name and out_name not in ignored:
         skipped[out_name] = "output layer (ignore_output_layer=True)"
     if not targets:
-        raise ModelError(f"{type(model).__name__}: no Linear/Conv layer left to prune "
-                         f"({len(ignored)} ignored{', output layer ' + repr(out_name) if out_name else ''})")
+        raise ModelError(
+            f"{type(model).__name__}: no Linear/Conv layer left to prune "
+            f"({len(ignored)} ignored{', output layer ' + repr(out_name) if out_name else ''})"
+        )
     layers: dict[str, float] = {}
     if cfg.method == PruneMethod.NM:
         for n, m in targets.items():
@@ -217,8 +237,10 @@ def _mask_prune(model: nn.Module, cfg: PruneConfig, example_inputs: Any, macs0: 
             layers[n] = round(1 - cfg.n / cfg.m, 4)
         if not layers:
             raise ModelError(f"no layer of {type(model).__name__} has an input size that is a multiple of m={cfg.m}")
-        note = (f"{cfg.n}:{cfg.m} masks; dense CPU runtimes (ONNX Runtime included) do not run faster on them, "
-                "only sparse tensor cores (e.g. NVIDIA Ampere+) do")
+        note = (
+            f"{cfg.n}:{cfg.m} masks; dense CPU runtimes (ONNX Runtime included) do not run faster on them, "
+            "only sparse tensor cores (e.g. NVIDIA Ampere+) do"
+        )
     else:
         weights = {n: m.weight.detach() for n, m in targets.items()}
         if cfg.scope == Scope.GLOBAL and not ratios:
@@ -235,8 +257,10 @@ def _mask_prune(model: nn.Module, cfg: PruneConfig, example_inputs: Any, macs0: 
             else:
                 attach_mask(m, magnitude_mask(weights[n], s))
             layers[n] = round(s, 4)
-        note = ("zeros do not speed up dense runtimes (ONNX Runtime, CPU BLAS compute them anyway); they save storage "
-                "in a sparse/compressed format (see sparse_storage)")
+        note = (
+            "zeros do not speed up dense runtimes (ONNX Runtime, CPU BLAS compute them anyway); they save storage "
+            "in a sparse/compressed format (see sparse_storage)"
+        )
         if cfg.schedule == Schedule.AGP:
             note += f"; AGP: sparsity ramps to the targets over {cfg.schedule_steps} training steps (now 0)"
     zeros = total = 0
@@ -244,8 +268,18 @@ def _mask_prune(model: nn.Module, cfg: PruneConfig, example_inputs: Any, macs0: 
         w = targets[n].weight.detach()
         zeros += int((w == 0).sum())
         total += w.numel()
-    return PruneReport(str(cfg.method), macs0, macs0, params0, params0, sparsity=zeros / total if total else 0.0,
-                       layers=layers, skipped=skipped, ignored=sorted(ignored), note=note)
+    return PruneReport(
+        str(cfg.method),
+        macs0,
+        macs0,
+        params0,
+        params0,
+        sparsity=zeros / total if total else 0.0,
+        layers=layers,
+        skipped=skipped,
+        ignored=sorted(ignored),
+        note=note,
+    )
 
 
 # ---------------------------------------------------------------------------------------- save / load
@@ -257,8 +291,12 @@ def save_pruned(model: nn.Module, path: str | Path, *, force: bool = False, half
     No module is pickled: :func:`load_pruned` rebuilds the pruned architecture from the recipe on a fresh
     instance of the original model, then loads the weights.
     """
-    warnings.warn("save_pruned() is deprecated; edgeslim.save(model, path) writes one recipe file for any chain "
-                  "(edgeslim.save(model, path, half=True) for FP16 storage)", DeprecationWarning, stacklevel=2)
+    warnings.warn(
+        "save_pruned() is deprecated; edgeslim.save(model, path) writes one recipe file for any chain "
+        "(edgeslim.save(model, path, half=True) for FP16 storage)",
+        DeprecationWarning,
+        stacklevel=2,
+    )
     rep = getattr(model, "prune_report", None)
     if rep is None or not rep.recipe:
         raise ModelError("save_pruned() needs a model returned by edgeslim.prune (it carries the recipe)")
@@ -283,8 +321,9 @@ def read_recipe(path: str | Path) -> dict:
     except json.JSONDecodeError as e:
         raise ModelError(f"prune recipe {str(p)!r} is not valid JSON: {e}") from None
     if recipe.get("format") != RECIPE_FORMAT:
-        raise ModelError(f"{str(p)!r} is not an edgeslim prune recipe (format {recipe.get('format')!r}, "
-                         f"expected {RECIPE_FORMAT!r})")
+        raise ModelError(
+            f"{str(p)!r} is not an edgeslim prune recipe (format {recipe.get('format')!r}, expected {RECIPE_FORMAT!r})"
+        )
     return recipe
 
 
@@ -293,8 +332,11 @@ def load_pruned(model: nn.Module, path: str | Path) -> nn.Module:
     the original architecture; its weights do not matter) and load ``<path>.pt``. ``model`` is not modified."""
     from edgeslim.models._zoo import apply_state_dict, load_state_dict_file
 
-    warnings.warn("load_pruned() is deprecated; edgeslim.load(path, model=...) reads one recipe file for any chain",
-                  DeprecationWarning, stacklevel=2)
+    warnings.warn(
+        "load_pruned() is deprecated; edgeslim.load(path, model=...) reads one recipe file for any chain",
+        DeprecationWarning,
+        stacklevel=2,
+    )
     if str(path).endswith(".recipe"):
         return _recipe.load(path, model)
     base = Path(path)
@@ -303,10 +345,16 @@ def load_pruned(model: nn.Module, path: str | Path) -> nn.Module:
     model = apply_recipe(model, recipe["steps"])
     apply_state_dict(model, load_state_dict_file(base.with_suffix(".pt")), str(base.with_suffix(".pt")))
     rep = recipe.get("report", {})
-    model.prune_report = PruneReport(rep.get("method", "?"), rep.get("macs_before", 0), rep.get("macs_after", 0),
-                                     rep.get("params_before", 0), rep.get("params_after", 0),
-                                     sparsity=rep.get("sparsity", 0.0), recipe=recipe["steps"],
-                                     note="loaded from " + str(base))
+    model.prune_report = PruneReport(
+        rep.get("method", "?"),
+        rep.get("macs_before", 0),
+        rep.get("macs_after", 0),
+        rep.get("params_before", 0),
+        rep.get("params_after", 0),
+        sparsity=rep.get("sparsity", 0.0),
+        recipe=recipe["steps"],
+        note="loaded from " + str(base),
+    )
     return model.eval()
 
 
@@ -330,8 +378,13 @@ def _apply_steps(model: nn.Module, steps: list[dict]) -> nn.Module:
                 if n not in modules:
                     raise ModelError(f"recipe step {i} masks module {n!r}, which this model lacks")
                 w = modules[n].weight.detach()
-                attach_mask(modules[n], torch.ones_like(w), final=cfg.ratio if agp else 0.0,
-                            steps=cfg.schedule_steps, every=cfg.schedule_every)
+                attach_mask(
+                    modules[n],
+                    torch.ones_like(w),
+                    final=cfg.ratio if agp else 0.0,
+                    steps=cfg.schedule_steps,
+                    every=cfg.schedule_every,
+                )
         else:
             raise ModelError(f"recipe step {i} has unknown method {step.get('method')!r}")
     return model
@@ -354,17 +407,30 @@ def replay(model: nn.Module, recipe_path: str | Path, *, example_inputs: Any) ->
     model = copy.deepcopy(model).eval()
     for i, step in enumerate(recipe["steps"]):
         if step["method"] != "channel" or not step.get("history"):
-            raise ModelError(f"replay() handles CNN channel steps only; step {i} is {step['method']!r}"
-                             f"{' (transformer)' if step['method'] == 'channel' else ''}: use load_pruned()")
+            raise ModelError(
+                f"replay() handles CNN channel steps only; step {i} is {step['method']!r}"
+                f"{' (transformer)' if step['method'] == 'channel' else ''}: use load_pruned()"
+            )
         dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
         dg.load_pruning_history(step["history"])
     return model
 
 
 # ------------------------------------------------------------------------------ prune -> fine-tune loop
-def prune_finetune(model: nn.Module, config: PruneConfig, *, train: Any, val: Any = None, steps: int = 3,
-                   train_config: Any = None, example_inputs: Any, checkpoint_dir: str | Path | None = None,
-                   device: str = "cpu", max_steps_per_epoch: int | None = None, progress: bool = False) -> nn.Module:
+def prune_finetune(
+    model: nn.Module,
+    config: PruneConfig,
+    *,
+    train: Any,
+    val: Any = None,
+    steps: int = 3,
+    train_config: Any = None,
+    example_inputs: Any,
+    checkpoint_dir: str | Path | None = None,
+    device: str = "cpu",
+    max_steps_per_epoch: int | None = None,
+    progress: bool = False,
+) -> nn.Module:
     """Reach ``config``'s target in ``steps`` rounds of prune -> :func:`edgeslim.train.fit`.
 
     Each round removes an equal share (geometric for channel/MAC targets, linear for sparsity). With
@@ -400,8 +466,16 @@ def prune_finetune(model: nn.Module, config: PruneConfig, *, train: Any, val: An
         else:
             step_cfg = config.replace(ratio=config.ratio * i / steps, schedule=Schedule.ONESHOT)
         pruned = prune(current, step_cfg, example_inputs=example_inputs, data=train)
-        res = fit(pruned, train, val, train_config, checkpoint_dir=ck / f"fit_{i}" if ck else None,
-                  device=device, max_steps_per_epoch=max_steps_per_epoch, progress=progress)
+        res = fit(
+            pruned,
+            train,
+            val,
+            train_config,
+            checkpoint_dir=ck / f"fit_{i}" if ck else None,
+            device=device,
+            max_steps_per_epoch=max_steps_per_epoch,
+            progress=progress,
+        )
         current = res.model
         current.prune_report = pruned.prune_report
         row = {"round": i, "macs": count_macs(current, example_inputs), "val_accuracy": res.best_accuracy}

@@ -67,13 +67,24 @@ def functional_attention(model: nn.Module, example_inputs: Any, attn: Iterable[s
     mods = dict(model.named_modules())
     cand = {n: mods[n] for n in attn if n in mods}
     ran = {id(m) for m in executed(model, example_inputs, weighted(c for a in cand.values() for c in a.modules()))}
-    return [a for a in cand.values()  # (V2's cpb_mlp does run as modules; its qkv and proj do not)
-            if any(id(c) not in ran for c in weighted(a.modules()))]
+    return [
+        a
+        for a in cand.values()  # (V2's cpb_mlp does run as modules; its qkv and proj do not)
+        if any(id(c) not in ran for c in weighted(a.modules()))
+    ]
 
 
-def _tp_prune_once(model: nn.Module, cfg: PruneConfig, ratio: float, example_inputs: Any, data: Any,
-                   ignored: list[nn.Module], ratio_dict: dict[nn.Module, float],
-                   skipped: dict[str, str] | None = None, opaque: list[nn.Module] = ()) -> list:
+def _tp_prune_once(
+    model: nn.Module,
+    cfg: PruneConfig,
+    ratio: float,
+    example_inputs: Any,
+    data: Any,
+    ignored: list[nn.Module],
+    ratio_dict: dict[nn.Module, float],
+    skipped: dict[str, str] | None = None,
+    opaque: list[nn.Module] = (),
+) -> list:
     tp = torch_pruning()
     crit = IMPORTANCE.get(cfg.importance)
     heads = {m: m.num_heads for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
@@ -83,9 +94,14 @@ def _tp_prune_once(model: nn.Module, cfg: PruneConfig, ratio: float, example_inp
     def make(ign: list[nn.Module]) -> Any:
         with blame_module(model, "tracing the dependency graph", exact=False), opaque_calls(list(opaque)) as widths:
             return tp.pruner.MetaPruner(
-                model, example_inputs, importance=crit.make(), global_pruning=cfg.scope == Scope.GLOBAL,
-                pruning_ratio=ratio, pruning_ratio_dict=dict(ratio_dict) or None,
-                max_pruning_ratio=cfg.max_layer_ratio, ignored_layers=ign,
+                model,
+                example_inputs,
+                importance=crit.make(),
+                global_pruning=cfg.scope == Scope.GLOBAL,
+                pruning_ratio=ratio,
+                pruning_ratio_dict=dict(ratio_dict) or None,
+                max_pruning_ratio=cfg.max_layer_ratio,
+                ignored_layers=ign,
                 round_to=cfg.round_to if cfg.round_to > 1 else None,
                 customized_pruners={type(m): kept_width_pruner(widths) for m in opaque} or None,
                 **{**fresh_defaults(), "num_heads": dict(heads)},
@@ -122,13 +138,19 @@ def _sync_attributes(model: nn.Module) -> None:
             m.head_dim = m.embed_dim // m.num_heads
 
 
-
 def window_attention_modules(model: nn.Module) -> list[str]:
     """Names of windowed / relative-position attention modules: a per-head relative position bias table, or (Swin
     V2) the relative position index its continuous bias MLP is gathered with."""
-    return [n for n, m in model.named_modules() if n and (hasattr(m, "num_heads") or hasattr(m, "n_heads")) and any(
-            isinstance(getattr(m, k, None), torch.Tensor) for k in ("relative_position_bias_table",
-                                                                     "relative_position_index"))]
+    return [
+        n
+        for n, m in model.named_modules()
+        if n
+        and (hasattr(m, "num_heads") or hasattr(m, "n_heads"))
+        and any(
+            isinstance(getattr(m, k, None), torch.Tensor)
+            for k in ("relative_position_bias_table", "relative_position_index")
+        )
+    ]
 
 
 def window_attention_layers(model: nn.Module) -> dict[str, str]:
@@ -148,8 +170,10 @@ def window_attention_layers(model: nn.Module) -> dict[str, str]:
         m = model.get_submodule(n)
         for cn, c in m.named_modules():
             if cn and isinstance(c, (nn.Linear, nn.modules.conv._ConvNd)):
-                out[f"{n}.{cn}"] = (f"projection of windowed/relative-position attention {n!r} "
-                                    f"({type(m).__name__}): heads are not traceable, the layer is kept")
+                out[f"{n}.{cn}"] = (
+                    f"projection of windowed/relative-position attention {n!r} "
+                    f"({type(m).__name__}): heads are not traceable, the layer is kept"
+                )
     return out
 
 
@@ -174,8 +198,17 @@ def prune_channels(model: nn.Module, cfg: PruneConfig, example_inputs: Any, data
         mods = dict(m.named_modules())
         # the attention blocks' own tensors (relative position bias tables, V2 logit scales: one per head)
         params = [t for a in attn if a in mods for t in mods[a]._parameters.values() if t is not None]
-        return _tp_prune_once(m, cfg, ratio, example_inputs, data, [mods[n] for n in ignored_map] + params,
-                              {mods[n]: r for n, r in ratio_dict.items()}, info["skipped"], [mods[n] for n in opaque])
+        return _tp_prune_once(
+            m,
+            cfg,
+            ratio,
+            example_inputs,
+            data,
+            [mods[n] for n in ignored_map] + params,
+            {mods[n]: r for n, r in ratio_dict.items()},
+            info["skipped"],
+            [mods[n] for n in opaque],
+        )
 
     if cfg.target_macs is None:
         info["history"] = run(model, cfg.ratio)

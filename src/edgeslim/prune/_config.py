@@ -137,8 +137,10 @@ class PruneConfig(Config):
         if self.calib_batches < 1:
             raise self._bad("calib_batches", "must be >= 1")
         if not isinstance(self.recalibrate_bn, int) or self.recalibrate_bn < 0:
-            raise self._bad("recalibrate_bn", "must be an integer >= 0 (inputs used to re-estimate BatchNorm "
-                            "statistics; 0 turns it off)")
+            raise self._bad(
+                "recalibrate_bn",
+                "must be an integer >= 0 (inputs used to re-estimate BatchNorm statistics; 0 turns it off)",
+            )
 
     def to_dict(self) -> dict[str, Any]:
         d = super().to_dict()

@@ -95,15 +95,42 @@ def torch_pruning() -> Any:
     return tp
 
 
-IMPORTANCE.register("l1")(Criterion(lambda: torch_pruning().importance.GroupMagnitudeImportance(p=1), False,
-                                    "L1 norm of the group's weights", _l1_units))
-IMPORTANCE.register("l2")(Criterion(lambda: torch_pruning().importance.GroupMagnitudeImportance(p=2), False,
-                                    "L2 norm of the group's weights", _l2_units))
-IMPORTANCE.register("bn_scale")(Criterion(lambda: torch_pruning().importance.BNScaleImportance(), False,
-                                          "|gamma| of the group's BatchNorm layers"))
-IMPORTANCE.register("taylor")(Criterion(lambda: torch_pruning().importance.GroupTaylorImportance(), True,
-                                        "first-order Taylor |w * grad| on calibration batches"))
-IMPORTANCE.register("fpgm")(Criterion(lambda: torch_pruning().importance.FPGMImportance(p=2), False,
-                                      "distance to the filters' geometric median", _fpgm_units))
-IMPORTANCE.register("random")(Criterion(lambda: torch_pruning().importance.RandomImportance(), False,
-                                        "uniform random (the baseline)", _random_units))
+IMPORTANCE.register("l1")(
+    Criterion(
+        lambda: torch_pruning().importance.GroupMagnitudeImportance(p=1),
+        False,
+        "L1 norm of the group's weights",
+        _l1_units,
+    )
+)
+IMPORTANCE.register("l2")(
+    Criterion(
+        lambda: torch_pruning().importance.GroupMagnitudeImportance(p=2),
+        False,
+        "L2 norm of the group's weights",
+        _l2_units,
+    )
+)
+IMPORTANCE.register("bn_scale")(
+    Criterion(lambda: torch_pruning().importance.BNScaleImportance(), False, "|gamma| of the group's BatchNorm layers")
+)
+IMPORTANCE.register("taylor")(
+    Criterion(
+        lambda: torch_pruning().importance.GroupTaylorImportance(),
+        True,
+        "first-order Taylor |w * grad| on calibration batches",
+    )
+)
+IMPORTANCE.register("fpgm")(
+    Criterion(
+        lambda: torch_pruning().importance.FPGMImportance(p=2),
+        False,
+        "distance to the filters' geometric median",
+        _fpgm_units,
+    )
+)
+IMPORTANCE.register("random")(
+    Criterion(
+        lambda: torch_pruning().importance.RandomImportance(), False, "uniform random (the baseline)", _random_units
+    )
+)

@@ -105,5 +105,7 @@ def check_not_empty(model: nn.Module) -> None:
         elif isinstance(m, nn.modules.batchnorm._BatchNorm):
             sizes = [m.num_features]
         if any(s == 0 for s in sizes):
-            raise ModelError(f"pruning would remove every channel of module {n!r} ({type(m).__name__}); "
-                             "lower the ratio or the layer's entry in layer_ratios")
+            raise ModelError(
+                f"pruning would remove every channel of module {n!r} ({type(m).__name__}); "
+                "lower the ratio or the layer's entry in layer_ratios"
+            )

@@ -17,8 +17,11 @@ def snapshot(model: nn.Module) -> dict[str, dict]:
     """Shapes of every direct parameter/buffer and the int-like attributes of every module."""
     snap = {}
     for n, m in model.named_modules():
-        attrs = {k: v for k, v in vars(m).items() if not k.startswith("_") and isinstance(v, _ATTR_TYPES)
-                 and not isinstance(v, bool) and _plain(v)}
+        attrs = {
+            k: v
+            for k, v in vars(m).items()
+            if not k.startswith("_") and isinstance(v, _ATTR_TYPES) and not isinstance(v, bool) and _plain(v)
+        }
         tensors = {k: list(v.shape) for k, v in list(m._parameters.items()) + list(m._buffers.items()) if v is not None}
         snap[n] = {"attrs": attrs, "tensors": tensors}
     return snap
@@ -55,8 +58,10 @@ def apply_structure(model: nn.Module, structure: dict[str, dict]) -> nn.Module:
     for n, change in structure.items():
         m = modules.get(n)
         if m is None:
-            raise ModelError(f"recipe names module {n!r}, which this model lacks{near(n, modules)}; "
-                             "load the recipe into the architecture it was made from")
+            raise ModelError(
+                f"recipe names module {n!r}, which this model lacks{near(n, modules)}; "
+                "load the recipe into the architecture it was made from"
+            )
         for k, v in change.get("attrs", {}).items():
             old = getattr(m, k, None)
             setattr(m, k, tuple(v) if isinstance(old, tuple) else v)

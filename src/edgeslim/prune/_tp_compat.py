@@ -13,7 +13,8 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -113,8 +114,9 @@ def tolerate_unmapped_reshapes(hits: list):
                 frontier = nxt
             return
         cache = graph.__dict__.setdefault("_es_reshape_maps", {})
-        deps = list(node.dependencies) + [d for o in list(node.inputs) + list(node.outputs)
-                                          for d in o.dependencies if d.target is node]
+        deps = list(node.dependencies) + [
+            d for o in list(node.inputs) + list(node.outputs) for d in o.dependencies if d.target is node
+        ]
         if id(node) in cache:  # a reshape's mapping (a flatten stride) survives pruning; inferring it again
             for d, mp in zip(deps, cache[id(node)]):  # walks the graph recursively on every group query
                 d.index_mapping[0] = mp
@@ -163,8 +165,7 @@ def tolerate_unmapped_reshapes(hits: list):
         im._SplitIndexMapping.__call__ = split_call
 
 
-def out_channel_groups(dg: Any, model: nn.Module,
-                        ignored: list[nn.Module]) -> Iterator[tuple[str, nn.Module, Any]]:
+def out_channel_groups(dg: Any, model: nn.Module, ignored: list[nn.Module]) -> Iterator[tuple[str, nn.Module, Any]]:
     """``(name, layer, group)``: the dependency group of all output channels of every conv/linear in the graph."""
     from torch_pruning.dependency import graph as tp_graph
 
@@ -191,8 +192,10 @@ def shuffle_bound_roots(dg: Any, hits: list, model: nn.Module, ignored: list[nn.
     hits.clear()
     for name, _m, _group in out_channel_groups(dg, model, ignored):  # building a group records the hits
         if hits:
-            out[name] = ("its channels pass through a reshape the dependency graph cannot map to channels "
-                         "(a channel shuffle or a 5-D window partition), so it is kept")
+            out[name] = (
+                "its channels pass through a reshape the dependency graph cannot map to channels "
+                "(a channel shuffle or a 5-D window partition), so it is kept"
+            )
         hits.clear()
     return out
 
@@ -221,6 +224,7 @@ def opaque_calls(modules: list[nn.Module]):
             out = _Opaque.apply(x, inner) if x.requires_grad else inner(x)
             widths[id(m)] = (int(x.shape[-1]), int(out.shape[-1]))
             return out
+
         return forward
 
     for m in modules:
@@ -252,8 +256,9 @@ def kept_width_pruner(widths: dict[int, tuple[int, int]]) -> Any:
     return KeepWidth()
 
 
-def attention_bound_roots(dg: Any, model: nn.Module, ignored: list[nn.Module],
-                           opaque: list[nn.Module]) -> dict[str, str]:
+def attention_bound_roots(
+    dg: Any, model: nn.Module, ignored: list[nn.Module], opaque: list[nn.Module]
+) -> dict[str, str]:
     """Layers left unpruned because their output channels are the width an opaque attention reads or writes."""
     names = {id(m): n for n, m in model.named_modules()}
     ids = {id(m) for m in opaque}
@@ -261,8 +266,10 @@ def attention_bound_roots(dg: Any, model: nn.Module, ignored: list[nn.Module],
     for name, _m, group in out_channel_groups(dg, model, ignored):
         hit = next((dep.target.module for dep, _ in group if id(dep.target.module) in ids), None)
         if hit is not None:
-            out[name] = (f"its output channels are the residual width of windowed attention {names[id(hit)]!r} "
-                         f"({type(hit).__name__}), whose heads are not traceable, so it is kept")
+            out[name] = (
+                f"its output channels are the residual width of windowed attention {names[id(hit)]!r} "
+                f"({type(hit).__name__}), whose heads are not traceable, so it is kept"
+            )
     return out
 
 

@@ -26,9 +26,13 @@ def bert_layers(model: nn.Module) -> dict[str, nn.Module]:
     found = {}
     for n, m in model.named_modules():
         att = getattr(m, "attention", None)
-        if (att is not None and hasattr(getattr(att, "self", None), "query") and hasattr(att, "output")
-                and hasattr(getattr(m, "intermediate", None), "dense")
-                and hasattr(getattr(m, "output", None), "dense")):
+        if (
+            att is not None
+            and hasattr(getattr(att, "self", None), "query")
+            and hasattr(att, "output")
+            and hasattr(getattr(m, "intermediate", None), "dense")
+            and hasattr(getattr(m, "output", None), "dense")
+        ):
             found[n] = m
     return found
 
@@ -56,8 +60,10 @@ def prune_transformer(model: nn.Module, cfg: PruneConfig, example_inputs: Any, d
     """Remove attention heads (``heads_ratio``) and FFN neurons (``ratio``) of every BERT-style layer."""
     crit = IMPORTANCE.get(cfg.importance)
     if crit.score_units is None:
-        raise ConfigError(f"PruneConfig.importance={str(cfg.importance)!r} is not available for transformer "
-                          f"heads/FFN; valid: {', '.join(unit_criteria())}")
+        raise ConfigError(
+            f"PruneConfig.importance={str(cfg.importance)!r} is not available for transformer "
+            f"heads/FFN; valid: {', '.join(unit_criteria())}"
+        )
     ignored = match_modules(model, cfg.exclude, "exclude")
     layers = bert_layers(model)
     ratios = layer_ratios(model, cfg)
@@ -72,8 +78,12 @@ def prune_transformer(model: nn.Module, cfg: PruneConfig, example_inputs: Any, d
         if cfg.heads_ratio > 0:
             drop = min(int(math.floor(heads * cfg.heads_ratio)), heads - 1)
             q, k, v, o = att.query.weight, att.key.weight, att.value.weight, layer.attention.output.dense.weight
-            per_head = [q.detach().reshape(heads, -1), k.detach().reshape(heads, -1), v.detach().reshape(heads, -1),
-                        o.detach().t().reshape(heads, -1)]
+            per_head = [
+                q.detach().reshape(heads, -1),
+                k.detach().reshape(heads, -1),
+                v.detach().reshape(heads, -1),
+                o.detach().t().reshape(heads, -1),
+            ]
             score = crit.score_units(per_head, seed=cfg.seed)
             keep_heads = torch.sort(torch.argsort(score, descending=True)[: heads - drop]).values
             idx = (keep_heads.view(-1, 1) * hd + torch.arange(hd).view(1, -1)).flatten()

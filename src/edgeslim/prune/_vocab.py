@@ -88,8 +88,7 @@ class VocabMap:
         return self.old_to_new[ids.astype(np.int64, copy=False)].astype(ids.dtype, copy=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"format": VOCAB_FORMAT, "old_size": self.old_size, "unk_id": self.unk_id,
-                "kept": self.kept.tolist()}
+        return {"format": VOCAB_FORMAT, "old_size": self.old_size, "unk_id": self.unk_id, "kept": self.kept.tolist()}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> VocabMap:
@@ -134,9 +133,11 @@ class VocabReport:
         return 1 - self.params_after / self.params_before if self.params_before else 0.0
 
     def summary(self) -> str:
-        return (f"vocabulary {self.old_size} -> {self.new_size} tokens ({self.special_kept} special/kept always, "
-                f"min_count {self.min_count}, counted {self.tokens} tokens in {self.texts} texts); "
-                f"parameters {self.params_before:,} -> {self.params_after:,} ({self.param_reduction:.1%} fewer)")
+        return (
+            f"vocabulary {self.old_size} -> {self.new_size} tokens ({self.special_kept} special/kept always, "
+            f"min_count {self.min_count}, counted {self.tokens} tokens in {self.texts} texts); "
+            f"parameters {self.params_before:,} -> {self.params_after:,} ({self.param_reduction:.1%} fewer)"
+        )
 
 
 class VocabPruned(NamedTuple):
@@ -159,8 +160,10 @@ def _input_embedding(model: nn.Module, vocab_size: int) -> tuple[str, nn.Embeddi
                 return names[id(emb)], emb
     found = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Embedding) and m.num_embeddings >= vocab_size]
     if len(found) != 1:
-        raise ModelError(f"cannot tell which nn.Embedding holds the {vocab_size}-token vocabulary: "
-                         f"candidates {[n for n, _ in found] or 'none'}")
+        raise ModelError(
+            f"cannot tell which nn.Embedding holds the {vocab_size}-token vocabulary: "
+            f"candidates {[n for n, _ in found] or 'none'}"
+        )
     return found[0]
 
 
@@ -173,8 +176,9 @@ def _token_ids(tokenizer: Any, texts: list[str]) -> list[list[int]]:
     return [list(map(int, row)) for row in ids]
 
 
-def prune_vocabulary(model: nn.Module, tokenizer: Any, texts: Sequence[str], *, min_count: int = 1,
-                     keep: Iterable[str | int] = ()) -> VocabPruned:
+def prune_vocabulary(
+    model: nn.Module, tokenizer: Any, texts: Sequence[str], *, min_count: int = 1, keep: Iterable[str | int] = ()
+) -> VocabPruned:
     """Return a copy of ``model`` whose input embedding keeps only the tokens used by ``texts``.
 
     Kept: every token id that occurs at least ``min_count`` times when ``tokenizer`` encodes ``texts`` (with its
@@ -243,8 +247,10 @@ def prune_vocabulary(model: nn.Module, tokenizer: Any, texts: Sequence[str], *, 
     new_emb = new.get_submodule(name)
     tied = [n for n, p in new.named_parameters(remove_duplicate=False) if p is new_emb.weight and n != f"{name}.weight"]
     if tied:
-        raise ModelError(f"the embedding {name!r} shares its weight with {tied} (a tied output layer); "
-                         "trimming it would change the model's output vocabulary, which prune_vocabulary does not do")
+        raise ModelError(
+            f"the embedding {name!r} shares its weight with {tied} (a tied output layer); "
+            "trimming it would change the model's output vocabulary, which prune_vocabulary does not do"
+        )
     w = new_emb.weight
     with torch.no_grad():
         new_emb.weight = nn.Parameter(w[torch.as_tensor(kept, device=w.device)].clone(), requires_grad=w.requires_grad)
@@ -256,7 +262,15 @@ def prune_vocabulary(model: nn.Module, tokenizer: Any, texts: Sequence[str], *, 
         cfg = getattr(m, "config", None)
         if getattr(cfg, "vocab_size", None) == old_size:
             cfg.vocab_size = len(kept)
-    report = VocabReport(embedding=name, old_size=old_size, new_size=len(kept), special_kept=len(always),
-                         min_count=int(min_count), texts=len(texts), tokens=int(flat.size),
-                         params_before=params_before, params_after=count_params(new))
+    report = VocabReport(
+        embedding=name,
+        old_size=old_size,
+        new_size=len(kept),
+        special_kept=len(always),
+        min_count=int(min_count),
+        texts=len(texts),
+        tokens=int(flat.size),
+        params_before=params_before,
+        params_after=count_params(new),
+    )
     return VocabPruned(new, vocab, report)

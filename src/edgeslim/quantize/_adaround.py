@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -80,15 +80,28 @@ def _activation(gm: torch.fx.GraphModule, name: str) -> Callable[[torch.Tensor],
 
 def _order(gm: nn.Module) -> list[tuple[str, QuantWeight]]:
     mods = dict(gm.named_modules())
-    names = ([str(n.target) for n in gm.graph.nodes if n.op == "call_module"]
-             if isinstance(gm, torch.fx.GraphModule) else list(mods))
-    return [(n, mods[n]) for n in names if isinstance(mods.get(n), QuantWeight)
-            and mods[n].enabled and not mods[n].fp16]
+    names = (
+        [str(n.target) for n in gm.graph.nodes if n.op == "call_module"]
+        if isinstance(gm, torch.fx.GraphModule)
+        else list(mods)
+    )
+    return [
+        (n, mods[n]) for n in names if isinstance(mods.get(n), QuantWeight) and mods[n].enabled and not mods[n].fp16
+    ]
 
 
-def adaround(model: nn.Module, batches: list[torch.Tensor], *, iterations: int = 1000, batch_size: int = 32,
-             lr: float = 1e-2, reg: float = 0.01, warmup: float = 0.2, beta: tuple[float, float] = (20.0, 2.0),
-             seed: int = 0) -> list[str]:
+def adaround(
+    model: nn.Module,
+    batches: list[torch.Tensor],
+    *,
+    iterations: int = 1000,
+    batch_size: int = 32,
+    lr: float = 1e-2,
+    reg: float = 0.01,
+    warmup: float = 0.2,
+    beta: tuple[float, float] = (20.0, 2.0),
+    seed: int = 0,
+) -> list[str]:
     """Learn the rounding of every enabled integer QuantWeight in ``model`` in place, in graph order.
 
     Returns the names of the layers whose learned rounding reconstructs their (activated) output better than
@@ -125,8 +138,8 @@ def adaround(model: nn.Module, batches: list[torch.Tensor], *, iterations: int =
         warm = int(iterations * warmup)
 
         def recon(wq: torch.Tensor, idx: torch.Tensor | slice) -> torch.Tensor:
-            out = act(_forward(layer, x_q[idx], wq, bias))
-            return (out - target[idx]).pow(2).sum(1).mean()  # sum over channels, mean over the rest
+            out = act(_forward(layer, x_q[idx], wq, bias))  # noqa: B023 - called only in this iteration
+            return (out - target[idx]).pow(2).sum(1).mean()  # noqa: B023  # sum over channels, mean over the rest
 
         curve = []  # reconstruction loss (without the regulariser) at the start, end of warm-up and end
         for it in range(iterations):
@@ -145,8 +158,10 @@ def adaround(model: nn.Module, batches: list[torch.Tensor], *, iterations: int =
         with torch.no_grad():
             learned = s * torch.clamp(w_floor + (_h(v) >= 0.5).float(), lo, hi)
             nearest = s * torch.clamp(torch.round(w / s), lo, hi)
-            err = {k: sum(float(recon(wk, slice(i, i + 256))) for i in range(0, len(x_q), 256))
-                   for k, wk in (("learned", learned), ("nearest", nearest))}
+            err = {
+                k: sum(float(recon(wk, slice(i, i + 256))) for i in range(0, len(x_q), 256))
+                for k, wk in (("learned", learned), ("nearest", nearest))
+            }
             # keep the learned rounding only where it reconstructs the layer better than rounding to nearest
             if err["learned"] <= err["nearest"]:
                 layer.weight.copy_(learned)
@@ -155,10 +170,23 @@ def adaround(model: nn.Module, batches: list[torch.Tensor], *, iterations: int =
                 layer.weight.copy_(nearest)
                 log.info("adaround: %s keeps round-to-nearest (%.3g < %.3g)", name, err["nearest"], err["learned"])
             flipped = float((learned != nearest).float().mean())
-            log.debug("adaround: %s nearest %.4g learned %.4g, %.1f%% of weights rounded away from nearest", name,
-                      err["nearest"], err["learned"], 100 * flipped,
-                      extra={"adaround": {"layer": name, "nearest": err["nearest"], "learned": err["learned"],
-                                          "kept": name in done, "flipped": flipped, "loss_curve": curve,
-                                          "seconds": time.perf_counter() - t0}})
+            log.debug(
+                "adaround: %s nearest %.4g learned %.4g, %.1f%% of weights rounded away from nearest",
+                name,
+                err["nearest"],
+                err["learned"],
+                100 * flipped,
+                extra={
+                    "adaround": {
+                        "layer": name,
+                        "nearest": err["nearest"],
+                        "learned": err["learned"],
+                        "kept": name in done,
+                        "flipped": flipped,
+                        "loss_curve": curve,
+                        "seconds": time.perf_counter() - t0,
+                    }
+                },
+            )
     log.info("adaround: %d of %d layers", len(done), len(layers))
     return done

@@ -17,12 +17,12 @@ from edgeslim.core import recipe as _recipe
 from edgeslim.core.counting import call, first_sample
 from edgeslim.core.errors import DataError, QuantizationError
 from edgeslim.core.onnx_model import OnnxModel, batch_len, slice_inputs
-from edgeslim.core.verbs import check_config, data_alias
 from edgeslim.core.progress import bar, progress_enabled
+from edgeslim.core.verbs import check_config, data_alias
 from edgeslim.quantize import _graph
+from edgeslim.quantize._adaround import adaround
 from edgeslim.quantize._calibrate import CALIBRATORS
 from edgeslim.quantize._config import ActivationType, QuantConfig, QuantMode, WeightRange
-from edgeslim.quantize._adaround import adaround
 from edgeslim.quantize._equalize import correct_bias, equalize
 from edgeslim.quantize._modules import ActQuant, QuantWeight
 
@@ -75,9 +75,12 @@ class QuantReport:
             text += f"; {share:.1%} of MACs in integer kernels"
         notes = list(self.warnings)
         if share is not None and share < MIN_INTEGER_SHARE and self.precision.startswith("int8"):
-            notes.insert(0, f"WARNING: only {share:.1%} of the MACs run in integer kernels (below "
-                            f"{MIN_INTEGER_SHARE:.0%}): the model will be barely faster than FP32; see skipped_layers "
-                            "for each float layer and why")
+            notes.insert(
+                0,
+                f"WARNING: only {share:.1%} of the MACs run in integer kernels (below "
+                f"{MIN_INTEGER_SHARE:.0%}): the model will be barely faster than FP32; see skipped_layers "
+                "for each float layer and why",
+            )
         if self.preprocessing and "failed" in self.preprocessing:
             notes.append(self.preprocessing)
         if self.speed:
@@ -175,11 +178,9 @@ def _check_fits(model: nn.Module, x: Any) -> None:
         with torch.no_grad():
             call(model, first_sample(x))
     except Exception as e:  # a shape mismatch surfaces as RuntimeError deep in torch
-        shape = ({k: tuple(v.shape[1:]) for k, v in x.items()} if isinstance(x, Mapping)
-                 else tuple(x.shape[1:]))
+        shape = {k: tuple(v.shape[1:]) for k, v in x.items()} if isinstance(x, Mapping) else tuple(x.shape[1:])
         raise DataError(
-            f"input of shape {shape} does not fit {type(model).__name__}: "
-            f"{str(e).splitlines()[0][:200]}"
+            f"input of shape {shape} does not fit {type(model).__name__}: {str(e).splitlines()[0][:200]}"
         ) from None
 
 
@@ -194,9 +195,11 @@ def weights_desc(config: QuantConfig, bits: int | None = None) -> str:
     """How a layer's weights are quantized, for the report (``bits``: the config's weight bits)."""
     if config.mode == QuantMode.FP16:
         return "fp16"
-    return (f"int{bits or config.weight_bits} {'per-channel' if config.per_channel else 'per-tensor'} symmetric"
-            + (" (MSE scales)" if config.weight_range == WeightRange.MSE else "")
-            + (" (7-bit range)" if config.reduce_range else ""))
+    return (
+        f"int{bits or config.weight_bits} {'per-channel' if config.per_channel else 'per-tensor'} symmetric"
+        + (" (MSE scales)" if config.weight_range == WeightRange.MSE else "")
+        + (" (7-bit range)" if config.reduce_range else "")
+    )
 
 
 def fit_weight_scale(qw: QuantWeight, config: QuantConfig) -> None:
@@ -208,17 +211,24 @@ def fit_weight_scale(qw: QuantWeight, config: QuantConfig) -> None:
 PRECISION = {QuantMode.STATIC: "int8", QuantMode.DYNAMIC: "int8-dynamic", QuantMode.FP16: "fp16"}
 
 
-def build_graph(model: nn.Module, config: QuantConfig) -> tuple[torch.fx.GraphModule, _graph.Placement,
-                                                                   dict[str, ActQuant]]:
+def build_graph(
+    model: nn.Module, config: QuantConfig
+) -> tuple[torch.fx.GraphModule, _graph.Placement, dict[str, ActQuant]]:
     """Trace and fold a copy of ``model``, plan the placement and insert the (uncalibrated) quantizers."""
     gm = _graph.trace_and_fold(copy.deepcopy(model))
     gm.edgeslim_equalization = equalize(gm) if config.equalize else None
     placement = _graph.plan(gm, config.exclude, config.quantize_output, config.int8_layers)
     signed = config.activation_type == ActivationType.INT8
-    gm, quants = _graph.apply(gm, placement, qmin=-128 if signed else 0, qmax=127 if signed else 255,
-                              per_channel=config.per_channel, weight_qmax=weight_qmax(config),
-                              fp16=config.mode == QuantMode.FP16,
-                              layer_qmax={n: weight_qmax(config, 8) for n in placement.int8_layers})
+    gm, quants = _graph.apply(
+        gm,
+        placement,
+        qmin=-128 if signed else 0,
+        qmax=127 if signed else 255,
+        per_channel=config.per_channel,
+        weight_qmax=weight_qmax(config),
+        fp16=config.mode == QuantMode.FP16,
+        layer_qmax={n: weight_qmax(config, 8) for n in placement.int8_layers},
+    )
     for m in gm.modules():
         if isinstance(m, QuantWeight):
             fit_weight_scale(m, config)
@@ -275,8 +285,7 @@ def quantize(
         return _quantize(model, config, calib, example_inputs)
 
 
-def _quantize(model: nn.Module, config: QuantConfig, calib: Any, example_inputs: torch.Tensor | None
-              ) -> QuantizedModel:
+def _quantize(model: nn.Module, config: QuantConfig, calib: Any, example_inputs: torch.Tensor | None) -> QuantizedModel:
     t0 = time.perf_counter()
     check_config(config, QuantConfig, "quantize")
     from edgeslim.quantize import _capture
@@ -291,13 +300,17 @@ def _quantize(model: nn.Module, config: QuantConfig, calib: Any, example_inputs:
         _check_fits(model, probe)
     precision = PRECISION[config.mode]
     report = QuantReport(
-        mode=config.mode.value, precision=precision, calibration=config.calibration if static else None,
+        mode=config.mode.value,
+        precision=precision,
+        calibration=config.calibration if static else None,
         calibration_samples=sum(batch_len(b) for b in batches),
     )
     if probe is None and (config.capture != "fx" or isinstance(model, OnnxModel)):
         if isinstance(model, OnnxModel) or config.capture == "onnx":
-            raise DataError(f"{config.mode.value} quantization on the ONNX graph needs example_inputs= (an input "
-                            "batch to export the model with)")
+            raise DataError(
+                f"{config.mode.value} quantization on the ONNX graph needs example_inputs= (an input "
+                "batch to export the model with)"
+            )
         capture, why, coverage = "fx", "no example_inputs to measure the fx capture's coverage with", None
     else:
         capture, why, coverage = _capture.choose(model, config, probe)
@@ -342,16 +355,22 @@ def _quantize(model: nn.Module, config: QuantConfig, calib: Any, example_inputs:
             a.state = "quant"
             a.observer = type(a.observer)()  # drop the histograms
             r = a.range
-            report.activations.append({"value": key.split(":")[1], "module": key.split(":")[0],
-                                       "range": [round(r[0], 6), round(r[1], 6)],
-                                       "scale": float(a.scale), "zero_point": int(a.zero_point)})
+            report.activations.append(
+                {
+                    "value": key.split(":")[1],
+                    "module": key.split(":")[0],
+                    "range": [round(r[0], 6), round(r[1], 6)],
+                    "scale": float(a.scale),
+                    "zero_point": int(a.zero_point),
+                }
+            )
         _link_input_scales(gm)
         if config.adaround:
             with torch.enable_grad():
                 ada = torch.cat(batches)[: config.adaround_samples]
-                report.corrections["adarounded_layers"] = adaround(gm, list(ada.split(64)),
-                                                                   iterations=config.adaround_iterations,
-                                                                   seed=config.seed)
+                report.corrections["adarounded_layers"] = adaround(
+                    gm, list(ada.split(64)), iterations=config.adaround_iterations, seed=config.seed
+                )
         if config.bias_correction:
             report.corrections["bias_corrected_layers"] = correct_bias(gm, batches)
             _link_input_scales(gm)
@@ -361,8 +380,14 @@ def _quantize(model: nn.Module, config: QuantConfig, calib: Any, example_inputs:
     for name in placement.weighted:
         layer = gm.get_submodule(name).layer
         desc = weights_desc(config, 8 if name in placement.int8_layers else None)
-        report.quantized_layers.append({"name": name, "type": type(layer).__name__, "weights": desc,
-                                        "params": int(sum(p.numel() for p in layer.parameters()))})
+        report.quantized_layers.append(
+            {
+                "name": name,
+                "type": type(layer).__name__,
+                "weights": desc,
+                "params": int(sum(p.numel() for p in layer.parameters())),
+            }
+        )
     for name, why in placement.excluded.items():
         report.skipped_layers.append({"name": name, "type": type(gm.get_submodule(name)).__name__, "reason": why})
     report.float_ops = [{"node": k, "reason": v} for k, v in placement.float_ops.items()]
@@ -385,7 +410,9 @@ def _excluded_macs(model: nn.Module, probe: Any, names: list[str]) -> int:
 
     gm = _graph.trace_and_fold(copy.deepcopy(model))
     seen: dict[str, Any] = {}
-    hooks = [gm.get_submodule(n).register_forward_pre_hook(lambda _m, a, n=n: seen.setdefault(n, a) and None) for n in names]
+    hooks = [
+        gm.get_submodule(n).register_forward_pre_hook(lambda _m, a, n=n: seen.setdefault(n, a) and None) for n in names
+    ]
     try:
         with torch.no_grad():
             call(gm, first_sample(probe))
@@ -400,15 +427,17 @@ def record_quantized(qm: QuantizedModel, source: nn.Module) -> QuantizedModel:
     src = getattr(source, _recipe.SOURCE_ATTR, None)
     if src is not None:
         setattr(qm, _recipe.SOURCE_ATTR, src)
-    learnable = sorted(n for n, m in qm.named_modules() if isinstance(m, (ActQuant, QuantWeight))
-                       and isinstance(m.scale, nn.Parameter))
+    learnable = sorted(
+        n for n, m in qm.named_modules() if isinstance(m, (ActQuant, QuantWeight)) and isinstance(m.scale, nn.Parameter)
+    )
     qat = sorted({str(w.qat) for w in qm.weight_quants() if getattr(w, "qat", None)})
     previous = _recipe.steps_of(source)
     if previous and previous[-1]["technique"] == "quantize":  # QAT of a quantized model: one quantize step
         previous = previous[:-1]
     setattr(qm, _recipe.RECIPE_ATTR, previous)
-    return _recipe.record(qm, "quantize", qm.config, {"learnable_scales": learnable, "qat": qat[0] if qat else None},
-                          qm.report)
+    return _recipe.record(
+        qm, "quantize", qm.config, {"learnable_scales": learnable, "qat": qat[0] if qat else None}, qm.report
+    )
 
 
 @_recipe.STEPS.register("quantize")

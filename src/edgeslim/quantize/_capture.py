@@ -50,14 +50,18 @@ def fx_coverage(model: nn.Module, probe: Any) -> dict[str, Any]:
     gm = _graph.trace_and_fold(copy.deepcopy(model))
     names = _graph.weighted_modules(gm)
     seen: dict[str, Any] = {}
-    hooks = [gm.get_submodule(n).register_forward_pre_hook(
-        lambda _m, args, n=n: seen.setdefault(n, args) and None) for n in names]
+    hooks = [
+        gm.get_submodule(n).register_forward_pre_hook(lambda _m, args, n=n: seen.setdefault(n, args) and None)
+        for n in names
+    ]
     try:
         with torch.no_grad():
             call(gm, first_sample(probe))
     except Exception as e:  # noqa: BLE001 - a traced graph that does not run is one more reason for onnx
-        raise QuantizationError(f"the fx-traced graph of {type(model).__name__} does not run "
-                                f"({type(e).__name__}: {str(e).splitlines()[0][:150] if str(e) else ''})") from None
+        raise QuantizationError(
+            f"the fx-traced graph of {type(model).__name__} does not run "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:150] if str(e) else ''})"
+        ) from None
     finally:
         for h in hooks:
             h.remove()
@@ -69,8 +73,10 @@ def choose(model: nn.Module, config: QuantConfig, probe: Any) -> tuple[str, str,
     """(capture, why, fx coverage or None) for ``model`` under ``config``."""
     if isinstance(model, OnnxModel):
         if config.capture == Capture.FX:
-            raise ConfigError("QuantConfig.capture='fx' cannot quantize an ONNX file (there is no torch graph to "
-                              "trace); use capture='onnx' or 'auto'")
+            raise ConfigError(
+                "QuantConfig.capture='fx' cannot quantize an ONNX file (there is no torch graph to "
+                "trace); use capture='onnx' or 'auto'"
+            )
         return "onnx", "the model is an ONNX file", None
     if config.capture == Capture.ONNX:
         _onnx.check_onnx_config(config)
@@ -85,19 +91,28 @@ def choose(model: nn.Module, config: QuantConfig, probe: Any) -> tuple[str, str,
         return "onnx", f"torch.fx cannot capture the model: {str(e)[:200]}", None
     total, covered = cov["total_macs"], cov["quantizable_macs"]
     float_share = 1.0 - covered / total if total else 0.0
-    desc = (f"fx finds {len(cov['layers'])} Conv/Linear modules holding {100 * (1 - float_share):.1f}% of the "
-            f"model's {total:,} MACs")
+    desc = (
+        f"fx finds {len(cov['layers'])} Conv/Linear modules holding {100 * (1 - float_share):.1f}% of the "
+        f"model's {total:,} MACs"
+    )
     if config.capture == Capture.FX:
         return "fx", f"asked for (capture='fx'); {desc}", cov
     fx_only = _onnx.needs_fx(config)
     if fx_only:
         return "fx", f"{fx_only} needs the torch fake-quant model; {desc}", cov
     if total and float_share > MAX_FX_FLOAT_SHARE:
-        return "onnx", (f"{desc}: more than {MAX_FX_FLOAT_SHARE:.0%} would stay float (functional or "
-                        "attention ops fx does not match), so the exported ONNX graph is quantized"), cov
+        return (
+            "onnx",
+            (
+                f"{desc}: more than {MAX_FX_FLOAT_SHARE:.0%} would stay float (functional or "
+                "attention ops fx does not match), so the exported ONNX graph is quantized"
+            ),
+            cov,
+        )
     if not cov["layers"] and not total:
-        raise QuantizationError("the model has no quantizable layers (Conv1d, Conv2d, Linear, matmul); "
-                                "nothing to quantize")
+        raise QuantizationError(
+            "the model has no quantizable layers (Conv1d, Conv2d, Linear, matmul); nothing to quantize"
+        )
     return "fx", desc, cov
 
 
@@ -111,9 +126,14 @@ def replay_example(example: Any) -> tuple[Any, list[dict[str, Any]]]:
     spec, values = [], {}
     for k, v in items:
         if not isinstance(v, torch.Tensor):
-            raise ConfigError(f"input {k!r} is a {type(v).__name__}; the ONNX capture takes tensors (or a dict of "
-                              "tensors)")
-        entry: dict[str, Any] = {"name": str(k), "shape": list(v.shape[1:]), "dtype": str(v.dtype).replace("torch.", "")}
+            raise ConfigError(
+                f"input {k!r} is a {type(v).__name__}; the ONNX capture takes tensors (or a dict of tensors)"
+            )
+        entry: dict[str, Any] = {
+            "name": str(k),
+            "shape": list(v.shape[1:]),
+            "dtype": str(v.dtype).replace("torch.", ""),
+        }
         if v.dtype.is_floating_point:
             values[k] = torch.zeros_like(v)
         else:
@@ -127,8 +147,9 @@ def example_from_spec(spec: list[dict[str, Any]], keyed: bool) -> Any:
     values = {}
     for e in spec:
         dtype = getattr(torch, e["dtype"])
-        values[e["name"]] = (torch.tensor(e["value"], dtype=dtype) if "value" in e
-                             else torch.zeros([1, *e["shape"]], dtype=dtype))
+        values[e["name"]] = (
+            torch.tensor(e["value"], dtype=dtype) if "value" in e else torch.zeros([1, *e["shape"]], dtype=dtype)
+        )
     return values if keyed else values[spec[0]["name"]]
 
 
@@ -148,8 +169,9 @@ class OnnxQuantizedModel(nn.Module):
         edgeslim_precision: ``int8``, ``int8-dynamic`` or ``fp16`` (read by export).
     """
 
-    def __init__(self, float_model: nn.Module, config: QuantConfig, report: Any, plan: dict[str, Any],
-                 graph: bytes | None = None) -> None:
+    def __init__(
+        self, float_model: nn.Module, config: QuantConfig, report: Any, plan: dict[str, Any], graph: bytes | None = None
+    ) -> None:
         super().__init__()
         self.float_model = float_model
         self.config = config
@@ -183,8 +205,10 @@ class OnnxQuantizedModel(nn.Module):
             names = set(_onnx.float_activations(_onnx._onnx().load_from_string(graph)))
             lost = [t for t in self.plan["ranges"] if t not in names]
             if lost:
-                raise ModelError(f"the recorded ranges name {len(lost)} tensor(s) the model's ONNX graph does not "
-                                 f"have (e.g. {lost[:3]}): the model is not the one quantized")
+                raise ModelError(
+                    f"the recorded ranges name {len(lost)} tensor(s) the model's ONNX graph does not "
+                    f"have (e.g. {lost[:3]}): the model is not the one quantized"
+                )
             self._graph = _onnx.build_qdq(graph, self.plan["ranges"], self.plan["excluded"], self.config)
         return self._graph
 
@@ -224,8 +248,9 @@ class OnnxQuantizedModel(nn.Module):
         return state
 
 
-def quantize_onnx(model: nn.Module, config: QuantConfig, batches: list[Any], probe: Any, report: Any,
-                  why: str) -> OnnxQuantizedModel:
+def quantize_onnx(
+    model: nn.Module, config: QuantConfig, batches: list[Any], probe: Any, report: Any, why: str
+) -> OnnxQuantizedModel:
     """Quantize ``model`` on its ONNX graph (analysis, statistics, apply; see ``_onnx``) and fill ``report``."""
     float_model = copy.deepcopy(model).eval() if not isinstance(model, OnnxModel) else model
     if not isinstance(float_model, OnnxModel):
@@ -239,11 +264,22 @@ def quantize_onnx(model: nn.Module, config: QuantConfig, batches: list[Any], pro
     else:
         graph = _onnx.constants_to_initializers(graph)
     ranges = _onnx.calibrate(graph, batches, config) if config.mode == QuantMode.STATIC else {}
-    excluded = _onnx.plan_exclusions(graph, ranges, config.exclude, not isinstance(float_model, OnnxModel),
-                                     check_ranges=config.mode == QuantMode.STATIC)
+    excluded = _onnx.plan_exclusions(
+        graph,
+        ranges,
+        config.exclude,
+        not isinstance(float_model, OnnxModel),
+        check_ranges=config.mode == QuantMode.STATIC,
+    )
     qgraph = _onnx.build_qdq(graph, ranges, excluded, config)
-    plan = {"inputs": spec, "keyed": keyed, "preprocessed": pre_err is None, "ranges": _onnx.state_json(ranges),
-            "excluded": dict(sorted(excluded.items())), "opset": OPSET}
+    plan = {
+        "inputs": spec,
+        "keyed": keyed,
+        "preprocessed": pre_err is None,
+        "ranges": _onnx.state_json(ranges),
+        "excluded": dict(sorted(excluded.items())),
+        "opset": OPSET,
+    }
     cfg = config.replace(capture=Capture.ONNX)
     q = OnnxQuantizedModel(float_model, cfg, report, plan, qgraph).eval()
     fill_onnx_report(report, q, why, pre_err)
@@ -254,8 +290,11 @@ def fill_onnx_report(report: Any, q: OnnxQuantizedModel, why: str, pre_err: str 
     """Layers quantized / left float (with their reason), integer-MAC share, ranges: from the quantized graph."""
     report.capture, report.capture_reason = "onnx", why
     if q.config.mode == QuantMode.STATIC:
-        report.preprocessing = ("ORT quant_pre_process (shape inference + graph optimization)" if pre_err is None
-                                else f"ORT quant_pre_process failed ({pre_err}); quantized without it")
+        report.preprocessing = (
+            "ORT quant_pre_process (shape inference + graph optimization)"
+            if pre_err is None
+            else f"ORT quant_pre_process failed ({pre_err}); quantized without it"
+        )
     else:
         report.preprocessing = None
     im = _onnx.integer_macs(q.onnx_bytes(), _onnx_feeds(q))
@@ -263,20 +302,42 @@ def fill_onnx_report(report: Any, q: OnnxQuantizedModel, why: str, pre_err: str 
     for n in im["nodes"]:
         module = _module_label(n["node"], modules)
         if n["integer"]:
-            report.quantized_layers.append({"name": n["node"], "type": n["op"], "module": module, "macs": n["macs"],
-                                            "weights": _weights_desc(q.config)})
+            report.quantized_layers.append(
+                {
+                    "name": n["node"],
+                    "type": n["op"],
+                    "module": module,
+                    "macs": n["macs"],
+                    "weights": _weights_desc(q.config),
+                }
+            )
         else:
-            report.skipped_layers.append({"name": n["node"], "type": n["op"], "module": module, "macs": n["macs"],
-                                          "reason": _onnx.float_reason(n["node"], n["op"], q.plan["excluded"],
-                                                                       q.config)})
+            report.skipped_layers.append(
+                {
+                    "name": n["node"],
+                    "type": n["op"],
+                    "module": module,
+                    "macs": n["macs"],
+                    "reason": _onnx.float_reason(n["node"], n["op"], q.plan["excluded"], q.config),
+                }
+            )
     for node in im["unknown"]:
-        report.skipped_layers.append({"name": node, "type": "?", "reason": "shape inference gives no shapes for "
-                                      "this node: its MACs are not counted"})
-    report.integer_macs = {"share": im["share"], "integer_macs": im["integer_macs"], "total_macs": im["total_macs"],
-                           "source": "the quantized ONNX graph (Conv/Gemm/MatMul fed by DequantizeLinear on both "
-                                     "inputs, or integer ops)"}
-    report.float_ops = [{"node": k, "reason": v} for k, v in q.plan["excluded"].items()
-                        if k not in {n["node"] for n in im["nodes"]}]
+        report.skipped_layers.append(
+            {
+                "name": node,
+                "type": "?",
+                "reason": "shape inference gives no shapes for this node: its MACs are not counted",
+            }
+        )
+    report.integer_macs = {
+        "share": im["share"],
+        "integer_macs": im["integer_macs"],
+        "total_macs": im["total_macs"],
+        "source": "the quantized ONNX graph (Conv/Gemm/MatMul fed by DequantizeLinear on both inputs, or integer ops)",
+    }
+    report.float_ops = [
+        {"node": k, "reason": v} for k, v in q.plan["excluded"].items() if k not in {n["node"] for n in im["nodes"]}
+    ]
     report.activations = [{"value": k, "range": [round(v[0], 6), round(v[1], 6)]} for k, v in q.plan["ranges"].items()]
 
 
@@ -294,28 +355,38 @@ def _module_label(node: str, modules: bool) -> str:
 def _weights_desc(config: QuantConfig) -> str:
     if config.mode == QuantMode.FP16:
         return "fp16"
-    return f"int8 {'per-channel' if config.per_channel else 'per-tensor'} symmetric" + (
-        " (7-bit range)" if config.reduce_range else "") + (" (dynamic activations)" if config.mode ==
-                                                              QuantMode.DYNAMIC else "")
+    return (
+        f"int8 {'per-channel' if config.per_channel else 'per-tensor'} symmetric"
+        + (" (7-bit range)" if config.reduce_range else "")
+        + (" (dynamic activations)" if config.mode == QuantMode.DYNAMIC else "")
+    )
 
 
-def fx_integer_share(report: Any, coverage: dict[str, Any] | None, quantized: list[str],
-                     excluded_macs: int = 0) -> None:
+def fx_integer_share(
+    report: Any, coverage: dict[str, Any] | None, quantized: list[str], excluded_macs: int = 0
+) -> None:
     """The fx capture's integer-MAC share, estimated from the torch modules it quantized."""
     if not coverage or not coverage["total_macs"]:
         return
     total = coverage["total_macs"]
     integer = max(0, coverage["quantizable_macs"] - excluded_macs)
-    report.integer_macs = {"share": integer / total, "integer_macs": integer, "total_macs": total,
-                           "source": "estimated from the quantized torch modules; edgeslim.export measures it on the "
-                                     "ONNX graph"}
+    report.integer_macs = {
+        "share": integer / total,
+        "integer_macs": integer,
+        "total_macs": total,
+        "source": "estimated from the quantized torch modules; edgeslim.export measures it on the ONNX graph",
+    }
     rest = total - coverage["quantizable_macs"]
     if rest > 0:
-        report.skipped_layers.append({
-            "name": "(functional and attention ops)", "type": "F.conv2d/F.linear/matmul",
-            "macs": int(rest),
-            "reason": f"{rest:,} MACs ({rest / total:.1%}) run outside nn.Conv/nn.Linear modules, which the fx capture "
-                      "does not see: they stay float (capture='onnx' quantizes them)"})
+        report.skipped_layers.append(
+            {
+                "name": "(functional and attention ops)",
+                "type": "F.conv2d/F.linear/matmul",
+                "macs": int(rest),
+                "reason": f"{rest:,} MACs ({rest / total:.1%}) run outside nn.Conv/nn.Linear modules, which the fx capture "
+                "does not see: they stay float (capture='onnx' quantizes them)",
+            }
+        )
 
 
 def is_onnx_source(model: Any) -> bool:
@@ -323,8 +394,9 @@ def is_onnx_source(model: Any) -> bool:
 
 
 # ------------------------------------------------------------------------------------------- speed check
-def compare_speed(float_model: Any, quantized: Any, example_inputs: Any = None, *, threads: int = 1, rounds: int = 5,
-                  runs: int = 20) -> dict[str, Any]:
+def compare_speed(
+    float_model: Any, quantized: Any, example_inputs: Any = None, *, threads: int = 1, rounds: int = 5, runs: int = 20
+) -> dict[str, Any]:
     """Time the quantized ONNX file against the float model's ONNX file on this host: ONNX Runtime, batch 1,
     ``rounds`` interleaved rounds of ``runs`` runs each (load drifting on a shared host hits both alike).
 
@@ -357,10 +429,18 @@ def compare_speed(float_model: Any, quantized: Any, example_inputs: Any = None, 
     lat = interleaved_latency(runners, rounds=rounds, runs=runs, warmup=3, shuffle=True)
     f_ms, q_ms = lat["float"]["median_of_rounds_ms"], lat["quantized"]["median_of_rounds_ms"]
     spread = max(lat["float"]["round_spread_pct"], lat["quantized"]["round_spread_pct"])
-    return {"float_ms": round(f_ms, 4), "quantized_ms": round(q_ms, 4), "speedup": round(f_ms / q_ms, 3),
-            "slower": bool(q_ms > f_ms), "threads": threads, "rounds": rounds, "batch": 1,
-            "spread_pct": round(float(spread), 1), "runtime": "onnxruntime (CPUExecutionProvider)",
-            "host": host_info().get("cpu", "")}
+    return {
+        "float_ms": round(f_ms, 4),
+        "quantized_ms": round(q_ms, 4),
+        "speedup": round(f_ms / q_ms, 3),
+        "slower": bool(q_ms > f_ms),
+        "threads": threads,
+        "rounds": rounds,
+        "batch": 1,
+        "spread_pct": round(float(spread), 1),
+        "runtime": "onnxruntime (CPUExecutionProvider)",
+        "host": host_info().get("cpu", ""),
+    }
 
 
 def _feeds_for(session: Any, x: Any) -> dict[str, np.ndarray]:
@@ -390,11 +470,15 @@ def speed_note(speed: dict[str, Any] | None) -> str:
     if not speed:
         return ""
     if speed["slower"]:
-        return (f"WARNING: the INT8 file is SLOWER than FP32 on this host ({speed['quantized_ms']:.3f} ms vs "
-                f"{speed['float_ms']:.3f} ms, {speed['speedup']:.2f}x, {speed['threads']} thread(s), batch 1): keep "
-                "the FP32 model for speed here")
-    return (f"INT8 {speed['speedup']:.2f}x the FP32 speed on this host ({speed['quantized_ms']:.3f} vs "
-            f"{speed['float_ms']:.3f} ms, {speed['threads']} thread(s), batch 1)")
+        return (
+            f"WARNING: the INT8 file is SLOWER than FP32 on this host ({speed['quantized_ms']:.3f} ms vs "
+            f"{speed['float_ms']:.3f} ms, {speed['speedup']:.2f}x, {speed['threads']} thread(s), batch 1): keep "
+            "the FP32 model for speed here"
+        )
+    return (
+        f"INT8 {speed['speedup']:.2f}x the FP32 speed on this host ({speed['quantized_ms']:.3f} vs "
+        f"{speed['float_ms']:.3f} ms, {speed['threads']} thread(s), batch 1)"
+    )
 
 
 def replay_onnx(model: nn.Module, step: dict) -> OnnxQuantizedModel:

@@ -94,11 +94,13 @@ def correct_bias(model: nn.Module, batches: list[torch.Tensor]) -> list[str]:
     counts: dict[str, int] = {}
     hooks = []
     for name, qw in layers.items():
+
         def hook(mod: QuantWeight, inputs: tuple, output: torch.Tensor, name: str = name) -> None:
             ref = mod.layer(inputs[0])  # the float layer on the same (quantized) input
             diff = (output - ref).transpose(0, 1).flatten(1)  # (C, N*H*W)
             sums[name] = sums.get(name, 0) + diff.sum(1)
             counts[name] = counts.get(name, 0) + diff.shape[1]
+
         hooks.append(qw.register_forward_hook(hook))
     try:
         for b in batches:

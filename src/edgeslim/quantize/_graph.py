@@ -99,15 +99,14 @@ def weighted_modules(gm: torch.fx.GraphModule) -> list[str]:
     return [str(n.target) for n in gm.graph.nodes if n.op == "call_module" and _kind(gm, n) == "weighted"]
 
 
-def plan(gm: torch.fx.GraphModule, exclude: tuple[str, ...], quantize_output: bool,
-         int8_layers: tuple[str, ...] = ()) -> Placement:
+def plan(
+    gm: torch.fx.GraphModule, exclude: tuple[str, ...], quantize_output: bool, int8_layers: tuple[str, ...] = ()
+) -> Placement:
     """Decide which layers and values are quantized; raise if nothing can be."""
     p = Placement()
     names = weighted_modules(gm)
     if not names:
-        raise QuantizationError(
-            "the model has no quantizable layers (Conv1d, Conv2d, Linear); nothing to quantize"
-        )
+        raise QuantizationError("the model has no quantizable layers (Conv1d, Conv2d, Linear); nothing to quantize")
     for field_name, pats in (("exclude", exclude), ("int8_layers", int8_layers)):
         require_matches(names, pats, field=f"QuantConfig.{field_name}", what="quantizable layer")
     output_nodes = {a for n in gm.graph.nodes if n.op == "output" for a in _flatten_args(n.args)}
@@ -163,8 +162,15 @@ def _flatten_args(args) -> list:
 
 
 def apply(
-    gm: torch.fx.GraphModule, p: Placement, *, qmin: int, qmax: int, per_channel: bool, weight_qmax: int,
-    fp16: bool = False, layer_qmax: dict[str, int] | None = None,
+    gm: torch.fx.GraphModule,
+    p: Placement,
+    *,
+    qmin: int,
+    qmax: int,
+    per_channel: bool,
+    weight_qmax: int,
+    fp16: bool = False,
+    layer_qmax: dict[str, int] | None = None,
 ) -> tuple[torch.fx.GraphModule, dict[str, ActQuant]]:
     """Insert one ActQuant per planned value and wrap planned layers in QuantWeight (in place on ``gm``).
 
@@ -172,9 +178,13 @@ def apply(
     """
     layer_qmax = layer_qmax or {}
     for name in p.weighted:
-        set_module(gm, name, QuantWeight(gm.get_submodule(name), per_channel=per_channel,
-                                             qmax=layer_qmax.get(name, weight_qmax),
-                                             fp16=fp16))
+        set_module(
+            gm,
+            name,
+            QuantWeight(
+                gm.get_submodule(name), per_channel=per_channel, qmax=layer_qmax.get(name, weight_qmax), fp16=fp16
+            ),
+        )
     quants: dict[str, ActQuant] = {}
     if not fp16:
         by_name = {n.name: n for n in gm.graph.nodes}

@@ -68,8 +68,7 @@ class ActQuant(nn.Module):
                 return torch._fake_quantize_learnable_per_tensor_affine(
                     x, self.scale.reshape(1), self.zero_point.float().reshape(1), self.qmin, self.qmax, grad_factor
                 )
-            return torch.fake_quantize_per_tensor_affine(x, self.scale.detach(), self.zero_point, self.qmin,
-                                                         self.qmax)
+            return torch.fake_quantize_per_tensor_affine(x, self.scale.detach(), self.zero_point, self.qmin, self.qmax)
         if state == "observe_range":
             self.observer.observe_range(x)
         elif state == "observe_hist":
@@ -164,9 +163,11 @@ class QuantWeight(nn.Module):
             grad_factor = 1.0 / math.sqrt(w[0].numel() * hi)
             if self.per_channel:
                 return torch._fake_quantize_learnable_per_channel_affine(
-                    w, self.scale, self.zero_point.float(), 0, lo, hi, grad_factor)
+                    w, self.scale, self.zero_point.float(), 0, lo, hi, grad_factor
+                )
             return torch._fake_quantize_learnable_per_tensor_affine(
-                w, self.scale, self.zero_point.float(), lo, hi, grad_factor)
+                w, self.scale, self.zero_point.float(), lo, hi, grad_factor
+            )
         if self.training and self.qat == "ste":  # scales follow the weights as they train
             with torch.no_grad():
                 amax = w.abs().flatten(1).amax(dim=1) if self.per_channel else w.abs().max().reshape(1)

@@ -51,8 +51,25 @@ log = logging.getLogger(__name__)
 MAC_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 #: ops ORT runs as integer kernels, or that move int8 data so the integer chain is never broken (pooling, padding,
 #: resize, concat, reshape-like); Softmax, LayerNormalization, Sigmoid, Mul ... stay float (no gain, real loss)
-QUANTIZED_OPS = (*MAC_OPS, "Add", "Concat", "MaxPool", "AveragePool", "GlobalAveragePool", "Pad", "Resize",
-                 "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Split", "Slice", "Relu", "Clip")
+QUANTIZED_OPS = (
+    *MAC_OPS,
+    "Add",
+    "Concat",
+    "MaxPool",
+    "AveragePool",
+    "GlobalAveragePool",
+    "Pad",
+    "Resize",
+    "Reshape",
+    "Transpose",
+    "Squeeze",
+    "Unsqueeze",
+    "Flatten",
+    "Split",
+    "Slice",
+    "Relu",
+    "Clip",
+)
 #: a calibrated range beyond this magnitude is no activation but a mask constant (e.g. -3.4e38 for padded tokens)
 RANGE_LIMIT = 1e6
 #: op types whose output is integer on ORT's CPU (dynamic quantization's kernels)
@@ -120,8 +137,12 @@ def constants_to_initializers(graph: bytes) -> bytes:
     inits = {i.name: i for i in model.graph.initializer}
     uses = collections.Counter(t for n in keep for t in n.input)
     for n in keep:
-        if n.op_type in ("Conv", "ConvTranspose", "Gemm") and len(n.input) > 2 and n.input[2] in inits \
-                and uses[n.input[2]] > 1:
+        if (
+            n.op_type in ("Conv", "ConvTranspose", "Gemm")
+            and len(n.input) > 2
+            and n.input[2] in inits
+            and uses[n.input[2]] > 1
+        ):
             copy = onnx.TensorProto()
             copy.CopyFrom(inits[n.input[2]])
             copy.name = f"{n.input[2]}__bias_of_{n.output[0]}"
@@ -155,8 +176,12 @@ def float_activations(model) -> list[str]:
     produced = {i.name for i in g.input} | {o for n in g.node if n.op_type != "Constant" for o in n.output}
     out = []
     for vi in [*g.input, *g.value_info, *g.output]:
-        if (vi.name in produced and vi.name not in inits and vi.name not in out
-                and vi.type.tensor_type.elem_type == onnx.TensorProto.FLOAT):
+        if (
+            vi.name in produced
+            and vi.name not in inits
+            and vi.name not in out
+            and vi.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+        ):
             out.append(vi.name)
     return out
 
@@ -197,7 +222,7 @@ def calibrate(graph: bytes, batches: list[Any], config: QuantConfig) -> dict[str
                     continue
                 getattr(obs, state)(torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)))
     method = CALIBRATORS.get(config.calibration)
-    ranges = {n: (-math.inf, math.inf) for n in infinite}
+    ranges = dict.fromkeys(infinite, (-math.inf, math.inf))
     for n, obs in observers.items():
         if obs.lo == float("inf") or n in infinite:
             continue
@@ -211,8 +236,9 @@ def node_name(n, i: int) -> str:
     return n.name or f"{n.op_type}_{i}"
 
 
-def plan_exclusions(graph: bytes, ranges: Mapping[str, Any], exclude: tuple[str, ...],
-                    by_module: bool, *, check_ranges: bool = True) -> dict[str, str]:
+def plan_exclusions(
+    graph: bytes, ranges: Mapping[str, Any], exclude: tuple[str, ...], by_module: bool, *, check_ranges: bool = True
+) -> dict[str, str]:
     """node name -> why it stays float: the user's ``exclude`` patterns (matched against the module that ran the node
     with ``by_module``, else against node names, as for ONNX input files) and, with ``check_ranges`` (static mode), nodes touching a tensor with
     no usable range."""
@@ -226,10 +252,14 @@ def plan_exclusions(graph: bytes, ranges: Mapping[str, Any], exclude: tuple[str,
     keys = {name: (module_of(name) if by_module else name) for name, _ in mac_nodes}
     if exclude:
         candidates = sorted({k for k in keys.values() if k} | (set() if by_module else set(keys)))
-        require_matches(candidates, exclude, field="QuantConfig.exclude",
-                        what="module running a Conv/Gemm/MatMul" if by_module else "Conv/Gemm/MatMul node")
+        require_matches(
+            candidates,
+            exclude,
+            field="QuantConfig.exclude",
+            what="module running a Conv/Gemm/MatMul" if by_module else "Conv/Gemm/MatMul node",
+        )
     out: dict[str, str] = {}
-    for name, n in mac_nodes:
+    for name, _node in mac_nodes:
         pat = first_match(keys[name], exclude) or first_match(name, exclude)
         if pat is not None:
             out[name] = f"excluded by QuantConfig.exclude pattern {pat!r}"
@@ -247,8 +277,10 @@ def plan_exclusions(graph: bytes, ranges: Mapping[str, Any], exclude: tuple[str,
                 out[name] = f"its tensor {t!r} was never reached during calibration (no range)"
                 break
             if not all(math.isfinite(v) and abs(v) <= RANGE_LIMIT for v in r):
-                out[name] = (f"its tensor {t!r} holds values up to {max(abs(r[0]), abs(r[1])):.3g} (a mask constant, "
-                             "not an activation): 8 bits cannot represent it")
+                out[name] = (
+                    f"its tensor {t!r} holds values up to {max(abs(r[0]), abs(r[1])):.3g} (a mask constant, "
+                    "not an activation): 8 bits cannot represent it"
+                )
                 break
     return out
 
@@ -273,8 +305,10 @@ def write_qdq(graph: bytes, ranges: Mapping[str, Any], excluded: Mapping[str, st
         if not n.name:
             n.name = node_name(n, i)
     usable = {k: v for k, v in ranges.items() if all(math.isfinite(x) and abs(x) <= RANGE_LIMIT for x in v)}
-    data = TensorsData(CalibrationMethod.MinMax, {
-        k: TensorData(lowest=np.float32(lo), highest=np.float32(hi)) for k, (lo, hi) in usable.items()})
+    data = TensorsData(
+        CalibrationMethod.MinMax,
+        {k: TensorData(lowest=np.float32(lo), highest=np.float32(hi)) for k, (lo, hi) in usable.items()},
+    )
     signed = config.activation_type == ActivationType.INT8
     with tempfile.TemporaryDirectory() as td:
         src, dst, cache = Path(td) / "float.onnx", Path(td) / "int8.onnx", Path(td) / "ranges.json"
@@ -282,14 +316,23 @@ def write_qdq(graph: bytes, ranges: Mapping[str, Any], excluded: Mapping[str, st
         save_tensors_data(data, cache)
         with _quiet():
             quantize_static(
-                str(src), str(dst), calibration_data_reader=None, quant_format=QuantFormat.QDQ,
-                op_types_to_quantize=list(QUANTIZED_OPS), per_channel=config.per_channel,
+                str(src),
+                str(dst),
+                calibration_data_reader=None,
+                quant_format=QuantFormat.QDQ,
+                op_types_to_quantize=list(QUANTIZED_OPS),
+                per_channel=config.per_channel,
                 reduce_range=config.reduce_range,
-                activation_type=QuantType.QInt8 if signed else QuantType.QUInt8, weight_type=QuantType.QInt8,
-                nodes_to_exclude=sorted(excluded), calibrate_method=CalibrationMethod.MinMax,
+                activation_type=QuantType.QInt8 if signed else QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                nodes_to_exclude=sorted(excluded),
+                calibrate_method=CalibrationMethod.MinMax,
                 calibration_cache_path=str(cache),
-                extra_options={"ActivationSymmetric": signed, "WeightSymmetric": True,
-                               "ForceQuantizeNoInputCheck": True},
+                extra_options={
+                    "ActivationSymmetric": signed,
+                    "WeightSymmetric": True,
+                    "ForceQuantizeNoInputCheck": True,
+                },
             )
         return dst.read_bytes()
 
@@ -307,9 +350,15 @@ def write_dynamic(graph: bytes, excluded: Mapping[str, str], config: QuantConfig
                 n.name = node_name(n, i)
         onnx.save(model, str(src))
         with _quiet():
-            quantize_dynamic(str(src), str(dst), per_channel=config.per_channel, reduce_range=config.reduce_range,
-                             weight_type=QuantType.QInt8, nodes_to_exclude=sorted(excluded),
-                             op_types_to_quantize=["MatMul", "Gemm", "Conv"])
+            quantize_dynamic(
+                str(src),
+                str(dst),
+                per_channel=config.per_channel,
+                reduce_range=config.reduce_range,
+                weight_type=QuantType.QInt8,
+                nodes_to_exclude=sorted(excluded),
+                op_types_to_quantize=["MatMul", "Gemm", "Conv"],
+            )
         return dst.read_bytes()
 
 
@@ -317,8 +366,9 @@ def write_fp16(graph: bytes) -> bytes:
     try:
         from onnxconverter_common import float16
     except ImportError:
-        raise QuantizationError("fp16 on the ONNX graph needs onnxconverter-common: pip install "
-                                "onnxconverter-common") from None
+        raise QuantizationError(
+            "fp16 on the ONNX graph needs onnxconverter-common: pip install onnxconverter-common"
+        ) from None
     onnx = _onnx()
     return float16.convert_float_to_float16(onnx.load_from_string(graph), keep_io_types=True).SerializeToString()
 
@@ -358,6 +408,7 @@ def integer_macs(quantized: bytes, feeds: dict[str, np.ndarray] | None = None) -
         if n.op_type not in ("Conv", "ConvTranspose", "Gemm") or len(n.input) < 3 or not n.input[2]:
             return True
         return from_dq(n.input[2]) and producer[n.input[2]].input[0] in int32
+
     nodes, unknown = [], []
     total = integer = 0
     for i, (n, macs) in enumerate(zip(model.graph.node, per_node, strict=True)):
@@ -368,12 +419,18 @@ def integer_macs(quantized: bytes, feeds: dict[str, np.ndarray] | None = None) -
             continue
         data = (0, 3) if n.op_type in ("QLinearConv", "QLinearMatMul", "QGemm") else (0, 1)
         is_int = n.op_type in INTEGER_MAC_OPS or (
-            all(from_dq(n.input[j]) for j in data if j < len(n.input)) and int_bias(n))
+            all(from_dq(n.input[j]) for j in data if j < len(n.input)) and int_bias(n)
+        )
         total += macs
         integer += macs if is_int else 0
         nodes.append({"node": node_name(n, i), "op": n.op_type, "macs": int(macs), "integer": bool(is_int)})
-    return {"integer_macs": int(integer), "total_macs": int(total),
-            "share": (integer / total) if total else None, "nodes": nodes, "unknown": unknown}
+    return {
+        "integer_macs": int(integer),
+        "total_macs": int(total),
+        "share": (integer / total) if total else None,
+        "nodes": nodes,
+        "unknown": unknown,
+    }
 
 
 def float_reason(node: str, op: str, excluded: Mapping[str, str], config: QuantConfig) -> str:
@@ -394,14 +451,21 @@ def state_json(ranges: Mapping[str, Any]) -> dict[str, list[float]]:
 
 def check_onnx_config(config: QuantConfig) -> None:
     """Refuse settings the ONNX capture does not do (they need the torch fake-quant model: ``capture="fx"``)."""
-    torch_only = {"adaround": config.adaround, "bias_correction": config.bias_correction,
-                  "equalize": config.equalize, "int8_layers": bool(config.int8_layers),
-                  "quantize_output": config.quantize_output,
-                  "weight_range": config.weight_range != "minmax", "weight_bits": config.weight_bits != 8}
+    torch_only = {
+        "adaround": config.adaround,
+        "bias_correction": config.bias_correction,
+        "equalize": config.equalize,
+        "int8_layers": bool(config.int8_layers),
+        "quantize_output": config.quantize_output,
+        "weight_range": config.weight_range != "minmax",
+        "weight_bits": config.weight_bits != 8,
+    }
     bad = [k for k, v in torch_only.items() if v]
     if bad:
-        raise ConfigError(f"QuantConfig.{bad[0]}={getattr(config, bad[0])!r} needs the torch fake-quant model: it is "
-                          "not available with capture='onnx'; use capture='fx' (or 'auto', which then picks fx)")
+        raise ConfigError(
+            f"QuantConfig.{bad[0]}={getattr(config, bad[0])!r} needs the torch fake-quant model: it is "
+            "not available with capture='onnx'; use capture='fx' (or 'auto', which then picks fx)"
+        )
 
 
 def needs_fx(config: QuantConfig) -> str | None:

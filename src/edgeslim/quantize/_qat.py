@@ -52,7 +52,6 @@ class QATConfig(Config):
     method: QATMethod = QATMethod.LSQ
 
 
-
 def qat(
     model: nn.Module,
     config: QATConfig = QATConfig(),
@@ -86,16 +85,19 @@ def qat(
     check_config(config, QATConfig, "qat")
     train, val = data
     if getattr(model, "edgeslim_capture", None) == "onnx":
-        raise QuantizationError("QAT trains the torch fake-quant model: a model quantized on its ONNX graph "
-                                "(capture='onnx') has none; quantize the float model with QuantConfig(capture='fx')")
+        raise QuantizationError(
+            "QAT trains the torch fake-quant model: a model quantized on its ONNX graph "
+            "(capture='onnx') has none; quantize the float model with QuantConfig(capture='fx')"
+        )
     if isinstance(model, QuantizedModel):
         if model.config.mode != QuantMode.STATIC:
             raise QuantizationError(f"QAT needs a static-mode quantized model, got mode {model.config.mode.value!r}")
         q = copy.deepcopy(model)
     else:
         if quant_config.capture == "onnx":
-            raise QuantizationError("QAT needs QuantConfig.capture 'fx' or 'auto' (it trains the torch fake-quant "
-                                    "model), not 'onnx'")
+            raise QuantizationError(
+                "QAT needs QuantConfig.capture 'fx' or 'auto' (it trains the torch fake-quant model), not 'onnx'"
+            )
         # QAT trains the torch fake-quant model: the fx capture, whatever share of the model it covers
         q = quantize(model, quant_config.replace(capture="fx"), data=calib if calib is not None else train)
     for a in q.act_quants():
@@ -106,8 +108,7 @@ def qat(
         if config.method == QATMethod.LSQ:
             w.make_learnable()
     tc = train_config or TrainConfig(epochs=1, lr=1e-4, optimizer="adamw", weight_decay=0.0, warmup_steps=0)
-    result = fit(q, train, val, tc, checkpoint_dir=checkpoint_dir, loss_fn=loss_fn, progress=progress,
-                 device=device)
+    result = fit(q, train, val, tc, checkpoint_dir=checkpoint_dir, loss_fn=loss_fn, progress=progress, device=device)
     out: QuantizedModel = result.model
     with torch.no_grad():
         for a in out.act_quants():
@@ -135,15 +136,21 @@ def restore_quantized(model: nn.Module, path: str | Path) -> QuantizedModel:
 
     Files of the older ``edgeslim.quantized/1`` format (a QuantConfig plus a state_dict) are still read.
     """
-    warnings.warn("restore_quantized() is deprecated; use edgeslim.load(path, model=...)", DeprecationWarning,
-                  stacklevel=2)
+    warnings.warn(
+        "restore_quantized() is deprecated; use edgeslim.load(path, model=...)", DeprecationWarning, stacklevel=2
+    )
     try:
         blob = torch.load(Path(path), map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for corrupt files
         raise ModelError(f"cannot read quantized model file {str(path)!r}: {str(e).splitlines()[0][:160]}") from None
     if isinstance(blob, dict) and blob.get("format") == "edgeslim.quantized/1":  # the format before the recipe
-        steps = [{"technique": "quantize", "config": blob["recipe"],
-                  "state": {"learnable_scales": blob.get("learnable_scales", []), "qat": None}}]
+        steps = [
+            {
+                "technique": "quantize",
+                "config": blob["recipe"],
+                "state": {"learnable_scales": blob.get("learnable_scales", []), "qat": None},
+            }
+        ]
         try:
             q = _recipe.replay(model, _recipe.steps_of(model) + steps)
         except (QuantizationError, ConfigError) as e:

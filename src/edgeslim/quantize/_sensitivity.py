@@ -42,8 +42,17 @@ from edgeslim.core.config import Config, StrEnum, _coerce_enum
 from edgeslim.core.errors import ConfigError, DataError, EdgeslimError, QuantizationError
 from edgeslim.core.progress import bar
 from edgeslim.quantize import _graph
-from edgeslim.quantize._api import (QuantizedModel, QuantReport, _link_input_scales, build_graph, fit_weight_scale,
-                                    quantize, record_quantized, weight_qmax, weights_desc)
+from edgeslim.quantize._api import (
+    QuantizedModel,
+    QuantReport,
+    _link_input_scales,
+    build_graph,
+    fit_weight_scale,
+    quantize,
+    record_quantized,
+    weight_qmax,
+    weights_desc,
+)
 from edgeslim.quantize._config import QuantConfig, QuantMode
 from edgeslim.quantize._modules import ActQuant, QuantWeight
 from edgeslim.runtime._runners import positive_int
@@ -129,9 +138,11 @@ class BudgetConfig(Config):
         if not isinstance(self.measure_latency, bool):
             raise self._bad("measure_latency", "use true or false")
         if self.fallback == Fallback.INT8 and self.quant.weight_bits != 4:
-            raise ConfigError(f"BudgetConfig.fallback='int8' keeps layers at 8-bit weights, which needs "
-                              f"QuantConfig(weight_bits=4); got weight_bits={self.quant.weight_bits} "
-                              "(use fallback='float')")
+            raise ConfigError(
+                f"BudgetConfig.fallback='int8' keeps layers at 8-bit weights, which needs "
+                f"QuantConfig(weight_bits=4); got weight_bits={self.quant.weight_bits} "
+                "(use fallback='float')"
+            )
 
 
 def _count(v: Any) -> bool:
@@ -188,11 +199,24 @@ class SensitivityReport:
 
     def table(self, top: int | None = None) -> str:
         """The ``top`` most sensitive layers (all by default) as text; scores in points (x100)."""
-        rows = [[str(i), r.layer, r.type, str(r.params), _pt(r.metric), _pt(r.drop), _pt(r.sensitivity),
-                 "-" if r.sqnr_db is None else f"{r.sqnr_db:.1f}"] for i, r in enumerate(self.layers[:top], 1)]
-        return (f"sensitivity ({self.mode}, ranked by {self.rank_by}, {self.samples} samples): float "
-                f"{_pt(self.float_metric)}, all quantized {_pt(self.quantized_metric)}\n"
-                + _table(["#", "layer", "type", "params", self.metric_name, "drop pt", "sens pt", "SQNR dB"], rows))
+        rows = [
+            [
+                str(i),
+                r.layer,
+                r.type,
+                str(r.params),
+                _pt(r.metric),
+                _pt(r.drop),
+                _pt(r.sensitivity),
+                "-" if r.sqnr_db is None else f"{r.sqnr_db:.1f}",
+            ]
+            for i, r in enumerate(self.layers[:top], 1)
+        ]
+        return (
+            f"sensitivity ({self.mode}, ranked by {self.rank_by}, {self.samples} samples): float "
+            f"{_pt(self.float_metric)}, all quantized {_pt(self.quantized_metric)}\n"
+            + _table(["#", "layer", "type", "params", self.metric_name, "drop pt", "sens pt", "SQNR dB"], rows)
+        )
 
 
 @dataclass(frozen=True)
@@ -240,17 +264,33 @@ class BudgetResult:
     def table(self) -> str:
         """Every search step as text; scores in points (x100), ONNX Runtime latency at 1 thread, batch 1."""
         kept = "in float" if self.fallback == "float" else f"at {self.fallback}"
-        rows = [[str(i), str(s.n_float), str(s.params_float), _pt(s.metric), _pt(s.drop), "yes" if s.met else "no",
-                 _pt(s.accuracy_ort), "-" if s.latency_p50_ms is None else f"{s.latency_p50_ms:.3f}"]
-                for i, s in enumerate(self.steps)]
+        rows = [
+            [
+                str(i),
+                str(s.n_float),
+                str(s.params_float),
+                _pt(s.metric),
+                _pt(s.drop),
+                "yes" if s.met else "no",
+                _pt(s.accuracy_ort),
+                "-" if s.latency_p50_ms is None else f"{s.latency_p50_ms:.3f}",
+            ]
+            for i, s in enumerate(self.steps)
+        ]
         fp32 = f", FP32 ORT 1T {self.float_latency_ms:.3f} ms" if self.float_latency_ms else ""
         name = self.sensitivity.metric_name
-        return (f"budget {_pt(self.max_accuracy_drop)} pt, float {name} {_pt(self.float_metric)}{fp32}\n"
-                + _table(["step", kept, f"params {kept}", name, "drop pt", "met", "ORT top-1", "ORT 1T ms"], rows)
-                + f"\n{'met' if self.met else 'NOT met, best candidate'}: {len(self.kept_float)} layers {kept} "
-                f"{list(self.kept_float)}, drop {_pt(self.drop)} pt"
-                + ("" if self.noise_2se is None else f"; sampling noise of the search data +-{_pt(self.noise_2se)} pt"
-                   + (" (LARGER than the budget)" if self.noise_2se > self.max_accuracy_drop else "")))
+        return (
+            f"budget {_pt(self.max_accuracy_drop)} pt, float {name} {_pt(self.float_metric)}{fp32}\n"
+            + _table(["step", kept, f"params {kept}", name, "drop pt", "met", "ORT top-1", "ORT 1T ms"], rows)
+            + f"\n{'met' if self.met else 'NOT met, best candidate'}: {len(self.kept_float)} layers {kept} "
+            f"{list(self.kept_float)}, drop {_pt(self.drop)} pt"
+            + (
+                ""
+                if self.noise_2se is None
+                else f"; sampling noise of the search data +-{_pt(self.noise_2se)} pt"
+                + (" (LARGER than the budget)" if self.noise_2se > self.max_accuracy_drop else "")
+            )
+        )
 
 
 def _pt(x: float | None) -> str:
@@ -320,8 +360,10 @@ class _Variants:
     def __init__(self, model: nn.Module, config: QuantConfig, calib: Any) -> None:
         self.model, self.config = model, config
         if config.capture == "onnx":
-            raise QuantizationError("sensitivity and the budget search score the torch fake-quant model: "
-                                    "QuantConfig.capture must be 'fx' or 'auto' here, not 'onnx'")
+            raise QuantizationError(
+                "sensitivity and the budget search score the torch fake-quant model: "
+                "QuantConfig.capture must be 'fx' or 'auto' here, not 'onnx'"
+            )
         # layers are toggled in the torch fake-quant model: the fx capture (its report states what it covers)
         self.q = quantize(model, config.replace(capture="fx"), data=calib)
         self.layers = {d["name"]: d for d in self.q.report.quantized_layers}
@@ -386,8 +428,9 @@ class _Variants:
     def build(self, floats: Sequence[str], int8: Sequence[str] = ()) -> QuantizedModel:
         """A standalone QuantizedModel with ``floats`` excluded, ``int8`` at 8-bit weights and the calibrated
         ranges copied in."""
-        cfg = replace(self.config, exclude=self.config.exclude + tuple(floats),
-                      int8_layers=self.config.int8_layers + tuple(int8))
+        cfg = replace(
+            self.config, exclude=self.config.exclude + tuple(floats), int8_layers=self.config.int8_layers + tuple(int8)
+        )
         gm, p, quants = build_graph(self.model, cfg)
         for key, a in quants.items():
             src = self.acts[key.split(":")[1]]
@@ -399,12 +442,18 @@ class _Variants:
         full = self.q.report
         values = {key.split(":")[1] for key in quants}
         report = QuantReport(
-            mode=full.mode, precision=full.precision, calibration=full.calibration,
+            mode=full.mode,
+            precision=full.precision,
+            calibration=full.calibration,
             calibration_samples=full.calibration_samples,
-            quantized_layers=[{**d, "weights": weights_desc(cfg, 8)} if d["name"] in p.int8_layers else d
-                              for d in full.quantized_layers if d["name"] in set(p.weighted)],
-            skipped_layers=[{"name": n, "type": type(gm.get_submodule(n)).__name__, "reason": why}
-                            for n, why in p.excluded.items()],
+            quantized_layers=[
+                {**d, "weights": weights_desc(cfg, 8)} if d["name"] in p.int8_layers else d
+                for d in full.quantized_layers
+                if d["name"] in set(p.weighted)
+            ],
+            skipped_layers=[
+                {"name": n, "type": type(gm.get_submodule(n)).__name__, "reason": why} for n, why in p.excluded.items()
+            ],
             float_ops=[{"node": k, "reason": v} for k, v in p.float_ops.items()],
             activations=[a for a in full.activations if a["value"] in values],
         )
@@ -448,8 +497,11 @@ def sensitivity(
     if not isinstance(config, QuantConfig):
         raise ConfigError(f"sensitivity expects a QuantConfig, got {type(config).__name__}")
     if calib is not None:
-        warnings.warn("sensitivity(model, config, calib=..., data=...) is deprecated; pass "
-                      "data=(calib, score_data)", DeprecationWarning, stacklevel=2)
+        warnings.warn(
+            "sensitivity(model, config, calib=..., data=...) is deprecated; pass data=(calib, score_data)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
     calib, data = _calib_and_score("sensitivity", data, calib)
     mode = _coerce_enum("sensitivity", "mode", SensitivityMode, mode)
     rank_by = _rank_by(rank_by, metric is None)
@@ -464,20 +516,31 @@ def _budget_config(config: Any, calib: Any, old: dict[str, Any]) -> BudgetConfig
         raise TypeError(f"quantize_with_budget() got an unexpected keyword argument {unknown[0]!r}")
     if isinstance(config, BudgetConfig) or (config is None and not old):
         if old:
-            raise ConfigError(f"quantize_with_budget: {', '.join(old)} belong in the BudgetConfig "
-                              f"(BudgetConfig({next(iter(old))}=...)), not beside it")
+            raise ConfigError(
+                f"quantize_with_budget: {', '.join(old)} belong in the BudgetConfig "
+                f"(BudgetConfig({next(iter(old))}=...)), not beside it"
+            )
         if calib is not None:
-            warnings.warn("quantize_with_budget(..., calib=..., data=...) is deprecated; pass "
-                          "data=(calib, score_data)", DeprecationWarning, stacklevel=3)
+            warnings.warn(
+                "quantize_with_budget(..., calib=..., data=...) is deprecated; pass data=(calib, score_data)",
+                DeprecationWarning,
+                stacklevel=3,
+            )
         return BudgetConfig() if config is None else config
     if config is not None and not isinstance(config, QuantConfig):
         raise ConfigError(f"quantize_with_budget() needs a BudgetConfig, got {type(config).__name__}")
     if "max_accuracy_drop" not in old:
-        raise ConfigError("quantize_with_budget(model, QuantConfig(...)) needs max_accuracy_drop=; better, pass "
-                          "BudgetConfig(max_accuracy_drop=..., quant=QuantConfig(...))")
-    warnings.warn("quantize_with_budget(model, QuantConfig(...), calib=..., data=..., max_accuracy_drop=..., ...) "
-                  "is deprecated; use quantize_with_budget(model, BudgetConfig(max_accuracy_drop=..., "
-                  "quant=QuantConfig(...), ...), data=(calib, score_data))", DeprecationWarning, stacklevel=3)
+        raise ConfigError(
+            "quantize_with_budget(model, QuantConfig(...)) needs max_accuracy_drop=; better, pass "
+            "BudgetConfig(max_accuracy_drop=..., quant=QuantConfig(...))"
+        )
+    warnings.warn(
+        "quantize_with_budget(model, QuantConfig(...), calib=..., data=..., max_accuracy_drop=..., ...) "
+        "is deprecated; use quantize_with_budget(model, BudgetConfig(max_accuracy_drop=..., "
+        "quant=QuantConfig(...), ...), data=(calib, score_data))",
+        DeprecationWarning,
+        stacklevel=3,
+    )
     return BudgetConfig(quant=config or QuantConfig(), **old)
 
 
@@ -491,16 +554,23 @@ def _calib_and_score(verb: str, data: Any, calib: Any) -> tuple[Any, Any]:
     pair = isinstance(data, tuple) and len(data) == 2 and not _is_batch(data) and not any(map(_is_batch, data))
     if calib is not None:
         if pair:
-            raise ConfigError(f"{verb}: calibration data given twice, as calib= and in data=(calib, score); "
-                              "pass data=(calib, score) only")
+            raise ConfigError(
+                f"{verb}: calibration data given twice, as calib= and in data=(calib, score); "
+                "pass data=(calib, score) only"
+            )
         return calib, data
     if pair:
         return data
     if data is None:
-        raise DataError(f"{verb} needs data: pass data=(calib, score), the calibration data and the data to score "
-                        "on, or one dataset for both")
-    log.info("%s: one dataset given as data=: calibrating on it and scoring on it too (pass data=(calib, score) "
-             "to keep them apart)", verb)
+        raise DataError(
+            f"{verb} needs data: pass data=(calib, score), the calibration data and the data to score "
+            "on, or one dataset for both"
+        )
+    log.info(
+        "%s: one dataset given as data=: calibrating on it and scoring on it too (pass data=(calib, score) "
+        "to keep them apart)",
+        verb,
+    )
     return data, data
 
 
@@ -527,15 +597,25 @@ def _sensitivity(v: _Variants, ev: _Evaluator, mode: SensitivityMode) -> Sensiti
         with v.variant([n for n in names if n != name] if one else [name]) as q:
             m, sq = ev.score(q)
         d = v.layers[name]
-        rows.append(LayerSensitivity(name, d["type"], d["params"], m, ev.float_metric - m,
-                                     ref - m if one else m - ref, sq))
+        rows.append(
+            LayerSensitivity(name, d["type"], d["params"], m, ev.float_metric - m, ref - m if one else m - ref, sq)
+        )
         log.info("sensitivity %s: %s %.4f", name, ev.name, m)
-    return SensitivityReport(mode.value, ev.name, len(ev.data), ev.float_metric, full, ref, tuple(rows),
-                             round(time.perf_counter() - t0, 3))
+    return SensitivityReport(
+        mode.value, ev.name, len(ev.data), ev.float_metric, full, ref, tuple(rows), round(time.perf_counter() - t0, 3)
+    )
 
 
-_OLD_BUDGET_KWARGS = ("max_accuracy_drop", "mode", "sensitivity_samples", "rank_by", "search", "measure_latency",
-                      "latency_runs", "fallback")
+_OLD_BUDGET_KWARGS = (
+    "max_accuracy_drop",
+    "mode",
+    "sensitivity_samples",
+    "rank_by",
+    "search",
+    "measure_latency",
+    "latency_runs",
+    "fallback",
+)
 
 
 def quantize_with_budget(
@@ -584,8 +664,9 @@ def quantize_with_budget(
     calib, data = _calib_and_score("quantize_with_budget", data, calib)
     max_accuracy_drop, search, fallback = config.max_accuracy_drop, config.search, config.fallback
     latency_runs, quant = config.latency_runs, config.quant
-    rank_by = _rank_by(config.rank_by or (sensitivity_report.rank_by if sensitivity_report else RankBy.METRIC),
-                       metric is None)
+    rank_by = _rank_by(
+        config.rank_by or (sensitivity_report.rank_by if sensitivity_report else RankBy.METRIC), metric is None
+    )
     if eval_data is not None and len(eval_data) == 0:
         raise DataError("eval_data is empty: pass a non-empty dataset or None")
     t0 = time.perf_counter()
@@ -596,8 +677,10 @@ def quantize_with_budget(
         sub = ev if samples is None else _Evaluator(model, data, metric, samples)
         sensitivity_report = _sensitivity(v, sub, config.mode)
     elif set(sensitivity_report.ranking) != set(v.layers):
-        raise ConfigError("sensitivity_report does not rank this model's quantized layers: "
-                          f"{sorted(set(sensitivity_report.ranking) ^ set(v.layers))[:5]} differ")
+        raise ConfigError(
+            "sensitivity_report does not rank this model's quantized layers: "
+            f"{sorted(set(sensitivity_report.ranking) ^ set(v.layers))[:5]} differ"
+        )
     sensitivity_report = sensitivity_report.rerank(rank_by)
     order = sensitivity_report.ranking
     steps: dict[int, BudgetStep] = {}
@@ -620,8 +703,15 @@ def quantize_with_budget(
                 if k == 0:
                     noise["all quantized"] = ev.paired_noise()
                 drop = ev.float_metric - m
-                s = BudgetStep(k, floats, sum(v.layers[n]["params"] for n in floats), m, drop,
-                               drop <= max_accuracy_drop + 1e-12, sq)
+                s = BudgetStep(
+                    k,
+                    floats,
+                    sum(v.layers[n]["params"] for n in floats),
+                    m,
+                    drop,
+                    drop <= max_accuracy_drop + 1e-12,
+                    sq,
+                )
                 if tmp is not None:
                     ms, acc, err = _latency(v.build(f, i8), data, tmp / f"k{k}.onnx", latency_runs)
                     s = replace(s, latency_p50_ms=ms, accuracy_ort=acc, latency_error=err)
@@ -633,9 +723,14 @@ def quantize_with_budget(
         step(0)
         two_se = noise.get("all quantized")
         if two_se is not None and max_accuracy_drop < two_se:
-            log.warning("max_accuracy_drop=%g is below the sampling noise of the %d search samples (2 standard errors "
-                        "of the paired top-1 difference: %.4f): the search cannot tell such drops apart; pass more "
-                        "data= samples, and check the result on eval_data", max_accuracy_drop, len(ev.data), two_se)
+            log.warning(
+                "max_accuracy_drop=%g is below the sampling noise of the %d search samples (2 standard errors "
+                "of the paired top-1 difference: %.4f): the search cannot tell such drops apart; pass more "
+                "data= samples, and check the result on eval_data",
+                max_accuracy_drop,
+                len(ev.data),
+                two_se,
+            )
         n = len(order)
         if search == BudgetSearch.GREEDY:
             for k in range(n + 1):
@@ -657,14 +752,31 @@ def quantize_with_budget(
     if eval_data is not None:
         fin = _Evaluator(model, eval_data, metric, None)
         m, _ = fin.score(chosen)
-        evald = {"samples": len(eval_data), "float_metric": fin.float_metric, "metric": m,
-                 "drop": fin.float_metric - m}
+        evald = {"samples": len(eval_data), "float_metric": fin.float_metric, "metric": m, "drop": fin.float_metric - m}
     if not met:
-        log.warning("no candidate meets max_accuracy_drop=%g; returning the best (%d layers in %s, drop %.4f)",
-                    max_accuracy_drop, best.n_float, fallback.value, best.drop)
-    return BudgetResult(chosen, bool(met), float(max_accuracy_drop), ev.float_metric, best.metric, best.drop,
-                        best.kept_float, tuple(done), sensitivity_report, evald, float_ms,
-                        round(time.perf_counter() - t0, 3), noise_2se=two_se, fallback=fallback.value)
+        log.warning(
+            "no candidate meets max_accuracy_drop=%g; returning the best (%d layers in %s, drop %.4f)",
+            max_accuracy_drop,
+            best.n_float,
+            fallback.value,
+            best.drop,
+        )
+    return BudgetResult(
+        chosen,
+        bool(met),
+        float(max_accuracy_drop),
+        ev.float_metric,
+        best.metric,
+        best.drop,
+        best.kept_float,
+        tuple(done),
+        sensitivity_report,
+        evald,
+        float_ms,
+        round(time.perf_counter() - t0, 3),
+        noise_2se=two_se,
+        fallback=fallback.value,
+    )
 
 
 def _latency(model: nn.Module, data: Any, path: Path, runs: int) -> tuple[float | None, float | None, str | None]:

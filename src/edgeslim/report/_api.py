@@ -29,19 +29,36 @@ _RENDER = {"md": markdown, "html": html_page}
 def _stages(stages: Sequence[Metrics | Mapping[str, Any]]) -> list[Metrics]:
     """The stages as :class:`Metrics` (from Metrics or their dict form), every value a float."""
     if isinstance(stages, (Metrics, Mapping, str)):
-        raise ConfigError(f"stages must be a list of Metrics in pipeline order, e.g. [baseline, quantized]; got one "
-                          f"{type(stages).__name__}")
+        raise ConfigError(
+            f"stages must be a list of Metrics in pipeline order, e.g. [baseline, quantized]; got one "
+            f"{type(stages).__name__}"
+        )
     out = []
     for i, s in enumerate(stages):
         try:
             d = s.to_dict() if isinstance(s, Metrics) else s
             figs = dict(d.get("figures") or {})
-            out.append(Metrics(str(d["label"]), context=dict(d.get("context") or {}), figures={
-                k: Figure(str(v.get("name", k)), math.nan if v["value"] is None else float(v["value"]), str(v["unit"]),
-                          str(v["source"]), str(v.get("detail") or "")) for k, v in figs.items()}))
+            out.append(
+                Metrics(
+                    str(d["label"]),
+                    context=dict(d.get("context") or {}),
+                    figures={
+                        k: Figure(
+                            str(v.get("name", k)),
+                            math.nan if v["value"] is None else float(v["value"]),
+                            str(v["unit"]),
+                            str(v["source"]),
+                            str(v.get("detail") or ""),
+                        )
+                        for k, v in figs.items()
+                    },
+                )
+            )
         except (AttributeError, KeyError, TypeError, ValueError) as err:
-            raise ConfigError(f"stage {i} ({type(s).__name__}) is not a Metrics or its dict (label, figures of "
-                              f"name/value/unit/source/detail, context): {type(err).__name__}: {err}") from None
+            raise ConfigError(
+                f"stage {i} ({type(s).__name__}) is not a Metrics or its dict (label, figures of "
+                f"name/value/unit/source/detail, context): {type(err).__name__}: {err}"
+            ) from None
     if not out:
         raise ConfigError("report needs at least one stage of Metrics (got none)")
     return out
@@ -114,14 +131,22 @@ def report(
         check_output(p, force=force)
     rows = compare_stages(ms)
     regs = regressions(ms, rows)
-    doc = {"title": title, "edgeslim_version": __version__, "first_stage": ms[0].label,
-           "stages": [s.to_dict() for s in ms], "comparison": rows, "regressions": regs, "notes": notes}
+    doc = {
+        "title": title,
+        "edgeslim_version": __version__,
+        "first_stage": ms[0].label,
+        "stages": [s.to_dict() for s in ms],
+        "comparison": rows,
+        "regressions": regs,
+        "notes": notes,
+    }
     rendered = {f: _finite(doc) if f == "json" else _RENDER[f](title, ms, rows, regs, notes) for f in fs}
     for f, p in paths.items():
         (write_json if f == "json" else write_text)(p, rendered[f], force=force)
     if regs:
-        log.info("report: %d figure(s) got worse than %r: %s", len(regs), ms[0].label,
-                    "; ".join(r["text"] for r in regs))
+        log.info(
+            "report: %d figure(s) got worse than %r: %s", len(regs), ms[0].label, "; ".join(r["text"] for r in regs)
+        )
     log.info("report: wrote %s", ", ".join(str(p) for p in paths.values()))
     return paths
 

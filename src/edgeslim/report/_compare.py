@@ -22,26 +22,45 @@ from edgeslim.core.metrics import Metrics
 
 # name prefix -> (higher is better?, word when better, word when worse); first match wins; then by unit
 _BY_NAME: tuple[tuple[str, bool, str, str], ...] = (
-    ("latency", False, "faster", "slower"), ("throughput", True, "more throughput", "less throughput"),
-    ("size", False, "smaller", "larger"), ("peak_memory", False, "less memory", "more memory"),
-    ("macs", False, "fewer MACs", "more MACs"), ("flops", False, "fewer FLOPs", "more FLOPs"),
-    ("params", False, "fewer params", "more params"), ("energy", False, "less energy", "more energy"),
+    ("latency", False, "faster", "slower"),
+    ("throughput", True, "more throughput", "less throughput"),
+    ("size", False, "smaller", "larger"),
+    ("peak_memory", False, "less memory", "more memory"),
+    ("macs", False, "fewer MACs", "more MACs"),
+    ("flops", False, "fewer FLOPs", "more FLOPs"),
+    ("params", False, "fewer params", "more params"),
+    ("energy", False, "less energy", "more energy"),
     *((n, True, "higher", "lower") for n in ("accuracy", "top", "agreement", "sqnr")),
-    *((n, False, "lower", "higher") for n in ("error", "loss")))
+    *((n, False, "lower", "higher") for n in ("error", "loss")),
+)
 _BY_UNIT: dict[str, tuple[bool, str, str]] = {
-    "bytes": (False, "smaller", "larger"), "MB": (False, "less memory", "more memory"),
-    "ms": (False, "faster", "slower"), "MACs": (False, "fewer MACs", "more MACs"),
-    "items/s": (True, "more throughput", "less throughput")}
+    "bytes": (False, "smaller", "larger"),
+    "MB": (False, "less memory", "more memory"),
+    "ms": (False, "faster", "slower"),
+    "MACs": (False, "fewer MACs", "more MACs"),
+    "items/s": (True, "more throughput", "less throughput"),
+}
 SAME = 0.005  # relative change (or points) below which two numbers count as the same
 SPEED_NOISE = 0.03  # relative latency/throughput change treated as timing noise on a shared CPU
 _SPEED = ("latency", "throughput")
 _SAMPLED = ("accuracy", "top", "agreement")
 
-_WORDS = {"accuracy": "accuracy (top-1)", "size_bytes": "file size", "size_zipped_bytes": "file size, zipped",
-          "params": "parameters", "macs": "MACs", "peak_memory_mb": "peak memory", "top1_agreement":
-          "top-1 agreement", "cosine": "cosine similarity", "sqnr_db": "SQNR", "throughput_ips": "throughput",
-          "predicted_latency_ms": "predicted latency", "estimated_energy_mj": "estimated energy",
-          "memory_required_mb": "memory required", "fully_runs": "runs fully"}
+_WORDS = {
+    "accuracy": "accuracy (top-1)",
+    "size_bytes": "file size",
+    "size_zipped_bytes": "file size, zipped",
+    "params": "parameters",
+    "macs": "MACs",
+    "peak_memory_mb": "peak memory",
+    "top1_agreement": "top-1 agreement",
+    "cosine": "cosine similarity",
+    "sqnr_db": "SQNR",
+    "throughput_ips": "throughput",
+    "predicted_latency_ms": "predicted latency",
+    "estimated_energy_mj": "estimated energy",
+    "memory_required_mb": "memory required",
+    "fully_runs": "runs fully",
+}
 
 
 def figure_title(name: str) -> str:
@@ -91,9 +110,11 @@ def _sig3(v: float) -> str:
     return f"{v:.{max(0, 2 - math.floor(math.log10(abs(v))))}f}" if v and math.isfinite(v) else str(v)
 
 
-_SCALES = {"bytes": ((1e9, " GB", 2), (1e6, " MB", 2), (1e3, " KB", 1), (1, " B", 0)),
-           "MACs": ((1e9, "G MACs", 2), (1e6, "M MACs", 2), (1e3, "K MACs", 2), (1, " MACs", 0)),
-           "count": ((1e9, "G", 2), (1e6, "M", 2), (1e3, "K", 2), (1, "", 0))}
+_SCALES = {
+    "bytes": ((1e9, " GB", 2), (1e6, " MB", 2), (1e3, " KB", 1), (1, " B", 0)),
+    "MACs": ((1e9, "G MACs", 2), (1e6, "M MACs", 2), (1e3, "K MACs", 2), (1, " MACs", 0)),
+    "count": ((1e9, "G", 2), (1e6, "M", 2), (1e3, "K", 2), (1, "", 0)),
+}
 
 
 def fmt(value: float, unit: str) -> str:
@@ -123,8 +144,14 @@ def change(name: str, unit: str, base: float, value: float, *, noise: float | No
             latency and throughput use :data:`SPEED_NOISE`.
     """
     higher, good, bad = direction(name, unit)
-    out: dict[str, Any] = {"change": "", "worse": None, "ratio": None, "factor": None, "delta_pt": None,
-                           "within_noise": False}
+    out: dict[str, Any] = {
+        "change": "",
+        "worse": None,
+        "ratio": None,
+        "factor": None,
+        "delta_pt": None,
+        "within_noise": False,
+    }
     if not (math.isfinite(base) and math.isfinite(value)):
         return out
     up = value > base
@@ -141,12 +168,19 @@ def change(name: str, unit: str, base: float, value: float, *, noise: float | No
         f, same = (r if up else 1 / r), abs(r - 1) < SAME
         quiet = not same and name.lower().startswith(_SPEED) and abs(r - 1) < SPEED_NOISE
         text = "same" if same else f"{_factor(f)} {up_word if up else down_word}" + (" (within noise)" if quiet else "")
-        out.update(change=text, worse=None if same or quiet else judged, ratio=round(r, 6), factor=round(f, 6),
-                   within_noise=quiet)
+        out.update(
+            change=text,
+            worse=None if same or quiet else judged,
+            ratio=round(r, 6),
+            factor=round(f, 6),
+            within_noise=quiet,
+        )
     else:  # a zero or negative value has no ratio: show the difference instead
         same = value == base
-        out.update(change="same" if same else f"{'+' if up else '-'}{fmt(abs(value - base), unit)}",
-                   worse=None if same else judged)
+        out.update(
+            change="same" if same else f"{'+' if up else '-'}{fmt(abs(value - base), unit)}",
+            worse=None if same else judged,
+        )
     return out
 
 
@@ -165,16 +199,25 @@ def compare_stages(stages: list[Metrics]) -> list[dict[str, Any]]:
             if f is None:
                 cells.append(None)
                 continue
-            cell: dict[str, Any] = {"value": f.value, "unit": f.unit, "text": fmt(f.value, f.unit),
-                                    "source": f.source, "change": "", "worse": None}
+            cell: dict[str, Any] = {
+                "value": f.value,
+                "unit": f.unit,
+                "text": fmt(f.value, f.unit),
+                "source": f.source,
+                "change": "",
+                "worse": None,
+            }
             j = speed_baseline(stages, i, n) if speed else 0
             base = stages[j].figures.get(n) if j is not None else None
             if j is not None and j != i and base is not None:
                 if base.unit != f.unit:
                     cell["change"] = f"not compared: unit {f.unit!r} vs {base.unit!r}"
                 else:
-                    noise = (noise_pt(base.value, f.value, _samples(stages[j], n), _samples(s, n))
-                             if f.unit == "fraction" and n.lower().startswith(_SAMPLED) else None)
+                    noise = (
+                        noise_pt(base.value, f.value, _samples(stages[j], n), _samples(s, n))
+                        if f.unit == "fraction" and n.lower().startswith(_SAMPLED)
+                        else None
+                    )
                     cell.update(change(n, f.unit, base.value, f.value, noise=noise))
                 cell["sources_differ"] = base.source != f.source
                 if j:
@@ -223,9 +266,17 @@ def regressions(stages: list[Metrics], rows: list[dict[str, Any]]) -> list[dict[
             if c and c["worse"]:
                 j = next((k for k, s in enumerate(stages) if s.label == c.get("baseline")), 0)
                 ref = r["cells"][j] or first
-                out.append({"stage": stages[i].label, "figure": r["figure"], "value": c["value"],
-                            "first_value": first["value"] if first else None, "baseline": stages[j].label,
-                            "baseline_value": ref["value"], "change": c["change"],
-                            "text": f"{stages[i].label}: {figure_title(r['figure'])} {c['text']} vs {ref['text']} "
-                                    f"in {stages[j].label} ({c['change']})"})
+                out.append(
+                    {
+                        "stage": stages[i].label,
+                        "figure": r["figure"],
+                        "value": c["value"],
+                        "first_value": first["value"] if first else None,
+                        "baseline": stages[j].label,
+                        "baseline_value": ref["value"],
+                        "change": c["change"],
+                        "text": f"{stages[i].label}: {figure_title(r['figure'])} {c['text']} vs {ref['text']} "
+                        f"in {stages[j].label} ({c['change']})",
+                    }
+                )
     return out

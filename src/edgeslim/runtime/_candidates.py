@@ -8,8 +8,9 @@ from edgeslim.core.artifact import Artifact
 from edgeslim.runtime._runners import RUNTIMES, missing
 
 
-def artifact_candidates(artifact: Artifact, *, threads: int = 1) -> tuple[dict[str, tuple[str, Any]],
-                                                                           list[dict[str, Any]]]:
+def artifact_candidates(
+    artifact: Artifact, *, threads: int = 1
+) -> tuple[dict[str, tuple[str, Any]], list[dict[str, Any]]]:
     """Every registered runtime that loads ``artifact``'s format, as :func:`compare_runtimes` candidates.
 
     Returns:
@@ -24,7 +25,14 @@ def artifact_candidates(artifact: Artifact, *, threads: int = 1) -> tuple[dict[s
         if artifact.format in cls.formats:
             candidates[name] = (name, artifact)
         elif not missing(name):
-            rows.append({"label": name, "runtime": name, "threads": threads, "status": "n/a",
-                         "note": f"cannot load format {artifact.format!r}; loads "
-                                 f"{', '.join(cls.formats) or 'torch modules'}"})
+            rows.append(
+                {
+                    "label": name,
+                    "runtime": name,
+                    "threads": threads,
+                    "status": "n/a",
+                    "note": f"cannot load format {artifact.format!r}; loads "
+                    f"{', '.join(cls.formats) or 'torch modules'}",
+                }
+            )
     return candidates, rows

@@ -74,13 +74,23 @@ def compare_runtimes(
         ``accuracy``, ``samples`` and ``status`` (``ok``, ``not installed``, or ``failed``) with ``note``.
     """
     with progress_enabled(progress):
-        return _compare(candidates, data, reference, threads, runs, warmup, rounds, accuracy_samples, peak_memory,
-                        list_missing)
+        return _compare(
+            candidates, data, reference, threads, runs, warmup, rounds, accuracy_samples, peak_memory, list_missing
+        )
 
 
-def _compare(candidates: Mapping[str, tuple[str, Any]], data: Any, reference: nn.Module | None, threads: int,
-             runs: int, warmup: int, rounds: int, accuracy_samples: int | None, peak_memory: bool,
-             list_missing: bool) -> list[dict[str, Any]]:
+def _compare(
+    candidates: Mapping[str, tuple[str, Any]],
+    data: Any,
+    reference: nn.Module | None,
+    threads: int,
+    runs: int,
+    warmup: int,
+    rounds: int,
+    accuracy_samples: int | None,
+    peak_memory: bool,
+    list_missing: bool,
+) -> list[dict[str, Any]]:
     from edgeslim.runtime._measure import _peak_memory_probe, check_classes, interleaved_latency
 
     threads, runs, rounds = positive_int("threads", threads), positive_int("runs", runs), positive_int("rounds", rounds)
@@ -99,8 +109,9 @@ def _compare(candidates: Mapping[str, tuple[str, Any]], data: Any, reference: nn
         torch.set_num_threads(threads)
         try:
             with torch.inference_mode():
-                ref = np.concatenate([ref_model(torch.from_numpy(x[i : i + 256])).float().numpy()
-                                      for i in range(0, len(x), 256)])
+                ref = np.concatenate(
+                    [ref_model(torch.from_numpy(x[i : i + 256])).float().numpy() for i in range(0, len(x), 256)]
+                )
         finally:
             torch.set_num_threads(prev)
         ref = ref.reshape(len(ref), -1)
@@ -110,10 +121,19 @@ def _compare(candidates: Mapping[str, tuple[str, Any]], data: Any, reference: nn
     for label, (runtime, target) in bar(candidates.items(), desc="load and run each runtime", unit="runtime"):
         cls = RUNTIMES.get(runtime)
         fmt = "torch module" if isinstance(target, nn.Module) else getattr(target, "format", str(target))
-        prec = getattr(target, "edgeslim_precision", "fp32") if isinstance(target, nn.Module) else getattr(
-            target, "precision", "unknown")
-        row: dict[str, Any] = {"label": label, "runtime": runtime, "format": fmt, "precision": prec,
-                               "threads": threads, "samples": len(x)}
+        prec = (
+            getattr(target, "edgeslim_precision", "fp32")
+            if isinstance(target, nn.Module)
+            else getattr(target, "precision", "unknown")
+        )
+        row: dict[str, Any] = {
+            "label": label,
+            "runtime": runtime,
+            "format": fmt,
+            "precision": prec,
+            "threads": threads,
+            "samples": len(x),
+        }
         rows.append(row)
         how = missing(runtime)
         if how:
@@ -129,16 +149,31 @@ def _compare(candidates: Mapping[str, tuple[str, Any]], data: Any, reference: nn
             log.warning("%s on %s failed: %s", label, runtime, e)
             continue
         check_classes(out.shape[1], data, label)
-        row.update(status="ok", runtime_version=runner.version, describe=runner.describe(),
-                   accuracy=float((out.argmax(1) == y).mean()), target=target)
+        row.update(
+            status="ok",
+            runtime_version=runner.version,
+            describe=runner.describe(),
+            accuracy=float((out.argmax(1) == y).mean()),
+            target=target,
+        )
         if ref is not None:
             c = compare(ref, out)
             row["top1_agreement"], row["cosine"] = c["top1_agreement"], c["cosine"]
         live.append((row, runner))
 
     per_round = max(1, -(-runs // rounds))
-    lat = interleaved_latency({str(i): runner for i, (_, runner) in enumerate(live)}, x[:1], rounds=rounds,
-                              runs=per_round, warmup=warmup, rewarm=1) if live else {}
+    lat = (
+        interleaved_latency(
+            {str(i): runner for i, (_, runner) in enumerate(live)},
+            x[:1],
+            rounds=rounds,
+            runs=per_round,
+            warmup=warmup,
+            rewarm=1,
+        )
+        if live
+        else {}
+    )
     for i, (row, _) in enumerate(live):
         t = lat[str(i)]
         row["p50_ms"], row["p90_ms"], row["p99_ms"], row["runs"] = t["p50_ms"], t["p90_ms"], t["p99_ms"], t["runs"]
@@ -159,8 +194,9 @@ def _compare(candidates: Mapping[str, tuple[str, Any]], data: Any, reference: nn
         for name in RUNTIMES:
             how = missing(name)
             if how and name not in asked:
-                rows.append({"label": name, "runtime": name, "status": "not installed", "note": how,
-                             "threads": threads})
+                rows.append(
+                    {"label": name, "runtime": name, "status": "not installed", "note": how, "threads": threads}
+                )
     host = host_info()
     for row in rows:
         row["host"] = f"{host['cpu']} ({host['cores']} cores)"
@@ -169,8 +205,20 @@ def _compare(candidates: Mapping[str, tuple[str, Any]], data: Any, reference: nn
 
 def render_rows(rows: list[dict[str, Any]]) -> str:
     """A plain-text table of :func:`compare_runtimes` rows."""
-    head = ["candidate", "runtime", "format", "precision", "thr", "p50 ms", "p90 ms", "p99 ms", "peak MB",
-            "top-1 agr", "cosine", "accuracy"]
+    head = [
+        "candidate",
+        "runtime",
+        "format",
+        "precision",
+        "thr",
+        "p50 ms",
+        "p90 ms",
+        "p99 ms",
+        "peak MB",
+        "top-1 agr",
+        "cosine",
+        "accuracy",
+    ]
 
     def f(v: Any, spec: str) -> str:
         return "-" if v is None else format(v, spec)
@@ -178,15 +226,37 @@ def render_rows(rows: list[dict[str, Any]]) -> str:
     lines = []
     for r in rows:
         if r.get("status") != "ok":
-            lines.append([r["label"], r["runtime"], r.get("format", "-"), r.get("precision", "-"), str(r["threads"]),
-                          f"{r['status']}: {r.get('note', '')}"])
+            lines.append(
+                [
+                    r["label"],
+                    r["runtime"],
+                    r.get("format", "-"),
+                    r.get("precision", "-"),
+                    str(r["threads"]),
+                    f"{r['status']}: {r.get('note', '')}",
+                ]
+            )
             continue
-        lines.append([r["label"], f"{r['runtime']} {r['runtime_version']}", r["format"], r["precision"],
-                      str(r["threads"]), f(r["p50_ms"], ".3f"), f(r["p90_ms"], ".3f"), f(r["p99_ms"], ".3f"),
-                      f(r.get("peak_memory_mb"), ".1f"), f(r.get("top1_agreement"), ".4f"), f(r.get("cosine"), ".6f"),
-                      f(r["accuracy"], ".4f")])
-    widths = [max(len(h), *(len(ln[i]) for ln in lines if len(ln) > i and len(ln) == len(head))) if lines else len(h)
-              for i, h in enumerate(head)]
+        lines.append(
+            [
+                r["label"],
+                f"{r['runtime']} {r['runtime_version']}",
+                r["format"],
+                r["precision"],
+                str(r["threads"]),
+                f(r["p50_ms"], ".3f"),
+                f(r["p90_ms"], ".3f"),
+                f(r["p99_ms"], ".3f"),
+                f(r.get("peak_memory_mb"), ".1f"),
+                f(r.get("top1_agreement"), ".4f"),
+                f(r.get("cosine"), ".6f"),
+                f(r["accuracy"], ".4f"),
+            ]
+        )
+    widths = [
+        max(len(h), *(len(ln[i]) for ln in lines if len(ln) > i and len(ln) == len(head))) if lines else len(h)
+        for i, h in enumerate(head)
+    ]
     out = ["  ".join(h.ljust(w) for h, w in zip(head, widths))]
     for ln in lines:
         if len(ln) == len(head):

@@ -30,8 +30,9 @@ class ExecuTorchRunner(Runner):
         self.path, self.format = artifact_path(target, self.name, self.formats)
         rt = _require("executorch.runtime", "executorch", self.extra)
         self._pool = _require("executorch.extension.pybindings.portable_lib", "executorch", self.extra)
-        import torch
         from importlib.metadata import version
+
+        import torch
 
         self._torch = torch
         self.version = version("executorch")
@@ -47,13 +48,15 @@ class ExecuTorchRunner(Runner):
 
     def run(self, x: np.ndarray) -> np.ndarray:
         if len(x) != self.fixed_batch:
-            raise RuntimeBackendError(f"{self.path.name} runs batch {self.fixed_batch}, not {len(x)} (the batch "
-                                      "dimension is fixed at export)")
+            raise RuntimeBackendError(
+                f"{self.path.name} runs batch {self.fixed_batch}, not {len(x)} (the batch dimension is fixed at export)"
+            )
         pool = self._pool._threadpool_get_thread_count()
         if pool != self.threads:
             raise RuntimeBackendError(
                 f"{self.path.name} was loaded for {self.threads} thread(s) but ExecuTorch's process-wide thread pool "
-                f"now has {pool} (another executorch runner was loaded since): load one thread count at a time")
+                f"now has {pool} (another executorch runner was loaded since): load one thread count at a time"
+            )
         y = self.method.execute([self._torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))])[0]
         return y.float().numpy().copy()
 

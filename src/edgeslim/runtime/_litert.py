@@ -45,8 +45,10 @@ class LiteRtRunner(Runner):
 
     def run(self, x: np.ndarray) -> np.ndarray:
         if len(x) != self.fixed_batch:
-            raise RuntimeBackendError(f"{self.path.name} runs batch {self.fixed_batch}, not {len(x)} (LiteRT files "
-                                      "from litert-torch have a static batch dimension)")
+            raise RuntimeBackendError(
+                f"{self.path.name} runs batch {self.fixed_batch}, not {len(x)} (LiteRT files "
+                "from litert-torch have a static batch dimension)"
+            )
         dtype = self.input["dtype"]
         if np.issubdtype(dtype, np.integer):
             scale, zp = self.input["quantization"]

@@ -34,8 +34,14 @@ from edgeslim.runtime._static import _load, onnx_macs_detail, onnx_params
 log = logging.getLogger(__name__)
 
 
-def latency(runner: Runner | Callable[[np.ndarray], Any], x: np.ndarray, *, warmup: int = 10, runs: int = 100,
-            max_seconds: float = 10.0) -> dict[str, float]:
+def latency(
+    runner: Runner | Callable[[np.ndarray], Any],
+    x: np.ndarray,
+    *,
+    warmup: int = 10,
+    runs: int = 100,
+    max_seconds: float = 10.0,
+) -> dict[str, float]:
     """Latency of ``runner.run(x)``: ``warmup`` untimed runs, then up to ``runs`` timed runs.
 
     Warm-up and timed runs together stop after ``max_seconds`` (at least one timed run is always done).
@@ -64,13 +70,30 @@ def latency(runner: Runner | Callable[[np.ndarray], Any], x: np.ndarray, *, warm
                 break
     ms = np.asarray(times, dtype=np.float64) / 1e6
     p50, p90, p99 = np.percentile(ms, [50, 90, 99])
-    return {"p50_ms": float(p50), "p90_ms": float(p90), "p99_ms": float(p99), "mean_ms": float(ms.mean()),
-            "min_ms": float(ms.min()), "runs": len(times), "warmup_runs": done_warmup}
+    return {
+        "p50_ms": float(p50),
+        "p90_ms": float(p90),
+        "p99_ms": float(p99),
+        "mean_ms": float(ms.mean()),
+        "min_ms": float(ms.min()),
+        "runs": len(times),
+        "warmup_runs": done_warmup,
+    }
 
 
-def interleaved_latency(runners: Mapping[str, Runner | Callable[..., Any]], x: Any = None, *, rounds: int = 3,
-                        runs: int = 100, warmup: int = 10, rewarm: int = 1, shuffle: bool = False, seed: int = 0,
-                        max_seconds_per_turn: float | None = None, min_runs: int = 1) -> dict[str, dict[str, Any]]:
+def interleaved_latency(
+    runners: Mapping[str, Runner | Callable[..., Any]],
+    x: Any = None,
+    *,
+    rounds: int = 3,
+    runs: int = 100,
+    warmup: int = 10,
+    rewarm: int = 1,
+    shuffle: bool = False,
+    seed: int = 0,
+    max_seconds_per_turn: float | None = None,
+    min_runs: int = 1,
+) -> dict[str, dict[str, Any]]:
     """Latency of several runners side by side: each round gives every runner one turn of timed runs, so that
     load drifting on a shared host hits all of them alike.
 
@@ -93,8 +116,11 @@ def interleaved_latency(runners: Mapping[str, Runner | Callable[..., Any]], x: A
     import random
 
     rounds, runs = positive_int("rounds", rounds), positive_int("runs", runs)
-    warmup, rewarm, min_runs = (positive_int("warmup", warmup, 0), positive_int("rewarm", rewarm, 0),
-                                positive_int("min_runs", min_runs))
+    warmup, rewarm, min_runs = (
+        positive_int("warmup", warmup, 0),
+        positive_int("rewarm", rewarm, 0),
+        positive_int("min_runs", min_runs),
+    )
     if max_seconds_per_turn is not None and not max_seconds_per_turn > 0:
         raise ConfigError(f"max_seconds_per_turn={max_seconds_per_turn!r} is not allowed; use a number > 0 or None")
     if not runners:
@@ -137,9 +163,18 @@ def interleaved_latency(runners: Mapping[str, Runner | Callable[..., Any]], x: A
         p50, p90, p99 = np.percentile(ms, [50, 90, 99])
         med = float(np.median(meds))
         q1, q3 = np.percentile(meds, [25, 75])
-        out[k] = {"p50_ms": float(p50), "p90_ms": float(p90), "p99_ms": float(p99), "mean_ms": float(ms.mean()),
-                  "min_ms": float(ms.min()), "runs": int(ms.size), "rounds": rounds, "round_p50_ms": meds,
-                  "median_of_rounds_ms": med, "round_spread_pct": float((q3 - q1) / med * 100) if med else 0.0}
+        out[k] = {
+            "p50_ms": float(p50),
+            "p90_ms": float(p90),
+            "p99_ms": float(p99),
+            "mean_ms": float(ms.mean()),
+            "min_ms": float(ms.min()),
+            "runs": int(ms.size),
+            "rounds": rounds,
+            "round_p50_ms": meds,
+            "median_of_rounds_ms": med,
+            "round_spread_pct": float((q3 - q1) / med * 100) if med else 0.0,
+        }
     return out
 
 
@@ -198,14 +233,36 @@ def measure(
         model's output width.
     """
     with progress_enabled(progress):
-        return _measure(target, data, runtime, threads, batch_sizes, runs, warmup, accuracy_samples, peak_memory,
-                        label, input_shape, max_seconds)
+        return _measure(
+            target,
+            data,
+            runtime,
+            threads,
+            batch_sizes,
+            runs,
+            warmup,
+            accuracy_samples,
+            peak_memory,
+            label,
+            input_shape,
+            max_seconds,
+        )
 
 
-def _measure(target: Any, data: Any, runtime: str | None, threads: int | Iterable[int],
-             batch_sizes: int | Iterable[int], runs: int, warmup: int, accuracy_samples: int | None,
-             peak_memory: bool, label: str | None, input_shape: tuple[int, ...] | None, max_seconds: float
-             ) -> Metrics:
+def _measure(
+    target: Any,
+    data: Any,
+    runtime: str | None,
+    threads: int | Iterable[int],
+    batch_sizes: int | Iterable[int],
+    runs: int,
+    warmup: int,
+    accuracy_samples: int | None,
+    peak_memory: bool,
+    label: str | None,
+    input_shape: tuple[int, ...] | None,
+    max_seconds: float,
+) -> Metrics:
     threads, batch_sizes = _positive_ints("threads", threads), _positive_ints("batch_sizes", batch_sizes)
     is_module = isinstance(target, nn.Module)
     runtime = str(getattr(runtime, "value", runtime) or ("torch" if is_module else "onnxruntime"))
@@ -220,18 +277,30 @@ def _measure(target: Any, data: Any, runtime: str | None, threads: int | Iterabl
         if r0.fixed_batch is not None and b != r0.fixed_batch:
             raise RuntimeBackendError(
                 f"batch size {b} cannot run: the model's batch dimension is fixed at {r0.fixed_batch}; export it with "
-                f"a dynamic batch dimension (edgeslim.export does) or measure batch_sizes=({r0.fixed_batch},)")
+                f"a dynamic batch dimension (edgeslim.export does) or measure batch_sizes=({r0.fixed_batch},)"
+            )
     shape = _input_shape(target, data, input_shape)
     if data is not None and accuracy_samples is not None:
         data = data.take(positive_int("accuracy_samples", accuracy_samples), seed=0)
 
     host = host_info()
     cpu = f"host {host['cpu']} ({host['cores']} cores)"
-    what = {"module": type(target).__name__, "precision": getattr(target, "edgeslim_precision", "fp32")} if is_module else {
-        "path": str(target.path), "format": target.format, "precision": target.precision}
-    m = Metrics(label or (what.get("module") or target.path.name), context={
-        "host": host, "runtime": runtime, "runtime_version": r0.version, "target": what,
-        "threads": list(threads), "batch_sizes": list(batch_sizes)})
+    what = (
+        {"module": type(target).__name__, "precision": getattr(target, "edgeslim_precision", "fp32")}
+        if is_module
+        else {"path": str(target.path), "format": target.format, "precision": target.precision}
+    )
+    m = Metrics(
+        label or (what.get("module") or target.path.name),
+        context={
+            "host": host,
+            "runtime": runtime,
+            "runtime_version": r0.version,
+            "target": what,
+            "threads": list(threads),
+            "batch_sizes": list(batch_sizes),
+        },
+    )
     _static_figures(m, target, shape)
 
     if data is not None:
@@ -248,9 +317,14 @@ def _measure(target: Any, data: Any, runtime: str | None, threads: int | Iterabl
                     raise DataError(f"top-1 accuracy needs (batch, classes) logits; the model outputs {out.shape}")
                 check_classes(out.shape[1], data, m.label)
                 correct += int((out[: len(y)].argmax(1) == y.numpy()).sum())
-        m.add("accuracy", correct / len(data), "fraction", "measured",
-              f"top-1 on {len(data)} samples of {data.name}/{data.split}, measured on {r.describe()}, batch {bs}, "
-              f"1 pass, {cpu}")
+        m.add(
+            "accuracy",
+            correct / len(data),
+            "fraction",
+            "measured",
+            f"top-1 on {len(data)} samples of {data.name}/{data.split}, measured on {r.describe()}, batch {bs}, "
+            f"1 pass, {cpu}",
+        )
         m.context["accuracy_samples"] = len(data)  # the report's noise rule for accuracy changes needs it
 
     settings = bar(desc=f"latency ({runtime})", total=len(batch_sizes) * len(runners), unit="setting")
@@ -263,21 +337,33 @@ def _measure(target: Any, data: Any, runtime: str | None, threads: int | Iterabl
         for t, r in runners.items():
             lat = latency(r, x, warmup=warmup, runs=runs, max_seconds=max_seconds)
             cut = f" (stopped by the {max_seconds:g} s bound)" if lat["runs"] < runs else ""
-            how = (f"measured on {r.describe()}, batch {b}, {lat['runs']} runs{cut} after {lat['warmup_runs']} "
-                   f"warm-up, mean {lat['mean_ms']:.4g} ms, inputs: {inputs}, {cpu}")
+            how = (
+                f"measured on {r.describe()}, batch {b}, {lat['runs']} runs{cut} after {lat['warmup_runs']} "
+                f"warm-up, mean {lat['mean_ms']:.4g} ms, inputs: {inputs}, {cpu}"
+            )
             for p in ("p50", "p90", "p99"):
                 m.add(f"latency_{p}_ms@t{t}b{b}", lat[f"{p}_ms"], "ms", "measured", how)
-            m.add(f"throughput_ips@t{t}b{b}", b * 1e3 / lat["mean_ms"], "items/s", "measured",
-                  f"batch / mean latency; {how}")
+            m.add(
+                f"throughput_ips@t{t}b{b}",
+                b * 1e3 / lat["mean_ms"],
+                "items/s",
+                "measured",
+                f"batch / mean latency; {how}",
+            )
             settings.update()
     settings.close()
 
     if peak_memory:
         b, n_runs = batch_sizes[0], 5
         extra, base, how = _peak_memory_probe(target, runtime, (b, *shape), threads[0], n_runs)
-        m.add("peak_memory_mb", extra, "MB", "measured",
-              f"measured in a child process: extra peak RSS ({how}) of loading the model and running {n_runs} "
-              f"inferences, over the {base:.0f} MB after imports; {r0.describe()}, batch {b}, {cpu}")
+        m.add(
+            "peak_memory_mb",
+            extra,
+            "MB",
+            "measured",
+            f"measured in a child process: extra peak RSS ({how}) of loading the model and running {n_runs} "
+            f"inferences, over the {base:.0f} MB after imports; {r0.describe()}, batch {b}, {cpu}",
+        )
     log.info("measured %s: %s", m.label, json.dumps({k: round(f.value, 4) for k, f in m.figures.items()}))
     return m
 
@@ -292,13 +378,18 @@ def check_classes(width: int, data: Any, what: str) -> None:
         return
     name = f"{getattr(data, 'name', 'the dataset')!r}"
     if n < 2:
-        raise DataError(f"dataset {name} has {n} class{'es' * (n != 1)}: top-1 accuracy and agreement on it say "
-                        "nothing; give a dataset with at least two classes")
+        raise DataError(
+            f"dataset {name} has {n} class{'es' * (n != 1)}: top-1 accuracy and agreement on it say "
+            "nothing; give a dataset with at least two classes"
+        )
     if width != n:
         listed = ", ".join(map(str, list(classes)[:5])) + (", ..." if n > 5 else "") if classes is not None else ""
-        raise DataError(f"{what} outputs {width} classes but dataset {name} has {n}" + (f" ({listed})" if listed else "")
-                        + ": accuracy would compare different labellings; measure it on the dataset it was trained "
-                        "for (--dataset), or pass no data")
+        raise DataError(
+            f"{what} outputs {width} classes but dataset {name} has {n}"
+            + (f" ({listed})" if listed else "")
+            + ": accuracy would compare different labellings; measure it on the dataset it was trained "
+            "for (--dataset), or pass no data"
+        )
 
 
 def _input_shape(target: Any, data: Any, input_shape: tuple[int, ...] | None) -> tuple[int, ...]:
@@ -306,22 +397,33 @@ def _input_shape(target: Any, data: Any, input_shape: tuple[int, ...] | None) ->
     if input_shape is not None:
         input_shape = tuple(input_shape)
         if not input_shape or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in input_shape):
-            raise ConfigError(f"input_shape={input_shape!r} is not allowed; give one sample's shape as positive "
-                              "integers, e.g. (3, 224, 224)")
-    known = input_shape if input_shape is not None else (
-        None if isinstance(target, nn.Module) or not target.input_shape or not all(d > 0 for d in target.input_shape)
-        else target.input_shape)
+            raise ConfigError(
+                f"input_shape={input_shape!r} is not allowed; give one sample's shape as positive "
+                "integers, e.g. (3, 224, 224)"
+            )
+    known = (
+        input_shape
+        if input_shape is not None
+        else (
+            None
+            if isinstance(target, nn.Module) or not target.input_shape or not all(d > 0 for d in target.input_shape)
+            else target.input_shape
+        )
+    )
     if data is not None:
         if len(data) == 0:
             raise DataError(f"dataset {data.name!r} ({data.split}) is empty: nothing to measure accuracy on")
         if known is not None and tuple(data.input_shape) != known:
-            raise DataError(f"dataset {data.name!r} has samples of shape {tuple(data.input_shape)} but the model "
-                            f"takes {known}")
+            raise DataError(
+                f"dataset {data.name!r} has samples of shape {tuple(data.input_shape)} but the model takes {known}"
+            )
         return tuple(data.input_shape)
     if not known:
         what = "the model's" if isinstance(target, nn.Module) else f"{target.path.name}'s"
-        raise ConfigError(f"{what} input shape is unknown (dynamic rank or symbolic sizes): pass data= (an "
-                          "ImageDataset) or input_shape=(C, H, W) (CLI: --input-shape C,H,W)")
+        raise ConfigError(
+            f"{what} input shape is unknown (dynamic rank or symbolic sizes): pass data= (an "
+            "ImageDataset) or input_shape=(C, H, W) (CLI: --input-shape C,H,W)"
+        )
     return known
 
 
@@ -354,9 +456,11 @@ def _static_figures(m: Metrics, target: Artifact | nn.Module, shape: tuple[int, 
         else:
             macs, skipped = onnx_macs_detail(model)
             m_how = "computed from ONNX shape inference (Conv/ConvTranspose/Gemm/MatMul), batch 1" + (
-                f"; {len(skipped)} node(s) without shapes not counted: {', '.join(skipped)}" if skipped else "")
-    m.add("size_bytes", len(raw), "bytes", "measured" if isinstance(target, Artifact) else "computed",
-          f"bytes of {where}")
+                f"; {len(skipped)} node(s) without shapes not counted: {', '.join(skipped)}" if skipped else ""
+            )
+    m.add(
+        "size_bytes", len(raw), "bytes", "measured" if isinstance(target, Artifact) else "computed", f"bytes of {where}"
+    )
     m.add("size_zipped_bytes", len(zlib.compress(raw, 9)), "bytes", "computed", f"zlib level 9 of {where}")
     m.add("params", params, "count", "computed", p_how)
     m.add("macs", macs, "MACs", "computed", m_how)
@@ -416,8 +520,9 @@ print(json.dumps({"base_mb": base, "peak_mb": peak_mb()[0], "how": how}))
 """
 
 
-def _peak_memory_probe(target: Artifact | nn.Module, runtime: str, shape: tuple[int, ...], threads: int,
-                       runs: int) -> tuple[float, float, str]:
+def _peak_memory_probe(
+    target: Artifact | nn.Module, runtime: str, shape: tuple[int, ...], threads: int, runs: int
+) -> tuple[float, float, str]:
     """Load and run the model in a fresh child process: (extra peak RSS MB, RSS MB after imports, method)."""
     if runtime not in RUNTIMES:
         raise RuntimeBackendError(f"no peak-memory probe for runtime {runtime!r}; pass peak_memory=False")
@@ -427,17 +532,27 @@ def _peak_memory_probe(target: Artifact | nn.Module, runtime: str, shape: tuple[
             try:
                 torch.save(target, file)
             except Exception as e:  # e.g. a class defined inside a function cannot be pickled
-                raise RuntimeBackendError(f"cannot hand {type(target).__name__} to the peak-memory child process "
-                                          f"({e}); pass peak_memory=False") from None
+                raise RuntimeBackendError(
+                    f"cannot hand {type(target).__name__} to the peak-memory child process "
+                    f"({e}); pass peak_memory=False"
+                ) from None
         else:
             file = target.path
-        args = {"runtime": runtime, "file": str(file), "shape": list(shape), "threads": threads, "runs": runs,
-                "sys_path": sys.path if runtime != "onnxruntime" else []}
-        r = subprocess.run([sys.executable, "-c", _PROBE, json.dumps(args)], capture_output=True, text=True,
-                           timeout=600)
+        args = {
+            "runtime": runtime,
+            "file": str(file),
+            "shape": list(shape),
+            "threads": threads,
+            "runs": runs,
+            "sys_path": sys.path if runtime != "onnxruntime" else [],
+        }
+        r = subprocess.run(
+            [sys.executable, "-c", _PROBE, json.dumps(args)], capture_output=True, text=True, timeout=600
+        )
     if r.returncode != 0:
         tail = (r.stderr.strip().splitlines() or ["no output"])[-1]
-        raise RuntimeBackendError(f"the peak-memory child process failed for {file.name}: {tail}; "
-                                  "pass peak_memory=False to skip this figure")
+        raise RuntimeBackendError(
+            f"the peak-memory child process failed for {file.name}: {tail}; pass peak_memory=False to skip this figure"
+        )
     out = json.loads(r.stdout.strip().splitlines()[-1])
     return max(out["peak_mb"] - out["base_mb"], 0.0), out["base_mb"], out["how"]

@@ -39,8 +39,12 @@ class OpenVinoRunner(Runner):
         one_input(self.path, len(self.model.inputs))
         shape = self.model.inputs[0].get_partial_shape()
         self.fixed_batch = shape[0].get_length() if shape.rank.is_static and shape[0].is_static else None
-        self.config = {"INFERENCE_NUM_THREADS": self.threads, "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY",
-                       "INFERENCE_PRECISION_HINT": "f32"}
+        self.config = {
+            "INFERENCE_NUM_THREADS": self.threads,
+            "NUM_STREAMS": 1,
+            "PERFORMANCE_HINT": "LATENCY",
+            "INFERENCE_PRECISION_HINT": "f32",
+        }
         self._requests: dict[tuple[int, ...], Any] = {}
 
     def _request(self, shape: tuple[int, ...]) -> Any:
@@ -52,8 +56,9 @@ class OpenVinoRunner(Runner):
             try:
                 compiled = self.core.compile_model(model, "CPU", self.config)
             except Exception as e:
-                raise RuntimeBackendError(f"openvino cannot compile {str(self.path)!r} for input shape {shape}: "
-                                          f"{str(e).strip()[:300]}") from None
+                raise RuntimeBackendError(
+                    f"openvino cannot compile {str(self.path)!r} for input shape {shape}: {str(e).strip()[:300]}"
+                ) from None
             req = self._requests[shape] = compiled.create_infer_request()
         return req
 
@@ -64,5 +69,6 @@ class OpenVinoRunner(Runner):
         return np.array(req.get_output_tensor(0).data, copy=True)
 
     def describe(self) -> str:
-        return (f"openvino {self.version} (CPU, {self.format}), {self.threads} thread{'s' * (self.threads != 1)}, "
-                "1 stream")
+        return (
+            f"openvino {self.version} (CPU, {self.format}), {self.threads} thread{'s' * (self.threads != 1)}, 1 stream"
+        )

@@ -12,9 +12,10 @@ import importlib
 import importlib.util
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -31,8 +32,9 @@ def _require(module: str, pip_name: str, extra: str | None = None) -> ModuleType
         return importlib.import_module(module)
     except ImportError as e:
         how = f"pip install 'edgeslim[{extra}]'" if extra else f"pip install {pip_name}"
-        raise RuntimeBackendError(f"this runtime needs the package {pip_name!r} (import {module!r} failed: {e}); "
-                                  f"install it with: {how}") from None
+        raise RuntimeBackendError(
+            f"this runtime needs the package {pip_name!r} (import {module!r} failed: {e}); install it with: {how}"
+        ) from None
 
 
 def missing(runtime: str) -> str | None:
@@ -55,15 +57,17 @@ def artifact_path(target: Any, runtime: str, formats: dict[str, tuple[str, ...]]
         raise RuntimeBackendError(
             f"runtime {runtime!r} runs files, not a torch module ({type(target).__name__}): export it first with "
             f"edgeslim.export(model, FORMAT, example_inputs=...) where FORMAT is one of: {allowed}; or use "
-            "runtime='torch'")
+            "runtime='torch'"
+        )
     path = Path(target.path if isinstance(target, Artifact) else target)
     if isinstance(target, Artifact):
         fmt = target.format
     else:
         fmt = SUFFIX_FORMATS.get(path.suffix, f"unknown, suffix {path.suffix!r}")
     if fmt not in formats or path.suffix not in formats.get(fmt, ()):
-        raise RuntimeBackendError(f"runtime {runtime!r} cannot load {str(path)!r} (format {fmt!r}); it loads: "
-                                  f"{allowed}")
+        raise RuntimeBackendError(
+            f"runtime {runtime!r} cannot load {str(path)!r} (format {fmt!r}); it loads: {allowed}"
+        )
     if not path.is_file():
         raise RuntimeBackendError(f"runtime {runtime!r}: artifact file {str(path)!r} does not exist")
     return path, fmt
@@ -85,8 +89,9 @@ def one_input(path: Any, n: int, names: Sequence[str] = ()) -> None:
     """Every runner takes models with exactly one input; ``n`` is what the file at ``path`` has."""
     if n != 1:
         listed = f" ({', '.join(names)})" if names else ""
-        raise RuntimeBackendError(f"{str(path)!r} has {n} inputs{listed}; edgeslim runners take models with exactly "
-                                  "one input")
+        raise RuntimeBackendError(
+            f"{str(path)!r} has {n} inputs{listed}; edgeslim runners take models with exactly one input"
+        )
 
 
 class Runner:
@@ -149,10 +154,12 @@ class OrtRunner(Runner):
             raise RuntimeBackendError(
                 f"runtime 'onnxruntime' runs ONNX files, not a torch module ({type(target).__name__}): export it "
                 "first with edgeslim.export(model, 'onnx', example_inputs=...) and measure the Artifact, "
-                "or use runtime='torch'")
+                "or use runtime='torch'"
+            )
         if isinstance(target, Artifact) and target.format != "onnx":
-            raise RuntimeBackendError(f"runtime 'onnxruntime' loads 'onnx' artifacts, not {target.format!r} "
-                                      f"({target.path})")
+            raise RuntimeBackendError(
+                f"runtime 'onnxruntime' loads 'onnx' artifacts, not {target.format!r} ({target.path})"
+            )
         path = Path(target.path if isinstance(target, Artifact) else target)
         if path.suffix != ".onnx":
             raise RuntimeBackendError(f"runtime 'onnxruntime' loads .onnx files, not {str(path)!r}")
@@ -181,8 +188,9 @@ class OrtRunner(Runner):
             return self.session.run(None, {self.input_name: np.ascontiguousarray(x, dtype=self.dtype)})[0]
         except Exception as e:  # ORT's own exception types, e.g. an input of the wrong rank or shape
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise RuntimeBackendError(f"onnxruntime cannot run {self.path.name!r} on an input of shape "
-                                      f"{tuple(np.shape(x))}: {first[:300]}") from None
+            raise RuntimeBackendError(
+                f"onnxruntime cannot run {self.path.name!r} on an input of shape {tuple(np.shape(x))}: {first[:300]}"
+            ) from None
 
     def describe(self) -> str:
         return f"onnxruntime {self.version} (CPUExecutionProvider), {self.threads} thread{'s' * (self.threads != 1)}"
@@ -203,8 +211,10 @@ class TorchRunner(Runner):
         super().__init__(target, threads=threads)
         if not isinstance(target, nn.Module):
             fmt = target.format if isinstance(target, Artifact) else (Path(str(target)).suffix or type(target).__name__)
-            raise RuntimeBackendError(f"runtime 'torch' runs a torch.nn.Module, not a {fmt!r} artifact ({target}); "
-                                      "use runtime='onnxruntime' for ONNX files")
+            raise RuntimeBackendError(
+                f"runtime 'torch' runs a torch.nn.Module, not a {fmt!r} artifact ({target}); "
+                "use runtime='onnxruntime' for ONNX files"
+            )
         self.model = eval_model(target)
         self.version = torch.__version__
         self._outer: list[int] = []

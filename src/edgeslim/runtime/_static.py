@@ -14,11 +14,27 @@ from edgeslim.runtime._runners import _require
 log = logging.getLogger(__name__)
 
 # inputs that carry data (weights, activations, biases); the other inputs of these ops are scales / zero points
-_DATA_INPUTS = {"QuantizeLinear": {0}, "DequantizeLinear": {0}, "DynamicQuantizeLinear": {0}, "QLinearConv": {0, 3, 8},
-                "QGemm": {0, 3, 6}, "ConvInteger": {0, 1}, "MatMulInteger": {0, 1}}
+_DATA_INPUTS = {
+    "QuantizeLinear": {0},
+    "DequantizeLinear": {0},
+    "DynamicQuantizeLinear": {0},
+    "QLinearConv": {0, 3, 8},
+    "QGemm": {0, 3, 6},
+    "ConvInteger": {0, 1},
+    "MatMulInteger": {0, 1},
+}
 # op -> (index of the activation input, index of the weight input)
-_MAC_OPS = {"Conv": (0, 1), "ConvTranspose": (0, 1), "QLinearConv": (0, 3), "ConvInteger": (0, 1),
-            "Gemm": (0, 1), "QGemm": (0, 3), "MatMul": (0, 1), "QLinearMatMul": (0, 3), "MatMulInteger": (0, 1)}
+_MAC_OPS = {
+    "Conv": (0, 1),
+    "ConvTranspose": (0, 1),
+    "QLinearConv": (0, 3),
+    "ConvInteger": (0, 1),
+    "Gemm": (0, 1),
+    "QGemm": (0, 3),
+    "MatMul": (0, 1),
+    "QLinearMatMul": (0, 3),
+    "MatMulInteger": (0, 1),
+}
 _INT64 = 7  # onnx.TensorProto.INT64: shape constants, never weights
 
 
@@ -45,8 +61,7 @@ def onnx_params(model: str | Path | Any) -> int:
         data = _DATA_INPUTS.get(n.op_type, {0, 3} if n.op_type.startswith("QLinear") else None)
         for i, name in enumerate(n.input):
             uses.setdefault(name, []).append(data is None or i in data)
-    return sum(int(np.prod(t.dims)) for t in g.initializer
-               if t.data_type != _INT64 and any(uses.get(t.name, [True])))
+    return sum(int(np.prod(t.dims)) for t in g.initializer if t.data_type != _INT64 and any(uses.get(t.name, [True])))
 
 
 def measured_shapes(model: Any, feeds: dict[str, np.ndarray], names: list[str]) -> dict[str, list[int]]:
@@ -88,8 +103,15 @@ def onnx_node_macs(model: str | Path | Any, feeds: dict[str, np.ndarray] | None 
         if vi.type.tensor_type.HasField("shape") and all(d.dim_value > 0 for d in dims):
             shapes[vi.name] = [d.dim_value for d in dims]
     if feeds is not None:
-        wanted = sorted({t for n in g.node if n.op_type in _MAC_OPS for t in (
-            n.input[_MAC_OPS[n.op_type][0]], n.input[_MAC_OPS[n.op_type][1]], n.output[0]) if t not in shapes})
+        wanted = sorted(
+            {
+                t
+                for n in g.node
+                if n.op_type in _MAC_OPS
+                for t in (n.input[_MAC_OPS[n.op_type][0]], n.input[_MAC_OPS[n.op_type][1]], n.output[0])
+                if t not in shapes
+            }
+        )
         if wanted:
             shapes.update(measured_shapes(m, feeds, wanted))
     out: list[int | None] = []

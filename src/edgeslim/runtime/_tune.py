@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import collections
 import logging
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -19,9 +20,16 @@ log = logging.getLogger(__name__)
 FUSION_OPS = ("Conv", "BatchNormalization", "Relu", "Clip", "FusedConv", "QLinearConv")
 
 
-def sweep(target: Any, *, threads: Iterable[int] = (1, 2), batch_sizes: Iterable[int] = (1, 4, 16),
-          runtime: str = "onnxruntime", input_shape: tuple[int, ...] | None = None, runs: int = 50,
-          max_seconds: float = 3.0) -> list[dict[str, float]]:
+def sweep(
+    target: Any,
+    *,
+    threads: Iterable[int] = (1, 2),
+    batch_sizes: Iterable[int] = (1, 4, 16),
+    runtime: str = "onnxruntime",
+    input_shape: tuple[int, ...] | None = None,
+    runs: int = 50,
+    max_seconds: float = 3.0,
+) -> list[dict[str, float]]:
     """Latency and throughput for every (threads, batch) pair, measured interleaved per setting.
 
     Args:
@@ -49,10 +57,24 @@ def sweep(target: Any, *, threads: Iterable[int] = (1, 2), batch_sizes: Iterable
         for b in bs:
             x = rng.standard_normal((b, *shape), dtype=np.float32)
             lat = latency(runner, x, warmup=5, runs=runs, max_seconds=max_seconds)
-            rows.append({"threads": t, "batch": b, "p50_ms": lat["p50_ms"], "p99_ms": lat["p99_ms"],
-                         "throughput_ips": b / lat["p50_ms"] * 1e3, "runs": lat["runs"]})
-            log.info("sweep t=%d b=%d p50=%.3f ms p99=%.3f ms %.0f samples/s", t, b, lat["p50_ms"],
-                     lat["p99_ms"], rows[-1]["throughput_ips"])
+            rows.append(
+                {
+                    "threads": t,
+                    "batch": b,
+                    "p50_ms": lat["p50_ms"],
+                    "p99_ms": lat["p99_ms"],
+                    "throughput_ips": b / lat["p50_ms"] * 1e3,
+                    "runs": lat["runs"],
+                }
+            )
+            log.info(
+                "sweep t=%d b=%d p50=%.3f ms p99=%.3f ms %.0f samples/s",
+                t,
+                b,
+                lat["p50_ms"],
+                lat["p99_ms"],
+                rows[-1]["throughput_ips"],
+            )
     return rows
 
 
@@ -67,8 +89,10 @@ def best_for_budget(rows: list[dict[str, float]], p99_budget_ms: float) -> dict[
     ok = [r for r in rows if r["p99_ms"] <= p99_budget_ms]
     if not ok:
         best = min(rows, key=lambda r: r["p99_ms"])
-        raise ConfigError(f"no setting meets p99 <= {p99_budget_ms} ms; the lowest p99 is {best['p99_ms']:.3f} ms "
-                          f"(threads={best['threads']}, batch={best['batch']})")
+        raise ConfigError(
+            f"no setting meets p99 <= {p99_budget_ms} ms; the lowest p99 is {best['p99_ms']:.3f} ms "
+            f"(threads={best['threads']}, batch={best['batch']})"
+        )
     return max(ok, key=lambda r: r["throughput_ips"])
 
 
@@ -84,10 +108,13 @@ def fusion_check(target: Artifact | str | Path) -> dict[str, Any]:
     exported = collections.Counter(n.op_type for n in g.node)
     optimized = optimized_op_types(path)
     producer_ops = _conv_fed_relus(path)
-    return {"exported": {k: exported.get(k, 0) for k in FUSION_OPS},
-            "optimized": {k: optimized.get(k, 0) for k in FUSION_OPS},
-            "exported_nodes": sum(exported.values()), "optimized_nodes": sum(optimized.values()),
-            "folded": optimized.get("BatchNormalization", 0) == 0 and producer_ops == 0}
+    return {
+        "exported": {k: exported.get(k, 0) for k in FUSION_OPS},
+        "optimized": {k: optimized.get(k, 0) for k in FUSION_OPS},
+        "exported_nodes": sum(exported.values()),
+        "optimized_nodes": sum(optimized.values()),
+        "folded": optimized.get("BatchNormalization", 0) == 0 and producer_ops == 0,
+    }
 
 
 def _conv_fed_relus(path: Path) -> int:

@@ -19,14 +19,14 @@ from torch import nn
 
 from edgeslim.core import recipe as _recipe
 from edgeslim.core.config import Config, StrEnum, renamed
-from edgeslim.core.errors import ConfigError
-from edgeslim.core.registry import Registry
-from edgeslim.core.verbs import check_config
 from edgeslim.core.counting import count_params as n_params
-from edgeslim.core.modules import select
-from edgeslim.share._common import ShareReport, check_patterns
+from edgeslim.core.errors import ConfigError
 from edgeslim.core.masks import MASKABLE as PRUNABLE
 from edgeslim.core.masks import mask_of, strip_masks
+from edgeslim.core.modules import select
+from edgeslim.core.registry import Registry
+from edgeslim.core.verbs import check_config
+from edgeslim.share._common import ShareReport, check_patterns
 
 log = logging.getLogger(__name__)
 
@@ -141,8 +141,9 @@ def _clustered_class(base: type[nn.Module]) -> type[nn.Module]:
     return _CLASSES[base]
 
 
-def kmeans_1d(x: np.ndarray, k: int, init: str = "kmeans++", *, iterations: int = 300,
-              seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def kmeans_1d(
+    x: np.ndarray, k: int, init: str = "kmeans++", *, iterations: int = 300, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """Seeded 1-D k-means (Lloyd's) with exactly ``k`` non-empty clusters.
 
     Args:
@@ -224,15 +225,23 @@ def cluster(model: nn.Module, config: ClusterConfig = ClusterConfig(), *, data: 
             raise ConfigError(
                 f"ClusterConfig.clusters={k} is more than the {distinct} distinct {nz}weights of layer {name!r} "
                 f"({type(m).__name__}, {w.numel()} weights); lower clusters, raise min_weights above {w.numel()} "
-                f"or add {name!r} to skip")
+                f"or add {name!r} to skip"
+            )
         cents, labels = kmeans_1d(values.numpy(), k, config.init, iterations=config.iterations, seed=config.seed)
         idx = torch.zeros(w.numel(), dtype=torch.uint8 if k <= 256 else torch.int16)
         flat_mask = mask.flatten() if mask is not None else torch.ones(w.numel(), dtype=torch.bool)
         idx[flat_mask] = torch.from_numpy(labels).to(idx.dtype)
         _make_clustered(m, torch.from_numpy(cents).float(), idx.view(w.shape), None if mask is None else mask.float())
         sq_err = float(((m.weight.detach() - w) ** 2).mean())
-        report.add(name, weights=w.numel(), clustered_weights=len(values), clusters=k,
-                   index_bits=int(np.ceil(np.log2(k))), mse=sq_err, sparse=mask is not None)
+        report.add(
+            name,
+            weights=w.numel(),
+            clustered_weights=len(values),
+            clusters=k,
+            index_bits=int(np.ceil(np.log2(k))),
+            mse=sq_err,
+            sparse=mask is not None,
+        )
     report.totals = {"clustered_layers": len(report.done()), "params": n_params(model)}
     if not report.done():
         log.warning("cluster: no layer was clustered (%d skipped)", len(report.skipped()))

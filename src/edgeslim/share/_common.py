@@ -11,7 +11,6 @@ from typing import Any
 
 import torch
 
-
 log = logging.getLogger(__name__)
 
 
@@ -51,7 +50,8 @@ class ShareReport:
     def summary(self) -> str:
         extra = ", ".join(f"{k} {v}" for k, v in self.totals.items())
         return f"{self.technique}: {len(self.done())} layers changed, {len(self.skipped())} left as is" + (
-            f"; {extra}" if extra else "")
+            f"; {extra}" if extra else ""
+        )
 
 
 def check_patterns(config: Any, *fields: str) -> None:

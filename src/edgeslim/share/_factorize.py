@@ -25,8 +25,8 @@ from torch import nn
 
 from edgeslim.core import recipe as _recipe
 from edgeslim.core.config import Config, StrEnum, renamed
-from edgeslim.core.errors import ConfigError
 from edgeslim.core.counting import count_macs, count_params
+from edgeslim.core.errors import ConfigError
 from edgeslim.core.masks import mask_of, strip_masks
 from edgeslim.core.modules import select, set_module
 from edgeslim.core.verbs import check_config
@@ -86,8 +86,11 @@ class FactorizeConfig(Config):
 def _why_not(m: nn.Module, method: FactorizeMethod) -> str | None:
     """Why the layer cannot be factorized by ``method``, or None."""
     if isinstance(m, nn.Linear):
-        return "spatial_svd applies to kxk convolutions, not Linear (use method='svd')" if (
-            method == FactorizeMethod.SPATIAL_SVD) else None
+        return (
+            "spatial_svd applies to kxk convolutions, not Linear (use method='svd')"
+            if (method == FactorizeMethod.SPATIAL_SVD)
+            else None
+        )
     if _dense_type(m) is not nn.Conv2d:
         return f"{type(m).__name__} is not a Linear or Conv2d layer"
     if m.groups != 1:
@@ -115,14 +118,18 @@ def _choose_rank(name: str, s: torch.Tensor, cost: float, unit: float, config: F
     full = len(s)
     if config.rank is not None:
         if config.rank > full:
-            raise ConfigError(f"FactorizeConfig.rank={config.rank} is out of range for layer {name!r}: its rank is at "
-                              f"most {full}; use a rank in [1, {full}] or skip the layer")
+            raise ConfigError(
+                f"FactorizeConfig.rank={config.rank} is out of range for layer {name!r}: its rank is at "
+                f"most {full}; use a rank in [1, {full}] or skip the layer"
+            )
         return config.rank
     if config.mac_ratio is not None:
         r = math.floor(config.mac_ratio * cost / unit)
         if r < 1:
-            raise ConfigError(f"FactorizeConfig.mac_ratio={config.mac_ratio} needs rank < 1 for layer {name!r}: the "
-                              f"smallest reachable ratio there is {unit / cost:.3g}; raise mac_ratio or skip the layer")
+            raise ConfigError(
+                f"FactorizeConfig.mac_ratio={config.mac_ratio} needs rank < 1 for layer {name!r}: the "
+                f"smallest reachable ratio there is {unit / cost:.3g}; raise mac_ratio or skip the layer"
+            )
         return min(r, full)
     e = (s**2).cumsum(0) / max(float((s**2).sum()), 1e-300)
     return min(int((e < config.energy - 1e-9).sum()) + 1, full)
@@ -160,7 +167,6 @@ def _finish(model: nn.Module, report: ShareReport, before: int, x: torch.Tensor 
     model.report = report
 
 
-
 def _dense_type(m: nn.Module) -> type:
     """The layer's own class (a masked layer's class is a parametrized subclass of it)."""
     return type(m).__bases__[0] if mask_of(m) is not None else type(m)
@@ -185,8 +191,14 @@ def _skipped(report, config, name: str, why: str, action: str) -> bool:
     report.skip(name, why)
     return True
 
-def factorize(model: nn.Module, config: FactorizeConfig = FactorizeConfig(), *, data: Any = None,
-              example_inputs: torch.Tensor | None = None) -> nn.Module:
+
+def factorize(
+    model: nn.Module,
+    config: FactorizeConfig = FactorizeConfig(),
+    *,
+    data: Any = None,
+    example_inputs: torch.Tensor | None = None,
+) -> nn.Module:
     """Replace Linear/conv layers by two low-rank layers (truncated SVD).
 
     Args:
@@ -208,12 +220,19 @@ def factorize(model: nn.Module, config: FactorizeConfig = FactorizeConfig(), *, 
     src = model
     model = copy.deepcopy(model)
     method = FactorizeMethod(config.method)
-    chosen = select(model, config.layers, config.exclude, lambda m: isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d,
-                                                                              nn.Conv3d)), "Linear/Conv layer")
+    chosen = select(
+        model,
+        config.layers,
+        config.exclude,
+        lambda m: isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)),
+        "Linear/Conv layer",
+    )
     report = ShareReport("factorize", config.to_dict())
     before = count_params(model)
     for name, m in chosen:
-        if _skipped(report, config, name, _why_not(m, method), f"factorize layer {name!r} with method={method.value!r}"):
+        if _skipped(
+            report, config, name, _why_not(m, method), f"factorize layer {name!r} with method={method.value!r}"
+        ):
             continue
         sparse = _bake_mask(m)
         mat, cost, unit = _matrix(m, method)
@@ -223,12 +242,21 @@ def factorize(model: nn.Module, config: FactorizeConfig = FactorizeConfig(), *, 
         new = _two_layers(m, method, u[:, :r] * root, root[:, None] * vh[:r], r)
         set_module(model, name, new)
         p_before, p_after = m.weight.numel(), sum(l.weight.numel() for l in new)
-        report.add(name, rank=r, full_rank=len(s), energy=round(float((s[:r] ** 2).sum() / (s**2).sum()), 6),
-                   params_before=p_before, params_after=p_after, mac_ratio=round(r * unit / cost, 4),
-                   larger=r * unit > cost, **sparse)
+        report.add(
+            name,
+            rank=r,
+            full_rank=len(s),
+            energy=round(float((s[:r] ** 2).sum() / (s**2).sum()), 6),
+            params_before=p_before,
+            params_after=p_after,
+            mac_ratio=round(r * unit / cost, 4),
+            larger=r * unit > cost,
+            **sparse,
+        )
         if r * unit > cost:
-            log.warning("factorize: %s at rank %d costs more MACs than the dense layer (%.2fx)", name, r,
-                        r * unit / cost)
+            log.warning(
+                "factorize: %s at rank %d costs more MACs than the dense layer (%.2fx)", name, r, r * unit / cost
+            )
     _finish(model, report, before, example_inputs, src)
     ranks = {row["name"]: row["rank"] for row in report.done()}
     return _recipe.record(model, "factorize", config, {"ranks": ranks}, report)
@@ -323,8 +351,9 @@ def _separate(m: nn.Conv2d, mult: int) -> nn.Sequential:
 def _separable_pair(m: nn.Conv2d, mult: int) -> nn.Sequential:
     """The depthwise (in -> in*mult, kxk) + pointwise (in*mult -> out) layers replacing ``m``, uninitialised."""
     out, inp, kh, kw = m.weight.shape
-    dw = nn.Conv2d(inp, inp * mult, (kh, kw), m.stride, m.padding, m.dilation, groups=inp, bias=False,
-                   padding_mode=m.padding_mode)
+    dw = nn.Conv2d(
+        inp, inp * mult, (kh, kw), m.stride, m.padding, m.dilation, groups=inp, bias=False, padding_mode=m.padding_mode
+    )
     pw = nn.Conv2d(inp * mult, out, 1, bias=m.bias is not None)
     return nn.Sequential(dw, pw).train(m.training)
 
@@ -350,8 +379,13 @@ def _refit_pointwise(new: nn.Sequential, m: nn.Conv2d, x: torch.Tensor, max_posi
     return float((err**2).sum() / max(float((y**2).sum()), 1e-30))
 
 
-def separable(model: nn.Module, config: SeparableConfig = SeparableConfig(), *, data: Any = None,
-              example_inputs: torch.Tensor | None = None) -> nn.Module:
+def separable(
+    model: nn.Module,
+    config: SeparableConfig = SeparableConfig(),
+    *,
+    data: Any = None,
+    example_inputs: torch.Tensor | None = None,
+) -> nn.Module:
     """Replace standard kxk convolutions by depthwise kxk + pointwise 1x1 pairs, initialised by least squares.
 
     Args:
@@ -372,16 +406,19 @@ def separable(model: nn.Module, config: SeparableConfig = SeparableConfig(), *, 
     _recipe.check_next(model, "separable")
     src = model
     model = copy.deepcopy(model)
-    chosen = select(model, config.layers, config.exclude, lambda m: isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)),
-                    "convolution")
+    chosen = select(
+        model, config.layers, config.exclude, lambda m: isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)), "convolution"
+    )
     report = ShareReport("separable", config.to_dict())
     before = count_params(model)
     inputs: dict[str, torch.Tensor] = {}
     if config.fit == SeparableFit.ACTIVATIONS:
         x = example_batch(data, config.samples, config.seed)
         targets = {n: src.get_submodule(n) for n, m in chosen if _why_not_separable(m) is None}
-        hooks = [t.register_forward_hook(lambda mod, args, out, n=n: inputs.__setitem__(n, args[0].detach()))
-                 for n, t in targets.items()]
+        hooks = [
+            t.register_forward_hook(lambda mod, args, out, n=n: inputs.__setitem__(n, args[0].detach()))
+            for n, t in targets.items()
+        ]
         was = src.training
         try:
             src.eval()
@@ -397,23 +434,32 @@ def separable(model: nn.Module, config: SeparableConfig = SeparableConfig(), *, 
         sparse = _bake_mask(m)
         out, inp, kh, kw = m.weight.shape
         if config.multiplier > min(out, kh * kw):
-            raise ConfigError(f"SeparableConfig.multiplier={config.multiplier} is out of range for layer {name!r}: "
-                              f"at most min(out_channels={out}, kh*kw={kh * kw}) = {min(out, kh * kw)}")
+            raise ConfigError(
+                f"SeparableConfig.multiplier={config.multiplier} is out of range for layer {name!r}: "
+                f"at most min(out_channels={out}, kh*kw={kh * kw}) = {min(out, kh * kw)}"
+            )
         new = _separate(m, config.multiplier)
         with torch.no_grad():
             dw, pw = new[0].weight.double(), new[1].weight.double()
-            approx = torch.einsum("ocm,cmhw->ochw", pw.reshape(out, inp, config.multiplier),
-                                  dw.reshape(inp, config.multiplier, kh, kw))
+            approx = torch.einsum(
+                "ocm,cmhw->ochw", pw.reshape(out, inp, config.multiplier), dw.reshape(inp, config.multiplier, kh, kw)
+            )
             w_err = float(((approx - m.weight.double()) ** 2).sum() / max(float((m.weight.double() ** 2).sum()), 1e-30))
         row: dict[str, Any] = {"weight_rel_error": round(w_err, 6)}
         if name in inputs:
-            row["output_rel_error"] = round(_refit_pointwise(new, m, inputs[name], config.max_positions,
-                                                             config.seed), 6)
+            row["output_rel_error"] = round(
+                _refit_pointwise(new, m, inputs[name], config.max_positions, config.seed), 6
+            )
         set_module(model, name, new)
         unit = inp * config.multiplier * (kh * kw + out)
-        report.add(name, **row, **sparse, params_before=m.weight.numel(),
-                   params_after=sum(l.weight.numel() for l in new),
-                   mac_ratio=round(unit / (out * inp * kh * kw), 4))
+        report.add(
+            name,
+            **row,
+            **sparse,
+            params_before=m.weight.numel(),
+            params_after=sum(l.weight.numel() for l in new),
+            mac_ratio=round(unit / (out * inp * kh * kw), 4),
+        )
     _finish(model, report, before, example_inputs, src)
     return _recipe.record(model, "separable", config, {"layers": [row["name"] for row in report.done()]}, report)
 

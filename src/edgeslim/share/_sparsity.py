@@ -28,8 +28,9 @@ prune_mask = mask_of
 bake_masks = strip_masks
 
 
-def magnitude_prune(model: nn.Module, sparsity: float | Mapping[str, float], *, layers: Sequence[str] = (),
-                    skip: Sequence[str] = ()) -> nn.Module:
+def magnitude_prune(
+    model: nn.Module, sparsity: float | Mapping[str, float], *, layers: Sequence[str] = (), skip: Sequence[str] = ()
+) -> nn.Module:
     """Zero the smallest-magnitude weights of each Linear/Conv layer and keep them zero during fine-tuning.
 
     Args:
@@ -62,8 +63,11 @@ def magnitude_prune(model: nn.Module, sparsity: float | Mapping[str, float], *, 
         if getattr(m, "centroids", None) is not None:
             report.skip(name, "clustered (prune before clustering)")
             continue
-        s = float(sparsity) if rates is None else next(
-            (float(rates[k]) for k in [first_match(name, rates)] if k is not None), None)
+        s = (
+            float(sparsity)
+            if rates is None
+            else next((float(rates[k]) for k in [first_match(name, rates)] if k is not None), None)
+        )
         if s is None:
             report.skip(name, "no sparsity given for this layer")
             continue
@@ -77,8 +81,8 @@ def magnitude_prune(model: nn.Module, sparsity: float | Mapping[str, float], *, 
         kept += int(mask.sum())
         total += w.numel()
         report.add(name, weights=w.numel(), sparsity=round(1 - int(mask.sum()) / w.numel(), 4))
-    report.totals = {"weights": total, "nonzero": kept,
-                     "sparsity": round(1 - kept / total, 4) if total else 0.0}
+    report.totals = {"weights": total, "nonzero": kept, "sparsity": round(1 - kept / total, 4) if total else 0.0}
     model.report = report
-    return _recipe.record(model, "mask", {"sparsity": rates or float(sparsity)}, {"masked": masked_layers(model)},
-                          report)
+    return _recipe.record(
+        model, "mask", {"sparsity": rates or float(sparsity)}, {"masked": masked_layers(model)}, report
+    )

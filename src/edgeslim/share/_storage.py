@@ -33,9 +33,9 @@ from torch import nn
 
 from edgeslim.core.errors import ModelError
 from edgeslim.core.io import write_bytes
+from edgeslim.core.masks import mask_of
 from edgeslim.core.registry import Registry
 from edgeslim.share._cluster import ClusteredLayer, strip_clustering
-from edgeslim.core.masks import mask_of
 
 MAGIC, VERSION = b"ESLZ", 1
 RUN = 255  # mask streams: symbol 0..254 = that many zeros then a nonzero; 255 = 255 zeros, no nonzero
@@ -57,6 +57,7 @@ def _from_bytes(b: bytes, alphabet: int) -> np.ndarray:
 
 
 # ---- symbol codecs: encode(symbols, alphabet) -> bytes; decode(bytes, n, alphabet) -> symbols ----------------
+
 
 @dataclass(frozen=True)
 class Codec:
@@ -81,11 +82,15 @@ def _unpack(data: bytes, n: int, alphabet: int) -> np.ndarray:
 
 
 CODECS.register("packed")(Codec(_pack, _unpack))
-CODECS.register("zlib")(Codec(lambda s, a: zlib.compress(_bytes_of(s, a), 9),
-                              lambda d, n, a: _from_bytes(zlib.decompress(d), a)))
-CODECS.register("lzma")(Codec(
-    lambda s, a: lzma.compress(_bytes_of(s, a), lzma.FORMAT_RAW, filters=_LZMA_FILTERS),
-    lambda d, n, a: _from_bytes(lzma.decompress(d, lzma.FORMAT_RAW, filters=_LZMA_FILTERS), a)))
+CODECS.register("zlib")(
+    Codec(lambda s, a: zlib.compress(_bytes_of(s, a), 9), lambda d, n, a: _from_bytes(zlib.decompress(d), a))
+)
+CODECS.register("lzma")(
+    Codec(
+        lambda s, a: lzma.compress(_bytes_of(s, a), lzma.FORMAT_RAW, filters=_LZMA_FILTERS),
+        lambda d, n, a: _from_bytes(lzma.decompress(d, lzma.FORMAT_RAW, filters=_LZMA_FILTERS), a),
+    )
+)
 
 
 def _huffman_lengths(counts: np.ndarray) -> np.ndarray:
@@ -202,6 +207,7 @@ def runs_to_mask(runs: np.ndarray, size: int) -> np.ndarray:
 
 # ---- the file ---------------------------------------------------------------------------------------------
 
+
 @dataclass
 class StorageReport:
     """Sizes of a compressed model file, measured.
@@ -231,8 +237,10 @@ class StorageReport:
 
     def summary(self) -> str:
         best = {k: min((c for c in v if c != "best"), key=v.get) for k, v in self.codec_bytes.items() if v}
-        return (f"{self.compressed_bytes} bytes vs {self.dense_bytes} dense ({self.ratio:.1f}x); smallest codec: "
-                + ", ".join(f"{k} {c}" for k, c in best.items()))
+        return (
+            f"{self.compressed_bytes} bytes vs {self.dense_bytes} dense ({self.ratio:.1f}x); smallest codec: "
+            + ", ".join(f"{k} {c}" for k, c in best.items())
+        )
 
 
 def dense_size(model: nn.Module) -> int:
@@ -280,8 +288,11 @@ def save_compressed(model: nn.Module, path: str | Path, *, force: bool = False) 
     dense_at = 0
     for key, t in state.items():
         e: dict[str, Any] = {"name": key, "shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")}
-        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.stride()), tuple(t.shape),
-                 t.dtype) if t.numel() else None
+        ident = (
+            (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.stride()), tuple(t.shape), t.dtype)
+            if t.numel()
+            else None
+        )
         if ident in seen:
             entries.append({**e, "kind": "alias", "of": seen[ident]})
             continue
@@ -299,8 +310,11 @@ def save_compressed(model: nn.Module, path: str | Path, *, force: bool = False) 
         if isinstance(m, ClusteredLayer):
             idx = m.indices.flatten().long().numpy()
             k = len(m.centroids)
-            e.update(kind="clustered", codebook=put(m.centroids.detach().float().numpy().tobytes(), "codebooks"),
-                     indices=stream(idx[mask] if mask is not None else idx, k, "indices"))
+            e.update(
+                kind="clustered",
+                codebook=put(m.centroids.detach().float().numpy().tobytes(), "codebooks"),
+                indices=stream(idx[mask] if mask is not None else idx, k, "indices"),
+            )
         elif mask is not None:
             codec, b = _blob(flat.numpy()[mask].tobytes())
             e.update(kind="sparse", values={"codec": codec, "at": put(b, "values")})
@@ -311,17 +325,30 @@ def save_compressed(model: nn.Module, path: str | Path, *, force: bool = False) 
             dense_at += len(raw)
         entries.append(e)
     codec, blob = _blob(b"".join(dense))
-    header = {"format": "edgeslim-compressed", "version": VERSION, "entries": entries,
-              "dense": {"codec": codec, "at": put(blob, "dense")}}
+    header = {
+        "format": "edgeslim-compressed",
+        "version": VERSION,
+        "entries": entries,
+        "dense": {"codec": codec, "at": put(blob, "dense")},
+    }
     head = zlib.compress(json.dumps(header, separators=(",", ":")).encode(), 9)
     parts["header"] = len(head) + 9
     data = MAGIC + bytes([VERSION]) + struct.pack("<I", len(head)) + head + bytes(payload)
     write_bytes(path, data, force=force)
     dense_bytes = dense_size(model)
-    return StorageReport(str(path), len(data), dense_bytes, dense_bytes / len(data), parts,
-                         {k: v for k, v in codec_bytes.items() if v},
-                         [{k: v for k, v in e.items() if k in ("name", "kind")} | {
-                             s: e[s]["codec"] for s in ("indices", "mask", "values") if s in e} for e in entries])
+    return StorageReport(
+        str(path),
+        len(data),
+        dense_bytes,
+        dense_bytes / len(data),
+        parts,
+        {k: v for k, v in codec_bytes.items() if v},
+        [
+            {k: v for k, v in e.items() if k in ("name", "kind")}
+            | {s: e[s]["codec"] for s in ("indices", "mask", "values") if s in e}
+            for e in entries
+        ],
+    )
 
 
 def read_compressed(path: str | Path) -> dict[str, torch.Tensor]:

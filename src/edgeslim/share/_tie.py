@@ -58,8 +58,9 @@ class TieConfig(Config):
 
     def __post_init__(self) -> None:
         if isinstance(self.groups, (list, tuple)):
-            object.__setattr__(self, "groups", tuple(
-                tuple(g) if isinstance(g, (list, tuple)) else g for g in self.groups))
+            object.__setattr__(
+                self, "groups", tuple(tuple(g) if isinstance(g, (list, tuple)) else g for g in self.groups)
+            )
         super().__post_init__()
 
     def validate(self) -> None:
@@ -85,8 +86,10 @@ class TieConfig(Config):
 def signature(module: nn.Module) -> tuple:
     """What makes two modules structurally identical: every submodule's name, type and hyper-parameters, and
     every parameter's name and shape."""
-    return (tuple((n, type(m).__name__, m.extra_repr()) for n, m in module.named_modules()),
-            tuple((n, tuple(p.shape)) for n, p in module.named_parameters(remove_duplicate=False)))
+    return (
+        tuple((n, type(m).__name__, m.extra_repr()) for n, m in module.named_modules()),
+        tuple((n, tuple(p.shape)) for n, p in module.named_parameters(remove_duplicate=False)),
+    )
 
 
 def find_groups(model: nn.Module, min_params: int = 1) -> list[list[str]]:
@@ -139,8 +142,10 @@ def tie_layers(model: nn.Module, config: TieConfig, *, data: Any = None) -> nn.M
     modules = dict(model.named_modules())
     groups = [list(g) for g in config.groups] or find_groups(model, config.min_params)
     if not groups:
-        raise ConfigError("TieConfig(auto=True) found no structurally identical sibling blocks to tie in "
-                          f"{type(model).__name__}; name the groups explicitly")
+        raise ConfigError(
+            "TieConfig(auto=True) found no structurally identical sibling blocks to tie in "
+            f"{type(model).__name__}; name the groups explicitly"
+        )
     report = ShareReport("tie", config.to_dict())
     flat = [n for g in groups for n in g]
     for n in flat:
@@ -149,15 +154,18 @@ def tie_layers(model: nn.Module, config: TieConfig, *, data: Any = None) -> nn.M
     for a in flat:
         for b in flat:
             if a != b and b.startswith(a + "."):
-                raise ConfigError(f"TieConfig.groups: {b!r} is inside {a!r}; tie modules that do not contain "
-                                  "each other")
+                raise ConfigError(
+                    f"TieConfig.groups: {b!r} is inside {a!r}; tie modules that do not contain each other"
+                )
     for group in groups:
         first = modules[group[0]]
         sig = signature(first)
         for other in group[1:]:
             if signature(modules[other]) != sig:
-                raise ConfigError(f"TieConfig.groups: {other!r} is not structurally identical to {group[0]!r}: "
-                                  f"{_difference(first, modules[other])}")
+                raise ConfigError(
+                    f"TieConfig.groups: {other!r} is not structurally identical to {group[0]!r}: "
+                    f"{_difference(first, modules[other])}"
+                )
         shared = dict(first.named_parameters(remove_duplicate=False))
         if not shared:
             raise ConfigError(f"TieConfig.groups: {group[0]!r} has no parameters to share")

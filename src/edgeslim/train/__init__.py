@@ -5,6 +5,13 @@ from edgeslim.train._bn import recalibrate_bn
 from edgeslim.train._trainer import LossFn, Optimizer, StepFn, TrainConfig, TrainResult, evaluate, fit
 
 __all__ = [
-    "LossFn", "Optimizer", "StepFn", "TrainConfig", "TrainResult", "evaluate", "fit", "recalibrate_bn",
+    "LossFn",
+    "Optimizer",
+    "StepFn",
+    "TrainConfig",
+    "TrainResult",
+    "evaluate",
+    "fit",
+    "recalibrate_bn",
     "train_baseline",
 ]

@@ -56,11 +56,21 @@ def train_baseline(
     es_models.apply_state_dict(reloaded, half, str(ck))
     acc = evaluate(reloaded.eval(), val)
     record = {
-        "model": name, "dataset": dataset, "init": init, "val_split": val.split, "val_size": len(val),
-        "accuracy": round(acc, 4), "accuracy_fp32_weights": round(fp32_acc, 4), "storage": "fp16",
-        "config": config.to_dict(), "history": result.history,
-        "train_seconds": round(time.perf_counter() - t0, 1), "torch": torch.__version__,
-        "threads": torch.get_num_threads(), "device": device, "host": platform.processor() or platform.machine(),
+        "model": name,
+        "dataset": dataset,
+        "init": init,
+        "val_split": val.split,
+        "val_size": len(val),
+        "accuracy": round(acc, 4),
+        "accuracy_fp32_weights": round(fp32_acc, 4),
+        "storage": "fp16",
+        "config": config.to_dict(),
+        "history": result.history,
+        "train_seconds": round(time.perf_counter() - t0, 1),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "device": device,
+        "host": platform.processor() or platform.machine(),
         "command": f"edgeslim train {name} --dataset {dataset} --init {init} --epochs {config.epochs} "
         f"--lr {config.lr} --batch-size {config.batch_size} --seed {config.seed}"
         + (f" --device {device}" if device != "cpu" else ""),

@@ -44,8 +44,10 @@ def recalibrate_bn(model: nn.Module, data: Any, *, num_samples: int = 1024, batc
     model = copy.deepcopy(model)
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     if not bns:
-        log.warning("recalibrate_bn: %s has no BatchNorm layers with running statistics; returned unchanged",
-                    type(model).__name__)
+        log.warning(
+            "recalibrate_bn: %s has no BatchNorm layers with running statistics; returned unchanged",
+            type(model).__name__,
+        )
         return model
     if data is None:
         raise DataError("recalibrate_bn needs data: an ImageDataset or an iterable of inputs / (inputs, labels)")
@@ -65,8 +67,9 @@ def recalibrate_bn(model: nn.Module, data: Any, *, num_samples: int = 1024, batc
         for batch in data:
             x = batch[0] if isinstance(batch, (tuple, list)) else batch
             if not isinstance(x, torch.Tensor):
-                raise DataError(f"recalibrate_bn: data yielded {type(x).__name__}; expected input tensors "
-                                "or (inputs, labels) pairs")
+                raise DataError(
+                    f"recalibrate_bn: data yielded {type(x).__name__}; expected input tensors or (inputs, labels) pairs"
+                )
             x = x[: num_samples - seen]
             model(x.to(device))
             seen += len(x)

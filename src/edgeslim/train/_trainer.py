@@ -97,7 +97,11 @@ class TrainResult:
     resumed_from_epoch: int
 
     def to_dict(self) -> dict:
-        return {"history": self.history, "best_accuracy": self.best_accuracy, "resumed_from_epoch": self.resumed_from_epoch}
+        return {
+            "history": self.history,
+            "best_accuracy": self.best_accuracy,
+            "resumed_from_epoch": self.resumed_from_epoch,
+        }
 
 
 def _progress(iterable, **kw):
@@ -117,8 +121,9 @@ def _progress_line(text: str) -> None:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data, *, batch_size: int = 512, progress: bool = False,
-             device: str | torch.device | None = None) -> float:
+def evaluate(
+    model: nn.Module, data, *, batch_size: int = 512, progress: bool = False, device: str | torch.device | None = None
+) -> float:
     """Top-1 accuracy of ``model`` on an :class:`~edgeslim.data.ImageDataset` (or (x, y) batches).
 
     Args:
@@ -278,15 +283,21 @@ def fit(
             if hasattr(bar, "set_postfix") and step % 20 == 0:
                 bar.set_postfix(loss=f"{running / (step + 1):.3f}")
         acc = evaluate(model, val) if val is not None and len(val) else float("nan")
-        row = {"epoch": epoch + 1, "loss": running / steps_per_epoch, "val_accuracy": acc,
-               "seconds": round(time.perf_counter() - t0, 1)}
+        row = {
+            "epoch": epoch + 1,
+            "loss": running / steps_per_epoch,
+            "val_accuracy": acc,
+            "seconds": round(time.perf_counter() - t0, 1),
+        }
         history.append(row)
         log.info("epoch %d: loss %.4f, val accuracy %.4f", epoch + 1, row["loss"], acc)
         if progress and rank == 0:  # one line per epoch that stays on screen (the step bar is transient)
             if hasattr(bar, "close"):
                 bar.close()
-            _progress_line(f"epoch {epoch + 1}/{config.epochs}: loss {row['loss']:.4f}, val accuracy "
-                           f"{acc:.4f} ({row['seconds']} s)")
+            _progress_line(
+                f"epoch {epoch + 1}/{config.epochs}: loss {row['loss']:.4f}, val accuracy "
+                f"{acc:.4f} ({row['seconds']} s)"
+            )
         if val is None or acc > best_acc:
             best_acc = acc
             best_epoch = epoch + 1
@@ -296,17 +307,25 @@ def fit(
         if ck_dir and rank == 0:
             save_torch(
                 {
-                    "model": _to_cpu(model.state_dict()), "optimizer": _to_cpu(opt.state_dict()), "scheduler": sched.state_dict(),
-                    "generator": g.get_state(), "torch_rng": torch.get_rng_state(), "history": history,
-                    "epoch": epoch + 1, "best_accuracy": best_acc, "config": config.to_dict(),
-                    "best_epoch": best_epoch, "max_steps_per_epoch": max_steps_per_epoch,
+                    "model": _to_cpu(model.state_dict()),
+                    "optimizer": _to_cpu(opt.state_dict()),
+                    "scheduler": sched.state_dict(),
+                    "generator": g.get_state(),
+                    "torch_rng": torch.get_rng_state(),
+                    "history": history,
+                    "epoch": epoch + 1,
+                    "best_accuracy": best_acc,
+                    "config": config.to_dict(),
+                    "best_epoch": best_epoch,
+                    "max_steps_per_epoch": max_steps_per_epoch,
                 },
                 ck_dir / "last.pt",
                 force=True,
             )
         if config.patience and val is not None and epoch + 1 - best_epoch >= config.patience:
-            log.info("early stop after epoch %d: no better validation accuracy for %d epochs", epoch + 1,
-                     config.patience)
+            log.info(
+                "early stop after epoch %d: no better validation accuracy for %d epochs", epoch + 1, config.patience
+            )
             break
     model = model.cpu()
     if channels_last:

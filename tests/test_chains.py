@@ -181,3 +181,16 @@ def test_every_verb_result_carries_one_report_protocol(world):
         assert isinstance(rep, Report), name
         assert rep.to_dict()["technique"] == rep.technique == STEPS[name][0]
         assert isinstance(rep.summary(), str) and rep.summary()
+
+
+def test_pruned_clustered_quantized_saves_as_one_recipe_and_reloads_bit_exact(world, tmp_path):
+    base, d, firsts = world
+    m = STEPS["quantize static"][1](STEPS["cluster"][1](firsts["prune channel"], d), d)
+    assert [s["technique"] for s in m.edgeslim_recipe] == ["prune", "cluster", "quantize"]
+    path = es.save(m, tmp_path / "chain.recipe")
+    blob = torch.load(path, weights_only=True)  # plain data and tensors: no pickled module
+    assert [s["technique"] for s in blob["steps"]] == ["prune", "cluster", "quantize"]
+    r = es.load(path, model=TinyBlocks())
+    with torch.no_grad():
+        assert torch.equal(r(d["x"]), m(d["x"]))
+    assert r.graph_module is not None and type(r).__name__ == "QuantizedModel"

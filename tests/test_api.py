@@ -7,11 +7,11 @@ import edgeslim
 def test_public_surface_is_pinned():
     assert sorted(edgeslim.__all__) == sorted([
         "Artifact", "Budget", "BudgetConfig", "ClusterConfig", "ConfigError", "DataError", "DistillConfig",
-        "EdgeslimError", "ExportError", "FactorizeConfig", "Figure", "Metrics", "ModelError", "OutputExistsError",
-        "PruneConfig", "QuantConfig", "QuantizationError", "QuantizedModel", "RuntimeBackendError", "SeparableConfig",
-        "Space", "TieConfig", "TrainConfig", "ValidationFloors", "__version__", "cluster", "data", "devices", "distill",
-        "export", "factorize", "load", "measure", "models", "optimize", "prune", "quantize", "report", "save",
-        "separable", "share", "tie_layers",
+        "EdgeslimError", "ExportError", "FactorizeConfig", "Figure", "Metrics", "ModelError", "NASConfig",
+        "OutputExistsError", "PruneConfig", "QuantConfig", "QuantizationError", "QuantizedModel", "RuntimeBackendError",
+        "SeparableConfig", "Space", "TieConfig", "TrainConfig", "ValidationFloors", "__version__", "cluster", "data",
+        "devices", "distill", "export", "factorize", "load", "measure", "models", "nas", "optimize", "prune", "quantize",
+        "report", "save", "search_widths", "separable", "share", "tie_layers",
     ])
     for name in ("quantize", "export", "measure", "report", "prune", "distill", "cluster", "tie_layers", "factorize",
                  "separable", "save", "load"):

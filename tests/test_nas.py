@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from tiny import TinyBlocks, TinyCNN
 from torch import nn
 
 import edgeslim as es
@@ -25,10 +26,9 @@ from edgeslim.nas import (
     trace_layers,
     width_space,
 )
-from tiny import TinyBlocks, TinyCNN
 
-FAST = dict(round_to=8, min_keep=0.25, steps=3, grid_points=3, fit_samples=3, rounds=2, bn_samples=128,
-            val_samples=200, max_extra_steps=1)
+FAST = {"round_to": 8, "min_keep": 0.25, "steps": 3, "grid_points": 3, "fit_samples": 3, "rounds": 2,
+        "bn_samples": 128, "val_samples": 200, "max_extra_steps": 1}
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +113,7 @@ def test_interpolation_is_bilinear_between_grid_points_and_1d_for_depthwise(tmp_
     t = LatencyTable("onnxruntime", 1, directory=tmp_path, version="test", host={"cpu": "c", "isa": "i"})
     op = LayerOp("conv", (1, 1), height=4, width=4)
     gin, gout = (8, 16, 32), (8, 24)
-    f = lambda a, b: 0.01 * a + 0.02 * b + 0.001 * a * b  # noqa: E731  (bilinear: exact on every cell)
+    f = lambda a, b: 0.01 * a + 0.02 * b + 0.001 * a * b
     for a in gin:
         for b in gout:
             t.entries[op.key(a, b)] = {"ms": f(a, b)}
@@ -158,9 +158,10 @@ def test_predictor_fits_measured_subnetworks_and_is_checked(trained, table_dir):
     pred = build_predictor(model, space, directory=table_dir, fit_samples=3, rounds=2)
     assert pred.a > 0 and len(pred.fit_samples) == 3
     assert pred.predict(space.smallest()) < pred.predict(space.full())
-    res = check_predictor(model, pred, samples=4, rounds=2)
+    res = check_predictor(model, pred, samples=4, rounds=2, refit=3)
     assert len(res["rows"]) == 4 and all(r["measured_ms"] > 0 for r in res["rows"])
     assert np.isfinite(res["median_abs_error_pct"]) and -1 <= res["kendall_tau"] <= 1
+    assert res["fit"]["same_session"] and res["fit"]["samples"] == 3 and res["fit"]["a"] > 0
 
 
 # ------------------------------------------------------------------------------------------------ search

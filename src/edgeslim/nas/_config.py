@@ -14,7 +14,7 @@ class NASConfig(Config):
     Attributes:
         latency_budget_ms: the latency the searched model must reach (ms, batch 1). Give this or ``latency_ratio``.
         latency_ratio: the budget as a fraction of the original model's latency (measured on ``runtime`` for
-            ``device="host"``, predicted for a device profile).
+            ``device="host"``, predicted for a device profile). When neither is given: 0.25.
         runtime: the runtime the latency table is timed on (one that loads ONNX: ``onnxruntime``, ``openvino``).
         threads: intra-op threads of that runtime.
         device: ``host`` (measured here) or a device profile (``raspberry-pi-4`` ...): the host table scaled by
@@ -61,8 +61,10 @@ class NASConfig(Config):
     seed: int = 0
 
     def validate(self) -> None:
-        if (self.latency_budget_ms is None) == (self.latency_ratio is None):
-            raise self._bad("latency_budget_ms", "give exactly one of latency_budget_ms (ms) and latency_ratio "
+        if self.latency_budget_ms is None and self.latency_ratio is None:
+            object.__setattr__(self, "latency_ratio", 0.25)  # the default budget: a quarter of the original latency
+        if self.latency_budget_ms is not None and self.latency_ratio is not None:
+            raise self._bad("latency_budget_ms", "give only one of latency_budget_ms (ms) and latency_ratio "
                             "(a fraction of the original latency)")
         if self.latency_budget_ms is not None and not self.latency_budget_ms > 0:
             raise self._bad("latency_budget_ms", "must be a latency in ms > 0")

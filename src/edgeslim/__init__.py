@@ -9,6 +9,7 @@ Public verbs (one per step, same shape everywhere; each returns something new an
     p   = edgeslim.prune(model, edgeslim.PruneConfig(method="channel", target_macs=0.5), example_inputs=x)
     s   = edgeslim.distill(student, teacher, edgeslim.DistillConfig(...), data=(train, val))
     edgeslim.save(q, "model.recipe");  q2 = edgeslim.load("model.recipe")   # any chain: steps + state_dict
+    n   = edgeslim.search_widths(model, edgeslim.NASConfig(latency_ratio=0.25), data=(train, val), example_inputs=x)
     best = edgeslim.optimize(model, data=(train, val), budget=edgeslim.Budget(max_accuracy_drop=0.005, min_speedup=3))
 
 Helpers of one technique live in its subpackage (``from edgeslim.prune import save_pruned``);
@@ -19,7 +20,7 @@ as subpackages; the sharing verbs ``cluster``, ``tie_layers``, ``factorize`` and
 those load when a verb needs them.
 """
 
-from edgeslim import data, devices, models, share  # noqa: E402  (subpackages users reach as edgeslim.data, ...)
+from edgeslim import data, devices, models, nas, share  # noqa: E402  (subpackages users reach as edgeslim.data, ...)
 from edgeslim._version import __version__
 from edgeslim.core.artifact import Artifact
 from edgeslim.core.errors import (
@@ -36,6 +37,8 @@ from edgeslim.core.metrics import Figure, Metrics
 from edgeslim.distill._api import distill
 from edgeslim.distill._config import DistillConfig
 from edgeslim.export._api import ValidationFloors, export
+from edgeslim.nas._config import NASConfig
+from edgeslim.nas._search import search_widths
 from edgeslim.pipeline._budget import Budget
 from edgeslim.pipeline._optimize import optimize
 from edgeslim.pipeline._recipe import load, save
@@ -73,6 +76,7 @@ __all__ = [
     "Figure",
     "Metrics",
     "ModelError",
+    "NASConfig",
     "OutputExistsError",
     "PruneConfig",
     "QuantConfig",
@@ -94,11 +98,13 @@ __all__ = [
     "load",
     "measure",
     "models",
+    "nas",
     "optimize",
     "prune",
     "quantize",
     "report",
     "save",
+    "search_widths",
     "separable",
     "share",
     "tie_layers",

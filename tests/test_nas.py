@@ -126,7 +126,10 @@ def test_interpolation_is_bilinear_between_grid_points_and_1d_for_depthwise(tmp_
     t = LatencyTable("onnxruntime", 1, directory=tmp_path, version="test", host={"cpu": "c", "isa": "i"})
     op = LayerOp("conv", (1, 1), height=4, width=4)
     gin, gout = (8, 16, 32), (8, 24)
-    f = lambda a, b: 0.01 * a + 0.02 * b + 0.001 * a * b
+
+    def f(a, b):
+        return 0.01 * a + 0.02 * b + 0.001 * a * b
+
     for a in gin:
         for b in gout:
             t.entries[op.key(a, b)] = {"ms": f(a, b)}

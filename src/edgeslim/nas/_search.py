@@ -229,7 +229,7 @@ def search_widths(model: nn.Module, config: NASConfig, *, data: Any, example_inp
         if any(reach for _, _, reach in cands):
             cands = [c for c in cands if c[2]]
         scored = []
-        for n, w, reach in cands:
+        for n, w, _reach in cands:
             m = space.realize(current, {n: w}, importance=config.importance)
             m = recalibrate_bn(m, train, num_samples=min(config.bn_samples, len(train)))
             acc = evaluate(m, val_sub)

@@ -170,7 +170,10 @@ def width_space(
 
     layers = trace_layers(model, example_inputs)
     x = example_inputs[:1].float()
-    weighted = lambda m: isinstance(m, (nn.Conv2d, nn.Linear))
+
+    def weighted(m):
+        return isinstance(m, (nn.Conv2d, nn.Linear))
+
     excluded_set = (
         {
             n

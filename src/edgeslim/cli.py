@@ -193,7 +193,7 @@ def _load_model(a: argparse.Namespace):
             raise ConfigError(f"--weights does not apply to a recipe ({a.model!r} holds its own weights)")
         base = getattr(a, "base", None)
         return load(a.model, model=models.load(base, a.dataset, pretrained=False) if base else None)
-    return models.load(a.model, a.dataset, pretrained=not a.no_pretrained, weights=a.weights)
+    return models.load(a.model, a.dataset, pretrained=not a.no_pretrained, weights=a.weights, preprocess=_preprocess(a))
 
 
 def _resolve_dataset(a: argparse.Namespace, spec: str | None) -> None:
@@ -202,10 +202,20 @@ def _resolve_dataset(a: argparse.Namespace, spec: str | None) -> None:
         a.dataset = (_recipe_source(spec).get("dataset") if spec and _is_recipe(spec) else None) or "fashion-mnist"
 
 
-def _load_data(a: argparse.Namespace):
+def _preprocess(a: argparse.Namespace) -> Any:
+    """``--input-size`` / ``--normalize`` as an ImagePreprocess (for folder: data), or None when neither is given."""
+    size, norm = getattr(a, "input_size", None), getattr(a, "normalize", None)
+    if size is None and norm is None:
+        return None
+    from edgeslim.data import ImagePreprocess
+
+    return ImagePreprocess(input_size=size, **({"normalize": norm} if norm else {}))
+
+
+def _load_data(a: argparse.Namespace, model: Any = None):
     from edgeslim import data
 
-    return data.load(a.dataset)
+    return data.load(a.dataset, preprocess=_preprocess(a), model=model)
 
 
 def _save_model(a: argparse.Namespace, model: Any, out: Path) -> Path:
@@ -223,7 +233,7 @@ def _check_model_data(a: argparse.Namespace, model: Any, val: Any) -> None:
 
     try:
         with torch.no_grad():
-            out = model.eval()(val.normalized()[:1])
+            out = model.eval()(val.take(1).normalized())  # one sample: a streamed folder decodes one image
     except Exception as e:  # a shape mismatch surfaces as RuntimeError deep in torch
         raise DataError(
             f"samples of --dataset {a.dataset!r} (shape {tuple(val.input_shape)}) do not fit the model: "
@@ -291,7 +301,7 @@ def cmd_quantize(a: argparse.Namespace) -> None:
     }
     cfg = base.replace(**changes)
     model = _load_model(a)
-    train, val = _load_data(a)
+    train, val = _load_data(a, model)
     _check_model_data(a, model, val)
     if cfg.mode == "static":
         _check_samples(a, cfg.num_samples, len(train), f"training samples of {a.dataset} to calibrate on")
@@ -350,7 +360,7 @@ def cmd_prune(a: argparse.Namespace) -> None:
         changes["target_macs"] = None  # --ratio alone prunes by ratio, even if the YAML set target_macs
     cfg = base.replace(**changes)
     model = _load_model(a)
-    train, val = _load_data(a)
+    train, val = _load_data(a, model)
     _check_model_data(a, model, val)
     p = prune(model, cfg, example_inputs=val.normalized()[:2], data=train)
     rep = p.prune_report
@@ -406,7 +416,7 @@ def cmd_export(a: argparse.Namespace) -> None:
     out = _out_file(a, a.out)
     _resolve_dataset(a, a.model)
     model = _load_model(a)
-    _, val = _load_data(a)
+    _, val = _load_data(a, model)
     _check_model_data(a, model, val)
     art = export(model, "onnx", example_inputs=val, path=out, precision=a.precision, force=a.force)
     _validation_note(a, art)
@@ -507,7 +517,7 @@ def cmd_measure(a: argparse.Namespace) -> None:
         runtime = a.runtime or "torch"
     val = None
     if not a.no_data:
-        _, val = _load_data(a)
+        _, val = _load_data(a, target)
         _check_samples(a, a.samples, len(val), f"validation samples of {a.dataset}")
         if a.samples:
             val = val.take(a.samples, seed=0)
@@ -652,9 +662,11 @@ def cmd_demo(a: argparse.Namespace) -> None:
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "model",
-        help="zoo name (small_cnn, mobilenet_v2, resnet18), a .recipe file written by an earlier "
-        "command (its steps are replayed), an .onnx file (quantized on its graph), or "
-        "'package.module:function' (imports that module and calls the function: it runs your code)",
+        help="zoo name (small_cnn, mobilenet_v2, resnet18), torchvision:NAME or timm:NAME (random weights: "
+        "give --weights FILE; never downloaded), hf:FOLDER (a local Hugging Face folder or offline package), "
+        "a .recipe file written by an earlier command (its steps are replayed), an .onnx file (quantized on "
+        "its graph), or 'package.module:function(key=value, ...)' (imports that module and calls the "
+        "function: it runs your code; arguments are literals)",
     )
     p.add_argument(
         "--dataset",
@@ -669,6 +681,23 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", help="state_dict file to load (read with weights_only=True)")
     p.add_argument(
         "--no-pretrained", action="store_true", help="random initialisation instead of the shipped checkpoint"
+    )
+    _image_args(p)
+
+
+def _image_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--input-size",
+        type=_positive,
+        metavar="N",
+        help="folder: data: resize the shorter side to N/0.875 and center-crop NxN (default: the first image's "
+        "size, or the model's own with --normalize model)",
+    )
+    p.add_argument(
+        "--normalize",
+        choices=["imagenet", "0.5", "model", "dataset"],
+        help="folder: data: mean/std preset (default dataset: statistics of up to 256 training images; model: "
+        "the model's own, from timm / torchvision metadata)",
     )
 
 
@@ -779,6 +808,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--dataset", default=None, help="default: a recipe's own dataset, else fashion-mnist")
     m.add_argument("--weights")
     m.add_argument("--no-pretrained", action="store_true")
+    _image_args(m)
     m.add_argument(
         "--runtime",
         help="onnxruntime (default for .onnx), torch (default for models), openvino, litert, "

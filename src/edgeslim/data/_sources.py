@@ -1,4 +1,4 @@
-"""Dataset sources: Fashion-MNIST, MNIST-5k, digits and image folders."""
+"""Dataset sources: Fashion-MNIST, MNIST-5k and digits (image folders: :mod:`edgeslim.data._folder`)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import torch
 from edgeslim.core.errors import DataError
 from edgeslim.core.registry import Registry
 from edgeslim.data._dataset import ImageDataset, stratified_split
+from edgeslim.data._folder import IMAGE_SUFFIXES, image_folder  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -164,70 +165,3 @@ def digits(root: str | Path | None = None, seed: int = 0) -> tuple[ImageDataset,
         source="sklearn.datasets.load_digits",
     )
     return full.subset(tr, "train"), full.subset(va, "val")
-
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
-
-
-def image_folder(
-    root: str | Path,
-    *,
-    size: tuple[int, int] | None = None,
-    grayscale: bool = False,
-    seed: int = 0,
-    val_fraction: float = 0.2,
-) -> tuple[ImageDataset, ImageDataset]:
-    """Users' own images: ``root/<class>/<image>``, or ``root/train/<class>`` and ``root/val/<class>``.
-
-    Images are resized to ``size`` (default: the first image's size) and converted to RGB or grayscale.
-    Without train/val subfolders a stratified split of ``val_fraction`` is made from ``seed``.
-    """
-    try:
-        from PIL import Image
-    except ImportError:
-        raise DataError("image folders need Pillow: pip install pillow") from None
-    root = Path(root)
-    if not root.is_dir():
-        raise DataError(f"image folder {str(root)!r} does not exist or is not a folder")
-    split_dirs = {s: root / s for s in ("train", "val") if (root / s).is_dir()}
-    layout = split_dirs if len(split_dirs) == 2 else {"all": root}
-    classes = sorted(
-        {p.name for d in layout.values() for p in d.iterdir() if p.is_dir() and not p.name.startswith(".")}
-    )
-    if not classes:
-        raise DataError(f"image folder {str(root)!r} has no class subfolders (expected {root}/<class>/<image>)")
-    mode = "L" if grayscale else "RGB"
-    parts = {}
-    for split, d in layout.items():
-        xs, ys = [], []
-        for ci, c in enumerate(classes):
-            files = (
-                sorted(p for p in (d / c).glob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if (d / c).is_dir() else []
-            )
-            for p in files:
-                try:
-                    im = Image.open(p).convert(mode)
-                except Exception as e:  # PIL raises many types for bad files
-                    raise DataError(f"cannot read image {str(p)!r}: {e}") from None
-                if size is None:
-                    size = (im.height, im.width)
-                im = im.resize((size[1], size[0]))
-                a = np.asarray(im, dtype=np.uint8)
-                xs.append(a[None] if a.ndim == 2 else a.transpose(2, 0, 1))
-                ys.append(ci)
-        if not xs:
-            raise DataError(f"image folder {str(d)!r} holds no images with suffixes {sorted(IMAGE_SUFFIXES)}")
-        x = torch.from_numpy(np.stack(xs))
-        mean = tuple(float(v) for v in (x.float() / 255).mean(dim=(0, 2, 3)))
-        std = tuple(max(float(v), 1e-3) for v in (x.float() / 255).std(dim=(0, 2, 3)))
-        parts[split] = ImageDataset(
-            f"folder:{root}", split, x, torch.tensor(ys, dtype=torch.long), tuple(classes), mean, std, str(root)
-        )
-    if "all" in parts:
-        full = parts["all"]
-        tr, va = stratified_split(full.labels.numpy(), val_fraction, seed)
-        return full.subset(tr, "train"), full.subset(va, "val")
-    val = parts["val"]
-    tr = parts["train"]
-    val.mean, val.std = tr.mean, tr.std  # preprocessing comes from the training split
-    return tr, val

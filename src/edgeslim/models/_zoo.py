@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from edgeslim.core.errors import ModelError, near
+from edgeslim.core.errors import ConfigError, ModelError, near
 from edgeslim.core.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -103,6 +105,23 @@ def _resnet18(in_channels: int, num_classes: int, input_size: int) -> nn.Module:
     return m
 
 
+def _zoo_spec(name: str) -> ModelSpec:
+    if name in ZOO:
+        return ZOO.get(name)
+    hint = ""
+    try:
+        from torchvision.models import list_models
+
+        if name in list_models():
+            hint = f"; torchvision's is torchvision:{name}"
+    except ImportError:  # pragma: no cover - torchvision is a dependency
+        pass
+    raise ConfigError(
+        f"unknown model {name!r}{near(name, ZOO.names())}; valid: {', '.join(ZOO.names())}, or torchvision:NAME, "
+        f"timm:NAME, hf:FOLDER, package.module:function{hint}"
+    )
+
+
 def names() -> list[str]:
     return ZOO.names()
 
@@ -130,14 +149,9 @@ def build(
     num_classes: int | None = None,
 ) -> nn.Module:
     """A freshly initialised zoo model for a dataset's input shape and class count."""
-    spec = ZOO.get(name)
+    spec = _zoo_spec(name)
     if input_shape is None or num_classes is None:
-        if dataset not in DATASET_SHAPES:
-            raise ModelError(
-                f"unknown dataset {dataset!r} for model shapes{near(dataset, DATASET_SHAPES)}; valid: "
-                f"{', '.join(DATASET_SHAPES)} (or pass input_shape= and num_classes=)"
-            )
-        ds_shape, ds_classes = DATASET_SHAPES[dataset]
+        ds_shape, ds_classes = _dataset_shape(dataset, None)
         input_shape = input_shape or ds_shape
         num_classes = num_classes or ds_classes
     return spec.build(input_shape[0], num_classes, input_shape[-1])
@@ -220,55 +234,94 @@ def init_from_imagenet(model: nn.Module, name: str) -> nn.Module:
 
 
 def load(
-    name: str, dataset: str = "fashion-mnist", *, pretrained: bool | str = True, weights: str | Path | None = None
+    name: str,
+    dataset: str = "fashion-mnist",
+    *,
+    pretrained: bool | str = True,
+    weights: str | Path | None = None,
+    preprocess: Any = None,
 ) -> nn.Module:
-    """A zoo model (``name``) or a user's factory (``"pkg.module:function"``), in eval mode.
+    """A model by name, in eval mode.
 
     Args:
-        name: a zoo name (see :func:`names`) or ``"module:function"`` returning an ``nn.Module``.
-        dataset: the dataset the model is shaped for (input channels/size, class count).
-        pretrained: ``True`` loads the checkpoint shipped for ``dataset``; ``"imagenet"`` initialises
+        name: a zoo name (see :func:`names`); ``torchvision:NAME``, ``timm:NAME`` (randomly initialised, never
+            downloaded: trained weights come from ``weights``); ``hf:FOLDER`` (a Hugging Face folder or an
+            installed offline package, read with ``local_files_only``); or ``package.module:function`` (imports
+            that module and calls the function: it runs your code). torchvision, timm and factory specs take
+            literal arguments: ``torchvision:mobilenet_v2(num_classes=2)``, ``pkg.mod:make(width=0.5)``.
+        dataset: the dataset a zoo model is shaped for (input channels/size, class count); ``folder:<path>`` reads
+            them from the folder (its class subfolders and, without ``preprocess.input_size``, its first image).
+        pretrained: zoo models: ``True`` loads the checkpoint shipped for ``dataset``; ``"imagenet"`` initialises
             from ImageNet weights (MobileNetV2); ``False`` keeps a random initialisation.
         weights: a state_dict file to load instead (always read with ``weights_only=True``).
+        preprocess: with ``folder:`` data, the :class:`edgeslim.data.ImagePreprocess` whose input size shapes a
+            zoo model.
     """
-    if ":" in name:
-        model = load_factory(name)
+    from edgeslim.models import _sources
+
+    if _sources.is_spec(name):
+        spec = _sources.parse_spec(name)
+        if spec.kind == "hf" and Path(spec.target).expanduser().is_dir():
+            spec = dataclasses.replace(spec, target=str(Path(spec.target).expanduser().resolve()))
+        model = _sources.build_spec(spec)
+        if weights is None and spec.kind in ("torchvision", "timm"):
+            log.warning(
+                "%s is randomly initialised: edgeslim never downloads weights; pass weights=<state_dict file> "
+                "(CLI --weights FILE) for trained ones",
+                spec.text(),
+            )
+        source = spec.record()
     else:
-        model = build(name, dataset)
+        shape, classes = _dataset_shape(dataset, preprocess)
+        model = build(name, dataset, input_shape=shape, num_classes=classes)
         if weights is None and pretrained == "imagenet":
             init_from_imagenet(model, name)
         elif weights is None and pretrained:
             ck = checkpoint_path(name, dataset)
             if not ck.is_file():
                 have = ", ".join(p.stem for p in sorted(CHECKPOINT_DIR.glob("*.pt"))) or "none"
-                raise ModelError(
-                    f"no shipped checkpoint for {name!r} on {dataset!r} (shipped: {have}); train one with "
-                    f"`edgeslim train {name} --dataset {dataset}` or pass pretrained=False"
+                how = (
+                    f"train one with `edgeslim train {name} --dataset {dataset}` and pass weights=<its .pt> "
+                    "(CLI --weights), or pass pretrained=False (CLI --no-pretrained)"
+                    if str(dataset).startswith("folder:")
+                    else f"train one with `edgeslim train {name} --dataset {dataset}` or pass pretrained=False"
                 )
+                raise ModelError(f"no shipped checkpoint for {name!r} on {dataset!r} (shipped: {have}); {how}")
             weights = ck
+        source = {
+            "kind": "zoo",
+            "name": name,
+            "dataset": dataset,
+            "input_shape": list(shape),
+            "num_classes": int(classes),
+        }
     if weights is not None:
         apply_state_dict(model, load_state_dict_file(weights), str(weights))
     # where the model came from, so a saved recipe (edgeslim.save) can rebuild it; the weights travel in the file
-    model.edgeslim_source = (
-        {"kind": "factory", "spec": name} if ":" in name else {"kind": "zoo", "name": name, "dataset": dataset}
-    )
+    model.edgeslim_source = source
     return model.eval()
 
 
+def _dataset_shape(dataset: str, preprocess: Any) -> tuple[tuple[int, int, int], int]:
+    """Input shape and class count of a named dataset, or of an image folder (``folder:<path>``)."""
+    if str(dataset).startswith("folder:"):
+        from edgeslim.data import folder_shape
+
+        return folder_shape(str(dataset)[len("folder:") :], preprocess=preprocess)
+    if dataset not in DATASET_SHAPES:
+        raise ModelError(
+            f"unknown dataset {dataset!r} for model shapes{near(dataset, DATASET_SHAPES)}; valid: "
+            f"{', '.join(DATASET_SHAPES)}, folder:<path> (or pass input_shape= and num_classes=)"
+        )
+    return DATASET_SHAPES[dataset]
+
+
 def load_factory(spec: str) -> nn.Module:
-    """Build a user's model from ``"package.module:function"``."""
-    mod_name, _, fn_name = spec.partition(":")
-    if not mod_name or not fn_name:
-        raise ModelError(f"model factory {spec!r} must look like 'package.module:function'")
-    try:
-        mod = importlib.import_module(mod_name)
-    except ImportError as e:
-        raise ModelError(f"cannot import module {mod_name!r} of model factory {spec!r}: {e}") from None
-    fn = getattr(mod, fn_name, None)
-    if not callable(fn):
-        have = [n for n in dir(mod) if not n.startswith("_") and callable(getattr(mod, n))]
-        raise ModelError(f"module {mod_name!r} has no callable {fn_name!r}{near(fn_name, have)}")
-    model = fn()
-    if not isinstance(model, nn.Module):
-        raise ModelError(f"model factory {spec!r} returned {type(model).__name__}, not a torch.nn.Module")
-    return model
+    """Build a user's model from ``"package.module:function"`` or ``"package.module:function(key=value, ...)"``
+    (imports the module and calls the function: it runs the user's code; arguments must be literals)."""
+    from edgeslim.models import _sources
+
+    s = _sources.parse_spec(spec)
+    if s.kind != "factory":
+        raise ModelError(f"{spec!r} is a {s.kind}: source, not a 'package.module:function' factory; use load()")
+    return _sources.build_spec(s)

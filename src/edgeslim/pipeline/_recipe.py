@@ -1,9 +1,10 @@
 """``edgeslim.save`` / ``edgeslim.load``: one recipe file for any chain of steps.
 
-The file holds where the model came from (a zoo name and dataset, or a user factory), the ordered steps every verb
-recorded (technique, config, the structure replay needs) and one state_dict; it is read with
-``weights_only=True``, never as a pickled module. ``load`` rebuilds a zoo model by itself; a model from user code
-needs ``model=`` (a fresh instance): edgeslim never runs code because a file names it.
+The file holds where the model came from (a zoo name and dataset, a torchvision / timm / hf source with its literal
+arguments, or a user factory), the ordered steps every verb recorded (technique, config, the structure replay
+needs) and one state_dict; it is read with ``weights_only=True``, never as a pickled module. ``load`` rebuilds zoo,
+torchvision, timm and hf models by itself; a model from user code needs ``model=`` (a fresh instance): edgeslim
+never runs code because a file names it.
 """
 
 from __future__ import annotations
@@ -37,10 +38,16 @@ def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
 
 
 def build_source(source: Any, where: str) -> nn.Module:
-    """A fresh (randomly initialised) model of the recorded source; its weights come from the recipe file."""
-    from edgeslim import models
+    """A fresh (randomly initialised) model of the recorded source; its weights come from the recipe file.
 
-    if not isinstance(source, dict) or source.get("kind") not in ("zoo", "factory"):
+    Zoo, ``torchvision:``, ``timm:`` and ``hf:`` sources are rebuilt from the record (their literal arguments
+    included; an ``hf:`` folder must still exist, its config.json is read); a user's factory is not.
+    """
+    from edgeslim import models
+    from edgeslim.models import _sources
+
+    kinds = ("zoo", "factory", *_sources.NAMED_KINDS)
+    if not isinstance(source, dict) or source.get("kind") not in kinds:
         raise ModelError(
             f"{where} does not record which model it was made from; pass model=<a fresh instance of the "
             "original architecture> (CLI: --base MODEL)"
@@ -51,6 +58,13 @@ def build_source(source: Any, where: str) -> nn.Module:
             "because a file names it: pass model=<a fresh instance> (CLI: --base "
             f"{source.get('spec')!r})"
         )
+    if source["kind"] in _sources.NAMED_KINDS:
+        model = _sources.build_spec(_sources.from_record(source), hf_weights=False)
+        model.edgeslim_source = source
+        return model
+    shape, classes = source.get("input_shape"), source.get("num_classes")
+    if shape and classes:  # recorded since folder: data; older recipes name a built-in dataset
+        return models.build(source["name"], input_shape=tuple(shape), num_classes=int(classes))
     return models.build(source["name"], source.get("dataset", "fashion-mnist"))
 
 

@@ -45,23 +45,11 @@ def requests(space: WidthSpace) -> list[tuple[Any, int, int]]:
 
 
 def export_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> Path:
-    """``model`` as an FP32 ONNX file at batch 1 (BatchNorm folded, the way ``edgeslim.export`` writes it)."""
-    import warnings
+    """``model`` as an FP32 ONNX file, written the way ``edgeslim.export`` writes it (:func:`core.onnx_model.to_onnx`)."""
+    from edgeslim.core.io import write_bytes
+    from edgeslim.core.onnx_model import to_onnx
 
-    m = copy.deepcopy(model).eval()
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            m,
-            (example[:1],),
-            str(path),
-            dynamo=False,
-            opset_version=17,
-            input_names=["input"],
-            output_names=["output"],
-            do_constant_folding=True,
-        )
-    return path
+    return write_bytes(path, to_onnx(copy.deepcopy(model).eval(), example[:1]), force=True)
 
 
 def measure_models(

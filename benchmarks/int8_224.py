@@ -177,7 +177,11 @@ def run_model(name: str, model: nn.Module, calib: torch.Tensor, val: torch.Tenso
         "onnx",
         example_inputs=val,
         path=work / f"{name}-edgeslim.onnx",
-        floors=es.ValidationFloors(float_min_cosine=-1.0, float_min_sqnr_db=-100.0, float_top1_agreement=0.0),
+        # a speed benchmark: fidelity is recorded below, not gated (ResNet-18 is random-init: its near-tied logits make
+        # top-1 agreement meaningless); the cosine floor against the quantized reference still applies
+        floors=es.ValidationFloors(
+            min_top1_agreement=0.0, float_min_cosine=-1.0, float_min_sqnr_db=-100.0, float_top1_agreement=0.0
+        ),
     )
     row["edgeslim"] = {
         "ptq_seconds": round(ptq, 2),

@@ -177,7 +177,8 @@ def read(path: Any) -> dict:
     if not p.is_file():
         raise ModelError(f"recipe file {str(p)!r} does not exist")
     try:
-        blob = torch.load(p, map_location="cpu", weights_only=True)
+        # memory-mapped: a caller that only wants the steps or the source never reads the weights from disk
+        blob = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # torch raises many types for corrupt or foreign files
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         first = next((ln for ln in lines if "Unpickler error" in ln), lines[0] if lines else type(e).__name__)[:200]
@@ -193,10 +194,11 @@ def read(path: Any) -> dict:
     return blob
 
 
-def load(path: Any, model: nn.Module) -> nn.Module:
+def load(path: Any, model: nn.Module, *, blob: dict | None = None) -> nn.Module:
     """Replay the recipe at ``path`` on a copy of ``model`` (a fresh instance of the original architecture; its
-    weights do not matter) and load the saved state_dict strictly. ``model`` is not modified."""
-    blob = read(path)
+    weights do not matter) and load the saved state_dict strictly. ``model`` is not modified. ``blob``: the file's
+    contents when the caller has already :func:`read` them (the file is then not read again)."""
+    blob = read(path) if blob is None else blob
     out = replay(model, blob["steps"])
     load_state_strict(out, blob["state_dict"], str(path))
     if blob.get("source") is not None:

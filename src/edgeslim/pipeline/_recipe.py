@@ -34,7 +34,7 @@ def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
     blob = _recipe.read(path)
     if model is None:
         model = build_source(blob.get("source"), str(path))
-    return _recipe.load(path, model)
+    return _recipe.load(path, model, blob=blob)
 
 
 def build_source(source: Any, where: str) -> nn.Module:

@@ -37,7 +37,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT / "tests"))  # the throw-away PostgreSQL server, shared with the tests' fixture
 
 from _harness import host
-from _postgres import PostgresServer
+from _postgres import PostgresServer, optimize_process
 
 from edgeslim.core.io import write_json
 from edgeslim.pipeline import Space
@@ -45,23 +45,8 @@ from edgeslim.pipeline import Space
 TARGET = 1.7
 
 
-def _env() -> dict[str, str]:
-    return {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
-        "OMP_NUM_THREADS": "1",
-        "MKL_NUM_THREADS": "1",
-    }
-
-
 def _cli(*args: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "edgeslim.cli", "optimize", *args],
-        env=_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    return optimize_process(*args, paths=[str(ROOT / "src")])
 
 
 def _wait(p: subprocess.Popen, what: str) -> dict:

@@ -20,6 +20,7 @@ import pwd
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -168,3 +169,21 @@ class PostgresServer:
         except OSError:
             return ""
         return f"; server log: {lines[-1]}" if lines else ""
+
+
+def optimize_process(*args: str, paths: list[str]) -> subprocess.Popen:
+    """``edgeslim optimize ARGS`` in a new process (one worker of a shared study), 1 thread, ``paths`` first on its
+    PYTHONPATH; stdout and stderr captured as text."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([*paths, os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "edgeslim.cli", "optimize", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )

@@ -3,15 +3,14 @@ two `edgeslim optimize --resume RUN --worker` processes sharing the study a firs
 with SIGKILL mid-trial whose trial the other picks up, and the bad-input paths of --storage / --worker."""
 
 import json
-import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from _postgres import optimize_process
 
 from edgeslim.core.io import save_torch
 from edgeslim.pipeline import Space
@@ -34,18 +33,8 @@ PTQ = Space(
 HEARTBEAT = 2  # seconds; a worker silent for 3 heartbeats is taken as dead
 
 
-def _env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), str(TESTS)]), "OMP_NUM_THREADS": "1"}
-
-
 def _cli(*args: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "edgeslim.cli", "optimize", *args],
-        env=_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    return optimize_process(*args, paths=[str(SRC), str(TESTS)])
 
 
 def _start_run(tmp_path: Path, digits_model, url: str, n: int) -> Path:

@@ -151,7 +151,7 @@ class DetectionDataset(torch.utils.data.Dataset):
         if not -len(self) <= i < len(self):
             raise IndexError(i)
         a = self.read_image(i)
-        image = torch.from_numpy(a.transpose(2, 0, 1).copy()).float().div_(255.0)
+        image = torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1), dtype=np.float32)).mul_(1.0 / 255.0)
         return image, self.target(i)
 
     def subset(self, n_or_indices: int | Sequence[int] | np.ndarray, split: str | None = None) -> DetectionDataset:

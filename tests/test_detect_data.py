@@ -75,6 +75,18 @@ def test_generator_is_deterministic_and_independent_of_counts(tiny, tmp_path):
     assert not list(tmp_path.glob(".*.tmp"))  # the temporary build folders are gone
 
 
+def test_generator_output_is_pinned_to_its_version(tiny):
+    """The first images' boxes at this version; when the generator's output changes, bump VERSION (cached sets
+    of the old version are then not mistaken for new ones)."""
+    _, train, _ = tiny
+    assert gen.VERSION == "v1"
+    assert [train.target(i)["boxes"].tolist() for i in range(2)] == [
+        [[75.0, 75.0, 116.0, 98.0]],
+        [[43.0, 95.0, 55.0, 109.0], [30.0, 26.0, 47.0, 48.0], [36.0, 123.0, 52.0, 145.0], [138.0, 137.0, 144.0, 155.0]],
+    ]
+    assert [train.target(i)["labels"].tolist() for i in range(2)] == [[5], [0, 0, 4, 1]]
+
+
 def _iou(a, b):
     iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
     ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
@@ -230,6 +242,16 @@ def test_coco_folder_is_letterboxed_with_its_boxes(tmp_path, monkeypatch):
     assert float(train[wide][0][:, 2, 80].sub(114 / 255).abs().max()) < 1e-6
     assert coco_map(val, _dets(val))["map"] == pytest.approx(1.0, abs=1e-12)
     assert coco_map(train, _dets(train))["map"] == pytest.approx(1.0, abs=1e-12)
+    # crowd regions stay in the annotation file (pycocotools ignores them) but not in the training targets; an
+    # image without boxes is a negative
+    doc["annotations"][0]["iscrowd"] = 1
+    doc["annotations"] = [a for a in doc["annotations"] if a["image_id"] != 101]
+    (folder / "annotations" / "instances.json").write_text(json.dumps(doc))
+    t4, v4 = data.load(f"coco:{folder}", size=160, seed=0)
+    every = {t["image_id"]: t for ds in (t4, v4) for t in (ds.target(i) for i in range(len(ds)))}
+    assert every[101]["boxes"].shape == (0, 4) and t4[t4.image_ids.index(101)][0].shape == (3, 160, 160)
+    assert len(every[100]["boxes"]) == sum(a["image_id"] == 100 for a in doc["annotations"]) - 1
+    assert coco_map(t4, _dets(t4))["map"] == pytest.approx(1.0, abs=1e-12)
     # one file named directly, and a train/val pair of files
     t2, v2 = data.load(f"coco:{folder / 'annotations' / 'instances.json'}", size=160, seed=0)
     assert t2.image_ids == train.image_ids

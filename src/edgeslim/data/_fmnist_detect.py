@@ -23,6 +23,7 @@ temporary folder, then renamed into place; generated once).
 from __future__ import annotations
 
 import colorsys
+import contextlib
 import importlib.util
 import json
 import logging
@@ -72,6 +73,8 @@ SKIMAGE_PHOTOS = (
 #: photos are downscaled once so their shorter side is at most this many pixels
 PHOTO_MAX_SHORT = 640
 _SPLIT_CODE = {"train": 0, "val": 1}
+#: a temporary build folder this old is from a killed generation (a live one writes files every few ms)
+STALE_SECONDS = 3600.0
 
 
 def photo_files() -> list[Path]:
@@ -258,6 +261,10 @@ def generate(
     folder = _find_fmnist(Path(fmnist_root) if fmnist_root else None)
     source = {"train": FMNIST_FILES["train"], "val": FMNIST_FILES["test"]}
     out.parent.mkdir(parents=True, exist_ok=True)
+    for old in out.parent.glob(f".{out.name}.*.tmp"):  # left by a generation that was killed
+        with contextlib.suppress(OSError):
+            if time.time() - old.stat().st_mtime > STALE_SECONDS:
+                shutil.rmtree(old, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     t0 = time.perf_counter()
     try:

@@ -32,6 +32,11 @@ BASE = dict(
 )
 
 
+def _steps(cache, kind: str) -> list:
+    """The cached step folders of one kind (``finetune``, ``distill``, ...), without their lock files."""
+    return [p for p in cache.glob(f"{kind}-*") if p.is_dir()]
+
+
 def test_new_dimensions_are_validated_and_canonical():
     with pytest.raises(ConfigError, match=r"Space.recovery=\('kd',\).*finetune, distill"):
         Space(recovery=("kd",))
@@ -86,7 +91,7 @@ def test_pruned_distilled_quantized_candidate_replays_from_its_recipe(digits_mod
     assert set(c["steps"]) == {"prune", "distill", "export"}
     assert c["steps"]["distill"]["steps"] == recovery_steps(sp, c["params"]) == 12  # 20 at 50 % -> 12 at 30 %
     assert "distill 12 steps" in c["description"] and "INT8" in c["description"]
-    assert len(list((out / "cache").glob("distill-*"))) == 1 and not list((out / "cache").glob("finetune-*"))
+    assert len(_steps(out / "cache", "distill")) == 1 and not _steps(out / "cache", "finetune")
     # the recipe names every step in order and rebuilds the chosen model on a fresh instance of the input model
     recipe = json.loads((out / "chosen" / "recipe.json").read_text())
     assert [s["technique"] for s in recipe["steps"]] == ["prune", "distill", "quantize"]
@@ -134,7 +139,7 @@ def test_relative_gate_skips_recovery_when_recalibrated_accuracy_ranks_low(digit
         best = max(best, r["recal_accuracy"])
     assert gated >= 1
     # only the candidates that earned their recovery were fine-tuned
-    assert len(list((out / "cache").glob("finetune-*"))) == 4 - gated
+    assert len(_steps(out / "cache", "finetune")) == 4 - gated
     assert res.report.to_dict()["trials"]["gated"] == gated
 
 
@@ -160,7 +165,7 @@ def test_deadline_stops_a_long_recovery_within_a_step(digits_model, tmp_path):
     with pytest.raises(DeadlineReached, match=r"finetune stopped at step \d+ of 120000"):
         build_candidate(ctx, params)
     assert time.perf_counter() - t0 < 15  # the deadline, then one step (the recovery alone would take minutes)
-    assert not any(Cache.done(d) for d in (tmp_path / "cache").glob("finetune-*"))  # nothing partial cached
+    assert not any(Cache.done(d) for d in _steps(tmp_path / "cache", "finetune"))  # nothing partial cached
     ctx.deadline = time.perf_counter() - 1  # past it: no step starts at all (the pruned model is cached)
     with pytest.raises(DeadlineReached, match="stopped before finetune"):
         build_candidate(ctx, params)
@@ -192,7 +197,8 @@ def test_runtime_choice_is_measured_and_recorded_with_the_chosen_artifact(digits
         model, data=(train, val), budget=Budget(max_accuracy_drop=0.05), space=sp, max_trials=2, out=out, progress=False
     )
     doc = res.report.to_dict()
-    rows = doc["trials"]["rows"]
+    rows = [r for r in doc["trials"]["rows"] if r["duplicate_of"] is None]
+    assert [r["error"] for r in rows] == [None, None]
     assert sorted(r["deployment"]["runtime"] for r in rows) == ["onnxruntime", "openvino"]
     for r in rows:  # each measured on its own runtime
         assert r["params"]["runtime"] == r["deployment"]["runtime"]

@@ -285,5 +285,5 @@ def test_space_presets_and_unknown_names():
     cands = ptq.all_candidates()
     assert cands and all(c["target_macs"] == 0 and c["quantize"] for c in cands)  # PTQ variants only, no training
     assert len(cands) == 2 * 3 * 2 * 2  # per-channel x calibration x CLE x bias correction
-    with pytest.raises(ConfigError, match=r"space 'ptqq' is neither a YAML file nor a preset \(presets: ptq\)"):
+    with pytest.raises(ConfigError, match=r"space 'ptqq' is neither a YAML file nor a preset \(presets: ptq, full\)"):
         space_from("ptqq")

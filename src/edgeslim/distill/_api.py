@@ -6,6 +6,7 @@ import copy
 import hashlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -184,6 +185,7 @@ class DistillReport:
     best_accuracy: float
     history: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    stopped_at_step: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"technique": self.technique, **self.__dict__}
@@ -218,6 +220,7 @@ def distill(
     progress: bool = True,
     device: str | torch.device = "cpu",
     max_steps_per_epoch: int | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> nn.Module:
     """Train a copy of ``student`` to imitate a frozen copy of ``teacher``; returns the new student.
 
@@ -239,6 +242,8 @@ def distill(
             any set with ``__len__``, ``labels``, ``normalized()`` (all inputs as one tensor, e.g. token ids),
             ``take(n)`` and ``batches(size)``; the models then get slices of ``normalized()`` as input.
         train_config: epochs, batch size, learning rate, augmentation, patience, seed.
+        stop: asked before every step (e.g. a deadline); True ends training there (``fit``'s ``stop``), and
+            ``report.stopped_at_step`` says at which step.
 
     Raises:
         DataError: empty training data.
@@ -301,6 +306,7 @@ def distill(
         device=device,
         max_steps_per_epoch=max_steps_per_epoch,
         step_fn=lambda m, x, y, idx: m(x, y, idx),
+        stop=stop,
     )
     out = res.model.student.eval()
     out.distill_history = res.history  # type: ignore[attr-defined]
@@ -312,6 +318,7 @@ def distill(
         float(res.best_accuracy),
         res.history,
         round(time.perf_counter() - t0, 2),
+        res.stopped_at_step,
     )
     return _recipe.record(out, "distill", config, {}, out.report, previous=student)
 

@@ -5,7 +5,13 @@ and measure it on the budget's target.
 the same model, so a candidate's parameters are its recipe. The steps run in order and each is cached under
 ``out/cache`` by a content key (the key of the step before it + its own settings):
 
-    prune (+ BatchNorm recalibration)  ->  recovery fine-tune  ->  INT8 PTQ + ONNX export  ->  measurement
+    prune (+ BatchNorm recalibration)  ->  recovery (fine-tune or distillation from the input model)
+        ->  INT8 PTQ (or mixed precision, or FP16) + ONNX export  ->  measurement on the chosen runtime/threads
+
+Multi-fidelity: a pruned candidate's BatchNorm-recalibrated accuracy decides whether it earns its recovery steps
+(:class:`Gated` otherwise). Time: with ``Context.deadline`` set, every step checks it before it starts and the
+recovery loop before every optimizer step; a candidate the deadline stops raises :class:`DeadlineReached` and
+nothing partial is cached (a half-recovered model is not the candidate its parameters describe).
 
 Latency is never inferred from MACs: it is measured on the runtime (``target="host"``) or predicted for a
 device profile from the exported graph (roofline calibrated on this host's measured FP32 latency).
@@ -26,7 +32,7 @@ from torch import nn
 from edgeslim.core.artifact import Artifact
 from edgeslim.core.metrics import host_info
 from edgeslim.pipeline._budget import MB, Budget
-from edgeslim.pipeline._space import Space
+from edgeslim.pipeline._space import Space, recovery_steps
 from edgeslim.pipeline._store import Cache, key
 
 log = logging.getLogger(__name__)
@@ -54,6 +60,15 @@ class Context:
     latency_how: str = ""  # how a profile's latency is predicted
     base_torch_accuracy: float | None = None
     host: dict[str, Any] = field(default_factory=host_info)
+    deadline: float | None = None  # time.perf_counter() value after which no step starts and recovery stops
+    recal_best: dict[float, float] = field(default_factory=dict)  # best BN-recal accuracy per pruning depth
+
+    def past_deadline(self) -> bool:
+        return self.deadline is not None and time.perf_counter() >= self.deadline
+
+    def check_deadline(self, step: str) -> None:
+        if self.past_deadline():
+            raise DeadlineReached(f"stopped before {step}: the run's max_minutes was reached")
 
 
 def early_layers(model: nn.Module, space: Space) -> tuple[str, ...]:
@@ -69,6 +84,14 @@ def early_layers(model: nn.Module, space: Space) -> tuple[str, ...]:
 class Gated(Exception):
     """A candidate the multi-fidelity gate stops before its expensive step (recorded; not an error)."""
 
+    def __init__(self, text: str, recal_accuracy: float | None = None) -> None:
+        super().__init__(text)
+        self.recal_accuracy = recal_accuracy
+
+
+class DeadlineReached(Exception):
+    """The run's time is up inside a trial: the trial stops cleanly and is recorded as pruned (not cached)."""
+
 
 def base_accuracy(ctx: Context) -> float:
     """The input model's torch accuracy on the search subset (what a pruned model's is compared with)."""
@@ -79,24 +102,53 @@ def base_accuracy(ctx: Context) -> float:
     return ctx.base_torch_accuracy
 
 
-def float_model(ctx: Context, params: dict[str, Any]) -> tuple[nn.Module, str, dict[str, Any]]:
-    """The float model of a candidate (pruned and fine-tuned, or the base), its cache key and step records."""
-    from edgeslim.prune._api import prune
+def prune_config(ctx: Context, params: dict[str, Any]) -> Any:
     from edgeslim.prune._config import PruneConfig
-    from edgeslim.train import TrainConfig, evaluate, fit
 
-    if not params.get("target_macs"):
-        return ctx.base, ctx.base_key, {}
     sp = ctx.space
-    cfg = PruneConfig(
+    return PruneConfig(
         method="channel",
         target_macs=params["target_macs"],
         importance=sp.importance,
+        scope=params.get("prune_scope") or "layer",
         round_to=sp.round_to,
         exclude=ctx.early_layers if params["keep_early"] else (),
         recalibrate_bn=sp.bn_samples if params["recalibrate_bn"] else 0,
         seed=ctx.seed,
     )
+
+
+def gate(ctx: Context, params: dict[str, Any], recal: float) -> None:
+    """Multi-fidelity: raise :class:`Gated` when a pruned candidate's BatchNorm-recalibrated accuracy says its
+    recovery is not worth the steps: more than ``finetune_gate`` below the input model (absolute rule) or more
+    than ``gate_margin`` below the best recalibrated accuracy the study has seen at the same depth (relative)."""
+    sp = ctx.space
+    drop = base_accuracy(ctx) - recal
+    if sp.finetune_gate is not None and drop > sp.finetune_gate:
+        raise Gated(
+            f"not fine-tuned: after pruning (and BatchNorm recalibration) torch accuracy on the search "
+            f"subset is {100 * drop:.1f} pt below the input model's, more than finetune_gate="
+            f"{100 * sp.finetune_gate:.0f} pt",
+            recal,
+        )
+    best = ctx.recal_best.get(float(params["target_macs"]))
+    if sp.gate_margin is not None and best is not None and recal < best - sp.gate_margin:
+        raise Gated(
+            f"not recovered: its BatchNorm-recalibrated accuracy {100 * recal:.1f}% is {100 * (best - recal):.1f} "
+            f"pt below the best seen at {100 * params['target_macs']:.0f}% MACs removed ({100 * best:.1f}%), "
+            f"more than gate_margin={100 * sp.gate_margin:g} pt",
+            recal,
+        )
+
+
+def float_model(ctx: Context, params: dict[str, Any]) -> tuple[nn.Module, str, dict[str, Any]]:
+    """The float model of a candidate (pruned and recovered, or the base), its cache key and step records."""
+    from edgeslim.prune._api import prune
+    from edgeslim.train import evaluate
+
+    if not params.get("target_macs"):
+        return ctx.base, ctx.base_key, {}
+    cfg = prune_config(ctx, params)
     pk = key("prune", ctx.base_key, cfg.to_dict())
     steps: dict[str, Any] = {}
     with ctx.cache.claim("prune", pk) as d:
@@ -105,6 +157,7 @@ def float_model(ctx: Context, params: dict[str, Any]) -> tuple[nn.Module, str, d
             model = load_step(ctx.base, d / "model.recipe")
             steps["prune"] = {**meta, "cached": True}
         else:
+            ctx.check_deadline("pruning")
             t0 = time.perf_counter()
             model = prune(ctx.base, cfg, example_inputs=ctx.example_inputs, data=ctx.train)
             rep = model.prune_report
@@ -122,78 +175,159 @@ def float_model(ctx: Context, params: dict[str, Any]) -> tuple[nn.Module, str, d
                     "summary": rep.summary().splitlines()[0],
                 },
             )
-    ft_steps = params.get("finetune_steps") or 0
-    if not ft_steps:
+    n_steps = recovery_steps(ctx.space, params)
+    if not n_steps:
         return model, pk, steps
-    gate = ctx.space.finetune_gate
-    if gate is not None:  # multi-fidelity: the BN-recalibrated accuracy decides whether fine-tuning is worth it
-        drop = base_accuracy(ctx) - steps["prune"]["torch_accuracy_search"]
-        if drop > gate:
-            raise Gated(
-                f"not fine-tuned: after pruning (and BatchNorm recalibration) torch accuracy on the search "
-                f"subset is {100 * drop:.1f} pt below the input model's, more than finetune_gate="
-                f"{100 * gate:.0f} pt"
+    gate(ctx, params, steps["prune"]["torch_accuracy_search"])
+    how = params.get("recovery") or "finetune"
+    tcfg, cap = recovery_config(ctx, n_steps)
+    rk = key(how, pk, tcfg.to_dict(), cap, *((DISTILL_KW,) if how == "distill" else ()))
+    with ctx.cache.claim(how, rk) as d:
+        meta = Cache.done(d)
+        if meta:
+            tuned = load_step(ctx.base, d / "model.recipe")
+            steps[how] = {**meta, "cached": True}
+        else:
+            ctx.check_deadline(how)
+            t0 = time.perf_counter()
+            tuned, stopped_at = _recover(ctx, model, how, tcfg, cap)
+            if stopped_at is not None:
+                raise DeadlineReached(
+                    f"{how} stopped at step {stopped_at} of {n_steps}: the run's max_minutes was reached "
+                    "(the partly recovered model is not kept)"
+                )
+            acc = evaluate(tuned, ctx.search_val)
+            save_step(tuned, d / "model.recipe")
+            steps[how] = Cache.finish(
+                d,
+                {
+                    "seconds": round(time.perf_counter() - t0, 2),
+                    "steps": tcfg.epochs * cap,
+                    "config": tcfg.to_dict(),
+                    **({"distill": DISTILL_KW} if how == "distill" else {}),
+                    "torch_accuracy_search": acc,
+                },
             )
+    return tuned, rk, steps
+
+
+#: the distillation recovery: logit KD from the input model (temperature 4) plus cross-entropy on the labels
+DISTILL_KW = {"losses": ("kd",), "temperature": 4.0, "hard_weight": 1.0, "cache_teacher": False}
+
+
+def recovery_config(ctx: Context, n_steps: int) -> tuple[Any, int]:
+    """The TrainConfig of a recovery of ``n_steps`` optimizer steps, and the steps per epoch it is capped at."""
+    from edgeslim.train import TrainConfig
+
+    sp = ctx.space
     per_epoch = math.ceil(len(ctx.train) / sp.finetune_batch_size)
-    epochs = math.ceil(ft_steps / per_epoch)
-    cap = math.ceil(ft_steps / epochs)
+    epochs = math.ceil(n_steps / per_epoch)
+    cap = math.ceil(n_steps / epochs)
     tcfg = TrainConfig(
         epochs=epochs,
         lr=sp.finetune_lr,
         batch_size=sp.finetune_batch_size,
         seed=ctx.seed,
-        warmup_steps=min(100, ft_steps // 10),
+        warmup_steps=min(100, n_steps // 10),
         augment=False,
     )
-    fk = key("finetune", pk, tcfg.to_dict(), cap)
-    with ctx.cache.claim("finetune", fk) as d:
-        meta = Cache.done(d)
-        if meta:
-            tuned = load_step(ctx.base, d / "model.recipe")
-            steps["finetune"] = {**meta, "cached": True}
-        else:
-            t0 = time.perf_counter()
-            res = fit(model, ctx.train, None, tcfg, max_steps_per_epoch=cap, progress=False)
-            tuned = res.model  # fit keeps the recorded steps (the pruned structure); only the weights changed
-            acc = evaluate(tuned, ctx.search_val)
-            save_step(tuned, d / "model.recipe")
-            steps["finetune"] = Cache.finish(
-                d,
-                {
-                    "seconds": round(time.perf_counter() - t0, 2),
-                    "steps": epochs * cap,
-                    "config": tcfg.to_dict(),
-                    "torch_accuracy_search": acc,
-                },
-            )
-    return tuned, fk, steps
+    return tcfg, cap
+
+
+def _recover(ctx: Context, model: nn.Module, how: str, tcfg: Any, cap: int) -> tuple[nn.Module, int | None]:
+    """Fine-tune ``model`` or distill the input model into it; stops at the deadline (returns the step)."""
+    if how == "distill":
+        from edgeslim.distill import DistillConfig, distill
+
+        out = distill(
+            model,
+            ctx.base,
+            DistillConfig(**DISTILL_KW),
+            data=(ctx.train, None),
+            train_config=tcfg,
+            progress=False,
+            max_steps_per_epoch=cap,
+            stop=ctx.past_deadline,
+        )
+        return out, out.report.stopped_at_step
+    from edgeslim.train import fit
+
+    res = fit(model, ctx.train, None, tcfg, max_steps_per_epoch=cap, progress=False, stop=ctx.past_deadline)
+    return res.model, res.stopped_at_step  # fit keeps the recorded steps (the pruned structure); weights changed
 
 
 def quant_config(ctx: Context, params: dict[str, Any]) -> Any:
+    """The QuantConfig of a candidate: INT8 static PTQ with its choices, FP16, or None (FP32)."""
     from edgeslim.quantize._config import QuantConfig
 
-    return QuantConfig(
-        per_channel=params["per_channel"],
-        calibration=params["calibration"],
-        equalize=params["equalize"],
-        bias_correction=params["bias_correction"],
-        num_samples=ctx.space.calib_samples,
-        seed=ctx.seed,
-    )
+    if params.get("quantize"):
+        return QuantConfig(
+            per_channel=params["per_channel"],
+            calibration=params["calibration"],
+            equalize=params["equalize"],
+            bias_correction=params["bias_correction"],
+            num_samples=ctx.space.calib_samples,
+            seed=ctx.seed,
+        )
+    if params.get("fp16"):
+        return QuantConfig(mode="fp16")
+    return None
 
 
-def candidate_key(ctx: Context, fkey: str, params: dict[str, Any]) -> str:
-    qcfg = quant_config(ctx, params).to_dict() if params.get("quantize") else None
-    return key("candidate", fkey, qcfg, EXPORT_OPSET)
+MIXED_SENSITIVITY_SAMPLES = 500  # search-subset images each layer's sensitivity is scored on (mixed precision)
+
+
+def remaining_drop(ctx: Context, float_steps: dict[str, Any]) -> float:
+    """The accuracy drop left for quantization after pruning and recovery (torch, search subset), >= 0."""
+    last = [v for v in float_steps.values() if "torch_accuracy_search" in v]
+    acc = last[-1]["torch_accuracy_search"] if last else base_accuracy(ctx)
+    return max(0.0, float(ctx.budget.max_accuracy_drop or 0.0) - max(0.0, base_accuracy(ctx) - acc))
+
+
+def candidate_key(ctx: Context, fkey: str, params: dict[str, Any], float_steps: dict[str, Any] | None = None) -> str:
+    qcfg = quant_config(ctx, params)
+    mixed = None
+    if params.get("quantize") and params.get("mixed_precision"):
+        mixed = round(remaining_drop(ctx, float_steps or {}), 6), MIXED_SENSITIVITY_SAMPLES
+    return key("candidate", fkey, qcfg.to_dict() if qcfg else None, EXPORT_OPSET, *((mixed,) if mixed else ()))
 
 
 def build_candidate(ctx: Context, params: dict[str, Any]) -> tuple[nn.Module, Artifact, str, dict[str, Any]]:
     """Build (or load from the cache) one candidate: its torch model, its validated ONNX artifact, its cache key
     and the record of every step (time spent, whether it was cached, accuracy after it)."""
     model, fkey, steps = float_model(ctx, params)
-    ck = candidate_key(ctx, fkey, params)
+    ck = candidate_key(ctx, fkey, params, steps)
     with ctx.cache.claim("candidate", ck) as d:
         return _quantize_export(ctx, params, model, ck, d, steps)
+
+
+def _quantize(
+    ctx: Context, params: dict[str, Any], model: nn.Module, float_steps: dict[str, Any], rec: dict[str, Any]
+) -> nn.Module:
+    """INT8 PTQ (every layer, or mixed precision under the accuracy budget left) or FP16 of ``model``."""
+    from edgeslim.quantize._api import quantize
+
+    qcfg = quant_config(ctx, params)
+    if params.get("quantize") and params.get("mixed_precision"):
+        from edgeslim.quantize._sensitivity import BudgetConfig, quantize_with_budget
+
+        left = remaining_drop(ctx, float_steps)
+        res = quantize_with_budget(
+            model,
+            BudgetConfig(max_accuracy_drop=left, quant=qcfg, sensitivity_samples=MIXED_SENSITIVITY_SAMPLES),
+            data=(ctx.train, ctx.search_val),
+        )
+        rec["mixed_precision"] = {
+            "accuracy_budget_left": left,
+            "met": res.met,
+            "kept_float": list(res.kept_float),
+            "drop_torch": res.drop,
+            "scored_on": f"{len(ctx.search_val)} search-subset images (torch)",
+        }
+        return res.model
+    if params.get("quantize"):
+        return quantize(model, qcfg, data=ctx.train)
+    return quantize(model, qcfg, example_inputs=ctx.example_inputs)
 
 
 SEARCH_FLOORS_KW = {"float_min_cosine": -1.0, "float_min_sqnr_db": -1e9, "float_top1_agreement": 0.0}
@@ -203,22 +337,23 @@ def _quantize_export(
     ctx: Context, params: dict[str, Any], model: nn.Module, ck: str, d: Path, steps: dict[str, Any]
 ) -> tuple[nn.Module, Artifact, str, dict[str, Any]]:
     from edgeslim.export._api import ValidationFloors, export
-    from edgeslim.quantize._api import quantize
 
+    quantized = params.get("quantize") or params.get("fp16")
     meta = Cache.done(d)
     if meta:
-        final = load_step(ctx.base, d / "model.recipe") if params.get("quantize") else model
+        final = load_step(ctx.base, d / "model.recipe") if quantized else model
         steps["export"] = {**meta, "cached": True}
         return final, Artifact.load(d / "model.onnx"), ck, steps
+    ctx.check_deadline("quantization and export")
     t0 = time.perf_counter()
     final = model
     rec: dict[str, Any] = {}
-    if params.get("quantize"):
-        final = quantize(model, quant_config(ctx, params), data=ctx.train)
+    if quantized:
+        final = _quantize(ctx, params, model, steps, rec)
         save_step(final, d / "model.recipe")
         rec["quantize_seconds"] = round(time.perf_counter() - t0, 2)
         rec["quantize_summary"] = final.report.summary()
-        rec["layers_kept_float"] = [x["name"] for x in final.report.skipped_layers]
+        rec["layers_kept_float"] = [x["name"] for x in getattr(final.report, "skipped_layers", [])]
     t1 = time.perf_counter()
     # the file must compute what the model computes (export's own gate); how much INT8 lost against FP32 is the
     # budget's question, measured on the search data, so export's FP32 floors are off here (still recorded)
@@ -249,21 +384,36 @@ def latency_label(ctx: Context, runner_desc: str, runs: int) -> str:
     return f"predicted for {ctx.device.name}: {ctx.latency_how}; not measured on the device"
 
 
-def measure_candidate(ctx: Context, art: Artifact, ck: str, *, data: Any = None, cache: bool = True) -> dict[str, Any]:
+def deployment(ctx: Context, params: dict[str, Any] | None) -> tuple[str, int]:
+    """(runtime, threads) a candidate is deployed on: its searched choices, else the budget's."""
+    p = params or {}
+    return p.get("runtime") or ctx.budget.runtime, p.get("threads") or ctx.budget.threads
+
+
+def measure_candidate(
+    ctx: Context,
+    art: Artifact,
+    ck: str,
+    *,
+    data: Any = None,
+    cache: bool = True,
+    params: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """The figures the budget judges, each with where it came from.
 
-    Accuracy: top-1 measured on the budget's runtime on ``data`` (default: the search subset). Latency: median
-    batch-1 latency measured on the runtime (host) or predicted for the device. Size: the file's bytes. Peak
-    memory and energy only when the budget limits them.
+    Accuracy: top-1 measured on the candidate's runtime on ``data`` (default: the search subset). Latency: median
+    batch-1 latency measured on that runtime with its threads (host; :func:`deployment`) or predicted for the
+    device. Size: the file's bytes. Peak memory and energy only when the budget limits them.
     """
     b, sp = ctx.budget, ctx.space
     data = ctx.search_val if data is None else data
     need_mem, need_energy = b.max_peak_memory_mb is not None, b.max_energy_mj is not None
+    runtime, threads = deployment(ctx, params)
     mk = key(
         "measure",
         ck,
-        b.runtime,
-        b.threads,
+        runtime,
+        threads,
         b.target,
         sp.latency_runs,
         need_mem,
@@ -275,12 +425,12 @@ def measure_candidate(ctx: Context, art: Artifact, ck: str, *, data: Any = None,
         ctx.calibration.to_dict() if ctx.calibration else None,
     )
     if not cache:
-        return _measure(ctx, art, data, None)
+        return _measure(ctx, art, data, None, runtime, threads)
     with ctx.cache.claim("measure", mk) as d:
-        return Cache.done(d) or _measure(ctx, art, data, d)
+        return Cache.done(d) or _measure(ctx, art, data, d, runtime, threads)
 
 
-def _measure(ctx: Context, art: Artifact, data: Any, d: Path | None) -> dict[str, Any]:
+def _measure(ctx: Context, art: Artifact, data: Any, d: Path | None, runtime: str, threads: int) -> dict[str, Any]:
     from edgeslim.runtime._measure import measure
 
     b, sp = ctx.budget, ctx.space
@@ -289,8 +439,8 @@ def _measure(ctx: Context, art: Artifact, data: Any, d: Path | None) -> dict[str
     m = measure(
         art,
         data=data,
-        runtime=b.runtime,
-        threads=(b.threads,),
+        runtime=runtime,
+        threads=(threads,),
         runs=1,
         warmup=0,
         peak_memory=need_mem and b.on_host,
@@ -306,7 +456,7 @@ def _measure(ctx: Context, art: Artifact, data: Any, d: Path | None) -> dict[str
     if b.on_host:
         from edgeslim.runtime import RUNTIMES, latency
 
-        runner = RUNTIMES.get(b.runtime)(art, threads=b.threads)
+        runner = RUNTIMES.get(runtime)(art, threads=threads)
         lat = latency(runner, data.normalized()[:1].numpy(), warmup=10, runs=sp.latency_runs)
         figs["latency_ms"] = lat["p50_ms"]
         prov["latency_ms"] = latency_label(ctx, runner.describe(), lat["runs"])
@@ -335,6 +485,7 @@ def _measure(ctx: Context, art: Artifact, data: Any, d: Path | None) -> dict[str
     out = {
         "figures": figs,
         "provenance": prov,
+        "deployment": {"runtime": runtime, "threads": threads},
         "seconds": round(time.perf_counter() - t0, 2),
         "samples": len(data),
         "data": f"{data.name}/{data.split}",
@@ -342,14 +493,18 @@ def _measure(ctx: Context, art: Artifact, data: Any, d: Path | None) -> dict[str
     return Cache.finish(d, out) if d is not None else out
 
 
-def interleaved_latency(ctx: Context, paths: list[Path], rounds: int = 3) -> list[float]:
-    """Median batch-1 latency (ms) of each file over ``rounds`` interleaved rounds on the budget's runtime (so
-    drifting load on a shared host hits every file alike): :func:`edgeslim.runtime.interleaved_latency`."""
+def interleaved_latency(
+    ctx: Context, paths: list[Path], rounds: int = 3, deployments: list[tuple[str, int]] | None = None
+) -> list[float]:
+    """Median batch-1 latency (ms) of each file over ``rounds`` interleaved rounds, each on its (runtime, threads)
+    deployment (default: the budget's), so drifting load on a shared host hits every file alike
+    (:func:`edgeslim.runtime.interleaved_latency`)."""
     from edgeslim.runtime import RUNTIMES
     from edgeslim.runtime import interleaved_latency as interleaved
 
     b = ctx.budget
-    runners = {str(i): RUNTIMES.get(b.runtime)(p, threads=b.threads) for i, p in enumerate(paths)}
+    deps = deployments or [(b.runtime, b.threads)] * len(paths)
+    runners = {str(i): RUNTIMES.get(rt)(p, threads=th) for i, (p, (rt, th)) in enumerate(zip(paths, deps, strict=True))}
     got = interleaved(runners, ctx.val.normalized()[:1].numpy(), rounds=rounds, runs=ctx.space.latency_runs)
     return [float(got[str(i)]["median_of_rounds_ms"]) for i in range(len(paths))]
 

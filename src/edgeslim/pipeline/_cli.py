@@ -50,8 +50,9 @@ def add_optimize_parser(
     o.add_argument(
         "--space",
         metavar="YAML",
-        help="search Space YAML, or 'ptq' (INT8 PTQ variants only: no pruning "
-        "or training); default: edgeslim's default space",
+        help="search Space YAML, or 'ptq' (INT8 PTQ variants only: no pruning or training) or 'full' (the "
+        "default space + mixed precision, FP16, ONNX Runtime vs OpenVINO where installed); default: edgeslim's "
+        "default space (pruning to 75%% MACs, fine-tune or distillation recovery, INT8 variants)",
     )
     o.add_argument(
         "--max-drop",

@@ -48,8 +48,10 @@ from edgeslim.pipeline import _store
 from edgeslim.pipeline._budget import Budget, Prefer, Violation
 from edgeslim.pipeline._candidate import (
     Context,
+    DeadlineReached,
     Gated,
     build_candidate,
+    deployment,
     early_layers,
     interleaved_latency,
     measure_candidate,
@@ -82,9 +84,9 @@ class OptimizeReport:
         c = d["chosen"]
         t = d["trials"]
         head = (
-            f"optimize: {t['complete']} trials ({t['failed']} failed, {t['gated']} gated before fine-tuning, "
-            f"{t['duplicates']} duplicates skipped) in {d['seconds']:.0f} s; chosen trial {c['trial']}: "
-            f"{c['description']}"
+            f"optimize: {t['complete']} trials ({t['failed']} failed, {t['gated']} gated before recovery, "
+            f"{t.get('deadline', 0)} stopped by max_minutes, {t['duplicates']} duplicates skipped) in "
+            f"{d['seconds']:.0f} s; chosen trial {c['trial']}: {c['description']}"
         )
         fin, base = c["final"], d["baseline_final"]
         lines = [
@@ -158,6 +160,26 @@ def _check_args(
     return data[0], data[1]
 
 
+def _check_space_fits_budget(space: Space, budget: Budget) -> None:
+    """The space's choices that need something of the budget: one clear line when they do not fit it."""
+    if True in space.mixed_precision and budget.max_accuracy_drop is None:
+        raise ConfigError(
+            "Space.mixed_precision=true keeps layers float under the accuracy budget left after pruning; "
+            "it needs Budget.max_accuracy_drop (None given)"
+        )
+    if (space.runtimes or space.threads) and not budget.on_host:
+        raise ConfigError(
+            f"Space.runtimes={space.runtimes!r} / Space.threads={space.threads!r} are deployment choices measured "
+            f"on this host; Budget.target={budget.target!r} predicts latency for a device: leave them empty"
+        )
+    over = [t for t in space.threads if t > budget.threads]
+    if over:
+        raise ConfigError(
+            f"Space.threads={space.threads!r} has {over[0]} > Budget.threads={budget.threads} (the threads the "
+            "deployment may use); give thread counts up to the budget's"
+        )
+
+
 def _import_optuna() -> Any:
     try:
         import optuna
@@ -196,8 +218,10 @@ def optimize(
         max_trials: stop after this many finished trials in the study (completed or failed; counted over resumes
             and workers: a worker starts a trial only while finished + running trials are fewer). Default: 40 when
             ``max_minutes`` is not given either.
-        max_minutes: stop starting new trials after this many minutes of this call (the final re-measurement
-            comes after).
+        max_minutes: the search's time: no trial starts after this many minutes of this call, and a trial
+            running then stops cleanly (recovery within one optimizer step, other steps before they start; its
+            candidate is recorded as pruned with ``deadline`` and queued again on resume, nothing partial is
+            cached). The last measurement running at the deadline and the final re-measurement come after.
         out: the run folder (``study.db``, ``cache/``, ``chosen/``, ``report.*``).
         storage: an Optuna RDB URL shared by several workers (``postgresql://user@host/db``; each worker calls
             optimize with the same arguments, or runs ``edgeslim optimize --resume out --worker``); default: the
@@ -226,6 +250,7 @@ def optimize(
     t_start = time.perf_counter()
     train, val = _check_args(model, data, budget, space, max_trials, max_minutes, seed)
     space = space or Space()
+    _check_space_fits_budget(space, budget)
     if max_trials is None and max_minutes is None:
         max_trials = DEFAULT_TRIALS
         log.info("optimize: neither max_trials nor max_minutes given; stopping after %d trials", DEFAULT_TRIALS)
@@ -339,7 +364,9 @@ def _requeue_interrupted(study: Any) -> list[int]:
     retried = {t.user_attrs.get("retry_of") for t in trials}
     out = []
     for t in trials:
-        if t.state == TrialState.FAIL and t.user_attrs.get("interrupted") and t.number not in retried:
+        stopped = t.state == TrialState.FAIL and t.user_attrs.get("interrupted")
+        stopped = stopped or (t.state == TrialState.PRUNED and "deadline" in t.user_attrs)  # max_minutes hit
+        if stopped and t.number not in retried:
             study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
             out.append(t.number)
     return out
@@ -405,6 +432,17 @@ def _finished(study: Any) -> list[Any]:
     ]
 
 
+def _recal_best(study: Any) -> dict[float, float]:
+    """The best BatchNorm-recalibrated accuracy recorded per pruning depth (the relative multi-fidelity gate)."""
+    best: dict[float, float] = {}
+    for t in study.get_trials(deepcopy=False):
+        acc, p = t.user_attrs.get("recal_accuracy"), t.user_attrs.get("params") or {}
+        if acc is not None and p.get("target_macs"):
+            k = float(p["target_macs"])
+            best[k] = max(best.get(k, acc), acc)
+    return best
+
+
 def _search(
     study: Any,
     ctx: Context,
@@ -427,6 +465,7 @@ def _search(
 
     space, budget = ctx.space, ctx.budget
     deadline = t_start + max_minutes * 60 if max_minutes else None
+    ctx.deadline = deadline  # trials stop cleanly at it (see build_candidate)
     candidates = space.all_candidates()
     n_space = len(candidates)
     bar = _progress_bar(max_trials, len(_finished(study)), progress)
@@ -445,7 +484,10 @@ def _search(
             for t in study.get_trials(
                 deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
             )
-            if "duplicate_of" not in t.user_attrs and "params" in t.user_attrs and t.number != trial.number
+            if "duplicate_of" not in t.user_attrs
+            and "deadline" not in t.user_attrs
+            and "params" in t.user_attrs
+            and t.number != trial.number
         }
         if (dup := taken.get(repr(params))) is not None:
             last["duplicate"] = True
@@ -461,6 +503,7 @@ def _search(
                 )
             what = "running" if dup.state == TrialState.RUNNING else "tried"
             raise optuna.TrialPruned(f"same candidate as trial {dup.number} ({what})")
+        ctx.recal_best = _recal_best(study)
         return params
 
     def objective(trial: Any) -> tuple[float, float]:
@@ -471,20 +514,27 @@ def _search(
         t0 = time.perf_counter()
         try:
             _, art, ck, steps = build_candidate(ctx, params)
-            m = measure_candidate(ctx, art, ck)
+            m = measure_candidate(ctx, art, ck, params=params)
         except KeyboardInterrupt:
             trial.set_user_attr("interrupted", True)
             raise
         except Gated as g:
             trial.set_user_attr("gated", str(g))
+            if g.recal_accuracy is not None:
+                trial.set_user_attr("recal_accuracy", g.recal_accuracy)
             trial.set_user_attr("seconds", round(time.perf_counter() - t0, 2))
-            log.info("trial %d (%s) %s", trial.number, describe(params), g)
+            log.info("trial %d (%s) %s", trial.number, describe(params, space), g)
             raise optuna.TrialPruned(str(g)) from None
+        except DeadlineReached as dl:
+            trial.set_user_attr("deadline", str(dl))
+            trial.set_user_attr("seconds", round(time.perf_counter() - t0, 2))
+            log.info("trial %d (%s) %s", trial.number, describe(params, space), dl)
+            raise optuna.TrialPruned(str(dl)) from None
         except Exception as e:
             msg = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
             trial.set_user_attr("error", msg)
             trial.set_user_attr("seconds", round(time.perf_counter() - t0, 2))
-            log.warning("trial %d (%s) failed: %s", trial.number, describe(params), msg)
+            log.warning("trial %d (%s) failed: %s", trial.number, describe(params, space), msg)
             if not isinstance(e, EdgeslimError):
                 log.debug("trial %d traceback", trial.number, exc_info=True)
             raise _TrialError(msg) from None
@@ -494,6 +544,9 @@ def _search(
         trial.set_user_attr("provenance", m["provenance"])
         trial.set_user_attr("violations", [v.to_dict() for v in viol])
         trial.set_user_attr("steps", steps)
+        trial.set_user_attr("deployment", m.get("deployment"))
+        if "prune" in steps:
+            trial.set_user_attr("recal_accuracy", steps["prune"]["torch_accuracy_search"])
         trial.set_user_attr("seconds", round(time.perf_counter() - t0, 2))
         for k, v in budget.constraint_values(figs, baseline["figures"]).items():
             trial.set_constraint(k, v)
@@ -553,6 +606,7 @@ def _search(
                 bar.update(1)
                 bar.set_postfix_str(_best_text(study, ctx, baseline, deadline), refresh=True)
     finally:
+        ctx.deadline = None  # the final re-measurement and the report come after the search's time
         if bar is not None:
             bar.close()
     log.info("optimize: search stopped: %s", stopped)
@@ -614,19 +668,19 @@ def _final_figures(
     ck: str,
     base_art: Artifact,
     base_ck: str,
+    params: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(candidate, baseline) figures on the whole validation split; host latency re-measured interleaved."""
-    cand = measure_candidate(ctx, art, ck, data=ctx.val, cache=False)
+    """(candidate, baseline) figures on the whole validation split; host latency re-measured interleaved (the
+    candidate on its deployment's runtime and threads, the baseline on the budget's)."""
+    cand = measure_candidate(ctx, art, ck, data=ctx.val, cache=False, params=params)
     base = measure_candidate(ctx, base_art, base_ck, data=ctx.val, cache=True)
     base = {**base, "figures": dict(base["figures"]), "provenance": dict(base["provenance"])}
     if ctx.budget.on_host:
-        b_ms, c_ms = interleaved_latency(ctx, [base_art.path, art.path])
-        how = (
-            f"{cand['provenance']['latency_ms']}; re-measured after the search, 3 rounds interleaved with the "
-            "FP32 baseline, median of the rounds"
-        )
-        cand["figures"]["latency_ms"], cand["provenance"]["latency_ms"] = c_ms, how
-        base["figures"]["latency_ms"], base["provenance"]["latency_ms"] = b_ms, how
+        deps = [deployment(ctx, None), deployment(ctx, params)]
+        b_ms, c_ms = interleaved_latency(ctx, [base_art.path, art.path], deployments=deps)
+        how = "; re-measured after the search, 3 rounds interleaved with the FP32 baseline, median of the rounds"
+        cand["figures"]["latency_ms"], cand["provenance"]["latency_ms"] = c_ms, cand["provenance"]["latency_ms"] + how
+        base["figures"]["latency_ms"], base["provenance"]["latency_ms"] = b_ms, base["provenance"]["latency_ms"] + how
     return cand, base
 
 
@@ -650,7 +704,7 @@ def _finish(
     tried: list[tuple[Any, dict, dict, list[Violation]]] = []
     for t in ranked[: FINAL_CANDIDATES if feasible else 1]:
         _, art, ck, _ = build_candidate(ctx, t.user_attrs["params"])
-        cand, base = _final_figures(ctx, art, ck, base_art, base_ck)
+        cand, base = _final_figures(ctx, art, ck, base_art, base_ck, t.user_attrs["params"])
         tried.append((t, cand, base, budget.check(cand["figures"], base["figures"])))
         if not tried[-1][3]:
             break
@@ -677,12 +731,14 @@ def _finish(
     paths, recipe = _save_chosen(ctx, out, chosen_params, chosen_no, model, art, not viol)
     lost = {t.user_attrs["retry_of"] for t in trials if "worker_lost" in t.user_attrs}  # failed by a heartbeat
     counts = {s.name.lower(): 0 for s in TrialState}
-    dups = gated = 0
+    dups = gated = stopped_by_deadline = 0
     for t in trials:
         if "duplicate_of" in t.user_attrs:
             dups += 1
         elif "gated" in t.user_attrs:
             gated += 1
+        elif "deadline" in t.user_attrs:
+            stopped_by_deadline += 1
         else:
             counts[t.state.name.lower()] += 1
     doc = {
@@ -713,11 +769,12 @@ def _finish(
             "failed": counts.get("fail", 0),
             "duplicates": dups,
             "gated": gated,
+            "deadline": stopped_by_deadline,
             "running": counts.get("running", 0),
             "waiting": counts.get("waiting", 0),
             "worker_lost": sorted(lost),
             "workers": sorted({t.user_attrs["worker"] for t in trials if "worker" in t.user_attrs}),
-            "rows": [{**_trial_row(t), "worker_lost": t.number in lost} for t in trials],
+            "rows": [{**_trial_row(t, ctx.space), "worker_lost": t.number in lost} for t in trials],
         },
         "final_candidates": [
             {"trial": r[0].number, "final": r[1]["figures"], "violations": [v.to_dict() for v in r[3]]} for r in tried
@@ -725,7 +782,8 @@ def _finish(
         "chosen": {
             "trial": chosen_no,
             "params": chosen_params,
-            "description": describe(chosen_params),
+            "description": describe(chosen_params, ctx.space),
+            "deployment": dict(zip(("runtime", "threads"), deployment(ctx, chosen_params), strict=True)),
             "meets_budget": not viol,
             "violations": [v.to_dict() for v in viol],
             "final": cand["figures"],
@@ -752,18 +810,21 @@ def _finish(
     )
 
 
-def _trial_row(t: Any) -> dict[str, Any]:
+def _trial_row(t: Any, space: Space) -> dict[str, Any]:
     u = t.user_attrs
     return {
         "number": t.number,
         "state": t.state.name.lower(),
         "params": u.get("params", t.params),
-        "description": describe(u["params"]) if "params" in u else "",
+        "description": describe(u["params"], space) if "params" in u else "",
         "figures": u.get("figures"),
         "violations": u.get("violations"),
         "error": u.get("error"),
         "duplicate_of": u.get("duplicate_of"),
         "gated": u.get("gated"),
+        "deadline": u.get("deadline"),
+        "recal_accuracy": u.get("recal_accuracy"),
+        "deployment": u.get("deployment"),
         "seconds": u.get("seconds"),
         "requeued": u.get("requeued"),
         "retry_of": u.get("retry_of"),
@@ -792,7 +853,12 @@ def _save_chosen(
         art.precision,
         art.input_shape,
         art.validation,
-        {**art.meta, "optimize_trial": trial, "meets_budget": meets},
+        {
+            **art.meta,
+            "optimize_trial": trial,
+            "meets_budget": meets,
+            "deployment": dict(zip(("runtime", "threads"), deployment(ctx, params), strict=True)),
+        },
     )
     chosen_art.save_record(force=True)
     _recipe.save(model, d / "model.recipe", force=True)
@@ -800,7 +866,8 @@ def _save_chosen(
         "format": RECIPE_FORMAT,
         "trial": trial,
         "params": params,
-        "description": describe(params),
+        "description": describe(params, ctx.space),
+        "deployment": dict(zip(("runtime", "threads"), deployment(ctx, params), strict=True)),
         "steps": [{k: st.get(k) for k in ("technique", "config", "summary")} for st in _recipe.steps_of(model)],
         "base_model": {"class": type(ctx.base).__name__, "sha256": _store.state_hash(ctx.base)},
         "space": ctx.space.to_dict(),

@@ -172,6 +172,12 @@ def _fig(f: dict[str, Any] | None, k: str) -> str:
     return f"{100 * v:.2f}%" if k == "accuracy" else f"{v:.4g}"
 
 
+def _deploy(doc: dict[str, Any]) -> str:
+    """The chosen candidate's runtime and threads (the budget's unless the space searched them)."""
+    d = doc["chosen"].get("deployment") or {"runtime": doc["runtime"], "threads": doc["threads"]}
+    return f"runtime {d['runtime']}, {d['threads']} thread(s)"
+
+
 def _trial_cells(r: dict[str, Any], base: dict[str, Any]) -> list[str]:
     f = r.get("figures")
     drop = f"{100 * (f['accuracy'] - base['accuracy']):+.2f}" if f else "—"
@@ -182,6 +188,8 @@ def _trial_cells(r: dict[str, Any], base: dict[str, Any]) -> list[str]:
         status = "failed: " + r["error"]
     elif r.get("gated"):
         status = "gated: " + r["gated"]
+    elif r.get("deadline"):
+        status = "stopped by max_minutes: " + r["deadline"]
     elif r.get("worker_lost"):
         status = f"its worker ({r.get('worker') or '?'}) stopped answering; re-queued"
     elif r["state"] != "complete":
@@ -294,6 +302,7 @@ def markdown(doc: dict[str, Any]) -> str:
         + [
             f"- target: {esc(doc['target'])} ({esc(doc['latency_source'])}), runtime {esc(doc['runtime'])}, "
             f"{doc['threads']} thread(s)",
+            f"- chosen deployment: {esc(_deploy(doc))}",
             "",
             "## Final figures (re-measured after the search)",
             "",
@@ -374,7 +383,7 @@ def html_page(doc: dict[str, Any]) -> str:
         "<h2>Budget</h2><ul>"
         + "".join(f"<li>{e(x)}</li>" for x in doc["budget_lines"])
         + f"<li>target {e(doc['target'])} ({e(doc['latency_source'])}), runtime {e(doc['runtime'])}, "
-        f"{doc['threads']} thread(s)</li></ul>"
+        f"{doc['threads']} thread(s)</li><li>chosen deployment: {e(_deploy(doc))}</li></ul>"
         "<h2>Final figures (re-measured after the search)</h2>"
         + table(*_final_table(doc))
         + "<h2>Pareto plots (search figures)</h2>"

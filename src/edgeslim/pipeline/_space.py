@@ -1,44 +1,76 @@
 """The search space of :func:`edgeslim.optimize`: which chains of the existing verbs are tried.
 
-A candidate is ``[channel prune (+ BatchNorm recalibration) (+ recovery fine-tune)] -> [INT8 PTQ] -> ONNX``.
-Every dimension is a tuple of choices (a one-choice tuple fixes it); dimensions that do not apply are left
-out of a trial (no pruning: no fine-tune steps; no quantization: no calibration method), so every distinct
-candidate has one canonical parameter dict.
+A candidate is ``[channel prune (+ BatchNorm recalibration) (+ recovery: fine-tune or distillation from the input
+model)] -> [INT8 PTQ (per-channel/per-tensor, CLE, bias correction, mixed precision) | FP16 | FP32] -> ONNX ->
+deployment (runtime, threads)``. Every dimension is a tuple of choices (a one-choice tuple fixes it); dimensions
+that do not apply are left out of a trial (no pruning: no recovery; no quantization: no calibration method), so
+every distinct candidate has one canonical parameter dict.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
+import math
 from dataclasses import dataclass
 from typing import Any
 
 from edgeslim.core.config import Config
 
+log = logging.getLogger(__name__)
+
 #: the canonical parameter names, in the order steps run
 PARAMS = (
     "target_macs",
+    "prune_scope",
     "keep_early",
     "recalibrate_bn",
     "finetune_steps",
+    "recovery",
     "quantize",
     "per_channel",
     "calibration",
     "equalize",
     "bias_correction",
+    "mixed_precision",
+    "fp16",
+    "runtime",
+    "threads",
 )
-PRUNE_PARAMS = ("keep_early", "recalibrate_bn", "finetune_steps")
-QUANT_PARAMS = ("per_channel", "calibration", "equalize", "bias_correction")
+PRUNE_PARAMS = ("prune_scope", "keep_early", "recalibrate_bn", "finetune_steps")
+QUANT_PARAMS = ("per_channel", "calibration", "equalize", "bias_correction", "mixed_precision")
+RECOVERIES = ("finetune", "distill")
+SCOPES = ("layer", "global")
 _DIMS = {
     "target_macs": "target_macs",
+    "prune_scope": "prune_scope",
     "keep_early": "keep_early_layers",
     "recalibrate_bn": "recalibrate_bn",
     "finetune_steps": "finetune_steps",
+    "recovery": "recovery",
     "quantize": "quantize",
     "per_channel": "per_channel",
     "calibration": "calibration",
     "equalize": "equalize",
     "bias_correction": "bias_correction",
+    "mixed_precision": "mixed_precision",
+    "fp16": "fp16",
+    "runtime": "runtimes",
+    "threads": "threads",
 }
+#: the pruning depth the ``finetune_steps`` choices are given at (see :func:`recovery_steps`)
+STEPS_AT_MACS = 0.5
+
+
+def recovery_steps(space: Space, params: dict[str, Any]) -> int:
+    """The recovery steps of a pruned candidate: its ``finetune_steps`` choice, given at 50 % of the MACs removed,
+    scaled linearly with the pruning depth when ``space.scale_steps`` (300 at 50 % -> 450 at 75 %, 180 at 30 %)."""
+    n = params.get("finetune_steps") or 0
+    if not n or not params.get("target_macs"):
+        return 0
+    if not space.scale_steps:
+        return int(n)
+    return max(1, math.ceil(n * params["target_macs"] / STEPS_AT_MACS))
 
 
 @dataclass(frozen=True)
@@ -47,6 +79,8 @@ class Space(Config):
 
     Attributes:
         target_macs: channel-pruning choices: the fraction of multiply-accumulates removed (0 = no pruning).
+        prune_scope: channel ranking choices: ``layer`` (every layer loses the same share of its channels) or
+            ``global`` (channels ranked across layers, each layer capped at 90 %); both searched to ``target_macs``.
         keep_early_layers: choices for leaving the early layers whole (small, launch-bound layers where pruning
             buys little time and costs accuracy).
         early_layers: module-name globs of the early layers; empty = the first quarter of the convolutions.
@@ -54,17 +88,38 @@ class Space(Config):
         round_to: kept channel counts are multiples of this (SIMD-friendly widths).
         recalibrate_bn: choices for re-estimating BatchNorm statistics after pruning.
         bn_samples: training images the BatchNorm statistics are re-estimated on.
-        finetune_steps: recovery fine-tune choices after pruning, in optimizer steps (0 = none).
-        finetune_lr: peak learning rate of the recovery fine-tune (SGD, cosine decay).
-        finetune_batch_size: batch size of the recovery fine-tune.
-        finetune_gate: multi-fidelity: a pruned candidate whose BatchNorm-recalibrated accuracy (torch, search
-            subset) is more than this fraction below the input model's is not fine-tuned (the trial is recorded
-            as gated); recalibrated accuracy ranks pruned candidates as fine-tuning will (EagleEye). None: off.
+        finetune_steps: recovery step-budget choices after pruning, in optimizer steps at 50 % of the MACs
+            removed (0 = no recovery); with ``scale_steps`` a candidate gets them scaled linearly with its pruning
+            depth (:func:`recovery_steps`).
+        scale_steps: scale the recovery steps with the pruning depth (deeper pruning, longer recovery).
+        recovery: how a pruned candidate recovers: ``finetune`` (cross-entropy on the labels) or ``distill``
+            (``edgeslim.distill`` from the input model: logit KD at temperature 4 + cross-entropy).
+        finetune_lr: peak learning rate of the recovery (SGD, cosine decay).
+        finetune_batch_size: batch size of the recovery.
+        finetune_gate: multi-fidelity, absolute rule: a pruned candidate whose BatchNorm-recalibrated accuracy
+            (torch, search subset) is more than this fraction below the input model's is not recovered (the
+            trial is recorded as gated). None: off. The default only gates models left near chance: deep pruning
+            is often near chance before recovery (MobileNetV2 on Fashion-MNIST at 75 % MACs removed: 14-15 %
+            after recalibration, from 93 %), so the relative rule does the ranking.
+        gate_margin: multi-fidelity, relative rule (EagleEye: recalibrated accuracy ranks pruned candidates as
+            recovery will): a pruned candidate whose recalibrated accuracy is more than this fraction below the
+            best recalibrated accuracy recorded in the study at the same pruning depth is not recovered (gated).
+            None: off.
         quantize: choices for INT8 post-training quantization.
         per_channel: choices for per-channel (else per-tensor) weight scales.
         calibration: activation-range methods tried (``edgeslim.quantize.CALIBRATORS``).
         equalize: choices for cross-layer equalization (CLE) before quantization.
         bias_correction: choices for bias correction after quantization.
+        mixed_precision: choices for INT8 with the most sensitive layers kept float
+            (``edgeslim.quantize.quantize_with_budget``) under the accuracy budget left after pruning and recovery
+            (needs ``Budget.max_accuracy_drop``); False: every supported layer INT8.
+        fp16: choices for FP16 weights and activations when not quantized to INT8 (on x86 CPUs FP16 usually runs
+            slower than FP32: measured, never assumed).
+        runtimes: deployment choices: runtimes the candidate's ONNX file is measured and chosen on (``onnxruntime``,
+            ``openvino``, ...); empty: the budget's runtime only. Speedups stay relative to the FP32 file on the
+            budget's runtime.
+        threads: deployment choices: intra-op thread counts (each at most ``Budget.threads``, the cores the
+            deployment may use); empty: the budget's threads only.
         calib_samples: calibration images (class-balanced, from the training split).
         cheap_trials: PTQ-only candidates queued first (no training; seconds each), before the sampler's.
         search_samples: validation images accuracy is measured on during the search (a seeded subset; the
@@ -73,22 +128,30 @@ class Space(Config):
     """
 
     kind = "search_space"
-    target_macs: tuple[float, ...] = (0.0, 0.2, 0.35, 0.5)
+    target_macs: tuple[float, ...] = (0.0, 0.35, 0.5, 0.65, 0.75)
+    prune_scope: tuple[str, ...] = ("layer", "global")
     keep_early_layers: tuple[bool, ...] = (True, False)
     early_layers: tuple[str, ...] = ()
     importance: str = "l1"
     round_to: int = 8
     recalibrate_bn: tuple[bool, ...] = (True,)
     bn_samples: int = 1024
-    finetune_steps: tuple[int, ...] = (0, 300)
+    finetune_steps: tuple[int, ...] = (0, 300, 1000)
+    scale_steps: bool = True
+    recovery: tuple[str, ...] = ("finetune", "distill")
     finetune_lr: float = 0.01
     finetune_batch_size: int = 64
-    finetune_gate: float | None = 0.3
+    finetune_gate: float | None = 0.8
+    gate_margin: float | None = 0.05
     quantize: tuple[bool, ...] = (True, False)
     per_channel: tuple[bool, ...] = (True, False)
     calibration: tuple[str, ...] = ("minmax", "percentile", "mse")
     equalize: tuple[bool, ...] = (False, True)
     bias_correction: tuple[bool, ...] = (False, True)
+    mixed_precision: tuple[bool, ...] = (False,)
+    fp16: tuple[bool, ...] = (False,)
+    runtimes: tuple[str, ...] = ()
+    threads: tuple[int, ...] = ()
     calib_samples: int = 512
     cheap_trials: int = 4
     search_samples: int = 2000
@@ -98,7 +161,16 @@ class Space(Config):
         from edgeslim.prune._importance import IMPORTANCE
         from edgeslim.quantize._calibrate import CALIBRATORS
 
-        for f in ("keep_early_layers", "recalibrate_bn", "quantize", "per_channel", "equalize", "bias_correction"):
+        for f in (
+            "keep_early_layers",
+            "recalibrate_bn",
+            "quantize",
+            "per_channel",
+            "equalize",
+            "bias_correction",
+            "mixed_precision",
+            "fp16",
+        ):
             v = getattr(self, f)
             if not isinstance(v, tuple) or not v or not all(isinstance(x, bool) for x in v) or len(set(v)) != len(v):
                 raise self._bad(f, "must be a non-empty list of distinct booleans (true/false), e.g. [true, false]")
@@ -114,6 +186,20 @@ class Space(Config):
             or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in self.finetune_steps)
         ):
             raise self._bad("finetune_steps", "must be distinct integers >= 0 (0 = no fine-tune), e.g. [0, 300]")
+        for f, allowed in (("prune_scope", SCOPES), ("recovery", RECOVERIES)):
+            v = getattr(self, f)
+            if not isinstance(v, tuple) or not v or len(set(v)) != len(v) or not all(x in allowed for x in v):
+                raise self._bad(f, f"must be a non-empty list of distinct names from: {', '.join(allowed)}")
+        if not isinstance(self.runtimes, tuple) or len(set(self.runtimes)) != len(self.runtimes):
+            raise self._bad("runtimes", "must be distinct runtime names (empty: the budget's runtime)")
+        for rt in self.runtimes:
+            _check_runtime(self, rt)
+        if (
+            not isinstance(self.threads, tuple)
+            or len(set(self.threads)) != len(self.threads)
+            or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in self.threads)
+        ):
+            raise self._bad("threads", "must be distinct integers >= 1 (empty: the budget's threads)")
         if not self.calibration or len(set(self.calibration)) != len(self.calibration):
             raise self._bad("calibration", f"must be distinct names from: {', '.join(CALIBRATORS.names())}")
         for c in self.calibration:
@@ -136,12 +222,12 @@ class Space(Config):
             v = getattr(self, f)
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise self._bad(f, f"must be an integer >= {lo}")
-        if self.finetune_gate is not None and (
-            isinstance(self.finetune_gate, bool)
-            or not isinstance(self.finetune_gate, (int, float))
-            or not 0 <= self.finetune_gate <= 1
-        ):
-            raise self._bad("finetune_gate", "must be a fraction in [0, 1] (0.3 = 30 points) or None (off)")
+        for f in ("finetune_gate", "gate_margin"):
+            v = getattr(self, f)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1):
+                raise self._bad(f, "must be a fraction in [0, 1] (0.3 = 30 points) or None (off)")
+        if not isinstance(self.scale_steps, bool):
+            raise self._bad("scale_steps", "must be true or false")
         if (
             isinstance(self.finetune_lr, bool)
             or not isinstance(self.finetune_lr, (int, float))
@@ -151,15 +237,20 @@ class Space(Config):
 
     # ------------------------------------------------------------------------------------------ params
     def choices(self, name: str) -> tuple[Any, ...]:
-        return tuple(getattr(self, _DIMS[name]))
+        """The choices of dimension ``name``; ``(None,)`` for a deployment dimension left to the budget."""
+        return tuple(getattr(self, _DIMS[name])) or (None,)
 
     @staticmethod
     def active(name: str, params: dict[str, Any]) -> bool:
         """Whether dimension ``name`` applies given the earlier choices in ``params``."""
         if name in PRUNE_PARAMS:
             return bool(params.get("target_macs"))
+        if name == "recovery":
+            return bool(params.get("target_macs")) and bool(params.get("finetune_steps"))
         if name in QUANT_PARAMS:
             return bool(params.get("quantize"))
+        if name == "fp16":
+            return not params.get("quantize")
         return True
 
     def suggest(self, trial: Any) -> dict[str, Any]:
@@ -224,6 +315,8 @@ class Space(Config):
 PRESETS: dict[str, dict[str, Any]] = {
     # INT8 PTQ variants only (per-channel x calibration x CLE x bias correction): no pruning, no training
     "ptq": {"target_macs": (0.0,), "quantize": (True,)},
+    # the default space plus mixed precision, FP16 and ONNX Runtime vs OpenVINO (those installed here)
+    "full": {"mixed_precision": (False, True), "fp16": (False, True), "runtimes": ("onnxruntime", "openvino")},
 }
 
 
@@ -234,22 +327,50 @@ def space_from(name_or_yaml: str) -> Space:
     from edgeslim.core.errors import ConfigError
 
     if name_or_yaml in PRESETS:
-        return Space(**PRESETS[name_or_yaml])
+        kw = dict(PRESETS[name_or_yaml])
+        if "runtimes" in kw:  # a preset names the runtimes worth trying; only those installed here are searched
+            from edgeslim.runtime import missing
+
+            kw["runtimes"] = tuple(r for r in kw["runtimes"] if not missing(r))
+            gone = set(PRESETS[name_or_yaml]["runtimes"]) - set(kw["runtimes"])
+            if gone:
+                log.warning("space %s: runtime(s) %s not installed here, not searched", name_or_yaml, sorted(gone))
+        return Space(**kw)
     if not Path(name_or_yaml).exists():
         raise ConfigError(f"space {name_or_yaml!r} is neither a YAML file nor a preset (presets: {', '.join(PRESETS)})")
     return Space.from_yaml(Path(name_or_yaml))
 
 
-def describe(params: dict[str, Any]) -> str:
-    """A candidate in words, e.g. ``prune 35% MACs (early kept, BN recal, 300 ft steps) + INT8 per-channel mse``."""
+def _check_runtime(space: Space, name: str) -> None:
+    from edgeslim.core.errors import near
+    from edgeslim.runtime import RUNTIMES, missing
+
+    onnx_runtimes = [n for n in RUNTIMES.names() if "onnx" in RUNTIMES.get(n).formats]
+    if name not in onnx_runtimes:
+        raise space._bad(
+            "runtimes",
+            f"has {name!r}{near(str(name), onnx_runtimes)}; optimize deploys ONNX files, valid: "
+            f"{', '.join(onnx_runtimes)}",
+        )
+    how = missing(name)
+    if how:
+        raise space._bad("runtimes", f"has {name!r}, which is not installed here; install it with: {how}")
+
+
+def describe(params: dict[str, Any], space: Space | None = None) -> str:
+    """A candidate in words, e.g. ``prune 50% MACs (global, early kept, BN recal, distill 300 steps) + INT8
+    per-channel mse + CLE on openvino, 1 thread`` (with ``space``, the recovery steps are the scaled count)."""
     parts = []
     if params.get("target_macs"):
+        steps = recovery_steps(space, params) if space is not None else params.get("finetune_steps")
+        rec = params.get("recovery") or "finetune"
         extra = [
             x
             for x in (
+                "global" if params.get("prune_scope") == "global" else "",
                 "early kept" if params.get("keep_early") else "",
                 "BN recal" if params.get("recalibrate_bn") else "",
-                f"{params['finetune_steps']} ft steps" if params.get("finetune_steps") else "",
+                (f"{rec} {steps} steps" if space is not None else f"{rec} {steps} steps at 50%") if steps else "",
             )
             if x
         ]
@@ -257,11 +378,26 @@ def describe(params: dict[str, Any]) -> str:
     if params.get("quantize"):
         extra = [
             x
-            for x in ("CLE" if params.get("equalize") else "", "bias corr" if params.get("bias_correction") else "")
+            for x in (
+                "CLE" if params.get("equalize") else "",
+                "bias corr" if params.get("bias_correction") else "",
+                "mixed precision" if params.get("mixed_precision") else "",
+            )
             if x
         ]
         parts.append(
             f"INT8 {'per-channel' if params.get('per_channel') else 'per-tensor'} {params.get('calibration')}"
             + (f" + {' + '.join(extra)}" if extra else "")
         )
-    return " + ".join(parts) or "FP32 (unchanged)"
+    elif params.get("fp16"):
+        parts.append("FP16")
+    text = " + ".join(parts) or "FP32 (unchanged)"
+    deploy = [
+        x
+        for x in (
+            f"on {params['runtime']}" if params.get("runtime") else "",
+            f"{params['threads']} thread{'s' if params['threads'] != 1 else ''}" if params.get("threads") else "",
+        )
+        if x
+    ]
+    return text + (" " + ", ".join(deploy) if deploy else "")

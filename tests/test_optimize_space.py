@@ -1,0 +1,215 @@
+"""edgeslim.optimize's search space beyond PTQ: recovery by distillation (a pruned + distilled + quantized chain that
+replays from its recipe), the relative multi-fidelity gate, max_minutes inside a trial, and the deployment choice
+(runtime, threads) recorded with the chosen artifact."""
+
+import json
+import time
+
+import pytest
+import torch
+
+from edgeslim.core.errors import ConfigError
+from edgeslim.pipeline import Budget, Space, load_chosen, optimize
+from edgeslim.pipeline._candidate import Context, DeadlineReached, build_candidate
+from edgeslim.pipeline._space import describe, recovery_steps
+from edgeslim.pipeline._store import Cache
+from edgeslim.runtime import missing
+
+# TinyCNN has 8 channels: round_to=1 so pruning removes something
+BASE = dict(
+    prune_scope=("layer",),
+    keep_early_layers=(False,),
+    round_to=1,
+    bn_samples=256,
+    calibration=("minmax",),
+    per_channel=(True,),
+    equalize=(False,),
+    bias_correction=(False,),
+    calib_samples=128,
+    cheap_trials=0,
+    search_samples=300,
+    latency_runs=20,
+)
+
+
+def _steps(cache, kind: str) -> list:
+    """The cached step folders of one kind (``finetune``, ``distill``, ...), without their lock files."""
+    return [p for p in cache.glob(f"{kind}-*") if p.is_dir()]
+
+
+def test_new_dimensions_are_validated_and_canonical():
+    with pytest.raises(ConfigError, match=r"Space.recovery=\('kd',\).*finetune, distill"):
+        Space(recovery=("kd",))
+    with pytest.raises(ConfigError, match=r"Space.prune_scope=\('all',\).*layer, global"):
+        Space(prune_scope=("all",))
+    with pytest.raises(ConfigError, match=r"Space.runtimes=\('onnxrt',\).*did you mean 'onnxruntime'"):
+        Space(runtimes=("onnxrt",))
+    with pytest.raises(ConfigError, match=r"Space.threads=\(0,\)"):
+        Space(threads=(0,))
+    with pytest.raises(ConfigError, match=r"Space.gate_margin=2"):
+        Space(gate_margin=2)
+    sp = Space(**BASE, target_macs=(0.0, 0.25, 0.75), finetune_steps=(0, 40), recovery=("finetune", "distill"))
+    # recovery only applies to a pruned candidate that has recovery steps; FP16 only when not INT8
+    c = sp.canonical({"target_macs": 0.25, "finetune_steps": 0, "recovery": "distill", "quantize": True, "fp16": True})
+    assert c["recovery"] is None and c["fp16"] is None and c["mixed_precision"] is False
+    c = sp.canonical({"target_macs": 0.75, "finetune_steps": 40, "recovery": "distill", "quantize": False})
+    assert c["recovery"] == "distill" and c["fp16"] is False and c["runtime"] is None and c["threads"] is None
+    assert recovery_steps(sp, c) == 60  # 40 steps at 50 % MACs removed -> 60 at 75 %
+    assert recovery_steps(sp.replace(scale_steps=False), c) == 40
+    assert "distill 60 steps" in describe(c, sp)
+    # per depth: no pruning (1 float chain) + 2 depths x (no recovery + 2 recoveries), each x (INT8 + FP32)
+    assert len(sp.all_candidates()) == (1 + 2 * 3) * 2
+    assert Space.from_yaml(sp.to_yaml()) == sp
+
+
+def test_space_must_fit_the_budget(digits_model, tmp_path):
+    model, train, val = digits_model
+    kw = dict(data=(train, val), max_trials=1, progress=False)
+    with pytest.raises(ConfigError, match=r"Space.threads=\(1, 2\) has 2 > Budget.threads=1"):
+        optimize(model, budget=Budget(threads=1), space=Space(**BASE, threads=(1, 2)), out=tmp_path / "a", **kw)
+    with pytest.raises(ConfigError, match=r"mixed_precision=true .* needs Budget.max_accuracy_drop"):
+        optimize(
+            model,
+            budget=Budget(max_accuracy_drop=None, max_size_mb=1.0),
+            space=Space(**BASE, mixed_precision=(True,)),
+            out=tmp_path / "b",
+            **kw,
+        )
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # refused before anything is written
+
+
+def test_pruned_distilled_quantized_candidate_replays_from_its_recipe(digits_model, tmp_path):
+    model, train, val = digits_model
+    sp = Space(**BASE, target_macs=(0.3,), finetune_steps=(20,), recovery=("distill",), quantize=(True,))
+    out = tmp_path / "d"
+    res = optimize(
+        model, data=(train, val), budget=Budget(max_accuracy_drop=0.5), space=sp, max_trials=1, out=out, progress=False
+    )
+    doc = res.report.to_dict()
+    c = doc["chosen"]
+    assert c["trial"] == 0 and c["params"]["recovery"] == "distill" and c["params"]["quantize"]
+    assert set(c["steps"]) == {"prune", "distill", "export"}
+    assert c["steps"]["distill"]["steps"] == recovery_steps(sp, c["params"]) == 12  # 20 at 50 % -> 12 at 30 %
+    assert "distill 12 steps" in c["description"] and "INT8" in c["description"]
+    assert len(_steps(out / "cache", "distill")) == 1 and not _steps(out / "cache", "finetune")
+    # the recipe names every step in order and rebuilds the chosen model on a fresh instance of the input model
+    recipe = json.loads((out / "chosen" / "recipe.json").read_text())
+    assert [s["technique"] for s in recipe["steps"]] == ["prune", "distill", "quantize"]
+    again = load_chosen(model, out / "chosen")
+    x = val.normalized()[:64]
+    with torch.no_grad():
+        assert torch.equal(again(x).argmax(1), res.model(x).argmax(1))
+        assert torch.allclose(again(x), res.model(x), atol=1e-5)
+    # and the artifact computes what the recipe's model computes (its validation against torch)
+    assert res.artifact.validation["top1_agreement"] >= 0.95
+    # the pruned model really is smaller than the input
+    assert c["steps"]["prune"]["macs_after"] < 0.75 * c["steps"]["prune"]["macs_before"]
+
+
+def test_relative_gate_skips_recovery_when_recalibrated_accuracy_ranks_low(digits_model, tmp_path):
+    model, train, val = digits_model
+    # four candidates at one depth: layer/global ranking x BatchNorm recalibration on/off; margin 0 means a
+    # candidate recalibrated worse than one already seen at this depth is not fine-tuned
+    sp = Space(
+        **{**BASE, "prune_scope": ("layer", "global")},
+        target_macs=(0.5,),
+        recalibrate_bn=(True, False),
+        finetune_steps=(20,),
+        recovery=("finetune",),
+        quantize=(False,),
+        finetune_gate=None,
+        gate_margin=0.0,
+    )
+    out = tmp_path / "g"
+    res = optimize(
+        model, data=(train, val), budget=Budget(max_accuracy_drop=0.5), space=sp, max_trials=4, out=out, progress=False
+    )
+    rows = [r for r in res.report.to_dict()["trials"]["rows"] if r.get("duplicate_of") is None]
+    assert len(rows) == 4 and all(r["recal_accuracy"] is not None for r in rows)
+    best = -1.0
+    gated = 0
+    for r in sorted(rows, key=lambda r: r["number"]):
+        if r["gated"]:
+            gated += 1
+            assert r["state"] == "pruned" and "gate_margin=0 pt" in r["gated"]
+            assert r["recal_accuracy"] < best  # ranked below a candidate already seen at this depth
+        else:
+            assert r["state"] == "complete" and r["recal_accuracy"] >= best
+            assert "finetune" not in r["cached_steps"]  # recovered in this trial, not taken from the cache
+        best = max(best, r["recal_accuracy"])
+    assert gated >= 1
+    # only the candidates that earned their recovery were fine-tuned
+    assert len(_steps(out / "cache", "finetune")) == 4 - gated
+    assert res.report.to_dict()["trials"]["gated"] == gated
+
+
+def test_deadline_stops_a_long_recovery_within_a_step(digits_model, tmp_path):
+    model, train, val = digits_model
+    sp = Space(**BASE, target_macs=(0.3,), finetune_steps=(0, 200_000), recovery=("finetune",), quantize=(False,))
+    ctx = Context(
+        base=model,
+        base_key="k",
+        train=train,
+        val=val,
+        search_val=val.take(300, seed=0),
+        example_inputs=val.normalized()[:1],
+        space=sp,
+        budget=Budget(),
+        seed=0,
+        cache=Cache(tmp_path / "cache"),
+    )
+    # prune first (cached), so the deadline below falls inside the recovery however loaded the host is
+    build_candidate(ctx, sp.canonical({"target_macs": 0.3, "finetune_steps": 0, "quantize": False}))
+    params = sp.canonical({"target_macs": 0.3, "finetune_steps": 200_000, "quantize": False})
+    ctx.deadline = time.perf_counter() + 3.0
+    t0 = time.perf_counter()
+    with pytest.raises(DeadlineReached, match=r"finetune stopped at step \d+ of 120000"):
+        build_candidate(ctx, params)
+    assert time.perf_counter() - t0 < 15  # the deadline, then one step (the recovery alone would take minutes)
+    assert not any(Cache.done(d) for d in _steps(tmp_path / "cache", "finetune"))  # nothing partial cached
+    ctx.deadline = time.perf_counter() - 1  # past it: no step starts at all (the pruned model is cached)
+    with pytest.raises(DeadlineReached, match="stopped before finetune"):
+        build_candidate(ctx, params)
+
+
+def test_max_minutes_marks_the_stopped_trial_and_resume_queues_it_again(digits_model, tmp_path):
+    model, train, val = digits_model
+    sp = Space(**BASE, target_macs=(0.3,), finetune_steps=(200_000,), recovery=("finetune",), quantize=(False,))
+    kw = dict(data=(train, val), budget=Budget(max_accuracy_drop=0.5), space=sp, out=tmp_path / "m", progress=False)
+    t0 = time.perf_counter()
+    res = optimize(model, max_minutes=0.3, **kw)
+    took = time.perf_counter() - t0
+    doc = res.report.to_dict()
+    assert took < 0.3 * 60 + 30  # the deadline, one step and the final re-measurement of the input model
+    row = doc["trials"]["rows"][0]
+    assert row["state"] == "pruned" and "stopped at step" in row["deadline"]
+    assert doc["trials"]["deadline"] == 1 and doc["trials"]["complete"] == 0
+    assert "stopped by max_minutes" in (tmp_path / "m" / "report.md").read_text()
+    res2 = optimize(model, max_minutes=0.2, **kw)
+    assert res2.report.to_dict()["study"]["requeued_on_resume"] == [0]  # its candidate is tried again
+
+
+@pytest.mark.skipif(bool(missing("openvino")), reason="openvino is not installed")
+def test_runtime_choice_is_measured_and_recorded_with_the_chosen_artifact(digits_model, tmp_path):
+    model, train, val = digits_model
+    sp = Space(**BASE, target_macs=(0.0,), quantize=(False,), runtimes=("onnxruntime", "openvino"))
+    out = tmp_path / "r"
+    res = optimize(
+        model, data=(train, val), budget=Budget(max_accuracy_drop=0.05), space=sp, max_trials=2, out=out, progress=False
+    )
+    doc = res.report.to_dict()
+    rows = [r for r in doc["trials"]["rows"] if r["duplicate_of"] is None]
+    assert [r["error"] for r in rows] == [None, None]
+    assert sorted(r["deployment"]["runtime"] for r in rows) == ["onnxruntime", "openvino"]
+    for r in rows:  # each measured on its own runtime
+        assert r["params"]["runtime"] == r["deployment"]["runtime"]
+    c = doc["chosen"]
+    rt = c["params"]["runtime"]
+    assert c["deployment"] == {"runtime": rt, "threads": 1} and f"on {rt}" in c["description"]
+    assert c["final_provenance"]["latency_ms"].startswith(f"measured on {rt} ")  # on its own runtime
+    assert f"chosen deployment: runtime {rt}, 1 thread(s)" in (out / "report.md").read_text()
+    rec = json.loads((out / "chosen" / "model.onnx.json").read_text())
+    assert rec["meta"]["deployment"] == {"runtime": rt, "threads": 1}
+    assert json.loads((out / "chosen" / "recipe.json").read_text())["deployment"]["runtime"] == rt
+    # the baseline stays the FP32 file on the budget's runtime
+    assert doc["baseline"]["provenance"]["latency_ms"].startswith("measured on onnxruntime ")

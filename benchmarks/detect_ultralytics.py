@@ -328,6 +328,27 @@ def yolov8_decode(num_classes: int, normalized: bool = False) -> Decode:
     return lambda y: from_yolov8(y, num_classes=num_classes, input_size=SIZE if normalized else None)
 
 
+def edgeslim_decode(y: np.ndarray) -> np.ndarray:
+    """The decode of a file already in edgeslim's detection layout ``[B, A, 4 + C]`` (xyxy pixels + scores)."""
+    return np.asarray(y, dtype=np.float32)
+
+
+def extra_rows(specs: Sequence[str], num_classes: int) -> dict[str, dict]:
+    """``--row NAME=RUNTIME:LAYOUT:PATH`` (LAYOUT ``yolov8`` or ``edgeslim``): other detectors' deployed files
+    scored and timed beside Ultralytics' rows (edgeslim's own INT8 file of the same weights, say)."""
+    rows: dict[str, dict] = {}
+    for spec in specs:
+        name, _, rest = spec.partition("=")
+        runtime, _, rest = rest.partition(":")
+        layout, _, path = rest.partition(":")
+        if not (name and runtime and path) or layout not in ("yolov8", "edgeslim") or not Path(path).exists():
+            raise SystemExit(
+                f"--row {spec!r}: use NAME=RUNTIME:LAYOUT:PATH, LAYOUT yolov8 or edgeslim, an existing file"
+            )
+        rows[name] = {"runtime": runtime, "path": path, "layout": layout, "file_mb": _size_mb(Path(path))}
+    return rows
+
+
 def postprocess(dets: np.ndarray, size: int = SIZE) -> dict[str, np.ndarray]:
     """Class-aware NMS of one image's ``[A, 4 + C]`` (xyxy pixels + class scores), outside the graph, as
     Ultralytics validates: every (anchor, class) pair with score >= CONF is a candidate (multi-label), the 30000
@@ -451,6 +472,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     exports = export_all(best, data, tr)
     images = val_images(va)
     nc = len(va.classes)
+    exports.update(extra_rows(args.row, nc))
     res: dict[str, Any] = {
         "benchmark": "detect_ultralytics",
         "dataset": f"{DATASET} {SIZE}x{SIZE}: {len(tr)} train / {len(va)} val images (mAP on all {len(va)})",
@@ -476,7 +498,10 @@ def evaluate(args: argparse.Namespace) -> dict:
     for name, rec in exports.items():
         row = dict(rec)
         if "error" not in rec:
-            dec = yolov8_decode(nc, normalized=rec["runtime"] == "litert")
+            if rec.get("layout") == "edgeslim":
+                dec = edgeslim_decode
+            else:
+                dec = yolov8_decode(nc, normalized=rec["runtime"] == "litert")
             row.update(evaluate_row(name, rec["runtime"], rec["path"], dec, va, images))
         rows[name] = row
     ok = {n: (r["runtime"], r["path"]) for n, r in rows.items() if "error" not in r}
@@ -498,10 +523,14 @@ def evaluate(args: argparse.Namespace) -> dict:
     out = Path(args.out) if args.out else HERE / "results" / "detect_ultralytics.json"
     from edgeslim.core.io import write_json
 
-    write_json(out, res)
+    write_json(out, res, force=True)
     print(table(res))
     print(f"\nwrote {out}")
     return res
+
+
+def _f(v: float | None) -> str:
+    return "–" if v is None else f"{v:.2f}"
 
 
 def table(res: dict) -> str:
@@ -515,14 +544,14 @@ def table(res: dict) -> str:
     lines.append(f"| PyTorch FP32, Ultralytics model.val() | torch | {u['map']:.4f} | {u['map50']:.4f} | | | | | | |")
     for n, r in res["rows"].items():
         if "error" in r:
-            lines.append(f"| {n} | {r['runtime']} | failed: {r['error']} | | | | | | | {r['export_s']} |")
+            lines.append(f"| {n} | {r['runtime']} | failed: {r['error']} | | | | | | | {r.get('export_s', '')} |")
             continue
         k = rt_key(r["runtime"])
-        ms = [r.get(f"{k}_{t}t_ms") for t in (1, 2)]
-        sp = [r.get(f"speedup_{t}t_vs_fp32_onnx_ort") for t in (1, 2)]
+        ms = [_f(r.get(f"{k}_{t}t_ms")) for t in (1, 2)]
+        sp = [_f(r.get(f"speedup_{t}t_vs_fp32_onnx_ort")) for t in (1, 2)]
         lines.append(
             f"| {n} | {r['runtime']} | {r['map']:.4f} | {r['map50']:.4f} | {r.get('drop_pt', 0):+.2f} | "
-            f"{ms[0]:.2f} | {ms[1]:.2f} | {sp[0]:.2f} / {sp[1]:.2f} | {r['file_mb']:.2f} | {r['export_s']} |"
+            f"{ms[0]} | {ms[1]} | {sp[0]} / {sp[1]} | {r['file_mb']:.2f} | {r.get('export_s', '')} |"
         )
     return "\n".join(lines)
 
@@ -538,6 +567,10 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=100, help="timed runs per round and row")
     ap.add_argument("--weights", help="export/eval: these weights instead of the trained best.pt (a smoke test)")
     ap.add_argument("--limit", type=int, default=0, help="eval: only the first N val images (a smoke test)")
+    ap.add_argument(
+        "--row", action="append", default=[], metavar="NAME=RUNTIME:LAYOUT:PATH",
+        help="eval: another deployed detector file as a row (LAYOUT yolov8 = [1,4+C,A] cxcywh, edgeslim = [1,A,4+C] xyxy)",
+    )  # fmt: skip
     ap.add_argument("--out", help="eval: the JSON to write (default benchmarks/results/detect_ultralytics.json)")
     ap.add_argument("--only", nargs="*", default=(), help="export: only these rows")
     args = ap.parse_args()

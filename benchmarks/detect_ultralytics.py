@@ -180,6 +180,7 @@ def train(hours: float, epochs: int, batch: int, workers: int) -> dict:
         "model": "yolov8n.yaml (built from yaml, no pretrained weights)",
         "data": str(data),
         "imgsz": SIZE, "batch": batch, "workers": workers, "device": "cpu", "time_budget_h": hours,
+        "note": "Ultralytics sets dataloader workers to 0 when training on the CPU (its trainer), whatever --workers",
         "epochs_cap": epochs,
         "epochs_done": len(rows),
         "train_minutes": round(minutes, 1),

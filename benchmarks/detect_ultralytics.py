@@ -11,21 +11,27 @@ Steps (each a sub-command; ``all`` runs them in order and every one reuses what 
   train    ``YOLO("yolov8n.yaml")`` (built from its yaml, no hub weights) trained by Ultralytics' own trainer on the
            CPU, imgsz 160, under a wall-time budget (``--hours``, Ultralytics' ``time=``) and an ``--epochs`` cap;
            resumable (``last.pt``). Run it niced in the background: the CPU is shared.
-  export   from the same ``best.pt``: ONNX FP32 (``export(format="onnx")``), ORT ``quantize_static`` on it (U8S8,
-           per-channel, QDQ, after ``quant_pre_process``; 256 train images as Ultralytics preprocesses them),
-           OpenVINO FP32 and INT8 (``export(format="openvino", int8=True)``: NNCF inside, calibrated on the
-           data.yaml's train split), TFLite INT8 (``export(format="tflite", int8=True)``) where its converter runs.
-  eval     mAP of every deployed file in its own runtime (ONNX Runtime 1 thread, OpenVINO 1 thread) on the full
-           val split, plus the PyTorch model through the same decode and Ultralytics' own ``model.val()``;
-           latency at batch 1, ORT and OpenVINO at 1 and 2 threads, median over interleaved rounds.
+  export   from the same ``best.pt`` (Ultralytics 8.4 spells INT8 ``quantize=8``; ``int8=True`` is deprecated):
+           ONNX FP32 (``export(format="onnx")``; ``simplify=False``: onnxslim is not installed);
+           ORT ``quantize_static`` on that file (U8S8, per-channel, QDQ, after ``quant_pre_process``, every op ORT
+           quantizes; the first 256 train images as Ultralytics preprocesses them: RGB, /255, NCHW);
+           Ultralytics' own ONNX INT8 (``export(format="onnx", quantize=8)``: ORT quantize_static on Conv/Gemm/MatMul
+           only, ORT's defaults otherwise); OpenVINO FP32 and INT8 (``export(format="openvino", quantize=8)``: NNCF,
+           the Detect head's decode left in float); LiteRT INT8 (``format="tflite"``, which 8.4 maps to its
+           litert-torch + ai-edge-quantizer export). Every INT8 export calibrates on the same first 256 train
+           images (``split="train"``, ``fraction=256/4000``; Ultralytics' default would calibrate on val).
+  eval     mAP of every deployed file in its own runtime (ONNX Runtime, OpenVINO, LiteRT; 1 thread, batch 1) on the
+           full val split, plus the PyTorch model through the same decode and Ultralytics' own ``model.val()``;
+           latency at batch 1, 1 and 2 threads, median over interleaved rounds of per-round medians.
 
-Every row is decoded the same way (:func:`edgeslim.core.detection.decode_yolo` on the ``[1, 4+C, A]`` output, then
-class-aware NMS): conf 0.001, IoU 0.7, at most 100 boxes per image (Ultralytics' validation settings), and
-scored by pycocotools (:func:`edgeslim.core.metrics.coco_map`). Rows of other detectors are added through
-:func:`evaluate_row` / :func:`latency_table` with their own ``decode`` function.
+Every row is decoded the same way (:func:`edgeslim.core.yolo_layout.from_yolov8` on the ``[1, 4 + C, A]`` output,
+then :func:`postprocess`: multi-label candidates with score >= 0.001, class-aware ``torchvision.ops.batched_nms`` at
+IoU 0.7, at most 100 boxes per image: Ultralytics' validation settings) and scored by pycocotools
+(:func:`edgeslim.core.metrics.coco_map`). Other detectors' files join the same table with
+``--row NAME=RUNTIME:LAYOUT:PATH`` (or through :func:`evaluate_row` / :func:`latency_table` and a ``decode``).
 
     nohup nice -n 10 python benchmarks/detect_ultralytics.py train --hours 0.7 &   # background, resumable
-    python benchmarks/detect_ultralytics.py all [--rounds 5] [--runs 100]
+    python benchmarks/detect_ultralytics.py eval [--rounds 5] [--runs 50] [--row ...]
 
 Writes benchmarks/results/detect_ultralytics.json and prints a markdown table. Not a test: numbers vary run to run.
 """

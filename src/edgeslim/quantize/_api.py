@@ -52,6 +52,7 @@ class QuantReport:
     integer_macs: dict[str, Any] | None = None
     preprocessing: str | None = None
     speed: dict[str, Any] | None = None
+    tail: dict[str, Any] | None = None
     warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -73,6 +74,14 @@ class QuantReport:
         share = self.integer_mac_share
         if share is not None:
             text += f"; {share:.1%} of MACs in integer kernels"
+        if self.tail:
+            kept = [m["node"] for m in self.tail.get("measured", []) if m.get("float")]
+            n_ratio = len(self.tail.get("range_ratio", []))
+            text += (
+                f"; head: {len(kept) + n_ratio} node(s) kept float ({n_ratio} Concat(s) by range ratio, {len(kept)} by "
+                f"tail sensitivity < {self.tail.get('threshold_db')} dB of {len(self.tail.get('measured', []))} "
+                f"measured), {len(self.tail.get('float_by_design', []))} float by design"
+            )
         notes = list(self.warnings)
         if share is not None and share < MIN_INTEGER_SHARE and self.precision.startswith("int8"):
             notes.insert(
@@ -146,9 +155,14 @@ def _calibration_batches(calib: Any, config: QuantConfig, batch_size: int = 128)
             "static quantization needs calibration data: pass data=<dataset or tensor of real samples> "
             "(edgeslim never calibrates on random data)"
         )
-    from edgeslim.data import ImageDataset, calibration_subset
+    from edgeslim.data import DetectionDataset, ImageDataset, calibration_subset
 
-    if isinstance(calib, ImageDataset):
+    if isinstance(calib, DetectionDataset):  # a detector's calibration: its images (pixels / 255), boxes unused
+        if len(calib) == 0:
+            raise DataError(f"calibration dataset {calib.name!r} ({calib.split}) is empty")
+        sub = calib.take(config.num_samples, seed=config.seed)
+        x = torch.stack([sub[i][0] for i in range(len(sub))])
+    elif isinstance(calib, ImageDataset):
         if len(calib) == 0:
             raise DataError(f"calibration dataset {calib.name!r} ({calib.split}) is empty")
         sub = calibration_subset(calib, config.num_samples, seed=config.seed)
@@ -269,7 +283,8 @@ def quantize(
             ``onnx.ModelProto`` or an :class:`~edgeslim.core.onnx_model.OnnxModel`).
         config: the :class:`QuantConfig`.
         data: calibration data (static mode, required): an ImageDataset (a class-balanced subset of
-            ``config.num_samples`` is drawn), a tensor of inputs, a dict of input tensors (keyword inputs such as
+            ``config.num_samples`` is drawn), a DetectionDataset (a seeded subset of ``config.num_samples`` images,
+            RGB / 255 NCHW; the boxes are not used), a tensor of inputs, a dict of input tensors (keyword inputs such as
             ``input_ids`` and ``attention_mask``), or an iterable of such batches.
         example_inputs: an input batch for dynamic/fp16 modes (to check the shape fits; the ONNX capture exports
             with it).

@@ -271,6 +271,12 @@ def quantize_onnx(
         not isinstance(float_model, OnnxModel),
         check_ranges=config.mode == QuantMode.STATIC,
     )
+    tail_record = None
+    if config.mode == QuantMode.STATIC:
+        from edgeslim.quantize import _tail
+
+        tail_float, tail_record = _tail.sensitivity(graph, ranges, excluded, config, batches)
+        excluded.update(tail_float)
     qgraph = _onnx.build_qdq(graph, ranges, excluded, config)
     plan = {
         "inputs": spec,
@@ -282,6 +288,7 @@ def quantize_onnx(
     }
     cfg = config.replace(capture=Capture.ONNX)
     q = OnnxQuantizedModel(float_model, cfg, report, plan, qgraph).eval()
+    report.tail = tail_record
     fill_onnx_report(report, q, why, pre_err)
     return q
 
@@ -338,6 +345,17 @@ def fill_onnx_report(report: Any, q: OnnxQuantizedModel, why: str, pre_err: str 
     report.float_ops = [
         {"node": k, "reason": v} for k, v in q.plan["excluded"].items() if k not in {n["node"] for n in im["nodes"]}
     ]
+    tail = getattr(report, "tail", None) or {}
+    listed = {f["node"] for f in report.float_ops} | {n["node"] for n in im["nodes"]}
+    for n in tail.get("float_by_design", []):  # the head's float arithmetic, named so nothing float is silent
+        if n["node"] not in listed:
+            report.float_ops.append(
+                {
+                    "node": n["node"],
+                    "reason": f"{n['op']} between the last Conv/Gemm/MatMul and the output: ONNX Runtime has no "
+                    "integer kernel for it (float by design)",
+                }
+            )
     report.activations = [{"value": k, "range": [round(v[0], 6), round(v[1], 6)]} for k, v in q.plan["ranges"].items()]
 
 

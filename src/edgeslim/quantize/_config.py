@@ -75,6 +75,10 @@ class QuantConfig(Config):
             bias (static mode).
         seed: seed of the calibration subset.
         capture: ``auto`` (default), ``fx`` or ``onnx`` (:class:`Capture`): how the model's operations are found.
+        tail_sqnr_db: the ONNX capture's head precision (static mode): every node between a graph output and the
+            last Conv/Gemm/MatMul of its branch that ORT would quantize is quantized alone and stays float when an
+            output part (each input of a graph-output Concat, e.g. a detector's boxes and its scores) falls below
+            this SQNR against float; Concats joining ranges more than 16x apart stay float too. ``None``: off.
         check_speed: after quantizing, time the INT8 file against the FP32 file on this host (ONNX Runtime,
             batch 1, interleaved rounds) and put the result in the report; the summary says plainly when INT8 is
             slower.
@@ -100,6 +104,7 @@ class QuantConfig(Config):
     bias_correction: bool = False
     seed: int = 0
     capture: Capture = Capture.AUTO
+    tail_sqnr_db: float | None = 20.0
     check_speed: bool = False
 
     def validate(self) -> None:
@@ -115,6 +120,8 @@ class QuantConfig(Config):
             raise self._bad("adaround_iterations", "must be >= 1")
         if self.adaround_samples < 1:
             raise self._bad("adaround_samples", "must be >= 1")
+        if self.tail_sqnr_db is not None and not 0.0 < self.tail_sqnr_db <= 100.0:
+            raise self._bad("tail_sqnr_db", "must be in (0, 100] dB, or None to switch the tail sensitivity off")
         if self.num_samples < 1:
             raise self._bad("num_samples", "must be >= 1")
         if not all(isinstance(e, str) and e for e in self.exclude):

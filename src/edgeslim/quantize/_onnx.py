@@ -285,8 +285,16 @@ def plan_exclusions(
     return out
 
 
-def write_qdq(graph: bytes, ranges: Mapping[str, Any], excluded: Mapping[str, str], config: QuantConfig) -> bytes:
-    """ORT's ``quantize_static`` on ``graph`` with edgeslim's ranges (its calibration cache) and exclusions."""
+def write_qdq(
+    graph: bytes,
+    ranges: Mapping[str, Any],
+    excluded: Mapping[str, str],
+    config: QuantConfig,
+    *,
+    only: list[str] | None = None,
+) -> bytes:
+    """ORT's ``quantize_static`` on ``graph`` with edgeslim's ranges (its calibration cache) and exclusions
+    (``only``: quantize just these nodes, for the tail sensitivity pass)."""
     from onnxruntime.quantization import (
         CalibrationMethod,
         QuantFormat,
@@ -326,6 +334,7 @@ def write_qdq(graph: bytes, ranges: Mapping[str, Any], excluded: Mapping[str, st
                 activation_type=QuantType.QInt8 if signed else QuantType.QUInt8,
                 weight_type=QuantType.QInt8,
                 nodes_to_exclude=sorted(excluded),
+                nodes_to_quantize=list(only or []),
                 calibrate_method=CalibrationMethod.MinMax,
                 calibration_cache_path=str(cache),
                 extra_options={

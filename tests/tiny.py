@@ -354,3 +354,27 @@ def tiny_bert_inputs(batch: int = 16, length: int = 8) -> dict[str, torch.Tensor
     mask = torch.ones(batch, length, dtype=torch.long)
     mask[batch // 2 :, length - 3 :] = 0
     return {"input_ids": ids, "attention_mask": mask}
+
+
+class TinyDetector(nn.Module):
+    """A detector-shaped conv net (3x32x32 input): ``[N, 4 + 3, 64]`` like a YOLOv8 export, box pixels in [0, 160]
+    (a sigmoid times 160) concatenated with 3 sigmoid class scores in [0, 1] along axis 1."""
+
+    def __init__(self, num_classes: int = 3) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Sequential(
+            nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, stride=2, padding=1), nn.ReLU()
+        )
+        self.box = nn.Conv2d(16, 4, 1)
+        self.cls = nn.Conv2d(16, num_classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.body(x)
+        boxes = torch.sigmoid(self.box(f)).flatten(2) * 160.0
+        scores = torch.sigmoid(self.cls(f)).flatten(2)
+        return torch.cat([boxes, scores], 1)
+
+    @staticmethod
+    def example_inputs(batch: int = 32) -> torch.Tensor:
+        return torch.rand(batch, 3, 32, 32, generator=torch.Generator().manual_seed(0))

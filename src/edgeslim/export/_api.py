@@ -51,6 +51,9 @@ DEFAULT_FLOORS: dict[str, tuple[float, float, float]] = {
 }
 
 
+TASKS = ("auto", "classify", "detect")
+
+
 @dataclass(frozen=True)
 class ValidationFloors(Config):
     """Minimum agreement between an exported artifact and its torch model; ``None`` = precision default.
@@ -67,6 +70,12 @@ class ValidationFloors(Config):
         float_top1_agreement: a quantized file against the FP32 model: top-1 agreement (lenient by default; a file
             that agrees with FP32 on 55% of the inputs never passes).
         samples: how many real samples to compare on.
+        task: ``auto`` (a model that says ``edgeslim_task = "detect"`` is a detector, else a classifier),
+            ``classify`` or ``detect``. A detector's output (``[N, 4 + C, A]`` or ``[N, A, 4 + C]``: the smaller of
+            the last two axes holds 4 box values then ``C`` class scores) is compared as boxes and scores
+            separately (each must pass the cosine and SQNR floors: the scores in [0, 1] would vanish behind box
+            pixels in one flattened comparison), and top-1 agreement is skipped with its reason (an arg-max over
+            anchors and coordinates means nothing). The validation's ``checks`` says which ran.
     """
 
     kind = "validation"
@@ -77,8 +86,11 @@ class ValidationFloors(Config):
     float_min_sqnr_db: float = 6.0
     float_top1_agreement: float = 0.8
     samples: int = 256
+    task: str = "auto"
 
     def validate(self) -> None:
+        if self.task not in TASKS:
+            raise self._bad("task", f"one of {', '.join(TASKS)}")
         for f in ("min_cosine", "min_top1_agreement", "float_min_cosine", "float_top1_agreement"):
             v = getattr(self, f)
             if v is not None and not -1.0 <= v <= 1.0:
@@ -101,6 +113,11 @@ def _examples(example_inputs: Any, n: int) -> tuple[Any, np.ndarray | None]:
             "export needs example_inputs=: real samples (a dataset or an input tensor) to trace and "
             "validate the artifact"
         )
+    if hasattr(example_inputs, "read_image") and hasattr(example_inputs, "image_ids"):  # a DetectionDataset
+        if len(example_inputs) == 0:
+            raise DataError("example_inputs dataset is empty")
+        ds = example_inputs.take(n, seed=0)
+        return torch.stack([ds[i][0] for i in range(len(ds))]), None
     if hasattr(example_inputs, "normalized") and hasattr(example_inputs, "labels"):
         if len(example_inputs) == 0:
             raise DataError("example_inputs dataset is empty")
@@ -452,21 +469,26 @@ def _validate(
     raise below the floors."""
     out = _ort_run(path, x) if fmt == "onnx" else _edge.run_in_runtime(fmt, path, x)
     n = batch_len(x)
+    detect = _detector_layout(model, ref, floors.task)
+    cmp = (lambda r, o: compare_detection(r, o, detect)) if detect else compare
     validation: dict[str, Any] = {
         "samples": n,
         "reference": "torch model passed to export",
         "runtime": "onnxruntime" if fmt == "onnx" else _edge.RUNTIME[fmt],
-        **compare(ref.numpy(), out),
+        **cmp(ref.numpy(), out),
     }
     if labels is not None:
         validation["accuracy_torch"] = float((ref.numpy().argmax(1) == labels).mean())
         validation["accuracy_artifact"] = float((out.argmax(1) == labels).mean())
+    validation.setdefault(
+        "checks", ["cosine, SQNR and top-1 agreement (arg-max per sample) of the flattened output"]
+    )
     float_ctx = getattr(model, "float_reference", None)
     fl = None
     if float_ctx:
         with float_ctx(), torch.no_grad():
             fref = first_output(call(model, x)).float().numpy()
-        fl = compare(fref, out)
+        fl = cmp(fref, out)
         if labels is not None:
             fl["accuracy_float"] = float((fref.argmax(1) == labels).mean())
             fl["accuracy_artifact"] = validation["accuracy_artifact"]
@@ -480,13 +502,9 @@ def _validate(
     validation["floors"] = {"cosine": cmin, "sqnr_db": smin, "top1_agreement": tmin}
     validation["summary"] = _summary_line(validation, fl)
     log.info("export validation: %s", validation["summary"])
-    bad = [
-        f"{k} {validation[k]:.4f} < {v}"
-        for k, v in (("cosine", cmin), ("sqnr_db", smin), ("top1_agreement", tmin))
-        if validation[k] < v
-    ]
+    bad = _below(validation, {"cosine": cmin, "sqnr_db": smin, "top1_agreement": tmin}, "")
     if fl is not None:
-        bad += [f"vs FP32 {k} {fl[k]:.4f} < {v}" for k, v in fl["floors"].items() if fl[k] < v]
+        bad += _below(fl, fl["floors"], "vs FP32 ")
     if bad:
         raise ExportError(
             f"{prec} {fmt} export of {type(model).__name__} failed validation on {n} samples: "
@@ -496,10 +514,69 @@ def _validate(
     return validation
 
 
+def _below(v: dict[str, Any], floors: dict[str, float], prefix: str) -> list[str]:
+    """The checks of one comparison under their floors (a detector's: per part, no top-1)."""
+    if "parts" not in v:
+        return [f"{prefix}{k} {v[k]:.4f} < {f}" for k, f in floors.items() if v[k] < f]
+    return [
+        f"{prefix}{part} {k} {d[k]:.4f} < {floors[k]}"
+        for part, d in v["parts"].items()
+        for k in ("cosine", "sqnr_db")
+        if d[k] < floors[k]
+    ]
+
+
+def _detector_layout(model: nn.Module, ref: torch.Tensor, task: str) -> dict[str, Any] | None:
+    """How a detector's output is laid out (``axis``: the box + score axis, ``classes``), or None for a
+    classifier; a detector whose output has no such axis is one clear error."""
+    if task == "classify":
+        return None
+    said = getattr(model, "edgeslim_task", None) or getattr(getattr(model, "float_model", None), "edgeslim_task", None)
+    if task == "auto" and said != "detect":
+        return None
+    shape = tuple(ref.shape)
+    if len(shape) != 3 or min(shape[1], shape[2]) < 5:
+        raise ExportError(
+            f"the detector's output has shape {shape}; a detector output is [N, 4 + C, anchors] or "
+            "[N, anchors, 4 + C] (4 box values then C >= 1 class scores): set ValidationFloors.task='classify' "
+            "for another model"
+        )
+    axis = 1 if shape[1] <= shape[2] else 2
+    return {"axis": axis, "classes": shape[axis] - 4}
+
+
+def compare_detection(ref: np.ndarray, out: np.ndarray, layout: dict[str, Any]) -> dict[str, Any]:
+    """A detector's output compared as its box values and its class scores (cosine, SQNR each); no top-1."""
+    ax = layout["axis"]
+    parts = {
+        "boxes": compare(np.take(ref, range(4), axis=ax), np.take(out, range(4), axis=ax)),
+        "scores": compare(np.take(ref, range(4, ref.shape[ax]), axis=ax), np.take(out, range(4, out.shape[ax]), axis=ax)),
+    }
+    for d in parts.values():
+        d.pop("top1_agreement")
+    whole = compare(ref, out)
+    return {
+        "cosine": min(d["cosine"] for d in parts.values()),
+        "sqnr_db": min(d["sqnr_db"] for d in parts.values()),
+        "top1_agreement": None,
+        "parts": parts,
+        "whole_output": {k: whole[k] for k in ("cosine", "sqnr_db")},
+        "checks": [
+            f"detector output (box + score axis {ax}, {layout['classes']} classes): cosine and SQNR of the boxes "
+            "and of the scores, each against the floors (cosine / sqnr_db below: the worse part)",
+            "top-1 agreement skipped: an arg-max over a detector's anchors and coordinates means nothing",
+        ],
+    }
+
+
 def _summary_line(v: dict[str, Any], fl: dict[str, Any] | None) -> str:
     """Both comparisons in one line: the file vs its (quantized) reference, and vs FP32 (what was lost)."""
 
     def part(d: dict[str, Any]) -> str:
+        if "parts" in d:
+            return "; ".join(
+                f"{k} cosine {p['cosine']:.4f}, SQNR {p['sqnr_db']:.1f} dB" for k, p in d["parts"].items()
+            ) + " (detector: top-1 agreement skipped)"
         return f"cosine {d['cosine']:.4f}, SQNR {d['sqnr_db']:.1f} dB, top-1 agreement {d['top1_agreement']:.3f}"
 
     text = f"vs {'quantized ' if fl is not None else ''}reference: {part(v)}"

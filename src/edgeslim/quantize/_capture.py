@@ -289,6 +289,8 @@ def quantize_onnx(
     cfg = config.replace(capture=Capture.ONNX)
     q = OnnxQuantizedModel(float_model, cfg, report, plan, qgraph).eval()
     report.tail = tail_record
+    if tail_record and tail_record.get("detector_output"):
+        q.edgeslim_task = "detect"  # export validates its boxes and scores apart, with no top-1
     fill_onnx_report(report, q, why, pre_err)
     return q
 

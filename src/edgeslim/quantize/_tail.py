@@ -134,6 +134,17 @@ def output_parts(graph: bytes) -> dict[str, list[tuple[str, int, int, int]]]:
     return out
 
 
+def detector_output(graph: bytes, parts: Mapping[str, Any]) -> str | None:
+    """The graph's single output when it is a detector's (a Concat of 4 box values and C >= 1 class scores along
+    one axis), else None."""
+    if len(parts) != 1:
+        return None
+    name, p = next(iter(parts.items()))
+    if len(p) == 2 and p[0][3] - p[0][2] == 4 and p[1][3] - p[1][2] >= 1:
+        return name
+    return None
+
+
 def part_sqnr(ref: list[np.ndarray], out: list[np.ndarray], names: list[str], parts: Mapping[str, Any]) -> dict[str, float]:
     """SQNR (dB) of every output part of ``out`` against ``ref``."""
     res: dict[str, float] = {}
@@ -169,6 +180,8 @@ def sensitivity(
         "measured": [],
         "float_by_design": [],
     }
+    parts = output_parts(graph)
+    record["detector_output"] = detector_output(graph, parts)
     nodes = tail(graph)
     record["float_by_design"] = [
         {"node": n.name, "op": n.op_type} for n in nodes if n.op_type not in _onnx.QUANTIZED_OPS
@@ -180,7 +193,6 @@ def sensitivity(
     sess = ort_session(graph)
     names = [o.name for o in sess.get_outputs()]
     ref = run_session(sess, x, chunk=SENSITIVITY_SAMPLES)
-    parts = output_parts(graph)
     record["samples"] = len(ref[0]) if ref else 0
     candidates = [n for n in nodes if n.op_type in _onnx.QUANTIZED_OPS and n.name not in excluded][:MAX_CANDIDATES]
     for n in candidates:

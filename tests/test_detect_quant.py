@@ -1,0 +1,124 @@
+"""Static INT8 of a detector's ONNX file: head precision by measurement, detector-aware validation, detection data
+as calibration data."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from tiny import TinyDetector
+
+import edgeslim as es
+from edgeslim.core.errors import ConfigError
+from edgeslim.core.onnx_model import to_onnx
+
+
+@pytest.fixture(scope="module")
+def detector():
+    m = TinyDetector().eval()
+    x = TinyDetector.example_inputs()
+    graph = to_onnx(m, x[:1], opset=17)
+    q = es.quantize(onnx.load_from_string(graph), es.QuantConfig(capture="onnx", num_samples=32), data=x)
+    return m, x, q
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double().ravel(), b.double().ravel()
+    return float(a @ b / (a.norm() * b.norm()))
+
+
+def test_detector_head_keeps_scores(detector):
+    m, x, q = detector
+    with torch.no_grad():
+        ref, out = m(x), q(x)
+    assert out.shape == ref.shape == (32, 7, 64)
+    assert _cosine(ref[:, 4:], out[:, 4:]) >= 0.99  # the scores survive (a shared scale with boxes would zero them)
+    assert float((ref[:, :4] - out[:, :4]).abs().max()) < 4.0  # boxes within a few pixels of 160
+    floats = {f["node"]: f["reason"] for f in q.report.float_ops}
+    concat = [n for n, r in floats.items() if "Concat" in n]
+    assert concat and "range ratio" in floats[concat[0]]  # the output Concat, found by the rule, with its reason
+    assert any("Sigmoid" in n and "no integer kernel" in r for n, r in floats.items())
+    assert q.report.tail["detector_output"] and q.report.tail["samples"] > 0
+    assert all("min_part_sqnr_db" in e or "error" in e for e in q.report.tail["measured"])
+    assert q.report.integer_mac_share and q.report.integer_mac_share > 0.9  # the convs stay integer
+    assert "head: 1 node(s) kept float" in q.report.summary()
+
+
+def test_without_the_head_rules_the_scores_are_lost():
+    """The same quantizer with the rules off puts one int8 scale on boxes and scores: the test above can fail."""
+    m = TinyDetector().eval()
+    x = TinyDetector.example_inputs()
+    from edgeslim.quantize import _onnx
+
+    graph, _ = _onnx.preprocess(to_onnx(m, x[:1], opset=17))
+    cfg = es.QuantConfig(capture="onnx")
+    ranges = _onnx.calibrate(graph, [x], cfg)
+    from edgeslim.core.onnx_model import ort_session, run_session
+
+    out = run_session(ort_session(_onnx.write_qdq(graph, ranges, {}, cfg)), x)[0]
+    with torch.no_grad():
+        ref = m(x)
+    assert _cosine(ref[:, 4:], torch.from_numpy(out)[:, 4:]) < 0.99
+
+
+def test_detector_validation_compares_parts_without_top1(detector, tmp_path):
+    _, x, q = detector
+    art = es.export(q, "onnx", example_inputs=x, path=tmp_path / "det.onnx")
+    v = art.validation
+    assert v["top1_agreement"] is None and set(v["parts"]) == {"boxes", "scores"}
+    assert any("top-1 agreement skipped" in c for c in v["checks"])
+    fl = v["vs_float_reference"]
+    assert fl["top1_agreement"] is None and fl["parts"]["scores"]["cosine"] >= 0.99
+    assert "top-1 agreement skipped" in v["summary"] and "top-1 agreement 0" not in v["summary"]
+
+
+def test_classifier_validation_says_its_checks(tmp_path):
+    from tiny import TinyCNN
+
+    m = TinyCNN().eval()
+    art = es.export(m, "onnx", example_inputs=TinyCNN.example_inputs(8), path=tmp_path / "c.onnx")
+    assert art.validation["top1_agreement"] == 1.0 and "top-1" in art.validation["checks"][0]
+
+
+def test_detect_task_on_a_non_detector_is_one_clear_error(tmp_path):
+    from tiny import TinyCNN
+
+    with pytest.raises(es.core.errors.ExportError, match=r"detector's output has shape \(8, 10\)"):
+        es.export(
+            TinyCNN().eval(),
+            "onnx",
+            example_inputs=TinyCNN.example_inputs(8),
+            path=tmp_path / "c.onnx",
+            floors=es.ValidationFloors(task="detect"),
+        )
+    with pytest.raises(ConfigError, match="task"):
+        es.ValidationFloors(task="segment")
+    with pytest.raises(ConfigError, match="tail_sqnr_db"):
+        es.QuantConfig(tail_sqnr_db=-1.0)
+
+
+def test_detection_dataset_calibrates(tmp_path, monkeypatch):
+    from test_detect_data import _coco_folder
+
+    monkeypatch.setenv("EDGESLIM_CACHE", str(tmp_path / "cache"))
+    folder, _ = _coco_folder(tmp_path / "set")
+    train, _val = es.data.load(f"coco:{folder}", size=160, seed=0)
+
+    class Det160(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = TinyDetector()
+            self.pool = torch.nn.AvgPool2d(5)
+
+        def forward(self, x):
+            return self.net(self.pool(x))
+
+    m = Det160().eval()
+    graph = to_onnx(m, torch.zeros(1, 3, 160, 160), opset=17)
+    q = es.quantize(onnx.load_from_string(graph), es.QuantConfig(capture="onnx", num_samples=4), data=train)
+    assert q.report.calibration_samples == 4
+    x = torch.stack([train[i][0] for i in range(len(train))])
+    with torch.no_grad():
+        assert _cosine(m(x)[:, 4:], q(x)[:, 4:]) >= 0.99
+    assert np.isfinite(q(x).numpy()).all()

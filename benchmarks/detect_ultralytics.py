@@ -18,7 +18,9 @@ Steps (each a sub-command; ``all`` runs them in order and every one reuses what 
            Ultralytics' own ONNX INT8 (``export(format="onnx", quantize=8)``: ORT quantize_static on Conv/Gemm/MatMul
            only, ORT's defaults otherwise); OpenVINO FP32 and INT8 (``export(format="openvino", quantize=8)``: NNCF,
            the Detect head's decode left in float); LiteRT INT8 (``format="tflite"``, which 8.4 maps to its
-           litert-torch + ai-edge-quantizer export). Every INT8 export calibrates on the same first 256 train
+           litert-torch + ai-edge-quantizer export); edgeslim's own INT8 of the FP32 ONNX file
+           (``edgeslim.quantize(path, QuantConfig(capture="onnx"))``: the detector head's float nodes found by the
+           range-ratio rule and the tail sensitivity pass). Every INT8 export calibrates on the same first 256 train
            images (``split="train"``, ``fraction=256/4000``; Ultralytics' default would calibrate on val).
   eval     mAP of every deployed file in its own runtime (ONNX Runtime, OpenVINO, LiteRT; 1 thread, batch 1) on the
            full val split, plus the PyTorch model through the same decode and Ultralytics' own ``model.val()``;
@@ -254,7 +256,31 @@ def ort_quantize_static(fp32: Path, out: Path, calib: np.ndarray) -> None:
     pre.unlink(missing_ok=True)
 
 
-#: name -> (runtime, Ultralytics export arguments or None for ORT's quantize_static on the FP32 ONNX file)
+EDGESLIM_ROW = "edgeslim INT8 (quantize capture=onnx, head by sensitivity)"
+
+
+def edgeslim_int8(fp32: Path, out: Path, train: Any) -> dict[str, Any]:
+    """edgeslim's static INT8 of the FP32 ONNX file (``quantize(path, QuantConfig(capture="onnx"))``, its defaults:
+    MSE activation ranges, U8 activations, per-channel S8 weights, the head's float nodes found by the range-ratio
+    rule and the tail sensitivity pass), calibrated on the same first 256 train images (a DetectionDataset).
+    Returns what the report says (summary, the nodes kept float and why, integer-MAC share)."""
+    import edgeslim as es
+
+    q = es.quantize(str(fp32), es.QuantConfig(capture="onnx", num_samples=CALIB_IMAGES), data=train.subset(CALIB_IMAGES))
+    out.write_bytes(q.onnx_bytes())
+    r = q.report
+    return {
+        "settings": "edgeslim.quantize(capture='onnx') defaults: mse ranges, U8 activations, S8 per-channel weights",
+        "calibration": f"first {CALIB_IMAGES} train images (DetectionDataset, RGB /255 NCHW)",
+        "summary": r.summary(),
+        "kept_float": list(r.float_ops),
+        "integer_mac_share": r.integer_mac_share,
+        "tail": r.tail,
+    }
+
+
+#: name -> (runtime, Ultralytics export arguments or None for ORT's quantize_static on the FP32 ONNX file, or
+#: {"edgeslim": True} for edgeslim's own INT8 of that file)
 EXPORTS: dict[str, tuple[str, dict | None]] = {
     "FP32 ONNX": ("onnxruntime", {"format": "onnx"}),
     "ORT INT8 (quantize_static U8S8 per-channel QDQ)": ("onnxruntime", None),
@@ -262,6 +288,7 @@ EXPORTS: dict[str, tuple[str, dict | None]] = {
     "OpenVINO FP32": ("openvino", {"format": "openvino"}),
     "OpenVINO INT8 (Ultralytics/NNCF)": ("openvino", {"format": "openvino", "quantize": 8}),
     "LiteRT INT8 (Ultralytics format=tflite)": ("litert", {"format": "tflite", "quantize": 8}),
+    EDGESLIM_ROW: ("onnxruntime", {"edgeslim": True}),
 }
 
 
@@ -293,7 +320,10 @@ def export_all(best: Path, data: Path, train: Any, only: Sequence[str] = ()) -> 
         rec: dict[str, Any] = {"runtime": runtime}
         t0 = time.time()
         try:
-            if args is None:  # ORT quantize_static on row 0's FP32 file
+            if args is not None and args.get("edgeslim"):  # edgeslim's INT8 of row 0's FP32 file
+                path = d / "best_edgeslim_int8.onnx"
+                rec.update(edgeslim_int8(Path(out["FP32 ONNX"]["path"]), path, train))
+            elif args is None:  # ORT quantize_static on row 0's FP32 file
                 fp32 = Path(out["FP32 ONNX"]["path"])
                 path = d / "best_ort_int8.onnx"
                 ort_quantize_static(fp32, path, calib_images(train))

@@ -36,13 +36,14 @@ def test_detector_head_keeps_scores(detector):
     assert _cosine(ref[:, 4:], out[:, 4:]) >= 0.99  # the scores survive (a shared scale with boxes would zero them)
     assert float((ref[:, :4] - out[:, :4]).abs().max()) < 4.0  # boxes within a few pixels of 160
     floats = {f["node"]: f["reason"] for f in q.report.float_ops}
-    concat = [n for n, r in floats.items() if "Concat" in n]
-    assert concat and "range ratio" in floats[concat[0]]  # the output Concat, found by the rule, with its reason
+    # the output Concat (boxes + scores), found by the range-ratio rule, with its reason
+    assert [n for n, r in floats.items() if "Concat" in n and "range ratio" in r]
+    assert q.report.tail["after_last_mac"]  # the post-processing after the last convs stays float, said
     assert any("Sigmoid" in n and "no integer kernel" in r for n, r in floats.items())
     assert q.report.tail["detector_output"] and q.report.tail["samples"] > 0
     assert all("min_part_sqnr_db" in e or "error" in e for e in q.report.tail["measured"])
     assert q.report.integer_mac_share and q.report.integer_mac_share > 0.9  # the convs stay integer
-    assert "head: 1 node(s) kept float" in q.report.summary()
+    assert "(1 Concat(s) by range ratio" in q.report.summary()
 
 
 def test_without_the_head_rules_the_scores_are_lost():

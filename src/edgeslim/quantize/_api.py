@@ -77,10 +77,12 @@ class QuantReport:
         if self.tail:
             kept = [m["node"] for m in self.tail.get("measured", []) if m.get("float")]
             n_ratio = len(self.tail.get("range_ratio", []))
+            n_post = len(self.tail.get("after_last_mac", []))
             text += (
-                f"; head: {len(kept) + n_ratio} node(s) kept float ({n_ratio} Concat(s) by range ratio, {len(kept)} by "
-                f"tail sensitivity < {self.tail.get('threshold_db')} dB of {len(self.tail.get('measured', []))} "
-                f"measured), {len(self.tail.get('float_by_design', []))} float by design"
+                f"; head: {len(kept) + n_ratio + n_post} node(s) kept float ({n_ratio} Concat(s) by range ratio, "
+                f"{n_post} after the last Conv/Gemm/MatMul, {len(kept)} of {len(self.tail.get('measured', []))} "
+                f"tail Conv/Gemm/MatMul by sensitivity < {self.tail.get('threshold_db')} dB), "
+                f"{len(self.tail.get('float_by_design', []))} float by design (see float_ops)"
             )
         notes = list(self.warnings)
         if share is not None and share < MIN_INTEGER_SHARE and self.precision.startswith("int8"):

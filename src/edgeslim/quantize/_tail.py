@@ -179,6 +179,7 @@ def sensitivity(
         "range_ratio": sorted(float_nodes),
         "measured": [],
         "float_by_design": [],
+        "after_last_mac": [],
     }
     parts = output_parts(graph)
     record["detector_output"] = detector_output(graph, parts)
@@ -186,6 +187,15 @@ def sensitivity(
     record["float_by_design"] = [
         {"node": n.name, "op": n.op_type} for n in nodes if n.op_type not in _onnx.QUANTIZED_OPS
     ]
+    quantizable = [n for n in nodes if n.op_type in _onnx.QUANTIZED_OPS and n.name not in excluded]
+    for n in quantizable:  # the integer region stops at the last Conv/Gemm/MatMul of each branch
+        if n.op_type not in _onnx.MAC_OPS and n.name not in float_nodes:
+            float_nodes[n.name] = (
+                f"{n.op_type} after the last Conv/Gemm/MatMul of its branch (the graph's post-processing): no integer "
+                "kernel downstream needs its int8 data, so quantizing it only adds error"
+            )
+            record["after_last_mac"].append({"node": n.name, "op": n.op_type})
+    candidates = [n for n in quantizable if n.op_type in _onnx.MAC_OPS][:MAX_CANDIDATES]
     if config.tail_sqnr_db is None or not batches:
         record["samples"] = 0
         return float_nodes, record
@@ -194,7 +204,6 @@ def sensitivity(
     names = [o.name for o in sess.get_outputs()]
     ref = run_session(sess, x, chunk=SENSITIVITY_SAMPLES)
     record["samples"] = len(ref[0]) if ref else 0
-    candidates = [n for n in nodes if n.op_type in _onnx.QUANTIZED_OPS and n.name not in excluded][:MAX_CANDIDATES]
     for n in candidates:
         if n.name in float_nodes:
             continue

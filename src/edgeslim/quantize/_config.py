@@ -104,7 +104,7 @@ class QuantConfig(Config):
     bias_correction: bool = False
     seed: int = 0
     capture: Capture = Capture.AUTO
-    tail_sqnr_db: float | None = 40.0
+    tail_sqnr_db: float | None = 50.0
     check_speed: bool = False
 
     def validate(self) -> None:

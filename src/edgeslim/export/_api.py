@@ -480,9 +480,7 @@ def _validate(
     if labels is not None:
         validation["accuracy_torch"] = float((ref.numpy().argmax(1) == labels).mean())
         validation["accuracy_artifact"] = float((out.argmax(1) == labels).mean())
-    validation.setdefault(
-        "checks", ["cosine, SQNR and top-1 agreement (arg-max per sample) of the flattened output"]
-    )
+    validation.setdefault("checks", ["cosine, SQNR and top-1 agreement (arg-max per sample) of the flattened output"])
     float_ctx = getattr(model, "float_reference", None)
     fl = None
     if float_ctx:
@@ -550,7 +548,9 @@ def compare_detection(ref: np.ndarray, out: np.ndarray, layout: dict[str, Any]) 
     ax = layout["axis"]
     parts = {
         "boxes": compare(np.take(ref, range(4), axis=ax), np.take(out, range(4), axis=ax)),
-        "scores": compare(np.take(ref, range(4, ref.shape[ax]), axis=ax), np.take(out, range(4, out.shape[ax]), axis=ax)),
+        "scores": compare(
+            np.take(ref, range(4, ref.shape[ax]), axis=ax), np.take(out, range(4, out.shape[ax]), axis=ax)
+        ),
     }
     for d in parts.values():
         d.pop("top1_agreement")
@@ -574,9 +574,10 @@ def _summary_line(v: dict[str, Any], fl: dict[str, Any] | None) -> str:
 
     def part(d: dict[str, Any]) -> str:
         if "parts" in d:
-            return "; ".join(
-                f"{k} cosine {p['cosine']:.4f}, SQNR {p['sqnr_db']:.1f} dB" for k, p in d["parts"].items()
-            ) + " (detector: top-1 agreement skipped)"
+            return (
+                "; ".join(f"{k} cosine {p['cosine']:.4f}, SQNR {p['sqnr_db']:.1f} dB" for k, p in d["parts"].items())
+                + " (detector: top-1 agreement skipped)"
+            )
         return f"cosine {d['cosine']:.4f}, SQNR {d['sqnr_db']:.1f} dB, top-1 agreement {d['top1_agreement']:.3f}"
 
     text = f"vs {'quantized ' if fl is not None else ''}reference: {part(v)}"

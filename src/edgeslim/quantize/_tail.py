@@ -148,7 +148,9 @@ def detector_output(graph: bytes, parts: Mapping[str, Any]) -> str | None:
     return None
 
 
-def part_sqnr(ref: list[np.ndarray], out: list[np.ndarray], names: list[str], parts: Mapping[str, Any]) -> dict[str, float]:
+def part_sqnr(
+    ref: list[np.ndarray], out: list[np.ndarray], names: list[str], parts: Mapping[str, Any]
+) -> dict[str, float]:
     """SQNR (dB) of every output part of ``out`` against ``ref``."""
     res: dict[str, float] = {}
     for name, r, o in zip(names, ref, out, strict=True):

@@ -266,7 +266,9 @@ def edgeslim_int8(fp32: Path, out: Path, train: Any) -> dict[str, Any]:
     Returns what the report says (summary, the nodes kept float and why, integer-MAC share)."""
     import edgeslim as es
 
-    q = es.quantize(str(fp32), es.QuantConfig(capture="onnx", num_samples=CALIB_IMAGES), data=train.subset(CALIB_IMAGES))
+    q = es.quantize(
+        str(fp32), es.QuantConfig(capture="onnx", num_samples=CALIB_IMAGES), data=train.subset(CALIB_IMAGES)
+    )
     out.write_bytes(q.onnx_bytes())
     r = q.report
     return {

@@ -165,7 +165,7 @@ class OnnxQuantizedModel(nn.Module):
         config: the :class:`QuantConfig` used (``capture="onnx"``).
         report: the :class:`~edgeslim.quantize.QuantReport`.
         plan: plain data: ``inputs`` (the export sample's record), ``keyed``, ``preprocessed``, ``ranges``,
-            ``excluded``, ``opset``.
+            ``excluded``, ``opset`` and ``task`` (``detect`` when the output is a detector's boxes + scores).
         edgeslim_precision: ``int8``, ``int8-dynamic`` or ``fp16`` (read by export).
     """
 
@@ -179,6 +179,8 @@ class OnnxQuantizedModel(nn.Module):
         self.plan = plan
         self.edgeslim_precision = report.precision
         self.edgeslim_capture = "onnx"
+        if plan.get("task"):
+            self.edgeslim_task = plan["task"]
         self._graph = graph
         self._session: Any = None
         self._float = False
@@ -286,11 +288,11 @@ def quantize_onnx(
         "excluded": dict(sorted(excluded.items())),
         "opset": OPSET,
     }
+    if tail_record and tail_record.get("detector_output"):
+        plan["task"] = "detect"  # export validates its boxes and scores apart, with no top-1 (kept by a recipe)
     cfg = config.replace(capture=Capture.ONNX)
     q = OnnxQuantizedModel(float_model, cfg, report, plan, qgraph).eval()
     report.tail = tail_record
-    if tail_record and tail_record.get("detector_output"):
-        q.edgeslim_task = "detect"  # export validates its boxes and scores apart, with no top-1
     fill_onnx_report(report, q, why, pre_err)
     return q
 

@@ -249,7 +249,13 @@ class OnnxQuantizedModel(nn.Module):
 
 
 def quantize_onnx(
-    model: nn.Module, config: QuantConfig, batches: list[Any], probe: Any, report: Any, why: str
+    model: nn.Module,
+    config: QuantConfig,
+    batches: list[Any],
+    probe: Any,
+    report: Any,
+    why: str,
+    timings: Any = None,
 ) -> OnnxQuantizedModel:
     """Quantize ``model`` on its ONNX graph (analysis, statistics, apply; see ``_onnx``) and fill ``report``."""
     float_model = copy.deepcopy(model).eval() if not isinstance(model, OnnxModel) else model
@@ -263,7 +269,11 @@ def quantize_onnx(
         graph, pre_err = _onnx.preprocess(graph)
     else:
         graph = _onnx.constants_to_initializers(graph)
+    _end(timings, "capture")
     ranges = _onnx.calibrate(graph, batches, config) if config.mode == QuantMode.STATIC else {}
+    if config.mode == QuantMode.STATIC:
+        report.calibration_runtime = "onnxruntime (one pass)"
+    _end(timings, "calibrate")
     excluded = _onnx.plan_exclusions(
         graph,
         ranges,
@@ -272,6 +282,7 @@ def quantize_onnx(
         check_ranges=config.mode == QuantMode.STATIC,
     )
     qgraph = _onnx.build_qdq(graph, ranges, excluded, config)
+    _end(timings, "convert")
     plan = {
         "inputs": spec,
         "keyed": keyed,
@@ -283,7 +294,13 @@ def quantize_onnx(
     cfg = config.replace(capture=Capture.ONNX)
     q = OnnxQuantizedModel(float_model, cfg, report, plan, qgraph).eval()
     fill_onnx_report(report, q, why, pre_err)
+    _end(timings, "report")
     return q
+
+
+def _end(timings: Any, phase: str) -> None:
+    if timings is not None:
+        timings.end(phase)
 
 
 def fill_onnx_report(report: Any, q: OnnxQuantizedModel, why: str, pre_err: str | None) -> None:

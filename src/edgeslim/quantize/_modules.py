@@ -18,7 +18,8 @@ from edgeslim.quantize._calibrate import Observer
 class ActQuant(nn.Module):
     """Per-tensor activation fake-quantizer with an observer for calibration.
 
-    States: ``observe_range`` / ``observe_hist`` (calibration passes; pass-through), ``quant``
+    States: ``observe`` (one calibration pass) or ``observe_range`` / ``observe_hist`` (two passes), all
+    pass-through; ``quant``
     (fake-quantize with the calibrated scale), ``dynamic`` (range from each batch), ``off`` (pass-through).
     """
 
@@ -69,7 +70,9 @@ class ActQuant(nn.Module):
                     x, self.scale.reshape(1), self.zero_point.float().reshape(1), self.qmin, self.qmax, grad_factor
                 )
             return torch.fake_quantize_per_tensor_affine(x, self.scale.detach(), self.zero_point, self.qmin, self.qmax)
-        if state == "observe_range":
+        if state == "observe":
+            self.observer.observe(x)
+        elif state == "observe_range":
             self.observer.observe_range(x)
         elif state == "observe_hist":
             self.observer.observe_hist(x)

@@ -357,16 +357,20 @@ def _quantize(model: nn.Module, config: QuantConfig, calib: Any, example_inputs:
             a.set_range(lo, hi)
             a.state = "quant"
             a.observer = type(a.observer)()  # drop the histograms
+        by_quant = {id(a): key.split(":")[0] for key, a in quants.items()}
+        for key, a in quants.items():
+            a.copy_source()  # MaxPool / flatten outputs: their input's scale and zero point
             r = a.range
-            report.activations.append(
-                {
-                    "value": key.split(":")[1],
-                    "module": key.split(":")[0],
-                    "range": [round(r[0], 6), round(r[1], 6)],
-                    "scale": float(a.scale),
-                    "zero_point": int(a.zero_point),
-                }
-            )
+            entry = {
+                "value": key.split(":")[1],
+                "module": key.split(":")[0],
+                "range": [round(r[0], 6), round(r[1], 6)],
+                "scale": float(a.scale),
+                "zero_point": int(a.zero_point),
+            }
+            if a.shares is not None:
+                entry["shares"] = by_quant[id(a.shares)]
+            report.activations.append(entry)
         _link_input_scales(gm)
         timings.end("ranges")
         if config.adaround:

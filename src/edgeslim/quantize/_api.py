@@ -450,9 +450,9 @@ def observe_activations(
         a.observer = Observer(count_zeros=entropy)
     try:
         graph, tensor_of = _observe.fx_calibration_graph(gm, by_module, batches[0])
-        observers = {tensor_of[m]: a.observer for m, a in by_module.items()}
-        if len(observers) != len(by_module):  # two quantizers on one tensor: observe in torch instead
-            raise RuntimeError("two activation quantizers observe the same tensor")
+        observers: dict[str, Observer] = {}
+        for m, a in by_module.items():  # two quantizers on one tensor (one feeds the other) share one observer
+            a.observer = observers.setdefault(tensor_of[m], a.observer)
         bad = _observe.observe_graph(graph, observers, batches)
         if bad:
             raise RuntimeError(f"non-finite values in {sorted(bad)[:3]}")

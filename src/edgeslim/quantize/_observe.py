@@ -46,11 +46,21 @@ def observe_graph(graph: bytes, observers: Mapping[str, Observer], batches: list
     in_names = [i.name for i in sess.get_inputs()]
     wanted = [i for i, n in enumerate(out_names) if n in observers]
     infinite: set[str] = set()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # torch's spinning OpenMP workers would take the cores ONNX Runtime's threads need
+    try:
+        _run(sess, out_names, [out_names[j] for j in wanted], in_names, observers, batches, infinite)
+    finally:
+        torch.set_num_threads(threads)
+    return infinite
+
+
+def _run(sess, out_names, fetch, in_names, observers, batches, infinite) -> None:
     for b in batches:
         for i in range(0, batch_len(b), CALIB_BATCH):
             feeds = _typed_feeds(sess, as_feeds(slice_inputs(b, i, i + CALIB_BATCH), in_names))
-            values = sess.run([out_names[j] for j in wanted], feeds)
-            pairs = [*zip([out_names[j] for j in wanted], values, strict=True)]
+            values = sess.run(fetch, feeds)
+            pairs = [*zip(fetch, values, strict=True)]
             pairs += [(k, v) for k, v in feeds.items() if k in observers]
             for name, v in pairs:
                 if v is None or v.size == 0 or not np.issubdtype(v.dtype, np.floating) or name in infinite:
@@ -59,7 +69,6 @@ def observe_graph(graph: bytes, observers: Mapping[str, Observer], batches: list
                     infinite.add(name)
                     continue
                 observers[name].observe(torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)))
-    return infinite
 
 
 def _typed_feeds(sess: Any, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -115,15 +124,23 @@ def fx_calibration_graph(
         tensor_of[name] = qs[0].input[0]
         rename[dqs[0].output[0]] = qs[0].input[0]
         drop.update((id(qs[0]), id(dqs[0])))
+    for name, t in tensor_of.items():  # a quantizer fed straight by another one's output (e.g. Dropout in between)
+        while t in rename:
+            t = rename[t]
+        tensor_of[name] = t
     keep = [n for n in g.node if id(n) not in drop]
     for n in keep:
         for i, t in enumerate(n.input):
-            if t in rename:
-                n.input[i] = rename[t]
+            while t in rename:
+                t = rename[t]
+            n.input[i] = t
     extra = []
     for o in g.output:  # a quantized graph output (quantize_output=True): an Identity keeps its name
         if o.name in rename:
-            extra.append(onnx.helper.make_node("Identity", [rename[o.name]], [o.name], name=f"{o.name}_observed"))
+            src = o.name
+            while src in rename:
+                src = rename[src]
+            extra.append(onnx.helper.make_node("Identity", [src], [o.name], name=f"{o.name}_observed"))
     del g.node[:]
     g.node.extend([*keep, *extra])
     del g.value_info[:]

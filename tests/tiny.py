@@ -192,6 +192,61 @@ class TinyBlocks(nn.Module):
         return torch.randn(batch, 1, 8, 8, generator=torch.Generator().manual_seed(0))
 
 
+class _TinyBasicBlock(nn.Module):
+    """torchvision's ResNet BasicBlock, small: conv-BN-ReLU, conv-BN, residual add (downsampled by a 1x1 conv-BN when
+    the shape changes), ReLU."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample = (
+            nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            if stride != 1 or cin != cout
+            else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
+        out += identity
+        return self.relu(out)
+
+
+class TinyResNet(nn.Module):
+    """ResNet-18's structure in miniature (3x32x32 input): conv-BN-ReLU stem, MaxPool, a plain and a downsampling
+    BasicBlock, global average pooling, flatten, linear. The Q/DQ placement ORT needs to keep it integer end to end
+    (MaxPool on int8, residual adds as QLinearAdd, the pooled tail into QGemm) is tested on it."""
+
+    def __init__(self, width: int = 8, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, width, 3, 2, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        self.layer1 = _TinyBasicBlock(width, width)
+        self.layer2 = _TinyBasicBlock(width, 2 * width, stride=2)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(2 * width, num_classes)
+        g = torch.Generator().manual_seed(0)
+        for m in self.modules():  # non-trivial BatchNorm statistics, so folding and ranges are exercised
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2, generator=g)
+                m.running_var.uniform_(0.5, 1.5, generator=g)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer2(self.layer1(x))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+    @staticmethod
+    def example_inputs(batch: int = 16) -> torch.Tensor:
+        return torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
 class TinyGrouped(nn.Module):
     """A conv stem, a 2-group 3x3 conv, a 4-group 1x1 conv (grouped, not depthwise), pooling, a Linear head."""
 

@@ -43,13 +43,15 @@ dataset:
 	  $(SUDO) apt-get update -q >/dev/null && $(SUDO) apt-get install -y -q dataset-fashion-mnist >/dev/null; \
 	else echo "note: no apt-get; edgeslim will look for Fashion-MNIST in ~/.cache/edgeslim or download it"; fi
 
-# PostgreSQL (tests/test_workers.py starts a throw-away server: optimize workers sharing one study) and Chromium
-# (the optimize report's render test). Debian packages, like the dataset; without apt-get those tests skip, saying so.
+# PostgreSQL (tests/test_workers.py starts a throw-away server: optimize workers sharing one study), Chromium
+# (the optimize report's render test) and darknet (its 7 JPEGs are backgrounds of the fmnist-detect set).
+# Debian packages, like the dataset; without apt-get those tests skip, saying so.
 PG_INITDB := $(firstword $(wildcard /usr/lib/postgresql/*/bin/initdb))
 system-packages:
 	@missing=""; \
 	[ -n "$(PG_INITDB)" ] || command -v initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || missing="$$missing chromium"; \
+	[ -d /usr/share/darknet/data ] || missing="$$missing darknet"; \
 	if [ -z "$$missing" ]; then :; \
 	elif command -v apt-get >/dev/null 2>&1 && { [ "$$(id -u)" = 0 ] || command -v sudo >/dev/null 2>&1; }; then \
 	  echo "installing Debian package(s):$$missing"; \

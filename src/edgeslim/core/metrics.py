@@ -132,3 +132,109 @@ def compare(ref: np.ndarray, out: np.ndarray) -> dict[str, float]:
     sqnr = float("inf") if noise == 0 else float(10 * np.log10(max((r**2).sum(), 1e-30) / noise))
     agree = float((ref.reshape(len(ref), -1).argmax(1) == out.reshape(len(out), -1).argmax(1)).mean())
     return {"cosine": cos, "sqnr_db": sqnr, "top1_agreement": agree}
+
+
+def coco_map(annotations: Any, detections: Any, *, classes: Any = None) -> dict[str, Any]:
+    """COCO box mAP of ``detections`` against a COCO annotation file, computed by pycocotools.
+
+    Args:
+        annotations: a COCO annotation file (path), or a :class:`~edgeslim.data.DetectionDataset` (its
+            ``annotation_file``, restricted to the dataset's own images, so a subset is scored on itself).
+        detections: one dict per image: ``image_id``, ``boxes`` (``(N, 4)`` xyxy pixels, the annotation file's
+            frame), ``scores`` (``(N,)``) and ``labels`` (``(N,)``, 0-based: label ``k`` is the ``k``-th category
+            by increasing id). Images of the annotations without an entry have no detections.
+        classes: names for ``per_class`` (default: the categories' names).
+
+    Returns:
+        ``map`` (mAP@[.5:.95]), ``map50``, ``map75`` and ``per_class`` (mAP@[.5:.95] per class name; NaN for a
+        class with no ground truth in the images scored), plus ``images`` and ``detections`` counted.
+    """
+    import contextlib
+    import io
+    from pathlib import Path
+
+    from edgeslim.core.errors import DataError
+
+    try:
+        from pycocotools.coco import COCO
+        from pycocotools.cocoeval import COCOeval
+    except ImportError:
+        raise DataError("mAP needs pycocotools: pip install pycocotools (or pip install 'edgeslim[detect]')") from None
+
+    if isinstance(annotations, (str, Path)):
+        from edgeslim.data._detection import read_coco
+
+        path, img_ids = Path(annotations), None
+        data = read_coco(path)
+    elif hasattr(annotations, "annotation_file") and hasattr(annotations, "image_ids"):
+        from edgeslim.data._detection import read_coco
+
+        path, img_ids = Path(annotations.annotation_file), list(annotations.image_ids)
+        data = read_coco(path)
+    else:
+        raise DataError(
+            f"coco_map: annotations must be a COCO annotation file or a DetectionDataset, got {type(annotations).__name__}"
+        )
+    cats = sorted(data["categories"], key=lambda c: c["id"])
+    cat_ids = [c["id"] for c in cats]
+    names = [str(c.get("name", c["id"])) for c in cats] if classes is None else [str(c) for c in classes]
+    if len(names) != len(cat_ids):
+        raise DataError(f"coco_map: {len(names)} class names given but {str(path)!r} has {len(cat_ids)} categories")
+    known = {im["id"] for im in data["images"]}
+    if img_ids is None:
+        img_ids = sorted(known)
+    scored = set(img_ids)
+    rows: list[list[float]] = []
+    for k, det in enumerate(detections):
+        try:
+            iid = int(det["image_id"])
+            boxes = np.asarray(det["boxes"], dtype=np.float64).reshape(-1, 4)
+            scores = np.asarray(det["scores"], dtype=np.float64).reshape(-1)
+            labels = np.asarray(det["labels"]).reshape(-1)
+        except (KeyError, TypeError, ValueError) as e:
+            raise DataError(
+                f"coco_map: detections[{k}] must be a dict with image_id, boxes (N, 4), scores (N,), labels (N,): {e}"
+            ) from None
+        if iid not in known:
+            raise DataError(f"coco_map: detections[{k}].image_id {iid} is not an image of {str(path)!r}")
+        if not len(boxes) == len(scores) == len(labels):
+            raise DataError(
+                f"coco_map: detections[{k}] has {len(boxes)} boxes, {len(scores)} scores and {len(labels)} labels"
+            )
+        if len(labels) and (labels.min() < 0 or labels.max() >= len(cat_ids)):
+            raise DataError(
+                f"coco_map: detections[{k}].labels holds {int(labels.min())}..{int(labels.max())}; the annotations "
+                f"have {len(cat_ids)} classes (labels 0..{len(cat_ids) - 1})"
+            )
+        if iid not in scored:
+            continue
+        for b, s, lab in zip(boxes, scores, labels.astype(np.int64)):
+            rows.append([iid, b[0], b[1], b[2] - b[0], b[3] - b[1], s, cat_ids[int(lab)]])
+    out: dict[str, Any] = {"images": len(img_ids), "detections": len(rows)}
+    sink = io.StringIO()
+    with contextlib.redirect_stdout(sink):  # pycocotools prints its progress and its summary table
+        gt = COCO()
+        gt.dataset = data
+        gt.createIndex()
+        if not gt.getAnnIds(imgIds=img_ids, iscrowd=False):
+            raise DataError(f"coco_map: {str(path)!r} has no (non-crowd) boxes in the {len(img_ids)} images scored")
+        if not rows:
+            return {**out, "map": 0.0, "map50": 0.0, "map75": 0.0, "per_class": dict.fromkeys(names, 0.0)}
+        dt = gt.loadRes(np.asarray(rows, dtype=np.float64))
+        ev = COCOeval(gt, dt, "bbox")
+        ev.params.imgIds = img_ids
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    precision = ev.eval["precision"]  # (iou thresholds, recall points, classes, areas, max detections)
+    per_class = {}
+    for k, name in enumerate(names):
+        p = precision[:, :, k, 0, -1]
+        per_class[name] = float(p[p > -1].mean()) if (p > -1).any() else float("nan")
+    return {
+        **out,
+        "map": float(ev.stats[0]),
+        "map50": float(ev.stats[1]),
+        "map75": float(ev.stats[2]),
+        "per_class": per_class,
+    }

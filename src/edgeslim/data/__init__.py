@@ -1,6 +1,9 @@
-"""Datasets: built-in sources (Fashion-MNIST, MNIST-5k, digits), users' image folders, calibration sampling.
+"""Datasets: built-in sources (Fashion-MNIST, MNIST-5k, digits), users' image folders, calibration sampling,
+detection sets in COCO format (the generated ``fmnist-detect``, users' ``coco:`` files).
 
 >>> train, val = edgeslim.data.load("fashion-mnist")
+>>> train, val = edgeslim.data.load("fmnist-detect", size=160)      # DetectionDataset: (image, target) items
+>>> train, val = edgeslim.data.load("coco:data/annotations/instances.json", size=320)
 >>> calib = edgeslim.data.calibration_subset(train, 512)
 >>> train, val = edgeslim.data.load("folder:photos", preprocess=ImagePreprocess(input_size=224, normalize="imagenet"))
 """
@@ -11,14 +14,20 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from edgeslim.core.errors import DataError
+from edgeslim.core.errors import ConfigError, DataError, near
 from edgeslim.data._dataset import ImageDataset, calibration_subset, stratified_split
+from edgeslim.data._detection import DetectionDataset, check_classes, coco_source, collate_detection, read_coco
+from edgeslim.data._fmnist_detect import fmnist_detect
 from edgeslim.data._folder import FolderDataset, ImagePreprocess, folder_shape, model_preprocess
 from edgeslim.data._sources import SOURCES, image_folder
 from edgeslim.data._text import TextDataset, load_text, text_names
 
 __all__ = [
     "ImageDataset",
+    "DetectionDataset",
+    "collate_detection",
+    "check_classes",
+    "read_coco",
     "FolderDataset",
     "ImagePreprocess",
     "folder_shape",
@@ -35,9 +44,13 @@ __all__ = [
 ]
 
 
+#: built-in sources whose items are (image, target) detection pairs; they take ``size`` and ``limit``
+DETECTION_SOURCES = {"fmnist-detect": fmnist_detect}
+
+
 def names() -> list[str]:
     """Names of the built-in dataset sources."""
-    return SOURCES.names()
+    return sorted([*SOURCES.names(), *DETECTION_SOURCES])
 
 
 def load(
@@ -47,21 +60,42 @@ def load(
     seed: int = 0,
     preprocess: ImagePreprocess | Mapping | None = None,
     model: Any = None,
-) -> tuple[ImageDataset, ImageDataset]:
+    size: int | None = None,
+    limit: int | None = None,
+) -> tuple[ImageDataset, ImageDataset] | tuple[DetectionDataset, DetectionDataset]:
     """Load a dataset as ``(train, val)``.
 
     Args:
-        name: a built-in source (see :func:`names`), or ``folder:<path>`` for an image folder (streamed from disk).
-        root: where to look for the files first (built-in sources look in system and cache folders too).
-        seed: seed of the deterministic train/val split where the source has no official one.
+        name: a built-in source (see :func:`names`), ``folder:<path>`` for an image folder (streamed from disk),
+            or ``coco:<file.json|folder>`` for users' detection data in COCO format.
+        root: where to look for the files first (built-in sources look in system and cache folders too); for
+            ``fmnist-detect``, the folder the generated set is kept in (default ``~/.cache/edgeslim/data``).
+        seed: seed of the deterministic train/val split where the source has no official one (for
+            ``fmnist-detect``: the generation seed).
         preprocess: for ``folder:`` data, resize / crop / normalisation (:class:`ImagePreprocess`).
         model: for ``folder:`` data with ``normalize="model"``, the model whose own preprocessing is used.
+        size: detection data only: side of the square images, 160 or 320 (default 320).
+        limit: detection data only: keep the first ``limit`` images of each split (``fmnist-detect`` then
+            generates only those; they are the full set's first images).
     """
-    if str(name).startswith("folder:"):
+    name = str(name)
+    if name.startswith("coco:") or name in DETECTION_SOURCES:
+        if preprocess is not None:
+            raise DataError(f"preprocess applies to folder:<path> datasets; detection data {name!r} takes size=")
+        if name.startswith("coco:"):
+            return coco_source(name[len("coco:") :], size=320 if size is None else size, seed=seed, limit=limit)
+        return DETECTION_SOURCES[name](root=root, seed=seed, size=320 if size is None else size, limit=limit)
+    if size is not None or limit is not None:
+        raise DataError(f"size= and limit= apply to detection data (fmnist-detect, coco:<path>), not to {name!r}")
+    if name.startswith("folder:"):
         return image_folder(str(name)[len("folder:") :], preprocess=preprocess, model=model, seed=seed)
     if preprocess is not None:
         raise DataError(
             f"preprocess (--input-size, --normalize) applies to folder:<path> datasets; {name!r} has its own fixed "
             "size and normalisation"
+        )
+    if name not in SOURCES:
+        raise ConfigError(
+            f"unknown dataset {name!r}{near(name, names())}; valid: {', '.join(names())}, folder:<path>, coco:<path>"
         )
     return SOURCES.get(name)(root=root, seed=seed)

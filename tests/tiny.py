@@ -411,6 +411,10 @@ class TinyDetectionSet(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
+    @property
+    def image_ids(self) -> list[int]:
+        return [t["image_id"] for t in self.targets]
+
     def __getitem__(self, i: int):
         return self.images[i], self.targets[i]
 

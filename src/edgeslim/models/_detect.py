@@ -111,21 +111,44 @@ class YoloMobileNetV2(nn.Module):
 
     def features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The neck's three output maps (strides 8, 16, 32) for a ``[0, 1]`` RGB batch."""
+        return self._neck_from([], (x - self.mean) / self.std, 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._decode(self.features(x))
+
+    def backbone_state(self, x: torch.Tensor, stop: int) -> list[torch.Tensor]:
+        """What the network needs to go on after backbone block ``stop - 1``: the earlier taps' outputs, then
+        block ``stop - 1``'s output (see :meth:`forward_from`; trainers cache it for frozen blocks)."""
         x = (x - self.mean) / self.std
         taps = []
-        for i, block in enumerate(self.backbone):
+        for i, block in enumerate(self.backbone[:stop]):
             x = block(x)
+            if i in TAPS and i != stop - 1:
+                taps.append(x)
+        return [*taps, x]
+
+    def forward_from(self, state: list[torch.Tensor], start: int) -> torch.Tensor:
+        """The forward output from :meth:`backbone_state` ``(x, start)``: the blocks from ``start`` on, neck, heads."""
+        taps = list(state[:-1])
+        if start - 1 in TAPS:
+            taps.append(state[-1])
+        return self._decode(self._neck_from(taps, state[-1], start))
+
+    def _neck_from(self, taps: list[torch.Tensor], x: torch.Tensor, start: int) -> list[torch.Tensor]:
+        taps = list(taps)
+        for i in range(start, len(self.backbone)):
+            x = self.backbone[i](x)
             if i in TAPS:
                 taps.append(x)
         return self.neck(*taps)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _decode(self, feats: list[torch.Tensor]) -> torch.Tensor:
         boxes, scores = [], []
-        for feat, head, stride in zip(self.features(x), self.heads, STRIDES, strict=True):
+        for feat, head, stride in zip(feats, self.heads, STRIDES, strict=True):
             cls, box = head(feat)
             h, w = feat.shape[-2:]
-            ys = (torch.arange(h, device=x.device, dtype=x.dtype) + 0.5) * stride
-            xs = (torch.arange(w, device=x.device, dtype=x.dtype) + 0.5) * stride
+            ys = (torch.arange(h, device=feat.device, dtype=feat.dtype) + 0.5) * stride
+            xs = (torch.arange(w, device=feat.device, dtype=feat.dtype) + 0.5) * stride
             cx = xs.view(1, 1, w).expand(1, h, w).reshape(1, 1, h * w)
             cy = ys.view(1, h, 1).expand(1, h, w).reshape(1, 1, h * w)
             d = F.softplus(box.flatten(2)) * stride  # [B, 4, h*w]: left, top, right, bottom

@@ -54,6 +54,10 @@ class DetectTrainConfig(Config):
         cls_weight: weight of the BCE class loss.
         seed: seeds shuffling and augmentation.
         channels_last: run the steps in NHWC memory layout (faster convolutions on CPUs).
+        cache_frozen: compute the frozen blocks' outputs once for every training image (and its mirror image with
+            ``hflip``), kept in float16, instead of at every step; needs a model with ``backbone_state`` and
+            ``forward_from`` (as ``yolo_mobilenet_v2``). Exact up to float16 rounding, since frozen blocks and
+            their BN statistics do not change.
     """
 
     kind = "detect_train"
@@ -71,6 +75,7 @@ class DetectTrainConfig(Config):
     cls_weight: float = 1.0
     seed: int = 0
     channels_last: bool = True
+    cache_frozen: bool = False
 
     def validate(self) -> None:
         for name in ("epochs", "batch_size", "topk"):
@@ -221,14 +226,7 @@ def _hflip(x: torch.Tensor, targets: list[dict], g: torch.Generator) -> tuple[to
         return x, targets
     x = x.clone()
     x[flip] = x[flip].flip(-1)
-    w = x.shape[-1]
-    out = []
-    for f, t in zip(flip.tolist(), targets, strict=True):
-        if f and len(t["boxes"]):
-            b = torch.as_tensor(t["boxes"], dtype=torch.float32).view(-1, 4)
-            t = {**t, "boxes": torch.stack([w - b[:, 2], b[:, 1], w - b[:, 0], b[:, 3]], 1)}
-        out.append(t)
-    return x, out
+    return x, _flip_targets(targets, flip.tolist(), x.shape[-1])
 
 
 def _freeze(model: nn.Module, n: int) -> list[nn.Module]:
@@ -242,6 +240,42 @@ def _freeze(model: nn.Module, n: int) -> list[nn.Module]:
     for m in frozen:
         m.requires_grad_(False)
     return frozen
+
+
+def _targets(data: Any) -> list[dict]:
+    """Every item's target, without decoding images where the dataset can (``DetectionDataset.target``)."""
+    get = getattr(data, "target", None)
+    return [get(i) if callable(get) else data[i][1] for i in range(len(data))]
+
+
+@torch.no_grad()
+def _frozen_cache(model: nn.Module, data: Any, stop: int, hflip: bool, progress: bool) -> list[list[torch.Tensor]]:
+    """``cache[flip][j]``: the j-th tensor of ``model.backbone_state(image, stop)`` for every image, float16."""
+    views = (False, True) if hflip else (False,)
+    out: list[list[torch.Tensor]] = []
+    order = torch.arange(len(data))
+    for flip in views:
+        parts: list[list[torch.Tensor]] = []
+        bar = _progress(_batches(data, order, 64), total=math.ceil(len(data) / 64), desc="caching frozen blocks",
+                        disable=not progress)  # fmt: skip
+        for x, _ in bar:
+            x = (x.flip(-1) if flip else x).contiguous(memory_format=torch.channels_last)
+            for j, t in enumerate(model.backbone_state(x, stop)):
+                if len(parts) <= j:
+                    parts.append([])
+                parts[j].append(t.half().contiguous())
+        out.append([torch.cat(p) for p in parts])
+    return out
+
+
+def _flip_targets(targets: list[dict], flip: list[bool], w: int) -> list[dict]:
+    out = []
+    for f, t in zip(flip, targets, strict=True):
+        if f and len(t["boxes"]):
+            b = torch.as_tensor(t["boxes"], dtype=torch.float32).view(-1, 4)
+            t = {**t, "boxes": torch.stack([w - b[:, 2], b[:, 1], w - b[:, 0], b[:, 3]], 1)}
+        out.append(t)
+    return out
 
 
 def train_detector(
@@ -325,6 +359,20 @@ def train_detector(
             log.info("resumed from %s after epoch %d", ck_dir, start_epoch)
     size = tuple(train[0][0].shape[-2:])
     points, _ = model.anchor_points(*size)
+    k = config.freeze_backbone
+    cache = None
+    if k and config.cache_frozen and all(callable(getattr(model, a, None)) for a in ("backbone_state", "forward_from")):
+        if start_epoch < config.epochs:
+            t0 = time.perf_counter()
+            for m in frozen:
+                m.eval()
+            cache = _frozen_cache(model, train, k, config.hflip, progress)
+            all_targets = _targets(train)
+            mb = sum(t.numel() * 2 for views in cache for t in views) / 2**20
+            log.info("cached frozen blocks 0-%d for %d images in %.1f s (%.0f MiB)", k - 1, len(train),
+                     time.perf_counter() - t0, mb)  # fmt: skip
+            if progress:
+                _progress_line(f"cached the frozen blocks' outputs ({mb:.0f} MiB) in {time.perf_counter() - t0:.0f} s")
     for epoch in range(start_epoch, config.epochs):
         model.train()
         for m in frozen:
@@ -339,14 +387,35 @@ def train_detector(
             disable=not progress,
         )
         steps = 0
-        for x, targets in bar:
-            if tuple(x.shape[-2:]) != size:
-                raise DataError(f"training images have different sizes: {size} and {tuple(x.shape[-2:])}")
-            if config.hflip:
-                x, targets = _hflip(x, targets, g)
-            if config.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            loss, parts = detection_loss(model(x), targets, points, config)
+        if cache is not None:
+            bar = _progress(
+                (order[s : s + config.batch_size] for s in range(0, len(order), config.batch_size)),
+                total=steps_per_epoch,
+                desc=f"epoch {epoch + 1}/{config.epochs}",
+                disable=not progress,
+            )
+        for batch in bar:
+            if cache is not None:
+                idx = batch
+                flip = (torch.rand(len(idx), generator=g) < 0.5) if config.hflip else torch.zeros(len(idx), dtype=torch.bool)
+                state = []
+                for j in range(len(cache[0])):
+                    t = cache[0][j][idx].float()
+                    if flip.any():
+                        t[flip] = cache[1][j][idx[flip]].float()
+                    state.append(t.contiguous(memory_format=torch.channels_last) if config.channels_last else t)
+                targets = _flip_targets([all_targets[int(i)] for i in idx], flip.tolist(), size[1])
+                out = model.forward_from(state, k)
+            else:
+                x, targets = batch
+                if tuple(x.shape[-2:]) != size:
+                    raise DataError(f"training images have different sizes: {size} and {tuple(x.shape[-2:])}")
+                if config.hflip:
+                    x, targets = _hflip(x, targets, g)
+                if config.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                out = model(x)
+            loss, parts = detection_loss(out, targets, points, config)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)

@@ -54,8 +54,10 @@ def train(args: argparse.Namespace) -> torch.nn.Module:
     minutes = (time.perf_counter() - t0) / 60
     spent = sum(r["train_seconds"] + r.get("eval_seconds", 0) for r in res.history) / 60
     full = es.runtime.evaluate_detector(res.model, va, runtime="torch", threads=torch.get_num_threads())
-    print(f"trained {len(res.history)} epochs, {spent:.1f} min in all (this call {minutes:.1f} min); torch val mAP "
-          f"{full['map']:.4f} (mAP50 {full['map50']:.4f})")
+    print(
+        f"trained {len(res.history)} epochs, {spent:.1f} min in all (this call {minutes:.1f} min); torch val mAP "
+        f"{full['map']:.4f} (mAP50 {full['map50']:.4f})"
+    )
     if args.ship:
         ck = checkpoint_path(NAME, DATASET).with_name(f"{NAME}-{DATASET}-{SIZE}.pt")
         save_torch(res.model.state_dict(), ck, force=True)
@@ -168,7 +170,9 @@ def main() -> None:
         "params": sum(p.numel() for p in model.parameters()),
         "macs": art.meta.get("macs"),
         "per_class_map_onnx": m_ort["per_class"],
-        "training": {k: info.get(k) for k in ("train_minutes", "config", "history", "map", "command")} if info else None,
+        "training": {k: info.get(k) for k in ("train_minutes", "config", "history", "map", "command")}
+        if info
+        else None,
         "rows": rows,
         "host": host(),
     }

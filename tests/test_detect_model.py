@@ -99,7 +99,9 @@ def test_assigner_picks_anchors_inside_the_box_with_its_class():
     m = tiny_detector()
     pts, _ = m.anchor_points(64, 64)
     pred = torch.cat([torch.cat([pts - 4, pts + 4], 1), torch.full((len(pts), 3), 0.5)], 1)[None]
-    gt, labels, valid = _pad_targets([{"boxes": torch.tensor([[16.0, 16.0, 40.0, 40.0]]), "labels": torch.tensor([2])}], "cpu")
+    gt, labels, valid = _pad_targets(
+        [{"boxes": torch.tensor([[16.0, 16.0, 40.0, 40.0]]), "labels": torch.tensor([2])}], "cpu"
+    )
     fg, tb, ts = assign(pred, pts, gt, labels, valid, topk=5)
     assert fg.sum() == 5
     inside = (pts[:, 0] > 16) & (pts[:, 0] < 40) & (pts[:, 1] > 16) & (pts[:, 1] < 40)
@@ -107,7 +109,9 @@ def test_assigner_picks_anchors_inside_the_box_with_its_class():
     assert (tb[0, fg[0]] == torch.tensor([16.0, 16.0, 40.0, 40.0])).all()
     assert (ts[0, fg[0], 2] > 0).all() and (ts[0, fg[0], :2] == 0).all() and (ts[0, ~fg[0]] == 0).all()
     # a box smaller than the anchor spacing still gets the nearest anchor
-    gt, labels, valid = _pad_targets([{"boxes": torch.tensor([[8.5, 8.5, 11.5, 11.5]]), "labels": torch.tensor([0])}], "cpu")
+    gt, labels, valid = _pad_targets(
+        [{"boxes": torch.tensor([[8.5, 8.5, 11.5, 11.5]]), "labels": torch.tensor([0])}], "cpu"
+    )
     fg, _, _ = assign(pred, pts, gt, labels, valid)
     assert fg.sum() == 1 and pts[fg[0]].tolist() == [[12.0, 12.0]]
 
@@ -138,7 +142,9 @@ def test_train_detector_learns_and_keeps_its_input(sets, trained):
     assert evaluate_detector(before, val)["map"] < 0.02
     # the input model is not modified; frozen blocks stay as they were and caching them gives the same step
     m0 = tiny_detector()
-    cfg = DetectTrainConfig(epochs=1, batch_size=16, warmup_steps=0, freeze_backbone=4, channels_last=False, hflip=False)
+    cfg = DetectTrainConfig(
+        epochs=1, batch_size=16, warmup_steps=0, freeze_backbone=4, channels_last=False, hflip=False
+    )
     ra = train_detector(m0, train, None, cfg, progress=False)
     rb = train_detector(m0, train, None, cfg.replace(cache_frozen=True), progress=False)
     a = ra.model

@@ -88,8 +88,7 @@ def detect_postprocess(
     out = torch.from_numpy(np.asarray(output)) if not isinstance(output, torch.Tensor) else output
     if out.ndim != 3 or out.shape[2] < 5:
         raise ModelError(
-            f"detector output has shape {tuple(out.shape)}; expected [batch, anchors, 4 + classes] "
-            f"({DETECT_LAYOUT})"
+            f"detector output has shape {tuple(out.shape)}; expected [batch, anchors, 4 + classes] ({DETECT_LAYOUT})"
         )
     out = out.detach().float().cpu()
     results = []

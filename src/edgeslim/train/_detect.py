@@ -397,7 +397,11 @@ def train_detector(
         for batch in bar:
             if cache is not None:
                 idx = batch
-                flip = (torch.rand(len(idx), generator=g) < 0.5) if config.hflip else torch.zeros(len(idx), dtype=torch.bool)
+                flip = (
+                    (torch.rand(len(idx), generator=g) < 0.5)
+                    if config.hflip
+                    else torch.zeros(len(idx), dtype=torch.bool)
+                )
                 state = []
                 for j in range(len(cache[0])):
                     t = cache[0][j][idx].float()
@@ -433,7 +437,9 @@ def train_detector(
         if val is not None and len(val) and ((epoch + 1) % eval_every == 0 or last):
             t1 = time.perf_counter()
             m = evaluate_detector(model, val, runtime="torch", threads=torch.get_num_threads())
-            row.update({"val_map": m["map"], "val_map50": m["map50"], "eval_seconds": round(time.perf_counter() - t1, 1)})
+            row.update(
+                {"val_map": m["map"], "val_map50": m["map50"], "eval_seconds": round(time.perf_counter() - t1, 1)}
+            )
             model.train()
             for fm in frozen:
                 fm.eval()

@@ -108,6 +108,10 @@ def _resnet18(in_channels: int, num_classes: int, input_size: int) -> nn.Module:
     return m
 
 
+#: zoo models that are detectors (trained by edgeslim.train.train_detector, not by fit / ``edgeslim train``)
+DETECTORS = frozenset({"yolo_mobilenet_v2"})
+
+
 @_register(
     "yolo_mobilenet_v2",
     "anchor-free YOLO-style detector: ImageNet MobileNetV2 backbone, PAN neck, decoupled heads; "
@@ -307,7 +311,10 @@ def load(
             if not ck.is_file():
                 have = ", ".join(p.stem for p in sorted(CHECKPOINT_DIR.glob("*.pt"))) or "none"
                 how = (
-                    f"train one with `edgeslim train {name} --dataset {dataset}` and pass weights=<its .pt> "
+                    "train one with edgeslim.train.train_detector (python benchmarks/detect_fmnist.py --train "
+                    "--ship) or pass pretrained=False"
+                    if name in DETECTORS
+                    else f"train one with `edgeslim train {name} --dataset {dataset}` and pass weights=<its .pt> "
                     "(CLI --weights), or pass pretrained=False (CLI --no-pretrained)"
                     if str(dataset).startswith("folder:")
                     else f"train one with `edgeslim train {name} --dataset {dataset}` or pass pretrained=False"

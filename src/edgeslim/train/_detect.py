@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from edgeslim.core.config import Config
+from edgeslim.core.config import Config, StrEnum
 from edgeslim.core.detection import check_detector
 from edgeslim.core.errors import ConfigError, DataError
 from edgeslim.core.io import save_torch
@@ -32,6 +32,11 @@ from edgeslim.core.seed import seed_everything
 from edgeslim.train._trainer import _progress, _progress_line, _to_cpu
 
 log = logging.getLogger(__name__)
+
+
+class ClsLoss(StrEnum):
+    VARIFOCAL = "varifocal"
+    BCE = "bce"
 
 
 @dataclass(frozen=True)
@@ -51,7 +56,9 @@ class DetectTrainConfig(Config):
         alpha: score exponent of the alignment metric.
         beta: IoU exponent of the alignment metric.
         box_weight: weight of the CIoU box loss.
-        cls_weight: weight of the BCE class loss.
+        cls_weight: weight of the class loss.
+        cls_loss: ``varifocal`` (BCE with easy negatives weighted down by ``0.75 * p ** 2`` and positives weighted by
+            their soft target, VarifocalNet) or plain ``bce``.
         seed: seeds shuffling and augmentation.
         channels_last: run the steps in NHWC memory layout (faster convolutions on CPUs).
         cache_frozen: compute the frozen blocks' outputs once for every training image (and its mirror image with
@@ -73,6 +80,7 @@ class DetectTrainConfig(Config):
     beta: float = 6.0
     box_weight: float = 5.0
     cls_weight: float = 1.0
+    cls_loss: ClsLoss = ClsLoss.VARIFOCAL
     seed: int = 0
     channels_last: bool = True
     cache_frozen: bool = False
@@ -177,7 +185,8 @@ def detection_loss(
     points: torch.Tensor,
     config: DetectTrainConfig = DetectTrainConfig(),
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """CIoU box loss and BCE class loss of a batch, both normalised by the sum of the soft class targets.
+    """CIoU box loss and varifocal (or BCE) class loss of a batch, both normalised by the sum of the soft class
+    targets.
 
     Args:
         pred: detector output ``[B, A, 4 + C]`` (boxes xyxy pixels, sigmoid scores).
@@ -196,7 +205,11 @@ def detection_loss(
     )  # fmt: skip
     norm = t_scores.sum().clamp(min=1.0)
     scores = pred[..., 4:].float().clamp(1e-7, 1 - 1e-7)
-    cls = F.binary_cross_entropy(scores, t_scores, reduction="sum") / norm
+    bce = F.binary_cross_entropy(scores, t_scores, reduction="none")
+    if config.cls_loss == ClsLoss.VARIFOCAL:
+        pos = t_scores > 0
+        bce = bce * torch.where(pos, t_scores, 0.75 * scores.detach().pow(2))
+    cls = bce.sum() / norm
     if fg.any():
         weight = t_scores.sum(-1)[fg]
         box = (complete_box_iou_loss(pred[..., :4][fg].float(), t_boxes[fg], reduction="none") * weight).sum() / norm
@@ -482,4 +495,4 @@ def train_detector(
     return DetectTrainResult(model.eval(), history, best_map, start_epoch)
 
 
-__all__ = ["DetectTrainConfig", "DetectTrainResult", "assign", "detection_loss", "train_detector"]
+__all__ = ["ClsLoss", "DetectTrainConfig", "DetectTrainResult", "assign", "detection_loss", "train_detector"]

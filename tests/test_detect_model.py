@@ -190,3 +190,26 @@ def test_unknown_output_layout_is_one_clear_error(sets, tmp_path):
         evaluate_detector(tiny_detector(num_classes=2), val)
     with pytest.raises(ConfigError, match="freeze_backbone=99"):
         train_detector(tiny_detector(), val, None, epochs=1, freeze_backbone=99, progress=False)
+
+
+def test_detector_is_refused_by_the_classifier_trainer_in_one_line():
+    from edgeslim.train import train_baseline
+
+    with pytest.raises(
+        ConfigError, match="'yolo_mobilenet_v2' is a detector: train it with edgeslim.train.train_detector"
+    ):
+        train_baseline("yolo_mobilenet_v2", "fmnist-detect")
+
+
+def test_shipped_checkpoint_loads_as_the_trained_detector():
+    info = es.models.checkpoint_info("yolo_mobilenet_v2", "fmnist-detect")
+    assert info["storage"] == "fp16" and info["input_size"] == 160 and info["map"] > 0.3
+    m = es.models.load("yolo_mobilenet_v2", dataset="fmnist-detect", pretrained=True)
+    assert isinstance(m, es.models.YoloMobileNetV2) and not m.training
+    assert es.models.checkpoint_path("yolo_mobilenet_v2", "fmnist-detect", 160).name == (
+        "yolo_mobilenet_v2-fmnist-detect-160.pt"
+    )
+    # the weights are the trained ones, not the random or ImageNet start
+    fresh = es.models.load("yolo_mobilenet_v2", dataset="fmnist-detect", pretrained="imagenet")
+    assert torch.equal(m.backbone[0][0].weight, fresh.backbone[0][0].weight.half().float())  # frozen stem
+    assert not torch.equal(m.heads[0].cls[-1].weight, fresh.heads[0].cls[-1].weight)

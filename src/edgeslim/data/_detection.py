@@ -22,7 +22,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -551,7 +550,3 @@ def coco_source(
         )
     log.info("coco %s: %d train / %d val images at %dx%d (letterboxed)", root, len(out[0]), len(out[1]), size, size)
     return out[0], out[1]
-
-
-def remove_tree(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)

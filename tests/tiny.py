@@ -409,3 +409,74 @@ def tiny_bert_inputs(batch: int = 16, length: int = 8) -> dict[str, torch.Tensor
     mask = torch.ones(batch, length, dtype=torch.long)
     mask[batch // 2 :, length - 3 :] = 0
     return {"input_ids": ids, "attention_mask": mask}
+
+
+class TinyDetectionSet(torch.utils.data.Dataset):
+    """Random detection set for tests: filled rectangles of three colours (the classes) on faint noise.
+
+    ``ds[i] -> (image [3, S, S] in [0, 1], {"boxes" [N, 4] xyxy pixels, "labels" [N], "image_id"})``, with
+    ``classes``, ``num_classes``, ``image_size`` and ``annotation_file`` (COCO JSON written to ``folder``), the
+    interface of ``edgeslim.data.DetectionDataset``.
+    """
+
+    COLOURS = ((1.0, 0.1, 0.1), (0.1, 1.0, 0.1), (0.1, 0.1, 1.0))
+
+    def __init__(self, n: int, folder, *, size: int = 64, seed: int = 0, split: str = "val") -> None:
+        import json
+        from pathlib import Path
+
+        g = torch.Generator().manual_seed(seed)
+        self.image_size = size
+        self.classes = ["red", "green", "blue"]
+        self.num_classes = 3
+        self.images, self.targets = [], []
+        images, anns = [], []
+        for i in range(n):
+            img = torch.rand(3, size, size, generator=g) * 0.3
+            boxes, labels = [], []
+            for _ in range(int(torch.randint(1, 4, (1,), generator=g))):
+                w, h = (int(v) for v in torch.randint(size // 5, size // 2, (2,), generator=g))
+                x0 = int(torch.randint(0, size - w, (1,), generator=g))
+                y0 = int(torch.randint(0, size - h, (1,), generator=g))
+                c = int(torch.randint(0, 3, (1,), generator=g))
+                img[:, y0 : y0 + h, x0 : x0 + w] = torch.tensor(self.COLOURS[c]).view(3, 1, 1)
+                boxes.append([x0, y0, x0 + w, y0 + h])
+                labels.append(c)
+            image_id = i + 1
+            self.images.append(img)
+            self.targets.append(
+                {"boxes": torch.tensor(boxes, dtype=torch.float32), "labels": torch.tensor(labels), "image_id": image_id}
+            )
+            images.append({"id": image_id, "file_name": f"{image_id}.png", "width": size, "height": size})
+            for b, c in zip(boxes, labels):
+                anns.append(
+                    {
+                        "id": len(anns) + 1,
+                        "image_id": image_id,
+                        "category_id": c + 1,
+                        "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]],
+                        "area": (b[2] - b[0]) * (b[3] - b[1]),
+                        "iscrowd": 0,
+                    }
+                )
+        cats = [{"id": k + 1, "name": name} for k, name in enumerate(self.classes)]
+        self.annotation_file = Path(folder) / f"tiny-detect-{split}-{seed}.json"
+        self.annotation_file.write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @property
+    def image_ids(self) -> list[int]:
+        return [t["image_id"] for t in self.targets]
+
+    def __getitem__(self, i: int):
+        return self.images[i], self.targets[i]
+
+
+def tiny_detector(num_classes: int = 3) -> nn.Module:
+    """``yolo_mobilenet_v2`` narrowed for tests (MobileNetV2 x0.25, 16-channel neck), random init; 64x64 input."""
+    from edgeslim.models import YoloMobileNetV2
+
+    torch.manual_seed(0)
+    return YoloMobileNetV2(num_classes, width=16, width_mult=0.25, input_size=64).eval()

@@ -295,7 +295,7 @@ def test_latency_shares_differ_between_host_and_a_profile_and_say_predicted(trai
 
 
 # ------------------------------------------------------------------------------------------------ evolution
-EVO = {**FAST, "searcher": "evolution", "trials": 6, "population": 4}
+EVO = {**FAST, "fit_samples": 0, "searcher": "evolution", "trials": 6, "population": 4}
 
 
 def _trials(url):

@@ -202,9 +202,7 @@ class Evolution:
                         break
                     trial = study.ask()
                 trial.set_user_attr("worker", me)
-                genes = {
-                    n: trial.suggest_int(f"w:{n}", 0, len(self.space.units[n].choices) - 1) for n in self.units
-                }
+                genes = {n: trial.suggest_int(f"w:{n}", 0, len(self.space.units[n].choices) - 1) for n in self.units}
                 point, moved = self.repair(genes, self.budget)
                 k = json.dumps(point, sort_keys=True)
                 if k in seen:

@@ -374,3 +374,8 @@ def test_evolution_refuses_a_second_process_on_its_sqlite_study(trained, table_d
             example_inputs=TinyBlocks.example_inputs(),
             storage=db,
         )
+
+
+def test_table_file_name_is_one_file_whatever_the_runtime_version(tmp_path):
+    t = LatencyTable("onnxruntime", 1, directory=tmp_path, version="2026.4.1-22982-releases/2026/4")
+    assert t.path.parent == tmp_path and "/" not in t.path.name and "2026_4" in t.path.name

@@ -295,7 +295,7 @@ def test_latency_shares_differ_between_host_and_a_profile_and_say_predicted(trai
 
 
 # ------------------------------------------------------------------------------------------------ evolution
-EVO = {**FAST, "fit_samples": 0, "searcher": "evolution", "trials": 6, "population": 4}
+EVO = {**FAST, "searcher": "evolution", "trials": 6, "population": 4}
 
 
 def _trials(url):
@@ -379,3 +379,18 @@ def test_evolution_refuses_a_second_process_on_its_sqlite_study(trained, table_d
 def test_table_file_name_is_one_file_whatever_the_runtime_version(tmp_path):
     t = LatencyTable("onnxruntime", 1, directory=tmp_path, version="2026.4.1-22982-releases/2026/4")
     assert t.path.parent == tmp_path and "/" not in t.path.name and "2026_4" in t.path.name
+
+
+def test_evolution_workers_share_one_postgresql_study(trained, table_dir, postgres):
+    from optuna.trial import TrialState
+
+    model, train, val = trained
+    url = postgres.new_database("nas_workers")
+    kw = {"data": (train, val), "example_inputs": TinyBlocks.example_inputs(), "storage": url}
+    cfg = NASConfig(latency_ratio=0.6, table_dir=str(table_dir), **{**EVO, "trials": 3})
+    first = search_widths(model, cfg, **kw)  # worker 1 creates the study, records the budget and latency model
+    second = search_widths(model, dataclasses.replace(cfg, trials=5), **kw)  # worker 2 joins and adds trials
+    study, trials = _trials(url)
+    assert [t.number for t in trials] == list(range(5)) and all(t.state == TrialState.COMPLETE for t in trials)
+    assert second.report.search["resumed_trials"] == 3 and second.report.search["requeued"] == []
+    assert second.report.budget_ms == pytest.approx(first.report.budget_ms)  # the study's budget, not re-measured

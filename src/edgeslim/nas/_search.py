@@ -202,7 +202,10 @@ def search_widths(
     full = space.full()
     original = measured0 if config.device == "host" else pred.predict(full)
     budget = config.latency_budget_ms if config.latency_budget_ms is not None else config.latency_ratio * original
-    smallest = pred.predict(space.smallest())
+    # the predictor is fitted to measured latencies; anchor it on the original's measurement (host) so the search
+    # aims at the budget in measured terms (and the smallest sub-network is compared with the budget in those terms)
+    anchor = [measured0 / pred.predict(full) if config.device == "host" and pred.predict(full) > 0 else 1.0]
+    smallest = pred.predict(space.smallest()) * anchor[0]
     label = "measured" if config.device == "host" else pred.label
     if budget < smallest:
         field = "latency_budget_ms" if config.latency_budget_ms is not None else "latency_ratio"
@@ -216,9 +219,6 @@ def search_widths(
         )
     val_sub = val.take(min(config.val_samples, len(val)), seed=config.seed)
     acc0 = evaluate(base, val_sub)
-    # the predictor is fitted to measured latencies; anchor it on the original's measurement (host) so the search
-    # aims at the budget in measured terms
-    anchor = [measured0 / pred.predict(full) if config.device == "host" and pred.predict(full) > 0 else 1.0]
     current, assign = base, dict(full)
     history: list[dict] = []
     note = []

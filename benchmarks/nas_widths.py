@@ -130,6 +130,8 @@ def run_model(name: str, args: argparse.Namespace, train, val) -> dict:
         ("netadapt", {"steps": args.netadapt_steps}),
         ("evolution", {"trials": args.trials, "population": args.population}),
     ):
+        if searcher not in args.searchers.split(","):
+            continue
         cfg = NASConfig(searcher=searcher, **common, **extra)
         t0 = time.perf_counter()
         out = search_widths(
@@ -195,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=300, help="fine-tuning SGD steps of every row (the equal budget)")
     ap.add_argument("--lr", type=float, default=0.01, help="fine-tuning learning rate (inherited weights)")
     ap.add_argument("--scratch-lr", type=float, default=0.05, help="learning rate of the width-multiplier rows")
+    ap.add_argument("--importance", default="l1", help="channel criterion of every pruned row")
+    ap.add_argument("--searchers", default="netadapt,evolution", help="which searched rows to run")
     ap.add_argument("--trials", type=int, default=60)
     ap.add_argument("--population", type=int, default=12)
     ap.add_argument("--netadapt-steps", type=int, default=6)

@@ -139,7 +139,7 @@ def run_model(name: str, args: argparse.Namespace, train, val) -> dict:
             cfg,
             data=(train, val),
             example_inputs=x,
-            storage=Path(args.out).with_suffix("") / f"{name}-{searcher}.db" if searcher == "evolution" else None,
+            storage=Path(args.study_dir) / f"{name}-{searcher}.db" if searcher == "evolution" else None,
         )
         rows[searcher] = {
             "model": out,
@@ -212,6 +212,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--val", type=int, default=10000, help="test images the final top-1 is measured on")
     ap.add_argument("--table-dir", default="", help="latency table folder (default: ~/.cache/edgeslim/latency)")
     ap.add_argument("--out", default=str(HERE / "results" / "nas_widths.json"))
+    ap.add_argument(
+        "--study-dir",
+        default=str(Path.home() / ".cache" / "edgeslim" / "nas"),
+        help="where the evolution studies live (SQLite; a rerun resumes them: delete to start afresh)",
+    )
     ap.add_argument("--quick", action="store_true", help="small budgets, end to end in minutes")
     args = ap.parse_args(argv)
     if args.quick:

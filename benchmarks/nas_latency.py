@@ -46,7 +46,9 @@ def run_model(name: str, args: argparse.Namespace) -> dict:
     )
     t_build = time.perf_counter() - t0
     load0 = os.getloadavg()[0]
-    res = check_predictor(model, pred, samples=args.samples, seed=1000, rounds=args.rounds, refit=args.fit)
+    res = check_predictor(
+        model, pred, samples=args.samples, seed=1000, rounds=args.rounds, refit=args.fit, sessions=args.sessions
+    )
     res.update(
         {
             "model": name,
@@ -68,10 +70,13 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="mobilenet_v2,resnet18")
     ap.add_argument("--samples", type=int, default=50, help="held-out sub-networks per model")
-    ap.add_argument("--fit", type=int, default=6, help="sub-networks the a*sum+b fit uses (not among the held-out)")
+    ap.add_argument("--fit", type=int, default=12, help="sub-networks the a*sum+b fit uses (not among the held-out)")
     ap.add_argument("--grid", type=int, default=8, help="widths timed per unit")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument(
+        "--sessions", type=int, default=3, help="times the same sub-networks are timed (measured: their median)"
+    )
     ap.add_argument("--table-dir", default=None, help="latency table folder (default: ~/.cache/edgeslim/latency)")
     ap.add_argument("--out", default=str(HERE / "results" / "nas_latency.json"))
     ap.add_argument("--smoke", action="store_true", help="small_cnn, 8 sub-networks, a coarse grid")
@@ -80,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("edgeslim.prune", "edgeslim.nas._table"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if args.smoke:
-        args.models, args.samples, args.fit, args.grid, args.rounds = "small_cnn", 8, 4, 4, 3
+        args.models, args.samples, args.fit, args.grid, args.rounds, args.sessions = "small_cnn", 8, 6, 4, 3, 2
     h = host()
     rows = []
     t0 = time.perf_counter()
@@ -100,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"host: {h.get('cpu')} [{h.get('isa')}], load avg {h['load_avg']} -> {out['load_avg_end']}")
     print(
         f"{'model':14} {'K':>3} {'units':>5} {'timed':>5} {'a':>6} {'b ms':>7} {'med err%':>8} {'max err%':>8} "
-        f"{'tau':>5} {'sum err%':>8} {'asbuilt%':>8} {'measured ms':>15} {'spread%':>7}"
+        f"{'tau':>5} {'meas tau':>8} {'form':>14} {'sum err%':>8} {'asbuilt%':>8} {'measured ms':>15} {'spread%':>7}"
     )
     for r in rows:
         p = r["fit"]
@@ -108,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{r['model']:14} {r['samples']:>3} {r['units']:>5} {r['table_entries_timed_now']:>5} {p['a']:>6.3f} "
             f"{p['b_ms']:>7.3f} {r['median_abs_error_pct']:>8.2f} {r['max_abs_error_pct']:>8.2f} "
-            f"{r['kendall_tau']:>5.3f} {r['sum_median_abs_error_pct']:>8.2f} {r['asbuilt_median_abs_error_pct']:>8.2f} {lo:>7.3f}-{hi:<7.3f} "
+            f"{r['kendall_tau']:>5.3f} {r['measurement_tau'] or float('nan'):>8.3f} {p['form']:>14} {r['sum_median_abs_error_pct']:>8.2f} {r['asbuilt_median_abs_error_pct']:>8.2f} {lo:>7.3f}-{hi:<7.3f} "
             f"{r['median_spread_pct']:>7.2f}"
         )
     return 0

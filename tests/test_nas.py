@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 
 import numpy as np
@@ -291,3 +292,105 @@ def test_latency_shares_differ_between_host_and_a_profile_and_say_predicted(trai
     assert max(abs(host["shares"][k] - pi["shares"][k]) for k in host["shares"]) > 0.5
     scaled = pred.with_device("raspberry-pi-4")
     assert scaled.label == "predicted for raspberry-pi-4" and scaled.predict() > pred.predict()
+
+
+# ------------------------------------------------------------------------------------------------ evolution
+EVO = {**FAST, "searcher": "evolution", "trials": 6, "population": 4}
+
+
+def _trials(url):
+    import optuna
+
+    (summary,) = optuna.get_all_study_summaries(url)
+    study = optuna.load_study(study_name=summary.study_name, storage=url)
+    return study, study.get_trials(deepcopy=False)
+
+
+def test_evolution_meets_the_predicted_budget_and_replays_from_its_recipe(trained, table_dir, tmp_path):
+    model, train, val = trained
+    url = f"sqlite:///{tmp_path / 'evo.db'}"
+    out = search_widths(
+        model,
+        NASConfig(latency_ratio=0.6, table_dir=str(table_dir), **EVO),
+        data=(train, val),
+        example_inputs=TinyBlocks.example_inputs(),
+        storage=url,
+    )
+    rep = out.report
+    assert rep.searcher == "evolution" and rep.search["trials"] == 6
+    assert rep.predicted_ms <= rep.budget_ms * 1.0001
+    assert all(s["predicted_ms"] <= rep.budget_ms * 1.0001 for s in rep.steps)  # every candidate was repaired in
+    assert rep.steps[0]["repaired"]  # trial 0: the uniform shrink (full widths, repaired onto the budget)
+    narrowed = {n: w for n, w in rep.widths.items() if w[1] < w[0]}
+    assert narrowed and rep.measured_ms < rep.original_measured_ms
+    assert rep.accuracy == pytest.approx(rep.search["best_trial_accuracy"], abs=1e-9) or rep.search["best_trial"] == -1
+    assert rep.accuracy >= max(s["accuracy"] for s in rep.steps) - 1e-9 or rep.search["best_trial"] != 0
+    study, trials = _trials(url)
+    assert len(trials) == 6 and study.user_attrs["latency_model"]["budget_ms"] == pytest.approx(rep.budget_ms)
+    es.save(out, tmp_path / "evo.recipe")
+    back = es.load(tmp_path / "evo.recipe", TinyBlocks(width=48))
+    x = TinyBlocks.example_inputs(8)
+    with torch.no_grad():
+        assert torch.equal(back.eval()(x), out.eval()(x))
+    assert NASConfig.from_dict(out.edgeslim_recipe[0]["config"]).searcher == "evolution"
+
+
+def test_evolution_resumes_after_an_interruption_without_losing_or_repeating_trials(trained, table_dir, tmp_path):
+    from optuna.trial import TrialState
+
+    model, train, val = trained
+    kw = {"data": (train, val), "example_inputs": TinyBlocks.example_inputs()}
+    cfg = NASConfig(latency_ratio=0.6, table_dir=str(table_dir), **{**EVO, "trials": 3})
+    url = f"sqlite:///{tmp_path / 'a.db'}"
+    search_widths(model, cfg, storage=url, **kw)
+    study, trials = _trials(url)
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 3
+    stuck = study.ask()  # a process killed in the middle of trial 3 leaves it RUNNING
+    assert stuck.number == 3
+    out = search_widths(model, dataclasses.replace(cfg, trials=6), storage=url, **kw)
+    _, trials = _trials(url)
+    assert [t.number for t in trials] == list(range(6))  # none lost, none duplicated
+    assert all(t.state == TrialState.COMPLETE for t in trials)
+    assert out.report.search["resumed_trials"] == 3 and out.report.search["requeued"] == [3]
+    assert "resumed study" in out.report.note
+    # the same trials as an uninterrupted run: NSGA-II's first generation (population 4: trials 0-3, the requeued
+    # trial 3 among them) is drawn per trial number, whatever process draws it
+    url_b = f"sqlite:///{tmp_path / 'b.db'}"
+    search_widths(model, dataclasses.replace(cfg, trials=4), storage=url_b, **kw)
+    _, trials_b = _trials(url_b)
+    assert [t.params for t in trials[:4]] == [t.params for t in trials_b[:4]]
+
+
+def test_evolution_refuses_a_second_process_on_its_sqlite_study(trained, table_dir, tmp_path):
+    from edgeslim.core.store import file_lock
+
+    model, train, val = trained
+    db = tmp_path / "c.db"
+    with file_lock(str(db) + ".lock", what="test"), pytest.raises(es.OutputExistsError, match="locked by another"):
+        search_widths(
+            model,
+            NASConfig(latency_ratio=0.6, table_dir=str(table_dir), **EVO),
+            data=(train, val),
+            example_inputs=TinyBlocks.example_inputs(),
+            storage=db,
+        )
+
+
+def test_table_file_name_is_one_file_whatever_the_runtime_version(tmp_path):
+    t = LatencyTable("onnxruntime", 1, directory=tmp_path, version="2026.4.1-22982-releases/2026/4")
+    assert t.path.parent == tmp_path and "/" not in t.path.name and "2026_4" in t.path.name
+
+
+def test_evolution_workers_share_one_postgresql_study(trained, table_dir, postgres):
+    from optuna.trial import TrialState
+
+    model, train, val = trained
+    url = postgres.new_database("nas_workers")
+    kw = {"data": (train, val), "example_inputs": TinyBlocks.example_inputs(), "storage": url}
+    cfg = NASConfig(latency_ratio=0.6, table_dir=str(table_dir), **{**EVO, "trials": 3})
+    first = search_widths(model, cfg, **kw)  # worker 1 creates the study, records the budget and latency model
+    second = search_widths(model, dataclasses.replace(cfg, trials=5), **kw)  # worker 2 joins and adds trials
+    study, trials = _trials(url)
+    assert [t.number for t in trials] == list(range(5)) and all(t.state == TrialState.COMPLETE for t in trials)
+    assert second.report.search["resumed_trials"] == 3 and second.report.search["requeued"] == []
+    assert second.report.budget_ms == pytest.approx(first.report.budget_ms)  # the study's budget, not re-measured

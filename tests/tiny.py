@@ -192,6 +192,61 @@ class TinyBlocks(nn.Module):
         return torch.randn(batch, 1, 8, 8, generator=torch.Generator().manual_seed(0))
 
 
+class _TinyBasicBlock(nn.Module):
+    """torchvision's ResNet BasicBlock, small: conv-BN-ReLU, conv-BN, residual add (downsampled by a 1x1 conv-BN when
+    the shape changes), ReLU."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample = (
+            nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            if stride != 1 or cin != cout
+            else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
+        out += identity
+        return self.relu(out)
+
+
+class TinyResNet(nn.Module):
+    """ResNet-18's structure in miniature (3x32x32 input): conv-BN-ReLU stem, MaxPool, a plain and a downsampling
+    BasicBlock, global average pooling, flatten, linear. The Q/DQ placement ORT needs to keep it integer end to end
+    (MaxPool on int8, residual adds as QLinearAdd, the pooled tail into QGemm) is tested on it."""
+
+    def __init__(self, width: int = 8, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, width, 3, 2, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        self.layer1 = _TinyBasicBlock(width, width)
+        self.layer2 = _TinyBasicBlock(width, 2 * width, stride=2)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(2 * width, num_classes)
+        g = torch.Generator().manual_seed(0)
+        for m in self.modules():  # non-trivial BatchNorm statistics, so folding and ranges are exercised
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2, generator=g)
+                m.running_var.uniform_(0.5, 1.5, generator=g)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer2(self.layer1(x))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+    @staticmethod
+    def example_inputs(batch: int = 16) -> torch.Tensor:
+        return torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
 class TinyGrouped(nn.Module):
     """A conv stem, a 2-group 3x3 conv, a 4-group 1x1 conv (grouped, not depthwise), pooling, a Linear head."""
 
@@ -354,6 +409,77 @@ def tiny_bert_inputs(batch: int = 16, length: int = 8) -> dict[str, torch.Tensor
     mask = torch.ones(batch, length, dtype=torch.long)
     mask[batch // 2 :, length - 3 :] = 0
     return {"input_ids": ids, "attention_mask": mask}
+
+
+class TinyDetectionSet(torch.utils.data.Dataset):
+    """Random detection set for tests: filled rectangles of three colours (the classes) on faint noise.
+
+    ``ds[i] -> (image [3, S, S] in [0, 1], {"boxes" [N, 4] xyxy pixels, "labels" [N], "image_id"})``, with
+    ``classes``, ``num_classes``, ``image_size`` and ``annotation_file`` (COCO JSON written to ``folder``), the
+    interface of ``edgeslim.data.DetectionDataset``.
+    """
+
+    COLOURS = ((1.0, 0.1, 0.1), (0.1, 1.0, 0.1), (0.1, 0.1, 1.0))
+
+    def __init__(self, n: int, folder, *, size: int = 64, seed: int = 0, split: str = "val") -> None:
+        import json
+        from pathlib import Path
+
+        g = torch.Generator().manual_seed(seed)
+        self.image_size = size
+        self.classes = ["red", "green", "blue"]
+        self.num_classes = 3
+        self.images, self.targets = [], []
+        images, anns = [], []
+        for i in range(n):
+            img = torch.rand(3, size, size, generator=g) * 0.3
+            boxes, labels = [], []
+            for _ in range(int(torch.randint(1, 4, (1,), generator=g))):
+                w, h = (int(v) for v in torch.randint(size // 5, size // 2, (2,), generator=g))
+                x0 = int(torch.randint(0, size - w, (1,), generator=g))
+                y0 = int(torch.randint(0, size - h, (1,), generator=g))
+                c = int(torch.randint(0, 3, (1,), generator=g))
+                img[:, y0 : y0 + h, x0 : x0 + w] = torch.tensor(self.COLOURS[c]).view(3, 1, 1)
+                boxes.append([x0, y0, x0 + w, y0 + h])
+                labels.append(c)
+            image_id = i + 1
+            self.images.append(img)
+            self.targets.append(
+                {"boxes": torch.tensor(boxes, dtype=torch.float32), "labels": torch.tensor(labels), "image_id": image_id}
+            )
+            images.append({"id": image_id, "file_name": f"{image_id}.png", "width": size, "height": size})
+            for b, c in zip(boxes, labels):
+                anns.append(
+                    {
+                        "id": len(anns) + 1,
+                        "image_id": image_id,
+                        "category_id": c + 1,
+                        "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]],
+                        "area": (b[2] - b[0]) * (b[3] - b[1]),
+                        "iscrowd": 0,
+                    }
+                )
+        cats = [{"id": k + 1, "name": name} for k, name in enumerate(self.classes)]
+        self.annotation_file = Path(folder) / f"tiny-detect-{split}-{seed}.json"
+        self.annotation_file.write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @property
+    def image_ids(self) -> list[int]:
+        return [t["image_id"] for t in self.targets]
+
+    def __getitem__(self, i: int):
+        return self.images[i], self.targets[i]
+
+
+def tiny_detector(num_classes: int = 3) -> nn.Module:
+    """``yolo_mobilenet_v2`` narrowed for tests (MobileNetV2 x0.25, 16-channel neck), random init; 64x64 input."""
+    from edgeslim.models import YoloMobileNetV2
+
+    torch.manual_seed(0)
+    return YoloMobileNetV2(num_classes, width=16, width_mult=0.25, input_size=64).eval()
 
 
 class TinyDetector(nn.Module):

@@ -158,8 +158,11 @@ def module_of(node_name: str, root: str = "model") -> str:
     return path
 
 
-def ort_session(model: bytes | str | os.PathLike, *, threads: int = 0, optimize: bool = True) -> Any:
-    """An ONNX Runtime CPU session for ONNX bytes or a file (``threads`` 0: ORT's default)."""
+def ort_session(
+    model: bytes | str | os.PathLike, *, threads: int = 0, optimize: bool = True, spin: bool = True
+) -> Any:
+    """An ONNX Runtime CPU session for ONNX bytes or a file (``threads`` 0: ORT's default; ``spin`` False: idle
+    worker threads sleep, for passes over data on a shared CPU)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -169,6 +172,10 @@ def ort_session(model: bytes | str | os.PathLike, *, threads: int = 0, optimize:
         so.inter_op_num_threads = 1
     if not optimize:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if not spin:
+        # worker threads sleep between runs instead of spinning: on a shared or busy CPU the spinning threads take
+        # cores the next run needs (used for calibration and validation passes, never for timing)
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     src = model if isinstance(model, bytes) else str(model)
     try:
         return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])

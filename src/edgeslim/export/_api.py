@@ -268,6 +268,15 @@ def _export(
         raise ConfigError(f"path {str(target)!r} does not fit format {format!r}: use a {_edge.SUFFIX[format]} file")
     check_output(target, force=force)
     model = model.eval()
+    tick = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    def phase(name: str) -> None:
+        nonlocal tick
+        now = time.perf_counter()
+        timings[name] = round(timings.get(name, 0.0) + now - tick, 3)
+        tick = now
+
     try:
         with torch.no_grad():
             ref = first_output(call(model, x))
@@ -275,6 +284,7 @@ def _export(
         raise DataError(
             f"example_inputs of shape {_shape(x)} do not fit {type(model).__name__}: {str(e).splitlines()[0][:200]}"
         ) from None
+    phase("reference")
     t0 = time.perf_counter()
     if format != "onnx":
         return _export_edge(
@@ -307,20 +317,25 @@ def _export(
         else:
             with float_ctx() if float_ctx and prec in ("int8-dynamic", "fp16") else contextlib.nullcontext():
                 _torch_export(model, x, raw, opset)
+        phase("export")
         with float_ctx() if float_ctx else contextlib.nullcontext():
             macs = count_macs(model, x)
+        phase("count_macs")
         pb.update()
         if has_graph:
             _check_graph(raw, tmp, prec)
         else:
             _convert(raw, tmp, prec, getattr(model, "edgeslim_export", {}))
+        phase("convert")
         pb.update()
         validation: dict[str, Any] = {}
         if validate:
             pb.set_postfix_str(f"validating on {len(x)} samples")
             validation = _validate(model, tmp, x, ref, labels, prec, floors)
+            phase("validate")
             pb.update()
         integer = _integer_share(tmp, x, prec)
+        phase("integer_macs")
         if not macs and integer:
             macs = integer["total_macs"]  # an ONNX-file model: torch's counter sees no ops, the graph has them
     art = Artifact(
@@ -334,6 +349,7 @@ def _export(
             "opset": opset,
             "source_model": type(model).__name__,
             "export_seconds": round(time.perf_counter() - t0, 3),
+            "timings": timings,
             **({"integer_macs": integer} if integer else {}),
             **report_meta(model),
         },

@@ -26,6 +26,9 @@ DATASET_SHAPES: dict[str, tuple[tuple[int, int, int], int]] = {
     "mnist-5k": ((1, 28, 28), 10),
     "digits": ((1, 8, 8), 10),
     "imagenet": ((3, 224, 224), 1000),
+    # detection (edgeslim.data.load("fmnist-detect", size=160)); the detector takes any size divisible by 32,
+    # its shipped checkpoint was trained at 160x160
+    "fmnist-detect": ((3, 160, 160), 10),
 }
 
 
@@ -105,6 +108,21 @@ def _resnet18(in_channels: int, num_classes: int, input_size: int) -> nn.Module:
     return m
 
 
+#: zoo models that are detectors (trained by edgeslim.train.train_detector, not by fit / ``edgeslim train``)
+DETECTORS = frozenset({"yolo_mobilenet_v2"})
+
+
+@_register(
+    "yolo_mobilenet_v2",
+    "anchor-free YOLO-style detector: ImageNet MobileNetV2 backbone, PAN neck, decoupled heads; "
+    "forward -> [B, A, 4 + classes] (boxes xyxy pixels + sigmoid scores), NMS outside",
+)
+def _yolo_mobilenet_v2(in_channels: int, num_classes: int, input_size: int) -> nn.Module:
+    from edgeslim.models._detect import build_yolo_mobilenet_v2
+
+    return build_yolo_mobilenet_v2(in_channels, num_classes, input_size)
+
+
 def _zoo_spec(name: str) -> ModelSpec:
     if name in ZOO:
         return ZOO.get(name)
@@ -126,13 +144,21 @@ def names() -> list[str]:
     return ZOO.names()
 
 
-def checkpoint_path(name: str, dataset: str) -> Path:
+def checkpoint_path(name: str, dataset: str, input_size: int | None = None) -> Path:
+    """The shipped checkpoint file of ``name`` on ``dataset``; with ``input_size``, one trained at that size
+    (``<name>-<dataset>-<size>.pt``, as detectors are) is preferred when it exists."""
+    if input_size is not None:
+        sized = CHECKPOINT_DIR / f"{name}-{dataset}-{int(input_size)}.pt"
+        if sized.is_file():
+            return sized
     return CHECKPOINT_DIR / f"{name}-{dataset}.pt"
 
 
-def checkpoint_info(name: str, dataset: str) -> dict:
+def checkpoint_info(name: str, dataset: str, input_size: int | None = None) -> dict:
     """The recorded facts of a shipped checkpoint (accuracy, training command), or {}."""
-    p = checkpoint_path(name, dataset).with_suffix(".json")
+    if input_size is None and dataset in DATASET_SHAPES:
+        input_size = DATASET_SHAPES[dataset][0][-1]
+    p = checkpoint_path(name, dataset, input_size).with_suffix(".json")
     return json.loads(p.read_text()) if p.is_file() else {}
 
 
@@ -212,8 +238,12 @@ def imagenet_mobilenet_v2_weights() -> Path:
 def init_from_imagenet(model: nn.Module, name: str) -> nn.Module:
     """Copy ImageNet weights into an adapted zoo model; the stem is summed over RGB for grayscale input,
     the classifier keeps its fresh initialisation when the class count differs."""
+    if name == "yolo_mobilenet_v2":
+        return model.init_backbone_from_imagenet()
     if name != "mobilenet_v2":
-        raise ModelError(f"ImageNet initialisation is available for 'mobilenet_v2' only, not {name!r}")
+        raise ModelError(
+            f"ImageNet initialisation is available for 'mobilenet_v2' and 'yolo_mobilenet_v2' only, not {name!r}"
+        )
     src = load_state_dict_file(imagenet_mobilenet_v2_weights())
     own = model.state_dict()
     out = {}
@@ -277,11 +307,14 @@ def load(
         if weights is None and pretrained == "imagenet":
             init_from_imagenet(model, name)
         elif weights is None and pretrained:
-            ck = checkpoint_path(name, dataset)
+            ck = checkpoint_path(name, dataset, shape[-1])
             if not ck.is_file():
                 have = ", ".join(p.stem for p in sorted(CHECKPOINT_DIR.glob("*.pt"))) or "none"
                 how = (
-                    f"train one with `edgeslim train {name} --dataset {dataset}` and pass weights=<its .pt> "
+                    "train one with edgeslim.train.train_detector (python benchmarks/detect_fmnist.py --train "
+                    "--ship) or pass pretrained=False"
+                    if name in DETECTORS
+                    else f"train one with `edgeslim train {name} --dataset {dataset}` and pass weights=<its .pt> "
                     "(CLI --weights), or pass pretrained=False (CLI --no-pretrained)"
                     if str(dataset).startswith("folder:")
                     else f"train one with `edgeslim train {name} --dataset {dataset}` or pass pretrained=False"

@@ -9,7 +9,7 @@
 >>> edgeslim.nas.latency_shares(pred, ("host", "raspberry-pi-4"))    # why the two searches differ
 
 The latency model is a per-layer lookup table timed here (:class:`LatencyTable`, one file per runtime, version,
-thread count and host CPU+ISA) and a fitted ``a * sum + b`` for what the sum misses. The width search composes
+thread count and host CPU+ISA) and a fitted ``a * sum + c * weight MB + b`` for what the sum misses. The width search composes
 channel pruning: it calls ``edgeslim.prune``'s public API (``prune``, ``apply_recipe``) to narrow units with
 inherited weights, and that is this package's one dependency on another technique.
 """
@@ -24,6 +24,7 @@ from edgeslim.nas._predictor import (
     check_predictor,
     export_onnx,
     kendall_tau,
+    latency_fit,
     measure_models,
     requests,
 )
@@ -48,6 +49,7 @@ __all__ = [
     "export_onnx",
     "host_key",
     "kendall_tau",
+    "latency_fit",
     "latency_shares",
     "measure_models",
     "micro_onnx",

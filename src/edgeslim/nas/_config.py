@@ -4,14 +4,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from edgeslim.core.config import Config
+from edgeslim.core.config import Config, StrEnum
+
+
+class Searcher(StrEnum):
+    """``netadapt``: greedy, one unit narrowed per step (NetAdapt). ``evolution``: NSGA-II over all units' widths
+    at once (Optuna), every candidate repaired onto the budget; trials live in an Optuna storage, so the search
+    resumes after an interruption and several workers can share it."""
+
+    NETADAPT = "netadapt"
+    EVOLUTION = "evolution"
 
 
 @dataclass(frozen=True)
 class NASConfig(Config):
-    """How to search per-layer widths under a latency budget (NetAdapt-style greedy search).
+    """How to search per-layer widths under a latency budget (NetAdapt's greedy search or NSGA-II).
 
     Attributes:
+        searcher: ``netadapt`` (greedy steps) or ``evolution`` (NSGA-II via Optuna, resumable, several workers).
         latency_budget_ms: the latency the searched model must reach (ms, batch 1). Give this or ``latency_ratio``.
         latency_ratio: the budget as a fraction of the original model's latency (measured on ``runtime`` for
             ``device="host"``, predicted for a device profile). When neither is given: 0.25.
@@ -21,7 +31,9 @@ class NASConfig(Config):
             the profile's roofline, every figure for it "predicted".
         round_to: kept widths are multiples of this (as in pruning).
         min_keep: no unit keeps fewer than this fraction of its channels.
-        steps: greedy steps from the original latency to the budget (each removes an equal share).
+        trials: evolution: candidates evaluated (BN-recalibrated accuracy and predicted latency) in the study.
+        population: evolution: NSGA-II population size.
+        steps: netadapt: greedy steps from the original latency to the budget (each removes an equal share).
         max_extra_steps: further steps when the final model, measured, is still over the budget.
         exclude: layer-name globs whose widths are kept (each must match a Conv/Linear layer).
         importance: channel criterion of ``edgeslim.prune`` (which channels a narrowed unit keeps).
@@ -38,6 +50,7 @@ class NASConfig(Config):
     """
 
     kind = "nas"
+    searcher: Searcher = Searcher.NETADAPT
     latency_budget_ms: float | None = None
     latency_ratio: float | None = None
     runtime: str = "onnxruntime"
@@ -45,6 +58,8 @@ class NASConfig(Config):
     device: str = "host"
     round_to: int = 8
     min_keep: float = 0.25
+    trials: int = 40
+    population: int = 8
     steps: int = 6
     max_extra_steps: int = 3
     exclude: tuple[str, ...] = ()
@@ -84,12 +99,14 @@ class NASConfig(Config):
 
             if self.device not in device_names():
                 raise self._bad("device", f"valid: {', '.join(device_names())}")
-        for f in ("threads", "round_to", "steps", "bn_samples", "val_samples", "rounds"):
+        for f in ("threads", "round_to", "steps", "bn_samples", "val_samples", "rounds", "trials"):
             if getattr(self, f) < 1:
                 raise self._bad(f, "must be an integer >= 1")
         for f in ("max_extra_steps", "finetune_steps"):
             if getattr(self, f) < 0:
                 raise self._bad(f, "must be an integer >= 0")
+        if self.population < 2:
+            raise self._bad("population", "must be an integer >= 2 (NSGA-II needs parents to cross)")
         if not 0 < self.min_keep <= 1:
             raise self._bad("min_keep", "must be in (0, 1]: the smallest fraction of channels a unit keeps")
         if self.grid_points < 2:

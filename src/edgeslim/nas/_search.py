@@ -45,7 +45,10 @@ class NASReport:
         met: whether the budget is met (by the measured figure on the host, the predicted one for a profile).
         widths: unit -> ``[full, final]``.
         accuracy_original, accuracy: top-1 on the validation subset (after BN recalibration for the final).
-        steps: per greedy step: unit cut, width, target, predicted latency, accuracy, candidates scored.
+        steps: netadapt: per greedy step: unit cut, width, target, predicted latency, accuracy, candidates scored;
+            evolution: per finished trial: accuracy (BN recalibrated), predicted latency, repaired, worker.
+        searcher: ``netadapt`` or ``evolution``.
+        search: evolution: the study (name, storage without password, trials, best trial, resumed/requeued).
         predictor: the latency model (table file, a, b, fit samples).
         fixed: units kept at full width (excluded, or too narrow to cut), with why.
     """
@@ -68,6 +71,8 @@ class NASReport:
     runtime: str = ""
     seconds: float = 0.0
     note: str = ""
+    searcher: str = "netadapt"
+    search: dict = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {"technique": self.technique, **dataclasses.asdict(self)}
@@ -77,7 +82,7 @@ class NASReport:
         unit = f"ms ({self.latency_label})"
         lines = [
             (
-                f"nas (widths, {self.runtime}): latency {self.original_ms:.3f} -> {self.predicted_ms:.3f} {unit}, "
+                f"nas (widths, {self.searcher}, {self.runtime}): latency {self.original_ms:.3f} -> {self.predicted_ms:.3f} {unit}, "
                 f"budget {self.budget_ms:.3f} ms {'met' if self.met else 'NOT met'}; measured on this host "
                 f"{self.original_measured_ms:.3f} -> {self.measured_ms:.3f} ms"
             ),
@@ -128,7 +133,9 @@ def _merged_structure(steps: list[dict]) -> dict[str, dict]:
     return out
 
 
-def search_widths(model: nn.Module, config: NASConfig, *, data: Any, example_inputs: Any) -> nn.Module:
+def search_widths(
+    model: nn.Module, config: NASConfig, *, data: Any, example_inputs: Any, storage: Any = None
+) -> nn.Module:
     """Search per-layer widths of a copy of ``model`` so that it runs within the latency budget.
 
     Args:
@@ -137,6 +144,10 @@ def search_widths(model: nn.Module, config: NASConfig, *, data: Any, example_inp
         data: ``(train, val)`` ImageDatasets: BatchNorm statistics are re-estimated on training inputs, candidates
             scored on a validation subset.
         example_inputs: an input batch (traced at batch 1 for the layers' shapes and the exported models).
+        storage: ``searcher="evolution"`` only: where the trials live, a SQLite file path or an RDB URL
+            (``sqlite:///f.db``, ``postgresql://user@host/db`` shared by several workers); None:
+            ``<table_dir>/nas-studies.db`` or ``~/.cache/edgeslim/nas/studies.db``. The same search run again
+            resumes its study (finished trials are kept).
 
     Returns:
         A new, physically narrower model with ``.report`` (a :class:`NASReport`) and a ``nas`` recipe step.
@@ -191,7 +202,10 @@ def search_widths(model: nn.Module, config: NASConfig, *, data: Any, example_inp
     full = space.full()
     original = measured0 if config.device == "host" else pred.predict(full)
     budget = config.latency_budget_ms if config.latency_budget_ms is not None else config.latency_ratio * original
-    smallest = pred.predict(space.smallest())
+    # the predictor is fitted to measured latencies; anchor it on the original's measurement (host) so the search
+    # aims at the budget in measured terms (and the smallest sub-network is compared with the budget in those terms)
+    anchor = [measured0 / pred.predict(full) if config.device == "host" and pred.predict(full) > 0 else 1.0]
+    smallest = pred.predict(space.smallest()) * anchor[0]
     label = "measured" if config.device == "host" else pred.label
     if budget < smallest:
         field = "latency_budget_ms" if config.latency_budget_ms is not None else "latency_ratio"
@@ -205,15 +219,17 @@ def search_widths(model: nn.Module, config: NASConfig, *, data: Any, example_inp
         )
     val_sub = val.take(min(config.val_samples, len(val)), seed=config.seed)
     acc0 = evaluate(base, val_sub)
-    # the predictor is fitted to measured latencies; anchor it on the original's measurement (host) so the search
-    # aims at the budget in measured terms
-    scale = measured0 / pred.predict(full) if config.device == "host" and pred.predict(full) > 0 else 1.0
     current, assign = base, dict(full)
     history: list[dict] = []
     note = []
 
     def predicted(a: dict[str, int]) -> float:
-        return pred.predict(a) * scale
+        return pred.predict(a) * anchor[0]
+
+    def measured_of(m: nn.Module) -> float:
+        return measure_models(
+            {"final": m}, space.example, runtime=config.runtime, threads=config.threads, rounds=config.rounds
+        )["final"]["ms"]
 
     def step(target: float, i: int) -> bool:
         nonlocal current, assign
@@ -271,34 +287,49 @@ def search_widths(model: nn.Module, config: NASConfig, *, data: Any, example_inp
         )
         return True
 
-    start = predicted(full)
-    if budget >= start:
-        note.append(f"the original already meets the budget ({start:.3f} <= {budget:.3f} ms); nothing was cut")
-    i = 0
-    for i in range(1, config.steps + 1):
-        if predicted(assign) <= budget:
-            break
-        if not step(start - (start - budget) * i / config.steps, i):
-            break
-    while predicted(assign) > budget and step(budget, i + 1):  # greedy steps can fall short of a step's target
-        i += 1
-    measured = measure_models(
-        {"final": current}, space.example, runtime=config.runtime, threads=config.threads, rounds=config.rounds
-    )["final"]["ms"]
-    extra = 0
-    while config.device == "host" and measured > budget and extra < config.max_extra_steps:
-        # the prediction was optimistic: aim lower by the measured/predicted ratio
-        extra += 1
-        target = budget * predicted(assign) / measured
-        if not step(target, i + extra):
-            break
+    def _greedy() -> float:
+        nonlocal current, assign
+        start = predicted(full)
+        if budget >= start:
+            note.append(f"the original already meets the budget ({start:.3f} <= {budget:.3f} ms); nothing was cut")
+        i = 0
+        for i in range(1, config.steps + 1):
+            if predicted(assign) <= budget:
+                break
+            if not step(start - (start - budget) * i / config.steps, i):
+                break
+        while predicted(assign) > budget and step(budget, i + 1):  # greedy steps can fall short of a step's target
+            i += 1
         measured = measure_models(
             {"final": current}, space.example, runtime=config.runtime, threads=config.threads, rounds=config.rounds
         )["final"]["ms"]
-    if extra:
-        note.append(f"{extra} extra step(s): the measured latency was over the budget after the planned steps")
+        extra = 0
+        while config.device == "host" and measured > budget and extra < config.max_extra_steps:
+            # the prediction was optimistic: aim lower by the measured/predicted ratio
+            extra += 1
+            target = budget * predicted(assign) / measured
+            if not step(target, i + extra):
+                break
+            measured = measure_models(
+                {"final": current}, space.example, runtime=config.runtime, threads=config.threads, rounds=config.rounds
+            )["final"]["ms"]
+        if extra:
+            note.append(f"{extra} extra step(s): the measured latency was over the budget after the planned steps")
+        return measured
+
+    evo_info: dict[str, Any] = {}
+    if config.searcher == "evolution":
+        current, assign, budget, evo_info = _evolution(
+            base, space, config, pred, anchor, predicted, budget, train, val_sub, storage, note, history, measured_of
+        )
+        measured = evo_info.pop("measured_ms")
+    else:
+        measured = _greedy()
     if config.finetune_steps:
-        note.append(f"fine-tuned {config.finetune_steps} steps after each greedy step")
+        note.append(
+            f"fine-tuned {config.finetune_steps} steps "
+            + ("after each greedy step" if config.searcher == "netadapt" else "after the search")
+        )
     final_pred = predicted(assign)
     met = (measured if config.device == "host" else final_pred) <= budget
     if not met:
@@ -329,16 +360,140 @@ def search_widths(model: nn.Module, config: NASConfig, *, data: Any, example_inp
         accuracy_original=acc0,
         accuracy=evaluate(out, val_sub),
         steps=history,
-        predictor={**host_pred.to_dict(), "anchor_scale": scale, "device": config.device, "label": pred.label},
+        predictor={**pred.to_dict(), "anchor_scale": anchor[0], "device": config.device, "label": pred.label},
         fixed=fixed,
         runtime=host_pred.table.describe(),
         seconds=round(time.perf_counter() - t0, 1),
         note="; ".join(note),
+        searcher=str(config.searcher),
+        search=evo_info,
     )
     out.report = report
     _recipe.record(out, "nas", config, {"structure": structure}, report, previous=model)
     log.info("%s", report.summary())
     return out.train(model.training)
+
+
+def _evolution(
+    base: nn.Module,
+    space: Any,
+    config: NASConfig,
+    pred: Any,
+    anchor: list[float],
+    predicted: Any,
+    budget: float,
+    train: Any,
+    val_sub: Any,
+    storage: Any,
+    note: list[str],
+    history: list[dict],
+    measured_of: Any,
+) -> tuple[nn.Module, dict[str, int], float, dict[str, Any]]:
+    """NSGA-II over the widths (:class:`~edgeslim.nas._evolve.Evolution`), then the best candidate realized,
+    BN-recalibrated, optionally fine-tuned, and measured; when the measurement is over the budget, the best
+    finished candidate under a budget lowered by the measured/predicted ratio is taken instead (or the best one
+    repaired onto it)."""
+    from edgeslim.nas._evolve import IDENT_FIELDS, Evolution, model_key, storage_url
+    from edgeslim.train import TrainConfig, evaluate, fit, recalibrate_bn
+
+    def realize(a: dict[str, int]) -> nn.Module:
+        m = space.realize(base, a, importance=config.importance)
+        return recalibrate_bn(m, train, num_samples=min(config.bn_samples, len(train)))
+
+    def score(a: dict[str, int]) -> float:
+        return evaluate(realize(a), val_sub)
+
+    ident = {
+        "model_and_val_sha256": model_key(base, val_sub),
+        "units": {n: list(u.choices) for n, u in space.units.items()},
+        **{f: getattr(config, f) for f in IDENT_FIELDS},
+    }
+    evo = Evolution(space, predicted, score, config, ident)
+    info = {
+        "a": pred.a,
+        "b": pred.b,
+        "c": pred.c,
+        "form": pred.form,
+        "anchor": anchor[0],
+        "table": str(pred.table.path),
+    }
+
+    def restore(stored: dict) -> float:
+        # a resumed study (or another worker) keeps the latency model and budget it was created with
+        pred.a, pred.b, pred.c, pred.form = stored["a"], stored["b"], stored["c"], stored["form"]
+        anchor[0] = stored["anchor"]
+        if stored.get("table") != str(pred.table.path):
+            note.append(f"the study's latency model was fitted on table {stored.get('table')}, used here as is")
+        return float(stored["budget_ms"])
+
+    url = storage_url(storage, config.table_dir)
+    study = evo.run(url, budget, info, restore)
+    budget = evo.budget
+    from edgeslim.core.store import redact
+
+    ranked = evo.ranked(study, budget)
+    if not ranked:
+        raise ModelError(f"the evolutionary search finished no trial within {budget:.3f} ms (study {evo.name})")
+    acc, lat, assign, number = ranked[0]
+    current = realize(assign)
+    measured = measured_of(current)
+    extra = 0
+    while config.device == "host" and measured > budget and extra < config.max_extra_steps:
+        extra += 1
+        target = budget * predicted(assign) / measured  # the prediction was optimistic: aim lower
+        lower = evo.ranked(study, target)
+        if lower:
+            acc, lat, assign, number = lower[0]
+        else:
+            genes = {n: space.units[n].choices.index(w) for n, w in assign.items()}
+            assign, _ = evo.repair(genes, target)
+            number = -1
+            acc = score(assign)
+        current = realize(assign)
+        measured = measured_of(current)
+    if extra:
+        note.append(f"{extra} re-pick(s): the measured latency of the best candidate was over the budget")
+    if config.finetune_steps:
+        current = fit(
+            current,
+            train,
+            val_sub,
+            TrainConfig(epochs=1, lr=config.finetune_lr, seed=config.seed),
+            max_steps_per_epoch=config.finetune_steps,
+            progress=False,
+        ).model
+    from optuna.trial import TrialState
+
+    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    for t in done:
+        history.append(
+            {
+                "trial": t.number,
+                "accuracy": t.values[0],
+                "predicted_ms": t.values[1],
+                "repaired": bool(t.user_attrs.get("repaired")),
+                "worker": t.user_attrs.get("worker", "?"),
+            }
+        )
+    if evo.resumed:
+        note.append(f"resumed study {evo.name}: {evo.resumed} finished trial(s) kept")
+    if evo.requeued:
+        note.append(f"re-queued trial(s) {evo.requeued} left RUNNING by a stopped process")
+    return (
+        current,
+        assign,
+        budget,
+        {
+            "measured_ms": measured,
+            "study": evo.name,
+            "storage": redact(url),
+            "trials": len(done),
+            "best_trial": number,
+            "best_trial_accuracy": acc,
+            "resumed_trials": evo.resumed,
+            "requeued": evo.requeued,
+        },
+    )
 
 
 @_recipe.STEPS.register("nas")

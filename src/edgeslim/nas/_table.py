@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import tempfile
 import time
 from collections.abc import Iterable, Sequence
@@ -100,7 +101,9 @@ class LatencyTable:
         self.host = host_key(host)
         digest = hashlib.sha256(f"{self.host['cpu']}|{self.host['isa']}".encode()).hexdigest()[:12]
         self.dir = Path(directory) if directory is not None else default_dir()
-        self.path = self.dir / f"{self.runtime}-{self.version}-t{threads}-fp32-{digest}.json"
+        # a version may hold '/' (OpenVINO: "2026.4.1-...-releases/2026/4"): one file name, never a sub-folder
+        safe = re.sub(r"[^A-Za-z0-9._+-]", "_", self.version)
+        self.path = self.dir / f"{self.runtime}-{safe}-t{threads}-fp32-{digest}.json"
         self.entries: dict[str, dict[str, float]] = {}
         self.measured = 0
         self.entries.update(self._read())

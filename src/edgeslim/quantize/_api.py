@@ -54,6 +54,8 @@ class QuantReport:
     speed: dict[str, Any] | None = None
     tail: dict[str, Any] | None = None
     warnings: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    calibration_runtime: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return {"technique": self.technique, **asdict(self)}
@@ -69,7 +71,9 @@ class QuantReport:
         text = (
             f"{self.precision}: {len(self.quantized_layers)} layers quantized, {len(self.skipped_layers)} kept in "
             f"float, {len(self.activations)} activation ranges ({self.calibration or 'none'}, "
-            f"{self.calibration_samples} samples), {self.seconds:.1f} s; capture {self.capture}"
+            f"{self.calibration_samples} samples), {self.seconds:.1f} s"
+            + (f" ({', '.join(f'{k} {v:.1f} s' for k, v in self.timings.items())})" if self.timings else "")
+            + f"; capture {self.capture}"
         )
         share = self.integer_mac_share
         if share is not None:
@@ -304,6 +308,7 @@ def quantize(
 
 def _quantize(model: nn.Module, config: QuantConfig, calib: Any, example_inputs: torch.Tensor | None) -> QuantizedModel:
     t0 = time.perf_counter()
+    timings = _Phases()
     check_config(config, QuantConfig, "quantize")
     from edgeslim.quantize import _capture
 
@@ -331,11 +336,14 @@ def _quantize(model: nn.Module, config: QuantConfig, calib: Any, example_inputs:
         capture, why, coverage = "fx", "no example_inputs to measure the fx capture's coverage with", None
     else:
         capture, why, coverage = _capture.choose(model, config, probe)
+    timings.end("choose_capture")
     if capture == "onnx":
-        q = _capture.quantize_onnx(model, config, batches, probe, report, why)
-        report.seconds = round(time.perf_counter() - t0, 3)
+        q = _capture.quantize_onnx(model, config, batches, probe, report, why, timings)
         if config.check_speed:
             _capture.check_speed(report, model, q, probe)
+            timings.end("speed_check")
+        report.timings = timings.rounded()
+        report.seconds = round(time.perf_counter() - t0, 3)
         previous = _recipe.steps_of(model)
         setattr(q, _recipe.RECIPE_ATTR, previous)
         src = getattr(model, _recipe.SOURCE_ATTR, None)
@@ -350,15 +358,10 @@ def _quantize(model: nn.Module, config: QuantConfig, calib: Any, example_inputs:
     gm, placement, quants = build_graph(model, config)
     if gm.edgeslim_equalization:
         report.corrections["equalization"] = gm.edgeslim_equalization
+    timings.end("capture")
     if static:
-        aqs = list(quants.values())
-        with bar(desc="calibrate", total=2 * len(batches), unit="batch") as pb:
-            for state in ("observe_range", "observe_hist"):
-                for a in aqs:
-                    a.state = state
-                for b in batches:
-                    gm(b)
-                    pb.update()
+        report.calibration_runtime = observe_activations(gm, quants, batches, config)
+        timings.end("calibrate")
         method = CALIBRATORS.get(config.calibration)
         inputs = {n.name for n in gm.graph.nodes if n.op == "placeholder"}
         for key, a in quants.items():
@@ -371,26 +374,33 @@ def _quantize(model: nn.Module, config: QuantConfig, calib: Any, example_inputs:
             a.set_range(lo, hi)
             a.state = "quant"
             a.observer = type(a.observer)()  # drop the histograms
+        by_quant = {id(a): key.split(":")[0] for key, a in quants.items()}
+        for key, a in quants.items():
+            a.copy_source()  # MaxPool / flatten outputs: their input's scale and zero point
             r = a.range
-            report.activations.append(
-                {
-                    "value": key.split(":")[1],
-                    "module": key.split(":")[0],
-                    "range": [round(r[0], 6), round(r[1], 6)],
-                    "scale": float(a.scale),
-                    "zero_point": int(a.zero_point),
-                }
-            )
+            entry = {
+                "value": key.split(":")[1],
+                "module": key.split(":")[0],
+                "range": [round(r[0], 6), round(r[1], 6)],
+                "scale": float(a.scale),
+                "zero_point": int(a.zero_point),
+            }
+            if a.shares is not None:
+                entry["shares"] = by_quant[id(a.shares)]
+            report.activations.append(entry)
         _link_input_scales(gm)
+        timings.end("ranges")
         if config.adaround:
             with torch.enable_grad():
                 ada = torch.cat(batches)[: config.adaround_samples]
                 report.corrections["adarounded_layers"] = adaround(
                     gm, list(ada.split(64)), iterations=config.adaround_iterations, seed=config.seed
                 )
+            timings.end("adaround")
         if config.bias_correction:
             report.corrections["bias_corrected_layers"] = correct_bias(gm, batches)
             _link_input_scales(gm)
+            timings.end("bias_correction")
     elif config.mode == QuantMode.DYNAMIC:
         for a in quants.values():
             a.state = "dynamic"
@@ -413,12 +423,68 @@ def _quantize(model: nn.Module, config: QuantConfig, calib: Any, example_inputs:
         excluded_macs = _excluded_macs(model, probe, list(placement.excluded))
     _capture.fx_integer_share(report, coverage, placement.weighted, excluded_macs)
     qm = QuantizedModel(gm, config, report).eval()
-    report.seconds = round(time.perf_counter() - t0, 3)
+    timings.end("report")
     if config.check_speed:
         _capture.check_speed(report, model, qm, probe)
+        timings.end("speed_check")
+    report.timings = timings.rounded()
+    report.seconds = round(time.perf_counter() - t0, 3)
     record_quantized(qm, model)
     log.info("quantize: %s", report.summary())
     return qm
+
+
+class _Phases(dict):
+    """Seconds per phase of a run, in order: ``end(name)`` closes the phase that began when the last one ended."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._tick = time.perf_counter()
+
+    def end(self, name: str) -> None:
+        now = time.perf_counter()
+        self[name] = self.get(name, 0.0) + now - self._tick
+        self._tick = now
+
+    def rounded(self) -> dict[str, float]:
+        return {k: round(v, 3) for k, v in self.items()}
+
+
+def observe_activations(
+    gm: torch.fx.GraphModule, quants: dict[str, ActQuant], batches: list[Any], config: QuantConfig
+) -> str:
+    """Collect every activation quantizer's statistics in one pass over ``batches``; say where it ran.
+
+    ONNX Runtime runs the pass when the fake-quant graph exports (see ``_observe``); otherwise torch does, with the
+    quantizers observing in place (same statistics, slower).
+    """
+    from edgeslim.quantize import _observe
+    from edgeslim.quantize._calibrate import Observer
+
+    entropy = config.calibration == "entropy"
+    by_module = {key.split(":")[0]: a for key, a in quants.items()}
+    for a in by_module.values():
+        a.observer = Observer(count_zeros=entropy)
+    try:
+        graph, tensor_of = _observe.fx_calibration_graph(gm, by_module, batches[0])
+        observers: dict[str, Observer] = {}
+        for m, a in by_module.items():  # two quantizers on one tensor (one feeds the other) share one observer
+            a.observer = observers.setdefault(tensor_of[m], a.observer)
+        bad = _observe.observe_graph(graph, observers, batches)
+        if bad:
+            raise RuntimeError(f"non-finite values in {sorted(bad)[:3]}")
+        return "onnxruntime (one pass)"
+    except Exception as e:  # noqa: BLE001 - any failure to export or run: torch observes instead, and the report says so
+        why = f"{type(e).__name__}: {str(e).splitlines()[0][:150] if str(e) else ''}"
+        log.info("quantize: calibrating in torch (the ONNX Runtime pass failed: %s)", why)
+    for a in by_module.values():
+        a.observer = Observer(count_zeros=entropy)
+        a.state = "observe"
+    with bar(desc="calibrate", total=len(batches), unit="batch") as pb:
+        for b in batches:
+            gm(b)
+            pb.update()
+    return f"torch (one pass; the ONNX Runtime pass failed: {why})"
 
 
 def _excluded_macs(model: nn.Module, probe: Any, names: list[str]) -> int:

@@ -1,7 +1,10 @@
 """Activation observers and calibration methods (a registry).
 
-An :class:`Observer` collects a tensor's min/max in a first pass and a histogram over that range in a
-second pass; a calibration method turns the statistics into a clipping range ``(lo, hi)``.
+An :class:`Observer` collects a tensor's min/max and a histogram in one pass over the calibration data
+(:meth:`Observer.observe`): the histogram's bins are aligned at zero and its range doubles (merging pairs of bins,
+which is exact) whenever a batch goes beyond it, so no second pass over the data is needed. The two-pass form
+(``observe_range`` then ``observe_hist`` over exactly [min, max]) is kept for callers that want it. A calibration
+method turns the statistics into a clipping range ``(lo, hi)``.
 """
 
 from __future__ import annotations
@@ -15,23 +18,34 @@ import torch
 from edgeslim.core.registry import Registry
 
 BINS = 2048
+#: bins of the one-pass histogram over [-R, R]; at least ``BINS // 2`` of them cover [0, max] of a non-negative
+#: tensor (R < 2 max), and in practice the first batch sets R = max and later growth is rare
+ONE_PASS_BINS = 8192
+#: the one-pass histogram counts at most this many values per sample of a batch (an evenly strided subset, its
+#: offset moving from batch to batch; min and max always see every value): 256 calibration images give every tensor a
+#: histogram of 2M values, which fixes a clipping range as well as all of them, at a fraction of the cost
+HIST_VALUES_PER_SAMPLE = 8192
 
 
 @dataclass
 class Stats:
-    """What an observer saw: min, max and a histogram of ``BINS`` bins over [min, max]."""
+    """What an observer saw: min, max and a histogram over [hist_lo, hist_hi] (default: [min, max])."""
 
     lo: float
     hi: float
-    hist: np.ndarray | None  # counts, len BINS, over [lo, hi]
+    hist: np.ndarray | None  # counts over [hist_lo, hist_hi], equal-width bins
     qmin: int
     qmax: int
     percentile: float
     zeros: float = 0.0  # exact zeros observed (e.g. after ReLU); zero is exact on the integer grid
+    hist_lo: float | None = None
+    hist_hi: float | None = None
 
     @property
     def edges(self) -> np.ndarray:
-        return np.linspace(self.lo, self.hi, BINS + 1)
+        a = self.lo if self.hist_lo is None else self.hist_lo
+        b = self.hi if self.hist_hi is None else self.hist_hi
+        return np.linspace(a, b, (BINS if self.hist is None else len(self.hist)) + 1)
 
     @property
     def centers(self) -> np.ndarray:
@@ -53,7 +67,7 @@ def _cdf_range(s: Stats, lower_mass: float, upper_mass: float) -> tuple[float, f
     c = np.cumsum(s.hist) / max(1.0, float(s.hist.sum()))
     e = s.edges
     lo = e[int(np.searchsorted(c, lower_mass, side="left"))] if s.lo < 0 else s.lo
-    hi = e[min(BINS, int(np.searchsorted(c, upper_mass, side="left")) + 1)]
+    hi = e[min(len(s.hist), int(np.searchsorted(c, upper_mass, side="left")) + 1)]
     return float(min(lo, 0.0)), float(max(hi, 0.0))
 
 
@@ -98,20 +112,26 @@ def entropy(s: Stats) -> tuple[float, float]:
     if s.hist is None or s.hi <= s.lo:
         return s.lo, s.hi
     amax = max(abs(s.lo), abs(s.hi))
-    # magnitude histogram over [0, amax]
-    mag_edges = np.linspace(0, amax, BINS + 1)
-    centers = np.abs(s.centers)
-    mag = np.histogram(centers, bins=mag_edges, weights=s.hist)[0]
+    if s.hist_lo is not None:  # a one-pass histogram's bins are zero-aligned: fold negatives onto positives (exact)
+        width = (s.hist_hi - s.hist_lo) / len(s.hist)
+        mag = np.bincount(np.floor(np.abs(s.centers) / width + 1e-6).astype(np.int64), weights=s.hist)
+        mag_edges = np.arange(len(mag) + 1) * width
+    else:  # magnitude histogram over [0, amax]
+        mag_edges = np.linspace(0, amax, BINS + 1)
+        centers = np.abs(s.centers)
+        mag = np.histogram(centers, bins=mag_edges, weights=s.hist)[0]
+    nbins = len(mag)
+    step = max(1, round(16 * nbins / BINS))
     # exact zeros (half of every post-ReLU tensor) quantize exactly: leave them out, or their spike in the
     # first bin dominates the divergence and drags the threshold down
     mag[0] = max(0.0, mag[0] - s.zeros)
     levels = (s.qmax - s.qmin + 1) // (2 if s.lo < 0 else 1)
     levels = max(levels, 2)
-    best_kl, best_i = float("inf"), BINS
+    best_kl, best_i = float("inf"), nbins
     total = mag.sum()
     if total <= 0:
         return s.lo, s.hi
-    for i in range(levels, BINS + 1, 16):
+    for i in range(levels, nbins + 1, step):
         p = mag[:i].astype(np.float64).copy()
         p[i - 1] += mag[i:].sum()
         # quantize the first i bins into `levels` groups, expand back uniformly over non-empty bins
@@ -136,13 +156,52 @@ def entropy(s: Stats) -> tuple[float, float]:
 
 
 class Observer:
-    """Collects one activation tensor's statistics over calibration batches (two passes)."""
+    """Collects one activation tensor's statistics over calibration batches: in one pass (:meth:`observe`), or in
+    two (:meth:`observe_range` on every batch, then :meth:`observe_hist` on every batch)."""
 
-    def __init__(self) -> None:
+    def __init__(self, count_zeros: bool = True) -> None:
         self.lo = float("inf")
         self.hi = float("-inf")
         self.hist: np.ndarray | None = None
         self.zeros = 0.0
+        self.count_zeros = count_zeros  # only the entropy method reads it; counting costs a pass over the tensor
+        self._radius = 0.0  # the one-pass histogram covers [-radius, radius] in ONE_PASS_BINS bins
+        self._calls = 0
+
+    def observe(self, x: torch.Tensor) -> None:
+        """One pass: min, max and a zero-aligned histogram whose range doubles when a batch goes beyond it.
+
+        ``x`` is a batch (its first dimension counts the samples); the histogram counts at most
+        ``HIST_VALUES_PER_SAMPLE`` values per sample, evenly strided over the tensor.
+        """
+        samples = int(x.shape[0]) if x.ndim > 1 else 1
+        x = x.detach().float().reshape(-1)
+        if x.numel() == 0:
+            return
+        lo, hi = torch.aminmax(x)
+        lo, hi = float(lo), float(hi)
+        self.lo, self.hi = min(self.lo, lo), max(self.hi, hi)
+        if self.count_zeros:
+            self.zeros += float(x.numel() - int(torch.count_nonzero(x)))
+        amax = max(abs(lo), abs(hi))
+        if amax == 0.0:
+            return
+        if self.hist is None:
+            self._radius = amax
+            self.hist = np.zeros(ONE_PASS_BINS, np.float64)
+        while amax > self._radius:  # double the range: each new bin is two old ones (exact, bins stay zero-aligned)
+            half, quarter = ONE_PASS_BINS // 2, ONE_PASS_BINS // 4
+            merged = np.zeros_like(self.hist)
+            merged[quarter:half] = self.hist[:half].reshape(-1, 2).sum(1)
+            merged[half : half + quarter] = self.hist[half:].reshape(-1, 2).sum(1)
+            self.hist, self._radius = merged, 2 * self._radius
+        stride = -(-x.numel() // (HIST_VALUES_PER_SAMPLE * samples))
+        if stride > 1:  # the offset moves from call to call so no position is always skipped
+            x = x[self._calls % stride :: stride]
+        self._calls += 1
+        r = self._radius
+        h = torch.histc(x, bins=ONE_PASS_BINS, min=-r, max=r).numpy().astype(np.float64)
+        self.hist += h * (stride if stride > 1 else 1)
 
     def observe_range(self, x: torch.Tensor) -> None:
         x = x.detach()
@@ -158,4 +217,20 @@ class Observer:
         self.zeros += float((x == 0).sum())
 
     def stats(self, qmin: int, qmax: int, percentile_: float) -> Stats:
-        return Stats(self.lo, self.hi, self.hist, qmin, qmax, percentile_, self.zeros)
+        if not self._radius or self.hist is None:
+            return Stats(self.lo, self.hi, self.hist, qmin, qmax, percentile_, self.zeros)
+        # one-pass histogram: keep the bins from the one holding min to the one holding max
+        width = 2 * self._radius / ONE_PASS_BINS
+        first = int(np.clip(np.floor((self.lo + self._radius) / width), 0, ONE_PASS_BINS - 1))
+        last = int(np.clip(np.ceil((self.hi + self._radius) / width), first + 1, ONE_PASS_BINS))
+        return Stats(
+            self.lo,
+            self.hi,
+            self.hist[first:last],
+            qmin,
+            qmax,
+            percentile_,
+            self.zeros,
+            hist_lo=-self._radius + first * width,
+            hist_hi=-self._radius + last * width,
+        )

@@ -44,28 +44,29 @@ OPSET = 17
 def fx_coverage(model: nn.Module, probe: Any) -> dict[str, Any]:
     """What the fx capture would quantize: ``quantizable_macs`` (its Conv/Linear modules), ``total_macs`` (the whole
     model, batch 1) and ``layers``; raises QuantizationError when fx cannot trace the model."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from edgeslim.core.counting import _extra_formulas, _no_fused_attention
     from edgeslim.quantize import _graph
 
     total = count_macs(model, probe)
     gm = _graph.trace_and_fold(copy.deepcopy(model))
     names = _graph.weighted_modules(gm)
-    seen: dict[str, Any] = {}
-    hooks = [
-        gm.get_submodule(n).register_forward_pre_hook(lambda _m, args, n=n: seen.setdefault(n, args) and None)
-        for n in names
-    ]
-    try:
-        with torch.no_grad():
+    try:  # one counted pass of the folded graph: its per-module counts are the layers' MACs
+        with (
+            torch.no_grad(),
+            _no_fused_attention(),
+            FlopCounterMode(display=False, custom_mapping=_extra_formulas()) as fc,
+        ):
             call(gm, first_sample(probe))
     except Exception as e:  # noqa: BLE001 - a traced graph that does not run is one more reason for onnx
         raise QuantizationError(
             f"the fx-traced graph of {type(model).__name__} does not run "
             f"({type(e).__name__}: {str(e).splitlines()[0][:150] if str(e) else ''})"
         ) from None
-    finally:
-        for h in hooks:
-            h.remove()
-    covered = sum(count_macs(gm.get_submodule(n), seen[n]) for n in names if n in seen)
+    per_module = fc.get_flop_counts()
+    root = type(gm).__name__
+    covered = sum(sum(per_module.get(f"{root}.{n}", {}).values()) // 2 for n in names)
     return {"quantizable_macs": int(covered), "total_macs": int(total), "layers": names}
 
 
@@ -251,7 +252,13 @@ class OnnxQuantizedModel(nn.Module):
 
 
 def quantize_onnx(
-    model: nn.Module, config: QuantConfig, batches: list[Any], probe: Any, report: Any, why: str
+    model: nn.Module,
+    config: QuantConfig,
+    batches: list[Any],
+    probe: Any,
+    report: Any,
+    why: str,
+    timings: Any = None,
 ) -> OnnxQuantizedModel:
     """Quantize ``model`` on its ONNX graph (analysis, statistics, apply; see ``_onnx``) and fill ``report``."""
     float_model = copy.deepcopy(model).eval() if not isinstance(model, OnnxModel) else model
@@ -265,7 +272,11 @@ def quantize_onnx(
         graph, pre_err = _onnx.preprocess(graph)
     else:
         graph = _onnx.constants_to_initializers(graph)
+    _end(timings, "capture")
     ranges = _onnx.calibrate(graph, batches, config) if config.mode == QuantMode.STATIC else {}
+    if config.mode == QuantMode.STATIC:
+        report.calibration_runtime = "onnxruntime (one pass)"
+    _end(timings, "calibrate")
     excluded = _onnx.plan_exclusions(
         graph,
         ranges,
@@ -280,6 +291,7 @@ def quantize_onnx(
         tail_float, tail_record = _tail.sensitivity(graph, ranges, excluded, config, batches)
         excluded.update(tail_float)
     qgraph = _onnx.build_qdq(graph, ranges, excluded, config)
+    _end(timings, "convert")
     plan = {
         "inputs": spec,
         "keyed": keyed,
@@ -294,7 +306,13 @@ def quantize_onnx(
     q = OnnxQuantizedModel(float_model, cfg, report, plan, qgraph).eval()
     report.tail = tail_record
     fill_onnx_report(report, q, why, pre_err)
+    _end(timings, "report")
     return q
+
+
+def _end(timings: Any, phase: str) -> None:
+    if timings is not None:
+        timings.end(phase)
 
 
 def fill_onnx_report(report: Any, q: OnnxQuantizedModel, why: str, pre_err: str | None) -> None:

@@ -3,6 +3,9 @@
 Placement follows what ONNX Runtime's QDQ fusion needs to run integer kernels: the activation inputs and
 the output of every Conv/Linear/Add/AvgPool/Concat are quantized, an activation (ReLU, ReLU6) that is the
 only consumer of such an op is folded into its output range, and weights are quantized per channel.
+Ops that only select or move values (MaxPool, flatten, reshape-like) fed by a quantized value get an output
+quantizer that shares its input's scale and zero point: ORT then drops the DequantizeLinear/QuantizeLinear pair
+around them and runs them on the integers (MaxPool as NhwcMaxPool on uint8), so the integer chain is not broken.
 """
 
 from __future__ import annotations
@@ -26,6 +29,10 @@ ADD_FUNCS = {operator.add, torch.add, operator.iadd}
 POOL_MODULES = (nn.AdaptiveAvgPool2d, nn.AvgPool2d)
 POOL_FUNCS = {F.adaptive_avg_pool2d, F.avg_pool2d}
 CAT_FUNCS = {torch.cat, torch.concat}
+#: value-preserving ops (each output element is one of the input elements): their output shares the input's scale
+SHARED_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.Flatten)
+SHARED_FUNCS = {F.max_pool1d, F.max_pool2d, torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze}
+SHARED_METHODS = {"flatten", "view", "reshape", "squeeze", "unsqueeze"}
 
 
 @dataclass
@@ -38,6 +45,7 @@ class Placement:
     ops: list[str] = field(default_factory=list)  # other quantized op nodes (add, pool, cat)
     float_ops: dict[str, str] = field(default_factory=dict)  # node -> reason it stays float
     values: dict[str, tuple[float | None, float | None]] = field(default_factory=dict)  # node name -> clamp
+    shared: dict[str, str] = field(default_factory=dict)  # value -> the value whose scale and zero point it uses
 
 
 def trace_and_fold(model: nn.Module) -> torch.fx.GraphModule:
@@ -85,7 +93,13 @@ def _kind(gm: torch.fx.GraphModule, n: torch.fx.Node) -> str:
             return "weighted"
         if isinstance(m, POOL_MODULES):
             return "pool"
+        if isinstance(m, SHARED_MODULES):
+            return "shared"
+    if n.op == "call_method" and n.target in SHARED_METHODS:
+        return "shared"
     if n.op == "call_function":
+        if n.target in SHARED_FUNCS:
+            return "shared"
         if n.target in ADD_FUNCS and sum(isinstance(a, torch.fx.Node) for a in n.args) == 2:
             return "add"
         if n.target in POOL_FUNCS:
@@ -128,6 +142,12 @@ def plan(
                 p.int8_layers.append(name)
         elif kind in ("add", "pool", "cat"):
             p.ops.append(n.name)
+        elif kind == "shared" and isinstance(n.args[0], torch.fx.Node) and n.args[0].name in p.values:
+            if n not in output_nodes or quantize_output:
+                src = n.args[0].name
+                p.shared[n.name] = p.shared.get(src, src)
+                mark(n)
+            continue
         else:
             if n.op in ("call_function", "call_method", "call_module") and _act_clamp(gm, n) is None:
                 tgt = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", str(n.target))
@@ -188,10 +208,14 @@ def apply(
     quants: dict[str, ActQuant] = {}
     if not fp16:
         by_name = {n.name: n for n in gm.graph.nodes}
+        by_value: dict[str, ActQuant] = {}
         for i, (vname, clamp) in enumerate(p.values.items()):
             node = by_name[vname]
             mod_name = f"act_quant_{i}"
             aq = ActQuant(qmin, qmax, clamp)
+            if vname in p.shared:
+                aq.share(by_value[p.shared[vname]])
+            by_value[vname] = aq
             gm.add_submodule(mod_name, aq)
             quants[f"{mod_name}:{vname}"] = aq
             with gm.graph.inserting_after(node):

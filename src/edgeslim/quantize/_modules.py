@@ -18,7 +18,8 @@ from edgeslim.quantize._calibrate import Observer
 class ActQuant(nn.Module):
     """Per-tensor activation fake-quantizer with an observer for calibration.
 
-    States: ``observe_range`` / ``observe_hist`` (calibration passes; pass-through), ``quant``
+    States: ``observe`` (one calibration pass) or ``observe_range`` / ``observe_hist`` (two passes), all
+    pass-through; ``quant``
     (fake-quantize with the calibrated scale), ``dynamic`` (range from each batch), ``off`` (pass-through).
     """
 
@@ -30,6 +31,25 @@ class ActQuant(nn.Module):
         self.register_buffer("zero_point", torch.tensor(0, dtype=torch.int32))
         self.state = "off"
         self.observer = Observer()
+        self._source: ActQuant | None = None  # a quantizer whose scale and zero point this one uses (share())
+
+    def share(self, source: ActQuant) -> None:
+        """Use ``source``'s scale and zero point (the output of MaxPool, flatten...: the same integers as its input).
+
+        Kept as a plain reference, not a submodule, so the state_dict holds each scale once per quantizer as before.
+        """
+        object.__setattr__(self, "_source", source)
+
+    @property
+    def shares(self) -> ActQuant | None:
+        return self._source
+
+    def copy_source(self) -> None:
+        """Take the shared quantizer's calibrated scale and zero point (after calibration)."""
+        if self._source is not None:
+            with torch.no_grad():
+                self.scale.copy_(self._source.scale.detach())
+                self.zero_point.copy_(self._source.zero_point)
 
     def set_range(self, lo: float, hi: float) -> None:
         lo_c, hi_c = self.clamp
@@ -62,6 +82,9 @@ class ActQuant(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         state = self.state
+        if state == "quant" and self._source is not None and not self.training:
+            src = self._source
+            return torch.fake_quantize_per_tensor_affine(x, src.scale.detach(), src.zero_point, self.qmin, self.qmax)
         if state == "quant":
             if self.training and isinstance(self.scale, nn.Parameter):
                 grad_factor = 1.0 / math.sqrt(x[0].numel() * self.qmax)
@@ -69,7 +92,9 @@ class ActQuant(nn.Module):
                     x, self.scale.reshape(1), self.zero_point.float().reshape(1), self.qmin, self.qmax, grad_factor
                 )
             return torch.fake_quantize_per_tensor_affine(x, self.scale.detach(), self.zero_point, self.qmin, self.qmax)
-        if state == "observe_range":
+        if state == "observe":
+            self.observer.observe(x)
+        elif state == "observe_range":
             self.observer.observe_range(x)
         elif state == "observe_hist":
             self.observer.observe_hist(x)

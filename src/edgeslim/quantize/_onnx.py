@@ -30,17 +30,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from edgeslim.core.errors import ConfigError, QuantizationError
 from edgeslim.core.modules import first_match
 from edgeslim.core.onnx_model import (
-    as_feeds,
-    batch_len,
     module_of,
-    ort_session,
-    run_session,
-    slice_inputs,
 )
 from edgeslim.quantize._calibrate import CALIBRATORS, Observer
 from edgeslim.quantize._config import ActivationType, QuantConfig, QuantMode
@@ -74,7 +68,6 @@ QUANTIZED_OPS = (
 RANGE_LIMIT = 1e6
 #: op types whose output is integer on ORT's CPU (dynamic quantization's kernels)
 INTEGER_MAC_OPS = ("ConvInteger", "MatMulInteger", "QLinearConv", "QLinearMatMul", "QGemm")
-CALIB_BATCH = 8
 
 
 def _onnx():
@@ -189,38 +182,20 @@ def float_activations(model) -> list[str]:
 def calibrate(graph: bytes, batches: list[Any], config: QuantConfig) -> dict[str, tuple[float, float]]:
     """One clipping range per float activation of ``graph``, from edgeslim's calibration method on ``batches``.
 
-    Two passes over the data like the torch path: min/max, then a histogram over that range. Graph inputs keep their
-    observed range (clipping input data only loses information).
+    One pass over the data in ONNX Runtime (``_observe.observe_graph``): min, max and a histogram per tensor. Graph
+    inputs keep their observed range (clipping input data only loses information).
     """
+    from edgeslim.quantize._observe import observe_graph
+
     onnx = _onnx()
     model = onnx.load_from_string(graph)
     names = float_activations(model)
-    outputs = {o.name for o in model.graph.output}
-    inferred = {vi.name: vi for vi in onnx.shape_inference.infer_shapes(model).graph.value_info}
-    for n in names:
-        if n not in outputs and n in inferred:
-            model.graph.output.append(inferred[n])
     graph_inputs = {i.name for i in model.graph.input}
-    sess = ort_session(model.SerializeToString(), optimize=False)
-    out_names = [o.name for o in sess.get_outputs()]
-    observers = {n: Observer() for n in names if n in out_names or n in graph_inputs}
+    entropy = config.calibration == "entropy"
+    observers = {n: Observer(count_zeros=entropy) for n in names}
     signed = config.activation_type == ActivationType.INT8
     qmin, qmax = (-128, 127) if signed else (0, 255)
-    infinite: set[str] = set()
-    chunks = [slice_inputs(b, i, i + CALIB_BATCH) for b in batches for i in range(0, batch_len(b), CALIB_BATCH)]
-    for state in ("observe_range", "observe_hist"):
-        for b in chunks:  # a few samples at a time: every intermediate tensor of the graph comes back
-            feeds = as_feeds(b, [i.name for i in sess.get_inputs()])
-            values = dict(zip(out_names, run_session(sess, b, chunk=CALIB_BATCH), strict=True))
-            values.update({k: v for k, v in feeds.items() if k in observers})
-            for n, obs in observers.items():
-                v = values.get(n)
-                if v is None or v.size == 0 or not np.issubdtype(v.dtype, np.floating) or n in infinite:
-                    continue
-                if not np.isfinite(v).all():  # e.g. a -inf attention mask: no 8-bit range holds it
-                    infinite.add(n)
-                    continue
-                getattr(obs, state)(torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)))
+    infinite = observe_graph(graph, observers, batches)
     method = CALIBRATORS.get(config.calibration)
     ranges = dict.fromkeys(infinite, (-math.inf, math.inf))
     for n, obs in observers.items():

@@ -7,6 +7,7 @@ the latency harness, static ONNX counts, and the ``measure`` verb.
 
 from edgeslim.runtime._candidates import artifact_candidates
 from edgeslim.runtime._compare import compare_runtimes
+from edgeslim.runtime._detect import evaluate_detector
 from edgeslim.runtime._executorch import ExecuTorchRunner
 from edgeslim.runtime._litert import LiteRtRunner
 from edgeslim.runtime._measure import interleaved_latency, latency, measure
@@ -26,6 +27,7 @@ __all__ = [
     "artifact_candidates",
     "best_for_budget",
     "compare_runtimes",
+    "evaluate_detector",
     "fusion_check",
     "interleaved_latency",
     "latency",

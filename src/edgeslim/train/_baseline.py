@@ -10,6 +10,7 @@ import torch
 
 from edgeslim import data as es_data
 from edgeslim import models as es_models
+from edgeslim.core.errors import ConfigError
 from edgeslim.core.io import check_output, inside, safe_name, save_torch, write_json
 from edgeslim.train._trainer import TrainConfig, evaluate, fit
 
@@ -36,6 +37,13 @@ def train_baseline(
         out: folder for the checkpoint (default: ``edgeslim-checkpoints`` in the working folder).
         work_dir: where per-epoch checkpoints go, so an interrupted run resumes (default ``<out>/.work``).
     """
+    from edgeslim.models._zoo import DETECTORS
+
+    if name in DETECTORS:
+        raise ConfigError(
+            f"{name!r} is a detector: train it with edgeslim.train.train_detector(model, train, val, epochs=..., "
+            "lr=...) (python benchmarks/detect_fmnist.py --train), not with edgeslim train / train_baseline"
+        )
     out_dir = Path(out) if out else Path("edgeslim-checkpoints")
     stem = f"{safe_name(name)}-{safe_name(dataset)}"
     ck = inside(out_dir / f"{stem}.pt", out_dir, "checkpoint")

@@ -555,7 +555,13 @@ def _detector_layout(model: nn.Module, ref: torch.Tensor, task: str) -> dict[str
             "[N, anchors, 4 + C] (4 box values then C >= 1 class scores): set ValidationFloors.task='classify' "
             "for another model"
         )
-    axis = 1 if shape[1] <= shape[2] else 2
+    from edgeslim.core.detection import DETECT_LAYOUT
+
+    declared = getattr(model, "edgeslim_output", None) or getattr(
+        getattr(model, "float_model", None), "edgeslim_output", None
+    )
+    # edgeslim's own detectors declare [N, A, 4 + C]; otherwise the smaller axis holds the boxes and scores
+    axis = 2 if declared == DETECT_LAYOUT else (1 if shape[1] <= shape[2] else 2)
     return {"axis": axis, "classes": shape[axis] - 4}
 
 

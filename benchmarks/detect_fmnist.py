@@ -107,7 +107,7 @@ def ship_from(folder: Path, args: argparse.Namespace) -> None:
     last = torch.load(folder / "last.pt", map_location="cpu", weights_only=True)
     model = es.models.build(NAME, DATASET)
     model.load_state_dict(torch.load(folder / "best.pt", map_location="cpu", weights_only=True))
-    _, va = es.data.load(DATASET, size=SIZE)
+    tr, va = es.data.load(DATASET, size=SIZE)
     cfg = DetectTrainConfig.from_dict(last["config"])
     ship(model.eval(), list(last["history"]), cfg, va, args.eval_images)
 
@@ -131,6 +131,9 @@ def main() -> None:
         "--threads", type=int, default=1,
         help="torch threads for training and torch evaluation (on a loaded shared host 1 thread was 10x faster per step)",
     )  # fmt: skip
+    p.add_argument("--calib", type=int, default=256, help="train images that calibrate the INT8 row")
+    p.add_argument("--calibration", default="mse", help="QuantConfig.calibration of the INT8 row")
+    p.add_argument("--no-int8", action="store_true", help="FP32 rows only")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--runs", type=int, default=50)
     args = p.parse_args()
@@ -145,7 +148,7 @@ def main() -> None:
             return
     else:
         model = es.models.load(NAME, dataset=DATASET, pretrained=True)
-    _, va = es.data.load(DATASET, size=SIZE)
+    tr, va = es.data.load(DATASET, size=SIZE)
     info = es.models.checkpoint_info(NAME, DATASET)
     x_val = torch.stack([va[i][0] for i in range(64)])
     with tempfile.TemporaryDirectory() as td:
@@ -165,6 +168,42 @@ def main() -> None:
             for k, r in res.items():
                 lat.setdefault(k, {})[t] = r["median_of_rounds_ms"]
         size_bytes = art.size_bytes
+        int8 = None
+        if not args.no_int8:
+            t0 = time.perf_counter()
+            qm = es.quantize(
+                model, es.QuantConfig(calibration=args.calibration), data=tr.take(args.calib, seed=0)
+            )
+            q_art = es.export(qm, "onnx", example_inputs=x_val, path=Path(td) / "yolo_mobilenet_v2-int8.onnx")
+            ptq_s = time.perf_counter() - t0
+            m_q = es.runtime.evaluate_detector(q_art, va, runtime="onnxruntime", threads=args.threads)
+            for t in (1, 2):
+                runners = {
+                    "FP32 ONNX Runtime": es.runtime.load(art, "onnxruntime", threads=t),
+                    "edgeslim INT8 ONNX Runtime": es.runtime.load(q_art, "onnxruntime", threads=t),
+                }
+                res = es.runtime.interleaved_latency(runners, x1, rounds=args.rounds, runs=args.runs, warmup=10)
+                for k, r in res.items():
+                    lat.setdefault(k + " (INT8 run)", {})[t] = r["median_of_rounds_ms"]
+            int8 = {
+                "row": "edgeslim INT8 ONNX Runtime",
+                "file": "onnx int8 (QDQ)",
+                "map": m_q["map"],
+                "map50": m_q["map50"],
+                "map75": m_q["map75"],
+                "drop_pt": round(100 * (m_ort["map"] - m_q["map"]), 2),
+                "latency_ms_1t": lat["edgeslim INT8 ONNX Runtime (INT8 run)"][1],
+                "latency_ms_2t": lat["edgeslim INT8 ONNX Runtime (INT8 run)"][2],
+                "fp32_same_run_ms_1t": lat["FP32 ONNX Runtime (INT8 run)"][1],
+                "fp32_same_run_ms_2t": lat["FP32 ONNX Runtime (INT8 run)"][2],
+                "speedup_1t": round(lat["FP32 ONNX Runtime (INT8 run)"][1] / lat["edgeslim INT8 ONNX Runtime (INT8 run)"][1], 2),
+                "speedup_2t": round(lat["FP32 ONNX Runtime (INT8 run)"][2] / lat["edgeslim INT8 ONNX Runtime (INT8 run)"][2], 2),
+                "size_bytes": q_art.size_bytes,
+                "ptq_seconds": round(ptq_s, 1),
+                "calibration": f"{args.calib} train images, {args.calibration}",
+                "summary": qm.report.summary(),
+                "runtime": m_q["runtime"],
+            }
     rows = [
         {
             "row": "FP32 ONNX Runtime",
@@ -189,6 +228,8 @@ def main() -> None:
             "runtime": m_torch["runtime"],
         },
     ]
+    if int8:
+        rows.append(int8)
     out = {
         "benchmark": "detect_fmnist",
         "model": NAME,

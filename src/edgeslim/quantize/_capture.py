@@ -101,6 +101,15 @@ def choose(model: nn.Module, config: QuantConfig, probe: Any) -> tuple[str, str,
     fx_only = _onnx.needs_fx(config)
     if fx_only:
         return "fx", f"{fx_only} needs the torch fake-quant model; {desc}", cov
+    if getattr(model, "edgeslim_task", None) == "detect" and config.mode == "static":
+        return (
+            "onnx",
+            (
+                f"{desc}; the model is a detector: the ONNX capture finds which head nodes (decode, the "
+                "boxes+scores concat, sensitive output convs) stay float"
+            ),
+            cov,
+        )
     if total and float_share > MAX_FX_FLOAT_SHARE:
         return (
             "onnx",

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -55,6 +56,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--runs", type=int, default=50)
+    p.add_argument("--out", default="detect_prune.json", help="file name under benchmarks/results/")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
@@ -141,7 +143,8 @@ def main() -> None:
         "minutes": round((time.perf_counter() - t_start) / 60, 1),
         "host": host(),
     }
-    write_json(HERE / "results" / "detect_prune.json", out, force=True)
+    out["command"] = "python benchmarks/detect_prune.py " + " ".join(sys.argv[1:])
+    write_json(HERE / "results" / args.out, out, force=True)
     print("\n| variant | MACs (M) | mAP before recovery | mAP after | drop (pt) | 1T ms (under load) | speedup | "
           "speedup / MAC gain |")  # fmt: skip
     print("|---|---:|---:|---:|---:|---:|---:|---:|")

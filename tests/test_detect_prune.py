@@ -83,10 +83,12 @@ def test_pruned_detector_exports_and_replays(pruned, tmp_path):
     es.save(small, tmp_path / "small.recipe")
     again = es.load(tmp_path / "small.recipe", model=tiny_detector())
     with torch.no_grad():
-        assert torch.equal(again(x), ref if isinstance(ref, torch.Tensor) else torch.from_numpy(ref))
+        assert torch.equal(again(x), torch.from_numpy(ref))
 
 
 def test_taylor_on_a_detector_is_refused_in_one_line(data):
     x = torch.rand(1, 3, 64, 64)
     with pytest.raises(ConfigError, match="detector: use a weight criterion"):
-        es.prune(tiny_detector(), PruneConfig(method="channel", ratio=0.3, importance="taylor"), example_inputs=x, data=data)
+        es.prune(
+            tiny_detector(), PruneConfig(method="channel", ratio=0.3, importance="taylor"), example_inputs=x, data=data
+        )

@@ -94,7 +94,9 @@ def _is_detection_set(data: Any) -> bool:
     if len(data) == 0:
         return False
     item = data[0]
-    return isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], torch.Tensor) and isinstance(item[1], dict)
+    return (
+        isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], torch.Tensor) and isinstance(item[1], dict)
+    )
 
 
 def _image_batches(data: Any, num_samples: int, batch_size: int) -> Any:

@@ -20,7 +20,7 @@ from edgeslim.core.errors import ConfigError, DataError, ModelError
 from edgeslim.core.io import save_torch, write_json
 from edgeslim.prune._channels import prune_channels
 from edgeslim.prune._config import PruneConfig, PruneMethod, Schedule, Scope
-from edgeslim.prune._inspect import blame_module, match_modules, output_layer
+from edgeslim.prune._inspect import blame_module, match_modules, output_layers
 from edgeslim.prune._sparse import (
     PRUNABLE,
     attach_mask,
@@ -211,19 +211,20 @@ def _width_changes(before: dict, model: nn.Module) -> dict[str, list[int]]:
 
 def _mask_prune(model: nn.Module, cfg: PruneConfig, example_inputs: Any, macs0: int, params0: int) -> PruneReport:
     ignored = match_modules(model, cfg.exclude, "exclude")
-    out_name = output_layer(model, example_inputs) if cfg.ignore_output_layer else None
+    outs = output_layers(model, example_inputs) if cfg.ignore_output_layer else []
     ratios: dict[str, float] = {}
     for pat, r in cfg.layer_ratios.items():
         for n in match_modules(model, [pat], "layer_ratios"):
             ratios[n] = min(float(r), cfg.max_layer_ratio)
-    targets = {n: m for n, m in model.named_modules() if isinstance(m, PRUNABLE) and n not in ignored and n != out_name}
+    targets = {n: m for n, m in model.named_modules() if isinstance(m, PRUNABLE) and n not in ignored and n not in outs}
     skipped: dict[str, str] = {}
-    if out_name and out_name not in ignored:
-        skipped[out_name] = "output layer (ignore_output_layer=True)"
+    for out_name in outs:
+        if out_name not in ignored:
+            skipped[out_name] = "output layer (ignore_output_layer=True)"
     if not targets:
         raise ModelError(
             f"{type(model).__name__}: no Linear/Conv layer left to prune "
-            f"({len(ignored)} ignored{', output layer ' + repr(out_name) if out_name else ''})"
+            f"({len(ignored)} ignored{', output layers ' + ', '.join(outs) if outs else ''})"
         )
     layers: dict[str, float] = {}
     if cfg.method == PruneMethod.NM:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from edgeslim.core.counting import call, count_macs
-from edgeslim.core.errors import DataError, ModelError
+from edgeslim.core.errors import ConfigError, DataError, ModelError
 from edgeslim.prune._config import PruneConfig, Scope
 from edgeslim.prune._importance import IMPORTANCE, torch_pruning
 from edgeslim.prune._inspect import (
@@ -26,7 +26,7 @@ from edgeslim.prune._inspect import (
     executed,
     layer_ratios,
     match_modules,
-    output_layer,
+    output_layers,
     weighted,
 )
 from edgeslim.prune._tp_compat import (
@@ -43,6 +43,11 @@ def _calib_grads(model: nn.Module, data: Any, cfg: PruneConfig) -> None:
     """Accumulate loss gradients on a few calibration batches (for the Taylor criterion)."""
     if data is None:
         raise DataError("importance='taylor' needs data=: a labelled dataset or an iterable of (inputs, labels)")
+    if getattr(model, "edgeslim_task", None) == "detect":
+        raise ConfigError(
+            f"PruneConfig.importance='taylor' ranks channels by a classification loss; {type(model).__name__} is a "
+            "detector: use a weight criterion (importance='l1', 'l2' or 'bn_scale')"
+        )
     batches = data.batches(64) if hasattr(data, "batches") else data
     model.zero_grad(set_to_none=True)
     model.eval()
@@ -180,11 +185,15 @@ def window_attention_layers(model: nn.Module) -> dict[str, str]:
 def prune_channels(model: nn.Module, cfg: PruneConfig, example_inputs: Any, data: Any) -> tuple[nn.Module, dict]:
     """Remove channels of ``model`` (a private copy; modified and returned) as ``cfg`` asks."""
     ignored_map = match_modules(model, cfg.exclude, "exclude")
-    out_name = output_layer(model, example_inputs) if cfg.ignore_output_layer else None
-    if out_name:
-        ignored_map[out_name] = dict(model.named_modules())[out_name]
+    outs = output_layers(model, example_inputs) if cfg.ignore_output_layer else []
+    for n in outs:  # a detector's class-logit and box convs: their widths are the output layout
+        ignored_map[n] = dict(model.named_modules())[n]
     ratio_dict = layer_ratios(model, cfg)
-    info: dict[str, Any] = {"ignored": sorted(ignored_map), "output_layer": out_name, "skipped": {}}
+    info: dict[str, Any] = {
+        "ignored": sorted(ignored_map),
+        "output_layer": outs[-1] if len(outs) == 1 else (outs or None),
+        "skipped": {},
+    }
     for n, why in window_attention_layers(model).items():
         if n not in ignored_map:
             ignored_map[n] = dict(model.named_modules())[n]

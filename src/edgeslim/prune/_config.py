@@ -53,7 +53,9 @@ class PruneConfig(Config):
         layer_ratios: per-layer ratios by module-name glob (``{"layer4.*": 0.6}``), overriding ``ratio``.
         exclude: module-name globs left untouched; each must match a module (``ignored_layers`` is its old name,
             deprecated).
-        ignore_output_layer: leave the layer producing the model output (the classifier) untouched.
+        ignore_output_layer: leave the layer producing the model output (the classifier) untouched; for a
+            detector (``edgeslim_task == "detect"``) every head's class-logit and box conv, or the layers a model
+            declares in ``edgeslim_output_layers``.
         round_to: kept channel counts are multiples of this (SIMD-friendly widths); 1 disables.
         heads_ratio: fraction of attention heads removed from each attention block (``channel`` only).
         n: kept weights per group (``nm``).

@@ -59,6 +59,68 @@ def output_layer(model: nn.Module, example_inputs: Any) -> str | None:
     return names[id(ran[-1])] if ran else None
 
 
+def output_layers(model: nn.Module, example_inputs: Any) -> list[str]:
+    """The layers that define the model's output layout, to keep at their width.
+
+    * ``model.edgeslim_output_layers`` (module-name globs), when the model declares it;
+    * a detector (``model.edgeslim_task == "detect"``): every Conv/Linear with a path to an output tensor that
+      crosses no other Conv/Linear (the class-logit and box convs of every head level), found on the autograd
+      graph of one forward pass;
+    * otherwise the last Conv/Linear executed (:func:`output_layer`, the classifier).
+    """
+    declared = getattr(model, "edgeslim_output_layers", None)
+    if declared:
+        return sorted(match_modules(model, list(declared), f"{type(model).__name__}.edgeslim_output_layers"))
+    if getattr(model, "edgeslim_task", None) == "detect":
+        return terminal_layers(model, example_inputs)
+    name = output_layer(model, example_inputs)
+    return [name] if name else []
+
+
+def terminal_layers(model: nn.Module, example_inputs: Any) -> list[str]:
+    """Names of the Conv/Linear layers whose outputs reach a model output without crossing another Conv/Linear."""
+    mods = weighted(model.modules())
+    names = {id(m): n for n, m in model.named_modules()}
+    made: dict[Any, nn.Module] = {}  # output grad_fn -> layer (the dict keeps the grad_fn objects alive)
+
+    def hook(mod: nn.Module, inputs: Any, out: Any) -> None:
+        if isinstance(out, torch.Tensor) and out.grad_fn is not None:
+            made[out.grad_fn] = mod
+
+    hooks = [m.register_forward_hook(hook) for m in mods]
+    was = model.training
+    try:
+        model.eval()
+        with torch.enable_grad():
+            out = call(model, example_inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was)
+    tensors = [t for t in _flat(out) if isinstance(t, torch.Tensor) and t.grad_fn is not None]
+    found: dict[str, None] = {}
+    seen: set[int] = set()
+    stack = [t.grad_fn for t in tensors]
+    while stack:
+        fn = stack.pop()
+        if fn is None or id(fn) in seen:
+            continue
+        seen.add(id(fn))
+        if fn in made:
+            found[names[id(made[fn])]] = None
+            continue
+        stack.extend(nxt for nxt, _ in fn.next_functions)
+    return sorted(found)
+
+
+def _flat(out: Any) -> list:
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (list, tuple)):
+        return [t for o in out for t in _flat(o)]
+    return [out]
+
+
 @contextlib.contextmanager
 def blame_module(model: nn.Module, what: str, *, exact: bool = True):
     """Turn an exception inside a forward pass into a ModelError naming the module that raised it.

@@ -28,7 +28,8 @@ def recalibrate_bn(model: nn.Module, data: Any, *, num_samples: int = 1024, batc
     model is not modified, and the copy is returned in the mode the input was in.
 
     Args:
-        data: an :class:`~edgeslim.data.ImageDataset`, or an iterable of input tensors or ``(inputs, labels)``.
+        data: an :class:`~edgeslim.data.ImageDataset`, a :class:`~edgeslim.data.DetectionDataset` (its images
+            are used, the boxes ignored), or an iterable of input tensors or ``(inputs, labels)``.
         num_samples: inputs to run (the last batch is cut to fit).
         batch_size: batch size used for an :class:`~edgeslim.data.ImageDataset`.
 
@@ -53,6 +54,8 @@ def recalibrate_bn(model: nn.Module, data: Any, *, num_samples: int = 1024, batc
         raise DataError("recalibrate_bn needs data: an ImageDataset or an iterable of inputs / (inputs, labels)")
     if hasattr(data, "take") and hasattr(data, "batches"):
         data = data.take(num_samples, seed=0).batches(batch_size)
+    elif _is_detection_set(data):
+        data = _image_batches(data, num_samples, batch_size)
     first = next(iter(model.parameters()), None)
     device = first.device if first is not None else torch.device("cpu")
     momenta = [m.momentum for m in bns]
@@ -82,3 +85,24 @@ def recalibrate_bn(model: nn.Module, data: Any, *, num_samples: int = 1024, batc
     if seen < num_samples:
         log.info("recalibrate_bn: data held %d inputs (< num_samples=%d); used them all", seen, num_samples)
     return model.train(was_training)
+
+
+def _is_detection_set(data: Any) -> bool:
+    """A map-style dataset whose items are ``(image tensor, target dict)`` (a ``DetectionDataset``)."""
+    if not (hasattr(data, "__getitem__") and hasattr(data, "__len__")) or isinstance(data, (list, tuple)):
+        return False
+    if len(data) == 0:
+        return False
+    item = data[0]
+    return (
+        isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], torch.Tensor) and isinstance(item[1], dict)
+    )
+
+
+def _image_batches(data: Any, num_samples: int, batch_size: int) -> Any:
+    """Batches of the images only (targets dropped) of a detection dataset, from a seeded subset of it."""
+    if hasattr(data, "take"):
+        data = data.take(num_samples, seed=0)
+    n = min(num_samples, len(data))
+    for start in range(0, n, batch_size):
+        yield torch.stack([data[i][0] for i in range(start, min(start + batch_size, n))])

@@ -171,9 +171,7 @@ def main() -> None:
         int8 = None
         if not args.no_int8:
             t0 = time.perf_counter()
-            qm = es.quantize(
-                model, es.QuantConfig(calibration=args.calibration), data=tr.take(args.calib, seed=0)
-            )
+            qm = es.quantize(model, es.QuantConfig(calibration=args.calibration), data=tr.take(args.calib, seed=0))
             q_art = es.export(qm, "onnx", example_inputs=x_val, path=Path(td) / "yolo_mobilenet_v2-int8.onnx")
             ptq_s = time.perf_counter() - t0
             m_q = es.runtime.evaluate_detector(q_art, va, runtime="onnxruntime", threads=args.threads)
@@ -196,8 +194,12 @@ def main() -> None:
                 "latency_ms_2t": lat["edgeslim INT8 ONNX Runtime (INT8 run)"][2],
                 "fp32_same_run_ms_1t": lat["FP32 ONNX Runtime (INT8 run)"][1],
                 "fp32_same_run_ms_2t": lat["FP32 ONNX Runtime (INT8 run)"][2],
-                "speedup_1t": round(lat["FP32 ONNX Runtime (INT8 run)"][1] / lat["edgeslim INT8 ONNX Runtime (INT8 run)"][1], 2),
-                "speedup_2t": round(lat["FP32 ONNX Runtime (INT8 run)"][2] / lat["edgeslim INT8 ONNX Runtime (INT8 run)"][2], 2),
+                "speedup_1t": round(
+                    lat["FP32 ONNX Runtime (INT8 run)"][1] / lat["edgeslim INT8 ONNX Runtime (INT8 run)"][1], 2
+                ),
+                "speedup_2t": round(
+                    lat["FP32 ONNX Runtime (INT8 run)"][2] / lat["edgeslim INT8 ONNX Runtime (INT8 run)"][2], 2
+                ),
                 "size_bytes": q_art.size_bytes,
                 "ptq_seconds": round(ptq_s, 1),
                 "calibration": f"{args.calib} train images, {args.calibration}",

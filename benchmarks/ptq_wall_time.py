@@ -40,9 +40,7 @@ def edgeslim_once(model: torch.nn.Module, calib: torch.Tensor, val: torch.Tensor
     t0 = time.perf_counter()
     q = es.quantize(copy.deepcopy(model), es.QuantConfig(num_samples=len(calib)), data=calib)
     t1 = time.perf_counter()
-    art = es.export(
-        q, "onnx", example_inputs=val, path=out, force=True, floors=es.ValidationFloors(**SPEED_FLOORS)
-    )
+    art = es.export(q, "onnx", example_inputs=val, path=out, force=True, floors=es.ValidationFloors(**SPEED_FLOORS))
     t2 = time.perf_counter()
     return {
         "seconds": round(t2 - t0, 2),

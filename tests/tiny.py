@@ -445,7 +445,11 @@ class TinyDetectionSet(torch.utils.data.Dataset):
             image_id = i + 1
             self.images.append(img)
             self.targets.append(
-                {"boxes": torch.tensor(boxes, dtype=torch.float32), "labels": torch.tensor(labels), "image_id": image_id}
+                {
+                    "boxes": torch.tensor(boxes, dtype=torch.float32),
+                    "labels": torch.tensor(labels),
+                    "image_id": image_id,
+                }
             )
             images.append({"id": image_id, "file_name": f"{image_id}.png", "width": size, "height": size})
             for b, c in zip(boxes, labels):

@@ -158,9 +158,7 @@ def module_of(node_name: str, root: str = "model") -> str:
     return path
 
 
-def ort_session(
-    model: bytes | str | os.PathLike, *, threads: int = 0, optimize: bool = True, spin: bool = True
-) -> Any:
+def ort_session(model: bytes | str | os.PathLike, *, threads: int = 0, optimize: bool = True, spin: bool = True) -> Any:
     """An ONNX Runtime CPU session for ONNX bytes or a file (``threads`` 0: ORT's default; ``spin`` False: idle
     worker threads sleep, for passes over data on a shared CPU)."""
     import onnxruntime as ort

@@ -1,7 +1,8 @@
-"""Datasets: built-in sources (Fashion-MNIST, MNIST-5k, digits), users' image folders, calibration sampling.
+"""Datasets: built-in sources (Fashion-MNIST, MNIST-5k, digits, ELPV), users' image folders, calibration sampling.
 
 >>> train, val = edgeslim.data.load("fashion-mnist")
 >>> calib = edgeslim.data.calibration_subset(train, 512)
+>>> train, val = edgeslim.data.load("elpv")  # solar cells, 224x224, ImageNet mean/std (pip install elpv-dataset)
 >>> train, val = edgeslim.data.load("folder:photos", preprocess=ImagePreprocess(input_size=224, normalize="imagenet"))
 """
 
@@ -35,6 +36,10 @@ __all__ = [
 ]
 
 
+#: built-in sources that take ``preprocess`` / ``model`` (resized and normalised per item, like image folders)
+PREPROCESSED = ("elpv",)
+
+
 def names() -> list[str]:
     """Names of the built-in dataset sources."""
     return SOURCES.names()
@@ -52,16 +57,20 @@ def load(
 
     Args:
         name: a built-in source (see :func:`names`), or ``folder:<path>`` for an image folder (streamed from disk).
+            ``elpv`` (solar cells) is resized and normalised per item too, by ``preprocess``.
         root: where to look for the files first (built-in sources look in system and cache folders too).
         seed: seed of the deterministic train/val split where the source has no official one.
-        preprocess: for ``folder:`` data, resize / crop / normalisation (:class:`ImagePreprocess`).
+        preprocess: for ``folder:`` and ``elpv`` data, resize / crop / normalisation (:class:`ImagePreprocess`).
         model: for ``folder:`` data with ``normalize="model"``, the model whose own preprocessing is used.
     """
     if str(name).startswith("folder:"):
         return image_folder(str(name)[len("folder:") :], preprocess=preprocess, model=model, seed=seed)
+    source = SOURCES.get(name)
+    if name in PREPROCESSED:
+        return source(root=root, seed=seed, preprocess=preprocess, model=model)
     if preprocess is not None:
         raise DataError(
-            f"preprocess (--input-size, --normalize) applies to folder:<path> datasets; {name!r} has its own fixed "
-            "size and normalisation"
+            f"preprocess (--input-size, --normalize) applies to folder:<path> and {', '.join(PREPROCESSED)} datasets; "
+            f"{name!r} has its own fixed size and normalisation"
         )
-    return SOURCES.get(name)(root=root, seed=seed)
+    return source(root=root, seed=seed)

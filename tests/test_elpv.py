@@ -8,13 +8,12 @@ import sys
 import numpy as np
 import pytest
 import torch
+from tiny import TinyCNN
 
 import edgeslim as es
 from edgeslim import data
 from edgeslim.core.errors import DataError
-from edgeslim.data import ImagePreprocess
-from edgeslim.data import _elpv
-from tiny import TinyCNN
+from edgeslim.data import ImagePreprocess, _elpv
 
 pytest.importorskip("elpv_dataset", reason="ELPV tests need the elpv-dataset package (pip install 'edgeslim[elpv]')")
 
@@ -45,7 +44,9 @@ def test_source_loads_labels_and_split(fast):
     ids_tr, ids_va = np.asarray(train.files), np.asarray(val.files)
     assert not set(ids_tr.tolist()) & set(ids_va.tolist())
     expected = (probs >= 0.5).astype(np.int64)
-    assert np.array_equal(train.labels.numpy(), expected[ids_tr]) and np.array_equal(val.labels.numpy(), expected[ids_va])
+    assert np.array_equal(train.labels.numpy(), expected[ids_tr]) and np.array_equal(
+        val.labels.numpy(), expected[ids_va]
+    )
     assert int(expected.sum()) == 821  # ratings 2/3 and 1: 106 + 715
     assert train.describe()["preprocess"]["normalize"] == "imagenet" and train.describe()["streamed"]
 
@@ -85,7 +86,7 @@ def test_items_are_resized_replicated_and_normalised(fast, size):
     assert train.decoded == 5  # only what was asked for was resized (the two splits share one decoder)
     g_tr, _ = data.load("elpv", preprocess=ImagePreprocess(input_size=size, grayscale=True, normalize="0.5"))
     g = g_tr[0][0]
-    assert g.shape == (1, size, size) and -1.0 <= float(g.min()) and float(g.max()) <= 1.0
+    assert g.shape == (1, size, size) and float(g.min()) >= -1.0 and float(g.max()) <= 1.0
     # a zoo model is shaped by the same preprocessing, without reading the images
     assert es.models._zoo._dataset_shape("elpv", pre) == ((3, size, size), 2)
     if size == 96:

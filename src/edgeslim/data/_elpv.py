@@ -30,10 +30,10 @@ import torch
 from edgeslim.core.errors import DataError
 from edgeslim.data._dataset import stratified_split
 from edgeslim.data._folder import (
+    STATS_SAMPLES,
     FolderDataset,
     ImagePreprocess,
     Normalize,
-    STATS_SAMPLES,
     Resize,
     _dataset_stats,
     _Decoder,

@@ -139,3 +139,26 @@ def test_tiny_model_quantizes_and_runs_in_onnxruntime(fast, tmp_path):
         ref = q(x).numpy()
     cos = float(np.sum(out * ref) / (np.linalg.norm(out) * np.linalg.norm(ref)))
     assert cos > 0.98
+
+
+def test_cli_image_options_reach_the_elpv_source(fast):
+    from edgeslim.cli import _preprocess, build_parser
+
+    a = build_parser().parse_args(
+        [
+            "quantize",
+            "mobilenet_v2",
+            "--dataset",
+            "elpv",
+            "--input-size",
+            "96",
+            "--resize",
+            "stretch",
+            "--normalize",
+            "imagenet",
+        ]
+    )
+    pre = _preprocess(a)
+    assert pre == ImagePreprocess(input_size=96, resize="stretch", normalize="imagenet")
+    train, _ = data.load("elpv", preprocess=pre)
+    assert train.input_shape == (3, 96, 96) and train.describe()["preprocess"]["resize"] == "stretched to 96x96"

@@ -203,13 +203,15 @@ def _resolve_dataset(a: argparse.Namespace, spec: str | None) -> None:
 
 
 def _preprocess(a: argparse.Namespace) -> Any:
-    """``--input-size`` / ``--normalize`` as an ImagePreprocess (for folder: data), or None when neither is given."""
-    size, norm = getattr(a, "input_size", None), getattr(a, "normalize", None)
-    if size is None and norm is None:
+    """``--input-size`` / ``--normalize`` / ``--resize`` as an ImagePreprocess (for folder: and elpv data), or None
+    when none is given."""
+    size, norm, resize = getattr(a, "input_size", None), getattr(a, "normalize", None), getattr(a, "resize", None)
+    if size is None and norm is None and resize is None:
         return None
     from edgeslim.data import ImagePreprocess
 
-    return ImagePreprocess(input_size=size, **({"normalize": norm} if norm else {}))
+    given = {"normalize": norm, "resize": resize}
+    return ImagePreprocess(input_size=size, **{k: v for k, v in given.items() if v})
 
 
 def _load_data(a: argparse.Namespace, model: Any = None):
@@ -690,8 +692,14 @@ def _image_args(p: argparse.ArgumentParser) -> None:
         "--input-size",
         type=_positive,
         metavar="N",
-        help="folder: data: resize the shorter side to N/0.875 and center-crop NxN (default: the first image's "
-        "size, or the model's own with --normalize model)",
+        help="folder: / elpv data: resize the shorter side to N/0.875 and center-crop NxN (default: the first "
+        "image's size, elpv 224, or the model's own with --normalize model)",
+    )
+    p.add_argument(
+        "--resize",
+        choices=["crop", "stretch"],
+        help="folder: / elpv data: crop (default: shorter side to N/0.875, center NxN) or stretch (the whole image "
+        "to NxN; the ELPV fine-tune recipe uses stretch)",
     )
     p.add_argument(
         "--normalize",

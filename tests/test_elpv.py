@@ -144,20 +144,8 @@ def test_tiny_model_quantizes_and_runs_in_onnxruntime(fast, tmp_path):
 def test_cli_image_options_reach_the_elpv_source(fast):
     from edgeslim.cli import _preprocess, build_parser
 
-    a = build_parser().parse_args(
-        [
-            "quantize",
-            "mobilenet_v2",
-            "--dataset",
-            "elpv",
-            "--input-size",
-            "96",
-            "--resize",
-            "stretch",
-            "--normalize",
-            "imagenet",
-        ]
-    )
+    argv = "quantize mobilenet_v2 --dataset elpv --out q --input-size 96 --resize stretch --normalize imagenet"
+    a = build_parser().parse_args(argv.split())
     pre = _preprocess(a)
     assert pre == ImagePreprocess(input_size=96, resize="stretch", normalize="imagenet")
     train, _ = data.load("elpv", preprocess=pre)

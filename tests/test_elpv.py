@@ -146,7 +146,14 @@ def test_cli_image_options_reach_the_elpv_source(fast):
 
     argv = "quantize mobilenet_v2 --dataset elpv --out q --input-size 96 --resize stretch --normalize imagenet"
     a = build_parser().parse_args(argv.split())
-    pre = _preprocess(a)
-    assert pre == ImagePreprocess(input_size=96, resize="stretch", normalize="imagenet")
-    train, _ = data.load("elpv", preprocess=pre)
+    assert _preprocess(a) == {"input_size": 96, "resize": "stretch", "normalize": "imagenet"}
+    train, _ = data.load("elpv", preprocess=_preprocess(a))
     assert train.input_shape == (3, 96, 96) and train.describe()["preprocess"]["resize"] == "stretched to 96x96"
+    # options left out keep the ELPV defaults (stretch, ImageNet), not the folder defaults (crop, dataset statistics)
+    a = build_parser().parse_args(["quantize", "mobilenet_v2", "--dataset", "elpv", "--out", "q", "--input-size", "64"])
+    train, _ = data.load("elpv", preprocess=_preprocess(a))
+    info = train.describe()["preprocess"]
+    assert (
+        train.input_shape == (3, 64, 64) and info["resize"] == "stretched to 64x64" and info["normalize"] == "imagenet"
+    )
+    assert _preprocess(build_parser().parse_args(["quantize", "mobilenet_v2", "--out", "q"])) is None

@@ -203,15 +203,10 @@ def _resolve_dataset(a: argparse.Namespace, spec: str | None) -> None:
 
 
 def _preprocess(a: argparse.Namespace) -> Any:
-    """``--input-size`` / ``--normalize`` / ``--resize`` as an ImagePreprocess (for folder: and elpv data), or None
-    when none is given."""
-    size, norm, resize = getattr(a, "input_size", None), getattr(a, "normalize", None), getattr(a, "resize", None)
-    if size is None and norm is None and resize is None:
-        return None
-    from edgeslim.data import ImagePreprocess
-
-    given = {"normalize": norm, "resize": resize}
-    return ImagePreprocess(input_size=size, **{k: v for k, v in given.items() if v})
+    """The ImagePreprocess fields given by ``--input-size`` / ``--normalize`` / ``--resize`` (for folder: and elpv
+    data), or None when none is given: a source fills the rest with its own defaults."""
+    given = {"input_size": a.input_size, "normalize": a.normalize, "resize": a.resize} if hasattr(a, "resize") else {}
+    return {k: v for k, v in given.items() if v is not None} or None
 
 
 def _load_data(a: argparse.Namespace, model: Any = None):

@@ -102,9 +102,19 @@ def elpv_split(labels: np.ndarray, types: np.ndarray, seed: int) -> tuple[np.nda
     return stratified_split(strata, VAL_FRACTION, seed)
 
 
+def elpv_preprocess(preprocess: ImagePreprocess | Mapping | None) -> ImagePreprocess:
+    """The preprocessing of ELPV items: an ImagePreprocess as given, a mapping's fields over
+    :data:`DEFAULT_PREPROCESS` (so ``{"input_size": 96}`` keeps stretch and ImageNet mean/std), None the default."""
+    if preprocess is None:
+        return DEFAULT_PREPROCESS
+    if isinstance(preprocess, Mapping):
+        return as_preprocess({**DEFAULT_PREPROCESS.to_dict(), **dict(preprocess)})
+    return as_preprocess(preprocess)
+
+
 def elpv_shape(preprocess: ImagePreprocess | Mapping | None = None) -> tuple[tuple[int, int, int], int]:
     """``(input_shape, num_classes)`` of ELPV under a preprocessing, without reading the images."""
-    pre = DEFAULT_PREPROCESS if preprocess is None else as_preprocess(preprocess)
+    pre = elpv_preprocess(preprocess)
     side = pre.input_size or DEFAULT_PREPROCESS.input_size
     return (1 if pre.grayscale else 3, side, side), len(ELPV_CLASSES)
 
@@ -121,8 +131,9 @@ def elpv(
     Args:
         root: not used (the images come from the installed ``elpv-dataset`` package); giving one is an error.
         seed: seed of the stratified 75/25 split.
-        preprocess: size / resize / normalisation (:class:`ImagePreprocess`); default
-            :data:`DEFAULT_PREPROCESS` (224x224 stretched, ImageNet mean/std). An ``input_size`` of None means 224.
+        preprocess: size / resize / normalisation: an :class:`ImagePreprocess` as it is, or a mapping of some of
+            its fields over :data:`DEFAULT_PREPROCESS` (224x224 stretched, ImageNet mean/std; the CLI's
+            ``--input-size`` / ``--resize`` / ``--normalize`` arrive so). An ``input_size`` of None means 224.
         model: the model whose own mean/std ``normalize="model"`` reads.
     """
     if root is not None:
@@ -130,7 +141,7 @@ def elpv(
             f"dataset 'elpv' reads the installed elpv-dataset package, not a folder (root={str(root)!r}); leave root "
             "out, or put the images in class folders and use folder:<path>"
         )
-    pre = DEFAULT_PREPROCESS if preprocess is None else as_preprocess(preprocess)
+    pre = elpv_preprocess(preprocess)
     if pre.input_size is None and not (Normalize(pre.normalize) is Normalize.MODEL and model is not None):
         pre = pre.replace(input_size=DEFAULT_PREPROCESS.input_size)
     images, probs, types = load_elpv_arrays()

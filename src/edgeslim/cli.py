@@ -203,13 +203,10 @@ def _resolve_dataset(a: argparse.Namespace, spec: str | None) -> None:
 
 
 def _preprocess(a: argparse.Namespace) -> Any:
-    """``--input-size`` / ``--normalize`` as an ImagePreprocess (for folder: data), or None when neither is given."""
-    size, norm = getattr(a, "input_size", None), getattr(a, "normalize", None)
-    if size is None and norm is None:
-        return None
-    from edgeslim.data import ImagePreprocess
-
-    return ImagePreprocess(input_size=size, **({"normalize": norm} if norm else {}))
+    """The ImagePreprocess fields given by ``--input-size`` / ``--normalize`` / ``--resize`` (for folder: and elpv
+    data), or None when none is given: a source fills the rest with its own defaults."""
+    given = {"input_size": a.input_size, "normalize": a.normalize, "resize": a.resize} if hasattr(a, "resize") else {}
+    return {k: v for k, v in given.items() if v is not None} or None
 
 
 def _load_data(a: argparse.Namespace, model: Any = None):
@@ -690,8 +687,14 @@ def _image_args(p: argparse.ArgumentParser) -> None:
         "--input-size",
         type=_positive,
         metavar="N",
-        help="folder: data: resize the shorter side to N/0.875 and center-crop NxN (default: the first image's "
-        "size, or the model's own with --normalize model)",
+        help="folder: / elpv data: resize the shorter side to N/0.875 and center-crop NxN (default: the first "
+        "image's size, elpv 224, or the model's own with --normalize model)",
+    )
+    p.add_argument(
+        "--resize",
+        choices=["crop", "stretch"],
+        help="folder: / elpv data: crop (default: shorter side to N/0.875, center NxN) or stretch (the whole image "
+        "to NxN; the ELPV fine-tune recipe uses stretch)",
     )
     p.add_argument(
         "--normalize",

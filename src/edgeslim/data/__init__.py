@@ -1,10 +1,11 @@
-"""Datasets: built-in sources (Fashion-MNIST, MNIST-5k, digits), users' image folders, calibration sampling,
+"""Datasets: built-in sources (Fashion-MNIST, MNIST-5k, digits, ELPV), users' image folders, calibration sampling,
 detection sets in COCO format (the generated ``fmnist-detect``, users' ``coco:`` files).
 
 >>> train, val = edgeslim.data.load("fashion-mnist")
 >>> train, val = edgeslim.data.load("fmnist-detect", size=160)      # DetectionDataset: (image, target) items
 >>> train, val = edgeslim.data.load("coco:data/annotations/instances.json", size=320)
 >>> calib = edgeslim.data.calibration_subset(train, 512)
+>>> train, val = edgeslim.data.load("elpv")  # solar cells, 224x224, ImageNet mean/std (pip install elpv-dataset)
 >>> train, val = edgeslim.data.load("folder:photos", preprocess=ImagePreprocess(input_size=224, normalize="imagenet"))
 """
 
@@ -46,6 +47,8 @@ __all__ = [
 
 #: built-in sources whose items are (image, target) detection pairs; they take ``size`` and ``limit``
 DETECTION_SOURCES = {"fmnist-detect": fmnist_detect}
+#: built-in sources that take ``preprocess`` / ``model`` (resized and normalised per item, like image folders)
+PREPROCESSED = ("elpv",)
 
 
 def names() -> list[str]:
@@ -67,12 +70,13 @@ def load(
 
     Args:
         name: a built-in source (see :func:`names`), ``folder:<path>`` for an image folder (streamed from disk),
-            or ``coco:<file.json|folder>`` for users' detection data in COCO format.
+            or ``coco:<file.json|folder>`` for users' detection data in COCO format. ``elpv`` (solar cells) is
+            resized and normalised per item too, by ``preprocess``.
         root: where to look for the files first (built-in sources look in system and cache folders too); for
             ``fmnist-detect``, the folder the generated set is kept in (default ``~/.cache/edgeslim/data``).
         seed: seed of the deterministic train/val split where the source has no official one (for
             ``fmnist-detect``: the generation seed).
-        preprocess: for ``folder:`` data, resize / crop / normalisation (:class:`ImagePreprocess`).
+        preprocess: for ``folder:`` and ``elpv`` data, resize / crop / normalisation (:class:`ImagePreprocess`).
         model: for ``folder:`` data with ``normalize="model"``, the model whose own preprocessing is used.
         size: detection data only: side of the square images, 160 or 320 (default 320).
         limit: detection data only: keep the first ``limit`` images of each split (``fmnist-detect`` then
@@ -89,13 +93,16 @@ def load(
         raise DataError(f"size= and limit= apply to detection data (fmnist-detect, coco:<path>), not to {name!r}")
     if name.startswith("folder:"):
         return image_folder(str(name)[len("folder:") :], preprocess=preprocess, model=model, seed=seed)
-    if preprocess is not None:
-        raise DataError(
-            f"preprocess (--input-size, --normalize) applies to folder:<path> datasets; {name!r} has its own fixed "
-            "size and normalisation"
-        )
     if name not in SOURCES:
         raise ConfigError(
             f"unknown dataset {name!r}{near(name, names())}; valid: {', '.join(names())}, folder:<path>, coco:<path>"
         )
-    return SOURCES.get(name)(root=root, seed=seed)
+    source = SOURCES.get(name)
+    if name in PREPROCESSED:
+        return source(root=root, seed=seed, preprocess=preprocess, model=model)
+    if preprocess is not None:
+        raise DataError(
+            f"preprocess (--input-size, --normalize) applies to folder:<path> and {', '.join(PREPROCESSED)} datasets; "
+            f"{name!r} has its own fixed size and normalisation"
+        )
+    return source(root=root, seed=seed)

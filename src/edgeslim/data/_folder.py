@@ -131,6 +131,12 @@ class _Decoder:
         except Exception as e:  # PIL raises many types for bad files
             raise DataError(f"cannot read image {str(path)!r}: {e}") from None
         self.decoded += 1
+        return self.fit(im)
+
+    def fit(self, im: Any) -> torch.Tensor:
+        """A PIL image resized (and cropped) to the dataset's size, as uint8 ``(C, H, W)``."""
+        from PIL import Image
+
         h, w = self.out_hw
         if self.resize_short is None:
             im = im.resize((w, h), Image.BILINEAR)

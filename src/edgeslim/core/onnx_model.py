@@ -182,8 +182,20 @@ def ort_session(model: bytes | str | os.PathLike, *, threads: int = 0, optimize:
         raise ModelError(f"onnxruntime cannot load {where}: {str(e).strip().splitlines()[0][:300]}") from None
 
 
+def fixed_batch(session: Any) -> int | None:
+    """The batch size an ONNX Runtime session's inputs are fixed to (e.g. 1 for a file exported with a static
+    batch), or ``None`` when their first dimension is symbolic."""
+    for i in session.get_inputs():
+        d = i.shape[0] if i.shape else None
+        if isinstance(d, int) and d > 0:
+            return d
+    return None
+
+
 def run_session(session: Any, example: Any, *, chunk: int = 256) -> list[np.ndarray]:
-    """All outputs of ``session`` on ``example`` (a tensor or a dict of tensors), run in chunks of samples."""
+    """All outputs of ``session`` on ``example`` (a tensor or a dict of tensors), run in chunks of samples (of the
+    fixed batch size when the file has one)."""
+    chunk = fixed_batch(session) or chunk
     names = [i.name for i in session.get_inputs()]
     feeds = as_feeds(example, names)
     missing = [n for n in names if n not in feeds]

@@ -17,7 +17,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from edgeslim.core.onnx_model import as_feeds, batch_len, module_of, ort_session, slice_inputs, to_onnx
+from edgeslim.core.onnx_model import (
+    as_feeds,
+    batch_len,
+    fixed_batch,
+    module_of,
+    ort_session,
+    slice_inputs,
+    to_onnx,
+)
 from edgeslim.quantize._calibrate import Observer
 
 log = logging.getLogger(__name__)
@@ -56,9 +64,10 @@ def observe_graph(graph: bytes, observers: Mapping[str, Observer], batches: list
 
 
 def _run(sess, out_names, fetch, in_names, observers, batches, infinite) -> None:
+    step = fixed_batch(sess) or CALIB_BATCH  # a file exported with a static batch takes that many samples a run
     for b in batches:
-        for i in range(0, batch_len(b), CALIB_BATCH):
-            feeds = _typed_feeds(sess, as_feeds(slice_inputs(b, i, i + CALIB_BATCH), in_names))
+        for i in range(0, batch_len(b), step):
+            feeds = _typed_feeds(sess, as_feeds(slice_inputs(b, i, i + step), in_names))
             values = sess.run(fetch, feeds)
             pairs = [*zip(fetch, values, strict=True)]
             pairs += [(k, v) for k, v in feeds.items() if k in observers]

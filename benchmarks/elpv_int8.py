@@ -107,6 +107,10 @@ def nncf_int8(fp32: Path, out: Path, calib: np.ndarray) -> dict:
     return {"path": out, "ptq_seconds": round(time.perf_counter() - t0, 2), "tool": f"nncf {nncf.__version__}"}
 
 
+#: edgeslim variants that could not be made, with the one-line reason (written to the JSON and printed)
+FAILED: list[dict] = []
+
+
 def build_files(name: str, model, train, val, work: Path, args) -> tuple[dict[str, dict], Any]:
     """Every file of one model: ``{variant: {path, ptq_seconds, ...}}``."""
     calib_ds = calibration_subset(train, args.calib, seed=0)
@@ -116,9 +120,14 @@ def build_files(name: str, model, train, val, work: Path, args) -> tuple[dict[st
     files["FP32"] = {"path": fp32.path}
     for variant, overrides in EDGESLIM_VARIANTS.items():
         slug = variant.split()[1].replace("+", "-")
-        files[variant] = edgeslim_int8(
-            model, calib_ds, val.take(64, seed=0), work / f"{name}-es-{slug}.onnx", overrides
-        )
+        try:
+            files[variant] = edgeslim_int8(
+                model, calib_ds, val.take(64, seed=0), work / f"{name}-es-{slug}.onnx", overrides
+            )
+        except EdgeslimError as e:  # e.g. CLE needs the fx capture, which cannot trace this model: a row that says so
+            FAILED.append({"model": name, "variant": variant, "error": str(e).splitlines()[0][:400]})
+            log.warning("%s %s: failed: %s", name, variant, FAILED[-1]["error"])
+            continue
         log.warning(
             "%s %s: PTQ %.1f s, gate %s", name, variant, files[variant]["ptq_seconds"], files[variant]["export_gate"]
         )
@@ -243,9 +252,12 @@ def main() -> None:
         "software": {m: __import__(m).__version__ for m in ("onnxruntime", "openvino", "nncf", "torch")},
         "models": models,
         "rows": rows,
+        "failed": FAILED,
     }
     write_json(args.out, result, force=True)
     print(markdown(result, args.threads))
+    for f in FAILED:
+        print(f"| {f['model']} | {f['variant']} | failed: {f['error']} |")
 
 
 def markdown(result: dict, threads: list[int]) -> str:

@@ -124,3 +124,14 @@ def test_detection_dataset_calibrates(tmp_path, monkeypatch):
     with torch.no_grad():
         assert _cosine(m(x)[:, 4:], q(x)[:, 4:]) >= 0.99
     assert np.isfinite(q(x).numpy()).all()
+
+
+def test_auto_capture_sends_a_torch_detector_to_the_onnx_capture(tmp_path):
+    # a map-style dataset of (image, target) samples calibrates too (stacked, not concatenated)
+    from tiny import TinyDetectionSet, tiny_detector
+
+    model, data = tiny_detector(), TinyDetectionSet(16, tmp_path, size=64)
+    q = es.quantize(model, es.QuantConfig(calibration="minmax", num_samples=16), data=data)
+    assert q.report.capture == "onnx" and "detector" in q.report.capture_reason
+    assert q.report.calibration_samples == 16
+    assert "kept float" in q.report.summary()  # the float head is said

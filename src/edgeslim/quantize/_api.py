@@ -177,6 +177,15 @@ def _calibration_batches(calib: Any, config: QuantConfig, batch_size: int = 128)
         x = calib[: config.num_samples]
     elif isinstance(calib, Mapping):
         x = slice_inputs(calib, 0, config.num_samples)
+    elif isinstance(calib, torch.utils.data.Dataset) and hasattr(calib, "__len__"):
+        # a map-style dataset yields single samples ((input, target) or input): stack, never concatenate them
+        n = min(len(calib), config.num_samples)
+        items = [calib[i] for i in range(n)]
+        items = [b[0] if isinstance(b, (tuple, list)) else b for b in items]
+        if items and isinstance(items[0], Mapping):
+            x = {k: torch.stack([torch.as_tensor(b[k]) for b in items]) for k in items[0]}
+        else:
+            x = torch.stack([torch.as_tensor(b) for b in items]) if items else torch.empty(0)
     else:
         xs = []
         for b in calib:

@@ -87,7 +87,9 @@ def preprocess(graph: bytes) -> tuple[bytes, str | None]:
         src, dst = Path(td) / "float.onnx", Path(td) / "pre.onnx"
         src.write_bytes(graph)
         try:
-            with _quiet():
+            # ORT writes sym_shape_infer_temp.onnx and external-data files into the working folder (and leaves them
+            # there when shape inference fails): run it inside the temporary folder, never in the user's
+            with _quiet(), contextlib.chdir(td):
                 quant_pre_process(str(src), str(dst))
             return constants_to_initializers(dst.read_bytes()), None
         except Exception as e:  # noqa: BLE001 - ORT's pre-processing fails on some ViT/ConvNeXt graphs

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import time
 from pathlib import Path
 
@@ -30,6 +29,7 @@ import torch
 import edgeslim as es
 from edgeslim.core.io import write_json
 from edgeslim.core.metrics import host_info
+from edgeslim.pipeline._candidate import recovery_train_config
 from edgeslim.runtime import RUNTIMES, interleaved_latency
 from edgeslim.train import fit
 
@@ -127,22 +127,8 @@ def main() -> None:
     )
     steps = max(space.finetune_steps)
     if steps:
-        per_epoch = math.ceil(len(train) / space.finetune_batch_size)
-        epochs = math.ceil(steps / per_epoch)
-        p = fit(
-            p,
-            train,
-            None,
-            es.TrainConfig(
-                epochs=epochs,
-                lr=space.finetune_lr,
-                batch_size=space.finetune_batch_size,
-                augment=False,
-                warmup_steps=min(100, steps // 10),
-            ),
-            max_steps_per_epoch=math.ceil(steps / epochs),
-            progress=False,
-        ).model
+        tcfg, cap = recovery_train_config(space, len(train), steps)
+        p = fit(p, train, None, tcfg, max_steps_per_epoch=cap, progress=False).model
     rows[f"pruning alone ({a.prune_macs:.0%} MACs, {steps} ft steps)"] = {
         "artifact": es.export(p, "onnx", example_inputs=val, path=work / "pruned.onnx", force=True),
         "seconds": time.perf_counter() - t,

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import sys
 import time
 from pathlib import Path
@@ -37,6 +36,7 @@ import torch
 
 import edgeslim as es
 from edgeslim.core.io import write_json
+from edgeslim.pipeline._candidate import recovery_train_config
 from edgeslim.pipeline._space import recovery_steps
 from edgeslim.train import fit
 
@@ -236,22 +236,8 @@ def main() -> None:
             data=train,
         )
         steps = recovery_steps(space, {"target_macs": a.prune_macs, "finetune_steps": max(space.finetune_steps)})
-        per_epoch = math.ceil(len(train) / space.finetune_batch_size)
-        epochs = math.ceil(steps / per_epoch)
-        p = fit(
-            p,
-            train,
-            None,
-            es.TrainConfig(
-                epochs=epochs,
-                lr=space.finetune_lr,
-                batch_size=space.finetune_batch_size,
-                augment=False,
-                warmup_steps=min(100, steps // 10),
-            ),
-            max_steps_per_epoch=math.ceil(steps / epochs),
-            progress=False,
-        ).model
+        tcfg, cap = recovery_train_config(space, len(train), steps)
+        p = fit(p, train, None, tcfg, max_steps_per_epoch=cap, progress=False).model
         art = es.export(p, "onnx", example_inputs=val, path=work / "pruned.onnx", force=True)
         rows[f"pruning alone ({a.prune_macs:.0%} MACs global, {steps} fine-tune steps, FP32)"] = {
             "artifact": art.path,

@@ -217,17 +217,22 @@ DISTILL_KW = {"losses": ("kd",), "temperature": 4.0, "hard_weight": 1.0, "cache_
 
 def recovery_config(ctx: Context, n_steps: int) -> tuple[Any, int]:
     """The TrainConfig of a recovery of ``n_steps`` optimizer steps, and the steps per epoch it is capped at."""
+    return recovery_train_config(ctx.space, len(ctx.train), n_steps, seed=ctx.seed)
+
+
+def recovery_train_config(space: Space, n_train: int, n_steps: int, *, seed: int = 0) -> tuple[Any, int]:
+    """``n_steps`` optimizer steps of ``space``'s recovery fine-tune on ``n_train`` samples, as a TrainConfig and
+    the steps per epoch it is capped at (for ``fit(..., max_steps_per_epoch=cap)``)."""
     from edgeslim.train import TrainConfig
 
-    sp = ctx.space
-    per_epoch = math.ceil(len(ctx.train) / sp.finetune_batch_size)
+    per_epoch = math.ceil(n_train / space.finetune_batch_size)
     epochs = math.ceil(n_steps / per_epoch)
     cap = math.ceil(n_steps / epochs)
     tcfg = TrainConfig(
         epochs=epochs,
-        lr=sp.finetune_lr,
-        batch_size=sp.finetune_batch_size,
-        seed=ctx.seed,
+        lr=space.finetune_lr,
+        batch_size=space.finetune_batch_size,
+        seed=seed,
         warmup_steps=min(100, n_steps // 10),
         augment=False,
     )

@@ -158,31 +158,28 @@ def main() -> None:
         ort_eval_s = time.perf_counter() - t0
         m_torch = es.runtime.evaluate_detector(model, va, runtime="torch", threads=args.threads)
         x1 = x_val[:1].numpy()
-        lat: dict[str, dict[int, float]] = {}
-        for t in (1, 2):
-            runners = {
-                "FP32 ONNX Runtime": es.runtime.load(art, "onnxruntime", threads=t),
-                "FP32 torch eager": es.runtime.load(model, "torch", threads=t),
-            }
-            res = es.runtime.interleaved_latency(runners, x1, rounds=args.rounds, runs=args.runs, warmup=10)
-            for k, r in res.items():
-                lat.setdefault(k, {})[t] = r["median_of_rounds_ms"]
-        size_bytes = art.size_bytes
-        int8 = None
+        q_art = None
         if not args.no_int8:
             t0 = time.perf_counter()
             qm = es.quantize(model, es.QuantConfig(calibration=args.calibration), data=tr.take(args.calib, seed=0))
             q_art = es.export(qm, "onnx", example_inputs=x_val, path=Path(td) / "yolo_mobilenet_v2-int8.onnx")
             ptq_s = time.perf_counter() - t0
             m_q = es.runtime.evaluate_detector(q_art, va, runtime="onnxruntime", threads=args.threads)
-            for t in (1, 2):
-                runners = {
-                    "FP32 ONNX Runtime": es.runtime.load(art, "onnxruntime", threads=t),
-                    "edgeslim INT8 ONNX Runtime": es.runtime.load(q_art, "onnxruntime", threads=t),
-                }
-                res = es.runtime.interleaved_latency(runners, x1, rounds=args.rounds, runs=args.runs, warmup=10)
-                for k, r in res.items():
-                    lat.setdefault(k + " (INT8 run)", {})[t] = r["median_of_rounds_ms"]
+        lat: dict[str, dict[int, float]] = {}
+        for t in (1, 2):  # every file in one interleaved run per thread count
+            runners = {
+                "FP32 ONNX Runtime": es.runtime.load(art, "onnxruntime", threads=t),
+                "FP32 torch eager": es.runtime.load(model, "torch", threads=t),
+            }
+            if q_art is not None:
+                runners["edgeslim INT8 ONNX Runtime"] = es.runtime.load(q_art, "onnxruntime", threads=t)
+            res = es.runtime.interleaved_latency(runners, x1, rounds=args.rounds, runs=args.runs, warmup=10)
+            for k, r in res.items():
+                lat.setdefault(k, {})[t] = r["median_of_rounds_ms"]
+        size_bytes = art.size_bytes
+        int8 = None
+        if q_art is not None:
+            fp32_ms, int8_ms = lat["FP32 ONNX Runtime"], lat["edgeslim INT8 ONNX Runtime"]
             int8 = {
                 "row": "edgeslim INT8 ONNX Runtime",
                 "file": "onnx int8 (QDQ)",
@@ -190,16 +187,12 @@ def main() -> None:
                 "map50": m_q["map50"],
                 "map75": m_q["map75"],
                 "drop_pt": round(100 * (m_ort["map"] - m_q["map"]), 2),
-                "latency_ms_1t": lat["edgeslim INT8 ONNX Runtime (INT8 run)"][1],
-                "latency_ms_2t": lat["edgeslim INT8 ONNX Runtime (INT8 run)"][2],
-                "fp32_same_run_ms_1t": lat["FP32 ONNX Runtime (INT8 run)"][1],
-                "fp32_same_run_ms_2t": lat["FP32 ONNX Runtime (INT8 run)"][2],
-                "speedup_1t": round(
-                    lat["FP32 ONNX Runtime (INT8 run)"][1] / lat["edgeslim INT8 ONNX Runtime (INT8 run)"][1], 2
-                ),
-                "speedup_2t": round(
-                    lat["FP32 ONNX Runtime (INT8 run)"][2] / lat["edgeslim INT8 ONNX Runtime (INT8 run)"][2], 2
-                ),
+                "latency_ms_1t": int8_ms[1],
+                "latency_ms_2t": int8_ms[2],
+                "fp32_same_run_ms_1t": fp32_ms[1],
+                "fp32_same_run_ms_2t": fp32_ms[2],
+                "speedup_1t": round(fp32_ms[1] / int8_ms[1], 2),
+                "speedup_2t": round(fp32_ms[2] / int8_ms[2], 2),
                 "size_bytes": q_art.size_bytes,
                 "ptq_seconds": round(ptq_s, 1),
                 "calibration": f"{args.calib} train images, {args.calibration}",

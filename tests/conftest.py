@@ -11,6 +11,16 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``): small steps are
+    latency-bound, and on a loaded host two threads wait on each other."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def digits_model():
     """A TinyCNN trained on digits once per session: (model, train, val)."""

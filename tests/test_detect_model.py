@@ -13,14 +13,7 @@ from edgeslim.runtime import evaluate_detector
 from edgeslim.train import DetectTrainConfig, detection_loss, train_detector
 from edgeslim.train._detect import _pad_targets, assign
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: these small steps are latency-bound, and on a loaded host two threads wait on each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

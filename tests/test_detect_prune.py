@@ -15,12 +15,7 @@ from edgeslim.prune._inspect import output_layers
 HEAD_OUTPUTS = sorted(f"heads.{i}.{b}.1" for i in range(3) for b in ("cls", "box"))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """Benchmark: trials per hour of edgeslim.optimize with 1 worker vs 2 workers sharing one PostgreSQL study.
 
-The PTQ-only space of the shipped ``small_cnn`` on Fashion-MNIST (per-channel x calibration x CLE x bias
+The PTQ-only space of a shipped zoo model (``--model``, default ``small_cnn``) on Fashion-MNIST (per-channel x calibration x CLE x bias
 correction: no training), each trial = INT8 PTQ + ONNX export (validated against torch) + accuracy on a seeded
 subset of the validation split in ONNX Runtime + batch-1 latency on ONNX Runtime, 1 thread. Each worker is an
 ``edgeslim optimize --resume RUN --worker`` process limited to 1 thread (OMP/MKL and the runtime). For each worker
@@ -14,7 +14,7 @@ count a fresh database and run folder (no step cache shared between the two meas
 
 The PostgreSQL server is a throw-away one started the same way as the tests' fixture (tests/_postgres.py).
 
-    python benchmarks/optimize_workers.py [--trials 12] [--samples 1000]
+    python benchmarks/optimize_workers.py [--trials 12] [--samples 1000] [--model mobilenet_v2]
     python benchmarks/optimize_workers.py --smoke      # about a minute: 3 trials, 300 validation images
 
 Prints a table and writes benchmarks/results/optimize_workers[_smoke].json (host CPU, ISA flags, versions, load
@@ -56,7 +56,9 @@ def _wait(p: subprocess.Popen, what: str) -> dict:
     return json.loads(out)
 
 
-def measure(pg: PostgresServer, workers: int, space: Space, trials: int, max_drop: float, work: Path) -> dict:
+def measure(
+    pg: PostgresServer, workers: int, space: Space, trials: int, max_drop: float, work: Path, model: str
+) -> dict:
     """One measurement: a fresh study, ``workers`` processes, ``trials`` finished trials."""
     import optuna
 
@@ -66,7 +68,7 @@ def measure(pg: PostgresServer, workers: int, space: Space, trials: int, max_dro
     (out.parent / f"space-{workers}.yaml").write_text(space.to_yaml())
     _wait(
         _cli(
-            "small_cnn",
+            model,
             "--dataset",
             "fashion-mnist",
             "--space",
@@ -128,6 +130,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--trials", type=int, default=12, help="finished trials per measurement (default 12)")
     ap.add_argument("--samples", type=int, default=1000, help="validation images accuracy is measured on per trial")
+    ap.add_argument("--model", default="small_cnn", help="a zoo model with a Fashion-MNIST checkpoint")
     ap.add_argument("--max-drop", type=float, default=1.0, help="budget: allowed top-1 drop in points")
     ap.add_argument("--work", default="/tmp/edgeslim-optimize-workers", help="scratch folder (emptied first)")
     ap.add_argument("--smoke", action="store_true", help="a ~1-minute run to check the script works")
@@ -149,7 +152,7 @@ def main() -> None:
     work.mkdir(parents=True)
     t0 = time.perf_counter()
     with PostgresServer.start() as pg:
-        rows = [measure(pg, k, space, trials, a.max_drop, work) for k in (1, 2)]
+        rows = [measure(pg, k, space, trials, a.max_drop, work, a.model) for k in (1, 2)]
     one, two = rows
     ratio = two["trials_per_hour"] / one["trials_per_hour"]
     doc = {
@@ -157,7 +160,7 @@ def main() -> None:
         "smoke": a.smoke,
         "host": host(),
         "setup": {
-            "model": "small_cnn (shipped checkpoint)",
+            "model": f"{a.model} (shipped checkpoint)",
             "data": "fashion-mnist",
             "space": "PTQ only: per-channel x calibration (minmax, percentile, mse) x CLE x bias correction",
             "trials_per_measurement": trials,
@@ -175,7 +178,7 @@ def main() -> None:
         "ran; with fewer free cores than workers the figure says little about the design",
         "seconds": round(time.perf_counter() - t0, 1),
     }
-    path = write_json(HERE / "results" / f"optimize_workers{'_smoke' if a.smoke else ''}.json", doc, force=True)
+    path = write_json(HERE / "results" / f"optimize_workers{'' if a.model == 'small_cnn' else '_' + a.model}{'_smoke' if a.smoke else ''}.json", doc, force=True)
     print(
         f"{'workers':>8} {'trials':>7} {'span s':>8} {'trials/h':>9} {'mean trial s':>13} {'dups':>5} "
         f"{'load before -> after (1 min)':>30}"

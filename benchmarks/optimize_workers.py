@@ -178,7 +178,13 @@ def main() -> None:
         "ran; with fewer free cores than workers the figure says little about the design",
         "seconds": round(time.perf_counter() - t0, 1),
     }
-    path = write_json(HERE / "results" / f"optimize_workers{'' if a.model == 'small_cnn' else '_' + a.model}{'_smoke' if a.smoke else ''}.json", doc, force=True)
+    path = write_json(
+        HERE
+        / "results"
+        / f"optimize_workers{'' if a.model == 'small_cnn' else '_' + a.model}{'_smoke' if a.smoke else ''}.json",
+        doc,
+        force=True,
+    )
     print(
         f"{'workers':>8} {'trials':>7} {'span s':>8} {'trials/h':>9} {'mean trial s':>13} {'dups':>5} "
         f"{'load before -> after (1 min)':>30}"

@@ -17,6 +17,7 @@ from edgeslim.runtime import missing
 
 # TinyCNN has 8 channels: round_to=1 so pruning removes something
 BASE = dict(
+    drop_blocks=(0,),
     prune_scope=("layer",),
     keep_early_layers=(False,),
     round_to=1,
@@ -213,3 +214,43 @@ def test_runtime_choice_is_measured_and_recorded_with_the_chosen_artifact(digits
     assert json.loads((out / "chosen" / "recipe.json").read_text())["deployment"]["runtime"] == rt
     # the baseline stays the FP32 file on the budget's runtime
     assert doc["baseline"]["provenance"]["latency_ms"].startswith("measured on onnxruntime ")
+
+
+def test_residual_blocks_are_a_search_dimension(tmp_path):
+    """drop_blocks: validated, canonical (channel-only dimensions off without channel pruning, recovery on), and a
+    candidate that removes a block, recovers and quantizes builds, replays from its recipe and is described."""
+    from tiny import TinyRepeat
+
+    from edgeslim.data import load
+    from edgeslim.pipeline._optimize import _fit_blocks
+    from edgeslim.train import TrainConfig, fit
+
+    with pytest.raises(ConfigError, match=r"Space.drop_blocks=\(-1,\)"):
+        Space(drop_blocks=(-1,))
+    sp = Space(**{**BASE, "drop_blocks": (0, 1, 5)}, target_macs=(0.0, 0.3), finetune_steps=(0, 20))
+    c = sp.canonical({"drop_blocks": 1, "target_macs": 0.0, "finetune_steps": 20, "quantize": True})
+    assert c["prune_scope"] is None and c["keep_early"] is None and c["recovery"] == "finetune"
+    assert recovery_steps(sp, c) == 20  # blocks only: the choice as given (no MAC depth to scale by)
+    assert describe(c, sp).startswith("drop 1 residual block (BN recal, finetune 20 steps) + INT8")
+    train, val = load("digits")
+    torch.manual_seed(0)
+    model = fit(TinyRepeat(), train, None, TrainConfig(epochs=3, lr=0.05, augment=False), progress=False).model
+    fitted, note = _fit_blocks(sp, model, val.normalized()[:1])
+    assert fitted.drop_blocks == (0, 1) and "has 3 removable residual block(s): drop_blocks choice(s) 5" in note
+    ctx = Context(
+        base=model.eval(),
+        base_key="k",
+        train=train,
+        val=val,
+        search_val=val.take(300, seed=0),
+        example_inputs=val.normalized()[:1],
+        space=fitted,
+        budget=Budget(),
+        seed=0,
+        cache=Cache(tmp_path / "cache"),
+    )
+    m, art, _, steps = build_candidate(ctx, c)
+    assert list(steps)[:2] == ["blocks", "finetune"] and len(steps["blocks"]["removed"]) == 1
+    assert art.validation["top1_agreement"] >= 0.95
+    again = build_candidate(ctx, c)[3]  # every step cached
+    assert again["blocks"]["cached"] and again["finetune"]["cached"]

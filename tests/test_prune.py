@@ -593,3 +593,61 @@ def test_old_field_names_still_work_for_one_release():
         cfg = PruneConfig(ignored_layers=("features.0",))
     assert cfg.exclude == ("features.0",) and "ignored_layers" not in cfg.to_dict()
     assert PruneConfig.from_yaml(cfg.to_yaml()) == cfg
+
+
+# ------------------------------------------------------------------------------------ residual blocks (depth)
+def test_block_pruning_finds_blocks_by_family_and_skips_the_rest():
+    from tiny import TinyRepeat, TinyResNet, TinyViT
+
+    from edgeslim.prune._blocks import residual_blocks
+
+    # a Linear block with a functional branch, a BasicBlock with a ReLU after the sum (the downsampling one has a
+    # projection on its skip), a residual add written in the model's own forward, a ViT's encoder layers (two
+    # sums per module: the second one's skip is not the module's input)
+    assert residual_blocks(TinyRepeat(), TinyRepeat.example_inputs())[0] == ["blocks.0", "blocks.1", "blocks.2"]
+    assert residual_blocks(TinyResNet(), TinyResNet.example_inputs())[0] == ["layer1"]
+    assert residual_blocks(TinyCNN(), TinyCNN.example_inputs())[0] == []
+    assert residual_blocks(TinyViT().eval(), TinyViT.example_inputs())[0] == []
+
+
+def test_block_pruning_removes_the_least_used_block_and_replays(tmp_path):
+    from tiny import TinyRepeat, TinyResNet
+
+    import edgeslim as es
+    from edgeslim.core.counting import count_macs
+
+    torch.manual_seed(0)
+    m = TinyRepeat().eval()
+    with torch.no_grad():  # blocks.1 barely changes its input: it must be the one removed
+        m.blocks[1].fc.weight.mul_(1e-3)
+        m.blocks[1].fc.bias.fill_(-1.0)
+    x = TinyRepeat.example_inputs(64)
+    before = copy.deepcopy(m.state_dict())
+    p = prune(m, PruneConfig(method="block", blocks=1), example_inputs=x[:1], data=x)
+    assert p.prune_report.method == "block" and list(p.prune_report.layers) == ["blocks.1"]
+    assert isinstance(p.blocks[1], nn.Identity) and not isinstance(m.blocks[1], nn.Identity)  # input untouched
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())
+    assert count_macs(p, x[:1]) < count_macs(m, x[:1])
+    with torch.no_grad():
+        assert torch.allclose(p(x), m.head(m.blocks[2](m.blocks[0](m.stem(x)))))
+    with pytest.raises(ConfigError, match=r"blocks=4 but TinyRepeat has 3 removable residual block\(s\)"):
+        prune(m, PruneConfig(method="block", blocks=4), example_inputs=x[:1], data=x)
+    with pytest.raises(DataError, match="ranks blocks on data"):
+        prune(m, PruneConfig(method="block"), example_inputs=x[:1])
+    with pytest.raises(ConfigError, match="PruneConfig.blocks=0"):
+        PruneConfig(method="block", blocks=0)
+
+    # a ResNet BasicBlock keeps its ReLU (tail) and the chain block -> channel pruning replays from one recipe file
+    r = TinyResNet().eval()
+    xr = TinyResNet.example_inputs(8)
+    pb = prune(r, PruneConfig(method="block", blocks=1, recalibrate_bn=8), example_inputs=xr[:1], data=[xr])
+    pc = prune(pb, PruneConfig(target_macs=0.3, round_to=1), example_inputs=xr[:1])
+    assert type(pc.layer1).__name__ == "SkippedBlock" and pc.layer2.conv1.out_channels < 16
+    es.save(pc, tmp_path / "r.recipe")
+    back = es.load(tmp_path / "r.recipe", model=TinyResNet())
+    with torch.no_grad():
+        assert torch.allclose(back.eval()(xr), pc.eval()(xr), atol=1e-6)
+    onnx = pytest.importorskip("onnx")
+    art = es.export(pc, "onnx", example_inputs=xr, path=tmp_path / "r.onnx")
+    convs = sum(n.op_type == "Conv" for n in onnx.load(str(art.path)).graph.node)
+    assert convs == 4  # stem + layer2's two convs and its projection: layer1's two convs are gone

@@ -32,7 +32,7 @@ from torch import nn
 from edgeslim.core.artifact import Artifact
 from edgeslim.core.metrics import host_info
 from edgeslim.pipeline._budget import MB, Budget
-from edgeslim.pipeline._space import Space, recovery_steps
+from edgeslim.pipeline._space import Space, pruned, recovery_steps
 from edgeslim.pipeline._store import Cache, key
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,8 @@ class Context:
     base_torch_accuracy: float | None = None
     host: dict[str, Any] = field(default_factory=host_info)
     deadline: float | None = None  # time.perf_counter() value after which no step starts and recovery stops
-    recal_best: dict[float, float] = field(default_factory=dict)  # best BN-recal accuracy per pruning depth
+    notes: list[str] = field(default_factory=list)  # said in the report (e.g. search choices the model cannot take)
+    recal_best: dict[str, float] = field(default_factory=dict)  # best BN-recal accuracy per depth (see depth())
 
     def past_deadline(self) -> bool:
         return self.deadline is not None and time.perf_counter() >= self.deadline
@@ -93,6 +94,11 @@ class DeadlineReached(Exception):
     """The run's time is up inside a trial: the trial stops cleanly and is recorded as pruned (not cached)."""
 
 
+def pruned_accuracy(steps: dict[str, Any]) -> float:
+    """The torch accuracy (search subset) of a candidate after its last pruning step (BatchNorm recalibrated)."""
+    return steps["prune" if "prune" in steps else "blocks"]["torch_accuracy_search"]
+
+
 def base_accuracy(ctx: Context) -> float:
     """The input model's torch accuracy on the search subset (what a pruned model's is compared with)."""
     from edgeslim.train import evaluate
@@ -103,6 +109,7 @@ def base_accuracy(ctx: Context) -> float:
 
 
 def prune_config(ctx: Context, params: dict[str, Any]) -> Any:
+    """The channel-pruning config of a candidate (BatchNorm recalibrated after it when chosen)."""
     from edgeslim.prune._config import PruneConfig
 
     sp = ctx.space
@@ -118,6 +125,21 @@ def prune_config(ctx: Context, params: dict[str, Any]) -> Any:
     )
 
 
+def block_config(ctx: Context, params: dict[str, Any]) -> Any:
+    """The depth-pruning config of a candidate (BatchNorm recalibrated after it when no channel pruning follows)."""
+    from edgeslim.prune._config import PruneConfig
+
+    recal = params["recalibrate_bn"] and not params.get("target_macs")
+    return PruneConfig(
+        method="block", blocks=int(params["drop_blocks"]), recalibrate_bn=ctx.space.bn_samples if recal else 0
+    )
+
+
+def depth(params: dict[str, Any]) -> str:
+    """The pruning depth a candidate's recalibrated accuracy is compared at (the relative gate)."""
+    return f"{int(params.get('drop_blocks') or 0)} blocks, {float(params.get('target_macs') or 0):g} MACs"
+
+
 def gate(ctx: Context, params: dict[str, Any], recal: float) -> None:
     """Multi-fidelity: raise :class:`Gated` when a pruned candidate's BatchNorm-recalibrated accuracy says its
     recovery is not worth the steps: more than ``finetune_gate`` below the input model (absolute rule) or more
@@ -131,39 +153,36 @@ def gate(ctx: Context, params: dict[str, Any], recal: float) -> None:
             f"{100 * sp.finetune_gate:.0f} pt",
             recal,
         )
-    best = ctx.recal_best.get(float(params["target_macs"]))
+    best = ctx.recal_best.get(depth(params))
     if sp.gate_margin is not None and best is not None and recal < best - sp.gate_margin:
         raise Gated(
             f"not recovered: its BatchNorm-recalibrated accuracy {100 * recal:.1f}% is {100 * (best - recal):.1f} "
-            f"pt below the best seen at {100 * params['target_macs']:.0f}% MACs removed ({100 * best:.1f}%), "
+            f"pt below the best seen at the same depth ({depth(params)} removed: {100 * best:.1f}%), "
             f"more than gate_margin={100 * sp.gate_margin:g} pt",
             recal,
         )
 
 
-def float_model(ctx: Context, params: dict[str, Any]) -> tuple[nn.Module, str, dict[str, Any]]:
-    """The float model of a candidate (pruned and recovered, or the base), its cache key and step records."""
+def _prune_step(ctx: Context, name: str, model: nn.Module, parent: str, cfg: Any) -> tuple[nn.Module, str, dict]:
+    """One cached pruning step (blocks or channels) on ``model`` (whose cache key is ``parent``)."""
     from edgeslim.prune._api import prune
     from edgeslim.train import evaluate
 
-    if not params.get("target_macs"):
-        return ctx.base, ctx.base_key, {}
-    cfg = prune_config(ctx, params)
-    pk = key("prune", ctx.base_key, cfg.to_dict())
-    steps: dict[str, Any] = {}
-    with ctx.cache.claim("prune", pk) as d:
+    pk = key("prune", parent, cfg.to_dict())
+    with ctx.cache.claim(name, pk) as d:
         meta = Cache.done(d)
         if meta:
-            model = load_step(ctx.base, d / "model.recipe")
-            steps["prune"] = {**meta, "cached": True}
-        else:
-            ctx.check_deadline("pruning")
-            t0 = time.perf_counter()
-            model = prune(ctx.base, cfg, example_inputs=ctx.example_inputs, data=ctx.train)
-            rep = model.prune_report
-            acc = evaluate(model, ctx.search_val)
-            save_step(model, d / "model.recipe")
-            steps["prune"] = Cache.finish(
+            return load_step(ctx.base, d / "model.recipe"), pk, {**meta, "cached": True}
+        ctx.check_deadline("pruning" if name == "prune" else "removing blocks")
+        t0 = time.perf_counter()
+        out = prune(model, cfg, example_inputs=ctx.example_inputs, data=ctx.train)
+        rep = out.prune_report
+        acc = evaluate(out, ctx.search_val)
+        save_step(out, d / "model.recipe")
+        return (
+            out,
+            pk,
+            Cache.finish(
                 d,
                 {
                     "seconds": round(time.perf_counter() - t0, 2),
@@ -173,12 +192,29 @@ def float_model(ctx: Context, params: dict[str, Any]) -> tuple[nn.Module, str, d
                     "config": cfg.to_dict(),
                     "torch_accuracy_search": acc,
                     "summary": rep.summary().splitlines()[0],
+                    **({"removed": list(rep.layers)} if name == "blocks" else {}),
                 },
-            )
+            ),
+        )
+
+
+def float_model(ctx: Context, params: dict[str, Any]) -> tuple[nn.Module, str, dict[str, Any]]:
+    """The float model of a candidate (blocks removed, channels pruned and recovered, or the base), its cache key
+    and step records."""
+    from edgeslim.train import evaluate
+
+    if not pruned(params):
+        return ctx.base, ctx.base_key, {}
+    model, pk = ctx.base, ctx.base_key
+    steps: dict[str, Any] = {}
+    if params.get("drop_blocks"):
+        model, pk, steps["blocks"] = _prune_step(ctx, "blocks", model, pk, block_config(ctx, params))
+    if params.get("target_macs"):
+        model, pk, steps["prune"] = _prune_step(ctx, "prune", model, pk, prune_config(ctx, params))
     n_steps = recovery_steps(ctx.space, params)
     if not n_steps:
         return model, pk, steps
-    gate(ctx, params, steps["prune"]["torch_accuracy_search"])
+    gate(ctx, params, pruned_accuracy(steps))
     how = params.get("recovery") or "finetune"
     tcfg, cap = recovery_config(ctx, n_steps)
     rk = key(how, pk, tcfg.to_dict(), cap, *((DISTILL_KW,) if how == "distill" else ()))

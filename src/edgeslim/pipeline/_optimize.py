@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import logging
 import random
 import shutil
@@ -52,12 +53,14 @@ from edgeslim.pipeline._candidate import (
     Gated,
     build_candidate,
     deployment,
+    depth,
     early_layers,
     interleaved_latency,
     measure_candidate,
+    pruned_accuracy,
 )
 from edgeslim.pipeline._report import pareto_front, write_report
-from edgeslim.pipeline._space import Space, describe
+from edgeslim.pipeline._space import Space, describe, pruned
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +69,7 @@ DEFAULT_TRIALS = 40
 FINAL_CANDIDATES = 3
 MAX_DUPLICATES_IN_A_ROW = 25
 WAIT_POLL_S = 1.0  # how often a worker whose trial slots are all taken looks again
-BASELINE = {"target_macs": 0.0, "quantize": False}
+BASELINE = {"drop_blocks": 0, "target_macs": 0.0, "quantize": False}
 
 
 @dataclass
@@ -267,6 +270,7 @@ def optimize(
         raise DataError(
             f"samples of shape {tuple(x.shape[1:])} do not fit {type(base).__name__}: {str(e).splitlines()[0][:200]}"
         ) from None
+    space, space_note = _fit_blocks(space, base, x)
     base_hash = _store.state_hash(base)
     ident = {
         "model_class": type(base).__name__,
@@ -316,6 +320,7 @@ def optimize(
             seed=seed,
             cache=_store.Cache(out / "cache"),
             early_layers=early_layers(base, space),
+            notes=[space_note] if space_note else [],
         )
         if not budget.on_host:
             ctx.device = budget.device()
@@ -432,13 +437,32 @@ def _finished(study: Any) -> list[Any]:
     ]
 
 
-def _recal_best(study: Any) -> dict[float, float]:
+def _fit_blocks(space: Space, base: nn.Module, x: torch.Tensor) -> tuple[Space, str]:
+    """``space`` with the ``drop_blocks`` choices the model can take (at most its removable residual blocks), and
+    a note saying what was dropped from the search ('' when nothing)."""
+    if not any(space.drop_blocks):
+        return space, ""
+    from edgeslim.prune._blocks import residual_blocks
+
+    n = len(residual_blocks(base, x)[0])
+    keep = tuple(b for b in space.drop_blocks if b <= n) or (0,)
+    if keep == space.drop_blocks:
+        return space, ""
+    note = (
+        f"{type(base).__name__} has {n} removable residual block(s): drop_blocks choice(s) "
+        f"{', '.join(str(b) for b in space.drop_blocks if b not in keep)} not searched"
+    )
+    log.warning("optimize: %s", note)
+    return dataclasses.replace(space, drop_blocks=keep), note
+
+
+def _recal_best(study: Any) -> dict[str, float]:
     """The best BatchNorm-recalibrated accuracy recorded per pruning depth (the relative multi-fidelity gate)."""
-    best: dict[float, float] = {}
+    best: dict[str, float] = {}
     for t in study.get_trials(deepcopy=False):
         acc, p = t.user_attrs.get("recal_accuracy"), t.user_attrs.get("params") or {}
-        if acc is not None and p.get("target_macs"):
-            k = float(p["target_macs"])
+        if acc is not None and pruned(p):
+            k = depth(p)
             best[k] = max(best.get(k, acc), acc)
     return best
 
@@ -545,8 +569,8 @@ def _search(
         trial.set_user_attr("violations", [v.to_dict() for v in viol])
         trial.set_user_attr("steps", steps)
         trial.set_user_attr("deployment", m.get("deployment"))
-        if "prune" in steps:
-            trial.set_user_attr("recal_accuracy", steps["prune"]["torch_accuracy_search"])
+        if "prune" in steps or "blocks" in steps:
+            trial.set_user_attr("recal_accuracy", pruned_accuracy(steps))
         trial.set_user_attr("seconds", round(time.perf_counter() - t0, 2))
         for k, v in budget.constraint_values(figs, baseline["figures"]).items():
             trial.set_constraint(k, v)
@@ -700,7 +724,7 @@ def _finish(
     ranked, feasible = _ranked(study, budget)
     _, base_art, base_ck, _ = build_candidate(ctx, ctx.space.canonical(BASELINE))
     trials = study.get_trials(deepcopy=False)
-    notes: list[str] = []
+    notes: list[str] = list(ctx.notes)
     tried: list[tuple[Any, dict, dict, list[Violation]]] = []
     for t in ranked[: FINAL_CANDIDATES if feasible else 1]:
         _, art, ck, _ = build_candidate(ctx, t.user_attrs["params"])

@@ -1,6 +1,6 @@
 """The search space of :func:`edgeslim.optimize`: which chains of the existing verbs are tried.
 
-A candidate is ``[channel prune (+ BatchNorm recalibration) (+ recovery: fine-tune or distillation from the input
+A candidate is ``[residual blocks removed] [channel prune] [(+ BatchNorm recalibration) (+ recovery: fine-tune or distillation from the input
 model)] -> [INT8 PTQ (per-channel/per-tensor, CLE, bias correction, mixed precision) | FP16 | FP32] -> ONNX ->
 deployment (runtime, threads)``. Every dimension is a tuple of choices (a one-choice tuple fixes it); dimensions
 that do not apply are left out of a trial (no pruning: no recovery; no quantization: no calibration method), so
@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 
 #: the canonical parameter names, in the order steps run
 PARAMS = (
+    "drop_blocks",
     "target_macs",
     "prune_scope",
     "keep_early",
@@ -38,10 +39,12 @@ PARAMS = (
     "threads",
 )
 PRUNE_PARAMS = ("prune_scope", "keep_early", "recalibrate_bn", "finetune_steps")
+CHANNEL_PARAMS = ("prune_scope", "keep_early")  # apply to channel pruning only (the others to any pruning)
 QUANT_PARAMS = ("per_channel", "calibration", "equalize", "bias_correction", "mixed_precision")
 RECOVERIES = ("finetune", "distill")
 SCOPES = ("layer", "global")
 _DIMS = {
+    "drop_blocks": "drop_blocks",
     "target_macs": "target_macs",
     "prune_scope": "prune_scope",
     "keep_early": "keep_early_layers",
@@ -66,11 +69,16 @@ def recovery_steps(space: Space, params: dict[str, Any]) -> int:
     """The recovery steps of a pruned candidate: its ``finetune_steps`` choice, given at 50 % of the MACs removed,
     scaled linearly with the pruning depth when ``space.scale_steps`` (300 at 50 % -> 450 at 75 %, 180 at 30 %)."""
     n = params.get("finetune_steps") or 0
-    if not n or not params.get("target_macs"):
+    if not n or not pruned(params):
         return 0
-    if not space.scale_steps:
+    if not space.scale_steps or not params.get("target_macs"):  # blocks removed only: the choice as given
         return int(n)
     return max(1, math.ceil(n * params["target_macs"] / STEPS_AT_MACS))
+
+
+def pruned(params: dict[str, Any]) -> bool:
+    """Whether a candidate removes anything (channels or residual blocks)."""
+    return bool(params.get("target_macs")) or bool(params.get("drop_blocks"))
 
 
 @dataclass(frozen=True)
@@ -78,6 +86,11 @@ class Space(Config):
     """What :func:`edgeslim.optimize` searches, and how much each trial may spend.
 
     Attributes:
+        drop_blocks: depth-pruning choices: how many residual blocks are removed (``PruneConfig(method="block")``,
+            the blocks whose removal changes the output least, before any channel pruning; 0 = none). Choices
+            above the model's count of removable blocks are dropped from the search (and said so); a model
+            without residual blocks searches 0 only. On small inputs, where a runtime's per-kernel cost dominates,
+            removing blocks buys speed that channel pruning cannot.
         target_macs: channel-pruning choices: the fraction of multiply-accumulates removed (0 = no pruning).
         prune_scope: channel ranking choices: ``layer`` (every layer loses the same share of its channels) or
             ``global`` (channels ranked across layers, each layer capped at 90 %); both searched to ``target_macs``.
@@ -128,6 +141,7 @@ class Space(Config):
     """
 
     kind = "search_space"
+    drop_blocks: tuple[int, ...] = (0, 3, 6)
     target_macs: tuple[float, ...] = (0.0, 0.35, 0.5, 0.65, 0.75)
     prune_scope: tuple[str, ...] = ("layer", "global")
     keep_early_layers: tuple[bool, ...] = (True, False)
@@ -174,6 +188,13 @@ class Space(Config):
             v = getattr(self, f)
             if not isinstance(v, tuple) or not v or not all(isinstance(x, bool) for x in v) or len(set(v)) != len(v):
                 raise self._bad(f, "must be a non-empty list of distinct booleans (true/false), e.g. [true, false]")
+        if (
+            not isinstance(self.drop_blocks, tuple)
+            or not self.drop_blocks
+            or len(set(self.drop_blocks)) != len(self.drop_blocks)
+            or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in self.drop_blocks)
+        ):
+            raise self._bad("drop_blocks", "must be distinct integers >= 0 (residual blocks removed; 0 = none)")
         if (
             not self.target_macs
             or len(set(self.target_macs)) != len(self.target_macs)
@@ -243,10 +264,12 @@ class Space(Config):
     @staticmethod
     def active(name: str, params: dict[str, Any]) -> bool:
         """Whether dimension ``name`` applies given the earlier choices in ``params``."""
-        if name in PRUNE_PARAMS:
+        if name in CHANNEL_PARAMS:
             return bool(params.get("target_macs"))
+        if name in PRUNE_PARAMS:
+            return pruned(params)
         if name == "recovery":
-            return bool(params.get("target_macs")) and bool(params.get("finetune_steps"))
+            return pruned(params) and bool(params.get("finetune_steps"))
         if name in QUANT_PARAMS:
             return bool(params.get("quantize"))
         if name == "fp16":
@@ -291,7 +314,7 @@ class Space(Config):
 
     def cheap(self) -> list[dict[str, Any]]:
         """Up to ``cheap_trials`` PTQ-only candidates (no pruning, INT8), spread over the quantization choices."""
-        if 0 not in self.target_macs or True not in self.quantize or not self.cheap_trials:
+        if 0 not in self.target_macs or 0 not in self.drop_blocks or True not in self.quantize or not self.cheap_trials:
             return []
         combos = list(itertools.product(self.per_channel, self.calibration, self.equalize, self.bias_correction))
         k = min(self.cheap_trials, len(combos))
@@ -299,6 +322,7 @@ class Space(Config):
         return [
             self.canonical(
                 {
+                    "drop_blocks": 0,
                     "target_macs": 0.0,
                     "quantize": True,
                     "per_channel": pc,
@@ -361,16 +385,29 @@ def describe(params: dict[str, Any], space: Space | None = None) -> str:
     """A candidate in words, e.g. ``prune 50% MACs (global, early kept, BN recal, distill 300 steps) + INT8
     per-channel mse + CLE on openvino, 1 thread`` (with ``space``, the recovery steps are the scaled count)."""
     parts = []
+    steps = recovery_steps(space, params) if space is not None else params.get("finetune_steps")
+    rec = params.get("recovery") or "finetune"
+    recovery = [
+        x
+        for x in (
+            "BN recal" if params.get("recalibrate_bn") else "",
+            (f"{rec} {steps} steps" if space is not None else f"{rec} {steps} steps at 50%") if steps else "",
+        )
+        if x
+    ]
+    if params.get("drop_blocks"):
+        n = params["drop_blocks"]
+        parts.append(
+            f"drop {n} residual block{'s' if n != 1 else ''}"
+            + (f" ({', '.join(recovery)})" if recovery and not params.get("target_macs") else "")
+        )
     if params.get("target_macs"):
-        steps = recovery_steps(space, params) if space is not None else params.get("finetune_steps")
-        rec = params.get("recovery") or "finetune"
         extra = [
             x
             for x in (
                 "global" if params.get("prune_scope") == "global" else "",
                 "early kept" if params.get("keep_early") else "",
-                "BN recal" if params.get("recalibrate_bn") else "",
-                (f"{rec} {steps} steps" if space is not None else f"{rec} {steps} steps at 50%") if steps else "",
+                *recovery,
             )
             if x
         ]

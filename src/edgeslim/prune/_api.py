@@ -18,6 +18,7 @@ from edgeslim.core import recipe as _recipe
 from edgeslim.core.counting import call, count_macs, count_params
 from edgeslim.core.errors import ConfigError, DataError, ModelError
 from edgeslim.core.io import save_torch, write_json
+from edgeslim.prune._blocks import drop_blocks, remove_block
 from edgeslim.prune._channels import prune_channels
 from edgeslim.prune._config import PruneConfig, PruneMethod, Schedule, Scope
 from edgeslim.prune._inspect import blame_module, match_modules, output_layers
@@ -173,6 +174,23 @@ def prune(model: nn.Module, config: PruneConfig = PruneConfig(), *, example_inpu
         )
         if "channel_ratio" in info:
             report.layers["_channel_ratio"] = info["channel_ratio"]
+    elif config.method == PruneMethod.BLOCK:
+        model, info = drop_blocks(
+            model, config.blocks, example_inputs, data, samples=config.block_samples, exclude=config.exclude
+        )
+        step = {"method": "block", "config": config.to_dict(), "dropped": info["dropped"]}
+        report = PruneReport(
+            "block",
+            macs0,
+            count_macs(model, example_inputs),
+            params0,
+            count_params(model),
+            layers={n: {"removed": True, "output_distance": info["scores"][n]} for n in info["dropped"]},
+            skipped={n: f"not a removable residual block: {why}" for n, why in info["not_blocks"].items()},
+            ignored=list(config.exclude),
+            note=f"{len(info['dropped'])} of {info['candidates']} residual blocks removed (their layers no longer "
+            "run: fewer kernels launched); measure to see how much faster",
+        )
     else:
         report = _mask_prune(model, config, example_inputs, macs0, params0)
         step = {
@@ -367,7 +385,11 @@ def apply_recipe(model: nn.Module, steps: list[dict]) -> nn.Module:
 def _apply_steps(model: nn.Module, steps: list[dict]) -> nn.Module:
     modules = dict(model.named_modules())
     for i, step in enumerate(steps):
-        if step.get("method") == "channel":
+        if step.get("method") == "block":
+            for n in step["dropped"]:
+                remove_block(model, n)
+            modules = dict(model.named_modules())
+        elif step.get("method") == "channel":
             strip_masks(model)
             apply_structure(model, step["structure"])
             for n in step.get("remask", []):
@@ -407,9 +429,13 @@ def replay(model: nn.Module, recipe_path: str | Path, *, example_inputs: Any) ->
     recipe = read_recipe(recipe_path)
     model = copy.deepcopy(model).eval()
     for i, step in enumerate(recipe["steps"]):
+        if step["method"] == "block":
+            for n in step["dropped"]:
+                remove_block(model, n)
+            continue
         if step["method"] != "channel" or not step.get("history"):
             raise ModelError(
-                f"replay() handles CNN channel steps only; step {i} is {step['method']!r}"
+                f"replay() handles CNN channel and block steps only; step {i} is {step['method']!r}"
                 f"{' (transformer)' if step['method'] == 'channel' else ''}: use load_pruned()"
             )
         dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
@@ -441,6 +467,11 @@ def prune_finetune(
     """
     if steps < 1:
         raise ConfigError(f"prune_finetune(steps={steps}) must be >= 1")
+    if config.method == PruneMethod.BLOCK and steps > config.blocks:
+        raise ConfigError(
+            f"prune_finetune(steps={steps}) with PruneConfig(method='block', blocks={config.blocks}): each round "
+            "removes at least one block, so steps must be <= blocks"
+        )
     train_config = train_config or TrainConfig(epochs=1)
     ck = Path(checkpoint_dir) if checkpoint_dir else None
     original = model
@@ -464,6 +495,8 @@ def prune_finetune(
                 step_cfg = config.replace(target_macs=max(1e-3, 1 - (1 - goal) / (1 - now)))
             else:
                 step_cfg = config.replace(ratio=1 - (1 - config.ratio) ** (1 / steps))
+        elif config.method == PruneMethod.BLOCK:
+            step_cfg = config.replace(blocks=config.blocks * i // steps - config.blocks * (i - 1) // steps)
         else:
             step_cfg = config.replace(ratio=config.ratio * i / steps, schedule=Schedule.ONESHOT)
         pruned = prune(current, step_cfg, example_inputs=example_inputs, data=train)

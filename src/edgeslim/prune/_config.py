@@ -15,11 +15,14 @@ class PruneMethod(StrEnum):
     ``magnitude``: single weights (unstructured; zeros, no speed-up on dense runtimes).
     ``nm``: N of every M consecutive weights along the input dimension (2:4 semi-structured).
     ``channel``: whole channels/filters, FFN neurons and attention heads, physically removed.
+    ``block``: whole residual blocks (``y = tail(x + branch(x))`` becomes ``tail(x)``): depth pruning, fewer
+    kernels launched (see ``edgeslim.prune._blocks``).
     """
 
     MAGNITUDE = "magnitude"
     NM = "nm"
     CHANNEL = "channel"
+    BLOCK = "block"
 
 
 class Scope(StrEnum):
@@ -41,7 +44,8 @@ class PruneConfig(Config):
     """How to prune.
 
     Attributes:
-        method: ``magnitude`` (unstructured), ``nm`` (N:M) or ``channel`` (structured, physical removal).
+        method: ``magnitude`` (unstructured), ``nm`` (N:M), ``channel`` (structured, physical removal) or
+            ``block`` (whole residual blocks removed; needs ``data`` to choose them).
         ratio: fraction removed: of the weights (``magnitude``), or of the channels of every prunable
             layer (``channel``; with ``scope="global"`` of all channels together). Unused by ``nm``.
         target_macs: ``channel`` only: instead of ``ratio``, search the channel ratio that removes this
@@ -69,6 +73,9 @@ class PruneConfig(Config):
             ``data`` (0: off). Removing channels shifts what every BatchNorm sees; without this a pruned CNN
             scores near chance until it is fine-tuned (see :func:`edgeslim.train.recalibrate_bn`).
         seed: seeds the ``random`` criterion.
+        blocks: ``block`` only: how many residual blocks to remove (chosen greedily: at each step the block whose
+            removal changes the model's output least on ``block_samples`` inputs of ``data``).
+        block_samples: inputs the ``block`` criterion compares outputs on.
     """
 
     kind = "prune"
@@ -91,6 +98,8 @@ class PruneConfig(Config):
     calib_batches: int = 4
     recalibrate_bn: int = 0
     seed: int = 0
+    blocks: int = 1
+    block_samples: int = 512
     ignored_layers: tuple[str, ...] = renamed("exclude")
 
     def __hash__(self) -> int:  # layer_ratios is a dict
@@ -138,6 +147,12 @@ class PruneConfig(Config):
             raise self._bad("schedule_every", "must be >= 1")
         if self.calib_batches < 1:
             raise self._bad("calib_batches", "must be >= 1")
+        if isinstance(self.blocks, bool) or not isinstance(self.blocks, int) or self.blocks < 1:
+            raise self._bad("blocks", "must be an integer >= 1 (residual blocks removed by method='block')")
+        if isinstance(self.block_samples, bool) or not isinstance(self.block_samples, int) or self.block_samples < 1:
+            raise self._bad("block_samples", "must be an integer >= 1")
+        if self.method == PruneMethod.BLOCK and self.heads_ratio:
+            raise self._bad("heads_ratio", "method='block' removes whole blocks, not attention heads")
         if not isinstance(self.recalibrate_bn, int) or self.recalibrate_bn < 0:
             raise self._bad(
                 "recalibrate_bn",

@@ -140,3 +140,21 @@ def test_auto_capture_sends_a_torch_detector_to_the_onnx_capture(tmp_path, monke
     assert q.report.capture == "onnx" and "detector" in q.report.capture_reason
     assert q.report.calibration_samples == 16
     assert "kept float" in q.report.summary()  # the float head is said
+
+
+def test_near_dead_inputs_do_not_overflow_the_int32_bias(tmp_path):
+    """A random-init detector's class convs see inputs of ~1e-6 during calibration: the int32 bias
+    (bias / (input_scale * weight_scale)) would saturate and turn a 0.01 score into 0.5; the input range is widened
+    so it fits, and the report says which."""
+    from tiny import TinyDetectionSet, tiny_detector
+
+    m = tiny_detector()
+    ds = TinyDetectionSet(16, tmp_path)
+    q = es.quantize(m, es.QuantConfig(calibration="minmax", num_samples=16), data=ds)
+    x = torch.stack([ds[i][0] for i in range(8)])
+    with torch.no_grad():
+        ref, out = m(x), q(x)
+    assert float((ref[..., 4:] - out[..., 4:]).abs().max()) < 0.05  # was 0.49 before the bias fit
+    widened = q.report.corrections["bias_fit_ranges"]
+    assert len(widened) >= 2 and all(v["new_high"] > v["old_high"] for v in widened.values())
+    assert "near-dead input range(s) widened" in q.report.summary()

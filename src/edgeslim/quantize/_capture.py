@@ -285,6 +285,13 @@ def quantize_onnx(
     ranges = _onnx.calibrate(graph, batches, config) if config.mode == QuantMode.STATIC else {}
     if config.mode == QuantMode.STATIC:
         report.calibration_runtime = "onnxruntime (one pass)"
+        ranges, widened = _onnx.widen_for_bias(graph, ranges, config)
+        if widened:
+            report.corrections["bias_fit_ranges"] = widened
+            report.warnings.append(
+                f"{len(widened)} near-dead input range(s) widened so the int32 bias of the Conv/Gemm reading them "
+                "fits (else it saturates and the output is off by the bias; see corrections['bias_fit_ranges'])"
+            )
     _end(timings, "calibrate")
     excluded = _onnx.plan_exclusions(
         graph,

@@ -209,6 +209,70 @@ def calibrate(graph: bytes, batches: list[Any], config: QuantConfig) -> dict[str
     return ranges
 
 
+#: the largest int32 bias ORT's fused integer Conv/Gemm may be given (half of int32: the accumulator adds to it)
+BIAS_LIMIT = 2.0**30
+
+
+def widen_for_bias(
+    graph: bytes, ranges: Mapping[str, Any], config: QuantConfig
+) -> tuple[dict[str, tuple[float, float]], dict[str, dict[str, float]]]:
+    """Ranges whose biased Conv/Gemm inputs are wide enough for the int32 bias to fit.
+
+    ORT stores a Conv/Gemm bias as int32 in units of ``input_scale * weight_scale``. An input that is nearly dead
+    during calibration (a range of 1e-5, common after pruning, in a random-init or rarely active head) gives a
+    scale so small that ``bias / (input_scale * weight_scale)`` overflows int32: the bias saturates and the output
+    is wrong by the whole bias (a class logit of -4.6 becomes 0, a score of 0.01 becomes 0.5). The input's range is
+    widened just enough for the largest ``|bias|`` to fit in :data:`BIAS_LIMIT`; its values, all tiny, then
+    quantize to zero, which is what they contribute to the output next to the bias anyway. Returns the new ranges
+    and, per widened tensor, the old and new upper ends (said in the report).
+    """
+    onnx = _onnx()
+    from onnx import numpy_helper
+
+    g = onnx.load_from_string(graph).graph
+    inits = {i.name: i for i in g.initializer}
+    for n in g.node:  # an initializer passed through Identity (shared weights in the export) is still constant
+        if n.op_type == "Identity" and n.input[0] in inits:
+            inits[n.output[0]] = inits[n.input[0]]
+    signed = config.activation_type == ActivationType.INT8
+    levels = 255.0
+    need: dict[str, float] = {}  # tensor -> smallest scale its consumers' biases allow
+    for n in g.node:
+        if n.op_type not in ("Conv", "Gemm") or len(n.input) < 3 or not n.input[2]:
+            continue
+        x, w, b = n.input[0], n.input[1], n.input[2]
+        if x not in ranges or w not in inits or b not in inits:
+            continue
+        wt = np.abs(numpy_helper.to_array(inits[w]).astype(np.float64))
+        bias = np.abs(numpy_helper.to_array(inits[b]).astype(np.float64)).ravel()
+        if n.op_type == "Gemm":
+            trans_b = next((a.i for a in n.attribute if a.name == "transB"), 0)
+            wt = wt if trans_b else wt.T
+        if config.per_channel and wt.shape[0] == bias.size:
+            w_scale = wt.reshape(wt.shape[0], -1).max(axis=1) / 127.0
+        else:
+            w_scale = np.full(bias.size, wt.max() / 127.0)
+        ok = w_scale > 0
+        if not ok.any():
+            continue
+        s = float((bias[ok] / (BIAS_LIMIT * w_scale[ok])).max())
+        need[x] = max(need.get(x, 0.0), s)
+    out = {k: (float(v[0]), float(v[1])) for k, v in ranges.items()}
+    widened: dict[str, dict[str, float]] = {}
+    for t, s in need.items():
+        lo, hi = out[t]
+        if not all(math.isfinite(v) for v in (lo, hi)) or (hi - lo) / levels >= s:
+            continue
+        if signed:  # symmetric: the range is [-m, m]
+            m = max(abs(lo), abs(hi), s * levels / 2)
+            new = (-m, m)
+        else:
+            new = (lo, lo + s * levels)
+        widened[t] = {"old_high": hi, "new_high": new[1]}
+        out[t] = new
+    return out, widened
+
+
 def node_name(n, i: int) -> str:
     return n.name or f"{n.op_type}_{i}"
 

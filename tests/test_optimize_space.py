@@ -18,6 +18,7 @@ from edgeslim.runtime import missing
 # TinyCNN has 8 channels: round_to=1 so pruning removes something
 BASE = dict(
     drop_blocks=(0,),
+    probe_structures=False,
     prune_scope=("layer",),
     keep_early_layers=(False,),
     round_to=1,
@@ -254,3 +255,40 @@ def test_residual_blocks_are_a_search_dimension(tmp_path):
     assert art.validation["top1_agreement"] >= 0.95
     again = build_candidate(ctx, c)[3]  # every step cached
     assert again["blocks"]["cached"] and again["finetune"]["cached"]
+
+
+def test_structures_are_probed_without_recovery_then_the_best_promoted(digits_model, tmp_path):
+    """Latency first: after the PTQ trial, each pruning structure runs once without recovery (seconds); the one
+    whose recalibrated accuracy is best among those meeting every non-accuracy limit is then queued with the
+    largest recovery, before the sampler."""
+    import optuna
+
+    model, train, val = digits_model
+    sp = Space(
+        **{**BASE, "probe_structures": True, "cheap_trials": 1},
+        target_macs=(0.0, 0.3, 0.6),
+        finetune_steps=(0, 20),
+        recovery=("finetune",),
+        quantize=(True,),
+        promote=1,
+    )
+    probes = sp.probes()
+    assert [p["target_macs"] for p in probes] == [0.3, 0.6] and all(p["finetune_steps"] == 0 for p in probes)
+    res = optimize(
+        model,
+        data=(train, val),
+        budget=Budget(max_accuracy_drop=0.0),  # only accuracy limits: every probe may be promoted
+        space=sp,
+        max_trials=4,
+        out=tmp_path / "run",
+        progress=False,
+    )
+    study = optuna.load_study(study_name=None, storage=f"sqlite:///{tmp_path / 'run' / 'study.db'}")
+    ts = sorted(study.get_trials(), key=lambda t: t.number)
+    params = [t.user_attrs["params"] for t in ts]
+    assert params[0]["target_macs"] == 0.0 and [p["target_macs"] for p in params[1:3]] == [0.3, 0.6]
+    assert all(ts[i].user_attrs.get("probe") for i in (1, 2))
+    best = max(ts[1:3], key=lambda t: t.user_attrs["recal_accuracy"]).user_attrs["params"]
+    assert ts[3].user_attrs.get("promoted") and params[3]["finetune_steps"] == 20
+    assert params[3]["target_macs"] == best["target_macs"] and study.user_attrs["promoted"] == 1
+    assert res.report.data["trials"]["complete"] == 4

@@ -20,6 +20,7 @@ TESTS = Path(__file__).resolve().parent
 
 # PTQ only (16 candidates: per-channel x calibration x CLE x bias correction): no training, about a second a trial
 PTQ = Space(
+    drop_blocks=(0,),
     target_macs=(0.0,),
     keep_early_layers=(False,),
     round_to=1,

@@ -329,7 +329,9 @@ def optimize(
             if not study.user_attrs.get("cheap_queued"):
                 for p in space.cheap():
                     study.enqueue_trial(space.optuna_params(p), skip_if_exists=True)
-                study.set_user_attr("cheap_queued", len(space.cheap()))
+                for p in space.probes():
+                    study.enqueue_trial(space.optuna_params(p), user_attrs={"probe": True}, skip_if_exists=True)
+                study.set_user_attr("cheap_queued", len(space.cheap()) + len(space.probes()))
         stopped = _search(study, ctx, baseline, max_trials, max_minutes, progress, t_start, slots)
         # workers sharing the folder take turns at the report (each writes it from the whole study)
         with _store.locked(out, name=".finish.lock", wait=True) if shared else contextlib.nullcontext():
@@ -589,6 +591,7 @@ def _search(
                 if deadline is not None and time.perf_counter() >= deadline:
                     stopped = f"max_minutes={max_minutes:g} reached"
                     break
+                _promote(study, ctx, baseline)
                 distinct = {repr(t.user_attrs.get("params")) for t in finished}
                 if len(distinct) >= n_space:
                     stopped = f"all {n_space} candidates of the space tried"
@@ -635,6 +638,41 @@ def _search(
             bar.close()
     log.info("optimize: search stopped: %s", stopped)
     return stopped
+
+
+def _promote(study: Any, ctx: Context, baseline: dict[str, Any]) -> None:
+    """Once every structure probe has finished: queue the best ``space.promote`` probed structures that meet every
+    limit of the budget but accuracy, with recovery (see ``Space.promote``). Runs once per study (a study attribute
+    records it, so resumed runs and other workers do not queue them again)."""
+    from optuna.trial import TrialState
+
+    space = ctx.space
+    if not space.promote or study.user_attrs.get("promoted") is not None:
+        return
+    trials = study.get_trials(deepcopy=False)
+    probes = [t for t in trials if t.user_attrs.get("probe")]
+    if not space.probes() or any(t.state in (TrialState.WAITING, TrialState.RUNNING) for t in probes):
+        return
+    ok = []
+    for t in probes:
+        if t.state != TrialState.COMPLETE or "figures" not in t.user_attrs:
+            continue
+        viol = ctx.budget.check(t.user_attrs["figures"], baseline["figures"])
+        if any(v.field != "max_accuracy_drop" for v in viol):
+            continue
+        acc = t.user_attrs.get("recal_accuracy", t.user_attrs["figures"]["accuracy"])
+        ok.append((acc, -t.number, t.user_attrs["params"]))
+    picks = [space.promoted(p) for _, _, p in sorted(ok, reverse=True)[: space.promote]]
+    picks = [p for p in picks if p["finetune_steps"]]  # a space without recovery steps has nothing to promote
+    for p in picks:
+        study.enqueue_trial(space.optuna_params(p), user_attrs={"promoted": True}, skip_if_exists=True)
+    study.set_user_attr("promoted", len(picks))
+    log.info(
+        "optimize: %d of %d probed structures meet the budget's non-accuracy limits; %d queued with recovery",
+        len(ok),
+        len(probes),
+        len(picks),
+    )
 
 
 def _progress_bar(total: int | None, initial: int, enabled: bool | None) -> Any:

@@ -135,6 +135,14 @@ class Space(Config):
             deployment may use); empty: the budget's threads only.
         calib_samples: calibration images (class-balanced, from the training split).
         cheap_trials: PTQ-only candidates queued first (no training; seconds each), before the sampler's.
+        probe_structures: latency first: after the cheap trials, every pruning structure (``drop_blocks`` x
+            ``target_macs``, with the first scope and early-layer choices) is queued without recovery, INT8
+            per-tensor (+ CLE when searched): seconds each. Latency, size and memory do not depend on the recovery,
+            so a structure the budget's latency (or size) rules out never gets trained; needs 0 among
+            ``finetune_steps``.
+        promote: how many probed structures that meet every limit but accuracy are then queued with recovery
+            (the largest ``finetune_steps`` choice, the first ``recovery`` choice), best recalibrated accuracy
+            first (the structures pruning hurt least recover best); the sampler goes on after them.
         search_samples: validation images accuracy is measured on during the search (a seeded subset; the
             chosen candidate is re-measured on the whole validation split).
         latency_runs: timed runs per latency measurement (after 10 warm-up runs; the median is used).
@@ -168,6 +176,8 @@ class Space(Config):
     threads: tuple[int, ...] = ()
     calib_samples: int = 512
     cheap_trials: int = 4
+    probe_structures: bool = True
+    promote: int = 3
     search_samples: int = 2000
     latency_runs: int = 50
 
@@ -237,6 +247,7 @@ class Space(Config):
             ("finetune_batch_size", 1),
             ("calib_samples", 1),
             ("cheap_trials", 0),
+            ("promote", 0),
             ("search_samples", 1),
             ("latency_runs", 1),
         ):
@@ -247,6 +258,8 @@ class Space(Config):
             v = getattr(self, f)
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1):
                 raise self._bad(f, "must be a fraction in [0, 1] (0.3 = 30 points) or None (off)")
+        if not isinstance(self.probe_structures, bool):
+            raise self._bad("probe_structures", "must be true or false")
         if not isinstance(self.scale_steps, bool):
             raise self._bad("scale_steps", "must be true or false")
         if (
@@ -334,11 +347,34 @@ class Space(Config):
             for pc, cal, eq, bc in (combos[i] for i in dict.fromkeys(picks))
         ]
 
+    def probes(self) -> list[dict[str, Any]]:
+        """The structure probes (see ``probe_structures``): every pruned structure, no recovery, fast INT8."""
+        if not self.probe_structures or 0 not in self.finetune_steps:
+            return []
+        quant = (
+            {
+                "quantize": True,
+                "per_channel": False if False in self.per_channel else self.per_channel[0],
+                "equalize": True in self.equalize,
+            }
+            if True in self.quantize
+            else {"quantize": False}
+        )
+        out = []
+        for b, t in itertools.product(self.drop_blocks, self.target_macs):
+            if b or t:
+                out.append(self.canonical({"drop_blocks": b, "target_macs": t, "finetune_steps": 0, **quant}))
+        return out
+
+    def promoted(self, probe: dict[str, Any]) -> dict[str, Any]:
+        """A probed structure with the largest recovery the space allows (see ``promote``)."""
+        return self.canonical({**probe, "finetune_steps": max(self.finetune_steps), "recovery": self.recovery[0]})
+
 
 #: named spaces for the CLI's ``--space NAME`` (a YAML file otherwise)
 PRESETS: dict[str, dict[str, Any]] = {
     # INT8 PTQ variants only (per-channel x calibration x CLE x bias correction): no pruning, no training
-    "ptq": {"target_macs": (0.0,), "quantize": (True,)},
+    "ptq": {"drop_blocks": (0,), "target_macs": (0.0,), "quantize": (True,)},
     # the default space plus mixed precision, FP16 and ONNX Runtime vs OpenVINO (those installed here)
     "full": {"mixed_precision": (False, True), "fp16": (False, True), "runtimes": ("onnxruntime", "openvino")},
 }

@@ -602,12 +602,23 @@ def test_block_pruning_finds_blocks_by_family_and_skips_the_rest():
     from edgeslim.prune._blocks import residual_blocks
 
     # a Linear block with a functional branch, a BasicBlock with a ReLU after the sum (the downsampling one has a
-    # projection on its skip), a residual add written in the model's own forward, a ViT's encoder layers (two
-    # sums per module: the second one's skip is not the module's input)
+    # projection on its skip), a residual add written in the model's own forward, torch's TransformerEncoderLayer
+    # (fx cannot trace its fast-path checks: listed, with the reason), timm's pre-norm ViT blocks (two sums each,
+    # an attention mask argument traced at its default None) and EfficientNet blocks
     assert residual_blocks(TinyRepeat(), TinyRepeat.example_inputs())[0] == ["blocks.0", "blocks.1", "blocks.2"]
     assert residual_blocks(TinyResNet(), TinyResNet.example_inputs())[0] == ["layer1"]
     assert residual_blocks(TinyCNN(), TinyCNN.example_inputs())[0] == []
-    assert residual_blocks(TinyViT().eval(), TinyViT.example_inputs())[0] == []
+    found, why = residual_blocks(TinyViT().eval(), TinyViT.example_inputs())
+    assert found == [] and "not traceable by torch.fx" in why["encoder.layers.0"]
+    timm = pytest.importorskip("timm")
+    vit = timm.create_model("vit_tiny_patch16_224", num_classes=10, img_size=32, depth=3).eval()
+    assert residual_blocks(vit, torch.randn(1, 3, 32, 32))[0] == ["blocks.0", "blocks.1", "blocks.2"]
+    xs = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    p = prune(vit, PruneConfig(method="block", blocks=1), example_inputs=xs[:1], data=xs)
+    assert sum(type(b).__name__ == "SkippedBlock" or isinstance(b, nn.Identity) for b in p.blocks) == 1
+    assert p.prune_report.macs_after < p.prune_report.macs_before
+    eff = timm.create_model("efficientnet_lite0", num_classes=10).eval()
+    assert len(residual_blocks(eff, torch.randn(1, 3, 64, 64))[0]) == 9
 
 
 def test_block_pruning_removes_the_least_used_block_and_replays(tmp_path):

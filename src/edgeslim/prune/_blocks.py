@@ -52,39 +52,51 @@ def _tail_op(gm: fx.GraphModule, n: fx.Node) -> bool:
     return False
 
 
+def _residual(n: Any, x: fx.Node) -> bool:
+    """Whether ``n`` is ``x`` plus branches: ``x + f(x)``, or ``(x + f(x)) + g(...)`` and so on (a transformer
+    layer's two sums), every skip leading back to ``x`` through sums only."""
+    if not isinstance(n, fx.Node) or not _is_add(n) or len(n.args) != 2 or n.kwargs:
+        return False
+    a, b = n.args
+    return any(
+        isinstance(s, fx.Node) and isinstance(o, fx.Node) and o is not x and (s is x or _residual(s, x))
+        for s, o in ((a, b), (b, a))
+    )
+
+
 def _skip_graph(module: nn.Module) -> tuple[fx.GraphModule | None, str]:
-    """The module with its branch removed (``tail(x)``) as a GraphModule, or None and why it is not a block."""
-    try:
-        gm = fx.symbolic_trace(module)
+    """The module with its branches removed (``tail(x)``) as a GraphModule, or None and why it is not a block."""
+    import inspect
+
+    try:  # optional arguments (an attention mask defaulting to None) are traced at their defaults
+        params = list(inspect.signature(module.forward).parameters.values())
+        concrete = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+        gm = fx.symbolic_trace(module, concrete_args=concrete or None)
     except Exception as e:  # fx raises many types on untraceable code  # noqa: BLE001
         return None, f"not traceable by torch.fx ({type(e).__name__})"
     g = gm.graph
-    ph = [n for n in g.nodes if n.op == "placeholder"]
+    ph = [n for n in g.nodes if n.op == "placeholder"]  # the input, then the arguments traced at their defaults
     out = next(n for n in g.nodes if n.op == "output")
-    if len(ph) != 1 or not isinstance(out.args[0], fx.Node):
+    if len(ph) != 1 + len(concrete) or not isinstance(out.args[0], fx.Node):
         return None, "not one input and one output"
     x = ph[0]
     n = out.args[0]
-    tail: list[fx.Node] = []
     while not _is_add(n):
         if not _tail_op(gm, n) or len(n.args) < 1 or not isinstance(n.args[0], fx.Node) or len(n.users) > 1:
             return None, "its output is not a residual sum of its input"
-        tail.append(n)
         n = n.args[0]
-    if len(n.args) != 2 or n.kwargs or len(n.users) > 1:
-        return None, "its output is not a residual sum of its input"
-    a, b = n.args
-    if not ((a is x and isinstance(b, fx.Node) and b is not x) or (b is x and isinstance(a, fx.Node) and a is not x)):
-        return None, "its skip connection is not the input itself (a projection or other op on it)"
+    if len(n.users) > 1 or not _residual(n, x):
+        return None, "its output is not a residual sum of its input (or its skip goes through a layer)"
     n.replace_all_uses_with(x)
     g.eliminate_dead_code()
     gm.recompile()
-    # fx keeps every submodule; drop the ones the graph no longer calls (the branch's layers)
-    used = {str(m.target) for m in g.nodes if m.op == "call_module"} | {
-        str(m.target) for m in g.nodes if m.op == "get_attr"
-    }
+    # fx keeps every submodule; drop the ones the graph no longer calls (the branches' layers)
+    used = {str(m.target) for m in g.nodes if m.op in ("call_module", "get_attr")}
     for name, _ in list(gm.named_children()):
         if not any(u == name or u.startswith(name + ".") for u in used):
+            delattr(gm, name)
+    for name, _ in list(gm.named_parameters(recurse=False)) + list(gm.named_buffers(recurse=False)):
+        if name not in used:
             delattr(gm, name)
     return gm, ""
 

@@ -658,6 +658,14 @@ def test_block_pruning_removes_the_least_used_block_and_replays(tmp_path):
     back = es.load(tmp_path / "r.recipe", model=TinyResNet())
     with torch.no_grad():
         assert torch.allclose(back.eval()(xr), pc.eval()(xr), atol=1e-6)
+    # the kept ReLU now reads the previous block's ReLU output, which autograd saved: it must not work in place
+    import torchvision
+
+    tv = torchvision.models.resnet18(num_classes=10).eval()
+    x32 = torch.randn(4, 3, 32, 32)
+    t = prune(tv, PruneConfig(method="block", blocks=2, block_samples=4), example_inputs=x32[:1], data=x32)
+    t.train()(x32).sum().backward()  # "modified by an inplace operation" before the tail was made out of place
+    assert tv.layer1[1].relu.inplace  # the input model's modules are untouched
     onnx = pytest.importorskip("onnx")
     art = es.export(pc, "onnx", example_inputs=xr, path=tmp_path / "r.onnx")
     convs = sum(n.op_type == "Conv" for n in onnx.load(str(art.path)).graph.node)

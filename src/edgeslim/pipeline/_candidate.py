@@ -19,6 +19,7 @@ device profile from the exported graph (roofline calibrated on this host's measu
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import math
 import time
@@ -210,7 +211,11 @@ def float_model(ctx: Context, params: dict[str, Any]) -> tuple[nn.Module, str, d
     if params.get("drop_blocks"):
         model, pk, steps["blocks"] = _prune_step(ctx, "blocks", model, pk, block_config(ctx, params))
     if params.get("target_macs"):
-        model, pk, steps["prune"] = _prune_step(ctx, "prune", model, pk, prune_config(ctx, params))
+        cfg = prune_config(ctx, params)
+        if cfg.exclude and params.get("drop_blocks"):  # early layers inside a removed block are gone
+            names = [n for n, _ in model.named_modules()]
+            cfg = cfg.replace(exclude=tuple(e for e in cfg.exclude if any(fnmatch.fnmatchcase(n, e) for n in names)))
+        model, pk, steps["prune"] = _prune_step(ctx, "prune", model, pk, cfg)
     n_steps = recovery_steps(ctx.space, params)
     if not n_steps:
         return model, pk, steps

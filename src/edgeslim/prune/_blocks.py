@@ -89,6 +89,7 @@ def _skip_graph(module: nn.Module) -> tuple[fx.GraphModule | None, str]:
         return None, "its output is not a residual sum of its input (or its skip goes through a layer)"
     n.replace_all_uses_with(x)
     g.eliminate_dead_code()
+    _not_inplace(gm)
     gm.recompile()
     # fx keeps every submodule; drop the ones the graph no longer calls (the branches' layers)
     used = {str(m.target) for m in g.nodes if m.op in ("call_module", "get_attr")}
@@ -99,6 +100,26 @@ def _skip_graph(module: nn.Module) -> tuple[fx.GraphModule | None, str]:
         if name not in used:
             delattr(gm, name)
     return gm, ""
+
+
+def _not_inplace(gm: fx.GraphModule) -> None:
+    """The tail now reads the block's input directly: an in-place op there (ResNet's ``ReLU(inplace=True)``) would
+    overwrite the previous layer's output, which autograd keeps for its backward pass. Make every tail op out of
+    place (copies of in-place modules; ``relu_`` -> ``relu``; ``inplace=True`` arguments off)."""
+    import copy
+
+    for n in gm.graph.nodes:
+        if n.op == "call_module":
+            m = gm.get_submodule(str(n.target))
+            if getattr(m, "inplace", False):
+                m = copy.copy(m)
+                m.inplace = False
+                parent, _, attr = str(n.target).rpartition(".")
+                setattr(gm.get_submodule(parent) if parent else gm, attr, m)
+        elif n.op == "call_method" and isinstance(n.target, str) and n.target.endswith("_"):
+            n.target = n.target[:-1]
+        if n.kwargs.get("inplace"):
+            n.kwargs = {**n.kwargs, "inplace": False}
 
 
 class SkippedBlock(nn.Module):

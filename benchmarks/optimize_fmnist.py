@@ -50,6 +50,9 @@ def main() -> None:
     ap.add_argument("--min-speedup", type=float, help="required speedup over the FP32 ONNX file (default: the target)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--prune-macs", type=float, default=0.35, help="MAC fraction removed by the pruning-alone row")
+    ap.add_argument(
+        "--prune-steps", type=int, help="fine-tune steps of the pruning-alone row (default: the space's largest)"
+    )
     ap.add_argument("--eval-samples", type=int, help="validation images for the final table (default: all)")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved latency rounds of the final table")
     ap.add_argument(
@@ -137,7 +140,7 @@ def main() -> None:
         example_inputs=ex,
         data=train,
     )
-    steps = max(space.finetune_steps)
+    steps = max(space.finetune_steps) if a.prune_steps is None else a.prune_steps
     if steps:
         tcfg, cap = recovery_train_config(space, len(train), steps)
         p = fit(p, train, None, tcfg, max_steps_per_epoch=cap, progress=False).model

@@ -14,6 +14,7 @@ from edgeslim.pipeline._candidate import Context, DeadlineReached, build_candida
 from edgeslim.pipeline._space import describe, recovery_steps
 from edgeslim.pipeline._store import Cache
 from edgeslim.runtime import missing
+from edgeslim.train import evaluate
 
 # TinyCNN has 8 channels: round_to=1 so pruning removes something
 BASE = dict(
@@ -292,3 +293,130 @@ def test_structures_are_probed_without_recovery_then_the_best_promoted(digits_mo
     assert ts[3].user_attrs.get("promoted") and params[3]["finetune_steps"] == 20
     assert params[3]["target_macs"] == best["target_macs"] and study.user_attrs["promoted"] == 1
     assert res.report.data["trials"]["complete"] == 4
+
+
+def _context(model, train, val, sp, cache) -> Context:
+    return Context(
+        base=model,
+        base_key="k",
+        train=train,
+        val=val,
+        search_val=val.take(300, seed=0),
+        example_inputs=val.normalized()[:1],
+        space=sp,
+        budget=Budget(threads=2),
+        seed=0,
+        cache=Cache(cache),
+    )
+
+
+def test_recovery_processes_is_validated():
+    with pytest.raises(ConfigError, match=r"Space.recovery_processes=0 .*integer >= 1"):
+        Space(recovery_processes=0)
+    with pytest.raises(ConfigError, match=r"Space.recovery_processes=True"):
+        Space(recovery_processes=True)
+    with pytest.raises(ConfigError, match=r"Space.recovery_processes=8 .*at most finetune_batch_size=4"):
+        Space(recovery_processes=8, finetune_batch_size=4)
+    sp = Space(recovery_processes=2)
+    assert Space.from_yaml(sp.to_yaml()) == sp
+
+
+def test_cli_recovery_processes_sets_the_space(tmp_path, monkeypatch, capsys):
+    from pathlib import Path
+
+    from edgeslim.cli import main
+    from edgeslim.pipeline import _optimize
+
+    seen = {}
+
+    def fake_optimize(**kw):  # stands in for the search: only the arguments the options build are checked
+        seen.update(kw)
+        raise ConfigError("stopped by the test")
+
+    monkeypatch.setattr(_optimize, "optimize", fake_optimize)
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    common = ["optimize", "tiny:TinyCNN", "--dataset", "digits", "--no-pretrained", "--out", str(tmp_path / "o")]
+    assert main([*common, "--recovery-processes", "2", "--space", "ptq"]) == 2
+    assert seen["space"].recovery_processes == 2 and seen["space"].target_macs == (0.0,)  # over the named space
+    assert main([*common, "--recovery-processes", "0", "--json"]) == 2
+    assert "--recovery-processes=0 is not allowed" in capsys.readouterr().out
+
+
+def test_recovery_runs_in_two_torchrun_processes_and_the_deadline_stops_it(digits_model, tmp_path):
+    """recovery_processes=2: the trial's fine-tune runs as 2 DDP ranks (gloo), recovers as one process does, is
+    cached apart from it; a deadline stops it within a step (nothing cached); a failing rank is one error line."""
+    model, train, val = digits_model
+    sp1 = Space(**BASE, target_macs=(0.5,), finetune_steps=(0, 40, 200_000), recovery=("finetune", "distill"))
+    sp2 = sp1.replace(recovery_processes=2)
+    params = sp1.canonical({"target_macs": 0.5, "finetune_steps": 40, "recovery": "finetune", "quantize": False})
+    cache = tmp_path / "cache"
+    _, _, k1, one = build_candidate(_context(model, train, val, sp1, cache), params)
+    ctx = _context(model, train, val, sp2, cache)
+    m2, art, k2, two = build_candidate(ctx, params)
+    assert two["prune"]["cached"] and not two["finetune"].get("cached")  # the same pruned model, recovered anew
+    # the recovery really ran in 2 ranks (the world size rank 0 reported), 2 threads // 2 each, the same steps
+    assert two["finetune"]["processes"] == 2 and two["finetune"]["threads_per_process"] == 1
+    assert "processes" not in one["finetune"] and two["finetune"]["steps"] == one["finetune"]["steps"] == 40
+    recal, acc1, acc2 = (s["torch_accuracy_search"] for s in (one["prune"], one["finetune"], two["finetune"]))
+    assert acc2 > recal + 0.05 and abs(acc2 - acc1) <= 0.03  # recovered as the single process did
+    assert abs(evaluate(m2, ctx.search_val) - acc2) < 1e-9  # the model rank 0 wrote is the one recorded
+    assert art.validation["top1_agreement"] >= 0.95
+    assert k1 != k2 and len([d for d in _steps(cache, "finetune") if Cache.done(d)]) == 2  # cached apart
+    again = build_candidate(ctx, params)[3]
+    assert again["finetune"]["cached"] and again["finetune"]["processes"] == 2
+    # a deadline stops a long distillation in the ranks within a step: DeadlineReached, nothing partial kept
+    long = sp2.canonical({"target_macs": 0.5, "finetune_steps": 200_000, "recovery": "distill", "quantize": False})
+    ctx.deadline = time.perf_counter() + 3.0
+    t0 = time.perf_counter()
+    with pytest.raises(DeadlineReached, match=r"distill stopped at step \d+ of 200000"):
+        build_candidate(ctx, long)
+    assert time.perf_counter() - t0 < 60  # start-up, the deadline, one step (the recovery would take an hour)
+    (d,) = _steps(cache, "distill")
+    assert not Cache.done(d) and not any(d.iterdir())  # no model, no job files
+
+
+def _ranks_of(folder) -> list[int]:
+    """Ids of live processes whose command line names ``folder`` (the recovery ranks of a run there)."""
+    import os
+
+    out = []
+    for p in os.listdir("/proc"):
+        try:
+            cmd = open(f"/proc/{p}/cmdline", "rb").read().decode(errors="replace")  # noqa: SIM115
+        except (OSError, ValueError):
+            continue
+        if p.isdigit() and "_recovery_ddp" in cmd and str(folder) in cmd:
+            out.append(int(p))
+    return out
+
+
+def test_a_failing_or_hanging_torchrun_recovery_is_one_error_line(digits_model, tmp_path, monkeypatch):
+    """A rank that fails is reported in one line (its error); ranks still running at the deadline + margin are
+    killed, the launcher and every rank, never left to hang; nothing is cached either way."""
+    from edgeslim.pipeline import _recovery_ddp
+
+    model, train, val = digits_model
+    sp = Space(**BASE, target_macs=(0.5,), finetune_steps=(40, 200_000), recovery=("distill",), recovery_processes=2)
+    cache = tmp_path / "cache"
+    ctx = _context(model, train, val, sp, cache)
+    short = sp.canonical({"target_macs": 0.5, "finetune_steps": 40, "quantize": False})
+    ctx.deadline = time.perf_counter() + 3600
+    monkeypatch.setattr(_recovery_ddp, "MARGIN_S", -3590.0)  # the parent gives up ~10 s in; the ranks don't stop
+    t0 = time.perf_counter()
+    with pytest.raises(RuntimeError, match=r"distill in 2 torchrun processes did not stop within -3590 s .*killed"):
+        build_candidate(ctx, sp.canonical({**short, "finetune_steps": 200_000}))
+    assert time.perf_counter() - t0 < 10 + 2 * _recovery_ddp.TERM_WAIT_S + 10
+    for _ in range(20):  # every rank is gone (the launcher ended them, or they noticed it was gone)
+        if not _ranks_of(cache):
+            break
+        time.sleep(0.5)
+    assert not _ranks_of(cache)
+    monkeypatch.undo()
+    # a rank that fails (here: the run's shared training split is corrupt) is one error line
+    ctx.deadline = None
+    (next(cache.glob("ddp-*")) / "train.pt").write_bytes(b"not a pickle")
+    t0 = time.perf_counter()
+    with pytest.raises(RuntimeError, match=r"distill in 2 torchrun processes failed \(exit 1\): rank \d: \w*Error"):
+        build_candidate(ctx, short)
+    assert time.perf_counter() - t0 < 60
+    assert all(not Cache.done(d) and not any(d.iterdir()) for d in _steps(cache, "distill"))

@@ -11,7 +11,9 @@ the same model, so a candidate's parameters are its recipe. The steps run in ord
 Multi-fidelity: a pruned candidate's BatchNorm-recalibrated accuracy decides whether it earns its recovery steps
 (:class:`Gated` otherwise). Time: with ``Context.deadline`` set, every step checks it before it starts and the
 recovery loop before every optimizer step; a candidate the deadline stops raises :class:`DeadlineReached` and
-nothing partial is cached (a half-recovered model is not the candidate its parameters describe).
+nothing partial is cached (a half-recovered model is not the candidate its parameters describe). With
+``Space.recovery_processes > 1`` the recovery runs as torchrun DDP processes (:mod:`._recovery_ddp`), stopped by
+the same deadline.
 
 Latency is never inferred from MACs: it is measured on the runtime (``target="host"``) or predicted for a
 device profile from the exported graph (roofline calibrated on this host's measured FP32 latency).
@@ -222,7 +224,16 @@ def float_model(ctx: Context, params: dict[str, Any]) -> tuple[nn.Module, str, d
     gate(ctx, params, pruned_accuracy(steps))
     how = params.get("recovery") or "finetune"
     tcfg, cap = recovery_config(ctx, n_steps)
-    rk = key(how, pk, tcfg.to_dict(), cap, *((DISTILL_KW,) if how == "distill" else ()))
+    procs = ctx.space.recovery_processes
+    # DDP shards every batch (BatchNorm statistics per shard): not bit-identical to one process, so keyed apart
+    rk = key(
+        how,
+        pk,
+        tcfg.to_dict(),
+        cap,
+        *((DISTILL_KW,) if how == "distill" else ()),
+        *((("processes", procs),) if procs > 1 else ()),
+    )
     with ctx.cache.claim(how, rk) as d:
         meta = Cache.done(d)
         if meta:
@@ -231,14 +242,22 @@ def float_model(ctx: Context, params: dict[str, Any]) -> tuple[nn.Module, str, d
         else:
             ctx.check_deadline(how)
             t0 = time.perf_counter()
-            tuned, stopped_at = _recover(ctx, model, how, tcfg, cap)
+            ddp: dict[str, Any] = {}
+            if procs > 1:
+                from edgeslim.pipeline._recovery_ddp import recover_ddp
+
+                source = ctx.cache.root / f"{'prune' if params.get('target_macs') else 'blocks'}-{pk}" / "model.recipe"
+                tuned, stopped_at, ddp = recover_ddp(ctx, d, source, how, tcfg, cap, procs)
+            else:
+                tuned, stopped_at = recover(ctx.base, ctx.train, model, how, tcfg, cap, ctx.past_deadline)
             if stopped_at is not None:
                 raise DeadlineReached(
                     f"{how} stopped at step {stopped_at} of {n_steps}: the run's max_minutes was reached "
                     "(the partly recovered model is not kept)"
                 )
             acc = evaluate(tuned, ctx.search_val)
-            save_step(tuned, d / "model.recipe")
+            if procs == 1:  # rank 0 has written it otherwise
+                save_step(tuned, d / "model.recipe")
             steps[how] = Cache.finish(
                 d,
                 {
@@ -246,6 +265,7 @@ def float_model(ctx: Context, params: dict[str, Any]) -> tuple[nn.Module, str, d
                     "steps": tcfg.epochs * cap,
                     "config": tcfg.to_dict(),
                     **({"distill": DISTILL_KW} if how == "distill" else {}),
+                    **ddp,
                     "torch_accuracy_search": acc,
                 },
             )
@@ -280,25 +300,28 @@ def recovery_train_config(space: Space, n_train: int, n_steps: int, *, seed: int
     return tcfg, cap
 
 
-def _recover(ctx: Context, model: nn.Module, how: str, tcfg: Any, cap: int) -> tuple[nn.Module, int | None]:
-    """Fine-tune ``model`` or distill the input model into it; stops at the deadline (returns the step)."""
+def recover(
+    base: nn.Module, train: Any, model: nn.Module, how: str, tcfg: Any, cap: int, stop: Any
+) -> tuple[nn.Module, int | None]:
+    """Fine-tune ``model`` on ``train`` or distill the input model ``base`` into it (in this process, or in each
+    rank of a torchrun group); ``stop`` (the deadline) ends it before a step (returns that step)."""
     if how == "distill":
         from edgeslim.distill import DistillConfig, distill
 
         out = distill(
             model,
-            ctx.base,
+            base,
             DistillConfig(**DISTILL_KW),
-            data=(ctx.train, None),
+            data=(train, None),
             train_config=tcfg,
             progress=False,
             max_steps_per_epoch=cap,
-            stop=ctx.past_deadline,
+            stop=stop,
         )
         return out, out.report.stopped_at_step
     from edgeslim.train import fit
 
-    res = fit(model, ctx.train, None, tcfg, max_steps_per_epoch=cap, progress=False, stop=ctx.past_deadline)
+    res = fit(model, train, None, tcfg, max_steps_per_epoch=cap, progress=False, stop=stop)
     return res.model, res.stopped_at_step  # fit keeps the recorded steps (the pruned structure); weights changed
 
 

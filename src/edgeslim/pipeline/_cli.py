@@ -81,6 +81,13 @@ def add_optimize_parser(
         help="validation samples accuracy is measured on during the search "
         "(the chosen candidate is re-measured on all of them)",
     )
+    o.add_argument(
+        "--recovery-processes",
+        type=int,
+        metavar="N",
+        help="run each trial's recovery (fine-tune / distillation) as N torchrun DDP processes (gloo, CPU; "
+        "--threads // N threads each); sets the space's recovery_processes (default 1: in the trial's process)",
+    )
     o.add_argument("--out", help="run folder (study.db, cache/, chosen/, report.*; default runs/optimize)")
     o.add_argument(
         "--storage",
@@ -215,6 +222,10 @@ def _from_options(a: argparse.Namespace, out: str) -> dict[str, Any]:
         if a.samples < 1:
             raise ConfigError(f"--samples={a.samples} is not allowed; use an integer >= 1")
         space = space.replace(search_samples=a.samples)
+    if a.recovery_processes is not None:
+        if a.recovery_processes < 1:
+            raise ConfigError(f"--recovery-processes={a.recovery_processes} is not allowed; use an integer >= 1")
+        space = space.replace(recovery_processes=a.recovery_processes)
     dataset = a.dataset or "fashion-mnist"
     model = models.load(a.model, dataset, pretrained=not a.no_pretrained, weights=a.weights)
     train, val = es_data.load(dataset)
@@ -262,6 +273,7 @@ _RUN_OPTIONS = (
     "prefer",
     "trials",
     "samples",
+    "recovery_processes",
     "seed",
     "sampler",
     "heartbeat",

@@ -109,6 +109,11 @@ class Space(Config):
             (``edgeslim.distill`` from the input model: logit KD at temperature 4 + cross-entropy).
         finetune_lr: peak learning rate of the recovery (SGD, cosine decay).
         finetune_batch_size: batch size of the recovery.
+        recovery_processes: processes a trial's recovery runs in. 1: in the trial's own process. N > 1: as
+            ``torchrun`` DDP processes (gloo, CPU; each with ``Budget.threads // N`` threads, at least 1), every
+            global batch of ``finetune_batch_size`` split across them; the deadline still stops it within a step.
+            DDP results are close to, not bit-identical with, one process's (BatchNorm sees each rank's shard), so
+            they are cached apart. The input model is pickled for the processes: its class must be importable.
         finetune_gate: multi-fidelity, absolute rule: a pruned candidate whose BatchNorm-recalibrated accuracy
             (torch, search subset) is more than this fraction below the input model's is not recovered (the
             trial is recorded as gated). None: off. The default only gates models left near chance: deep pruning
@@ -163,6 +168,7 @@ class Space(Config):
     recovery: tuple[str, ...] = ("finetune", "distill")
     finetune_lr: float = 0.01
     finetune_batch_size: int = 64
+    recovery_processes: int = 1
     finetune_gate: float | None = 0.8
     gate_margin: float | None = 0.05
     quantize: tuple[bool, ...] = (True, False)
@@ -245,6 +251,7 @@ class Space(Config):
             ("round_to", 1),
             ("bn_samples", 1),
             ("finetune_batch_size", 1),
+            ("recovery_processes", 1),
             ("calib_samples", 1),
             ("cheap_trials", 0),
             ("promote", 0),
@@ -254,6 +261,12 @@ class Space(Config):
             v = getattr(self, f)
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise self._bad(f, f"must be an integer >= {lo}")
+        if self.recovery_processes > self.finetune_batch_size:
+            raise self._bad(
+                "recovery_processes",
+                f"must be at most finetune_batch_size={self.finetune_batch_size} (each process trains a share of "
+                "every batch)",
+            )
         for f in ("finetune_gate", "gate_margin"):
             v = getattr(self, f)
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1):

@@ -1,6 +1,7 @@
 """edgeslim.optimize's search space beyond PTQ: recovery by distillation (a pruned + distilled + quantized chain that
-replays from its recipe), the relative multi-fidelity gate, max_minutes inside a trial, and the deployment choice
-(runtime, threads) recorded with the chosen artifact."""
+replays from its recipe), the relative multi-fidelity gate, max_minutes inside a trial, the deployment choice
+(runtime, threads) recorded with the chosen artifact, and low-rank factorization and weight clustering as steps
+(cached, measured, replayed from the chosen recipe; clustering judged by the zipped size)."""
 
 import json
 import time
@@ -10,7 +11,7 @@ import torch
 
 from edgeslim.core.errors import ConfigError
 from edgeslim.pipeline import Budget, Space, load_chosen, optimize
-from edgeslim.pipeline._candidate import Context, DeadlineReached, build_candidate
+from edgeslim.pipeline._candidate import Context, DeadlineReached, build_candidate, measure_candidate
 from edgeslim.pipeline._space import describe, recovery_steps
 from edgeslim.pipeline._store import Cache
 from edgeslim.runtime import missing
@@ -310,6 +311,22 @@ def _context(model, train, val, sp, cache) -> Context:
     )
 
 
+# ---------------------------------------------------------------------------------------------- factorize, cluster
+def _ctx(model, train, val, sp, cache, budget=None):
+    return Context(
+        base=model,
+        base_key="k",
+        train=train,
+        val=val,
+        search_val=val.take(300, seed=0),
+        example_inputs=val.normalized()[:1],
+        space=sp,
+        budget=budget or Budget(),
+        seed=0,
+        cache=Cache(cache),
+    )
+
+
 def test_recovery_processes_is_validated():
     with pytest.raises(ConfigError, match=r"Space.recovery_processes=0 .*integer >= 1"):
         Space(recovery_processes=0)
@@ -420,3 +437,218 @@ def test_a_failing_or_hanging_torchrun_recovery_is_one_error_line(digits_model, 
         build_candidate(ctx, short)
     assert time.perf_counter() - t0 < 60
     assert all(not Cache.done(d) and not any(d.iterdir()) for d in _steps(cache, "distill"))
+
+
+def _int8_weights(path) -> dict:
+    """The int8 weight initializers (rank >= 2) of an ONNX file, by name."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    out = {}
+    for init in onnx.load(str(path)).graph.initializer:
+        a = numpy_helper.to_array(init)
+        if a.dtype == np.int8 and a.ndim >= 2:
+            out[init.name] = a
+    return out
+
+
+def test_factorize_and_cluster_dimensions_are_validated_canonical_and_off_by_default():
+    from edgeslim.pipeline._space import PRESETS, space_from
+
+    for kw, pat in (
+        ({"factorize": (1.0,)}, r"Space.factorize=\(1.0,\) .*fractions in \[0, 1\)"),
+        ({"factorize": (0.3, 0.3)}, r"Space.factorize=\(0.3, 0.3\)"),
+        ({"factorize_method": "tucker"}, r"Space.factorize_method='tucker' .*svd, spatial_svd"),
+        ({"cluster": (1,)}, r"Space.cluster=\(1,\) .*0 \(no clustering\) or 2..256"),
+        ({"cluster": (0, 300)}, r"Space.cluster=\(0, 300\)"),
+        ({"cluster": (True,)}, r"Space.cluster=\(True,\)"),
+    ):
+        with pytest.raises(ConfigError, match=pat):
+            Space(**kw)
+    with pytest.raises(ConfigError, match=r"Budget.max_zipped_size_mb=0 .*must be > 0"):
+        Budget(max_zipped_size_mb=0)
+    # the default space searches neither: every candidate, cheap trial and probe has them off
+    sp = Space()
+    assert sp.factorize == (0.0,) and sp.cluster == (0,)
+    assert all(c["factorize"] == 0.0 and c["cluster"] == 0 for c in sp.all_candidates() + sp.cheap() + sp.probes())
+    full = space_from("full")
+    assert full.factorize == PRESETS["full"]["factorize"] == (0.0, 0.3) and full.cluster == (0, 16)
+    sp = Space(**BASE, target_macs=(0.0, 0.5), factorize=(0.0, 0.3), cluster=(0, 16), finetune_steps=(0, 40))
+    # factorization alone earns BatchNorm recalibration and recovery (its steps as given: no pruning depth)
+    c = sp.canonical({"target_macs": 0.0, "factorize": 0.3, "finetune_steps": 40, "quantize": True})
+    assert c["prune_scope"] is None and c["recalibrate_bn"] is True and c["recovery"] == "finetune"
+    assert recovery_steps(sp, c) == 40
+    assert describe(c, sp).startswith("factorize 30% MACs (svd, BN recal, finetune 40 steps) + INT8 per-channel")
+    # pruned and factorized: the recovery follows the factorization; clustering rules out CLE
+    c = sp.canonical({"target_macs": 0.5, "factorize": 0.3, "finetune_steps": 40, "cluster": 16, "quantize": True})
+    assert c["equalize"] is None and list(c).index("factorize") < list(c).index("recovery") < list(c).index("cluster")
+    assert describe(c, sp).startswith(
+        "prune 50% MACs (BN recal) + factorize 30% MACs (svd, BN recal, finetune 40 steps) + cluster 16 values/layer + INT8"
+    )
+    # probes cover every structure (pruning x factorization), unclustered; cheap trials neither
+    probes = sp.replace(probe_structures=True).probes()
+    assert sorted((p["target_macs"], p["factorize"]) for p in probes) == [(0.0, 0.3), (0.5, 0.0), (0.5, 0.3)]
+    assert all(p["cluster"] == 0 and p["finetune_steps"] == 0 for p in probes)
+    assert Space.from_yaml(sp.to_yaml()) == sp
+
+
+def test_factorized_recovered_int8_candidate_is_cached_measured_and_replays(digits_model, tmp_path):
+    from edgeslim.pipeline._optimize import _save_chosen
+
+    model, train, val = digits_model
+    sp = Space(**BASE, target_macs=(0.0,), factorize=(0.3,), finetune_steps=(40,), finetune_gate=None)
+    ctx = _ctx(model, train, val, sp, tmp_path / "cache")
+    params = sp.canonical({"factorize": 0.3, "finetune_steps": 40, "recovery": "finetune", "quantize": True})
+    m, art, ck, steps = build_candidate(ctx, params)
+    assert list(steps) == ["factorize", "finetune", "export"] and art.precision == "int8"
+    f = steps["factorize"]
+    assert f["macs_after"] < 0.8 * f["macs_before"] and f["params_after"] < f["params_before"]
+    assert set(f["ranks"]) == {"stem.0", "pw.0", "fc"} and "grouped/depthwise" in f["left_as_is"]["dw.0"]
+    assert f["bn_recalibrated_on"] == sp.bn_samples and f["seconds"] >= 0
+    assert 0 <= f["torch_accuracy_search"] <= 1 and steps["finetune"]["steps"] == 40
+    # the file is measured: its MACs (from the graph) are the factorized model's, its latency timed on the runtime
+    base_params = sp.canonical({"factorize": 0.0, "quantize": False})
+    figs = measure_candidate(ctx, art, ck, params=params)
+    base_figs = measure_candidate(ctx, *build_candidate(ctx, base_params)[1:3], params=base_params)
+    assert figs["figures"]["macs"] == f["macs_after"] < base_figs["figures"]["macs"] == f["macs_before"]
+    assert figs["figures"]["latency_ms"] > 0 and figs["provenance"]["latency_ms"].startswith("measured on")
+    # every step cached: the same model comes back
+    again = build_candidate(ctx, params)
+    assert all(again[3][k]["cached"] for k in ("factorize", "finetune", "export"))
+    x = val.normalized()[:64]
+    with torch.no_grad():
+        assert torch.allclose(again[0](x), m(x), atol=1e-5)
+    # the chosen model as one recipe file: reloads on a fresh input model to the same outputs
+    paths, recipe = _save_chosen(ctx, tmp_path / "run", params, 0, m, art, True)
+    assert [s["technique"] for s in recipe["steps"]] == ["factorize", "quantize"]  # fit changes weights only
+    back = load_chosen(model, tmp_path / "run" / "chosen")
+    with torch.no_grad():
+        assert torch.allclose(back(x), m(x), atol=1e-5)
+
+
+def test_clustered_int8_candidate_keeps_k_values_per_channel_and_only_zips_smaller(digits_model, tmp_path):
+    from edgeslim.pipeline._optimize import _save_chosen
+
+    model, train, val = digits_model
+    k = 4  # below the 8-9 weights of each output channel of TinyCNN, so the property can fail
+    sp = Space(**BASE, target_macs=(0.0,), cluster=(0, k))
+    ctx = _ctx(model, train, val, sp, tmp_path / "cache")
+    plain = sp.canonical({"cluster": 0, "quantize": True})
+    params = sp.canonical({"cluster": k, "quantize": True})
+    m, art, ck, steps = build_candidate(ctx, params)
+    assert list(steps) == ["cluster", "export"] and art.precision == "int8"
+    c = steps["cluster"]
+    assert c["clusters"] == k and sorted(c["clustered_layers"]) == ["dw.0", "fc", "pw.0", "stem.0"]
+    assert c["clustered_weights"] == 72 + 72 + 64 + 80 and 0 <= c["torch_accuracy_search"] <= 1
+    # the deployable file: at most k distinct int8 values per output channel (BatchNorm folded per channel)
+    weights = _int8_weights(art.path)
+    assert len(weights) == 4
+    for name, w in weights.items():
+        per_channel = [len(set(row.ravel().tolist())) for row in w]
+        assert max(per_channel) <= k, (name, per_channel)
+    _, art0, ck0, _ = build_candidate(ctx, plain)
+    w0 = _int8_weights(art0.path)
+    assert max(len(set(row.ravel().tolist())) for w in w0.values() for row in w) > k  # not so without clustering
+    # clustering buys the compressed size only: same MACs, same raw file size (within the Q/DQ parameters' bytes)
+    f1 = measure_candidate(ctx, art, ck, params=params)["figures"]
+    f0 = measure_candidate(ctx, art0, ck0, params=plain)["figures"]
+    assert f1["macs"] == f0["macs"] and abs(f1["size_mb"] - f0["size_mb"]) < 0.02 * f0["size_mb"]
+    assert f1["size_zipped_mb"] < f0["size_zipped_mb"] < f0["size_mb"]
+    # and so only a zipped-size limit sees it
+    base = {"accuracy": 1.0, "latency_ms": 1.0}
+    lim = (f0["size_zipped_mb"] + f1["size_zipped_mb"]) / 2
+    b = Budget(max_accuracy_drop=None, max_zipped_size_mb=lim)
+    assert b.check(f1, base) == [] and [v.field for v in b.check(f0, base)] == ["max_zipped_size_mb"]
+    assert "zipped size" in b.check(f0, base)[0].text and b.constraint_values(f1, base)["max_zipped_size_mb"] < 0
+    assert "zipped file size <= " in " ".join(b.describe())
+    # an FP32 clustered file holds plain dense weights (no Gather of indices): same bytes, fewer zipped
+    fp32 = sp.canonical({"cluster": k, "quantize": False})
+    _, art32, ck32, _ = build_candidate(ctx, fp32)
+    _, artb, ckb, _ = build_candidate(ctx, sp.canonical({"cluster": 0, "quantize": False}))
+    assert art32.size_bytes == artb.size_bytes
+    g32 = measure_candidate(ctx, art32, ck32, params=fp32)["figures"]
+    assert g32["size_zipped_mb"] < measure_candidate(ctx, artb, ckb)["figures"]["size_zipped_mb"]
+    # cached, and the chosen model's recipe file replays to the same outputs
+    again = build_candidate(ctx, params)
+    assert again[3]["cluster"]["cached"] and again[3]["export"]["cached"]
+    _, recipe = _save_chosen(ctx, tmp_path / "run", params, 0, m, art, True)
+    assert [s["technique"] for s in recipe["steps"]] == ["cluster", "quantize"]
+    back = load_chosen(model, tmp_path / "run" / "chosen")
+    x = val.normalized()[:64]
+    with torch.no_grad():
+        assert torch.allclose(back(x), m(x), atol=1e-5) and torch.allclose(again[0](x), m(x), atol=1e-5)
+
+
+def test_optimize_runs_a_factorized_clustered_int8_chain_and_reports_what_each_step_bought(digits_model, tmp_path):
+    from edgeslim.cli import build_parser
+    from edgeslim.pipeline._cli import budget_from_args
+
+    model, train, val = digits_model
+    sp = Space(
+        **BASE,
+        target_macs=(0.0,),
+        factorize=(0.3,),
+        cluster=(4,),
+        finetune_steps=(20,),
+        recovery=("finetune",),
+        finetune_gate=None,
+        quantize=(True,),
+    )
+    out = tmp_path / "fc"
+    res = optimize(
+        model,
+        data=(train, val),
+        budget=Budget(max_accuracy_drop=0.99, max_zipped_size_mb=1.0),
+        space=sp,
+        max_trials=1,
+        out=out,
+        progress=False,
+    )
+    doc = res.report.to_dict()
+    c = doc["chosen"]
+    assert c["trial"] == 0 and list(c["steps"]) == ["factorize", "finetune", "cluster", "export"]
+    assert c["description"].startswith(
+        "factorize 30% MACs (svd, BN recal, finetune 20 steps) + cluster 4 values/layer + INT8 per-channel minmax"
+    )
+    assert (
+        c["final"]["size_zipped_mb"] < c["final"]["size_mb"]
+        and "zlib level 9" in c["final_provenance"]["size_zipped_mb"]
+    )
+    assert c["final"]["macs"] < doc["baseline_final"]["macs"]
+    md = (out / "report.md").read_text()
+    assert "ONNX file size zipped MB (zlib level 9)" in md and "zipped file size \\<= 1 MB (zlib level 9)" in md
+    assert "| size MB | zipped MB |" in md
+    assert "| factorize |" in md and "factorize: 3 layers changed, 1 left as is" in md
+    assert "| cluster |" in md and "cluster: 7 layers changed, 0 left as is" in md  # the factorized pairs
+    recipe = json.loads((out / "chosen" / "recipe.json").read_text())
+    assert [s["technique"] for s in recipe["steps"]] == ["factorize", "cluster", "quantize"]
+    again = load_chosen(model, out / "chosen")
+    x = val.normalized()[:64]
+    with torch.no_grad():
+        assert torch.allclose(again(x), res.model(x), atol=1e-5)
+    for name, w in _int8_weights(res.artifact.path).items():
+        assert max(len(set(row.ravel().tolist())) for row in w) <= 4, name
+    # the CLI's flag sets the same limit
+    a = build_parser().parse_args(["optimize", "small_cnn", "--max-zipped-size-mb", "2.5"])
+    assert budget_from_args(a).max_zipped_size_mb == 2.5
+
+
+def test_factorization_leaves_out_layers_it_cannot_reach_instead_of_failing():
+    """A layer whose rank-1 pair keeps more MACs than the choice allows (small heads) is left out and said so; the
+    factorize verb itself would refuse the whole model."""
+    from types import SimpleNamespace
+
+    from tiny import TinyCNN
+
+    from edgeslim.pipeline._candidate import factorize_config
+    from edgeslim.share import factorize
+
+    model = TinyCNN().eval()
+    ctx = SimpleNamespace(space=Space(factorize=(0.77,)))
+    with pytest.raises(ConfigError, match=r"mac_ratio=0.23 needs rank < 1 for layer 'stem.0'"):
+        factorize(model, factorize_config(ctx, {"factorize": 0.77}, model)[0].replace(exclude=()))
+    cfg, left = factorize_config(ctx, {"factorize": 0.77}, model)
+    assert sorted(left) == ["pw.0", "stem.0"] and "rank 1 keeps 0.25 of its MACs" in left["pw.0"]
+    f = factorize(model, cfg, example_inputs=TinyCNN.example_inputs(1))
+    assert [r["name"] for r in f.report.done()] == ["fc"] and f.report.done()[0]["rank"] == 1

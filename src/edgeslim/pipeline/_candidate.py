@@ -5,10 +5,12 @@ and measure it on the budget's target.
 the same model, so a candidate's parameters are its recipe. The steps run in order and each is cached under
 ``out/cache`` by a content key (the key of the step before it + its own settings):
 
-    prune (+ BatchNorm recalibration)  ->  recovery (fine-tune or distillation from the input model)
+    remove blocks -> prune channels (+ BatchNorm recalibration) -> low-rank factorization
+        ->  recovery (fine-tune or distillation from the input model)  ->  weight clustering
         ->  INT8 PTQ (or mixed precision, or FP16) + ONNX export  ->  measurement on the chosen runtime/threads
 
-Multi-fidelity: a pruned candidate's BatchNorm-recalibrated accuracy decides whether it earns its recovery steps
+Multi-fidelity: a pruned (or factorized) candidate's accuracy after its last structural step (BatchNorm
+recalibrated after pruning) decides whether it earns its recovery steps
 (:class:`Gated` otherwise). Time: with ``Context.deadline`` set, every step checks it before it starts and the
 recovery loop before every optimizer step; a candidate the deadline stops raises :class:`DeadlineReached` and
 nothing partial is cached (a half-recovered model is not the candidate its parameters describe). With
@@ -35,7 +37,7 @@ from torch import nn
 from edgeslim.core.artifact import Artifact
 from edgeslim.core.metrics import host_info
 from edgeslim.pipeline._budget import MB, Budget
-from edgeslim.pipeline._space import Space, pruned, recovery_steps
+from edgeslim.pipeline._space import CLUSTER_MIN_WEIGHTS_PER_CLUSTER, Space, recovery_steps
 from edgeslim.pipeline._store import Cache, key
 
 log = logging.getLogger(__name__)
@@ -97,9 +99,15 @@ class DeadlineReached(Exception):
     """The run's time is up inside a trial: the trial stops cleanly and is recorded as pruned (not cached)."""
 
 
+#: the steps that change a candidate's layers, in the order they run (the recovery follows the last of them)
+STRUCTURAL_STEPS = ("blocks", "prune", "factorize")
+
+
 def pruned_accuracy(steps: dict[str, Any]) -> float:
-    """The torch accuracy (search subset) of a candidate after its last pruning step (BatchNorm recalibrated)."""
-    return steps["prune" if "prune" in steps else "blocks"]["torch_accuracy_search"]
+    """The torch accuracy (search subset) of a candidate after its last structural step: pruning (BatchNorm
+    recalibrated) or factorization."""
+    last = [n for n in STRUCTURAL_STEPS if n in steps][-1]
+    return steps[last]["torch_accuracy_search"]
 
 
 def base_accuracy(ctx: Context) -> float:
@@ -138,9 +146,35 @@ def block_config(ctx: Context, params: dict[str, Any]) -> Any:
     )
 
 
+def factorize_config(ctx: Context, params: dict[str, Any], model: nn.Module) -> tuple[Any, dict[str, str]]:
+    """The low-rank factorization config of a candidate: every layer of ``model`` the method applies to keeps at
+    most ``1 - factorize`` of its MACs; layers where even rank 1 keeps more (a head with one or two outputs) are
+    excluded, and returned with the reason (said in the step record)."""
+    from edgeslim.share import FactorizeConfig
+    from edgeslim.share._factorize import min_mac_ratio
+
+    ratio = round(1.0 - float(params["factorize"]), 9)
+    method = ctx.space.factorize_method
+    out = {}
+    for name, m in model.named_modules():
+        low = min_mac_ratio(m, method) if name else None
+        if low is not None and ratio < low * (1 + 1e-9):
+            out[name] = f"rank 1 keeps {low:.3g} of its MACs, more than {ratio:g}"
+    return FactorizeConfig(method=method, mac_ratio=ratio, exclude=tuple(out)), out
+
+
+def cluster_config(ctx: Context, params: dict[str, Any]) -> Any:
+    """The weight-clustering config of a candidate (layers with fewer than 4k weights left dense)."""
+    from edgeslim.share import ClusterConfig
+
+    k = int(params["cluster"])
+    return ClusterConfig(clusters=k, min_weights=CLUSTER_MIN_WEIGHTS_PER_CLUSTER * k, seed=ctx.seed)
+
+
 def depth(params: dict[str, Any]) -> str:
     """The pruning depth a candidate's recalibrated accuracy is compared at (the relative gate)."""
-    return f"{int(params.get('drop_blocks') or 0)} blocks, {float(params.get('target_macs') or 0):g} MACs"
+    d = f"{int(params.get('drop_blocks') or 0)} blocks, {float(params.get('target_macs') or 0):g} MACs"
+    return d + (f", factorized {float(params['factorize']):g}" if params.get("factorize") else "")
 
 
 def gate(ctx: Context, params: dict[str, Any], recal: float) -> None:
@@ -201,13 +235,73 @@ def _prune_step(ctx: Context, name: str, model: nn.Module, parent: str, cfg: Any
         )
 
 
-def float_model(ctx: Context, params: dict[str, Any]) -> tuple[nn.Module, str, dict[str, Any]]:
-    """The float model of a candidate (blocks removed, channels pruned and recovered, or the base), its cache key
-    and step records."""
-    from edgeslim.train import evaluate
+def _share_step(
+    ctx: Context,
+    params: dict[str, Any],
+    name: str,
+    model: nn.Module,
+    parent: str,
+    cfg: Any,
+    excluded: dict[str, str] | None = None,
+) -> tuple[nn.Module, str, dict]:
+    """One cached share/ step (``factorize``, BatchNorm recalibrated after it when chosen, or ``cluster``) on
+    ``model`` (whose cache key is ``parent``); ``excluded``: layers the config leaves out, and why."""
+    from edgeslim.core.counting import count_macs, count_params
+    from edgeslim.share import cluster, factorize
+    from edgeslim.train import evaluate, recalibrate_bn
 
-    if not pruned(params):
-        return ctx.base, ctx.base_key, {}
+    recal = ctx.space.bn_samples if name == "factorize" and params.get("recalibrate_bn") else 0
+    sk = key(name, parent, cfg.to_dict(), *((recal,) if recal else ()))
+    with ctx.cache.claim(name, sk) as d:
+        meta = Cache.done(d)
+        if meta:
+            return load_step(ctx.base, d / "model.recipe"), sk, {**meta, "cached": True}
+        ctx.check_deadline("factorization" if name == "factorize" else "clustering")
+        t0 = time.perf_counter()
+        macs_before, params_before = count_macs(model, ctx.example_inputs), count_params(model)
+        if name == "factorize":
+            out = factorize(model, cfg, example_inputs=ctx.example_inputs)
+        else:
+            out = cluster(model, cfg)
+        rep = out.report
+        acc_before_recal = None
+        if recal:
+            acc_before_recal = evaluate(out, ctx.search_val)
+            tuned = recalibrate_bn(out, ctx.train, num_samples=recal)  # a copy with the same recipe, new statistics
+            tuned.report = rep
+            out = tuned
+        acc = evaluate(out, ctx.search_val)
+        save_step(out, d / "model.recipe")
+        rec: dict[str, Any] = {
+            "seconds": round(time.perf_counter() - t0, 2),
+            "config": cfg.to_dict(),
+            "torch_accuracy_search": acc,
+            "summary": rep.summary(),
+            "left_as_is": {**(excluded or {}), **{r["name"]: r["reason"] for r in rep.skipped()}},
+        }
+        if recal:
+            rec.update(bn_recalibrated_on=recal, torch_accuracy_search_before_bn_recal=acc_before_recal)
+        if name == "factorize":  # MACs of the whole model (batch 1): layers the method skips count as they were
+            rec.update(
+                macs_before=macs_before,
+                macs_after=count_macs(out, ctx.example_inputs),
+                params_before=params_before,
+                params_after=count_params(out),
+                ranks={r["name"]: r["rank"] for r in rep.done()},
+            )
+        else:  # clustering keeps every weight (and so MACs, latency and the file's bytes); the codebooks:
+            rec.update(
+                clusters=cfg.clusters,
+                clustered_layers=[r["name"] for r in rep.done()],
+                clustered_weights=sum(r["clustered_weights"] for r in rep.done()),
+                weight_mse={r["name"]: r["mse"] for r in rep.done()},
+            )
+        return out, sk, Cache.finish(d, rec)
+
+
+def float_model(ctx: Context, params: dict[str, Any]) -> tuple[nn.Module, str, dict[str, Any]]:
+    """The float model of a candidate (blocks removed, channels pruned, factorized, recovered, clustered, or the
+    base), its cache key and step records."""
     model, pk = ctx.base, ctx.base_key
     steps: dict[str, Any] = {}
     if params.get("drop_blocks"):
@@ -218,9 +312,23 @@ def float_model(ctx: Context, params: dict[str, Any]) -> tuple[nn.Module, str, d
             names = [n for n, _ in model.named_modules()]
             cfg = cfg.replace(exclude=tuple(e for e in cfg.exclude if any(fnmatch.fnmatchcase(n, e) for n in names)))
         model, pk, steps["prune"] = _prune_step(ctx, "prune", model, pk, cfg)
+    if params.get("factorize"):
+        cfg, unreachable = factorize_config(ctx, params, model)
+        model, pk, steps["factorize"] = _share_step(ctx, params, "factorize", model, pk, cfg, unreachable)
     n_steps = recovery_steps(ctx.space, params)
-    if not n_steps:
-        return model, pk, steps
+    if n_steps:
+        model, pk = _recovery_step(ctx, params, model, pk, steps, n_steps)
+    if params.get("cluster"):
+        model, pk, steps["cluster"] = _share_step(ctx, params, "cluster", model, pk, cluster_config(ctx, params))
+    return model, pk, steps
+
+
+def _recovery_step(
+    ctx: Context, params: dict[str, Any], model: nn.Module, pk: str, steps: dict[str, Any], n_steps: int
+) -> tuple[nn.Module, str]:
+    """The cached recovery of ``model`` (its cache key ``pk``), gated first; records its step in ``steps``."""
+    from edgeslim.train import evaluate
+
     gate(ctx, params, pruned_accuracy(steps))
     how = params.get("recovery") or "finetune"
     tcfg, cap = recovery_config(ctx, n_steps)
@@ -269,7 +377,7 @@ def float_model(ctx: Context, params: dict[str, Any]) -> tuple[nn.Module, str, d
                     "torch_accuracy_search": acc,
                 },
             )
-    return tuned, rk, steps
+    return tuned, rk
 
 
 #: the distillation recovery: logit KD from the input model (temperature 4) plus cross-entropy on the labels
@@ -333,7 +441,7 @@ def quant_config(ctx: Context, params: dict[str, Any]) -> Any:
         return QuantConfig(
             per_channel=params["per_channel"],
             calibration=params["calibration"],
-            equalize=params["equalize"],
+            equalize=bool(params.get("equalize")),
             bias_correction=params["bias_correction"],
             num_samples=ctx.space.calib_samples,
             seed=ctx.seed,
@@ -399,6 +507,15 @@ def _quantize(
     return quantize(model, qcfg, example_inputs=ctx.example_inputs)
 
 
+def _dense(model: nn.Module) -> nn.Module:
+    """``model`` with clustered layers made plain again (their weights ``centroids[indices]``), for an FP32 file:
+    exported as they are, they would be a Gather of int64 indices per layer and BatchNorm left unfolded (a larger
+    file). Quantization (INT8, FP16) makes its own copy dense. Other models are returned as they are."""
+    from edgeslim.share import ClusteredLayer, strip_clustering
+
+    return strip_clustering(model) if any(isinstance(m, ClusteredLayer) for m in model.modules()) else model
+
+
 SEARCH_FLOORS_KW = {"float_min_cosine": -1.0, "float_min_sqnr_db": -1e9, "float_top1_agreement": 0.0}
 
 
@@ -408,6 +525,8 @@ def _quantize_export(
     from edgeslim.export._api import ValidationFloors, export
 
     quantized = params.get("quantize") or params.get("fp16")
+    if not quantized:
+        model = _dense(model)
     meta = Cache.done(d)
     if meta:
         final = load_step(ctx.base, d / "model.recipe") if quantized else model
@@ -472,7 +591,9 @@ def measure_candidate(
 
     Accuracy: top-1 measured on the candidate's runtime on ``data`` (default: the search subset). Latency: median
     batch-1 latency measured on that runtime with its threads (host; :func:`deployment`) or predicted for the
-    device. Size: the file's bytes. Peak memory and energy only when the budget limits them.
+    device. Size: the file's bytes, and its bytes after zlib level 9 (``size_zipped_mb``; a measurement cached
+    before that figure existed gets it added from the file). Peak memory and energy only when the budget limits
+    them.
     """
     b, sp = ctx.budget, ctx.space
     data = ctx.search_val if data is None else data
@@ -496,7 +617,22 @@ def measure_candidate(
     if not cache:
         return _measure(ctx, art, data, None, runtime, threads)
     with ctx.cache.claim("measure", mk) as d:
-        return Cache.done(d) or _measure(ctx, art, data, d, runtime, threads)
+        got = Cache.done(d)
+        if got and "size_zipped_mb" not in got["figures"]:  # measured before the zipped size was a figure
+            got["figures"]["size_zipped_mb"] = _zipped_bytes(art, None) / MB
+            got["provenance"]["size_zipped_mb"] = ZIPPED_HOW.format(art.precision)
+        return got or _measure(ctx, art, data, d, runtime, threads)
+
+
+ZIPPED_HOW = "bytes of the ONNX file ({}) after zlib level 9 / 2**20"
+
+
+def _zipped_bytes(art: Artifact, m: Any) -> int:
+    """The artifact's bytes after zlib level 9: from the measurement ``m`` when it holds them, else computed."""
+    import zlib
+
+    got = m.get("size_zipped_bytes") if m is not None else None
+    return int(got) if got is not None else len(zlib.compress(art.path.read_bytes(), 9))
 
 
 def _measure(ctx: Context, art: Artifact, data: Any, d: Path | None, runtime: str, threads: int) -> dict[str, Any]:
@@ -519,9 +655,11 @@ def _measure(ctx: Context, art: Artifact, data: Any, d: Path | None, runtime: st
     figs: dict[str, Any] = {
         "accuracy": acc.value,
         "size_mb": art.size_bytes / MB,
+        "size_zipped_mb": _zipped_bytes(art, m) / MB,
         "macs": float(art.meta.get("macs") or m.get("macs") or 0),
     }
     prov = {"accuracy": acc.detail, "size_mb": f"bytes of the ONNX file ({art.precision}) / 2**20"}
+    prov["size_zipped_mb"] = ZIPPED_HOW.format(art.precision)
     if b.on_host:
         from edgeslim.runtime import RUNTIMES, latency
 

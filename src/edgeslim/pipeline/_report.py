@@ -208,13 +208,26 @@ def _trial_cells(r: dict[str, Any], base: dict[str, Any]) -> list[str]:
         _fig(f, "latency_ms"),
         speed,
         _fig(f, "size_mb"),
+        _fig(f, "size_zipped_mb"),
         status,
         f"{r['seconds']:.1f}" if r.get("seconds") is not None else "—",
         ", ".join(r.get("cached_steps") or []) or "—",
     ]
 
 
-TRIAL_HEAD = ["#", "candidate", "accuracy", "Δ pt", "latency ms", "speedup", "size MB", "budget", "s", "cached"]
+TRIAL_HEAD = [
+    "#",
+    "candidate",
+    "accuracy",
+    "Δ pt",
+    "latency ms",
+    "speedup",
+    "size MB",
+    "zipped MB",
+    "budget",
+    "s",
+    "cached",
+]
 
 
 def _times(ratio: float, better: str, worse: str) -> str:
@@ -244,6 +257,15 @@ def _final_table(doc: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
             _times(base["size_mb"] / fin["size_mb"], "smaller", "larger"),
         ],
     ]
+    if "size_zipped_mb" in fin and "size_zipped_mb" in base:
+        rows.append(
+            [
+                "ONNX file size zipped MB (zlib level 9)",
+                _fig(base, "size_zipped_mb"),
+                _fig(fin, "size_zipped_mb"),
+                _times(base["size_zipped_mb"] / fin["size_zipped_mb"], "smaller", "larger"),
+            ]
+        )
     for k, label in (("peak_memory_mb", "peak memory MB"), ("energy_mj", "energy per inference mJ (estimated)")):
         if k in fin:
             rows.append([label, _fig(base, k), _fig(fin, k), f"{fin[k] / base[k]:.2f}x" if base.get(k) else "—"])
@@ -257,6 +279,8 @@ def _step_rows(doc: dict[str, Any]) -> list[list[str]]:
         bought = []
         if "macs_after" in s:
             bought.append(f"MACs {s['macs_before']:,} -> {s['macs_after']:,}")
+        if name in ("factorize", "cluster") and "summary" in s:
+            bought.append(s["summary"])
         if "torch_accuracy_search" in s:
             bought.append(f"torch accuracy on the search subset after it {100 * s['torch_accuracy_search']:.2f}%")
         if "quantize_summary" in s:

@@ -1,10 +1,16 @@
 """The search space of :func:`edgeslim.optimize`: which chains of the existing verbs are tried.
 
-A candidate is ``[residual blocks removed] [channel prune] [(+ BatchNorm recalibration) (+ recovery: fine-tune or distillation from the input
-model)] -> [INT8 PTQ (per-channel/per-tensor, CLE, bias correction, mixed precision) | FP16 | FP32] -> ONNX ->
-deployment (runtime, threads)``. Every dimension is a tuple of choices (a one-choice tuple fixes it); dimensions
-that do not apply are left out of a trial (no pruning: no recovery; no quantization: no calibration method), so
-every distinct candidate has one canonical parameter dict.
+A candidate is ``[residual blocks removed] [channel prune] [low-rank factorization] [(+ BatchNorm recalibration)
+(+ recovery: fine-tune or distillation from the input model)] [weight clustering] -> [INT8 PTQ (per-channel/
+per-tensor, CLE, bias correction, mixed precision) | FP16 | FP32] -> ONNX -> deployment (runtime, threads)``. Every
+dimension is a tuple of choices (a one-choice tuple fixes it); dimensions that do not apply are left out of a trial
+(no pruning or factorization: no recovery; no quantization: no calibration method; clustering: no CLE), so every
+distinct candidate has one canonical parameter dict.
+
+The step order follows :data:`edgeslim.core.recipe.FORBIDDEN`: factorization after pruning (pruning cannot slice
+the low-rank pairs' shared rank meaningfully, and the recovery then trains the factorized model), clustering after
+every step that rewrites layers (factorizing or pruning a clustered layer undoes its codebook) and before
+quantization, which comes last.
 """
 
 from __future__ import annotations
@@ -25,9 +31,11 @@ PARAMS = (
     "target_macs",
     "prune_scope",
     "keep_early",
+    "factorize",
     "recalibrate_bn",
     "finetune_steps",
     "recovery",
+    "cluster",
     "quantize",
     "per_channel",
     "calibration",
@@ -38,19 +46,25 @@ PARAMS = (
     "runtime",
     "threads",
 )
-PRUNE_PARAMS = ("prune_scope", "keep_early", "recalibrate_bn", "finetune_steps")
-CHANNEL_PARAMS = ("prune_scope", "keep_early")  # apply to channel pruning only (the others to any pruning)
+CHANNEL_PARAMS = ("prune_scope", "keep_early")  # apply to channel pruning only
+RESTRUCTURE_PARAMS = ("recalibrate_bn", "finetune_steps")  # apply after any pruning or factorization
 QUANT_PARAMS = ("per_channel", "calibration", "equalize", "bias_correction", "mixed_precision")
 RECOVERIES = ("finetune", "distill")
 SCOPES = ("layer", "global")
+FACTORIZE_METHODS = ("svd", "spatial_svd")
+#: a layer is clustered only when it holds at least this many weights per cluster (smaller layers stay dense, said
+#: in the step record: a codebook of k values for fewer than 4k weights saves little and k-means may not find k)
+CLUSTER_MIN_WEIGHTS_PER_CLUSTER = 4
 _DIMS = {
     "drop_blocks": "drop_blocks",
     "target_macs": "target_macs",
     "prune_scope": "prune_scope",
     "keep_early": "keep_early_layers",
+    "factorize": "factorize",
     "recalibrate_bn": "recalibrate_bn",
     "finetune_steps": "finetune_steps",
     "recovery": "recovery",
+    "cluster": "cluster",
     "quantize": "quantize",
     "per_channel": "per_channel",
     "calibration": "calibration",
@@ -69,9 +83,9 @@ def recovery_steps(space: Space, params: dict[str, Any]) -> int:
     """The recovery steps of a pruned candidate: its ``finetune_steps`` choice, given at 50 % of the MACs removed,
     scaled linearly with the pruning depth when ``space.scale_steps`` (300 at 50 % -> 450 at 75 %, 180 at 30 %)."""
     n = params.get("finetune_steps") or 0
-    if not n or not pruned(params):
+    if not n or not restructured(params):
         return 0
-    if not space.scale_steps or not params.get("target_macs"):  # blocks removed only: the choice as given
+    if not space.scale_steps or not params.get("target_macs"):  # blocks removed / factorized: the choice as given
         return int(n)
     return max(1, math.ceil(n * params["target_macs"] / STEPS_AT_MACS))
 
@@ -79,6 +93,11 @@ def recovery_steps(space: Space, params: dict[str, Any]) -> int:
 def pruned(params: dict[str, Any]) -> bool:
     """Whether a candidate removes anything (channels or residual blocks)."""
     return bool(params.get("target_macs")) or bool(params.get("drop_blocks"))
+
+
+def restructured(params: dict[str, Any]) -> bool:
+    """Whether a candidate changes the model's layers (pruning or low-rank factorization): what recovery follows."""
+    return pruned(params) or bool(params.get("factorize"))
 
 
 @dataclass(frozen=True)
@@ -99,14 +118,32 @@ class Space(Config):
         early_layers: module-name globs of the early layers; empty = the first quarter of the convolutions.
         importance: the channel criterion (``edgeslim.prune`` registry: l1, l2, bn_scale, fpgm, ...).
         round_to: kept channel counts are multiples of this (SIMD-friendly widths).
-        recalibrate_bn: choices for re-estimating BatchNorm statistics after pruning.
+        recalibrate_bn: choices for re-estimating BatchNorm statistics after pruning (and again after the
+            factorization, when there is one).
         bn_samples: training images the BatchNorm statistics are re-estimated on.
         finetune_steps: recovery step-budget choices after pruning, in optimizer steps at 50 % of the MACs
             removed (0 = no recovery); with ``scale_steps`` a candidate gets them scaled linearly with its pruning
             depth (:func:`recovery_steps`).
         scale_steps: scale the recovery steps with the pruning depth (deeper pruning, longer recovery).
-        recovery: how a pruned candidate recovers: ``finetune`` (cross-entropy on the labels) or ``distill``
+        factorize: low-rank factorization choices, after pruning and before the recovery (which then trains the
+            factorized model): the fraction of MACs removed from every layer ``factorize_method`` applies to
+            (``edgeslim.factorize`` with ``mac_ratio = 1 - choice``: each Linear / non-grouped Conv2d becomes two
+            layers of the largest rank within that share of its MACs; depthwise and grouped convolutions stay as
+            they are, so the model's MACs fall by less; the step records both counts). 0 = none. Fewer MACs is
+            not less time: the latency of every candidate is measured, and a factorization that makes the runtime
+            slower (two kernels launched instead of one) shows as slower.
+        factorize_method: ``svd`` (channel decomposition: kxk conv -> kxk conv to rank r + 1x1; Linear -> two
+            Linear) or ``spatial_svd`` (kxk conv -> kx1 then 1xk; other layers left as they are).
+        recovery: how a pruned or factorized candidate recovers: ``finetune`` (cross-entropy on the labels) or ``distill``
             (``edgeslim.distill`` from the input model: logit KD at temperature 4 + cross-entropy).
+        cluster: weight-clustering choices, after the recovery and before quantization: centroids per layer
+            (``edgeslim.cluster``, k-means, a codebook per Linear/Conv layer with at least
+            ``CLUSTER_MIN_WEIGHTS_PER_CLUSTER * k`` weights; no fine-tune of the centroids). 0 = none. Clustering
+            changes neither MACs nor latency nor the file's bytes: every weight is still stored in full (an INT8
+            file holds at most k distinct int8 values per output channel, BatchNorm folding included). It buys
+            the compressed size only (``size_zipped_mb``, limited by ``Budget.max_zipped_size_mb``). CLE is not
+            searched with clustering: equalization rescales input channels and so multiplies the distinct values
+            per output channel.
         finetune_lr: peak learning rate of the recovery (SGD, cosine decay).
         finetune_batch_size: batch size of the recovery.
         recovery_processes: processes a trial's recovery runs in. 1: in the trial's own process. N > 1: as
@@ -165,7 +202,10 @@ class Space(Config):
     bn_samples: int = 1024
     finetune_steps: tuple[int, ...] = (0, 300, 1000)
     scale_steps: bool = True
+    factorize: tuple[float, ...] = (0.0,)
+    factorize_method: str = "svd"
     recovery: tuple[str, ...] = ("finetune", "distill")
+    cluster: tuple[int, ...] = (0,)
     finetune_lr: float = 0.01
     finetune_batch_size: int = 64
     recovery_processes: int = 1
@@ -217,6 +257,29 @@ class Space(Config):
             or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and 0 <= x < 1 for x in self.target_macs)
         ):
             raise self._bad("target_macs", "must be distinct fractions in [0, 1) (0 = no pruning), e.g. [0, 0.3]")
+        if (
+            not isinstance(self.factorize, tuple)
+            or not self.factorize
+            or len(set(self.factorize)) != len(self.factorize)
+            or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and 0 <= x < 1 for x in self.factorize)
+        ):
+            raise self._bad(
+                "factorize",
+                "must be distinct fractions in [0, 1) of MACs removed by factorization (0 = none), e.g. [0, 0.3]",
+            )
+        if self.factorize_method not in FACTORIZE_METHODS:
+            raise self._bad("factorize_method", f"must be one of: {', '.join(FACTORIZE_METHODS)}")
+        if (
+            not isinstance(self.cluster, tuple)
+            or not self.cluster
+            or len(set(self.cluster)) != len(self.cluster)
+            or not all(
+                isinstance(x, int) and not isinstance(x, bool) and (x == 0 or 2 <= x <= 256) for x in self.cluster
+            )
+        ):
+            raise self._bad(
+                "cluster", "must be distinct integers, 0 (no clustering) or 2..256 clusters per layer, e.g. [0, 16]"
+            )
         if (
             not self.finetune_steps
             or len(set(self.finetune_steps)) != len(self.finetune_steps)
@@ -292,10 +355,12 @@ class Space(Config):
         """Whether dimension ``name`` applies given the earlier choices in ``params``."""
         if name in CHANNEL_PARAMS:
             return bool(params.get("target_macs"))
-        if name in PRUNE_PARAMS:
-            return pruned(params)
+        if name in RESTRUCTURE_PARAMS:
+            return restructured(params)
         if name == "recovery":
-            return pruned(params) and bool(params.get("finetune_steps"))
+            return restructured(params) and bool(params.get("finetune_steps"))
+        if name == "equalize":  # CLE rescales input channels: it would multiply a clustered layer's distinct values
+            return bool(params.get("quantize")) and not params.get("cluster")
         if name in QUANT_PARAMS:
             return bool(params.get("quantize"))
         if name == "fp16":
@@ -322,7 +387,7 @@ class Space(Config):
                 out[name] = None
                 continue
             v = params.get(name, self.choices(name)[0])
-            out[name] = float(v) if name == "target_macs" else v
+            out[name] = float(v) if name in ("target_macs", "factorize") else v
         return out
 
     def optuna_params(self, canonical: dict[str, Any]) -> dict[str, Any]:
@@ -339,8 +404,16 @@ class Space(Config):
         return list(out.values())
 
     def cheap(self) -> list[dict[str, Any]]:
-        """Up to ``cheap_trials`` PTQ-only candidates (no pruning, INT8), spread over the quantization choices."""
-        if 0 not in self.target_macs or 0 not in self.drop_blocks or True not in self.quantize or not self.cheap_trials:
+        """Up to ``cheap_trials`` PTQ-only candidates (no pruning, factorization or clustering, INT8), spread over the
+        quantization choices."""
+        if (
+            0 not in self.target_macs
+            or 0 not in self.drop_blocks
+            or 0 not in self.factorize
+            or 0 not in self.cluster
+            or True not in self.quantize
+            or not self.cheap_trials
+        ):
             return []
         combos = list(itertools.product(self.per_channel, self.calibration, self.equalize, self.bias_correction))
         k = min(self.cheap_trials, len(combos))
@@ -350,6 +423,8 @@ class Space(Config):
                 {
                     "drop_blocks": 0,
                     "target_macs": 0.0,
+                    "factorize": 0.0,
+                    "cluster": 0,
                     "quantize": True,
                     "per_channel": pc,
                     "calibration": cal,
@@ -361,7 +436,8 @@ class Space(Config):
         ]
 
     def probes(self) -> list[dict[str, Any]]:
-        """The structure probes (see ``probe_structures``): every pruned structure, no recovery, fast INT8."""
+        """The structure probes (see ``probe_structures``): every pruned or factorized structure, no recovery, no
+        clustering (when the space has that choice: it changes no latency), fast INT8."""
         if not self.probe_structures or 0 not in self.finetune_steps:
             return []
         quant = (
@@ -374,9 +450,11 @@ class Space(Config):
             else {"quantize": False}
         )
         out = []
-        for b, t in itertools.product(self.drop_blocks, self.target_macs):
-            if b or t:
-                out.append(self.canonical({"drop_blocks": b, "target_macs": t, "finetune_steps": 0, **quant}))
+        k = 0 if 0 in self.cluster else self.cluster[0]
+        for b, t, f in itertools.product(self.drop_blocks, self.target_macs, self.factorize):
+            if b or t or f:
+                p = {"drop_blocks": b, "target_macs": t, "factorize": f, "finetune_steps": 0, "cluster": k, **quant}
+                out.append(self.canonical(p))
         return out
 
     def promoted(self, probe: dict[str, Any]) -> dict[str, Any]:
@@ -388,8 +466,15 @@ class Space(Config):
 PRESETS: dict[str, dict[str, Any]] = {
     # INT8 PTQ variants only (per-channel x calibration x CLE x bias correction): no pruning, no training
     "ptq": {"drop_blocks": (0,), "target_macs": (0.0,), "quantize": (True,)},
-    # the default space plus mixed precision, FP16 and ONNX Runtime vs OpenVINO (those installed here)
-    "full": {"mixed_precision": (False, True), "fp16": (False, True), "runtimes": ("onnxruntime", "openvino")},
+    # the default space plus low-rank factorization, weight clustering, mixed precision, FP16 and ONNX Runtime vs
+    # OpenVINO (those installed here)
+    "full": {
+        "factorize": (0.0, 0.3),
+        "cluster": (0, 16),
+        "mixed_precision": (False, True),
+        "fp16": (False, True),
+        "runtimes": ("onnxruntime", "openvino"),
+    },
 }
 
 
@@ -432,35 +517,37 @@ def _check_runtime(space: Space, name: str) -> None:
 
 def describe(params: dict[str, Any], space: Space | None = None) -> str:
     """A candidate in words, e.g. ``prune 50% MACs (global, early kept, BN recal, distill 300 steps) + INT8
-    per-channel mse + CLE on openvino, 1 thread`` (with ``space``, the recovery steps are the scaled count)."""
+    per-channel mse + CLE on openvino, 1 thread`` or ``prune 30% MACs (BN recal) + factorize 30% MACs (svd,
+    finetune 180 steps) + cluster 16 values/layer + INT8 ...`` (with ``space``, the recovery steps are the scaled
+    count)."""
     parts = []
     steps = recovery_steps(space, params) if space is not None else params.get("finetune_steps")
     rec = params.get("recovery") or "finetune"
-    recovery = [
-        x
-        for x in (
-            "BN recal" if params.get("recalibrate_bn") else "",
-            (f"{rec} {steps} steps" if space is not None else f"{rec} {steps} steps at 50%") if steps else "",
-        )
-        if x
-    ]
+    recal = ["BN recal"] if params.get("recalibrate_bn") else []
+    trained = [(f"{rec} {steps} steps" if space is not None else f"{rec} {steps} steps at 50%")] if steps else []
+    # the recovery is said with the last step that changes the layers (BatchNorm recalibration with the pruning)
+    last = "factorize" if params.get("factorize") else "target_macs" if params.get("target_macs") else "drop_blocks"
     if params.get("drop_blocks"):
         n = params["drop_blocks"]
-        parts.append(
-            f"drop {n} residual block{'s' if n != 1 else ''}"
-            + (f" ({', '.join(recovery)})" if recovery and not params.get("target_macs") else "")
-        )
+        extra = [*recal, *(trained if last == "drop_blocks" else [])] if not params.get("target_macs") else []
+        parts.append(f"drop {n} residual block{'s' if n != 1 else ''}" + (f" ({', '.join(extra)})" if extra else ""))
     if params.get("target_macs"):
         extra = [
             x
             for x in (
                 "global" if params.get("prune_scope") == "global" else "",
                 "early kept" if params.get("keep_early") else "",
-                *recovery,
+                *recal,
+                *(trained if last == "target_macs" else []),
             )
             if x
         ]
         parts.append(f"prune {100 * params['target_macs']:.0f}% MACs" + (f" ({', '.join(extra)})" if extra else ""))
+    if params.get("factorize"):
+        method = space.factorize_method if space is not None else "svd"
+        parts.append(f"factorize {100 * params['factorize']:.0f}% MACs ({', '.join([method, *recal, *trained])})")
+    if params.get("cluster"):
+        parts.append(f"cluster {params['cluster']} values/layer")
     if params.get("quantize"):
         extra = [
             x

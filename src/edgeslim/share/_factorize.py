@@ -114,6 +114,16 @@ def _matrix(m: nn.Module, method: FactorizeMethod) -> tuple[torch.Tensor, float,
     return w.permute(1, 2, 0, 3).reshape(inp * kh, out * kw), out * inp * kh * kw, inp * kh * m.stride[1] + out * kw
 
 
+def min_mac_ratio(m: nn.Module, method: FactorizeMethod | str = FactorizeMethod.SVD) -> float | None:
+    """The smallest ``mac_ratio`` layer ``m`` can be factorized to by ``method`` (its MACs at rank 1 over its
+    own), or None when the method does not apply to it. A ``mac_ratio`` below it needs rank < 1 (an error)."""
+    method = FactorizeMethod(method)
+    if _why_not(m, method) is not None:
+        return None
+    _, cost, unit = _matrix(m, method)
+    return unit / cost
+
+
 def _choose_rank(name: str, s: torch.Tensor, cost: float, unit: float, config: FactorizeConfig) -> int:
     full = len(s)
     if config.rank is not None:

@@ -178,7 +178,7 @@ class Space(Config):
         calib_samples: calibration images (class-balanced, from the training split).
         cheap_trials: PTQ-only candidates queued first (no training; seconds each), before the sampler's.
         probe_structures: latency first: after the cheap trials, every pruning structure (``drop_blocks`` x
-            ``target_macs``, with the first scope and early-layer choices) is queued without recovery, INT8
+            ``target_macs`` x early layers kept or not, with the first scope choice) is queued without recovery, INT8
             per-tensor (+ CLE when searched): seconds each. Latency, size and memory do not depend on the recovery,
             so a structure the budget's latency (or size) rules out never gets trained; needs 0 among
             ``finetune_steps``.
@@ -452,9 +452,13 @@ class Space(Config):
         out = []
         k = 0 if 0 in self.cluster else self.cluster[0]
         for b, t, f in itertools.product(self.drop_blocks, self.target_macs, self.factorize):
-            if b or t or f:
+            if not (b or t or f):
+                continue
+            # with channel pruning, each early-layer choice is its own structure: keeping the early layers whole
+            # puts the MAC cut elsewhere (often faster at the same MACs) but can make a deep target unreachable
+            for early in self.keep_early_layers if t else (None,):
                 p = {"drop_blocks": b, "target_macs": t, "factorize": f, "finetune_steps": 0, "cluster": k, **quant}
-                out.append(self.canonical(p))
+                out.append(self.canonical({**p, "keep_early": early} if early is not None else p))
         return out
 
     def promoted(self, probe: dict[str, Any]) -> dict[str, Any]:

@@ -151,6 +151,12 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5, help="interleaved latency rounds of the final table")
     ap.add_argument("--runs", type=int, default=200, help="timed runs per round and file")
     ap.add_argument("--out", default="/tmp/optimize_olive", help="work folder (optimize resumes when it exists)")
+    ap.add_argument(
+        "--finetune-steps", type=int, nargs="+", help="optimize's recovery step choices (default: the Space's)"
+    )
+    ap.add_argument(
+        "--reuse-olive", action="store_true", help="take the Olive result already in OUT/olive (no second Olive run)"
+    )
     ap.add_argument("--skip", nargs="*", default=[], choices=["olive", "optimize", "ptq", "prune"])
     ap.add_argument("-v", "--verbose", action="store_true")
     a = ap.parse_args()
@@ -166,7 +172,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     model = es.models.load("mobilenet_v2", dataset="fashion-mnist", pretrained=True)
     train, val = es.data.load("fashion-mnist")
-    space = es.Space()
+    space = es.Space() if not a.finetune_steps else es.Space(finetune_steps=tuple(a.finetune_steps))
     val_eval = val.take(a.eval_samples, seed=0) if a.eval_samples else val
     budget = es.Budget(max_accuracy_drop=a.max_drop / 100, min_speedup=a.min_speedup, threads=1)
 
@@ -185,11 +191,18 @@ def main() -> None:
     extra: dict = {}
     if "olive" not in a.skip:
         t = time.perf_counter()
+        done = out / "olive" / "output" / "model.onnx"
         cfg = olive_config(
             fp32.path, data_dir, out / "olive", max_drop=a.max_drop / 100, minutes=a.olive_minutes, seed=0
         )
         try:
-            path, info = run_olive(cfg)
+            if a.reuse_olive and done.exists():
+                rec = out / "olive" / "seconds.json"
+                path, info = done, {"reused": str(done)}
+                t -= json.loads(rec.read_text())["seconds"] if rec.exists() else 60 * a.olive_minutes
+            else:
+                path, info = run_olive(cfg)
+                (out / "olive" / "seconds.json").write_text(json.dumps({"seconds": time.perf_counter() - t}))
         except Exception as e:  # noqa: BLE001 - reported as a row, the other tools still run
             path, info = None, {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
         extra["olive"] = {**info, "config": cfg}

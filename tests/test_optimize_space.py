@@ -652,3 +652,16 @@ def test_factorization_leaves_out_layers_it_cannot_reach_instead_of_failing():
     assert sorted(left) == ["pw.0", "stem.0"] and "rank 1 keeps 0.25 of its MACs" in left["pw.0"]
     f = factorize(model, cfg, example_inputs=TinyCNN.example_inputs(1))
     assert [r["name"] for r in f.report.done()] == ["fc"] and f.report.done()[0]["rank"] == 1
+
+
+def test_promoted_structures_skip_the_multi_fidelity_gate(digits_model, tmp_path):
+    from edgeslim.pipeline._candidate import Gated, gate
+
+    model, train, val = digits_model
+    sp = Space(**BASE, target_macs=(0.0, 0.5), finetune_steps=(0, 20))
+    ctx = _ctx(model, train, val, sp, tmp_path / "cache")
+    params = sp.canonical({"target_macs": 0.5, "finetune_steps": 20, "quantize": True})
+    with pytest.raises(Gated, match="more than finetune_gate=80 pt"):
+        gate(ctx, params, 0.0)  # chance accuracy after pruning: not worth recovering ...
+    ctx.ungated = True
+    gate(ctx, params, 0.0)  # ... unless the structure was promoted for its measured speed

@@ -66,6 +66,7 @@ class Context:
     base_torch_accuracy: float | None = None
     host: dict[str, Any] = field(default_factory=host_info)
     deadline: float | None = None  # time.perf_counter() value after which no step starts and recovery stops
+    ungated: bool = False  # the current trial skips the multi-fidelity gate (a promoted structure)
     notes: list[str] = field(default_factory=list)  # said in the report (e.g. search choices the model cannot take)
     recal_best: dict[str, float] = field(default_factory=dict)  # best BN-recal accuracy per depth (see depth())
 
@@ -182,6 +183,8 @@ def gate(ctx: Context, params: dict[str, Any], recal: float) -> None:
     recovery is not worth the steps: more than ``finetune_gate`` below the input model (absolute rule) or more
     than ``gate_margin`` below the best recalibrated accuracy the study has seen at the same depth (relative)."""
     sp = ctx.space
+    if ctx.ungated:  # a promoted structure: chosen for its measured speed, its recovery is the point of the trial
+        return
     drop = base_accuracy(ctx) - recal
     if sp.finetune_gate is not None and drop > sp.finetune_gate:
         raise Gated(

@@ -532,6 +532,7 @@ def _search(
             what = "running" if dup.state == TrialState.RUNNING else "tried"
             raise optuna.TrialPruned(f"same candidate as trial {dup.number} ({what})")
         ctx.recal_best = _recal_best(study)
+        ctx.ungated = bool(trial.user_attrs.get("promoted"))
         return params
 
     def objective(trial: Any) -> tuple[float, float]:

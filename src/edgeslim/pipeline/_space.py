@@ -184,7 +184,8 @@ class Space(Config):
             ``finetune_steps``.
         promote: how many probed structures that meet every limit but accuracy are then queued with recovery
             (the largest ``finetune_steps`` choice, the first ``recovery`` choice), best recalibrated accuracy
-            first (the structures pruning hurt least recover best); the sampler goes on after them.
+            first (the structures pruning hurt least recover best), exempt from the multi-fidelity gates (they were
+            chosen for their measured speed: their recovery is the point); the sampler goes on after them.
         search_samples: validation images accuracy is measured on during the search (a seeded subset; the
             chosen candidate is re-measured on the whole validation split).
         latency_runs: timed runs per latency measurement (after 10 warm-up runs; the median is used).

@@ -665,3 +665,36 @@ def test_promoted_structures_skip_the_multi_fidelity_gate(digits_model, tmp_path
         gate(ctx, params, 0.0)  # chance accuracy after pruning: not worth recovering ...
     ctx.ungated = True
     gate(ctx, params, 0.0)  # ... unless the structure was promoted for its measured speed
+
+
+def test_a_structure_that_cannot_be_built_is_not_tried_again(digits_model, tmp_path):
+    """A MAC target unreachable with the early layers kept fails once (its probe); the sampler's later proposals
+    of the same structure, with any other quantization choice, are skipped instead of failing one by one."""
+    import optuna
+
+    model, train, val = digits_model
+    sp = Space(
+        **{
+            **BASE,
+            "probe_structures": True,
+            "cheap_trials": 1,
+            "keep_early_layers": (True,),
+            "calibration": ("minmax", "mse", "percentile"),
+            "per_channel": (True, False),
+        },
+        target_macs=(0.0, 0.95),
+        finetune_steps=(0,),
+        quantize=(True,),
+        promote=0,
+    )
+    optimize(model, data=(train, val), budget=Budget(), space=sp, max_trials=8, out=tmp_path / "r", progress=False)
+    study = optuna.load_study(study_name=None, storage=f"sqlite:///{tmp_path / 'r' / 'study.db'}")
+    ts = study.get_trials()
+    failed = [t for t in ts if t.state.name == "FAIL"]
+    assert len(failed) == 1 and failed[0].user_attrs["structure_failed"]
+    assert "cannot remove 95% of the MACs" in failed[0].user_attrs["error"]
+    skipped = [t for t in ts if t.user_attrs.get("params", {}).get("target_macs") == 0.95 and t is not failed[0]]
+    assert all(t.state.name == "PRUNED" and t.user_attrs["duplicate_of"] == failed[0].number for t in skipped)
+    assert skipped, "the sampler proposed the failed structure again (with another quantization choice)"
+    done = [t for t in ts if t.state.name == "COMPLETE"]
+    assert done and all(t.user_attrs["params"]["target_macs"] == 0.0 for t in done)

@@ -66,6 +66,7 @@ class Context:
     base_torch_accuracy: float | None = None
     host: dict[str, Any] = field(default_factory=host_info)
     deadline: float | None = None  # time.perf_counter() value after which no step starts and recovery stops
+    stage: str = ""  # "structure" while a candidate's structure (blocks, channels, factorization) is being built
     ungated: bool = False  # the current trial skips the multi-fidelity gate (a promoted structure)
     notes: list[str] = field(default_factory=list)  # said in the report (e.g. search choices the model cannot take)
     recal_best: dict[str, float] = field(default_factory=dict)  # best BN-recal accuracy per depth (see depth())
@@ -170,6 +171,15 @@ def cluster_config(ctx: Context, params: dict[str, Any]) -> Any:
 
     k = int(params["cluster"])
     return ClusterConfig(clusters=k, min_weights=CLUSTER_MIN_WEIGHTS_PER_CLUSTER * k, seed=ctx.seed)
+
+
+#: the parameters that fix a candidate's structure (built before any recovery or quantization)
+STRUCTURE = ("drop_blocks", "target_macs", "prune_scope", "keep_early", "factorize")
+
+
+def structure_key(params: dict[str, Any]) -> str:
+    """A candidate's structure: candidates sharing it fail alike when building it fails (an unreachable target)."""
+    return repr({k: params.get(k) for k in STRUCTURE})
 
 
 def depth(params: dict[str, Any]) -> str:
@@ -307,6 +317,7 @@ def float_model(ctx: Context, params: dict[str, Any]) -> tuple[nn.Module, str, d
     base), its cache key and step records."""
     model, pk = ctx.base, ctx.base_key
     steps: dict[str, Any] = {}
+    ctx.stage = "structure"  # a failure from here to the recovery is the structure's (see structure_key)
     if params.get("drop_blocks"):
         model, pk, steps["blocks"] = _prune_step(ctx, "blocks", model, pk, block_config(ctx, params))
     if params.get("target_macs"):
@@ -318,6 +329,7 @@ def float_model(ctx: Context, params: dict[str, Any]) -> tuple[nn.Module, str, d
     if params.get("factorize"):
         cfg, unreachable = factorize_config(ctx, params, model)
         model, pk, steps["factorize"] = _share_step(ctx, params, "factorize", model, pk, cfg, unreachable)
+    ctx.stage = ""
     n_steps = recovery_steps(ctx.space, params)
     if n_steps:
         model, pk = _recovery_step(ctx, params, model, pk, steps, n_steps)

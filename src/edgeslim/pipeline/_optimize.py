@@ -59,6 +59,7 @@ from edgeslim.pipeline._candidate import (
     interleaved_latency,
     measure_candidate,
     pruned_accuracy,
+    structure_key,
 )
 from edgeslim.pipeline._report import pareto_front, write_report
 from edgeslim.pipeline._space import Space, describe, restructured
@@ -517,18 +518,29 @@ def _search(
             and "params" in t.user_attrs
             and t.number != trial.number
         }
-        if (dup := taken.get(repr(params))) is not None:
+        ctx.stage = ""
+        failed = {  # structures that could not be built (e.g. a MAC target unreachable with the early layers kept)
+            structure_key(t.user_attrs["params"]): t
+            for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+            if t.user_attrs.get("structure_failed") and "params" in t.user_attrs
+        }
+        dup = taken.get(repr(params))
+        if dup is None and (bad := failed.get(structure_key(params))) is not None and bad.number != trial.number:
+            dup = bad
+        if dup is not None:
             last["duplicate"] = True
             trial.set_user_attr("duplicate_of", dup.number)
             for k, v in dup.constraints.items():
                 trial.set_constraint(k, v)
             # queue an untried candidate instead (drawn with the trial's own seed, so a resumed run draws the same)
-            untried = [c for c in candidates if repr(c) not in taken]
+            untried = [c for c in candidates if repr(c) not in taken and structure_key(c) not in failed]
             if untried:
                 pick = random.Random(ctx.seed * 1_000_003 + trial.number).choice(untried)
                 study.enqueue_trial(
                     space.optuna_params(pick), user_attrs={"instead_of_duplicate": trial.number}, skip_if_exists=True
                 )
+            if dup.state == TrialState.FAIL:
+                raise optuna.TrialPruned(f"same structure as trial {dup.number}, which could not be built")
             what = "running" if dup.state == TrialState.RUNNING else "tried"
             raise optuna.TrialPruned(f"same candidate as trial {dup.number} ({what})")
         ctx.recal_best = _recal_best(study)
@@ -562,6 +574,8 @@ def _search(
         except Exception as e:
             msg = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
             trial.set_user_attr("error", msg)
+            if ctx.stage == "structure":  # every candidate of this structure would fail the same way: not tried again
+                trial.set_user_attr("structure_failed", True)
             trial.set_user_attr("seconds", round(time.perf_counter() - t0, 2))
             log.warning("trial %d (%s) failed: %s", trial.number, describe(params, space), msg)
             if not isinstance(e, EdgeslimError):

@@ -41,6 +41,22 @@ def _steps(cache, kind: str) -> list:
     return [p for p in cache.glob(f"{kind}-*") if p.is_dir()]
 
 
+def _ctx(model, train, val, sp, cache, budget=None) -> Context:
+    """A trial context on ``model`` with ``sp``, the step cache in ``cache``."""
+    return Context(
+        base=model,
+        base_key="k",
+        train=train,
+        val=val,
+        search_val=val.take(300, seed=0),
+        example_inputs=val.normalized()[:1],
+        space=sp,
+        budget=budget or Budget(),
+        seed=0,
+        cache=Cache(cache),
+    )
+
+
 def test_new_dimensions_are_validated_and_canonical():
     with pytest.raises(ConfigError, match=r"Space.recovery=\('kd',\).*finetune, distill"):
         Space(recovery=("kd",))
@@ -150,18 +166,7 @@ def test_relative_gate_skips_recovery_when_recalibrated_accuracy_ranks_low(digit
 def test_deadline_stops_a_long_recovery_within_a_step(digits_model, tmp_path):
     model, train, val = digits_model
     sp = Space(**BASE, target_macs=(0.3,), finetune_steps=(0, 200_000), recovery=("finetune",), quantize=(False,))
-    ctx = Context(
-        base=model,
-        base_key="k",
-        train=train,
-        val=val,
-        search_val=val.take(300, seed=0),
-        example_inputs=val.normalized()[:1],
-        space=sp,
-        budget=Budget(),
-        seed=0,
-        cache=Cache(tmp_path / "cache"),
-    )
+    ctx = _ctx(model, train, val, sp, tmp_path / "cache")
     # prune first (cached), so the deadline below falls inside the recovery however loaded the host is
     build_candidate(ctx, sp.canonical({"target_macs": 0.3, "finetune_steps": 0, "quantize": False}))
     params = sp.canonical({"target_macs": 0.3, "finetune_steps": 200_000, "quantize": False})
@@ -240,18 +245,7 @@ def test_residual_blocks_are_a_search_dimension(tmp_path):
     model = fit(TinyRepeat(), train, None, TrainConfig(epochs=3, lr=0.05, augment=False), progress=False).model
     fitted, note = _fit_blocks(sp, model, val.normalized()[:1])
     assert fitted.drop_blocks == (0, 1) and "has 3 removable residual block(s): drop_blocks choice(s) 5" in note
-    ctx = Context(
-        base=model.eval(),
-        base_key="k",
-        train=train,
-        val=val,
-        search_val=val.take(300, seed=0),
-        example_inputs=val.normalized()[:1],
-        space=fitted,
-        budget=Budget(),
-        seed=0,
-        cache=Cache(tmp_path / "cache"),
-    )
+    ctx = _ctx(model.eval(), train, val, fitted, tmp_path / "cache")
     m, art, _, steps = build_candidate(ctx, c)
     assert list(steps)[:2] == ["blocks", "finetune"] and len(steps["blocks"]["removed"]) == 1
     assert art.validation["top1_agreement"] >= 0.95
@@ -296,37 +290,6 @@ def test_structures_are_probed_without_recovery_then_the_best_promoted(digits_mo
     assert res.report.data["trials"]["complete"] == 4
 
 
-def _context(model, train, val, sp, cache) -> Context:
-    return Context(
-        base=model,
-        base_key="k",
-        train=train,
-        val=val,
-        search_val=val.take(300, seed=0),
-        example_inputs=val.normalized()[:1],
-        space=sp,
-        budget=Budget(threads=2),
-        seed=0,
-        cache=Cache(cache),
-    )
-
-
-# ---------------------------------------------------------------------------------------------- factorize, cluster
-def _ctx(model, train, val, sp, cache, budget=None):
-    return Context(
-        base=model,
-        base_key="k",
-        train=train,
-        val=val,
-        search_val=val.take(300, seed=0),
-        example_inputs=val.normalized()[:1],
-        space=sp,
-        budget=budget or Budget(),
-        seed=0,
-        cache=Cache(cache),
-    )
-
-
 def test_recovery_processes_is_validated():
     with pytest.raises(ConfigError, match=r"Space.recovery_processes=0 .*integer >= 1"):
         Space(recovery_processes=0)
@@ -367,8 +330,8 @@ def test_recovery_runs_in_two_torchrun_processes_and_the_deadline_stops_it(digit
     sp2 = sp1.replace(recovery_processes=2)
     params = sp1.canonical({"target_macs": 0.5, "finetune_steps": 40, "recovery": "finetune", "quantize": False})
     cache = tmp_path / "cache"
-    _, _, k1, one = build_candidate(_context(model, train, val, sp1, cache), params)
-    ctx = _context(model, train, val, sp2, cache)
+    _, _, k1, one = build_candidate(_ctx(model, train, val, sp1, cache, budget=Budget(threads=2)), params)
+    ctx = _ctx(model, train, val, sp2, cache, budget=Budget(threads=2))
     m2, art, k2, two = build_candidate(ctx, params)
     assert two["prune"]["cached"] and not two["finetune"].get("cached")  # the same pruned model, recovered anew
     # the recovery really ran in 2 ranks (the world size rank 0 reported), 2 threads // 2 each, the same steps
@@ -415,7 +378,7 @@ def test_a_failing_or_hanging_torchrun_recovery_is_one_error_line(digits_model, 
     model, train, val = digits_model
     sp = Space(**BASE, target_macs=(0.5,), finetune_steps=(40, 200_000), recovery=("distill",), recovery_processes=2)
     cache = tmp_path / "cache"
-    ctx = _context(model, train, val, sp, cache)
+    ctx = _ctx(model, train, val, sp, cache, budget=Budget(threads=2))
     short = sp.canonical({"target_macs": 0.5, "finetune_steps": 40, "quantize": False})
     ctx.deadline = time.perf_counter() + 3600
     monkeypatch.setattr(_recovery_ddp, "MARGIN_S", -3590.0)  # the parent gives up ~10 s in; the ranks don't stop

@@ -23,7 +23,6 @@ device profile from the exported graph (roofline calibrated on this host's measu
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 import math
 import time
@@ -36,6 +35,7 @@ from torch import nn
 
 from edgeslim.core.artifact import Artifact
 from edgeslim.core.metrics import host_info
+from edgeslim.core.modules import first_match
 from edgeslim.pipeline._budget import MB, Budget
 from edgeslim.pipeline._space import CLUSTER_MIN_WEIGHTS_PER_CLUSTER, Space, recovery_steps
 from edgeslim.pipeline._store import Cache, key
@@ -324,7 +324,7 @@ def float_model(ctx: Context, params: dict[str, Any]) -> tuple[nn.Module, str, d
         cfg = prune_config(ctx, params)
         if cfg.exclude and params.get("drop_blocks"):  # early layers inside a removed block are gone
             names = [n for n, _ in model.named_modules()]
-            cfg = cfg.replace(exclude=tuple(e for e in cfg.exclude if any(fnmatch.fnmatchcase(n, e) for n in names)))
+            cfg = cfg.replace(exclude=tuple(e for e in cfg.exclude if any(first_match(n, [e]) for n in names)))
         model, pk, steps["prune"] = _prune_step(ctx, "prune", model, pk, cfg)
     if params.get("factorize"):
         cfg, unreachable = factorize_config(ctx, params, model)

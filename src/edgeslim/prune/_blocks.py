@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from edgeslim.core.counting import call
-from edgeslim.core.errors import ConfigError, DataError, ModelError, near
+from edgeslim.core.errors import ConfigError, DataError, ModelError
+from edgeslim.core.modules import get_module, set_module
 
 log = logging.getLogger(__name__)
 
@@ -184,15 +185,7 @@ def residual_blocks(model: nn.Module, example_inputs: Any) -> tuple[list[str], d
 
 def remove_block(model: nn.Module, name: str) -> nn.Module:
     """In place: replace residual block ``name`` by its skip path (see the module docstring)."""
-    try:
-        module = model.get_submodule(name)
-    except AttributeError:
-        raise ModelError(
-            f"no module {name!r} in {type(model).__name__}{near(name, dict(model.named_modules()))}"
-        ) from None
-    parent_name, _, attr = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, attr, _replacement(module, name))
+    set_module(model, name, _replacement(get_module(model, name), name))
     return model
 
 
@@ -250,22 +243,26 @@ def drop_blocks(
         refs = [model(x) for x in xs]
     dropped: list[str] = []
     scores: dict[str, float] = {}
+    # each candidate's skip path, traced once (its tail's layers belong to the block, which no step changes)
+    skips = {c: _replacement(get_module(model, c), c) for c in cands}
     for _ in range(blocks):
         best, best_d = None, float("inf")
         for c in cands:
-            parent_name, _, attr = c.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            orig = getattr(parent, attr)
-            setattr(parent, attr, _replacement(orig, c))
+            orig = get_module(model, c)
+            set_module(model, c, skips[c])
             try:
                 with torch.no_grad():
                     d = sum(_distance(r, model(x)) * len(x) for r, x in zip(refs, xs, strict=True))
             finally:
-                setattr(parent, attr, orig)
+                set_module(model, c, orig)
             if d < best_d:
                 best, best_d = c, d
-        assert best is not None
-        remove_block(model, best)
+        if best is None:
+            raise ModelError(
+                f"block pruning: with any of {', '.join(cands)} removed the output of {type(model).__name__} is not "
+                "finite on the data; no block can be ranked"
+            )
+        set_module(model, best, skips.pop(best))
         cands.remove(best)
         dropped.append(best)
         scores[best] = round(best_d / sum(len(x) for x in xs), 6)

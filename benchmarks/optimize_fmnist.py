@@ -208,6 +208,12 @@ def main() -> None:
         f"\nPareto front (search figures: accuracy on the search subset, latency): {len(front)} non-dominated of "
         f"{len(done)} completed trials in {opt_seconds / 60:.1f} min"
     )
+    for i in sorted(front, key=lambda i: done[i]["figures"]["latency_ms"]):
+        r = done[i]
+        print(
+            f"  #{r['number']:<4} {r['figures']['accuracy']:.2%}  {r['figures']['latency_ms']:.4f} ms  "
+            f"[{r.get('stage') or 'sampler/cheap'}] {r['description']}"
+        )
     front30 = front_within(Path(out) / "study.db", 30.0)
     print(f"Pareto front of the trials completed in the search's first 30 minutes: {front30} non-dominated points")
     doc = {
@@ -232,6 +238,16 @@ def main() -> None:
             "pareto_points": len(front),
             "pareto_points_first_30_min": front30,
             "pareto_trials": [done[i]["number"] for i in front],
+            "pareto_front": [
+                {
+                    "trial": done[i]["number"],
+                    "stage": done[i].get("stage"),
+                    "candidate": done[i]["description"],
+                    "accuracy_search": done[i]["figures"]["accuracy"],
+                    "latency_ms_search": done[i]["figures"]["latency_ms"],
+                }
+                for i in sorted(front, key=lambda i: done[i]["figures"]["latency_ms"])
+            ],
         },
         "rows": out_rows,
         "seconds": round(time.perf_counter() - t0, 1),

@@ -237,9 +237,18 @@ def main() -> None:
             "report": str(res.paths.get("html")),
         }
         done = [r for r in extra["optimize"]["trials"].pop("rows", []) if r["state"] == "complete" and r.get("figures")]
-        extra["optimize"]["pareto_points"] = len(
-            pareto_front([(r["figures"]["accuracy"], r["figures"]["latency_ms"]) for r in done])
-        )
+        front = pareto_front([(r["figures"]["accuracy"], r["figures"]["latency_ms"]) for r in done])
+        extra["optimize"]["pareto_points"] = len(front)
+        extra["optimize"]["pareto_front"] = [
+            {
+                "trial": done[i]["number"],
+                "stage": done[i].get("stage"),
+                "candidate": done[i]["description"],
+                "accuracy_search": done[i]["figures"]["accuracy"],
+                "latency_ms_search": done[i]["figures"]["latency_ms"],
+            }
+            for i in sorted(front, key=lambda i: done[i]["figures"]["latency_ms"])
+        ]
         extra["optimize"]["pareto_points_first_30_min"] = front_within(out / "optimize" / "study.db", 30.0)
         print(
             f"edgeslim optimize: {extra['optimize']['pareto_points']} non-dominated (accuracy, latency) trials of "

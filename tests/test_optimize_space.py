@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from edgeslim.core.errors import ConfigError
-from edgeslim.pipeline import Budget, Space, load_chosen, optimize
+from edgeslim.pipeline import Budget, Space, load_chosen, optimize, pareto_front
 from edgeslim.pipeline._candidate import Context, DeadlineReached, build_candidate, measure_candidate
 from edgeslim.pipeline._space import describe, recovery_steps
 from edgeslim.pipeline._store import Cache
@@ -253,17 +253,19 @@ def test_residual_blocks_are_a_search_dimension(tmp_path):
     assert again["blocks"]["cached"] and again["finetune"]["cached"]
 
 
-def test_structures_are_probed_without_recovery_then_the_best_promoted(digits_model, tmp_path):
-    """Latency first: after the PTQ trial, each pruning structure runs once without recovery (seconds); the one
-    whose recalibrated accuracy is best among those meeting every non-accuracy limit is then queued with the
-    largest recovery, before the sampler."""
+def test_structures_are_probed_then_swept_then_the_best_promoted(digits_model, tmp_path):
+    """The multi-fidelity ladder: after the PTQ trial each pruning structure runs once without recovery (seconds);
+    then every probed structure is swept with the smallest recovery; then the one whose swept accuracy is best
+    among those meeting every non-accuracy limit is queued with the largest recovery, then the rest of the sweep's
+    front, before the sampler."""
     import optuna
 
     model, train, val = digits_model
     sp = Space(
         **{**BASE, "probe_structures": True, "cheap_trials": 1},
         target_macs=(0.0, 0.3, 0.6),
-        finetune_steps=(0, 20),
+        finetune_steps=(0, 10, 20),
+        scale_steps=False,
         recovery=("finetune",),
         quantize=(True,),
         promote=1,
@@ -273,21 +275,54 @@ def test_structures_are_probed_without_recovery_then_the_best_promoted(digits_mo
     res = optimize(
         model,
         data=(train, val),
-        budget=Budget(max_accuracy_drop=0.0),  # only accuracy limits: every probe may be promoted
+        budget=Budget(max_accuracy_drop=0.0),  # only accuracy limits: every probe may be swept and promoted
         space=sp,
-        max_trials=4,
+        max_trials=7,  # the sampler's turn comes after the ladder: it stops there or at the 7th trial
         out=tmp_path / "run",
         progress=False,
     )
     study = optuna.load_study(study_name=None, storage=f"sqlite:///{tmp_path / 'run' / 'study.db'}")
     ts = sorted(study.get_trials(), key=lambda t: t.number)
+    ts = [t for t in ts if t.number < 5 or t.user_attrs.get("promoted")]  # the ladder's trials
     params = [t.user_attrs["params"] for t in ts]
     assert params[0]["target_macs"] == 0.0 and [p["target_macs"] for p in params[1:3]] == [0.3, 0.6]
     assert all(ts[i].user_attrs.get("probe") for i in (1, 2))
-    best = max(ts[1:3], key=lambda t: t.user_attrs["recal_accuracy"]).user_attrs["params"]
-    assert ts[3].user_attrs.get("promoted") and params[3]["finetune_steps"] == 20
-    assert params[3]["target_macs"] == best["target_macs"] and study.user_attrs["promoted"] == 1
-    assert res.report.data["trials"]["complete"] == 4
+    # the sweep: both structures (two points need no thinning), the smallest recovery, ungated, by latency
+    assert all(ts[i].user_attrs.get("sweep") for i in (3, 4)) and study.user_attrs["swept"] == 2
+    assert sorted(p["target_macs"] for p in params[3:5]) == [0.3, 0.6]
+    assert all(p["finetune_steps"] == 10 for p in params[3:5])
+    assert all(ts[i].state == optuna.trial.TrialState.COMPLETE for i in range(5))
+    best = max(ts[3:5], key=lambda t: (t.user_attrs["figures"]["accuracy"], -t.number)).user_attrs["params"]
+    assert ts[5].user_attrs.get("promoted") and params[5]["finetune_steps"] == 20
+    assert params[5]["target_macs"] == best["target_macs"]
+    # promote_front: then the sweep's other front structure (if it is on the front), fastest first
+    pts = [(t.user_attrs["figures"]["accuracy"], t.user_attrs["figures"]["latency_ms"]) for t in ts[3:5]]
+    front = [params[3 + i]["target_macs"] for i in pareto_front(pts)]
+    more = [m for m in front if m != best["target_macs"]]
+    assert study.user_attrs["promoted"] == 1 + len(more)
+    assert [p["target_macs"] for p in params[6:]] == more and all(p["finetune_steps"] == 20 for p in params[6:])
+    stages = [r["stage"] for r in sorted(res.report.data["trials"]["rows"], key=lambda r: r["number"])][: len(ts)]
+    assert stages == [None, "probe", "probe", "sweep", "sweep", "promoted"] + ["promoted"] * len(more)
+    assert "[sweep]" in (tmp_path / "run" / "report.md").read_text()
+
+
+def test_sweep_picks_fronts_spread_over_latency_feasible_first():
+    """The sweep's choice: successive non-dominated fronts of (recalibrated accuracy, latency), a front with more
+    points than places left thinned evenly over latency (its fastest and slowest kept); budget-feasible first."""
+    from edgeslim.pipeline._optimize import sweep_picks
+
+    # front: 0 (fast, poor), 1, 2, 3 (slow, good); 4 and 5 are dominated (by 1 and by 2)
+    pts = [(0.1, 1.0), (0.5, 2.0), (0.8, 3.0), (0.9, 4.0), (0.4, 2.5), (0.7, 3.5)]
+    everything = [True] * 6
+    assert sweep_picks(pts, everything, 4) == [0, 1, 2, 3]
+    assert sweep_picks(pts, everything, 2) == [0, 3]  # thinned: the front's two ends
+    assert sweep_picks(pts, everything, 3) == [0, 2, 3] or sweep_picks(pts, everything, 3) == [0, 1, 3]
+    assert sorted(sweep_picks(pts, everything, 6)) == [0, 1, 2, 3, 4, 5]  # then the next front
+    assert sweep_picks(pts, everything, 5) in ([0, 1, 4, 2, 3], [0, 1, 2, 5, 3])
+    fast_only = [True, True, False, False, False, False]  # e.g. a speedup limit only the fast ones meet
+    assert sweep_picks(pts, fast_only, 4) == [0, 1, 2, 3]
+    assert sweep_picks(pts, [False, False, True, True, False, False], 4) == [2, 3, 0, 1]
+    assert sweep_picks([], [], 8) == [] and sweep_picks(pts, everything, 0) == []
 
 
 def test_recovery_processes_is_validated():

@@ -544,7 +544,7 @@ def _search(
             what = "running" if dup.state == TrialState.RUNNING else "tried"
             raise optuna.TrialPruned(f"same candidate as trial {dup.number} ({what})")
         ctx.recal_best = _recal_best(study)
-        ctx.ungated = bool(trial.user_attrs.get("promoted"))
+        ctx.ungated = bool(trial.user_attrs.get("promoted") or trial.user_attrs.get("sweep"))
         return params
 
     def objective(trial: Any) -> tuple[float, float]:
@@ -657,40 +657,106 @@ def _search(
     return stopped
 
 
+def _spread(idx: list[int], lat: list[float], k: int) -> list[int]:
+    """``k`` of ``idx`` spread evenly over latency (the fastest and the slowest always among them when k > 1)."""
+    order = sorted(idx, key=lambda i: lat[i])
+    if k >= len(order):
+        return order
+    if k == 1:
+        return [order[0]]
+    return [order[round(j * (len(order) - 1) / (k - 1))] for j in range(k)]
+
+
+def sweep_picks(points: list[tuple[float, float]], feasible: list[bool], n: int) -> list[int]:
+    """Indices of up to ``n`` probes for the sweep (see ``Space.sweep``): ``points`` are (recalibrated accuracy,
+    latency); successive non-dominated fronts, each thinned evenly over latency when it has more than the places
+    left; those meeting the budget's non-accuracy limits (``feasible``) first, then by latency."""
+    left = list(range(len(points)))
+    picks: list[int] = []
+    lat = [c for _, c in points]
+    while left and len(picks) < n:
+        front = [left[i] for i in pareto_front([points[i] for i in left])]
+        picks += _spread(front, lat, n - len(picks))
+        left = [i for i in left if i not in front]
+    return sorted(picks, key=lambda i: (not feasible[i], lat[i]))
+
+
 def _promote(study: Any, ctx: Context, baseline: dict[str, Any]) -> None:
-    """Once every structure probe has finished: queue the best ``space.promote`` probed structures that meet every
-    limit of the budget but accuracy, with recovery (see ``Space.promote``). Runs once per study (a study attribute
-    records it, so resumed runs and other workers do not queue them again)."""
+    """The multi-fidelity ladder after the probes (see ``Space.sweep`` and ``Space.promote``). Once every structure
+    probe has finished: queue the sweep (probed structures across the latency range, smallest recovery). Once the
+    sweep has finished too: queue the best ``space.promote`` probed structures that meet every limit of the budget
+    but accuracy, with the largest recovery. Each runs once per study (study attributes record them, so resumed
+    runs and other workers do not queue them again)."""
     from optuna.trial import TrialState
 
     space = ctx.space
-    if not space.promote or study.user_attrs.get("promoted") is not None:
+    if not space.probes() or study.user_attrs.get("promoted") is not None:
         return
     trials = study.get_trials(deepcopy=False)
     probes = [t for t in trials if t.user_attrs.get("probe")]
-    if not space.probes() or any(t.state in (TrialState.WAITING, TrialState.RUNNING) for t in probes):
+    if any(t.state in (TrialState.WAITING, TrialState.RUNNING) for t in probes):
         return
-    ok = []
     # probes are not clustered: when the space clusters, a zipped-size excess may still be clustered away
     later = {"max_accuracy_drop"} | ({"max_zipped_size_mb"} if any(space.cluster) else set())
-    for t in probes:
-        if t.state != TrialState.COMPLETE or "figures" not in t.user_attrs:
+    done = [t for t in probes if t.state == TrialState.COMPLETE and "figures" in t.user_attrs]
+    feasible = [
+        not any(v.field not in later for v in ctx.budget.check(t.user_attrs["figures"], baseline["figures"]))
+        for t in done
+    ]
+    recal = [t.user_attrs.get("recal_accuracy", t.user_attrs["figures"]["accuracy"]) for t in done]
+    if study.user_attrs.get("swept") is None:
+        swept = [space.swept(t.user_attrs["params"]) for t in done] if space.sweep else []
+        picks = []
+        if swept and swept[0] is not None:
+            points = [(a, t.user_attrs["figures"]["latency_ms"]) for a, t in zip(recal, done, strict=True)]
+            picks = [swept[i] for i in sweep_picks(points, feasible, space.sweep)]
+        for p in picks:
+            study.enqueue_trial(space.optuna_params(p), user_attrs={"sweep": True}, skip_if_exists=True)
+        study.set_user_attr("swept", len(picks))
+        if picks:
+            log.info(
+                "optimize: %d of %d probed structures queued with the smallest recovery (%d steps), across the "
+                "latency range",
+                len(picks),
+                len(probes),
+                picks[0]["finetune_steps"],
+            )
+            return
+    sweep = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("sweep")]
+    if any(t.state in (TrialState.WAITING, TrialState.RUNNING) for t in sweep):
+        return
+    recovered = {
+        structure_key(t.user_attrs["params"]): t.user_attrs["figures"]["accuracy"]
+        for t in sweep
+        if t.state == TrialState.COMPLETE and "figures" in t.user_attrs
+    }
+    tried = {repr(t.user_attrs.get("params")) for t in sweep}
+    ok = []
+    for t, fits, acc in zip(done, feasible, recal, strict=True):
+        p = space.promoted(t.user_attrs["params"])
+        if not fits or not p["finetune_steps"] or repr(p) in tried:  # swept at the largest recovery already
             continue
-        viol = ctx.budget.check(t.user_attrs["figures"], baseline["figures"])
-        if any(v.field not in later for v in viol):
-            continue
-        acc = t.user_attrs.get("recal_accuracy", t.user_attrs["figures"]["accuracy"])
-        ok.append((acc, -t.number, t.user_attrs["params"]))
-    picks = [space.promoted(p) for _, _, p in sorted(ok, reverse=True)[: space.promote]]
-    picks = [p for p in picks if p["finetune_steps"]]  # a space without recovery steps has nothing to promote
+        sk = structure_key(p)
+        ok.append(((sk in recovered, recovered.get(sk, acc)), -t.number, p))
+    picks = [p for _, _, p in sorted(ok, key=lambda r: (r[0], r[1]), reverse=True)[: space.promote]]
+    n_budget = len(picks)
+    if space.promote_front:
+        swept = [t for t in sweep if t.state == TrialState.COMPLETE and "figures" in t.user_attrs]
+        points = [(t.user_attrs["figures"]["accuracy"], t.user_attrs["figures"]["latency_ms"]) for t in swept]
+        for i in sorted(pareto_front(points), key=lambda i: points[i][1]):
+            p = space.promoted(swept[i].user_attrs["params"])
+            if p["finetune_steps"] and repr(p) not in tried and all(repr(p) != repr(q) for q in picks):
+                picks.append(p)
     for p in picks:
         study.enqueue_trial(space.optuna_params(p), user_attrs={"promoted": True}, skip_if_exists=True)
     study.set_user_attr("promoted", len(picks))
     log.info(
-        "optimize: %d of %d probed structures meet the budget's non-accuracy limits; %d queued with recovery",
-        len(ok),
+        "optimize: %d of %d probed structures meet the budget's non-accuracy limits; %d queued with the largest "
+        "recovery (best recovered accuracy in the sweep first), %d more from the sweep's front",
+        sum(feasible),
         len(probes),
-        len(picks),
+        n_budget,
+        len(picks) - n_budget,
     )
 
 
@@ -896,6 +962,7 @@ def _trial_row(t: Any, space: Space) -> dict[str, Any]:
     return {
         "number": t.number,
         "state": t.state.name.lower(),
+        "stage": next((k for k in ("probe", "sweep", "promoted") if u.get(k)), None),
         "params": u.get("params", t.params),
         "description": describe(u["params"], space) if "params" in u else "",
         "figures": u.get("figures"),

@@ -196,6 +196,8 @@ def _trial_cells(r: dict[str, Any], base: dict[str, Any]) -> list[str]:
         status = r["state"]
     else:
         status = "meets budget" if not r["violations"] else "; ".join(v["text"] for v in r["violations"])
+    if r.get("stage"):  # the multi-fidelity ladder: probe (no recovery), sweep (smallest), promoted (largest)
+        status += f" [{r['stage']}]"
     if r.get("requeued"):
         status += " [re-queued after a stopped run]"
     if r.get("retry_of") is not None:

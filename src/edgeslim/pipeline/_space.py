@@ -182,17 +182,30 @@ class Space(Config):
             per-tensor (+ CLE when searched): seconds each. Latency, size and memory do not depend on the recovery,
             so a structure the budget's latency (or size) rules out never gets trained; needs 0 among
             ``finetune_steps``.
-        promote: how many probed structures that meet every limit but accuracy are then queued with recovery
-            (the largest ``finetune_steps`` choice, the first ``recovery`` choice), best recalibrated accuracy
-            first (the structures pruning hurt least recover best), exempt from the multi-fidelity gates (they were
-            chosen for their measured speed: their recovery is the point); the sampler goes on after them.
+        sweep: multi-fidelity across the latency range: once every probe has finished, up to this many probed
+            structures are queued with the smallest recovery (the smallest non-zero ``finetune_steps`` choice, the
+            first ``recovery`` choice), exempt from the multi-fidelity gates: the probes' front first (structures
+            no other probe beats on both recalibrated accuracy and measured latency), then the next front, each
+            thinned evenly over latency when it has more than the places left; those meeting every limit but
+            accuracy run first. The first minutes of a run so give a front of recovered candidates from the
+            slowest to the fastest structure (not one point at the budget's edge), and promotion ranks structures
+            by recovered accuracy rather than by recalibrated accuracy alone. 0: off.
+        promote: how many probed structures that meet every limit but accuracy are then queued with the largest
+            recovery (the largest ``finetune_steps`` choice, the first ``recovery`` choice), after the sweep: best
+            swept accuracy first, then best recalibrated accuracy (the structures pruning hurt least recover best),
+            exempt from the multi-fidelity gates (they were chosen for their measured speed: their recovery is
+            the point); the sampler goes on after them.
+        promote_front: after the ``promote`` picks, also queue with the largest recovery every swept structure on
+            the sweep's front (swept accuracy vs measured latency: no other swept structure is both more accurate
+            and faster), fastest first: the front the report plots then holds fully recovered candidates across
+            the latency range, not short-recovery ones dominated by the budget's picks.
         search_samples: validation images accuracy is measured on during the search (a seeded subset; the
             chosen candidate is re-measured on the whole validation split).
         latency_runs: timed runs per latency measurement (after 10 warm-up runs; the median is used).
     """
 
     kind = "search_space"
-    drop_blocks: tuple[int, ...] = (0, 3, 6)
+    drop_blocks: tuple[int, ...] = (0, 3, 6, 9)
     target_macs: tuple[float, ...] = (0.0, 0.35, 0.5, 0.65, 0.75)
     prune_scope: tuple[str, ...] = ("layer", "global")
     keep_early_layers: tuple[bool, ...] = (True, False)
@@ -224,7 +237,9 @@ class Space(Config):
     calib_samples: int = 512
     cheap_trials: int = 4
     probe_structures: bool = True
+    sweep: int = 8
     promote: int = 3
+    promote_front: bool = True
     search_samples: int = 2000
     latency_runs: int = 50
 
@@ -318,6 +333,7 @@ class Space(Config):
             ("recovery_processes", 1),
             ("calib_samples", 1),
             ("cheap_trials", 0),
+            ("sweep", 0),
             ("promote", 0),
             ("search_samples", 1),
             ("latency_runs", 1),
@@ -337,6 +353,8 @@ class Space(Config):
                 raise self._bad(f, "must be a fraction in [0, 1] (0.3 = 30 points) or None (off)")
         if not isinstance(self.probe_structures, bool):
             raise self._bad("probe_structures", "must be true or false")
+        if not isinstance(self.promote_front, bool):
+            raise self._bad("promote_front", "must be true or false")
         if not isinstance(self.scale_steps, bool):
             raise self._bad("scale_steps", "must be true or false")
         if (
@@ -461,6 +479,13 @@ class Space(Config):
                 p = {"drop_blocks": b, "target_macs": t, "factorize": f, "finetune_steps": 0, "cluster": k, **quant}
                 out.append(self.canonical({**p, "keep_early": early} if early is not None else p))
         return out
+
+    def swept(self, probe: dict[str, Any]) -> dict[str, Any] | None:
+        """A probed structure with the smallest recovery the space allows (see ``sweep``); None without recovery."""
+        steps = [n for n in self.finetune_steps if n]
+        if not steps:
+            return None
+        return self.canonical({**probe, "finetune_steps": min(steps), "recovery": self.recovery[0]})
 
     def promoted(self, probe: dict[str, Any]) -> dict[str, Any]:
         """A probed structure with the largest recovery the space allows (see ``promote``)."""

@@ -203,16 +203,15 @@ def main() -> None:
             }
         )
     done = [r for r in res.report.data["trials"]["rows"] if r["state"] == "complete" and r.get("figures")]
-    front = pareto_front([(r["figures"]["accuracy"], r["figures"]["latency_ms"]) for r in done])
+    front_rows = pareto_rows(done)
     print(
-        f"\nPareto front (search figures: accuracy on the search subset, latency): {len(front)} non-dominated of "
+        f"\nPareto front (search figures: accuracy on the search subset, latency): {len(front_rows)} non-dominated of "
         f"{len(done)} completed trials in {opt_seconds / 60:.1f} min"
     )
-    for i in sorted(front, key=lambda i: done[i]["figures"]["latency_ms"]):
-        r = done[i]
+    for r in front_rows:
         print(
-            f"  #{r['number']:<4} {r['figures']['accuracy']:.2%}  {r['figures']['latency_ms']:.4f} ms  "
-            f"[{r.get('stage') or 'sampler/cheap'}] {r['description']}"
+            f"  #{r['trial']:<4} {r['accuracy_search']:.2%}  {r['latency_ms_search']:.4f} ms  "
+            f"[{r['stage'] or 'sampler/cheap'}] {r['candidate']}"
         )
     front30 = front_within(Path(out) / "study.db", 30.0)
     print(f"Pareto front of the trials completed in the search's first 30 minutes: {front30} non-dominated points")
@@ -235,19 +234,10 @@ def main() -> None:
             "report": str(res.paths.get("html")),
             "trials": res.report.data["trials"]["complete"],
             "seconds": opt_seconds,
-            "pareto_points": len(front),
+            "pareto_points": len(front_rows),
             "pareto_points_first_30_min": front30,
-            "pareto_trials": [done[i]["number"] for i in front],
-            "pareto_front": [
-                {
-                    "trial": done[i]["number"],
-                    "stage": done[i].get("stage"),
-                    "candidate": done[i]["description"],
-                    "accuracy_search": done[i]["figures"]["accuracy"],
-                    "latency_ms_search": done[i]["figures"]["latency_ms"],
-                }
-                for i in sorted(front, key=lambda i: done[i]["figures"]["latency_ms"])
-            ],
+            "pareto_trials": [r["trial"] for r in front_rows],
+            "pareto_front": front_rows,
         },
         "rows": out_rows,
         "seconds": round(time.perf_counter() - t0, 1),
@@ -260,6 +250,21 @@ def main() -> None:
         force=True,
     )
     print(f"\noptimize report: {res.paths.get('html')}\nwrote {path} ({doc['seconds']:.0f} s)")
+
+
+def pareto_rows(done: list[dict]) -> list[dict]:
+    """The non-dominated (accuracy, latency) rows among the report's completed trial rows ``done``, fastest first."""
+    front = pareto_front([(r["figures"]["accuracy"], r["figures"]["latency_ms"]) for r in done])
+    return [
+        {
+            "trial": done[i]["number"],
+            "stage": done[i].get("stage"),
+            "candidate": done[i]["description"],
+            "accuracy_search": done[i]["figures"]["accuracy"],
+            "latency_ms_search": done[i]["figures"]["latency_ms"],
+        }
+        for i in sorted(front, key=lambda i: done[i]["figures"]["latency_ms"])
+    ]
 
 
 def front_within(db: Path, minutes: float) -> int:

@@ -43,9 +43,7 @@ from edgeslim.train import fit
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 from _harness import host, latency_rounds  # noqa: E402
-from optimize_fmnist import front_within  # noqa: E402
-
-from edgeslim.pipeline import pareto_front  # noqa: E402
+from optimize_fmnist import front_within, pareto_rows  # noqa: E402
 
 
 def olive_config(fp32: Path, data_dir: Path, out: Path, *, max_drop: float, minutes: float, seed: int) -> dict:
@@ -237,18 +235,8 @@ def main() -> None:
             "report": str(res.paths.get("html")),
         }
         done = [r for r in extra["optimize"]["trials"].pop("rows", []) if r["state"] == "complete" and r.get("figures")]
-        front = pareto_front([(r["figures"]["accuracy"], r["figures"]["latency_ms"]) for r in done])
-        extra["optimize"]["pareto_points"] = len(front)
-        extra["optimize"]["pareto_front"] = [
-            {
-                "trial": done[i]["number"],
-                "stage": done[i].get("stage"),
-                "candidate": done[i]["description"],
-                "accuracy_search": done[i]["figures"]["accuracy"],
-                "latency_ms_search": done[i]["figures"]["latency_ms"],
-            }
-            for i in sorted(front, key=lambda i: done[i]["figures"]["latency_ms"])
-        ]
+        extra["optimize"]["pareto_front"] = pareto_rows(done)
+        extra["optimize"]["pareto_points"] = len(extra["optimize"]["pareto_front"])
         extra["optimize"]["pareto_points_first_30_min"] = front_within(out / "optimize" / "study.db", 30.0)
         print(
             f"edgeslim optimize: {extra['optimize']['pareto_points']} non-dominated (accuracy, latency) trials of "

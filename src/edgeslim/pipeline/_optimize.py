@@ -685,7 +685,7 @@ def _promote(study: Any, ctx: Context, baseline: dict[str, Any]) -> None:
     """The multi-fidelity ladder after the probes (see ``Space.sweep`` and ``Space.promote``). Once every structure
     probe has finished: queue the sweep (probed structures across the latency range, smallest recovery). Once the
     sweep has finished too: queue the best ``space.promote`` probed structures that meet every limit of the budget
-    but accuracy, with the largest recovery. Each runs once per study (study attributes record them, so resumed
+    but accuracy, then (``space.promote_front``) the rest of the sweep's front, with the largest recovery. Each runs once per study (study attributes record them, so resumed
     runs and other workers do not queue them again)."""
     from optuna.trial import TrialState
 
@@ -725,11 +725,8 @@ def _promote(study: Any, ctx: Context, baseline: dict[str, Any]) -> None:
     sweep = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("sweep")]
     if any(t.state in (TrialState.WAITING, TrialState.RUNNING) for t in sweep):
         return
-    recovered = {
-        structure_key(t.user_attrs["params"]): t.user_attrs["figures"]["accuracy"]
-        for t in sweep
-        if t.state == TrialState.COMPLETE and "figures" in t.user_attrs
-    }
+    swept_done = [t for t in sweep if t.state == TrialState.COMPLETE and "figures" in t.user_attrs]
+    recovered = {structure_key(t.user_attrs["params"]): t.user_attrs["figures"]["accuracy"] for t in swept_done}
     tried = {repr(t.user_attrs.get("params")) for t in sweep}
     ok = []
     for t, fits, acc in zip(done, feasible, recal, strict=True):
@@ -741,12 +738,13 @@ def _promote(study: Any, ctx: Context, baseline: dict[str, Any]) -> None:
     picks = [p for _, _, p in sorted(ok, key=lambda r: (r[0], r[1]), reverse=True)[: space.promote]]
     n_budget = len(picks)
     if space.promote_front:
-        swept = [t for t in sweep if t.state == TrialState.COMPLETE and "figures" in t.user_attrs]
-        points = [(t.user_attrs["figures"]["accuracy"], t.user_attrs["figures"]["latency_ms"]) for t in swept]
+        points = [(t.user_attrs["figures"]["accuracy"], t.user_attrs["figures"]["latency_ms"]) for t in swept_done]
+        queued = tried | {repr(q) for q in picks}
         for i in sorted(pareto_front(points), key=lambda i: points[i][1]):
-            p = space.promoted(swept[i].user_attrs["params"])
-            if p["finetune_steps"] and repr(p) not in tried and all(repr(p) != repr(q) for q in picks):
+            p = space.promoted(swept_done[i].user_attrs["params"])
+            if p["finetune_steps"] and repr(p) not in queued:
                 picks.append(p)
+                queued.add(repr(p))
     for p in picks:
         study.enqueue_trial(space.optuna_params(p), user_attrs={"promoted": True}, skip_if_exists=True)
     study.set_user_attr("promoted", len(picks))

@@ -306,6 +306,88 @@ def test_structures_are_probed_then_swept_then_the_best_promoted(digits_model, t
     assert "[sweep]" in (tmp_path / "run" / "report.md").read_text()
 
 
+def test_promoted_recovery_is_sized_by_measured_step_time_and_time_left():
+    """In a timed run the promoted rung fills ``promote_time_share`` of the time left, split evenly: each structure's
+    recovery at its swept trial's measured seconds per step (less the trial's other costs), between the largest
+    choice and 10 times it, rounded down to 100; untimed runs, a share of 0 or an unmeasured sweep: the largest."""
+    from types import SimpleNamespace
+
+    from edgeslim.pipeline._optimize import SIZED_MAX_FACTOR, sized_units
+
+    sp = Space(
+        **{**BASE, "probe_structures": True},
+        target_macs=(0.0, 0.3, 0.6),
+        finetune_steps=(0, 100, 300),
+        recovery=("finetune",),
+    )
+    a, b = sp.probes()[:2]
+
+    def swept(probe, rec_s, trial_s, **extra):
+        p = sp.swept(probe)
+        return SimpleNamespace(
+            user_attrs={"params": p, "seconds": trial_s, "steps": {"finetune": {"seconds": rec_s, **extra}}}
+        )
+
+    picks = [sp.promoted(a), sp.promoted(b)]
+    sweep = [swept(a, 10.0, 12.0), swept(b, 5.0, 6.0)]  # 0.1 s and 0.05 s per step; 2 s and 1 s of other costs
+    assert SIZED_MAX_FACTOR == 10
+    assert sized_units(sp, picks, sweep, 1000.0) == [2400, 3000]  # 250 s each: (250-2)/0.1, (250-1)/0.05 capped
+    assert sized_units(sp, picks, sweep, None) == [300, 300]  # no time limit: the largest choice
+    assert sized_units(sp, picks, sweep, 10.0) == [300, 300]  # too little time: never below the largest choice
+    assert sized_units(sp.replace(promote_time_share=0.0), picks, sweep, 1000.0) == [300, 300]
+    assert sized_units(sp, picks, sweep[:1], 1000.0) == [2400, 2400]  # b not swept: the sweep's median rate
+    assert sized_units(sp, picks, [swept(a, 10.0, 12.0, cached=True)], 1000.0) == [300, 300]  # no measured time
+    assert sp.promoted(a, 2400)["finetune_steps"] == 2400
+    with pytest.raises(ConfigError, match=r"Space.promote_time_share=1.5 .*fraction in \[0, 0.9\]"):
+        Space(promote_time_share=1.5)
+
+
+def test_a_timed_run_promotes_with_a_sized_recovery_and_a_requeued_trial_keeps_its_rung(digits_model, tmp_path):
+    """End to end: with max_minutes the promoted trial's recovery is sized by the time left (here the 10x cap of
+    the largest choice on a fast model), recorded on the trial and in the chosen recipe; a promoted trial stopped
+    by the deadline is queued again with its rung (ungated, same sized recovery)."""
+    import optuna
+
+    from edgeslim.pipeline._optimize import _requeue_interrupted
+
+    model, train, val = digits_model
+    sp = Space(
+        **{**BASE, "probe_structures": True},
+        target_macs=(0.0, 0.3),
+        finetune_steps=(0, 5, 10),
+        scale_steps=False,
+        recovery=("finetune",),
+        quantize=(True,),
+        promote=1,
+        promote_front=False,
+    )
+    res = optimize(
+        model,
+        data=(train, val),
+        budget=Budget(max_accuracy_drop=0.0),
+        space=sp,
+        max_trials=3,  # probe, sweep, promoted
+        max_minutes=30,
+        out=tmp_path / "run",
+        progress=False,
+    )
+    study = optuna.load_study(study_name=None, storage=f"sqlite:///{tmp_path / 'run' / 'study.db'}")
+    (promoted,) = [t for t in study.get_trials() if t.user_attrs.get("promoted")]
+    assert promoted.user_attrs["recovery_units"] == 100 == promoted.user_attrs["params"]["finetune_steps"]
+    assert promoted.params["finetune_steps"] == 10  # what the sampler sees: a choice of the space
+    assert promoted.user_attrs["steps"]["finetune"]["steps"] == 100
+    assert "finetune 100 steps" in " ".join(r["description"] for r in res.report.data["trials"]["rows"])
+    # the deadline stops the promoted trial: it is queued again on its rung
+    mem = optuna.create_study(directions=["maximize", "minimize"])
+    t = mem.ask()
+    for k, v in {"deadline": "stopped", "promoted": True, "recovery_units": 100}.items():
+        t.set_user_attr(k, v)
+    mem.tell(t, state=optuna.trial.TrialState.PRUNED)
+    assert _requeue_interrupted(mem) == [0]
+    (queued,) = [q for q in mem.get_trials() if q.state == optuna.trial.TrialState.WAITING]
+    assert queued.user_attrs == {"retry_of": 0, "promoted": True, "recovery_units": 100}
+
+
 def test_sweep_picks_fronts_spread_over_latency_feasible_first():
     """The sweep's choice: successive non-dominated fronts of (recalibrated accuracy, latency), a front with more
     points than places left thinned evenly over latency (its fastest and slowest kept); budget-feasible first."""

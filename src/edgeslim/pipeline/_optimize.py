@@ -32,6 +32,7 @@ import dataclasses
 import logging
 import random
 import shutil
+import statistics
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -366,6 +367,10 @@ def _check_study(study: Any, ident: dict[str, Any], url: str) -> None:
             )
 
 
+#: the trial attributes that place a queued trial on the multi-fidelity ladder (kept when it is queued again)
+LADDER_ATTRS = ("probe", "sweep", "promoted", "recovery_units")
+
+
 def _requeue_interrupted(study: Any) -> list[int]:
     """Queue again the trials a Ctrl-C (or a dead shared worker) left failed without a result of their own."""
     from optuna.trial import TrialState
@@ -376,8 +381,9 @@ def _requeue_interrupted(study: Any) -> list[int]:
     for t in trials:
         stopped = t.state == TrialState.FAIL and t.user_attrs.get("interrupted")
         stopped = stopped or (t.state == TrialState.PRUNED and "deadline" in t.user_attrs)  # max_minutes hit
-        if stopped and t.number not in retried:
-            study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
+        if stopped and t.number not in retried:  # its rung of the ladder (gates, sized recovery) goes with it
+            ladder = {k: t.user_attrs[k] for k in LADDER_ATTRS if k in t.user_attrs}
+            study.enqueue_trial(t.params, user_attrs={"retry_of": t.number, **ladder})
             out.append(t.number)
     return out
 
@@ -505,6 +511,8 @@ def _search(
     def claim(trial: Any) -> dict[str, Any]:
         """The trial's candidate, or TrialPruned when another trial has (or is running) the same one."""
         params = space.suggest(trial)
+        if (units := trial.user_attrs.get("recovery_units")) and params.get("finetune_steps"):
+            params = {**params, "finetune_steps": int(units)}  # a promoted recovery sized by time (_sized_units)
         trial.set_user_attr("params", params)
         trial.set_user_attr("worker", me)
         last["number"] = trial.number
@@ -685,8 +693,10 @@ def _promote(study: Any, ctx: Context, baseline: dict[str, Any]) -> None:
     """The multi-fidelity ladder after the probes (see ``Space.sweep`` and ``Space.promote``). Once every structure
     probe has finished: queue the sweep (probed structures across the latency range, smallest recovery). Once the
     sweep has finished too: queue the best ``space.promote`` probed structures that meet every limit of the budget
-    but accuracy, then (``space.promote_front``) the rest of the sweep's front, with the largest recovery. Each runs once per study (study attributes record them, so resumed
-    runs and other workers do not queue them again)."""
+    but accuracy, with the largest recovery (in a timed run sized to ``space.promote_time_share`` of the time
+    left: :func:`sized_units`), then (``space.promote_front``) the rest of the sweep's front with the largest
+    choice. Each runs once per study (study attributes record them, so resumed runs and other workers do not queue
+    them again; the sized steps are stored on the queued trial)."""
     from optuna.trial import TrialState
 
     space = ctx.space
@@ -745,17 +755,58 @@ def _promote(study: Any, ctx: Context, baseline: dict[str, Any]) -> None:
             if p["finetune_steps"] and repr(p) not in queued:
                 picks.append(p)
                 queued.add(repr(p))
-    for p in picks:
-        study.enqueue_trial(space.optuna_params(p), user_attrs={"promoted": True}, skip_if_exists=True)
+    left = None if ctx.deadline is None else ctx.deadline - time.perf_counter()
+    largest = max(space.finetune_steps)
+    # the budget's picks get the time; the front's (context for the plot) the largest choice
+    units = sized_units(space, picks[:n_budget], swept_done, left) + [largest] * (len(picks) - n_budget)
+    for p, n in zip(picks, units, strict=True):
+        study.enqueue_trial(
+            space.optuna_params(p),
+            user_attrs={"promoted": True, **({"recovery_units": n} if n != largest else {})},
+            skip_if_exists=True,
+        )
     study.set_user_attr("promoted", len(picks))
     log.info(
-        "optimize: %d of %d probed structures meet the budget's non-accuracy limits; %d queued with the largest "
-        "recovery (best recovered accuracy in the sweep first), %d more from the sweep's front",
+        "optimize: %d of %d probed structures meet the budget's non-accuracy limits; %d queued with the longest "
+        "recovery (best recovered accuracy in the sweep first; steps at 50%% MACs: %s), %d more from the sweep's "
+        "front (%d steps)",
         sum(feasible),
         len(probes),
         n_budget,
+        units[:n_budget],
         len(picks) - n_budget,
+        largest,
     )
+
+
+#: promoted recoveries sized by time: at most this many times the largest ``finetune_steps`` choice
+SIZED_MAX_FACTOR = 10
+
+
+def sized_units(space: Space, picks: list[dict[str, Any]], swept: list[Any], seconds_left: float | None) -> list[int]:
+    """The recovery of each promoted candidate in ``finetune_steps`` units (see ``Space.promote_time_share``):
+    ``promote_time_share`` of ``seconds_left`` split evenly over ``picks``, less each trial's other costs, at the
+    seconds per unit its structure's swept trial measured (the median of the swept trials for a structure not
+    swept); between the largest ``finetune_steps`` choice and ``SIZED_MAX_FACTOR`` times it, rounded down to 100.
+    Without a time limit (``seconds_left`` None), a share of 0 or no measured sweep: the largest choice."""
+    largest = max(space.finetune_steps)
+    rates: dict[str, tuple[float, float]] = {}  # structure -> (seconds per unit, seconds of the rest of the trial)
+    for t in swept:
+        p, st = t.user_attrs["params"], t.user_attrs.get("steps") or {}
+        rec = st.get(p.get("recovery") or "finetune") or {}
+        if rec.get("seconds") and not rec.get("cached") and p.get("finetune_steps"):
+            rest = max(0.0, float(t.user_attrs.get("seconds") or 0.0) - rec["seconds"])
+            rates[structure_key(p)] = (rec["seconds"] / p["finetune_steps"], rest)
+    if seconds_left is None or not space.promote_time_share or not picks or not rates:
+        return [largest] * len(picks)
+    each = space.promote_time_share * max(0.0, seconds_left) / len(picks)
+    typical = (statistics.median(r for r, _ in rates.values()), statistics.median(o for _, o in rates.values()))
+    out = []
+    for p in picks:
+        rate, rest = rates.get(structure_key(p), typical)
+        n = int((each - rest) / rate) // 100 * 100 if rate > 0 else largest
+        out.append(min(max(n, largest), SIZED_MAX_FACTOR * largest))
+    return out
 
 
 def _progress_bar(total: int | None, initial: int, enabled: bool | None) -> Any:

@@ -191,7 +191,8 @@ class Space(Config):
             slowest to the fastest structure (not one point at the budget's edge), and promotion ranks structures
             by recovered accuracy rather than by recalibrated accuracy alone. 0: off.
         promote: how many probed structures that meet every limit but accuracy are then queued with the largest
-            recovery (the largest ``finetune_steps`` choice, the first ``recovery`` choice), after the sweep: best
+            recovery (the largest ``finetune_steps`` choice, or longer in a timed run: ``promote_time_share``; the
+            first ``recovery`` choice), after the sweep: best
             swept accuracy first, then best recalibrated accuracy (the structures pruning hurt least recover best),
             exempt from the multi-fidelity gates (they were chosen for their measured speed: their recovery is
             the point); the sampler goes on after them.
@@ -199,6 +200,14 @@ class Space(Config):
             the sweep's front (swept accuracy vs measured latency: no other swept structure is both more accurate
             and faster), fastest first: the front the report plots then holds fully recovered candidates across
             the latency range, not short-recovery ones dominated by the budget's picks.
+        promote_time_share: in a run with ``max_minutes``, the share of the time left when the promoted rung is
+            queued that the recoveries of the budget's ``promote`` picks are sized to fill, each the same part
+            (the front's picks keep the largest choice): a structure's recovery steps follow its swept trial's
+            measured seconds per step (and the trial's other costs), never fewer than the largest
+            ``finetune_steps`` choice nor more than 10 times it (rounded down to 100 steps). A model that trains
+            fast, or a long run, so gets a long recovery for the candidates the budget is judged on, where a slow
+            one keeps the largest choice. 0, or a run without ``max_minutes`` (it has no time to size by): the
+            largest choice.
         search_samples: validation images accuracy is measured on during the search (a seeded subset; the
             chosen candidate is re-measured on the whole validation split).
         latency_runs: timed runs per latency measurement (after 10 warm-up runs; the median is used).
@@ -240,6 +249,7 @@ class Space(Config):
     sweep: int = 8
     promote: int = 3
     promote_front: bool = True
+    promote_time_share: float = 0.5
     search_samples: int = 2000
     latency_runs: int = 50
 
@@ -355,6 +365,9 @@ class Space(Config):
             raise self._bad("probe_structures", "must be true or false")
         if not isinstance(self.promote_front, bool):
             raise self._bad("promote_front", "must be true or false")
+        v = self.promote_time_share
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 0.9:
+            raise self._bad("promote_time_share", "must be a fraction in [0, 0.9] of the time left (0 = off)")
         if not isinstance(self.scale_steps, bool):
             raise self._bad("scale_steps", "must be true or false")
         if (
@@ -487,9 +500,11 @@ class Space(Config):
             return None
         return self.canonical({**probe, "finetune_steps": min(steps), "recovery": self.recovery[0]})
 
-    def promoted(self, probe: dict[str, Any]) -> dict[str, Any]:
-        """A probed structure with the largest recovery the space allows (see ``promote``)."""
-        return self.canonical({**probe, "finetune_steps": max(self.finetune_steps), "recovery": self.recovery[0]})
+    def promoted(self, probe: dict[str, Any], steps: int | None = None) -> dict[str, Any]:
+        """A probed structure with the largest recovery the space allows (see ``promote``), or ``steps`` (in
+        ``finetune_steps`` units) when sized by time (see ``promote_time_share``)."""
+        n = steps or max(self.finetune_steps)
+        return self.canonical({**probe, "finetune_steps": n, "recovery": self.recovery[0]})
 
 
 #: named spaces for the CLI's ``--space NAME`` (a YAML file otherwise)

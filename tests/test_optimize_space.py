@@ -163,6 +163,27 @@ def test_relative_gate_skips_recovery_when_recalibrated_accuracy_ranks_low(digit
     assert res.report.to_dict()["trials"]["gated"] == gated
 
 
+def test_a_recovery_done_ungated_is_rebuilt_from_the_cache_whatever_the_gate_says(digits_model, tmp_path):
+    """A promoted (ungated) candidate's recovery is cached; rebuilding it later, when the study's best recalibrated
+    accuracy at its depth would gate it (the final choice is rebuilt after the sampler's trials), serves the cache
+    instead of refusing the chosen candidate. A candidate not recovered yet is still gated."""
+    from edgeslim.pipeline._candidate import Gated, depth
+
+    model, train, val = digits_model
+    sp = Space(
+        **BASE, target_macs=(0.3,), finetune_steps=(0, 10), recovery=("finetune",), quantize=(False,), gate_margin=0.0
+    )
+    ctx = _ctx(model, train, val, sp, tmp_path / "cache")
+    params = sp.canonical({"target_macs": 0.3, "finetune_steps": 10, "quantize": False})
+    ctx.recal_best = {depth(params): 2.0}  # better than any accuracy: the relative gate refuses every recovery
+    with pytest.raises(Gated, match="gate_margin=0 pt"):
+        build_candidate(ctx, params)
+    ctx.ungated = True  # promoted
+    assert "cached" not in build_candidate(ctx, params)[3]["finetune"]
+    ctx.ungated = False
+    assert build_candidate(ctx, params)[3]["finetune"]["cached"]
+
+
 def test_deadline_stops_a_long_recovery_within_a_step(digits_model, tmp_path):
     model, train, val = digits_model
     sp = Space(**BASE, target_macs=(0.3,), finetune_steps=(0, 200_000), recovery=("finetune",), quantize=(False,))

@@ -341,10 +341,10 @@ def float_model(ctx: Context, params: dict[str, Any]) -> tuple[nn.Module, str, d
 def _recovery_step(
     ctx: Context, params: dict[str, Any], model: nn.Module, pk: str, steps: dict[str, Any], n_steps: int
 ) -> tuple[nn.Module, str]:
-    """The cached recovery of ``model`` (its cache key ``pk``), gated first; records its step in ``steps``."""
+    """The cached recovery of ``model`` (its cache key ``pk``); when not cached, gated first; records its step in
+    ``steps``."""
     from edgeslim.train import evaluate
 
-    gate(ctx, params, pruned_accuracy(steps))
     how = params.get("recovery") or "finetune"
     tcfg, cap = recovery_config(ctx, n_steps)
     procs = ctx.space.recovery_processes
@@ -357,6 +357,8 @@ def _recovery_step(
         *((DISTILL_KW,) if how == "distill" else ()),
         *((("processes", procs),) if procs > 1 else ()),
     )
+    if not Cache.done(ctx.cache.root / f"{how}-{rk}"):  # the gate weighs steps not spent yet: a done one is served
+        gate(ctx, params, pruned_accuracy(steps))
     with ctx.cache.claim(how, rk) as d:
         meta = Cache.done(d)
         if meta:

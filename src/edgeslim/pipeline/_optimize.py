@@ -894,6 +894,7 @@ def _finish(
 
     budget = ctx.budget
     ranked, feasible = _ranked(study, budget)
+    ctx.ungated = True  # completed trials are rebuilt (from the cache): the gates decided when they ran
     _, base_art, base_ck, _ = build_candidate(ctx, ctx.space.canonical(BASELINE))
     trials = study.get_trials(deepcopy=False)
     notes: list[str] = list(ctx.notes)

@@ -368,7 +368,7 @@ def _check_study(study: Any, ident: dict[str, Any], url: str) -> None:
 
 
 #: the trial attributes that place a queued trial on the multi-fidelity ladder (kept when it is queued again)
-LADDER_ATTRS = ("probe", "sweep", "promoted", "recovery_units")
+LADDER_ATTRS = ("probe", "sweep", "promoted", "requant", "recovery_units")
 
 
 def _requeue_interrupted(study: Any) -> list[int]:
@@ -552,7 +552,7 @@ def _search(
             what = "running" if dup.state == TrialState.RUNNING else "tried"
             raise optuna.TrialPruned(f"same candidate as trial {dup.number} ({what})")
         ctx.recal_best = _recal_best(study)
-        ctx.ungated = bool(trial.user_attrs.get("promoted") or trial.user_attrs.get("sweep"))
+        ctx.ungated = any(trial.user_attrs.get(k) for k in ("promoted", "requant", "sweep"))
         return params
 
     def objective(trial: Any) -> tuple[float, float]:
@@ -759,13 +759,22 @@ def _promote(study: Any, ctx: Context, baseline: dict[str, Any]) -> None:
     largest = max(space.finetune_steps)
     # the budget's picks get the time; the front's (context for the plot) the largest choice
     units = sized_units(space, picks[:n_budget], swept_done, left) + [largest] * (len(picks) - n_budget)
+    quant = best_quantization(study, space) if space.requantize else None
+    n_requant = 0
     for p, n in zip(picks, units, strict=True):
-        study.enqueue_trial(
-            space.optuna_params(p),
-            user_attrs={"promoted": True, **({"recovery_units": n} if n != largest else {})},
-            skip_if_exists=True,
-        )
+        sized = {"recovery_units": n} if n != largest else {}
+        study.enqueue_trial(space.optuna_params(p), user_attrs={"promoted": True, **sized}, skip_if_exists=True)
+        v = space.canonical({**p, **quant}) if quant else p
+        if v != p:  # the same recovered model (cached), quantized as the input model kept accuracy best: seconds
+            study.enqueue_trial(space.optuna_params(v), user_attrs={"requant": True, **sized}, skip_if_exists=True)
+            n_requant += 1
     study.set_user_attr("promoted", len(picks))
+    if n_requant:
+        log.info(
+            "optimize: each promoted structure is also quantized as the most accurate PTQ trial was (%s): %d trials",
+            ", ".join(f"{k}={v}" for k, v in quant.items()),
+            n_requant,
+        )
     log.info(
         "optimize: %d of %d probed structures meet the budget's non-accuracy limits; %d queued with the longest "
         "recovery (best recovered accuracy in the sweep first; steps at 50%% MACs: %s), %d more from the sweep's "
@@ -777,6 +786,29 @@ def _promote(study: Any, ctx: Context, baseline: dict[str, Any]) -> None:
         len(picks) - n_budget,
         largest,
     )
+
+
+def best_quantization(study: Any, space: Space) -> dict[str, Any] | None:
+    """The quantization settings of the most accurate completed PTQ-only trial (INT8, nothing pruned, factorized
+    or clustered; ties by latency), or None when there is none."""
+    from optuna.trial import TrialState
+
+    from edgeslim.pipeline._space import QUANT_PARAMS
+
+    ptq = [
+        t
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if "figures" in t.user_attrs
+        and t.user_attrs["params"].get("quantize")
+        and not restructured(t.user_attrs["params"])
+        and not t.user_attrs["params"].get("cluster")
+    ]
+    if not ptq:
+        return None
+    best = min(
+        ptq, key=lambda t: (-t.user_attrs["figures"]["accuracy"], t.user_attrs["figures"]["latency_ms"], t.number)
+    )
+    return {k: best.user_attrs["params"][k] for k in QUANT_PARAMS}
 
 
 #: promoted recoveries sized by time: at most this many times the largest ``finetune_steps`` choice
@@ -1012,7 +1044,7 @@ def _trial_row(t: Any, space: Space) -> dict[str, Any]:
     return {
         "number": t.number,
         "state": t.state.name.lower(),
-        "stage": next((k for k in ("probe", "sweep", "promoted") if u.get(k)), None),
+        "stage": next((k for k in ("probe", "sweep", "promoted", "requant") if u.get(k)), None),
         "params": u.get("params", t.params),
         "description": describe(u["params"], space) if "params" in u else "",
         "figures": u.get("figures"),

@@ -200,6 +200,10 @@ class Space(Config):
             the sweep's front (swept accuracy vs measured latency: no other swept structure is both more accurate
             and faster), fastest first: the front the report plots then holds fully recovered candidates across
             the latency range, not short-recovery ones dominated by the budget's picks.
+        requantize: after each promoted structure, queue the same recovered model (from the cache: seconds)
+            quantized with the settings of the most accurate PTQ-only trial (e.g. per-channel, MSE ranges, bias
+            correction), when they differ from the probes' fast INT8: a point a little slower and more accurate
+            on the front, and often the most accurate candidate that still meets a speed limit.
         promote_time_share: in a run with ``max_minutes``, the share of the time left when the promoted rung is
             queued that the recoveries of the budget's ``promote`` picks are sized to fill, each the same part
             (the front's picks keep the largest choice): a structure's recovery steps follow its swept trial's
@@ -249,6 +253,7 @@ class Space(Config):
     sweep: int = 8
     promote: int = 3
     promote_front: bool = True
+    requantize: bool = True
     promote_time_share: float = 0.5
     search_samples: int = 2000
     latency_runs: int = 50
@@ -363,8 +368,9 @@ class Space(Config):
                 raise self._bad(f, "must be a fraction in [0, 1] (0.3 = 30 points) or None (off)")
         if not isinstance(self.probe_structures, bool):
             raise self._bad("probe_structures", "must be true or false")
-        if not isinstance(self.promote_front, bool):
-            raise self._bad("promote_front", "must be true or false")
+        for f in ("promote_front", "requantize"):
+            if not isinstance(getattr(self, f), bool):
+                raise self._bad(f, "must be true or false")
         v = self.promote_time_share
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 0.9:
             raise self._bad("promote_time_share", "must be a fraction in [0, 0.9] of the time left (0 = off)")

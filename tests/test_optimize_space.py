@@ -366,7 +366,8 @@ def test_promoted_recovery_is_sized_by_measured_step_time_and_time_left():
 def test_a_timed_run_promotes_with_a_sized_recovery_and_a_requeued_trial_keeps_its_rung(digits_model, tmp_path):
     """End to end: with max_minutes the promoted trial's recovery is sized by the time left (here the 10x cap of
     the largest choice on a fast model), recorded on the trial and in the chosen recipe; the same recovered model
-    is then quantized as the most accurate PTQ trial was (its recovery from the cache); a promoted trial stopped
+    is then quantized as the most accurate PTQ trial was, and left in float (its recovery from the cache); a
+    promoted trial stopped
     by the deadline is queued again with its rung (ungated, same sized recovery)."""
     import optuna
 
@@ -379,7 +380,7 @@ def test_a_timed_run_promotes_with_a_sized_recovery_and_a_requeued_trial_keeps_i
         finetune_steps=(0, 5, 10),
         scale_steps=False,
         recovery=("finetune",),
-        quantize=(True,),
+        quantize=(True, False),
         promote=1,
         promote_front=False,
     )
@@ -388,7 +389,7 @@ def test_a_timed_run_promotes_with_a_sized_recovery_and_a_requeued_trial_keeps_i
         data=(train, val),
         budget=Budget(max_accuracy_drop=0.0),
         space=sp,
-        max_trials=5,  # PTQ (per-channel), probe (per-tensor), sweep, promoted, requantized
+        max_trials=6,  # PTQ (per-channel), probe (per-tensor), sweep, promoted, requantized, float
         max_minutes=30,
         out=tmp_path / "run",
         progress=False,
@@ -399,8 +400,10 @@ def test_a_timed_run_promotes_with_a_sized_recovery_and_a_requeued_trial_keeps_i
     assert promoted.params["finetune_steps"] == 10  # what the sampler sees: a choice of the space
     assert promoted.user_attrs["steps"]["finetune"]["steps"] == 100
     assert "finetune 100 steps" in " ".join(r["description"] for r in res.report.data["trials"]["rows"])
-    (requant,) = [t for t in study.get_trials() if t.user_attrs.get("requant")]
+    requant, floated = [t for t in study.get_trials() if t.user_attrs.get("requant")]
     assert requant.number == promoted.number + 1 and requant.user_attrs["recovery_units"] == 100
+    assert floated.user_attrs["params"]["quantize"] is False and floated.user_attrs["steps"]["finetune"]["cached"]
+    assert floated.user_attrs["params"]["finetune_steps"] == 100
     rp, pp = requant.user_attrs["params"], promoted.user_attrs["params"]
     assert rp["per_channel"] is True and pp["per_channel"] is False  # the PTQ trial's choice vs the probes'
     assert {k: v for k, v in rp.items() if k != "per_channel"} == {k: v for k, v in pp.items() if k != "per_channel"}

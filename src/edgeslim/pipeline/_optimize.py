@@ -764,16 +764,21 @@ def _promote(study: Any, ctx: Context, baseline: dict[str, Any]) -> None:
     for p, n in zip(picks, units, strict=True):
         sized = {"recovery_units": n} if n != largest else {}
         study.enqueue_trial(space.optuna_params(p), user_attrs={"promoted": True, **sized}, skip_if_exists=True)
-        v = space.canonical({**p, **quant}) if quant else p
-        if v != p:  # the same recovered model (cached), quantized as the input model kept accuracy best: seconds
-            study.enqueue_trial(space.optuna_params(v), user_attrs={"requant": True, **sized}, skip_if_exists=True)
-            n_requant += 1
+        # the same recovered model (cached: seconds each), quantized as the input model kept accuracy best, and
+        # left in float when the space has that choice: the slower, more accurate points of the front
+        variants = [space.canonical({**p, **quant})] if quant else []
+        variants += [space.canonical({**p, "quantize": False})] if space.requantize and False in space.quantize else []
+        for v in variants:
+            if v != p:
+                study.enqueue_trial(space.optuna_params(v), user_attrs={"requant": True, **sized}, skip_if_exists=True)
+                n_requant += 1
     study.set_user_attr("promoted", len(picks))
     if n_requant:
         log.info(
-            "optimize: each promoted structure is also quantized as the most accurate PTQ trial was (%s): %d trials",
-            ", ".join(f"{k}={v}" for k, v in quant.items()),
+            "optimize: %d trials of the promoted structures' recovered models quantized as the most accurate PTQ "
+            "trial was (%s) or left in float",
             n_requant,
+            ", ".join(f"{k}={v}" for k, v in quant.items()) if quant else "no PTQ trial",
         )
     log.info(
         "optimize: %d of %d probed structures meet the budget's non-accuracy limits; %d queued with the longest "

@@ -202,8 +202,9 @@ class Space(Config):
             the latency range, not short-recovery ones dominated by the budget's picks.
         requantize: after each promoted structure, queue the same recovered model (from the cache: seconds)
             quantized with the settings of the most accurate PTQ-only trial (e.g. per-channel, MSE ranges, bias
-            correction), when they differ from the probes' fast INT8: a point a little slower and more accurate
-            on the front, and often the most accurate candidate that still meets a speed limit.
+            correction), when they differ from the probes' fast INT8, and (when ``quantize`` has False) left in
+            float: points a little slower and more accurate on the front; the first is often the most accurate
+            candidate that still meets a speed limit.
         promote_time_share: in a run with ``max_minutes``, the share of the time left when the promoted rung is
             queued that the recoveries of the budget's ``promote`` picks are sized to fill, each the same part
             (the front's picks keep the largest choice): a structure's recovery steps follow its swept trial's

@@ -512,7 +512,7 @@ def _search(
         """The trial's candidate, or TrialPruned when another trial has (or is running) the same one."""
         params = space.suggest(trial)
         if (units := trial.user_attrs.get("recovery_units")) and params.get("finetune_steps"):
-            params = {**params, "finetune_steps": int(units)}  # a promoted recovery sized by time (_sized_units)
+            params = {**params, "finetune_steps": int(units)}  # a promoted recovery sized by time (sized_units)
         trial.set_user_attr("params", params)
         trial.set_user_attr("worker", me)
         last["number"] = trial.number

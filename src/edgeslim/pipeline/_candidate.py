@@ -357,7 +357,7 @@ def _recovery_step(
         *((DISTILL_KW,) if how == "distill" else ()),
         *((("processes", procs),) if procs > 1 else ()),
     )
-    if not Cache.done(ctx.cache.root / f"{how}-{rk}"):  # the gate weighs steps not spent yet: a done one is served
+    if not Cache.done(ctx.cache.path(how, rk)):  # the gate weighs steps not spent yet: a done one is served
         gate(ctx, params, pruned_accuracy(steps))
     with ctx.cache.claim(how, rk) as d:
         meta = Cache.done(d)
@@ -371,7 +371,7 @@ def _recovery_step(
             if procs > 1:
                 from edgeslim.pipeline._recovery_ddp import recover_ddp
 
-                source = ctx.cache.root / f"{'prune' if params.get('target_macs') else 'blocks'}-{pk}" / "model.recipe"
+                source = ctx.cache.path("prune" if params.get("target_macs") else "blocks", pk) / "model.recipe"
                 tuned, stopped_at, ddp = recover_ddp(ctx, d, source, how, tcfg, cap, procs)
             else:
                 tuned, stopped_at = recover(ctx.base, ctx.train, model, how, tcfg, cap, ctx.past_deadline)

@@ -367,8 +367,11 @@ def _check_study(study: Any, ident: dict[str, Any], url: str) -> None:
             )
 
 
-#: the trial attributes that place a queued trial on the multi-fidelity ladder (kept when it is queued again)
-LADDER_ATTRS = ("probe", "sweep", "promoted", "requant", "recovery_units")
+#: the rungs of the multi-fidelity ladder, each a trial attribute (a trial's ``stage`` in reports); all but the
+#: probes are exempt from the gates (chosen for their latency: their recovery is the point)
+STAGES = ("probe", "sweep", "promoted", "requant")
+#: the trial attributes that place a queued trial on the ladder (kept when it is queued again)
+LADDER_ATTRS = (*STAGES, "recovery_units")
 
 
 def _requeue_interrupted(study: Any) -> list[int]:
@@ -552,7 +555,7 @@ def _search(
             what = "running" if dup.state == TrialState.RUNNING else "tried"
             raise optuna.TrialPruned(f"same candidate as trial {dup.number} ({what})")
         ctx.recal_best = _recal_best(study)
-        ctx.ungated = any(trial.user_attrs.get(k) for k in ("promoted", "requant", "sweep"))
+        ctx.ungated = any(trial.user_attrs.get(k) for k in STAGES[1:])
         return params
 
     def objective(trial: Any) -> tuple[float, float]:
@@ -732,7 +735,7 @@ def _promote(study: Any, ctx: Context, baseline: dict[str, Any]) -> None:
                 picks[0]["finetune_steps"],
             )
             return
-    sweep = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("sweep")]
+    sweep = [t for t in trials if t.user_attrs.get("sweep")]
     if any(t.state in (TrialState.WAITING, TrialState.RUNNING) for t in sweep):
         return
     swept_done = [t for t in sweep if t.state == TrialState.COMPLETE and "figures" in t.user_attrs]
@@ -759,16 +762,17 @@ def _promote(study: Any, ctx: Context, baseline: dict[str, Any]) -> None:
     largest = max(space.finetune_steps)
     # the budget's picks get the time; the front's (context for the plot) the largest choice
     units = sized_units(space, picks[:n_budget], swept_done, left) + [largest] * (len(picks) - n_budget)
+    # the same recovered model (cached: seconds each), quantized as the input model kept accuracy best, and left in
+    # float when the space has that choice: the slower, more accurate points of the front
     quant = best_quantization(study, space) if space.requantize else None
+    changes = ([quant] if quant else []) + (
+        [{"quantize": False}] if space.requantize and False in space.quantize else []
+    )
     n_requant = 0
     for p, n in zip(picks, units, strict=True):
         sized = {"recovery_units": n} if n != largest else {}
         study.enqueue_trial(space.optuna_params(p), user_attrs={"promoted": True, **sized}, skip_if_exists=True)
-        # the same recovered model (cached: seconds each), quantized as the input model kept accuracy best, and
-        # left in float when the space has that choice: the slower, more accurate points of the front
-        variants = [space.canonical({**p, **quant})] if quant else []
-        variants += [space.canonical({**p, "quantize": False})] if space.requantize and False in space.quantize else []
-        for v in variants:
+        for v in (space.canonical({**p, **change}) for change in changes):
             if v != p:
                 study.enqueue_trial(space.optuna_params(v), user_attrs={"requant": True, **sized}, skip_if_exists=True)
                 n_requant += 1
@@ -841,7 +845,7 @@ def sized_units(space: Space, picks: list[dict[str, Any]], swept: list[Any], sec
     out = []
     for p in picks:
         rate, rest = rates.get(structure_key(p), typical)
-        n = int((each - rest) / rate) // 100 * 100 if rate > 0 else largest
+        n = int((each - rest) / rate) // 100 * 100  # rate > 0: measured seconds of non-zero steps
         out.append(min(max(n, largest), SIZED_MAX_FACTOR * largest))
     return out
 
@@ -1049,7 +1053,7 @@ def _trial_row(t: Any, space: Space) -> dict[str, Any]:
     return {
         "number": t.number,
         "state": t.state.name.lower(),
-        "stage": next((k for k in ("probe", "sweep", "promoted", "requant") if u.get(k)), None),
+        "stage": next((k for k in STAGES if u.get(k)), None),
         "params": u.get("params", t.params),
         "description": describe(u["params"], space) if "params" in u else "",
         "figures": u.get("figures"),

@@ -507,11 +507,10 @@ class Space(Config):
             return None
         return self.canonical({**probe, "finetune_steps": min(steps), "recovery": self.recovery[0]})
 
-    def promoted(self, probe: dict[str, Any], steps: int | None = None) -> dict[str, Any]:
-        """A probed structure with the largest recovery the space allows (see ``promote``), or ``steps`` (in
-        ``finetune_steps`` units) when sized by time (see ``promote_time_share``)."""
-        n = steps or max(self.finetune_steps)
-        return self.canonical({**probe, "finetune_steps": n, "recovery": self.recovery[0]})
+    def promoted(self, probe: dict[str, Any]) -> dict[str, Any]:
+        """A probed structure with the largest recovery the space allows (see ``promote``; a timed run sizes it
+        on the queued trial: ``promote_time_share``)."""
+        return self.canonical({**probe, "finetune_steps": max(self.finetune_steps), "recovery": self.recovery[0]})
 
 
 #: named spaces for the CLI's ``--space NAME`` (a YAML file otherwise)

@@ -101,8 +101,12 @@ class Cache:
     def __init__(self, root: Path) -> None:
         self.root = root
 
+    def path(self, step: str, k: str) -> Path:
+        """The step's folder (not created)."""
+        return self.root / f"{step}-{k}"
+
     def dir(self, step: str, k: str) -> Path:
-        d = self.root / f"{step}-{k}"
+        d = self.path(step, k)
         d.mkdir(parents=True, exist_ok=True)
         return d
 

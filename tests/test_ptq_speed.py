@@ -98,6 +98,42 @@ def test_torch_calibration_fallback_gives_the_same_ranges(monkeypatch):
         assert torch_ranges[k] == pytest.approx([lo, hi], rel=1e-4, abs=1e-5), k
 
 
+def test_calibration_graph_holds_weights_as_constants_and_leaves_the_model_alone():
+    import onnx
+
+    from edgeslim.quantize import _observe
+    from edgeslim.quantize._modules import QuantWeight
+
+    m = TinyCNN().eval()
+    x = m.example_inputs(16)
+    q = es.quantize(m, es.QuantConfig(num_samples=16), data=x)
+    gm = q.graph_module
+    wq = [w for w in gm.modules() if isinstance(w, QuantWeight)]
+    before = [(w.layer.weight.detach().clone(), w.quantized_weight().detach().clone()) for w in wq]
+    quants = {n: a for n, a in gm.named_modules() if type(a).__name__ == "ActQuant"}
+    graph, tensor_of = _observe.fx_calibration_graph(gm, quants, x[:2])
+    ops = collections.Counter(n.op_type for n in onnx.load_from_string(graph).graph.node)
+    # no Q/DQ left: activation pairs bypassed, weights exported already quantized (not re-quantized every run)
+    assert ops["QuantizeLinear"] == ops["DequantizeLinear"] == 0, ops
+    assert ops["Conv"] >= 2 and set(tensor_of) == set(quants)
+    consts = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load_from_string(graph).graph.initializer}
+    grids = [c for c in consts.values() if c.ndim == 4]
+    assert grids and all(
+        any(np.allclose(g, qw.numpy()) for _, qw in before) for g in grids
+    )  # the constants are the quantized weights
+    for w, (fw, qw) in zip(wq, before, strict=True):  # the model keeps its float weights and quantizes again
+        assert w.enabled and torch.equal(w.layer.weight, fw) and torch.equal(w.quantized_weight(), qw)
+
+
+def test_a_non_finite_batch_is_refused_without_touching_the_statistics():
+    o = Observer()
+    assert o.observe(torch.tensor([[0.5, -1.0, 2.0]]))
+    before = (o.lo, o.hi, o.hist.copy())
+    assert not o.observe(torch.tensor([[0.0, float("-inf"), 1.0]]))
+    assert not o.observe(torch.tensor([[float("nan"), 1.0, 1.0]]))
+    assert (o.lo, o.hi) == before[:2] and np.array_equal(o.hist, before[2])
+
+
 def _executed_ops(path, tmp_path) -> collections.Counter:
     """Op types of the graph ONNX Runtime runs (after its QDQ fusion), from SessionOptions.optimized_model_filepath."""
     import onnx

@@ -765,8 +765,17 @@ def _promote(study: Any, ctx: Context, baseline: dict[str, Any]) -> None:
     # the same recovered model (cached: seconds each), quantized as the input model kept accuracy best, and left in
     # float when the space has that choice: the slower, more accurate points of the front
     quant = best_quantization(study, space) if space.requantize else None
-    changes = ([quant] if quant else []) + (
-        [{"quantize": False}] if space.requantize and False in space.quantize else []
+    # and at the other weight granularity (per-channel weights: a few more bytes, often less loss; per-tensor: the
+    # smaller file): two deployment choices a few seconds apart that the front shows side by side
+    flipped = (
+        [{**quant, "per_channel": not quant["per_channel"]}]
+        if quant and "per_channel" in quant and len(set(space.per_channel)) > 1
+        else []
+    )
+    changes = (
+        ([quant] if quant else [])
+        + flipped
+        + ([{"quantize": False}] if space.requantize and False in space.quantize else [])
     )
     n_requant = 0
     for p, n in zip(picks, units, strict=True):

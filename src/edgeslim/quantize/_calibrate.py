@@ -9,6 +9,7 @@ method turns the statistics into a clipping range ``(lo, hi)``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -168,24 +169,28 @@ class Observer:
         self._radius = 0.0  # the one-pass histogram covers [-radius, radius] in ONE_PASS_BINS bins
         self._calls = 0
 
-    def observe(self, x: torch.Tensor) -> None:
+    def observe(self, x: torch.Tensor) -> bool:
         """One pass: min, max and a zero-aligned histogram whose range doubles when a batch goes beyond it.
 
         ``x`` is a batch (its first dimension counts the samples); the histogram counts at most
-        ``HIST_VALUES_PER_SAMPLE`` values per sample, evenly strided over the tensor.
+        ``HIST_VALUES_PER_SAMPLE`` values per sample, evenly strided over the tensor. Returns False, leaving the
+        statistics as they were, when ``x`` holds a non-finite value (its min or max is then inf or NaN: the check
+        costs no pass of its own).
         """
         samples = int(x.shape[0]) if x.ndim > 1 else 1
         x = x.detach().float().reshape(-1)
         if x.numel() == 0:
-            return
+            return True
         lo, hi = torch.aminmax(x)
         lo, hi = float(lo), float(hi)
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            return False
         self.lo, self.hi = min(self.lo, lo), max(self.hi, hi)
         if self.count_zeros:
             self.zeros += float(x.numel() - int(torch.count_nonzero(x)))
         amax = max(abs(lo), abs(hi))
         if amax == 0.0:
-            return
+            return True
         if self.hist is None:
             self._radius = amax
             self.hist = np.zeros(ONE_PASS_BINS, np.float64)
@@ -202,6 +207,7 @@ class Observer:
         r = self._radius
         h = torch.histc(x, bins=ONE_PASS_BINS, min=-r, max=r).numpy().astype(np.float64)
         self.hist += h * (stride if stride > 1 else 1)
+        return True
 
     def observe_range(self, x: torch.Tensor) -> None:
         x = x.detach()

@@ -10,8 +10,9 @@ kernels are 2-10x faster than torch eager on convolution nets, depthwise ones mo
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -74,10 +75,8 @@ def _run(sess, out_names, fetch, in_names, observers, batches, infinite) -> None
             for name, v in pairs:
                 if v is None or v.size == 0 or not np.issubdtype(v.dtype, np.floating) or name in infinite:
                     continue
-                if not np.isfinite(v).all():
-                    infinite.add(name)
-                    continue
-                observers[name].observe(torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)))
+                if not observers[name].observe(torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32))):
+                    infinite.add(name)  # a non-finite value (e.g. a -inf attention mask): no 8-bit range holds it
 
 
 def _typed_feeds(sess: Any, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -89,6 +88,38 @@ def _typed_feeds(sess: Any, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarra
         for k, v in feeds.items()
         if k in types
     }
+
+
+@contextlib.contextmanager
+def _constant_weights(gm: torch.nn.Module) -> Iterator[None]:
+    """Within the block each enabled weight quantizer (in eval mode) computes nothing: its layer holds the weight
+    (and bias) as the integer model will have them, so the graph exports them as float constants. Exported as
+    QuantizeLinear/DequantizeLinear on the float weight instead, ONNX Runtime (graph optimizations off, so every
+    observed tensor stays as the graph computes it) would re-quantize every weight on every calibration run."""
+    from edgeslim.quantize._modules import QuantWeight
+
+    saved = []
+    try:
+        for m in gm.modules():
+            if not isinstance(m, QuantWeight) or not m.enabled or m.training:
+                continue
+            layer = m.layer
+            with torch.no_grad():
+                w = m.quantized_weight().detach().clone()
+                b = m.quantized_bias()
+                b = None if b is None else b.detach().clone()
+            saved.append((m, layer.weight.data, None if layer.bias is None else layer.bias.data))
+            layer.weight.data = w
+            if b is not None:
+                layer.bias.data = b
+            m.enabled = False
+        yield
+    finally:
+        for m, w, b in saved:
+            m.layer.weight.data = w
+            if b is not None:
+                m.layer.bias.data = b
+            m.enabled = True
 
 
 def fx_calibration_graph(
@@ -108,7 +139,8 @@ def fx_calibration_graph(
             q.state = "quant"
             q.scale.data.fill_(1.0)
             q.zero_point.data.fill_(q.qmin if q.qmin < 0 else 0)
-        graph = to_onnx(gm, example)
+        with _constant_weights(gm):
+            graph = to_onnx(gm, example)
     finally:
         for name, (state, scale, zp) in saved.items():
             q = quantizers[name]

@@ -220,7 +220,7 @@ class Space(Config):
 
     kind = "search_space"
     drop_blocks: tuple[int, ...] = (0, 3, 6, 9)
-    target_macs: tuple[float, ...] = (0.0, 0.35, 0.5, 0.65, 0.75, 0.85)
+    target_macs: tuple[float, ...] = (0.0, 0.35, 0.5, 0.65, 0.75, 0.85, 0.9)
     prune_scope: tuple[str, ...] = ("layer", "global")
     keep_early_layers: tuple[bool, ...] = (True, False)
     early_layers: tuple[str, ...] = ()

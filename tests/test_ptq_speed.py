@@ -191,3 +191,28 @@ def test_resnet_block_stays_integer_in_ort_like_ort_own_quantizer(tmp_path):
     ort_ops = _executed_ops(theirs, tmp_path)
     for op in ("QuantizeLinear", "DequantizeLinear", "Transpose", "MaxPool", "Add", "Conv"):
         assert ops[op] <= ort_ops[op], (op, dict(ops), dict(ort_ops))
+
+
+def test_validation_references_take_channels_last_batches_and_fall_back_for_models_that_cannot():
+    from torch import nn
+
+    from edgeslim.export._api import _forward
+
+    class ViewHead(nn.Module):  # `.view` on a conv output: fails on a channels-last tensor
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.fc = nn.Linear(4 * 8 * 8, 5)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = torch.relu(self.conv(x))
+            return self.fc(y.view(y.size(0), -1))
+
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    m = ViewHead().eval()
+    with pytest.raises(RuntimeError):
+        m(x.contiguous(memory_format=torch.channels_last))
+    with torch.no_grad():
+        assert torch.allclose(_forward(m, x), m(x), atol=1e-6)
+        conv = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
+        assert torch.allclose(_forward(conv, x), conv(x), atol=1e-5)

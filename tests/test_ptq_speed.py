@@ -102,7 +102,7 @@ def test_calibration_graph_holds_weights_as_constants_and_leaves_the_model_alone
     import onnx
 
     from edgeslim.quantize import _observe
-    from edgeslim.quantize._modules import QuantWeight
+    from edgeslim.quantize._modules import ActQuant, QuantWeight
 
     m = TinyCNN().eval()
     x = m.example_inputs(16)
@@ -110,14 +110,14 @@ def test_calibration_graph_holds_weights_as_constants_and_leaves_the_model_alone
     gm = q.graph_module
     wq = [w for w in gm.modules() if isinstance(w, QuantWeight)]
     before = [(w.layer.weight.detach().clone(), w.quantized_weight().detach().clone()) for w in wq]
-    quants = {n: a for n, a in gm.named_modules() if type(a).__name__ == "ActQuant"}
+    quants = {n: a for n, a in gm.named_modules() if isinstance(a, ActQuant)}
     graph, tensor_of = _observe.fx_calibration_graph(gm, quants, x[:2])
-    ops = collections.Counter(n.op_type for n in onnx.load_from_string(graph).graph.node)
+    g = onnx.load_from_string(graph).graph
+    ops = collections.Counter(n.op_type for n in g.node)
     # no Q/DQ left: activation pairs bypassed, weights exported already quantized (not re-quantized every run)
     assert ops["QuantizeLinear"] == ops["DequantizeLinear"] == 0, ops
     assert ops["Conv"] >= 2 and set(tensor_of) == set(quants)
-    consts = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load_from_string(graph).graph.initializer}
-    grids = [c for c in consts.values() if c.ndim == 4]
+    grids = [c for c in (onnx.numpy_helper.to_array(t) for t in g.initializer) if c.ndim == 4]
     assert grids and all(
         any(np.allclose(g, qw.numpy()) for _, qw in before) for g in grids
     )  # the constants are the quantized weights

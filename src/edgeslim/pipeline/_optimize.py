@@ -767,11 +767,7 @@ def _promote(study: Any, ctx: Context, baseline: dict[str, Any]) -> None:
     quant = best_quantization(study, space) if space.requantize else None
     # and at the other weight granularity (per-channel weights: a few more bytes, often less loss; per-tensor: the
     # smaller file): two deployment choices a few seconds apart that the front shows side by side
-    flipped = (
-        [{**quant, "per_channel": not quant["per_channel"]}]
-        if quant and "per_channel" in quant and len(set(space.per_channel)) > 1
-        else []
-    )
+    flipped = [{**quant, "per_channel": not quant["per_channel"]}] if quant and len(set(space.per_channel)) > 1 else []
     changes = (
         ([quant] if quant else [])
         + flipped

@@ -92,13 +92,14 @@ class ActQuant(nn.Module):
                     x, self.scale.reshape(1), self.zero_point.float().reshape(1), self.qmin, self.qmax, grad_factor
                 )
             return torch.fake_quantize_per_tensor_affine(x, self.scale.detach(), self.zero_point, self.qmin, self.qmax)
-        if state == "observe" and not self.observer.observe(x):
-            from edgeslim.core.errors import QuantizationError
+        if state == "observe":
+            if not self.observer.observe(x):
+                from edgeslim.core.errors import QuantizationError
 
-            raise QuantizationError(
-                "an activation quantizer saw a non-finite value (inf or NaN) while calibrating: no 8-bit range holds "
-                "it; exclude the layer producing it (QuantConfig.exclude) or use capture='onnx'"
-            )
+                raise QuantizationError(
+                    "an activation quantizer saw a non-finite value (inf or NaN) while calibrating: no 8-bit range "
+                    "holds it; exclude the layer producing it (QuantConfig.exclude) or use capture='onnx'"
+                )
         elif state == "observe_range":
             self.observer.observe_range(x)
         elif state == "observe_hist":

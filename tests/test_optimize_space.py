@@ -810,3 +810,18 @@ def test_a_structure_that_cannot_be_built_is_not_tried_again(digits_model, tmp_p
     assert skipped, "the sampler proposed the failed structure again (with another quantization choice)"
     done = [t for t in ts if t.state.name == "COMPLETE"]
     assert done and all(t.user_attrs["params"]["target_macs"] == 0.0 for t in done)
+
+
+def test_in_search_latency_is_the_fastest_block_so_one_stall_does_not_move_it():
+    from edgeslim.pipeline._candidate import LATENCY_BLOCKS, block_latency
+
+    calls = {"n": 0}
+
+    def run(_x):  # a 1 ms model whose first block (and its warm-up) a neighbour slows to 10 ms
+        calls["n"] += 1
+        time.sleep(0.010 if calls["n"] <= 15 else 0.001)
+
+    best, blocks = block_latency(run, None, runs=5)
+    assert len(blocks) == LATENCY_BLOCKS and calls["n"] == 10 + 5 + (LATENCY_BLOCKS - 1) * (2 + 5)
+    assert blocks[0] >= 9.0  # the stalled block is recorded...
+    assert 0.9 <= best < 3.0 and best == min(blocks)  # ...and is not the figure

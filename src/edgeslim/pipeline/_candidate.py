@@ -579,13 +579,38 @@ def _quantize_export(
 
 
 # ---------------------------------------------------------------------------------------------- measure
-def latency_label(ctx: Context, runner_desc: str, runs: int) -> str:
+#: blocks of timed runs per in-search latency measurement, a short pause between them; the fastest block's median
+#: is the figure. A shared host's noise only ever slows a run down (another process, the hypervisor taking the
+#: core), and one 50-run block of a 0.1 ms model lasts 5 ms: one such stall moved a whole median by up to 50%
+#: (session 12: the same structure measured 0.065 and 0.100 ms in two runs), which misordered candidates in the sweep
+#: and the Pareto front. The final choice is re-measured interleaved with the baseline anyway.
+LATENCY_BLOCKS = 5
+LATENCY_PAUSE_S = 0.02
+
+
+def block_latency(runner: Any, x: Any, runs: int, blocks: int = LATENCY_BLOCKS) -> tuple[float, list[float]]:
+    """(the fastest block's median latency in ms, every block's median): ``blocks`` blocks of ``runs`` timed
+    batch-1 runs each (10 warm-up runs before the first, 2 before each other), ``LATENCY_PAUSE_S`` apart."""
+    from edgeslim.runtime import latency
+
+    medians = []
+    for i in range(blocks):
+        if i:
+            time.sleep(LATENCY_PAUSE_S)
+        medians.append(float(latency(runner, x, warmup=10 if i == 0 else 2, runs=runs)["p50_ms"]))
+    return min(medians), medians
+
+
+def latency_label(ctx: Context, runner_desc: str, runs: int, blocks: list[float] | None = None) -> str:
     b = ctx.budget
     if b.on_host:
-        return (
-            f"measured on {runner_desc}, batch 1, median of {runs} runs after 10 warm-up, host "
-            f"{ctx.host['cpu']} ({ctx.host['cores']} cores)"
-        )
+        how = f"median of {runs} runs after 10 warm-up"
+        if blocks:
+            how = (
+                f"fastest of {len(blocks)} blocks' medians of {runs} runs each (after 10 warm-up; blocks "
+                f"{min(blocks):.4g}-{max(blocks):.4g} ms)"
+            )
+        return f"measured on {runner_desc}, batch 1, {how}, host {ctx.host['cpu']} ({ctx.host['cores']} cores)"
     return f"predicted for {ctx.device.name}: {ctx.latency_how}; not measured on the device"
 
 
@@ -619,6 +644,7 @@ def measure_candidate(
     mk = key(
         "measure",
         ck,
+        f"latency-blocks-{LATENCY_BLOCKS}",
         runtime,
         threads,
         b.target,
@@ -678,12 +704,11 @@ def _measure(ctx: Context, art: Artifact, data: Any, d: Path | None, runtime: st
     prov = {"accuracy": acc.detail, "size_mb": f"bytes of the ONNX file ({art.precision}) / 2**20"}
     prov["size_zipped_mb"] = ZIPPED_HOW.format(art.precision)
     if b.on_host:
-        from edgeslim.runtime import RUNTIMES, latency
+        from edgeslim.runtime import RUNTIMES
 
         runner = RUNTIMES.get(runtime)(art, threads=threads)
-        lat = latency(runner, data.normalized()[:1].numpy(), warmup=10, runs=sp.latency_runs)
-        figs["latency_ms"] = lat["p50_ms"]
-        prov["latency_ms"] = latency_label(ctx, runner.describe(), lat["runs"])
+        figs["latency_ms"], blocks = block_latency(runner, data.normalized()[:1].numpy(), sp.latency_runs)
+        prov["latency_ms"] = latency_label(ctx, runner.describe(), sp.latency_runs, blocks)
     else:
         from edgeslim.devices import predict_latency
 

@@ -5,7 +5,9 @@ The models are fine-tuned by benchmarks/elpv_finetune.py (recipe benchmarks/conf
 are cached in $EDGESLIM_CACHE/elpv/ and reused; without them this script fine-tunes first). Per model it writes:
 
 - FP32: ``edgeslim.export`` of the fine-tuned model;
-- edgeslim INT8, two settings: per-channel (the default config) and per-tensor + cross-layer equalization, each
+- edgeslim INT8, three settings: per-channel (the default config), per-tensor + cross-layer equalization, and
+  cross-layer equalization with the weight granularity chosen per layer (one scale where the weights keep 30 dB
+  SQNR with it: ``QuantConfig.per_tensor_sqnr_db``; per channel elsewhere), each
   ``edgeslim.quantize`` on 256 calibration images, then ``edgeslim.export`` (whose validation gate runs with its
   default floors; a gate failure is recorded and the file re-exported ungated so the row is still measured);
 - ORT ``quant_pre_process`` + ``quantize_static`` (QDQ, U8 activations, S8 per-channel weights, MinMax);
@@ -55,6 +57,8 @@ RUNTIMES = {"ort": OrtRunner, "openvino": OpenVinoRunner}
 EDGESLIM_VARIANTS = {
     "edgeslim per-channel": {},
     "edgeslim per-tensor+CLE": {"per_channel": False, "equalize": True},
+    # per layer: one weight scale where the equalized weights keep 30 dB with it (QuantConfig.per_tensor_sqnr_db)
+    "edgeslim mixed+CLE": {"per_tensor_sqnr_db": 30.0, "equalize": True},
 }
 UNGATED = es.ValidationFloors(
     min_top1_agreement=0.0, float_min_cosine=-1.0, float_min_sqnr_db=-100.0, float_top1_agreement=0.0

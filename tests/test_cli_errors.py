@@ -501,3 +501,11 @@ def test_device_predictions_come_from_the_library_and_refuse_a_torch_model(tmp_p
         capsys, "measure", str(art), "--no-data", "--runs", "5", "--threads", "2", "--device", "raspberry-pi-4"
     )
     one_line_error(code, err, "1 thread, batch 1")
+
+
+def test_per_tensor_above_needs_per_channel_weights(tmp_path, capsys):
+    code, out, err = run(
+        capsys, "quantize", "small_cnn", "--out", str(tmp_path / "q.onnx"), "--per-tensor", "--per-tensor-above", "30"
+    )
+    one_line_error(code, err, "per_tensor_sqnr_db")
+    assert not (tmp_path / "q.onnx").exists()

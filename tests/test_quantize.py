@@ -341,3 +341,47 @@ def test_mse_weight_scales_never_fit_the_weights_worse_than_minmax():
     for a, b in zip(qs["minmax"].weight_quants(), qs["mse"].weight_quants()):
         err = [float((w.quantized_weight() - w.layer.weight).pow(2).sum()) for w in (a, b)]
         assert err[1] <= err[0] + 1e-9 and bool((b.scale <= a.scale + 1e-9).all())
+
+
+def test_per_tensor_where_the_weights_keep_their_sqnr_smaller_file_same_fidelity_replays(tmp_path):
+    import onnx
+    from onnx import numpy_helper
+
+    from edgeslim.export import export
+    from edgeslim.quantize import restore_quantized, save_quantized
+
+    torch.manual_seed(0)
+    nn = torch.nn
+    model = nn.Sequential(
+        nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 1), nn.ReLU(), nn.Conv2d(64, 64, 1)
+    ).eval()
+    with torch.no_grad():
+        model[2].weight[:8] *= 40.0  # 8 of 64 channels 40x wider: one scale for the tensor ruins the other 56
+    x = torch.randn(64, 3, 8, 8)
+    every = quantize(model, QuantConfig(num_samples=64), data=x)
+    mixed = quantize(model, QuantConfig(num_samples=64, per_tensor_sqnr_db=35.0), data=x)
+    chosen = mixed.report.corrections["per_tensor_layers"]
+    assert sorted(chosen) == ["0", "4"]  # the even layers; "2" stays per channel
+    assert all(v["per_tensor_sqnr_db"] >= 35.0 for v in chosen.values())
+    assert {w.per_channel for w in mixed.weight_quants()} == {True, False}
+    layers = {entry["name"]: entry["weights"] for entry in mixed.report.quantized_layers}
+    assert "per-tensor" in layers["0"] and "per-channel" in layers["2"]
+    assert "2 of 3 layers per-tensor" in mixed.report.summary()
+    a = export(every, "onnx", example_inputs=x[:16], path=tmp_path / "every.onnx")
+    b = export(mixed, "onnx", example_inputs=x[:16], path=tmp_path / "mixed.onnx")
+    assert b.size_bytes < a.size_bytes
+    g = onnx.load(str(b.path)).graph
+    inits = {i.name: numpy_helper.to_array(i) for i in g.initializer}
+    sizes = sorted(inits[n.input[1]].size for n in g.node if n.op_type == "DequantizeLinear" and n.input[0] in inits)
+    assert 64 in sizes and sizes.count(1) >= 2  # per-channel weight (and bias) scales for "2" only
+    fa, fb = a.validation["vs_float_reference"], b.validation["vs_float_reference"]
+    assert fb["sqnr_db"] >= fa["sqnr_db"] - 1.0  # the per-tensor layers cost (almost) nothing
+    path = save_quantized(mixed, tmp_path / "mixed.pt")
+    r = restore_quantized(model, path)
+    assert {n for n, w in r.graph_module.named_modules() if isinstance(w, QuantWeight) and not w.per_channel} == set(
+        chosen
+    )
+    with torch.no_grad():
+        assert torch.equal(mixed(x[:8]), r(x[:8]))
+    with pytest.raises(ConfigError, match="per_tensor_sqnr_db"):
+        QuantConfig(per_channel=False, per_tensor_sqnr_db=35.0)

@@ -291,6 +291,7 @@ def cmd_quantize(a: argparse.Namespace) -> None:
             "num_samples": a.samples,
             "exclude": tuple(a.exclude) if a.exclude else None,
             "per_channel": False if a.per_tensor else None,
+            "per_tensor_sqnr_db": a.per_tensor_above,
             "reduce_range": True if a.reduce_range else None,
             "capture": a.capture,
         }.items()
@@ -759,6 +760,13 @@ def build_parser() -> argparse.ArgumentParser:
         "model always), auto (default: fx when it covers >= 90%% of the MACs)",
     )
     q.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor instead of per channel")
+    q.add_argument(
+        "--per-tensor-above",
+        type=float,
+        metavar="DB",
+        help="per layer: one weight scale per tensor where the weights keep >= DB dB SQNR with it (e.g. 35; a "
+        "smaller file), per channel elsewhere",
+    )
     q.add_argument("--reduce-range", action="store_true", help="7-bit weights (no int16 saturation on AVX2)")
     q.add_argument("--samples", type=_positive, help="calibration samples (default 512)")
     q.add_argument("--exclude", action="append", help="module name or pattern kept in float (repeatable)")

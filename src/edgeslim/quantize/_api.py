@@ -78,6 +78,12 @@ class QuantReport:
         share = self.integer_mac_share
         if share is not None:
             text += f"; {share:.1%} of MACs in integer kernels"
+        per_tensor = self.corrections.get("per_tensor_layers")
+        if per_tensor:
+            text += (
+                f"; {len(per_tensor)} of {len(self.quantized_layers)} layers per-tensor (their weights' SQNR with one "
+                "scale cleared per_tensor_sqnr_db)"
+            )
         if self.tail:
             kept = [m["node"] for m in self.tail.get("measured", []) if m.get("float")]
             n_ratio = len(self.tail.get("range_ratio", []))
@@ -220,12 +226,14 @@ def weight_qmax(config: QuantConfig, bits: int | None = None) -> int:
     return 63 if config.reduce_range else 127
 
 
-def weights_desc(config: QuantConfig, bits: int | None = None) -> str:
-    """How a layer's weights are quantized, for the report (``bits``: the config's weight bits)."""
+def weights_desc(config: QuantConfig, bits: int | None = None, per_channel: bool | None = None) -> str:
+    """How a layer's weights are quantized, for the report (``bits``: the config's weight bits; ``per_channel``:
+    the layer's granularity, default the config's)."""
     if config.mode == QuantMode.FP16:
         return "fp16"
+    per_channel = config.per_channel if per_channel is None else per_channel
     return (
-        f"int{bits or config.weight_bits} {'per-channel' if config.per_channel else 'per-tensor'} symmetric"
+        f"int{bits or config.weight_bits} {'per-channel' if per_channel else 'per-tensor'} symmetric"
         + (" (MSE scales)" if config.weight_range == WeightRange.MSE else "")
         + (" (7-bit range)" if config.reduce_range else "")
     )
@@ -241,9 +249,12 @@ PRECISION = {QuantMode.STATIC: "int8", QuantMode.DYNAMIC: "int8-dynamic", QuantM
 
 
 def build_graph(
-    model: nn.Module, config: QuantConfig
+    model: nn.Module, config: QuantConfig, per_tensor: list[str] | None = None
 ) -> tuple[torch.fx.GraphModule, _graph.Placement, dict[str, ActQuant]]:
-    """Trace and fold a copy of ``model``, plan the placement and insert the (uncalibrated) quantizers."""
+    """Trace and fold a copy of ``model``, plan the placement and insert the (uncalibrated) quantizers.
+
+    ``per_tensor``: the layers whose weights take one scale (a replayed recipe's record); default: chosen from the
+    weights as ``config.per_tensor_sqnr_db`` says (:func:`choose_granularity`)."""
     gm = _graph.trace_and_fold(copy.deepcopy(model))
     gm.edgeslim_equalization = equalize(gm) if config.equalize else None
     placement = _graph.plan(gm, config.exclude, config.quantize_output, config.int8_layers)
@@ -258,10 +269,40 @@ def build_graph(
         fp16=config.mode == QuantMode.FP16,
         layer_qmax={n: weight_qmax(config, 8) for n in placement.int8_layers},
     )
+    if per_tensor is None:
+        gm.edgeslim_per_tensor = choose_granularity(gm, config)
+    else:
+        gm.edgeslim_per_tensor = {name: {} for name in per_tensor}
+        for name in per_tensor:
+            gm.get_submodule(name).set_granularity(False)
     for m in gm.modules():
         if isinstance(m, QuantWeight):
             fit_weight_scale(m, config)
     return gm, placement, quants
+
+
+def choose_granularity(gm: torch.fx.GraphModule, config: QuantConfig) -> dict[str, dict[str, float]]:
+    """With ``config.per_tensor_sqnr_db``: every per-channel layer whose output channels keep that weight SQNR with
+    one scale for the whole tensor (all but the worst tenth of them: :meth:`QuantWeight.channel_sqnr_db`) takes it.
+    Returns ``{layer: {"per_tensor_sqnr_db", "per_channel_sqnr_db"}}`` for those layers."""
+    chosen: dict[str, dict[str, float]] = {}
+    floor = config.per_tensor_sqnr_db
+    if floor is None or config.mode == QuantMode.FP16:
+        return chosen
+    for name, m in gm.named_modules():
+        if not isinstance(m, QuantWeight) or not m.per_channel or m.layer.weight.shape[0] < 2:
+            continue
+        per_channel_db = m.channel_sqnr_db()
+        m.set_granularity(False)
+        per_tensor_db = m.channel_sqnr_db()
+        if per_tensor_db >= floor:
+            chosen[name] = {
+                "per_tensor_sqnr_db": round(per_tensor_db, 2),
+                "per_channel_sqnr_db": round(per_channel_db, 2),
+            }
+        else:
+            m.set_granularity(True)
+    return chosen
 
 
 def _link_input_scales(gm: torch.fx.GraphModule) -> None:
@@ -348,6 +389,11 @@ def _quantize(model: nn.Module, config: QuantConfig, calib: Any, example_inputs:
     timings.end("choose_capture")
     if capture == "onnx":
         q = _capture.quantize_onnx(model, config, batches, probe, report, why, timings)
+        if config.per_tensor_sqnr_db is not None:
+            report.warnings.append(
+                f"per_tensor_sqnr_db={config.per_tensor_sqnr_db:g} ignored: the onnx capture quantizes every layer's "
+                "weights per channel (the fx capture chooses per layer)"
+            )
         if config.check_speed:
             _capture.check_speed(report, model, q, probe)
             timings.end("speed_check")
@@ -413,9 +459,14 @@ def _quantize(model: nn.Module, config: QuantConfig, calib: Any, example_inputs:
     elif config.mode == QuantMode.DYNAMIC:
         for a in quants.values():
             a.state = "dynamic"
+    per_tensor = getattr(gm, "edgeslim_per_tensor", {})
+    if per_tensor:
+        report.corrections["per_tensor_layers"] = per_tensor
     for name in placement.weighted:
         layer = gm.get_submodule(name).layer
-        desc = weights_desc(config, 8 if name in placement.int8_layers else None)
+        desc = weights_desc(config, 8 if name in placement.int8_layers else None, per_channel=name not in per_tensor)
+        if name in per_tensor:
+            desc += f" (weight SQNR {per_tensor[name]['per_tensor_sqnr_db']:.1f} dB >= {config.per_tensor_sqnr_db:g})"
         report.quantized_layers.append(
             {
                 "name": name,
@@ -527,9 +578,11 @@ def record_quantized(qm: QuantizedModel, source: nn.Module) -> QuantizedModel:
     if previous and previous[-1]["technique"] == "quantize":  # QAT of a quantized model: one quantize step
         previous = previous[:-1]
     setattr(qm, _recipe.RECIPE_ATTR, previous)
-    return _recipe.record(
-        qm, "quantize", qm.config, {"learnable_scales": learnable, "qat": qat[0] if qat else None}, qm.report
-    )
+    state: dict[str, Any] = {"learnable_scales": learnable, "qat": qat[0] if qat else None}
+    per_tensor = sorted(getattr(qm.graph_module, "edgeslim_per_tensor", None) or {})
+    if per_tensor:
+        state["per_tensor_layers"] = per_tensor
+    return _recipe.record(qm, "quantize", qm.config, state, qm.report)
 
 
 @_recipe.STEPS.register("quantize")
@@ -540,9 +593,9 @@ def _replay_step(model: nn.Module, step: dict) -> QuantizedModel:
         from edgeslim.quantize._capture import replay_onnx
 
         return replay_onnx(model, step)
-    gm, placement, quants = build_graph(model, config)
-    q = QuantizedModel(gm, config, QuantReport(config.mode.value, PRECISION[config.mode], config.calibration, 0))
     state = step.get("state", {})
+    gm, placement, quants = build_graph(model, config, state.get("per_tensor_layers", []))
+    q = QuantizedModel(gm, config, QuantReport(config.mode.value, PRECISION[config.mode], config.calibration, 0))
     for name in state.get("learnable_scales", []):
         q.get_submodule(name).make_learnable()
     if state.get("qat"):

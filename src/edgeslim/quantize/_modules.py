@@ -141,6 +141,26 @@ class QuantWeight(nn.Module):
         self.register_buffer("input_scale", torch.tensor(0.0))
 
     @torch.no_grad()
+    def set_granularity(self, per_channel: bool) -> None:
+        """One scale per output channel or one for the tensor, each from the weights' absolute maximum."""
+        w = self.layer.weight.detach()
+        amax = w.abs().flatten(1).amax(dim=1) if per_channel else w.abs().max().reshape(1)
+        self.per_channel = per_channel
+        self.scale = (amax.clamp_min(1e-12) / self.qmax).float()
+        self.zero_point = torch.zeros_like(self.scale, dtype=torch.int32)
+
+    @torch.no_grad()
+    def channel_sqnr_db(self, quantile: float = 0.1) -> float:
+        """The ``quantile`` of the output channels' SQNRs (each channel's quantized weights against its float ones,
+        in dB, capped at 200): how well the worst-resolved channels keep their weights. A whole-tensor SQNR would
+        hide them (a few wide channels carry the signal energy while one scale for all rounds the narrow ones)."""
+        w = self.layer.weight.detach().float().flatten(1)
+        err = (self.quantized_weight().detach().float().flatten(1) - w).pow(2).sum(1)
+        sig = w.pow(2).sum(1)
+        db = torch.where(err > 0, 10.0 * torch.log10(sig.clamp_min(1e-30) / err.clamp_min(1e-30)), 200.0)
+        return float(torch.quantile(db.clamp(max=200.0), quantile))
+
+    @torch.no_grad()
     def fit_scale_mse(self, steps: int = 80, lowest: float = 0.2) -> None:
         """Choose each channel's (or the tensor's) clipping scale by grid search minimising the weight MSE.
 

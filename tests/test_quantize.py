@@ -385,3 +385,8 @@ def test_per_tensor_where_the_weights_keep_their_sqnr_smaller_file_same_fidelity
         assert torch.equal(mixed(x[:8]), r(x[:8]))
     with pytest.raises(ConfigError, match="per_tensor_sqnr_db"):
         QuantConfig(per_channel=False, per_tensor_sqnr_db=35.0)
+    from edgeslim.core.errors import ModelError
+    from edgeslim.quantize._api import build_graph
+
+    with pytest.raises(ModelError, match="no such quantized layer"):
+        build_graph(model, mixed.config, ["0", "features.9"])

@@ -15,7 +15,7 @@ from torch import nn
 
 from edgeslim.core import recipe as _recipe
 from edgeslim.core.counting import call, first_sample
-from edgeslim.core.errors import DataError, QuantizationError
+from edgeslim.core.errors import DataError, ModelError, QuantizationError
 from edgeslim.core.onnx_model import OnnxModel, batch_len, slice_inputs
 from edgeslim.core.progress import bar, progress_enabled
 from edgeslim.core.verbs import check_config, data_alias
@@ -273,8 +273,15 @@ def build_graph(
         gm.edgeslim_per_tensor = choose_granularity(gm, config)
     else:
         gm.edgeslim_per_tensor = {name: {} for name in per_tensor}
+        layers = {n: m for n, m in gm.named_modules() if isinstance(m, QuantWeight)}
         for name in per_tensor:
-            gm.get_submodule(name).set_granularity(False)
+            if name not in layers:
+                raise ModelError(
+                    f"the recipe's quantize step keeps {name!r} per-tensor, but this model has no such quantized "
+                    f"layer ({len(layers)} quantized layers, e.g. {', '.join(sorted(layers)[:3])}): it is not the "
+                    "model the recipe was made from"
+                )
+            layers[name].set_granularity(False)
     for m in gm.modules():
         if isinstance(m, QuantWeight):
             fit_weight_scale(m, config)

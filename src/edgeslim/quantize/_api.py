@@ -272,7 +272,6 @@ def build_graph(
     if per_tensor is None:
         gm.edgeslim_per_tensor = choose_granularity(gm, config)
     else:
-        gm.edgeslim_per_tensor = {name: {} for name in per_tensor}
         layers = {n: m for n, m in gm.named_modules() if isinstance(m, QuantWeight)}
         for name in per_tensor:
             if name not in layers:
@@ -586,7 +585,11 @@ def record_quantized(qm: QuantizedModel, source: nn.Module) -> QuantizedModel:
         previous = previous[:-1]
     setattr(qm, _recipe.RECIPE_ATTR, previous)
     state: dict[str, Any] = {"learnable_scales": learnable, "qat": qat[0] if qat else None}
-    per_tensor = sorted(getattr(qm.graph_module, "edgeslim_per_tensor", None) or {})
+    per_tensor = sorted(  # layers whose granularity differs from the config's: chosen per layer
+        n
+        for n, w in qm.graph_module.named_modules()
+        if isinstance(w, QuantWeight) and w.per_channel != qm.config.per_channel
+    )
     if per_tensor:
         state["per_tensor_layers"] = per_tensor
     return _recipe.record(qm, "quantize", qm.config, state, qm.report)

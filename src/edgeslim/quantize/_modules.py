@@ -129,24 +129,24 @@ class QuantWeight(nn.Module):
         self.enabled = True
         self.qmax = qmax
         self.qat = ""  # "", "ste" (scales follow the weights) or "lsq" (learned scales)
-        w = layer.weight.detach()
-        if per_channel:
-            amax = w.abs().flatten(1).amax(dim=1)
-        else:
-            amax = w.abs().max().reshape(1)
-        self.register_buffer("scale", (amax.clamp_min(1e-12) / qmax).float())
+        self.register_buffer("scale", self._absmax_scale(per_channel))
         self.register_buffer("zero_point", torch.zeros_like(self.scale, dtype=torch.int32))
         # scale of the layer's quantized input; once set, the bias is rounded to int32 at scale
         # input_scale * weight_scale, exactly as the integer kernel adds it
         self.register_buffer("input_scale", torch.tensor(0.0))
 
     @torch.no_grad()
-    def set_granularity(self, per_channel: bool) -> None:
-        """One scale per output channel or one for the tensor, each from the weights' absolute maximum."""
+    def _absmax_scale(self, per_channel: bool) -> torch.Tensor:
+        """Scales from the weights' absolute maximum: one per output channel, or one for the tensor (shape (1,))."""
         w = self.layer.weight.detach()
         amax = w.abs().flatten(1).amax(dim=1) if per_channel else w.abs().max().reshape(1)
+        return (amax.clamp_min(1e-12) / self.qmax).float()
+
+    @torch.no_grad()
+    def set_granularity(self, per_channel: bool) -> None:
+        """One scale per output channel or one for the tensor, each from the weights' absolute maximum."""
         self.per_channel = per_channel
-        self.scale = (amax.clamp_min(1e-12) / self.qmax).float()
+        self.scale = self._absmax_scale(per_channel)
         self.zero_point = torch.zeros_like(self.scale, dtype=torch.int32)
 
     @torch.no_grad()
@@ -221,8 +221,7 @@ class QuantWeight(nn.Module):
             )
         if self.training and self.qat == "ste":  # scales follow the weights as they train
             with torch.no_grad():
-                amax = w.abs().flatten(1).amax(dim=1) if self.per_channel else w.abs().max().reshape(1)
-                self.scale.copy_(torch.maximum(amax.clamp_min(1e-12) / self.qmax, self._bias_floor()))
+                self.scale.copy_(torch.maximum(self._absmax_scale(self.per_channel), self._bias_floor()))
         scale = self.scale.detach()
         if hi < 127:  # sub-8-bit weights travel in an int8 container: clip to the narrow grid first
             shape = (-1,) + (1,) * (w.ndim - 1) if self.per_channel else ()

@@ -825,3 +825,37 @@ def test_in_search_latency_is_the_fastest_block_so_one_stall_does_not_move_it():
     assert len(blocks) == LATENCY_BLOCKS and calls["n"] == 10 + 5 + (LATENCY_BLOCKS - 1) * (2 + 5)
     assert blocks[0] >= 9.0  # the stalled block is recorded...
     assert 0.9 <= best < 3.0 and best == min(blocks)  # ...and is not the figure
+
+
+def test_promotion_puts_a_structure_at_the_latency_limit_after_those_clear_of_it():
+    """A probe that meets the speedup limit only within measurement noise is promoted after the others; accuracy
+    is never one of the limits looked at."""
+    from edgeslim.pipeline._optimize import LATENCY_MARGIN, meets_all_but
+
+    b = Budget(max_accuracy_drop=0.005, min_speedup=8.0)
+    base = {"accuracy": 0.94, "latency_ms": 4.8}  # limit: 0.6 ms
+    at_limit = {"accuracy": 0.5, "latency_ms": 0.59, "size_mb": 1.0}
+    clear = {**at_limit, "latency_ms": 0.5}
+    skip = {"max_accuracy_drop"}
+    assert meets_all_but(b, at_limit, base, skip) and not meets_all_but(b, at_limit, base, skip, LATENCY_MARGIN)
+    assert meets_all_but(b, clear, base, skip, LATENCY_MARGIN)
+    assert not meets_all_but(b, clear, base, set())  # the accuracy drop counts when not skipped
+    assert not meets_all_but(b, {**at_limit, "latency_ms": 0.61}, base, skip)
+
+
+def test_final_check_tries_the_preferred_then_the_most_accurate_feasible_trials():
+    """After the search the fastest feasible trials (prefer=latency) sit at the accuracy limit of the search subset;
+    when they fail on the whole split, the feasible trials with the most accuracy to spare are tried next."""
+    from types import SimpleNamespace
+
+    from edgeslim.pipeline._optimize import FINAL_CANDIDATES, FINAL_MARGIN_CANDIDATES, final_order
+
+    def t(n, acc):
+        return SimpleNamespace(number=n, user_attrs={"figures": {"accuracy": acc}})
+
+    ranked = [t(0, 0.90), t(1, 0.90), t(2, 0.91), t(3, 0.93), t(4, 0.95), t(5, 0.95), t(6, 0.92)]
+    order = [x.number for x in final_order(ranked, True)]
+    assert FINAL_CANDIDATES == 3 and FINAL_MARGIN_CANDIDATES == 2
+    assert order == [0, 1, 2, 4, 5]  # ties keep the prefer order
+    assert [x.number for x in final_order(ranked[:4], True)] == [0, 1, 2, 3]
+    assert [x.number for x in final_order(ranked, False)] == [0]  # nothing feasible: the closest alone

@@ -69,7 +69,12 @@ log = logging.getLogger(__name__)
 
 RECIPE_FORMAT = "edgeslim.optimize-recipe/1"
 DEFAULT_TRIALS = 40
-FINAL_CANDIDATES = 3
+FINAL_CANDIDATES = 3  # the best feasible trials (by ``prefer``) re-measured on the whole validation split
+#: a probe counts as clear of the budget's latency limit when this much slower would still meet it (promotion order)
+LATENCY_MARGIN = 1.05
+#: then the feasible trials with the most accuracy to spare on the search subset: the preferred ones sit at the
+#: accuracy limit by construction (the fastest that passes), where the subset's sampling error decides
+FINAL_MARGIN_CANDIDATES = 2
 MAX_DUPLICATES_IN_A_ROW = 25
 WAIT_POLL_S = 1.0  # how often a worker whose trial slots are all taken looks again
 BASELINE = {"drop_blocks": 0, "target_macs": 0.0, "factorize": 0.0, "cluster": 0, "quantize": False}
@@ -692,11 +697,21 @@ def sweep_picks(points: list[tuple[float, float]], feasible: list[bool], n: int)
     return sorted(picks, key=lambda i: (not feasible[i], lat[i]))
 
 
+def meets_all_but(
+    budget: Budget, figs: dict[str, Any], base: dict[str, Any], skip: set[str], slower: float = 1.0
+) -> bool:
+    """Whether ``figs`` meet every limit of ``budget`` but those named in ``skip``, with the latency ``slower``
+    times what was measured."""
+    figs = {**figs, "latency_ms": figs["latency_ms"] * slower}
+    return not any(v.field not in skip for v in budget.check(figs, base))
+
+
 def _promote(study: Any, ctx: Context, baseline: dict[str, Any]) -> None:
     """The multi-fidelity ladder after the probes (see ``Space.sweep`` and ``Space.promote``). Once every structure
     probe has finished: queue the sweep (probed structures across the latency range, smallest recovery). Once the
     sweep has finished too: queue the best ``space.promote`` probed structures that meet every limit of the budget
-    but accuracy, with the largest recovery (in a timed run sized to ``space.promote_time_share`` of the time
+    but accuracy (those that meet it ``LATENCY_MARGIN`` slower first; then swept ones by recovered accuracy), with
+    the largest recovery (in a timed run sized to ``space.promote_time_share`` of the time
     left: :func:`sized_units`), then (``space.promote_front``) the rest of the sweep's front with the largest
     choice. Each runs once per study (study attributes record them, so resumed runs and other workers do not queue
     them again; the sized steps are stored on the queued trial)."""
@@ -712,10 +727,12 @@ def _promote(study: Any, ctx: Context, baseline: dict[str, Any]) -> None:
     # probes are not clustered: when the space clusters, a zipped-size excess may still be clustered away
     later = {"max_accuracy_drop"} | ({"max_zipped_size_mb"} if any(space.cluster) else set())
     done = [t for t in probes if t.state == TrialState.COMPLETE and "figures" in t.user_attrs]
-    feasible = [
-        not any(v.field not in later for v in ctx.budget.check(t.user_attrs["figures"], baseline["figures"]))
-        for t in done
-    ]
+    base = baseline["figures"]
+    feasible = [meets_all_but(ctx.budget, t.user_attrs["figures"], base, later) for t in done]
+    # a structure whose probe meets the latency limit only within its measurement noise is promoted after the others
+    # (its recovered model, quantized again, often lands on the wrong side: a ResNet-18 structure probed at 0.585 ms
+    # measured 0.608 ms when promoted, against a 0.599 ms limit)
+    safe = [meets_all_but(ctx.budget, t.user_attrs["figures"], base, later, LATENCY_MARGIN) for t in done]
     recal = [t.user_attrs.get("recal_accuracy", t.user_attrs["figures"]["accuracy"]) for t in done]
     if study.user_attrs.get("swept") is None:
         swept = [space.swept(t.user_attrs["params"]) for t in done] if space.sweep else []
@@ -742,12 +759,12 @@ def _promote(study: Any, ctx: Context, baseline: dict[str, Any]) -> None:
     recovered = {structure_key(t.user_attrs["params"]): t.user_attrs["figures"]["accuracy"] for t in swept_done}
     tried = {repr(t.user_attrs.get("params")) for t in sweep}
     ok = []
-    for t, fits, acc in zip(done, feasible, recal, strict=True):
+    for t, fits, clear, acc in zip(done, feasible, safe, recal, strict=True):
         p = space.promoted(t.user_attrs["params"])
         if not fits or not p["finetune_steps"] or repr(p) in tried:  # swept at the largest recovery already
             continue
         sk = structure_key(p)
-        ok.append(((sk in recovered, recovered.get(sk, acc)), -t.number, p))
+        ok.append(((clear, sk in recovered, recovered.get(sk, acc)), -t.number, p))
     picks = [p for _, _, p in sorted(ok, key=lambda r: (r[0], r[1]), reverse=True)[: space.promote]]
     n_budget = len(picks)
     if space.promote_front:
@@ -890,6 +907,18 @@ def _ranked(study: Any, budget: Budget) -> tuple[list[Any], bool]:
     return sorted(done, key=lambda t: (_excess(t.user_attrs["violations"]), t.number)), False
 
 
+def final_order(ranked: list[Any], feasible: bool) -> list[Any]:
+    """The trials re-measured on the whole validation split after the search, in order (the first that meets the
+    budget there is chosen): the ``FINAL_CANDIDATES`` best by ``prefer``, then the ``FINAL_MARGIN_CANDIDATES``
+    other feasible trials with the highest search-subset accuracy (ties in ``ranked``'s order). Without a feasible
+    trial: the closest one alone."""
+    if not feasible:
+        return ranked[:1]
+    head = ranked[:FINAL_CANDIDATES]
+    rest = sorted(ranked[FINAL_CANDIDATES:], key=lambda t: -t.user_attrs["figures"]["accuracy"])  # stable
+    return head + rest[:FINAL_MARGIN_CANDIDATES]
+
+
 def _prefer_key(f: dict[str, float], prefer: Prefer, number: int) -> tuple:
     if prefer == Prefer.ACCURACY:
         return (-f["accuracy"], f["latency_ms"], number)
@@ -945,7 +974,7 @@ def _finish(
     trials = study.get_trials(deepcopy=False)
     notes: list[str] = list(ctx.notes)
     tried: list[tuple[Any, dict, dict, list[Violation]]] = []
-    for t in ranked[: FINAL_CANDIDATES if feasible else 1]:
+    for t in final_order(ranked, feasible):
         _, art, ck, _ = build_candidate(ctx, t.user_attrs["params"])
         cand, base = _final_figures(ctx, art, ck, base_art, base_ck, t.user_attrs["params"])
         tried.append((t, cand, base, budget.check(cand["figures"], base["figures"])))
@@ -958,6 +987,12 @@ def _finish(
             notes.append(
                 f"{len(tried)} candidate(s) met the budget on the {len(ctx.search_val)}-sample search "
                 "subset but not on the whole validation split; the closest of them is saved"
+            )
+        elif ok and len(tried) > 1:
+            notes.append(
+                f"trial(s) {', '.join(str(r[0].number) for r in tried[:-1])} met the budget on the "
+                f"{len(ctx.search_val)}-sample search subset but not on the whole validation split; trial "
+                f"{tried[-1][0].number} does"
             )
         t, cand, base, viol = pick
         chosen_params, chosen_no, chosen_steps = t.user_attrs["params"], t.number, t.user_attrs.get("steps", {})

@@ -246,3 +246,43 @@ def test_qat_and_sensitivity_need_the_torch_model():
         qat(q, QATConfig(), data=(x, x))
     with pytest.raises(QuantizationError, match="not 'onnx'"):
         qat(model, QATConfig(), data=(x, x), quant_config=es.QuantConfig(capture="onnx"))
+
+
+def test_onnx_capture_chooses_per_tensor_weights_per_layer_and_replays_them(tmp_path):
+    """per_tensor_sqnr_db on the ONNX capture (models fx cannot trace): the weights whose channels keep the SQNR with
+    one scale take it through ORT's per-tensor overrides; the file is smaller, fidelity kept, the recipe replays."""
+    from onnx import numpy_helper
+
+    from edgeslim.quantize._onnx import channel_sqnr_db
+
+    torch.manual_seed(0)
+    nn = torch.nn
+    model = nn.Sequential(
+        nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 1), nn.ReLU(), nn.Conv2d(64, 64, 1)
+    ).eval()
+    with torch.no_grad():
+        model[2].weight[:8] *= 40.0  # 8 of 64 channels 40x wider: one scale for the tensor ruins the other 56
+    x = torch.randn(64, 3, 8, 8)
+    w = model[2].weight.detach().numpy()
+    assert channel_sqnr_db(w, 0, True, 127) > 35.0 > channel_sqnr_db(w, 0, False, 127)
+    every = es.quantize(model, es.QuantConfig(num_samples=64, capture="onnx"), data=x)
+    mixed = es.quantize(model, es.QuantConfig(num_samples=64, capture="onnx", per_tensor_sqnr_db=35.0), data=x)
+    chosen = mixed.report.corrections["per_tensor_layers"]
+    assert len(chosen) == 2 and all(v["per_tensor_sqnr_db"] >= 35.0 for v in chosen.values())
+    assert not any("ignored" in m for m in mixed.report.warnings)
+    layers = {e["name"]: e["weights"] for e in mixed.report.quantized_layers}
+    assert sorted(n for n, d in layers.items() if "per-tensor" in d) == sorted(chosen)
+    assert "2 of 3 layers per-tensor" in mixed.report.summary()
+    assert len(mixed.onnx_bytes()) < len(every.onnx_bytes())
+    g = onnx.load_from_string(mixed.onnx_bytes()).graph
+    inits = {i.name: numpy_helper.to_array(i) for i in g.initializer}
+    conv_in = {n.input[1] for n in g.node if n.op_type == "Conv"}
+    scales = sorted(
+        inits[n.input[1]].size for n in g.node if n.op_type == "DequantizeLinear" and n.output[0] in conv_in
+    )
+    assert scales == [1, 1, 64]  # one per-channel weight left
+    a = es.export(every, "onnx", example_inputs=x[:16], path=tmp_path / "every.onnx")
+    b = es.export(mixed, "onnx", example_inputs=x[:16], path=tmp_path / "mixed.onnx")
+    assert b.validation["vs_float_reference"]["sqnr_db"] >= a.validation["vs_float_reference"]["sqnr_db"] - 1.0
+    r = es.load(es.save(mixed, tmp_path / "m.recipe"), model=model)
+    assert r.onnx_bytes() == mixed.onnx_bytes()

@@ -395,11 +395,6 @@ def _quantize(model: nn.Module, config: QuantConfig, calib: Any, example_inputs:
     timings.end("choose_capture")
     if capture == "onnx":
         q = _capture.quantize_onnx(model, config, batches, probe, report, why, timings)
-        if config.per_tensor_sqnr_db is not None:
-            report.warnings.append(
-                f"per_tensor_sqnr_db={config.per_tensor_sqnr_db:g} ignored: the onnx capture quantizes every layer's "
-                "weights per channel (the fx capture chooses per layer)"
-            )
         if config.check_speed:
             _capture.check_speed(report, model, q, probe)
             timings.end("speed_check")

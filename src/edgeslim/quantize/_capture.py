@@ -221,7 +221,14 @@ class OnnxQuantizedModel(nn.Module):
                     f"the recorded ranges name {len(lost)} tensor(s) the model's ONNX graph does not "
                     f"have (e.g. {lost[:3]}): the model is not the one quantized"
                 )
-            self._graph = _onnx.build_qdq(graph, self.plan["ranges"], self.plan["excluded"], self.config)
+            per_tensor = self.plan.get("per_tensor", [])
+            inits = {i.name for i in _onnx._onnx().load_from_string(graph).graph.initializer}
+            if lost := [w for w in per_tensor if w not in inits]:
+                raise ModelError(
+                    f"the recorded per-tensor weights name {len(lost)} initializer(s) the model's ONNX graph does "
+                    f"not have (e.g. {lost[:3]}): the model is not the one quantized"
+                )
+            self._graph = _onnx.build_qdq(graph, self.plan["ranges"], self.plan["excluded"], self.config, per_tensor)
         return self._graph
 
     def session(self) -> Any:
@@ -306,7 +313,12 @@ def quantize_onnx(
 
         tail_float, tail_record = _tail.sensitivity(graph, ranges, excluded, config, batches)
         excluded.update(tail_float)
-    qgraph = _onnx.build_qdq(graph, ranges, excluded, config)
+    granularity = _onnx.choose_granularity(graph, excluded, config)
+    if granularity:
+        report.corrections["per_tensor_layers"] = {
+            v["node"]: {k: v[k] for k in ("per_tensor_sqnr_db", "per_channel_sqnr_db")} for v in granularity.values()
+        }
+    qgraph = _onnx.build_qdq(graph, ranges, excluded, config, sorted(granularity))
     _end(timings, "convert")
     plan = {
         "inputs": spec,
@@ -316,6 +328,8 @@ def quantize_onnx(
         "excluded": dict(sorted(excluded.items())),
         "opset": OPSET,
     }
+    if granularity:  # weights quantized per tensor (per_tensor_sqnr_db): a replay keeps the record, not the rule
+        plan["per_tensor"] = sorted(granularity)
     if tail_record and tail_record.get("detector_output"):
         plan["task"] = "detect"  # export validates its boxes and scores apart, with no top-1 (kept by a recipe)
     cfg = config.replace(capture=Capture.ONNX)
@@ -344,16 +358,23 @@ def fill_onnx_report(report: Any, q: OnnxQuantizedModel, why: str, pre_err: str 
         report.preprocessing = None
     im = _onnx.integer_macs(q.onnx_bytes(), _onnx_feeds(q))
     modules = not isinstance(q.float_model, OnnxModel)
+    per_tensor = report.corrections.get("per_tensor_layers") or {}
     for n in im["nodes"]:
         module = _module_label(n["node"], modules)
         if n["integer"]:
+            desc = _weights_desc(q.config)
+            if n["node"] in per_tensor:
+                sqnr = per_tensor[n["node"]]["per_tensor_sqnr_db"]
+                desc = desc.replace("per-channel", "per-tensor") + (
+                    f" (weight SQNR {sqnr:.1f} dB >= {q.config.per_tensor_sqnr_db:g})"
+                )
             report.quantized_layers.append(
                 {
                     "name": n["node"],
                     "type": n["op"],
                     "module": module,
                     "macs": n["macs"],
-                    "weights": _weights_desc(q.config),
+                    "weights": desc,
                 }
             )
         else:

@@ -336,6 +336,67 @@ def plan_exclusions(
     return out
 
 
+def channel_sqnr_db(w: np.ndarray, axis: int, per_channel: bool, qmax: int, quantile: float = 0.1) -> float:
+    """The ``quantile`` of the output channels' weight SQNRs (dB, capped at 200) with symmetric integer weights in
+    [-qmax, qmax] (ORT's signed weights): one scale per channel along ``axis``, or one for the tensor. The ONNX
+    capture's counterpart of ``QuantWeight.channel_sqnr_db``."""
+    w = np.moveaxis(np.asarray(w, np.float64), axis, 0).reshape(w.shape[axis], -1)
+    amax = np.abs(w).max(axis=1, keepdims=True) if per_channel else np.full((len(w), 1), np.abs(w).max())
+    scale = np.maximum(amax, 1e-12) / qmax
+    err = ((np.clip(np.round(w / scale), -qmax, qmax) * scale - w) ** 2).sum(1)
+    sig = (w**2).sum(1)
+    with np.errstate(divide="ignore"):
+        db = np.where(err > 0, 10.0 * np.log10(np.maximum(sig, 1e-30) / np.maximum(err, 1e-30)), 200.0)
+    return float(np.quantile(np.minimum(db, 200.0), quantile))
+
+
+def weight_axes(model) -> dict[str, tuple[str, int]]:
+    """Every Conv / Gemm / MatMul weight that is an initializer: ``{initializer: (node, per-channel axis)}``, the
+    axis ONNX Runtime's QDQ writer quantizes it along (Conv 0; Gemm 0 when ``transB`` else 1; MatMul 1)."""
+    inits = {i.name: i for i in model.graph.initializer}
+    out: dict[str, tuple[str, int]] = {}
+    for i, n in enumerate(model.graph.node):
+        if n.op_type not in ("Conv", "Gemm", "MatMul") or len(n.input) < 2 or n.input[1] not in inits:
+            continue
+        if len(inits[n.input[1]].dims) < 2:
+            continue
+        axis = 0 if n.op_type == "Conv" else 1
+        if n.op_type == "Gemm" and any(a.name == "transB" and a.i for a in n.attribute):
+            axis = 0
+        out.setdefault(n.input[1], (n.name or node_name(n, i), axis))
+    return out
+
+
+def choose_granularity(graph: bytes, excluded: Mapping[str, str], config: QuantConfig) -> dict[str, dict[str, Any]]:
+    """With ``config.per_tensor_sqnr_db`` (static INT8, per-channel): the weights whose output channels keep that
+    SQNR with one scale for the whole tensor (all but the worst tenth of them) are quantized per tensor (the fx
+    capture's rule, see ``quantize._api.choose_granularity``). Returns ``{initializer: {"node", "per_tensor_sqnr_db",
+    "per_channel_sqnr_db"}}``."""
+    floor = config.per_tensor_sqnr_db
+    if floor is None or not config.per_channel or config.mode != QuantMode.STATIC:
+        return {}
+    from onnx import numpy_helper
+
+    model = _onnx().load_from_string(graph)
+    inits = {i.name: i for i in model.graph.initializer}
+    qmax = 63 if config.reduce_range else 127
+    chosen: dict[str, dict[str, Any]] = {}
+    for name, (node, axis) in weight_axes(model).items():
+        if node in excluded:
+            continue
+        w = numpy_helper.to_array(inits[name])
+        if w.dtype.kind != "f" or w.shape[axis] < 2:
+            continue
+        per_tensor_db = channel_sqnr_db(w, axis, False, qmax)
+        if per_tensor_db >= floor:
+            chosen[name] = {
+                "node": node,
+                "per_tensor_sqnr_db": round(per_tensor_db, 2),
+                "per_channel_sqnr_db": round(channel_sqnr_db(w, axis, True, qmax), 2),
+            }
+    return chosen
+
+
 def write_qdq(
     graph: bytes,
     ranges: Mapping[str, Any],
@@ -343,9 +404,11 @@ def write_qdq(
     config: QuantConfig,
     *,
     only: list[str] | None = None,
+    per_tensor: list[str] | tuple[str, ...] = (),
 ) -> bytes:
     """ORT's ``quantize_static`` on ``graph`` with edgeslim's ranges (its calibration cache) and exclusions
-    (``only``: quantize just these nodes, for the tail sensitivity pass)."""
+    (``only``: quantize just these nodes, for the tail sensitivity pass; ``per_tensor``: weight initializers
+    quantized with one scale although ``config.per_channel``, through ORT's per-tensor overrides)."""
     from onnxruntime.quantization import (
         CalibrationMethod,
         QuantFormat,
@@ -392,6 +455,7 @@ def write_qdq(
                     "ActivationSymmetric": signed,
                     "WeightSymmetric": True,
                     "ForceQuantizeNoInputCheck": True,
+                    **({"TensorQuantOverrides": {w: [{"symmetric": True}] for w in per_tensor}} if per_tensor else {}),
                 },
             )
         return dst.read_bytes()
@@ -433,10 +497,16 @@ def write_fp16(graph: bytes) -> bytes:
     return float16.convert_float_to_float16(onnx.load_from_string(graph), keep_io_types=True).SerializeToString()
 
 
-def build_qdq(graph: bytes, ranges: Mapping[str, Any], excluded: Mapping[str, str], config: QuantConfig) -> bytes:
+def build_qdq(
+    graph: bytes,
+    ranges: Mapping[str, Any],
+    excluded: Mapping[str, str],
+    config: QuantConfig,
+    per_tensor: list[str] | tuple[str, ...] = (),
+) -> bytes:
     """The quantized graph for ``config.mode`` (the apply step; deterministic given its inputs)."""
     if config.mode == QuantMode.STATIC:
-        return write_qdq(graph, ranges, excluded, config)
+        return write_qdq(graph, ranges, excluded, config, per_tensor=per_tensor)
     if config.mode == QuantMode.DYNAMIC:
         return write_dynamic(graph, excluded, config)
     return write_fp16(graph)

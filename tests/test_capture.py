@@ -15,6 +15,7 @@ from tiny import (
     TinyViT,
     tiny_bert,
     tiny_bert_inputs,
+    wide_channel_convs,
 )
 
 import edgeslim as es
@@ -255,14 +256,7 @@ def test_onnx_capture_chooses_per_tensor_weights_per_layer_and_replays_them(tmp_
 
     from edgeslim.quantize._onnx import channel_sqnr_db
 
-    torch.manual_seed(0)
-    nn = torch.nn
-    model = nn.Sequential(
-        nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 1), nn.ReLU(), nn.Conv2d(64, 64, 1)
-    ).eval()
-    with torch.no_grad():
-        model[2].weight[:8] *= 40.0  # 8 of 64 channels 40x wider: one scale for the tensor ruins the other 56
-    x = torch.randn(64, 3, 8, 8)
+    model, x = wide_channel_convs()  # 8 of 64 channels of "2" 40x wider: one scale for it ruins the other 56
     w = model[2].weight.detach().numpy()
     assert channel_sqnr_db(w, 0, True, 127) > 35.0 > channel_sqnr_db(w, 0, False, 127)
     every = es.quantize(model, es.QuantConfig(num_samples=64, capture="onnx"), data=x)

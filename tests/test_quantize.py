@@ -3,7 +3,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from tiny import NoWeights, TinyCNN, TinyMLP
+from tiny import NoWeights, TinyCNN, TinyMLP, wide_channel_convs
 
 from edgeslim.core.config import CONFIGS
 from edgeslim.core.errors import ConfigError, DataError, QuantizationError
@@ -350,14 +350,7 @@ def test_per_tensor_where_the_weights_keep_their_sqnr_smaller_file_same_fidelity
     from edgeslim.export import export
     from edgeslim.quantize import restore_quantized, save_quantized
 
-    torch.manual_seed(0)
-    nn = torch.nn
-    model = nn.Sequential(
-        nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 1), nn.ReLU(), nn.Conv2d(64, 64, 1)
-    ).eval()
-    with torch.no_grad():
-        model[2].weight[:8] *= 40.0  # 8 of 64 channels 40x wider: one scale for the tensor ruins the other 56
-    x = torch.randn(64, 3, 8, 8)
+    model, x = wide_channel_convs()  # 8 of 64 channels of "2" 40x wider: one scale for it ruins the other 56
     every = quantize(model, QuantConfig(num_samples=64), data=x)
     mixed = quantize(model, QuantConfig(num_samples=64, per_tensor_sqnr_db=35.0), data=x)
     chosen = mixed.report.corrections["per_tensor_layers"]

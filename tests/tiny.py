@@ -508,3 +508,15 @@ class TinyDetector(nn.Module):
     @staticmethod
     def example_inputs(batch: int = 32) -> torch.Tensor:
         return torch.rand(batch, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+def wide_channel_convs() -> tuple[nn.Module, torch.Tensor]:
+    """Three convolutions (3x3, then two 1x1, 64 channels) whose middle one has 8 of 64 output channels 40x wider:
+    one weight scale for that tensor ruins the other 56; the other two keep their SQNR with one scale. With data."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 1), nn.ReLU(), nn.Conv2d(64, 64, 1)
+    ).eval()
+    with torch.no_grad():
+        model[2].weight[:8] *= 40.0
+    return model, torch.randn(64, 3, 8, 8)

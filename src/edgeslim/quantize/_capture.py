@@ -214,20 +214,17 @@ class OnnxQuantizedModel(nn.Module):
         """The quantized ONNX file (rebuilt from the float model and the plan after weights are loaded)."""
         if self._graph is None:
             graph = self.float_graph()
-            names = set(_onnx.float_activations(_onnx._onnx().load_from_string(graph)))
-            lost = [t for t in self.plan["ranges"] if t not in names]
-            if lost:
-                raise ModelError(
-                    f"the recorded ranges name {len(lost)} tensor(s) the model's ONNX graph does not "
-                    f"have (e.g. {lost[:3]}): the model is not the one quantized"
-                )
+            model = _onnx._onnx().load_from_string(graph)
             per_tensor = self.plan.get("per_tensor", [])
-            inits = {i.name for i in _onnx._onnx().load_from_string(graph).graph.initializer}
-            if lost := [w for w in per_tensor if w not in inits]:
-                raise ModelError(
-                    f"the recorded per-tensor weights name {len(lost)} initializer(s) the model's ONNX graph does "
-                    f"not have (e.g. {lost[:3]}): the model is not the one quantized"
-                )
+            for what, kind, recorded, present in (
+                ("ranges name", "tensor(s)", self.plan["ranges"], set(_onnx.float_activations(model))),
+                ("per-tensor weights name", "initializer(s)", per_tensor, {i.name for i in model.graph.initializer}),
+            ):
+                if lost := [t for t in recorded if t not in present]:
+                    raise ModelError(
+                        f"the recorded {what} {len(lost)} {kind} the model's ONNX graph does not "
+                        f"have (e.g. {lost[:3]}): the model is not the one quantized"
+                    )
             self._graph = _onnx.build_qdq(graph, self.plan["ranges"], self.plan["excluded"], self.config, per_tensor)
         return self._graph
 

@@ -114,6 +114,16 @@ class ActQuant(nn.Module):
         return f"q=[{self.qmin},{self.qmax}], state={self.state}, scale={float(self.scale.detach()):.4g}, zp={int(self.zero_point)}"
 
 
+def channel_sqnr_quantile_db(w: torch.Tensor, wq: torch.Tensor, quantile: float = 0.1) -> float:
+    """The ``quantile`` of the SQNRs (dB, capped at 200) of ``wq`` against ``w`` per output channel (the first
+    dimension): how well the worst-resolved channels keep their weights."""
+    w, wq = w.flatten(1), wq.flatten(1)
+    err = (wq - w).pow(2).sum(1)
+    sig = w.pow(2).sum(1)
+    db = torch.where(err > 0, 10.0 * torch.log10(sig.clamp_min(1e-30) / err.clamp_min(1e-30)), 200.0)
+    return float(torch.quantile(db.clamp(max=200.0), quantile))
+
+
 class QuantWeight(nn.Module):
     """Wraps a Conv/Linear layer and fake-quantizes its weight to symmetric signed integers.
 
@@ -154,11 +164,8 @@ class QuantWeight(nn.Module):
         """The ``quantile`` of the output channels' SQNRs (each channel's quantized weights against its float ones,
         in dB, capped at 200): how well the worst-resolved channels keep their weights. A whole-tensor SQNR would
         hide them (a few wide channels carry the signal energy while one scale for all rounds the narrow ones)."""
-        w = self.layer.weight.detach().float().flatten(1)
-        err = (self.quantized_weight().detach().float().flatten(1) - w).pow(2).sum(1)
-        sig = w.pow(2).sum(1)
-        db = torch.where(err > 0, 10.0 * torch.log10(sig.clamp_min(1e-30) / err.clamp_min(1e-30)), 200.0)
-        return float(torch.quantile(db.clamp(max=200.0), quantile))
+        w = self.layer.weight.detach().float()
+        return channel_sqnr_quantile_db(w, self.quantized_weight().detach().float(), quantile)
 
     @torch.no_grad()
     def fit_scale_mse(self, steps: int = 80, lowest: float = 0.2) -> None:

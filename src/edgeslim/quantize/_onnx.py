@@ -255,9 +255,7 @@ def widen_for_bias(
             continue
         wt = np.abs(numpy_helper.to_array(inits[w]).astype(np.float64))
         bias = np.abs(numpy_helper.to_array(inits[b]).astype(np.float64)).ravel()
-        if n.op_type == "Gemm":
-            trans_b = next((a.i for a in n.attribute if a.name == "transB"), 0)
-            wt = wt if trans_b else wt.T
+        wt = np.moveaxis(wt, out_axis(n), 0)  # output channels first (a Gemm without transB: transposed)
         if config.per_channel and wt.shape[0] == bias.size:
             w_scale = wt.reshape(wt.shape[0], -1).max(axis=1) / 127.0
         else:
@@ -340,19 +338,20 @@ def channel_sqnr_db(w: np.ndarray, axis: int, per_channel: bool, qmax: int, quan
     """The ``quantile`` of the output channels' weight SQNRs (dB, capped at 200) with symmetric integer weights in
     [-qmax, qmax] (ORT's signed weights): one scale per channel along ``axis``, or one for the tensor. The ONNX
     capture's counterpart of ``QuantWeight.channel_sqnr_db``."""
+    import torch
+
+    from edgeslim.quantize._modules import channel_sqnr_quantile_db
+
     w = np.moveaxis(np.asarray(w, np.float64), axis, 0).reshape(w.shape[axis], -1)
     amax = np.abs(w).max(axis=1, keepdims=True) if per_channel else np.full((len(w), 1), np.abs(w).max())
     scale = np.maximum(amax, 1e-12) / qmax
-    err = ((np.clip(np.round(w / scale), -qmax, qmax) * scale - w) ** 2).sum(1)
-    sig = (w**2).sum(1)
-    with np.errstate(divide="ignore"):
-        db = np.where(err > 0, 10.0 * np.log10(np.maximum(sig, 1e-30) / np.maximum(err, 1e-30)), 200.0)
-    return float(np.quantile(np.minimum(db, 200.0), quantile))
+    wq = np.clip(np.round(w / scale), -qmax, qmax) * scale
+    return channel_sqnr_quantile_db(torch.from_numpy(w), torch.from_numpy(wq), quantile)
 
 
 def weight_axes(model) -> dict[str, tuple[str, int]]:
     """Every Conv / Gemm / MatMul weight that is an initializer: ``{initializer: (node, per-channel axis)}``, the
-    axis ONNX Runtime's QDQ writer quantizes it along (Conv 0; Gemm 0 when ``transB`` else 1; MatMul 1)."""
+    axis ONNX Runtime's QDQ writer quantizes it along (:func:`out_axis`)."""
     inits = {i.name: i for i in model.graph.initializer}
     out: dict[str, tuple[str, int]] = {}
     for i, n in enumerate(model.graph.node):
@@ -360,11 +359,18 @@ def weight_axes(model) -> dict[str, tuple[str, int]]:
             continue
         if len(inits[n.input[1]].dims) < 2:
             continue
-        axis = 0 if n.op_type == "Conv" else 1
-        if n.op_type == "Gemm" and any(a.name == "transB" and a.i for a in n.attribute):
-            axis = 0
-        out.setdefault(n.input[1], (n.name or node_name(n, i), axis))
+        out.setdefault(n.input[1], (n.name or node_name(n, i), out_axis(n)))
     return out
+
+
+def out_axis(n) -> int:
+    """The axis of a Conv / Gemm / MatMul weight that holds the output channels (the one ORT's QDQ writer quantizes
+    per channel along): Conv 0; Gemm 0 when ``transB`` else 1; MatMul 1."""
+    if n.op_type == "Conv":
+        return 0
+    if n.op_type == "Gemm":
+        return 0 if any(a.name == "transB" and a.i for a in n.attribute) else 1
+    return 1
 
 
 def choose_granularity(graph: bytes, excluded: Mapping[str, str], config: QuantConfig) -> dict[str, dict[str, Any]]:

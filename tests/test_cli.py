@@ -41,12 +41,17 @@ def test_existing_output_is_refused_and_json_errors_are_machine_readable(tmp_pat
 
 def test_quantize_and_measure_from_the_command_line(tmp_path):
     out = tmp_path / "q.onnx"
-    r = run_cli("quantize", "small_cnn", "--samples", "128", "--calibration", "percentile", "--out", str(out), "--json")
+    r = run_cli(
+        "quantize", "small_cnn", "--samples", "128", "--calibration", "percentile", "--reduce-range", "--out", str(out),
+        "--json",
+    )  # fmt: skip
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)
     assert res["artifact"]["precision"] == "int8" and out.is_file()
     assert res["quantize"]["calibration"] == "percentile" and res["quantize"]["calibration_samples"] == 128
-    assert (tmp_path / "q.config.yaml").read_text().startswith("quantize:") and (tmp_path / "q.recipe").is_file()
+    config = (tmp_path / "q.config.yaml").read_text()
+    assert config.startswith("quantize:") and "reduce_range: true" in config and (tmp_path / "q.recipe").is_file()
+    assert "int8 per-channel symmetric (7-bit range)" in {d["weights"] for d in res["quantize"]["quantized_layers"]}
     m = run_cli("measure", str(out), "--samples", "300", "--runs", "20", "--save", str(tmp_path / "m.json"), "--json")
     assert m.returncode == 0, m.stderr
     figures = json.loads(m.stdout)["figures"]

@@ -7,7 +7,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from onnx import numpy_helper
-from tiny import TinyCNN, TinyMLP
+from tiny import TinyCNN, TinyMLP, saturating_convs
 
 from edgeslim import Artifact, QuantConfig, ValidationFloors, export, quantize
 from edgeslim.core.errors import ConfigError, DataError, ExportError, OutputExistsError
@@ -103,6 +103,51 @@ def test_bad_arguments(tmp_path):
     with pytest.raises(DataError, match=r"\(3, 8, 8\) do not fit TinyCNN"):
         export(TinyCNN(), "onnx", example_inputs=torch.randn(2, 3, 8, 8), path=tmp_path / "c.onnx")
     assert not any(tmp_path.iterdir())
+
+
+def test_int8_weight_range_follows_the_host_and_is_recorded(tmp_path, monkeypatch):
+    import edgeslim as es
+    from edgeslim.core import metrics
+    from edgeslim.quantize._graph import QuantWeight
+
+    assert metrics.u8s8_saturates(frozenset({"avx2", "fma"}), "x86_64").startswith("this host's CPU has AVX2")
+    assert "AVX-512 without VNNI" in metrics.u8s8_saturates(frozenset({"avx2", "avx512f", "avx512bw"}), "x86_64")
+    for flags, machine in [
+        ({"avx2", "avx512_vnni"}, "x86_64"),
+        ({"avx2", "avx_vnni"}, "AMD64"),
+        ({"asimd"}, "aarch64"),
+    ]:
+        assert metrics.u8s8_saturates(frozenset(flags), machine) is None
+    assert metrics.u8s8_saturates(frozenset(), "x86_64") is None  # flags unknown: nothing assumed
+
+    model, x = saturating_convs()
+    why = metrics.u8s8_saturates()  # this host's answer
+    auto = quantize(model, QuantConfig(calibration="minmax"), data=x)
+    assert auto.config.reduce_range is (why is not None)  # decided, and recorded as a value, not as None
+    # 7-bit weights: the file computes what its reference does, VNNI or not
+    seven = quantize(model, QuantConfig(calibration="minmax", reduce_range=True), data=x)
+    assert export(seven, "onnx", example_inputs=x, path=tmp_path / "7.onnx").validation["sqnr_db"] > 30
+    full = quantize(model, QuantConfig(calibration="minmax", reduce_range=False), data=x)
+    if why:  # u8 x s8 pairs saturate here: the gate refuses the file and names the cause and the fix
+        with pytest.raises(ExportError, match=r"sqnr_db .*likely saturation: this host.*reduce_range=True"):
+            export(full, "onnx", example_inputs=x, path=tmp_path / "8.onnx")
+        assert not (tmp_path / "8.onnx").exists()
+    else:
+        assert export(full, "onnx", example_inputs=x, path=tmp_path / "8.onnx").validation["sqnr_db"] > 25
+
+    # the host's answer decides the default, the report says so, the recipe keeps the value
+    for host, qmax in [("a test host without VNNI", 63), (None, 127)]:
+        monkeypatch.setattr(metrics, "u8s8_saturates", lambda *a, h=host: h)
+        q = quantize(model, QuantConfig(calibration="minmax"), data=x)
+        assert q.config.reduce_range is (host is not None)
+        assert {m.qmax for m in q.modules() if isinstance(m, QuantWeight)} == {qmax}
+        assert ("7-bit range (reduce_range chosen by the host: a test host" in q.report.summary()) is (qmax == 63)
+        es.save(q, tmp_path / f"{qmax}.recipe")
+        monkeypatch.setattr(metrics, "u8s8_saturates", lambda *a: "another host")  # replay on another host
+        back = es.load(tmp_path / f"{qmax}.recipe", saturating_convs()[0])
+        assert back.config.reduce_range is (host is not None)
+        with torch.no_grad():
+            assert torch.equal(back(x), q(x))
 
 
 @pytest.mark.parametrize("options", [{"per_channel": False}, {"activation_type": "int8"}, {"reduce_range": True}])

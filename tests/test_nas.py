@@ -311,7 +311,7 @@ def test_evolution_meets_the_predicted_budget_and_replays_from_its_recipe(traine
     url = f"sqlite:///{tmp_path / 'evo.db'}"
     out = search_widths(
         model,
-        NASConfig(latency_ratio=0.6, table_dir=str(table_dir), **EVO),
+        NASConfig(latency_ratio=0.7, table_dir=str(table_dir), **EVO),
         data=(train, val),
         example_inputs=TinyBlocks.example_inputs(),
         storage=url,
@@ -340,7 +340,7 @@ def test_evolution_resumes_after_an_interruption_without_losing_or_repeating_tri
 
     model, train, val = trained
     kw = {"data": (train, val), "example_inputs": TinyBlocks.example_inputs()}
-    cfg = NASConfig(latency_ratio=0.6, table_dir=str(table_dir), **{**EVO, "trials": 3})
+    cfg = NASConfig(latency_ratio=0.7, table_dir=str(table_dir), **{**EVO, "trials": 3})
     url = f"sqlite:///{tmp_path / 'a.db'}"
     search_widths(model, cfg, storage=url, **kw)
     study, trials = _trials(url)
@@ -369,7 +369,7 @@ def test_evolution_refuses_a_second_process_on_its_sqlite_study(trained, table_d
     with file_lock(str(db) + ".lock", what="test"), pytest.raises(es.OutputExistsError, match="locked by another"):
         search_widths(
             model,
-            NASConfig(latency_ratio=0.6, table_dir=str(table_dir), **EVO),
+            NASConfig(latency_ratio=0.7, table_dir=str(table_dir), **EVO),
             data=(train, val),
             example_inputs=TinyBlocks.example_inputs(),
             storage=db,
@@ -387,7 +387,7 @@ def test_evolution_workers_share_one_postgresql_study(trained, table_dir, postgr
     model, train, val = trained
     url = postgres.new_database("nas_workers")
     kw = {"data": (train, val), "example_inputs": TinyBlocks.example_inputs(), "storage": url}
-    cfg = NASConfig(latency_ratio=0.6, table_dir=str(table_dir), **{**EVO, "trials": 3})
+    cfg = NASConfig(latency_ratio=0.7, table_dir=str(table_dir), **{**EVO, "trials": 3})
     first = search_widths(model, cfg, **kw)  # worker 1 creates the study, records the budget and latency model
     second = search_widths(model, dataclasses.replace(cfg, trials=5), **kw)  # worker 2 joins and adds trials
     study, trials = _trials(url)

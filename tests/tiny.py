@@ -520,3 +520,25 @@ def wide_channel_convs() -> tuple[nn.Module, torch.Tensor]:
     with torch.no_grad():
         model[2].weight[:8] *= 40.0
     return model, torch.randn(64, 3, 8, 8)
+
+
+def saturating_convs() -> tuple[nn.Module, torch.Tensor]:
+    """A 1x1 convolution whose u8 inputs sit near 255 and whose int8 weights near 127 (same sign within each output
+    channel): on an x86 CPU without VNNI, ONNX Runtime's u8 x s8 kernels saturate the 16-bit sum of each pair of
+    products (2 x 255 x 127 > 32767) unless the weights take the 7-bit range. With data."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(32, 16, 1),
+        nn.ReLU(),
+        nn.Conv2d(16, 10, 1),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+    ).eval()
+    with torch.no_grad():
+        model[0].weight.mul_(0.1)
+        model[0].bias.fill_(2.0)  # activations near their maximum
+        model[2].weight.copy_(model[2].weight.abs() + 0.2)  # near-equal weights: int8 values near the top of the range
+        model[2].weight[8:] *= -1
+    return model, torch.randn(64, 3, 8, 8)

@@ -292,11 +292,13 @@ def cmd_quantize(a: argparse.Namespace) -> None:
             "exclude": tuple(a.exclude) if a.exclude else None,
             "per_channel": False if a.per_tensor else None,
             "per_tensor_sqnr_db": a.per_tensor_above,
-            "reduce_range": True if a.reduce_range else None,
+            "reduce_range": {"on": True, "off": False}.get(a.reduce_range),
             "capture": a.capture,
         }.items()
         if v is not None
     }
+    if a.reduce_range == "auto":  # the host decides, whatever the --config file says
+        changes["reduce_range"] = None
     cfg = base.replace(**changes)
     model = _load_model(a)
     train, val = _load_data(a, model)
@@ -767,7 +769,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="per layer: one weight scale per tensor where the weights keep >= DB dB SQNR with it (e.g. 35; a "
         "smaller file), per channel elsewhere",
     )
-    q.add_argument("--reduce-range", action="store_true", help="7-bit weights (no int16 saturation on AVX2)")
+    q.add_argument(
+        "--reduce-range",
+        nargs="?",
+        const="on",
+        choices=("auto", "on", "off"),
+        help="7-bit weights (no int16 saturation in u8 x s8 kernels on x86 without VNNI); alone: on; default auto "
+        "(on where this host lacks VNNI; off for a file meant for a VNNI CPU)",
+    )
     q.add_argument("--samples", type=_positive, help="calibration samples (default 512)")
     q.add_argument("--exclude", action="append", help="module name or pattern kept in float (repeatable)")
     q.add_argument(

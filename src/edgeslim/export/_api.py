@@ -537,8 +537,21 @@ def _validate(
             f"{prec} {fmt} export of {type(model).__name__} failed validation on {n} samples: "
             + "; ".join(bad)
             + f" ({validation['summary']}; floors are set by ValidationFloors)"
+            + _saturation_hint(model, fmt)
         )
     return validation
+
+
+def _saturation_hint(model: nn.Module, fmt: str) -> str:
+    """Where the file's INT8 kernels may have saturated (8-bit weights run in ONNX Runtime on x86 without VNNI):
+    the likely cause and the fix, for the validation error."""
+    from edgeslim.core.metrics import u8s8_saturates
+
+    config = getattr(model, "config", None)
+    if fmt != "onnx" or getattr(config, "reduce_range", None) is not False or getattr(config, "weight_bits", 8) != 8:
+        return ""
+    why = u8s8_saturates()
+    return f"; likely saturation: {why}; quantize with QuantConfig(reduce_range=True) (7-bit weights)" if why else ""
 
 
 def _below(v: dict[str, Any], floors: dict[str, float], prefix: str) -> list[str]:

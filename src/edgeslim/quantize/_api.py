@@ -84,6 +84,8 @@ class QuantReport:
                 f"; {len(per_tensor)} of {len(self.quantized_layers)} layers per-tensor (their weights' SQNR with one "
                 "scale cleared per_tensor_sqnr_db)"
             )
+        if self.corrections.get("reduce_range"):
+            text += "; " + self.corrections["reduce_range"]
         if self.tail:
             kept = [m["node"] for m in self.tail.get("measured", []) if m.get("float")]
             n_ratio = len(self.tail.get("range_ratio", []))
@@ -223,7 +225,7 @@ def weight_qmax(config: QuantConfig, bits: int | None = None) -> int:
     """Largest weight integer: 127 for 8 bits (63 with reduce_range), 7 for 4 bits (``bits``: config's)."""
     if (bits or config.weight_bits) == 4:
         return 7
-    return 63 if config.reduce_range else 127
+    return 63 if config.weights_7bit else 127
 
 
 def weights_desc(config: QuantConfig, bits: int | None = None, per_channel: bool | None = None) -> str:
@@ -235,7 +237,7 @@ def weights_desc(config: QuantConfig, bits: int | None = None, per_channel: bool
     return (
         f"int{bits or config.weight_bits} {'per-channel' if per_channel else 'per-tensor'} symmetric"
         + (" (MSE scales)" if config.weight_range == WeightRange.MSE else "")
-        + (" (7-bit range)" if config.reduce_range else "")
+        + (" (7-bit range)" if config.weights_7bit else "")
     )
 
 
@@ -366,6 +368,7 @@ def _quantize(model: nn.Module, config: QuantConfig, calib: Any, example_inputs:
     t0 = time.perf_counter()
     timings = _Phases()
     check_config(config, QuantConfig, "quantize")
+    config, host_note = config.for_host()  # the model records the weight range it was quantized with
     from edgeslim.quantize import _capture
 
     if _capture.is_onnx_source(model):
@@ -383,6 +386,8 @@ def _quantize(model: nn.Module, config: QuantConfig, calib: Any, example_inputs:
         calibration=config.calibration if static else None,
         calibration_samples=sum(batch_len(b) for b in batches),
     )
+    if host_note:
+        report.corrections["reduce_range"] = host_note
     if probe is None and (config.capture != "fx" or isinstance(model, OnnxModel)):
         if isinstance(model, OnnxModel) or config.capture == "onnx":
             raise DataError(

@@ -431,7 +431,7 @@ def _weights_desc(config: QuantConfig) -> str:
         return "fp16"
     return (
         f"int8 {'per-channel' if config.per_channel else 'per-tensor'} symmetric"
-        + (" (7-bit range)" if config.reduce_range else "")
+        + (" (7-bit range)" if config.weights_7bit else "")
         + (" (dynamic activations)" if config.mode == QuantMode.DYNAMIC else "")
     )
 

@@ -65,8 +65,10 @@ class QuantConfig(Config):
         weight_bits: weight bit width, 8 or 4 (symmetric signed integers; 4-bit weights are stored in
             int8 containers in ONNX, so they simulate W4 accuracy but the file is not smaller).
         weight_range: ``minmax`` (default) or ``mse``: how each weight scale is chosen (:class:`WeightRange`).
-        reduce_range: use 7-bit weights, which avoids the u8 x s8 int16 saturation of AVX2 kernels
-            (exact on every x86 CPU; costs a little resolution).
+        reduce_range: use 7-bit weights, which avoids the u8 x s8 int16 saturation of the integer kernels of
+            x86 CPUs without VNNI (exact on every x86 CPU; costs a little resolution). ``None`` (default): decided
+            by this host (:func:`edgeslim.core.metrics.u8s8_saturates`): 7-bit on x86 without VNNI, else 8-bit;
+            ``quantize`` records the value it used in the model's config and recipe, and the report says why.
         percentile: the kept mass for ``percentile`` calibration, in percent (e.g. 99.99).
         num_samples: calibration samples drawn (class-balanced) from the calibration data.
         exclude: module names or fnmatch patterns (``features.0.*``) of layers kept in floating point.
@@ -99,7 +101,7 @@ class QuantConfig(Config):
     activation_type: ActivationType = ActivationType.UINT8
     weight_bits: int = 8
     weight_range: WeightRange = WeightRange.MINMAX
-    reduce_range: bool = False
+    reduce_range: bool | None = None
     percentile: float = 99.99
     num_samples: int = 512
     exclude: tuple[str, ...] = ()
@@ -114,6 +116,35 @@ class QuantConfig(Config):
     capture: Capture = Capture.AUTO
     tail_sqnr_db: float | None = 50.0
     check_speed: bool = False
+
+    @property
+    def weights_7bit(self) -> bool:
+        """Whether 8-bit weights use the 7-bit range: ``reduce_range``, or this host's answer when it is None."""
+        if self.reduce_range is None:
+            from edgeslim.core.metrics import u8s8_saturates
+
+            return u8s8_saturates() is not None
+        return self.reduce_range
+
+    def for_host(self) -> tuple[QuantConfig, str | None]:
+        """This config with ``reduce_range`` decided (when it is None) and why, for the report (None: nothing to
+        say: the user chose, the precision has no 8-bit weights, or the host needs no 7-bit range)."""
+        if self.reduce_range is not None:
+            return self, None
+        from edgeslim.core.metrics import u8s8_saturates
+
+        why = u8s8_saturates()
+        if why is None:
+            return self.replace(reduce_range=False), None
+        # decided for every precision: 4-bit weights ignore it, and the 8-bit layers a budget search adds later
+        # (``int8_layers``) take it from this config
+        resolved = self.replace(reduce_range=True)
+        if self.mode == QuantMode.FP16 or (self.weight_bits != 8 and not self.int8_layers):
+            return resolved, None
+        return resolved, (
+            f"8-bit weights use the 7-bit range (reduce_range chosen by the host: {why}; set reduce_range=False "
+            "for a file meant for a CPU with VNNI)"
+        )
 
     def validate(self) -> None:
         from edgeslim.quantize._calibrate import CALIBRATORS

@@ -385,7 +385,7 @@ def choose_granularity(graph: bytes, excluded: Mapping[str, str], config: QuantC
 
     model = _onnx().load_from_string(graph)
     inits = {i.name: i for i in model.graph.initializer}
-    qmax = 63 if config.reduce_range else 127
+    qmax = 63 if config.weights_7bit else 127
     chosen: dict[str, dict[str, Any]] = {}
     for name, (node, axis) in weight_axes(model).items():
         if node in excluded:
@@ -450,7 +450,7 @@ def write_qdq(
                 quant_format=QuantFormat.QDQ,
                 op_types_to_quantize=list(QUANTIZED_OPS),
                 per_channel=config.per_channel,
-                reduce_range=config.reduce_range,
+                reduce_range=config.weights_7bit,
                 activation_type=QuantType.QInt8 if signed else QuantType.QUInt8,
                 weight_type=QuantType.QInt8,
                 nodes_to_exclude=sorted(excluded),
@@ -484,7 +484,7 @@ def write_dynamic(graph: bytes, excluded: Mapping[str, str], config: QuantConfig
                 str(src),
                 str(dst),
                 per_channel=config.per_channel,
-                reduce_range=config.reduce_range,
+                reduce_range=config.weights_7bit,
                 weight_type=QuantType.QInt8,
                 nodes_to_exclude=sorted(excluded),
                 op_types_to_quantize=["MatMul", "Gemm", "Conv"],

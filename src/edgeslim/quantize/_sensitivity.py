@@ -358,7 +358,7 @@ class _Variants:
     """A once-calibrated quantized model, toggled or rebuilt with extra layers kept in float."""
 
     def __init__(self, model: nn.Module, config: QuantConfig, calib: Any) -> None:
-        self.model, self.config = model, config
+        self.model, self.config = model, config.for_host()[0]
         if config.capture == "onnx":
             raise QuantizationError(
                 "sensitivity and the budget search score the torch fake-quant model: "

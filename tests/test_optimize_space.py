@@ -9,9 +9,10 @@ import time
 import pytest
 import torch
 
+import edgeslim as es
 from edgeslim.core.errors import ConfigError
 from edgeslim.pipeline import Budget, Space, load_chosen, optimize, pareto_front
-from edgeslim.pipeline._candidate import Context, DeadlineReached, build_candidate, measure_candidate
+from edgeslim.pipeline._candidate import Context, DeadlineReached, build_candidate, float_model, measure_candidate
 from edgeslim.pipeline._space import describe, recovery_steps
 from edgeslim.pipeline._store import Cache
 from edgeslim.runtime import missing
@@ -272,6 +273,25 @@ def test_residual_blocks_are_a_search_dimension(tmp_path):
     assert art.validation["top1_agreement"] >= 0.95
     again = build_candidate(ctx, c)[3]  # every step cached
     assert again["blocks"]["cached"] and again["finetune"]["cached"]
+    # BatchNorm recalibrated after the blocks, as prune(method="block", recalibrate_bn=...) does it in one step
+    rec = steps["blocks"]
+    assert rec["bn_recalibrated_on"] == sp.bn_samples and "torch_accuracy_search_before_bn_recal" in rec
+    one_step = es.prune(
+        model,
+        es.PruneConfig(method="block", blocks=1, recalibrate_bn=sp.bn_samples),
+        example_inputs=val.normalized()[:1],
+        data=train,
+    )
+    probe = {**c, "finetune_steps": 0, "quantize": False}
+    recal_model = float_model(ctx, probe)[0]
+    x = val.normalized()[:64]
+    with torch.no_grad():
+        assert torch.allclose(recal_model.eval()(x), one_step.eval()(x), atol=1e-5)
+    # channels pruned after the same blocks: the greedy ranking of that depth is served from the cache, not redone
+    c2 = sp.canonical({**c, "target_macs": 0.3, "prune_scope": "layer", "keep_early": False, "finetune_steps": 0})
+    steps2 = float_model(ctx, c2)[2]
+    assert steps2["blocks"]["cached"] and steps2["blocks"]["removed"] == rec["removed"]
+    assert "bn_recalibrated_on" not in steps2["blocks"] and not steps2["prune"].get("cached")
 
 
 def test_structures_are_probed_then_swept_then_the_best_promoted(digits_model, tmp_path):

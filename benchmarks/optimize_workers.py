@@ -137,6 +137,7 @@ def main() -> None:
     a = ap.parse_args()
     trials, samples, runs = (3, 300, 20) if a.smoke else (a.trials, a.samples, 50)
     space = Space(
+        drop_blocks=(0,),  # PTQ only: the default space also removes residual blocks (and fine-tunes after)
         target_macs=(0.0,),
         quantize=(True,),
         calib_samples=256,

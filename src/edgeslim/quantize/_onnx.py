@@ -36,6 +36,7 @@ from edgeslim.core.modules import first_match
 from edgeslim.core.onnx_model import (
     module_of,
 )
+from edgeslim.quantize._api import weight_qmax
 from edgeslim.quantize._calibrate import CALIBRATORS, Observer
 from edgeslim.quantize._config import ActivationType, QuantConfig, QuantMode
 
@@ -385,7 +386,7 @@ def choose_granularity(graph: bytes, excluded: Mapping[str, str], config: QuantC
 
     model = _onnx().load_from_string(graph)
     inits = {i.name: i for i in model.graph.initializer}
-    qmax = 63 if config.weights_7bit else 127
+    qmax = weight_qmax(config, 8)
     chosen: dict[str, dict[str, Any]] = {}
     for name, (node, axis) in weight_axes(model).items():
         if node in excluded:

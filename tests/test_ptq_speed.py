@@ -125,6 +125,76 @@ def test_calibration_graph_holds_weights_as_constants_and_leaves_the_model_alone
         assert w.enabled and torch.equal(w.layer.weight, fw) and torch.equal(w.quantized_weight(), qw)
 
 
+def test_quantize_calibrates_constant_weights_in_an_optimized_session(monkeypatch):
+    """Inside ``quantize`` (before the model is put in eval mode) the calibration graph holds no Q/DQ, and ONNX
+    Runtime runs it with its graph optimizations on; the statistics match the unoptimized pass."""
+    import onnx
+    import onnxruntime as ort
+
+    from edgeslim.quantize import _observe
+
+    seen = {}
+    real_observe, real_session = _observe.observe_graph, _observe._session
+
+    def observe(graph, observers, batches):
+        seen["ops"] = collections.Counter(n.op_type for n in onnx.load_from_string(graph).graph.node)
+        return real_observe(graph, observers, batches)
+
+    def session(graph):
+        s = real_session(graph)
+        seen["level"] = s.get_session_options().graph_optimization_level
+        return s
+
+    monkeypatch.setattr(_observe, "observe_graph", observe)
+    monkeypatch.setattr(_observe, "_session", session)
+    m = TinyResNet().eval()
+    x = m.example_inputs(16)
+    cfg = es.QuantConfig(num_samples=16, calibration="minmax")
+    ranges = {a["value"]: a["range"] for a in es.quantize(m, cfg, data=x).report.activations}
+    assert seen["ops"]["QuantizeLinear"] == seen["ops"]["DequantizeLinear"] == 0, seen["ops"]
+    assert seen["level"] == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    monkeypatch.setattr(_observe, "_session", lambda graph: _observe.ort_session(graph, optimize=False, spin=False))
+    plain = {a["value"]: a["range"] for a in es.quantize(m, cfg, data=x).report.activations}
+    assert plain.keys() == ranges.keys()
+    for k, (lo, hi) in plain.items():
+        assert ranges[k] == pytest.approx([lo, hi], rel=1e-4, abs=1e-5), k
+
+
+def test_eval_fake_quantization_is_exact_and_exporters_still_see_the_op(tmp_path):
+    """Without gradients, activation quantizers quantize through torch's 8-bit dtypes (faster), with the same values
+    as the fake-quantize op; traced or exported, they still emit it (ONNX QuantizeLinear/DequantizeLinear)."""
+    import onnx
+
+    from edgeslim.quantize._modules import ActQuant, _quant_dequant
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 8, 16, 16, generator=g) * 3
+    for qmin, qmax, zp in ((0, 255, 117), (-128, 127, 0)):
+        s, z = torch.tensor(0.037), torch.tensor(zp, dtype=torch.int32)
+        want = torch.fake_quantize_per_tensor_affine(x, s, z, qmin, qmax)
+        assert torch.equal(_quant_dequant(x, s, z, qmin, qmax), want)
+        cl = x.contiguous(memory_format=torch.channels_last)
+        assert torch.equal(_quant_dequant(cl, s, z, qmin, qmax), want)
+    m = TinyCNN().eval()
+    xs = m.example_inputs(8)
+    q = es.quantize(m, es.QuantConfig(num_samples=8), data=xs)
+    acts = [a for a in q.graph_module.modules() if isinstance(a, ActQuant) and a.state == "quant"]
+    with torch.no_grad():
+        fast = q(xs)
+        for a in acts:
+            a.train()  # the training path: always the fake-quantize op
+        slow = q(xs)
+        for a in acts:
+            a.eval()
+    assert torch.equal(fast, slow)
+    xg = xs.clone().requires_grad_(True)
+    q(xg).sum().backward()  # gradients still flow (straight-through)
+    assert xg.grad is not None and xg.grad.abs().sum() > 0
+    art = es.export(q, "onnx", example_inputs=xs, path=tmp_path / "q.onnx")
+    ops = collections.Counter(n.op_type for n in onnx.load(str(art.path)).graph.node)
+    assert ops["QuantizeLinear"] > 0 and ops["DequantizeLinear"] > 0, ops
+
+
 def test_a_non_finite_batch_is_refused_without_touching_the_statistics():
     o = Observer()
     assert o.observe(torch.tensor([[0.5, -1.0, 2.0]]))

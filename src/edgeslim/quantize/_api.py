@@ -251,13 +251,17 @@ PRECISION = {QuantMode.STATIC: "int8", QuantMode.DYNAMIC: "int8-dynamic", QuantM
 
 
 def build_graph(
-    model: nn.Module, config: QuantConfig, per_tensor: list[str] | None = None
+    model: nn.Module,
+    config: QuantConfig,
+    per_tensor: list[str] | None = None,
+    folded: torch.fx.GraphModule | None = None,
 ) -> tuple[torch.fx.GraphModule, _graph.Placement, dict[str, ActQuant]]:
     """Trace and fold a copy of ``model``, plan the placement and insert the (uncalibrated) quantizers.
 
     ``per_tensor``: the layers whose weights take one scale (a replayed recipe's record); default: chosen from the
-    weights as ``config.per_tensor_sqnr_db`` says (:func:`choose_granularity`)."""
-    gm = _graph.trace_and_fold(copy.deepcopy(model))
+    weights as ``config.per_tensor_sqnr_db`` says (:func:`choose_granularity`). ``folded``: ``model`` already traced
+    and folded (a copy of it the caller gives up, e.g. the fx coverage check's)."""
+    gm = folded if folded is not None else _graph.trace_and_fold(copy.deepcopy(model), inplace=True)
     gm.edgeslim_equalization = equalize(gm) if config.equalize else None
     placement = _graph.plan(gm, config.exclude, config.quantize_output, config.int8_layers)
     signed = config.activation_type == ActivationType.INT8
@@ -286,7 +290,9 @@ def build_graph(
     for m in gm.modules():
         if isinstance(m, QuantWeight):
             fit_weight_scale(m, config)
-    return gm, placement, quants
+    # the inserted quantizers are new modules (training mode): the graph is calibrated and exported in eval mode,
+    # where a weight quantizer's output is a constant (QAT sets training mode itself)
+    return gm.eval(), placement, quants
 
 
 def choose_granularity(gm: torch.fx.GraphModule, config: QuantConfig) -> dict[str, dict[str, float]]:
@@ -416,7 +422,7 @@ def _quantize(model: nn.Module, config: QuantConfig, calib: Any, example_inputs:
     if config.capture != "fx":
         config = config.replace(capture="fx")
     report.capture, report.capture_reason = "fx", why
-    gm, placement, quants = build_graph(model, config)
+    gm, placement, quants = build_graph(model, config, folded=(coverage or {}).pop("folded", None))
     if gm.edgeslim_equalization:
         report.corrections["equalization"] = gm.edgeslim_equalization
     timings.end("capture")
@@ -557,7 +563,7 @@ def _excluded_macs(model: nn.Module, probe: Any, names: list[str]) -> int:
     """MACs (batch 1) of the fx layers the user excluded, from the folded graph."""
     from edgeslim.core.counting import count_macs
 
-    gm = _graph.trace_and_fold(copy.deepcopy(model))
+    gm = _graph.trace_and_fold(copy.deepcopy(model), inplace=True)
     seen: dict[str, Any] = {}
     hooks = [
         gm.get_submodule(n).register_forward_pre_hook(lambda _m, a, n=n: seen.setdefault(n, a) and None) for n in names

@@ -43,14 +43,15 @@ OPSET = 17
 
 def fx_coverage(model: nn.Module, probe: Any) -> dict[str, Any]:
     """What the fx capture would quantize: ``quantizable_macs`` (its Conv/Linear modules), ``total_macs`` (the whole
-    model, batch 1) and ``layers``; raises QuantizationError when fx cannot trace the model."""
+    model, batch 1) and ``layers``, with ``folded``: the traced, BatchNorm-folded copy it counted (the capture
+    builds on it instead of tracing again); raises QuantizationError when fx cannot trace the model."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from edgeslim.core.counting import _extra_formulas, _no_fused_attention
     from edgeslim.quantize import _graph
 
     total = count_macs(model, probe)
-    gm = _graph.trace_and_fold(copy.deepcopy(model))
+    gm = _graph.trace_and_fold(copy.deepcopy(model), inplace=True)
     names = _graph.weighted_modules(gm)
     try:  # one counted pass of the folded graph: its per-module counts are the layers' MACs
         with (
@@ -67,7 +68,7 @@ def fx_coverage(model: nn.Module, probe: Any) -> dict[str, Any]:
     per_module = fc.get_flop_counts()
     root = type(gm).__name__
     covered = sum(sum(per_module.get(f"{root}.{n}", {}).values()) // 2 for n in names)
-    return {"quantizable_macs": int(covered), "total_macs": int(total), "layers": names}
+    return {"quantizable_macs": int(covered), "total_macs": int(total), "layers": names, "folded": gm}
 
 
 def choose(model: nn.Module, config: QuantConfig, probe: Any) -> tuple[str, str, dict[str, Any] | None]:

@@ -48,17 +48,18 @@ class Placement:
     shared: dict[str, str] = field(default_factory=dict)  # value -> the value whose scale and zero point it uses
 
 
-def trace_and_fold(model: nn.Module) -> torch.fx.GraphModule:
+def trace_and_fold(model: nn.Module, *, inplace: bool = False) -> torch.fx.GraphModule:
     """Symbolically trace an eval-mode copy of ``model`` and fold BatchNorm into the preceding convs.
 
     Layers that compute their weight (masks, codebooks) are made dense first, in ``model`` itself: pass a copy.
+    ``inplace``: fold into ``model``'s own modules instead of a second copy (for a copy the caller made).
     """
     from torch.fx.experimental.optimization import fuse
 
     from edgeslim.core.recipe import materialize
 
     try:
-        return fuse(materialize(model).eval(), inplace=False)
+        return fuse(materialize(model).eval(), inplace=inplace)
     except Exception as e:  # torch.fx raises many types on untraceable code
         raise QuantizationError(
             f"cannot trace {type(model).__name__} with torch.fx ({type(e).__name__}: {e}); "

@@ -7,6 +7,7 @@ ONNX exporter turns into QuantizeLinear/DequantizeLinear pairs.
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import nn
@@ -82,6 +83,9 @@ class ActQuant(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         state = self.state
+        if state == "quant" and not self.training and _eager() and not (x.requires_grad and torch.is_grad_enabled()):
+            src = self._source or self
+            return _quant_dequant(x, src.scale.detach(), src.zero_point, self.qmin, self.qmax)
         if state == "quant" and self._source is not None and not self.training:
             src = self._source
             return torch.fake_quantize_per_tensor_affine(x, src.scale.detach(), src.zero_point, self.qmin, self.qmax)
@@ -112,6 +116,44 @@ class ActQuant(nn.Module):
 
     def extra_repr(self) -> str:
         return f"q=[{self.qmin},{self.qmax}], state={self.state}, scale={float(self.scale.detach()):.4g}, zp={int(self.zero_point)}"
+
+
+#: whether torch's quantized tensors serve eval-mode fake quantization (False once they are found missing)
+_FAST_QDQ = True
+#: torch's quantized dtype of each 8-bit activation range
+_QDTYPES = {(0, 255): torch.quint8, (-128, 127): torch.qint8}
+
+
+def _eager() -> bool:
+    """Not being traced or exported: tracers and exporters must see the fake-quantize op (ONNX turns it into
+    QuantizeLinear/DequantizeLinear; torch.export and fx keep it as it is)."""
+    from torch.fx._symbolic_trace import is_fx_symbolic_tracing
+
+    return not (
+        torch.jit.is_tracing()
+        or torch.onnx.is_in_onnx_export()
+        or torch.compiler.is_compiling()
+        or torch.compiler.is_exporting()
+        or is_fx_symbolic_tracing()
+    )
+
+
+def _quant_dequant(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int
+) -> torch.Tensor:
+    """Fake quantization without gradients: quantize to torch's 8-bit dtype and back, the same values as
+    ``fake_quantize_per_tensor_affine`` (both round half to even) at 2-3x its speed (that kernel also builds the
+    gradient mask: 13 ms of a 32-image MobileNetV2 batch's 20 per quantizer here)."""
+    global _FAST_QDQ
+    dtype = _QDTYPES.get((qmin, qmax))
+    if _FAST_QDQ and dtype is not None and x.dtype == torch.float32:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch marks its quantized dtypes deprecated (still there in 2.14)
+                return torch.quantize_per_tensor(x, float(scale), int(zero_point), dtype).dequantize()
+        except (AttributeError, RuntimeError, NotImplementedError):  # a torch without them: the fake-quantize op
+            _FAST_QDQ = False
+    return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, qmin, qmax)
 
 
 def channel_sqnr_quantile_db(w: torch.Tensor, wq: torch.Tensor, quantile: float = 0.1) -> float:

@@ -367,7 +367,7 @@ class _Variants:
         # layers are toggled in the torch fake-quant model: the fx capture (its report states what it covers)
         self.q = quantize(model, config.replace(capture="fx"), data=calib)
         self.layers = {d["name"]: d for d in self.q.report.quantized_layers}
-        self.folded = _graph.trace_and_fold(copy.deepcopy(model))
+        self.folded = _graph.trace_and_fold(copy.deepcopy(model), inplace=True)
         gm = self.q.graph_module
         self.acts: dict[str, ActQuant] = {}
         for n in gm.graph.nodes:

@@ -280,3 +280,53 @@ def test_onnx_capture_chooses_per_tensor_weights_per_layer_and_replays_them(tmp_
     assert b.validation["vs_float_reference"]["sqnr_db"] >= a.validation["vs_float_reference"]["sqnr_db"] - 1.0
     r = es.load(es.save(mixed, tmp_path / "m.recipe"), model=model)
     assert r.onnx_bytes() == mixed.onnx_bytes()
+
+
+class _PadClipNet(torch.nn.Module):
+    """Functional "same" padding before each conv, ReLU6 and ReLU after them: tensors whose ranges follow from others."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = torch.nn.Conv2d(3, 8, 3)
+        self.c2 = torch.nn.Conv2d(8, 8, 3, groups=8)
+        self.fc = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = torch.clamp(self.c1(torch.nn.functional.pad(x, (1, 1, 1, 1))), 0, 6)
+        x = torch.relu(self.c2(torch.nn.functional.pad(x, (1, 1, 1, 1))))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_onnx_capture_derives_pad_and_activation_input_ranges_instead_of_observing_them(monkeypatch):
+    from edgeslim.quantize import _observe, _onnx
+
+    seen = {}
+    real = _observe.observe_graph
+
+    def observe(graph, observers, batches):
+        seen["observed"] = set(observers)
+        return real(graph, observers, batches)
+
+    monkeypatch.setattr(_observe, "observe_graph", observe)
+    m = _PadClipNet().eval()
+    x = torch.randn(32, 3, 12, 12)
+    cfg = es.QuantConfig(num_samples=32, calibration="minmax", capture="onnx")
+    q = es.quantize(m, cfg, data=x)
+    model = onnx.load_from_string(q.float_graph())
+    same = _onnx.shared_ranges(model, set(_onnx.float_activations(model)))
+    ops = {n.output[0]: n.op_type for n in model.graph.node}
+    # both pads' outputs, and the conv outputs read only by the clamp / the ReLU
+    assert sorted(ops[t] for t in same) == ["Conv", "Conv", "Pad", "Pad"], same
+    assert not set(same) & seen["observed"] and set(same.values()) <= seen["observed"] | set(same)
+    ranges = q.plan["ranges"]
+    for t, src in same.items():
+        assert ranges[t] == ranges[src]
+    # exact: the observed ranges of the derived tensors would give the same file (min/max: pads add zeros, which
+    # every range holds; clamp/ReLU inputs quantize as their outputs do within the outputs' range)
+    with torch.no_grad():
+        y = q(x)
+    monkeypatch.setattr(_onnx, "shared_ranges", lambda *_a: {})
+    full = es.quantize(m, cfg, data=x)
+    assert set(same) <= set(full.plan["ranges"])
+    with torch.no_grad():
+        assert torch.allclose(full(x), y, atol=1e-6)

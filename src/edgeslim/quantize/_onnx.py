@@ -195,7 +195,8 @@ def calibrate(graph: bytes, batches: list[Any], config: QuantConfig) -> dict[str
     names = float_activations(model)
     graph_inputs = {i.name for i in model.graph.input}
     entropy = config.calibration == "entropy"
-    observers = {n: Observer(count_zeros=entropy) for n in names}
+    same = shared_ranges(model, set(names))
+    observers = {n: Observer(count_zeros=entropy) for n in names if n not in same}
     signed = config.activation_type == ActivationType.INT8
     qmin, qmax = (-128, 127) if signed else (0, 255)
     infinite = observe_graph(graph, observers, batches)
@@ -207,7 +208,58 @@ def calibrate(graph: bytes, batches: list[Any], config: QuantConfig) -> dict[str
         fn = CALIBRATORS.get("minmax") if n in graph_inputs else method
         lo, hi = fn(obs.stats(qmin, qmax, config.percentile))
         ranges[n] = (float(min(lo, 0.0)), float(max(hi, 0.0)))
+    for _ in range(len(same)):  # a tensor may take its range from another one that takes it in turn
+        todo = {t: src for t, src in same.items() if t not in ranges and src in ranges}
+        if not todo:
+            break
+        ranges.update({t: ranges[src] for t, src in todo.items()})
     return ranges
+
+
+def shared_ranges(model, activations: set[str]) -> dict[str, str]:
+    """``{tensor: tensor whose range it takes}``: float activations whose range follows from another one's, so they
+    are not observed (each observed tensor is copied out of ONNX Runtime on every run and histogrammed).
+
+    - A zero-padding Pad's output (constant mode, value 0) takes its input's range: padding adds zeros, and every
+      range holds zero already (EfficientNet-style "same" padding puts one before every convolution).
+    - The input of a ReLU, or of a Clip whose bounds hold zero, that is its only consumer takes the activation's
+      output range: any range between the bounds quantizes ``y`` exactly as it quantizes ``clip(y)``, and ORT's QDQ
+      writer folds such activations into the producer's output anyway (the producer's own range goes unused).
+    """
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    outputs = {o.name for o in model.graph.output}
+    inputs = {i.name for i in model.graph.input}
+    consumers: dict[str, int] = {}
+    for n in model.graph.node:
+        for t in n.input:
+            consumers[t] = consumers.get(t, 0) + 1
+
+    def const(name: str) -> np.ndarray | None:
+        return numpy_helper.to_array(inits[name]) if name in inits else None
+
+    out: dict[str, str] = {}
+    for n in model.graph.node:
+        if not n.input or n.input[0] not in activations or n.output[0] not in activations:
+            continue
+        x, y = n.input[0], n.output[0]
+        if n.op_type == "Pad":
+            mode = next((a.s.decode() for a in n.attribute if a.name == "mode"), "constant")
+            value = const(n.input[2]) if len(n.input) > 2 and n.input[2] else np.zeros(1)
+            if mode == "constant" and value is not None and not value.any():
+                out[y] = x
+        elif n.op_type in ("Relu", "Clip") and consumers.get(x) == 1 and x not in outputs and x not in inputs:
+            names = list(n.input[1:3]) if n.op_type == "Clip" else []
+            bounds = [const(t) if t else None for t in names]
+            if any(t and b is None for t, b in zip(names, bounds, strict=True)):
+                continue  # a bound computed at run time
+            attrs = {a.name: a.f for a in n.attribute}  # Clip before opset 11 keeps its bounds as attributes
+            lo = float(bounds[0]) if bounds and bounds[0] is not None else attrs.get("min", -np.inf)
+            hi = float(bounds[1]) if len(bounds) > 1 and bounds[1] is not None else attrs.get("max", np.inf)
+            if lo <= 0.0 <= hi:
+                out[x] = y
+    return out
 
 
 #: the largest int32 bias ORT's fused integer Conv/Gemm may be given (half of int32: the accumulator adds to it)

@@ -8,7 +8,7 @@ then ``edgeslim.export`` to ONNX (export, conversion, validation against the qua
 ``meta["timings"]``. ORT's time is pre-processing plus ``quantize_static`` (U8S8 per-channel QDQ, MinMax), which
 validates nothing.
 
-    python benchmarks/ptq_wall_time.py --models resnet18 mobilenet_v2 --rounds 3
+    python benchmarks/ptq_wall_time.py --models resnet18 mobilenet_v2 effnet_like --rounds 3
 """
 
 from __future__ import annotations
@@ -26,7 +26,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from int8_224 import calibration_images, isa_flags, mobilenet_v2, ort_quantize_static, resnet18  # noqa: E402
+from int8_224 import (  # noqa: E402
+    calibration_images,
+    effnet_like,
+    isa_flags,
+    mobilenet_v2,
+    ort_quantize_static,
+    resnet18,
+)
 
 import edgeslim as es  # noqa: E402
 from edgeslim.core.io import write_json  # noqa: E402
@@ -56,7 +63,7 @@ def edgeslim_once(model: torch.nn.Module, calib: torch.Tensor, val: torch.Tensor
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--models", nargs="+", default=["resnet18", "mobilenet_v2"])
+    ap.add_argument("--models", nargs="+", default=["resnet18", "mobilenet_v2", "effnet_like"])
     ap.add_argument("--calib", type=int, default=256)
     ap.add_argument("--val", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=2)
@@ -66,7 +73,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     calib = calibration_images(args.calib, 224)
     val = calibration_images(args.val, 224, seed=1)
-    builders = {"mobilenet_v2": mobilenet_v2, "resnet18": resnet18}
+    builders = {"mobilenet_v2": mobilenet_v2, "resnet18": resnet18, "effnet_like": lambda: effnet_like(224)}
     rows = []
     with tempfile.TemporaryDirectory() as td:
         work = Path(td)

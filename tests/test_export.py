@@ -7,7 +7,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from onnx import numpy_helper
-from tiny import TinyCNN, TinyMLP, saturating_convs
+from tiny import TinyCNN, TinyMLP, saturating_convs, saturating_depthwise
 
 from edgeslim import Artifact, QuantConfig, ValidationFloors, export, quantize
 from edgeslim.core.errors import ConfigError, DataError, ExportError, OutputExistsError
@@ -141,13 +141,37 @@ def test_int8_weight_range_follows_the_host_and_is_recorded(tmp_path, monkeypatc
         q = quantize(model, QuantConfig(calibration="minmax"), data=x)
         assert q.config.reduce_range is (host is not None)
         assert {m.qmax for m in q.modules() if isinstance(m, QuantWeight)} == {qmax}
-        assert ("7-bit range (reduce_range chosen by the host: a test host" in q.report.summary()) is (qmax == 63)
+        said = "7-bit range, depthwise convolutions' the full one (reduce_range chosen by the host: a test host"
+        assert (said in q.report.summary()) is (qmax == 63)
         es.save(q, tmp_path / f"{qmax}.recipe")
         monkeypatch.setattr(metrics, "u8s8_saturates", lambda *a: "another host")  # replay on another host
         back = es.load(tmp_path / f"{qmax}.recipe", saturating_convs()[0])
         assert back.config.reduce_range is (host is not None)
         with torch.no_grad():
             assert torch.equal(back(x), q(x))
+
+
+@pytest.mark.parametrize("capture", ["fx", "onnx"])
+def test_depthwise_convolutions_keep_the_full_weight_range_under_reduce_range(tmp_path, capture):
+    from edgeslim.quantize._graph import QuantWeight
+
+    model, x = saturating_depthwise()
+    q = quantize(model, QuantConfig(calibration="minmax", reduce_range=True, capture=capture), data=x)
+    descs = {d["name"]: d["weights"] for d in q.report.quantized_layers}
+    dw = [n for n in descs if "full range: depthwise" in descs[n]]
+    assert len(dw) == 1 and sum("7-bit range" in d for d in descs.values()) == 2, descs
+    if capture == "fx":
+        assert sorted(m.qmax for m in q.modules() if isinstance(m, QuantWeight)) == [63, 63, 127]
+    # the file agrees with its reference: the depthwise kernel does not saturate at the full range, on any x86 CPU
+    art = export(q, "onnx", example_inputs=x, path=tmp_path / f"{capture}.onnx")
+    assert art.validation["sqnr_db"] > 30
+    weights = {
+        tuple(i.dims): np.abs(numpy_helper.to_array(i).astype(np.int32)).max()
+        for i in onnx.load(str(art.path)).graph.initializer
+        if i.data_type == onnx.TensorProto.INT8 and len(i.dims) == 4
+    }
+    assert weights[(16, 1, 3, 3)] == 127  # full range (symmetric: the largest |weight| maps to 127)
+    assert max(v for k, v in weights.items() if k != (16, 1, 3, 3)) <= 64  # the others: 7-bit
 
 
 @pytest.mark.parametrize("options", [{"per_channel": False}, {"activation_type": "int8"}, {"reduce_range": True}])

@@ -111,7 +111,8 @@ def test_int8_variants_match_a_model_built_with_int8_layers(fragile):
         assert {n for n, b in bits.items() if b == "int8"} == set(eight) and len(bits) == 4
         for name in eight:  # 8-bit weights: up to 255 levels per channel instead of 15
             qw = built.graph_module.get_submodule(name)
-            assert qw.qmax == (63 if built.config.reduce_range else 127)  # 7-bit range on hosts without VNNI
+            # 7-bit range on hosts without VNNI, but for the depthwise layer (its kernel does not saturate)
+            assert qw.qmax == (63 if built.config.reduce_range and name != "dw.0" else 127)
         with torch.no_grad(), v.variant([], eight) as q:
             assert torch.equal(q(x), built(x))
     with torch.no_grad():  # toggling back restores the 4-bit scales

@@ -542,3 +542,26 @@ def saturating_convs() -> tuple[nn.Module, torch.Tensor]:
         model[2].weight.copy_(model[2].weight.abs() + 0.2)  # near-equal weights: int8 values near the top of the range
         model[2].weight[8:] *= -1
     return model, torch.randn(64, 3, 8, 8)
+
+
+def saturating_depthwise() -> tuple[nn.Module, torch.Tensor]:
+    """:func:`saturating_convs` with a 3x3 depthwise convolution in the middle: u8 inputs near 255, int8 weights
+    near 127 of one sign per channel, so a kernel summing pairs of products in 16 bits would saturate. ONNX
+    Runtime's depthwise kernel sums in 32 bits: its weights keep the full range under ``reduce_range``. With data."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1, groups=16),
+        nn.ReLU(),
+        nn.Conv2d(16, 10, 1),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+    ).eval()
+    with torch.no_grad():
+        model[0].weight.mul_(0.1)
+        model[0].bias.fill_(2.0)  # activations near their maximum
+        model[2].weight.copy_(model[2].weight.abs() + 0.3)  # near-equal taps: int8 values near the top
+        model[2].weight[8:] *= -1
+        model[2].bias.zero_()
+    return model, torch.randn(64, 3, 8, 8)

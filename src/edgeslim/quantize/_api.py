@@ -221,23 +221,41 @@ def _check_fits(model: nn.Module, x: Any) -> None:
         ) from None
 
 
-def weight_qmax(config: QuantConfig, bits: int | None = None) -> int:
-    """Largest weight integer: 127 for 8 bits (63 with reduce_range), 7 for 4 bits (``bits``: config's)."""
+def keeps_full_range(layer: nn.Module) -> bool:
+    """Whether ``layer``'s 8-bit weights keep the full range when ``reduce_range`` asks for 7 bits: a depthwise
+    Conv2d (one input and one output channel per group). ONNX Runtime runs it in its depthwise kernel, which sums
+    16-bit products in 32 bits; the saturating 16-bit sum of u8 x s8 pairs is in its GEMM kernels (every other Conv,
+    Gemm and MatMul). Measured on an AVX2-only EPYC: ImageNet MobileNetV2's file agrees with its quantized reference
+    as well with 8-bit depthwise weights (18.3 dB) as with 7-bit ones (18.7 dB; all 8-bit: 10.4 dB), and with FP32
+    1.2 dB better (top-1 agreement 0.88 vs 0.72 on 32 images)."""
+    return isinstance(layer, nn.Conv2d) and 1 < layer.groups == layer.in_channels == layer.out_channels
+
+
+def weight_qmax(config: QuantConfig, bits: int | None = None, layer: nn.Module | None = None) -> int:
+    """Largest weight integer: 127 for 8 bits (63 with reduce_range, but for layers that :func:`keeps_full_range`),
+    7 for 4 bits (``bits``: config's)."""
     if (bits or config.weight_bits) == 4:
         return 7
-    return 63 if config.weights_7bit else 127
+    return 63 if config.weights_7bit and not (layer is not None and keeps_full_range(layer)) else 127
 
 
-def weights_desc(config: QuantConfig, bits: int | None = None, per_channel: bool | None = None) -> str:
+def weights_desc(
+    config: QuantConfig, bits: int | None = None, per_channel: bool | None = None, layer: nn.Module | None = None
+) -> str:
     """How a layer's weights are quantized, for the report (``bits``: the config's weight bits; ``per_channel``:
-    the layer's granularity, default the config's)."""
+    the layer's granularity, default the config's; ``layer``: the float layer)."""
     if config.mode == QuantMode.FP16:
         return "fp16"
     per_channel = config.per_channel if per_channel is None else per_channel
+    eight = (bits or config.weight_bits) == 8
     return (
         f"int{bits or config.weight_bits} {'per-channel' if per_channel else 'per-tensor'} symmetric"
         + (" (MSE scales)" if config.weight_range == WeightRange.MSE else "")
-        + (" (7-bit range)" if config.weights_7bit else "")
+        + (
+            (" (7-bit range)" if weight_qmax(config, bits, layer) == 63 else " (full range: depthwise)")
+            if config.weights_7bit and eight
+            else ""
+        )
     )
 
 
@@ -265,6 +283,11 @@ def build_graph(
     gm.edgeslim_equalization = equalize(gm) if config.equalize else None
     placement = _graph.plan(gm, config.exclude, config.quantize_output, config.int8_layers)
     signed = config.activation_type == ActivationType.INT8
+    layer_qmax = {}
+    for n in placement.weighted:  # 8-bit int8_layers of a 4-bit model; depthwise layers under reduce_range
+        qmax = weight_qmax(config, 8 if n in placement.int8_layers else None, gm.get_submodule(n))
+        if qmax != weight_qmax(config):
+            layer_qmax[n] = qmax
     gm, quants = _graph.apply(
         gm,
         placement,
@@ -273,7 +296,7 @@ def build_graph(
         per_channel=config.per_channel,
         weight_qmax=weight_qmax(config),
         fp16=config.mode == QuantMode.FP16,
-        layer_qmax={n: weight_qmax(config, 8) for n in placement.int8_layers},
+        layer_qmax=layer_qmax,
     )
     if per_tensor is None:
         gm.edgeslim_per_tensor = choose_granularity(gm, config)
@@ -476,7 +499,9 @@ def _quantize(model: nn.Module, config: QuantConfig, calib: Any, example_inputs:
         report.corrections["per_tensor_layers"] = per_tensor
     for name in placement.weighted:
         layer = gm.get_submodule(name).layer
-        desc = weights_desc(config, 8 if name in placement.int8_layers else None, per_channel=name not in per_tensor)
+        desc = weights_desc(
+            config, 8 if name in placement.int8_layers else None, per_channel=name not in per_tensor, layer=layer
+        )
         if name in per_tensor:
             desc += f" (weight SQNR {per_tensor[name]['per_tensor_sqnr_db']:.1f} dB >= {config.per_tensor_sqnr_db:g})"
         report.quantized_layers.append(

@@ -118,6 +118,11 @@ def entropy(s: Stats) -> tuple[float, float]:
     if s.hist_lo is not None:  # a one-pass histogram's bins are zero-aligned: fold negatives onto positives (exact)
         width = (s.hist_hi - s.hist_lo) / len(s.hist)
         mag = np.bincount(np.floor(np.abs(s.centers) / width + 1e-6).astype(np.int64), weights=s.hist)
+        if len(mag) > BINS:  # at most the two-pass histogram's bins: the threshold search reads single bins (its
+            # first candidates hold one bin per level), and finer bins of a sampled histogram are noise
+            k = -(-len(mag) // BINS)
+            mag = np.concatenate([mag, np.zeros(-len(mag) % k)]).reshape(-1, k).sum(1)
+            width *= k
         mag_edges = np.arange(len(mag) + 1) * width
     else:  # magnitude histogram over [0, amax]
         mag_edges = np.linspace(0, amax, BINS + 1)

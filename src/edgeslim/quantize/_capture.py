@@ -357,10 +357,11 @@ def fill_onnx_report(report: Any, q: OnnxQuantizedModel, why: str, pre_err: str 
     im = _onnx.integer_macs(q.onnx_bytes(), _onnx_feeds(q))
     modules = not isinstance(q.float_model, OnnxModel)
     per_tensor = report.corrections.get("per_tensor_layers") or {}
+    depthwise = set(_onnx.depthwise_weights(_onnx._onnx().load_from_string(q.onnx_bytes())).values())
     for n in im["nodes"]:
         module = _module_label(n["node"], modules)
         if n["integer"]:
-            desc = _weights_desc(q.config)
+            desc = _weights_desc(q.config, depthwise=n["node"] in depthwise)
             if n["node"] in per_tensor:
                 sqnr = per_tensor[n["node"]]["per_tensor_sqnr_db"]
                 desc = desc.replace("per-channel", "per-tensor") + (
@@ -427,12 +428,12 @@ def _module_label(node: str, modules: bool) -> str:
     return module_of(node) if modules else ""
 
 
-def _weights_desc(config: QuantConfig) -> str:
+def _weights_desc(config: QuantConfig, depthwise: bool = False) -> str:
     if config.mode == QuantMode.FP16:
         return "fp16"
     return (
         f"int8 {'per-channel' if config.per_channel else 'per-tensor'} symmetric"
-        + (" (7-bit range)" if config.weights_7bit else "")
+        + ((" (full range: depthwise)" if depthwise else " (7-bit range)") if config.weights_7bit else "")
         + (" (dynamic activations)" if config.mode == QuantMode.DYNAMIC else "")
     )
 

@@ -66,7 +66,9 @@ class QuantConfig(Config):
             int8 containers in ONNX, so they simulate W4 accuracy but the file is not smaller).
         weight_range: ``minmax`` (default) or ``mse``: how each weight scale is chosen (:class:`WeightRange`).
         reduce_range: use 7-bit weights, which avoids the u8 x s8 int16 saturation of the integer kernels of
-            x86 CPUs without VNNI (exact on every x86 CPU; costs a little resolution). ``None`` (default): decided
+            x86 CPUs without VNNI (exact on every x86 CPU; costs a little resolution). Depthwise convolutions keep
+            8-bit weights: ONNX Runtime's depthwise kernel does not saturate (see
+            :func:`edgeslim.quantize._api.keeps_full_range`). ``None`` (default): decided
             by this host (:func:`edgeslim.core.metrics.u8s8_saturates`): 7-bit on x86 without VNNI, else 8-bit;
             ``quantize`` records the value it used in the model's config and recipe, and the report says why.
         percentile: the kept mass for ``percentile`` calibration, in percent (e.g. 99.99).
@@ -142,8 +144,8 @@ class QuantConfig(Config):
         if self.mode == QuantMode.FP16 or (self.weight_bits != 8 and not self.int8_layers):
             return resolved, None
         return resolved, (
-            f"8-bit weights use the 7-bit range (reduce_range chosen by the host: {why}; set reduce_range=False "
-            "for a file meant for a CPU with VNNI)"
+            f"8-bit weights use the 7-bit range, depthwise convolutions' the full one (reduce_range chosen by the "
+            f"host: {why}; set reduce_range=False for a file meant for a CPU with VNNI)"
         )
 
     def validate(self) -> None:

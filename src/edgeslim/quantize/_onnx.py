@@ -416,6 +416,24 @@ def weight_axes(model) -> dict[str, tuple[str, int]]:
     return out
 
 
+def depthwise_weights(model) -> dict[str, str]:
+    """The weights of depthwise 2-D Convs (one input and one output channel per group): ``{initializer: node}`` (in
+    a quantized graph, the initializer behind the weight's DequantizeLinear). Under ``reduce_range`` they keep the
+    full 8-bit range, as in the fx capture (:func:`quantize._api.keeps_full_range`)."""
+    inits = {i.name: i for i in model.graph.initializer}
+    dq = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    out: dict[str, str] = {}
+    for i, n in enumerate(model.graph.node):
+        w = dq.get(n.input[1], n.input[1]) if n.op_type == "Conv" and len(n.input) > 1 else None
+        if w not in inits:
+            continue
+        dims = list(inits[w].dims)
+        group = next((a.i for a in n.attribute if a.name == "group"), 1)
+        if len(dims) == 4 and group > 1 and dims[1] == 1 and dims[0] == group:
+            out[w] = n.name or node_name(n, i)
+    return out
+
+
 def out_axis(n) -> int:
     """The axis of a Conv / Gemm / MatMul weight that holds the output channels (the one ORT's QDQ writer quantizes
     per channel along): Conv 0; Gemm 0 when ``transB`` else 1; MatMul 1."""
@@ -438,11 +456,12 @@ def choose_granularity(graph: bytes, excluded: Mapping[str, str], config: QuantC
 
     model = _onnx().load_from_string(graph)
     inits = {i.name: i for i in model.graph.initializer}
-    qmax = weight_qmax(config, 8)
+    depthwise = depthwise_weights(model)
     chosen: dict[str, dict[str, Any]] = {}
     for name, (node, axis) in weight_axes(model).items():
         if node in excluded:
             continue
+        qmax = 127 if name in depthwise else weight_qmax(config, 8)
         w = numpy_helper.to_array(inits[name])
         if w.dtype.kind != "f" or w.shape[axis] < 2:
             continue
@@ -491,6 +510,11 @@ def write_qdq(
         {k: TensorData(lowest=np.float32(lo), highest=np.float32(hi)) for k, (lo, hi) in usable.items()},
     )
     signed = config.activation_type == ActivationType.INT8
+    overrides: dict[str, list[dict[str, Any]]] = {w: [{"symmetric": True}] for w in per_tensor}
+    if config.weights_7bit:  # depthwise weights keep the full range (ORT's depthwise kernel does not saturate)
+        for w in depthwise_weights(model):
+            axis = {} if w in overrides or not config.per_channel else {"axis": 0}
+            overrides[w] = [{**axis, "symmetric": True, "reduce_range": False}]
     with tempfile.TemporaryDirectory() as td:
         src, dst, cache = Path(td) / "float.onnx", Path(td) / "int8.onnx", Path(td) / "ranges.json"
         onnx.save(model, str(src))
@@ -514,7 +538,7 @@ def write_qdq(
                     "ActivationSymmetric": signed,
                     "WeightSymmetric": True,
                     "ForceQuantizeNoInputCheck": True,
-                    **({"TensorQuantOverrides": {w: [{"symmetric": True}] for w in per_tensor}} if per_tensor else {}),
+                    **({"TensorQuantOverrides": overrides} if overrides else {}),
                 },
             )
         return dst.read_bytes()

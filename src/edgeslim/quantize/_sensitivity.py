@@ -416,7 +416,7 @@ class _Variants:
         """8-bit weight qmax and scale of a layer, as ``quantize(..., QuantConfig(int8_layers=(name,)))`` sets them."""
         if name not in self._eight:
             qw = self.q.graph_module.get_submodule(name)
-            qmax = weight_qmax(self.config, 8)
+            qmax = weight_qmax(self.config, 8, qw.layer)
             tmp = QuantWeight(qw.layer, per_channel=qw.per_channel, qmax=qmax)
             fit_weight_scale(tmp, self.config)
             if float(qw.input_scale) > 0:
@@ -447,7 +447,9 @@ class _Variants:
             calibration=full.calibration,
             calibration_samples=full.calibration_samples,
             quantized_layers=[
-                {**d, "weights": weights_desc(cfg, 8)} if d["name"] in p.int8_layers else d
+                {**d, "weights": weights_desc(cfg, 8, layer=gm.get_submodule(d["name"]).layer)}
+                if d["name"] in p.int8_layers
+                else d
                 for d in full.quantized_layers
                 if d["name"] in set(p.weighted)
             ],

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -522,15 +524,14 @@ def wide_channel_convs() -> tuple[nn.Module, torch.Tensor]:
     return model, torch.randn(64, 3, 8, 8)
 
 
-def saturating_convs() -> tuple[nn.Module, torch.Tensor]:
-    """A 1x1 convolution whose u8 inputs sit near 255 and whose int8 weights near 127 (same sign within each output
-    channel): on an x86 CPU without VNNI, ONNX Runtime's u8 x s8 kernels saturate the 16-bit sum of each pair of
-    products (2 x 255 x 127 > 32767) unless the weights take the 7-bit range. With data."""
+def _saturating(width: int, middle: Callable[[], nn.Conv2d], lift: float) -> tuple[nn.Module, torch.Tensor]:
+    """conv 3->width, ReLU, ``middle`` (width->16), ReLU, conv 16->10: the first conv's outputs near their maximum
+    (u8 near 255), ``middle``'s weights near-equal in magnitude (int8 near 127), one sign per output channel."""
     torch.manual_seed(0)
     model = nn.Sequential(
-        nn.Conv2d(3, 32, 3, padding=1),
+        nn.Conv2d(3, width, 3, padding=1),
         nn.ReLU(),
-        nn.Conv2d(32, 16, 1),
+        middle(),
         nn.ReLU(),
         nn.Conv2d(16, 10, 1),
         nn.AdaptiveAvgPool2d(1),
@@ -539,29 +540,23 @@ def saturating_convs() -> tuple[nn.Module, torch.Tensor]:
     with torch.no_grad():
         model[0].weight.mul_(0.1)
         model[0].bias.fill_(2.0)  # activations near their maximum
-        model[2].weight.copy_(model[2].weight.abs() + 0.2)  # near-equal weights: int8 values near the top of the range
+        model[2].weight.copy_(model[2].weight.abs() + lift)  # near-equal weights: int8 values near the top
         model[2].weight[8:] *= -1
     return model, torch.randn(64, 3, 8, 8)
+
+
+def saturating_convs() -> tuple[nn.Module, torch.Tensor]:
+    """A 1x1 convolution whose u8 inputs sit near 255 and whose int8 weights near 127 (same sign within each output
+    channel): on an x86 CPU without VNNI, ONNX Runtime's u8 x s8 kernels saturate the 16-bit sum of each pair of
+    products (2 x 255 x 127 > 32767) unless the weights take the 7-bit range. With data."""
+    return _saturating(32, lambda: nn.Conv2d(32, 16, 1), 0.2)
 
 
 def saturating_depthwise() -> tuple[nn.Module, torch.Tensor]:
     """:func:`saturating_convs` with a 3x3 depthwise convolution in the middle: u8 inputs near 255, int8 weights
     near 127 of one sign per channel, so a kernel summing pairs of products in 16 bits would saturate. ONNX
     Runtime's depthwise kernel sums in 32 bits: its weights keep the full range under ``reduce_range``. With data."""
-    torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(16, 16, 3, padding=1, groups=16),
-        nn.ReLU(),
-        nn.Conv2d(16, 10, 1),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-    ).eval()
+    model, x = _saturating(16, lambda: nn.Conv2d(16, 16, 3, padding=1, groups=16), 0.3)
     with torch.no_grad():
-        model[0].weight.mul_(0.1)
-        model[0].bias.fill_(2.0)  # activations near their maximum
-        model[2].weight.copy_(model[2].weight.abs() + 0.3)  # near-equal taps: int8 values near the top
-        model[2].weight[8:] *= -1
         model[2].bias.zero_()
-    return model, torch.randn(64, 3, 8, 8)
+    return model, x

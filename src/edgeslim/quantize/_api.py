@@ -231,31 +231,34 @@ def keeps_full_range(layer: nn.Module) -> bool:
     return isinstance(layer, nn.Conv2d) and 1 < layer.groups == layer.in_channels == layer.out_channels
 
 
-def weight_qmax(config: QuantConfig, bits: int | None = None, layer: nn.Module | None = None) -> int:
-    """Largest weight integer: 127 for 8 bits (63 with reduce_range, but for layers that :func:`keeps_full_range`),
-    7 for 4 bits (``bits``: config's)."""
+def weight_qmax(config: QuantConfig, bits: int | None = None, full_range: bool = False) -> int:
+    """Largest weight integer: 127 for 8 bits (63 with reduce_range, unless ``full_range``: a layer that
+    :func:`keeps_full_range`), 7 for 4 bits (``bits``: config's)."""
     if (bits or config.weight_bits) == 4:
         return 7
-    return 63 if config.weights_7bit and not (layer is not None and keeps_full_range(layer)) else 127
+    return 63 if config.weights_7bit and not full_range else 127
+
+
+def range_note(config: QuantConfig, bits: int | None = None, full_range: bool = False) -> str:
+    """The weight range in a layer's description, for the report: said only when ``reduce_range`` narrows 8-bit
+    weights (``full_range``: a layer that keeps the full range, :func:`keeps_full_range`)."""
+    if not config.weights_7bit or (bits or config.weight_bits) != 8:
+        return ""
+    return " (full range: depthwise)" if full_range else " (7-bit range)"
 
 
 def weights_desc(
-    config: QuantConfig, bits: int | None = None, per_channel: bool | None = None, layer: nn.Module | None = None
+    config: QuantConfig, bits: int | None = None, per_channel: bool | None = None, full_range: bool = False
 ) -> str:
     """How a layer's weights are quantized, for the report (``bits``: the config's weight bits; ``per_channel``:
-    the layer's granularity, default the config's; ``layer``: the float layer)."""
+    the layer's granularity, default the config's; ``full_range``: see :func:`range_note`)."""
     if config.mode == QuantMode.FP16:
         return "fp16"
     per_channel = config.per_channel if per_channel is None else per_channel
-    eight = (bits or config.weight_bits) == 8
     return (
         f"int{bits or config.weight_bits} {'per-channel' if per_channel else 'per-tensor'} symmetric"
         + (" (MSE scales)" if config.weight_range == WeightRange.MSE else "")
-        + (
-            (" (7-bit range)" if weight_qmax(config, bits, layer) == 63 else " (full range: depthwise)")
-            if config.weights_7bit and eight
-            else ""
-        )
+        + range_note(config, bits, full_range)
     )
 
 
@@ -283,10 +286,11 @@ def build_graph(
     gm.edgeslim_equalization = equalize(gm) if config.equalize else None
     placement = _graph.plan(gm, config.exclude, config.quantize_output, config.int8_layers)
     signed = config.activation_type == ActivationType.INT8
+    default_qmax = weight_qmax(config)
     layer_qmax = {}
     for n in placement.weighted:  # 8-bit int8_layers of a 4-bit model; depthwise layers under reduce_range
-        qmax = weight_qmax(config, 8 if n in placement.int8_layers else None, gm.get_submodule(n))
-        if qmax != weight_qmax(config):
+        qmax = weight_qmax(config, 8 if n in placement.int8_layers else None, keeps_full_range(gm.get_submodule(n)))
+        if qmax != default_qmax:
             layer_qmax[n] = qmax
     gm, quants = _graph.apply(
         gm,
@@ -294,7 +298,7 @@ def build_graph(
         qmin=-128 if signed else 0,
         qmax=127 if signed else 255,
         per_channel=config.per_channel,
-        weight_qmax=weight_qmax(config),
+        weight_qmax=default_qmax,
         fp16=config.mode == QuantMode.FP16,
         layer_qmax=layer_qmax,
     )
@@ -500,7 +504,10 @@ def _quantize(model: nn.Module, config: QuantConfig, calib: Any, example_inputs:
     for name in placement.weighted:
         layer = gm.get_submodule(name).layer
         desc = weights_desc(
-            config, 8 if name in placement.int8_layers else None, per_channel=name not in per_tensor, layer=layer
+            config,
+            8 if name in placement.int8_layers else None,
+            per_channel=name not in per_tensor,
+            full_range=keeps_full_range(layer),
         )
         if name in per_tensor:
             desc += f" (weight SQNR {per_tensor[name]['per_tensor_sqnr_db']:.1f} dB >= {config.per_tensor_sqnr_db:g})"

@@ -30,6 +30,7 @@ from edgeslim.core.errors import (
 )
 from edgeslim.core.onnx_model import OnnxModel, ort_session, run_session, to_onnx
 from edgeslim.quantize import _onnx
+from edgeslim.quantize._api import range_note
 from edgeslim.quantize._config import Capture, QuantConfig, QuantMode
 
 log = logging.getLogger(__name__)
@@ -433,7 +434,7 @@ def _weights_desc(config: QuantConfig, depthwise: bool = False) -> str:
         return "fp16"
     return (
         f"int8 {'per-channel' if config.per_channel else 'per-tensor'} symmetric"
-        + ((" (full range: depthwise)" if depthwise else " (7-bit range)") if config.weights_7bit else "")
+        + range_note(config, 8, full_range=depthwise)
         + (" (dynamic activations)" if config.mode == QuantMode.DYNAMIC else "")
     )
 

@@ -195,7 +195,8 @@ def apply(
 ) -> tuple[torch.fx.GraphModule, dict[str, ActQuant]]:
     """Insert one ActQuant per planned value and wrap planned layers in QuantWeight (in place on ``gm``).
 
-    ``layer_qmax`` overrides ``weight_qmax`` for the named layers (8-bit layers of a 4-bit model).
+    ``layer_qmax`` overrides ``weight_qmax`` for the named layers (8-bit layers of a 4-bit model, depthwise layers that
+    keep the full range under ``reduce_range``).
     """
     layer_qmax = layer_qmax or {}
     for name in p.weighted:

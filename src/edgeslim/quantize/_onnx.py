@@ -461,7 +461,7 @@ def choose_granularity(graph: bytes, excluded: Mapping[str, str], config: QuantC
     for name, (node, axis) in weight_axes(model).items():
         if node in excluded:
             continue
-        qmax = 127 if name in depthwise else weight_qmax(config, 8)
+        qmax = weight_qmax(config, 8, full_range=name in depthwise)
         w = numpy_helper.to_array(inits[name])
         if w.dtype.kind != "f" or w.shape[axis] < 2:
             continue

@@ -48,6 +48,7 @@ from edgeslim.quantize._api import (
     _link_input_scales,
     build_graph,
     fit_weight_scale,
+    keeps_full_range,
     quantize,
     record_quantized,
     weight_qmax,
@@ -416,7 +417,7 @@ class _Variants:
         """8-bit weight qmax and scale of a layer, as ``quantize(..., QuantConfig(int8_layers=(name,)))`` sets them."""
         if name not in self._eight:
             qw = self.q.graph_module.get_submodule(name)
-            qmax = weight_qmax(self.config, 8, qw.layer)
+            qmax = weight_qmax(self.config, 8, keeps_full_range(qw.layer))
             tmp = QuantWeight(qw.layer, per_channel=qw.per_channel, qmax=qmax)
             fit_weight_scale(tmp, self.config)
             if float(qw.input_scale) > 0:
@@ -447,7 +448,7 @@ class _Variants:
             calibration=full.calibration,
             calibration_samples=full.calibration_samples,
             quantized_layers=[
-                {**d, "weights": weights_desc(cfg, 8, layer=gm.get_submodule(d["name"]).layer)}
+                {**d, "weights": weights_desc(cfg, 8, full_range=keeps_full_range(gm.get_submodule(d["name"]).layer))}
                 if d["name"] in p.int8_layers
                 else d
                 for d in full.quantized_layers

@@ -186,13 +186,14 @@ class DistillReport:
     history: list[dict] = field(default_factory=list)
     seconds: float = 0.0
     stopped_at_step: int | None = None
+    metric: str = "accuracy"
 
     def to_dict(self) -> dict[str, Any]:
         return {"technique": self.technique, **self.__dict__}
 
     def summary(self) -> str:
         acc = (
-            f", best validation accuracy {self.best_accuracy:.4f}"
+            f", best validation {self.metric} {self.best_accuracy:.4f}"
             if self.best_accuracy == self.best_accuracy and self.best_accuracy > 0
             else ", no validation data"
         )
@@ -214,7 +215,7 @@ def distill(
     config: DistillConfig = DistillConfig(),
     *,
     data: tuple[Any, Any],
-    train_config: TrainConfig = TrainConfig(),
+    train_config: Any = None,
     checkpoint_dir: str | Path | None = None,
     resume: bool = True,
     progress: bool = True,
@@ -237,11 +238,19 @@ def distill(
     ``hint``, ``attention``, ...) then give the single-process gradients, while the batch-relational ``rkd``
     and ``similarity`` see only the shard's samples and so differ from a single-process run.
 
+    Detectors (``edgeslim_task == "detect"``, output ``[B, A, 4 + C]``) are trained by
+    :func:`edgeslim.train.train_detector` with a :class:`~edgeslim.train.DetectTrainConfig`: ``kd`` distils the
+    sigmoid class scores and the boxes the teacher is confident about, ``hint`` / ``attention`` the paired feature
+    maps (a layer may return a list of maps, e.g. a neck's levels), ``hard_weight`` weighs the ground-truth
+    detection loss; the teacher runs on every augmented batch (no cache). ``report.best_accuracy`` is then the
+    best validation mAP@[.5:.95].
+
     Args:
         data: ``(train, val)`` datasets; ``val`` may be None. Image sets (:class:`~edgeslim.data.ImageDataset`) or
             any set with ``__len__``, ``labels``, ``normalized()`` (all inputs as one tensor, e.g. token ids),
             ``take(n)`` and ``batches(size)``; the models then get slices of ``normalized()`` as input.
-        train_config: epochs, batch size, learning rate, augmentation, patience, seed.
+        train_config: epochs, batch size, learning rate, augmentation, patience, seed (a ``TrainConfig``; default
+            ``TrainConfig()``, or ``DetectTrainConfig()`` for detectors).
         stop: asked before every step (e.g. a deadline); True ends training there (``fit``'s ``stop``), and
             ``report.stopped_at_step`` says at which step.
 
@@ -259,6 +268,15 @@ def distill(
     train, val = data
     if train is None or len(train) == 0:
         raise DataError("distill: training dataset is empty")
+    if getattr(student, "edgeslim_task", None) == "detect":
+        return _distill_detector(
+            student, teacher, config, train, val, train_config, checkpoint_dir, resume, progress, max_steps_per_epoch,
+            stop, t0,
+        )  # fmt: skip
+    if train_config is None:
+        train_config = TrainConfig()
+    elif not isinstance(train_config, TrainConfig):
+        raise ConfigError(f"distill: train_config must be a TrainConfig (got {type(train_config).__name__})")
     student = copy.deepcopy(student).cpu()
     teacher = copy.deepcopy(teacher).cpu().eval()
     for p in teacher.parameters():
@@ -319,6 +337,43 @@ def distill(
         res.history,
         round(time.perf_counter() - t0, 2),
         res.stopped_at_step,
+    )
+    return _recipe.record(out, "distill", config, {}, out.report, previous=student)
+
+
+def _distill_detector(
+    student, teacher, config, train, val, train_config, checkpoint_dir, resume, progress, max_steps_per_epoch, stop, t0
+) -> nn.Module:
+    from edgeslim.distill._detect import distill_detector
+    from edgeslim.train import DetectTrainConfig
+
+    if stop is not None:
+        raise ConfigError("distill: stop= is not supported for detectors yet (train_detector has no step callback)")
+    res = distill_detector(
+        student,
+        teacher,
+        config,
+        train,
+        val,
+        DetectTrainConfig() if train_config is None else train_config,
+        checkpoint_dir=checkpoint_dir,
+        resume=resume,
+        progress=progress,
+        max_steps_per_epoch=max_steps_per_epoch,
+    )
+    out = res.model
+    out.distill_history = res.history  # type: ignore[attr-defined]
+    epochs = len(res.history)
+    out.report = DistillReport(
+        list(config.losses),
+        type(teacher).__name__,
+        epochs,
+        max_steps_per_epoch,
+        float(res.best_map) if val is not None else float("nan"),
+        res.history,
+        round(time.perf_counter() - t0, 2),
+        None,
+        "mAP@[.5:.95]",
     )
     return _recipe.record(out, "distill", config, {}, out.report, previous=student)
 

@@ -15,7 +15,7 @@ import copy
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -302,6 +302,8 @@ def train_detector(
     progress: bool = True,
     max_steps_per_epoch: int | None = None,
     eval_every: int = 1,
+    loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, float]]]
+    | None = None,
     **overrides: Any,
 ) -> DetectTrainResult:
     """Train a copy of a detector (edgeslim layout) on a detection dataset; the input model is not modified.
@@ -312,6 +314,11 @@ def train_detector(
     later call with the same settings resumes after the last finished epoch; the best weights by validation
     mAP@[.5:.95] (computed with :func:`edgeslim.runtime.evaluate_detector` every ``eval_every`` epochs and after
     the last) are kept in ``best.pt`` and returned.
+
+    ``loss_fn(model, x, out, det_loss) -> (loss, parts)``, when given, turns each step's detection loss into the
+    loss that is minimised (e.g. adds distillation terms; ``model`` is the copy being trained, ``x`` the augmented
+    batch it saw, ``out`` its output); ``parts`` (floats) are averaged into the epoch's history. It needs the input
+    images at every step, so it cannot be combined with ``cache_frozen``.
     """
     from edgeslim.runtime import evaluate_detector
 
@@ -326,6 +333,11 @@ def train_detector(
         raise DataError("training dataset is empty")
     if eval_every < 1:
         raise ConfigError(f"eval_every={eval_every!r} is not allowed; use an integer >= 1")
+    if loss_fn is not None and config.cache_frozen:
+        raise ConfigError(
+            "cache_frozen=True cannot be combined with a loss_fn (e.g. distillation): the loss needs the input "
+            "images at every step; set cache_frozen=False"
+        )
     seed_everything(config.seed)
     model = copy.deepcopy(model).train()
     frozen = _freeze(model, config.freeze_backbone)
@@ -433,6 +445,9 @@ def train_detector(
                     x = x.contiguous(memory_format=torch.channels_last)
                 out = model(x)
             loss, parts = detection_loss(out, targets, points, config)
+            if loss_fn is not None:
+                loss, extra = loss_fn(model, x, out, loss)
+                parts = {**parts, **extra}
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
@@ -440,8 +455,8 @@ def train_detector(
             sched.step()
             steps += 1
             sums["loss"] += float(loss.detach())
-            sums["box"] += parts["box"]
-            sums["cls"] += parts["cls"]
+            for key, v in parts.items():
+                sums[key] = sums.get(key, 0.0) + float(v)
             if hasattr(bar, "set_postfix") and steps % 10 == 0:
                 bar.set_postfix(loss=f"{sums['loss'] / steps:.3f}")
         row: dict[str, Any] = {"epoch": epoch + 1, **{k: v / max(steps, 1) for k, v in sums.items()}}

@@ -310,6 +310,8 @@ def test_other_bad_input(tmp_path, tiny, monkeypatch):
     check_classes(train, 10)
     with pytest.raises(DataError, match=r"size must be one of 160, 320, got 224"):
         data.load("fmnist-detect", size=224)
+    with pytest.raises(DataError, match=r"multiple of 32 from 32 to 4096 \(coco: data\), got 100"):
+        data.load(f"coco:{folder}", size=100)
     with pytest.raises(DataError, match=r"size= and limit= apply to detection data"):
         data.load("digits", size=160)
     with pytest.raises(DataError, match=r"apt-get install darknet"):

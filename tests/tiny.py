@@ -560,3 +560,31 @@ def saturating_depthwise() -> tuple[nn.Module, torch.Tensor]:
     with torch.no_grad():
         model[2].bias.zero_()
     return model, x
+
+
+def tiny_coco(folder, n_train: int = 96, n_val: int = 24, *, size: int = 64):
+    """A COCO folder of :class:`TinyDetectionSet` images (PNG under ``images/``, ``annotations/{train,val}.json``),
+    for code that needs a real ``edgeslim.data.DetectionDataset``: ``edgeslim.data.load(f"coco:{folder}",
+    size=size)``. Returns the folder."""
+    import json
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    folder = Path(folder)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    (folder / "annotations").mkdir(exist_ok=True)
+    for split, n, seed, first_id in (("train", n_train, 1, 1), ("val", n_val, 2, 10_000)):
+        ds = TinyDetectionSet(n, folder, size=size, seed=seed, split=split)
+        doc = json.loads(ds.annotation_file.read_text())
+        ds.annotation_file.unlink()
+        for im, (pixels, _) in zip(doc["images"], (ds[i] for i in range(len(ds))), strict=True):
+            im["id"] += first_id
+            im["file_name"] = f"{split}-{im['file_name']}"
+            a = (pixels.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+            Image.fromarray(np.ascontiguousarray(a)).save(folder / "images" / im["file_name"])
+        for ann in doc["annotations"]:
+            ann["image_id"] += first_id
+        (folder / "annotations" / f"{split}.json").write_text(json.dumps(doc))
+    return folder

@@ -445,9 +445,15 @@ def from_coco(
     )
 
 
-def check_size(size: Any) -> int:
-    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or int(size) not in DETECT_SIZES:
+def check_size(size: Any, *, generated: bool = True) -> int:
+    """The side of square detection inputs: one of ``DETECT_SIZES`` for generated data, any multiple of 32 from 32 to
+    4096 for users' COCO data (letterboxed to it)."""
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)):
+        raise DataError(f"detection image size must be an integer, got {size!r}")
+    if generated and int(size) not in DETECT_SIZES:
         raise DataError(f"detection image size must be one of {', '.join(map(str, DETECT_SIZES))}, got {size!r}")
+    if not generated and not (32 <= int(size) <= 4096 and int(size) % 32 == 0):
+        raise DataError(f"detection image size must be a multiple of 32 from 32 to 4096 (coco: data), got {size!r}")
     return int(size)
 
 
@@ -505,7 +511,7 @@ def coco_source(
     With one annotation file, ``val_fraction`` of its images (seeded shuffle) are held out for validation.
     The model-frame annotation files are written under ``~/.cache/edgeslim/data/coco-<hash>/``.
     """
-    size = check_size(size)
+    size = check_size(size, generated=False)
     root = Path(spec)
     train_f, val_f, single = _annotation_files(root)
     img_root = root if root.is_dir() else None

@@ -347,8 +347,6 @@ def _distill_detector(
     from edgeslim.distill._detect import distill_detector
     from edgeslim.train import DetectTrainConfig
 
-    if stop is not None:
-        raise ConfigError("distill: stop= is not supported for detectors yet (train_detector has no step callback)")
     res = distill_detector(
         student,
         teacher,
@@ -360,6 +358,7 @@ def _distill_detector(
         resume=resume,
         progress=progress,
         max_steps_per_epoch=max_steps_per_epoch,
+        stop=stop,
     )
     out = res.model
     out.distill_history = res.history  # type: ignore[attr-defined]
@@ -372,7 +371,7 @@ def _distill_detector(
         float(res.best_map) if val is not None else float("nan"),
         res.history,
         round(time.perf_counter() - t0, 2),
-        None,
+        res.stopped_at_step,
         "mAP@[.5:.95]",
     )
     return _recipe.record(out, "distill", config, {}, out.report, previous=student)

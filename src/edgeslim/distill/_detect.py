@@ -160,6 +160,7 @@ def distill_detector(
     resume: bool,
     progress: bool,
     max_steps_per_epoch: int | None,
+    stop: Any = None,
 ):
     """Train ``student`` (a copy) by :func:`edgeslim.train.train_detector` plus the distillation terms; returns the
     trainer's result with ``.model`` the student alone."""
@@ -261,6 +262,7 @@ def distill_detector(
             progress=progress,
             max_steps_per_epoch=max_steps_per_epoch,
             loss_fn=loss_fn,
+            stop=stop,
         )
     finally:
         t_capture.remove()

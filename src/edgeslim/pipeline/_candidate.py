@@ -39,6 +39,7 @@ from edgeslim.core.modules import first_match
 from edgeslim.pipeline._budget import MB, Budget
 from edgeslim.pipeline._space import CLUSTER_MIN_WEIGHTS_PER_CLUSTER, Space, recovery_steps
 from edgeslim.pipeline._store import Cache, key
+from edgeslim.pipeline._task import Classify
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,7 @@ class Context:
     ungated: bool = False  # the current trial skips the multi-fidelity gate (a promoted structure)
     notes: list[str] = field(default_factory=list)  # said in the report (e.g. search choices the model cannot take)
     recal_best: dict[str, float] = field(default_factory=dict)  # best BN-recal accuracy per depth (see depth())
+    task: Classify = field(default_factory=Classify)  # what candidates are scored by (accuracy or mAP)
 
     def past_deadline(self) -> bool:
         return self.deadline is not None and time.perf_counter() >= self.deadline
@@ -114,10 +116,8 @@ def pruned_accuracy(steps: dict[str, Any]) -> float:
 
 def base_accuracy(ctx: Context) -> float:
     """The input model's torch accuracy on the search subset (what a pruned model's is compared with)."""
-    from edgeslim.train import evaluate
-
     if ctx.base_torch_accuracy is None:
-        ctx.base_torch_accuracy = evaluate(ctx.base, ctx.search_val)
+        ctx.base_torch_accuracy = ctx.task.score(ctx.base, ctx.search_val)
     return ctx.base_torch_accuracy
 
 
@@ -216,7 +216,6 @@ def gate(ctx: Context, params: dict[str, Any], recal: float) -> None:
 def _prune_step(ctx: Context, name: str, model: nn.Module, parent: str, cfg: Any) -> tuple[nn.Module, str, dict]:
     """One cached pruning step (blocks or channels) on ``model`` (whose cache key is ``parent``)."""
     from edgeslim.prune._api import prune
-    from edgeslim.train import evaluate
 
     pk = key("prune", parent, cfg.to_dict())
     with ctx.cache.claim(name, pk) as d:
@@ -227,7 +226,7 @@ def _prune_step(ctx: Context, name: str, model: nn.Module, parent: str, cfg: Any
         t0 = time.perf_counter()
         out = prune(model, cfg, example_inputs=ctx.example_inputs, data=ctx.train)
         rep = out.prune_report
-        acc = evaluate(out, ctx.search_val)
+        acc = ctx.task.score(out, ctx.search_val)
         save_step(out, d / "model.recipe")
         return (
             out,
@@ -252,7 +251,7 @@ def _block_recal_step(ctx: Context, model: nn.Module, parent: str, meta: dict[st
     """BatchNorm recalibrated on the model whose blocks were removed (cache key ``parent``, step record ``meta``):
     cached in the blocks' folder, recorded as the blocks step (its accuracy is the recalibrated one; its seconds
     the ranking's plus the recalibration's)."""
-    from edgeslim.train import evaluate, recalibrate_bn
+    from edgeslim.train import recalibrate_bn
 
     n = ctx.space.bn_samples
     rk = key("blocks-bn-recal", parent, n)
@@ -263,7 +262,7 @@ def _block_recal_step(ctx: Context, model: nn.Module, parent: str, meta: dict[st
         ctx.check_deadline("recalibrating BatchNorm")
         t0 = time.perf_counter()
         out = recalibrate_bn(model, ctx.train, num_samples=n)  # a copy with the same recipe, new statistics
-        acc = evaluate(out, ctx.search_val)
+        acc = ctx.task.score(out, ctx.search_val)
         save_step(out, d / "model.recipe")
         rec = {k: v for k, v in meta.items() if k != "cached"}
         rec.update(
@@ -288,7 +287,7 @@ def _share_step(
     ``model`` (whose cache key is ``parent``); ``excluded``: layers the config leaves out, and why."""
     from edgeslim.core.counting import count_macs, count_params
     from edgeslim.share import cluster, factorize
-    from edgeslim.train import evaluate, recalibrate_bn
+    from edgeslim.train import recalibrate_bn
 
     recal = ctx.space.bn_samples if name == "factorize" and params.get("recalibrate_bn") else 0
     sk = key(name, parent, cfg.to_dict(), *((recal,) if recal else ()))
@@ -306,11 +305,11 @@ def _share_step(
         rep = out.report
         acc_before_recal = None
         if recal:
-            acc_before_recal = evaluate(out, ctx.search_val)
+            acc_before_recal = ctx.task.score(out, ctx.search_val)
             tuned = recalibrate_bn(out, ctx.train, num_samples=recal)  # a copy with the same recipe, new statistics
             tuned.report = rep
             out = tuned
-        acc = evaluate(out, ctx.search_val)
+        acc = ctx.task.score(out, ctx.search_val)
         save_step(out, d / "model.recipe")
         rec: dict[str, Any] = {
             "seconds": round(time.perf_counter() - t0, 2),
@@ -372,8 +371,6 @@ def _recovery_step(
 ) -> tuple[nn.Module, str]:
     """The cached recovery of ``model`` (its cache key ``pk``); when not cached, gated first; records its step in
     ``steps``."""
-    from edgeslim.train import evaluate
-
     how = params.get("recovery") or "finetune"
     tcfg, cap = recovery_config(ctx, n_steps)
     procs = ctx.space.recovery_processes
@@ -383,7 +380,7 @@ def _recovery_step(
         pk,
         tcfg.to_dict(),
         cap,
-        *((DISTILL_KW,) if how == "distill" else ()),
+        *((ctx.task.distill_kw(),) if how == "distill" else ()),
         *((("processes", procs),) if procs > 1 else ()),
     )
     if not Cache.done(ctx.cache.path(how, rk)):  # the gate weighs steps not spent yet: a done one is served
@@ -403,13 +400,13 @@ def _recovery_step(
                 source = ctx.cache.path("prune" if params.get("target_macs") else "blocks", pk) / "model.recipe"
                 tuned, stopped_at, ddp = recover_ddp(ctx, d, source, how, tcfg, cap, procs)
             else:
-                tuned, stopped_at = recover(ctx.base, ctx.train, model, how, tcfg, cap, ctx.past_deadline)
+                tuned, stopped_at = ctx.task.recover(ctx.base, ctx.train, model, how, tcfg, cap, ctx.past_deadline)
             if stopped_at is not None:
                 raise DeadlineReached(
                     f"{how} stopped at step {stopped_at} of {n_steps}: the run's max_minutes was reached "
                     "(the partly recovered model is not kept)"
                 )
-            acc = evaluate(tuned, ctx.search_val)
+            acc = ctx.task.score(tuned, ctx.search_val)
             if procs == 1:  # rank 0 has written it otherwise
                 save_step(tuned, d / "model.recipe")
             steps[how] = Cache.finish(
@@ -418,7 +415,7 @@ def _recovery_step(
                     "seconds": round(time.perf_counter() - t0, 2),
                     "steps": tcfg.epochs * cap,
                     "config": tcfg.to_dict(),
-                    **({"distill": DISTILL_KW} if how == "distill" else {}),
+                    **({"distill": ctx.task.distill_kw()} if how == "distill" else {}),
                     **ddp,
                     "torch_accuracy_search": acc,
                 },
@@ -426,13 +423,10 @@ def _recovery_step(
     return tuned, rk
 
 
-#: the distillation recovery: logit KD from the input model (temperature 4) plus cross-entropy on the labels
-DISTILL_KW = {"losses": ("kd",), "temperature": 4.0, "hard_weight": 1.0, "cache_teacher": False}
-
-
 def recovery_config(ctx: Context, n_steps: int) -> tuple[Any, int]:
-    """The TrainConfig of a recovery of ``n_steps`` optimizer steps, and the steps per epoch it is capped at."""
-    return recovery_train_config(ctx.space, len(ctx.train), n_steps, seed=ctx.seed)
+    """The train config of a recovery of ``n_steps`` optimizer steps (a TrainConfig, or a DetectTrainConfig for
+    detectors), and the steps per epoch it is capped at."""
+    return ctx.task.train_config(ctx.space, len(ctx.train), n_steps, ctx.seed)
 
 
 def recovery_train_config(space: Space, n_train: int, n_steps: int, *, seed: int = 0) -> tuple[Any, int]:
@@ -457,26 +451,9 @@ def recovery_train_config(space: Space, n_train: int, n_steps: int, *, seed: int
 def recover(
     base: nn.Module, train: Any, model: nn.Module, how: str, tcfg: Any, cap: int, stop: Any
 ) -> tuple[nn.Module, int | None]:
-    """Fine-tune ``model`` on ``train`` or distill the input model ``base`` into it (in this process, or in each
-    rank of a torchrun group); ``stop`` (the deadline) ends it before a step (returns that step)."""
-    if how == "distill":
-        from edgeslim.distill import DistillConfig, distill
-
-        out = distill(
-            model,
-            base,
-            DistillConfig(**DISTILL_KW),
-            data=(train, None),
-            train_config=tcfg,
-            progress=False,
-            max_steps_per_epoch=cap,
-            stop=stop,
-        )
-        return out, out.report.stopped_at_step
-    from edgeslim.train import fit
-
-    res = fit(model, train, None, tcfg, max_steps_per_epoch=cap, progress=False, stop=stop)
-    return res.model, res.stopped_at_step  # fit keeps the recorded steps (the pruned structure); weights changed
+    """Fine-tune a classifier ``model`` on ``train`` or distill the input model ``base`` into it (in this process,
+    or in each rank of a torchrun group); ``stop`` (the deadline) ends it before a step (returns that step)."""
+    return Classify().recover(base, train, model, how, tcfg, cap, stop)
 
 
 def quant_config(ctx: Context, params: dict[str, Any]) -> Any:
@@ -594,7 +571,7 @@ def _quantize_export(
     art = export(
         final,
         "onnx",
-        example_inputs=ctx.search_val,
+        example_inputs=ctx.task.validation_inputs(ctx.search_val),
         path=d / "model.onnx",
         force=True,
         opset=EXPORT_OPSET,
@@ -660,7 +637,8 @@ def measure_candidate(
 ) -> dict[str, Any]:
     """The figures the budget judges, each with where it came from.
 
-    Accuracy: top-1 measured on the candidate's runtime on ``data`` (default: the search subset). Latency: median
+    Accuracy: the task's metric (top-1, or mAP@[.5:.95] for detectors) measured on the candidate's runtime on
+    ``data`` (default: the search subset). Latency: median
     batch-1 latency measured on that runtime with its threads (host; :func:`deployment`) or predicted for the
     device. Size: the file's bytes, and its bytes after zlib level 9 (``size_zipped_mb``; a measurement cached
     before that figure existed gets it added from the file). Peak memory and energy only when the budget limits
@@ -713,30 +691,35 @@ def _measure(ctx: Context, art: Artifact, data: Any, d: Path | None, runtime: st
     b, sp = ctx.budget, ctx.space
     need_mem, need_energy = b.max_peak_memory_mb is not None, b.max_energy_mj is not None
     t0 = time.perf_counter()
+    detect = ctx.task.kind == "detect"  # mAP comes from the detection evaluation, not from measure's top-1
     m = measure(
         art,
-        data=data,
+        data=None if detect else data,
         runtime=runtime,
         threads=(threads,),
         runs=1,
         warmup=0,
         peak_memory=need_mem and b.on_host,
         label=art.path.name,
+        input_shape=tuple(ctx.example_inputs.shape[1:]) if detect else None,
     )
-    acc = m.figures["accuracy"]
+    if detect:
+        acc_value, acc_detail = ctx.task.score_file(art, data, runtime, threads)
+    else:
+        acc_value, acc_detail = m.figures["accuracy"].value, m.figures["accuracy"].detail
     figs: dict[str, Any] = {
-        "accuracy": acc.value,
+        "accuracy": acc_value,
         "size_mb": art.size_bytes / MB,
         "size_zipped_mb": _zipped_bytes(art, m) / MB,
         "macs": float(art.meta.get("macs") or m.get("macs") or 0),
     }
-    prov = {"accuracy": acc.detail, "size_mb": f"bytes of the ONNX file ({art.precision}) / 2**20"}
+    prov = {"accuracy": acc_detail, "size_mb": f"bytes of the ONNX file ({art.precision}) / 2**20"}
     prov["size_zipped_mb"] = ZIPPED_HOW.format(art.precision)
     if b.on_host:
         from edgeslim.runtime import RUNTIMES
 
         runner = RUNTIMES.get(runtime)(art, threads=threads)
-        figs["latency_ms"], blocks = block_latency(runner, data.normalized()[:1].numpy(), sp.latency_runs)
+        figs["latency_ms"], blocks = block_latency(runner, ctx.task.inputs(data, 1).numpy(), sp.latency_runs)
         prov["latency_ms"] = latency_label(ctx, runner.describe(), sp.latency_runs, blocks)
     else:
         from edgeslim.devices import predict_latency
@@ -783,7 +766,7 @@ def interleaved_latency(
     b = ctx.budget
     deps = deployments or [(b.runtime, b.threads)] * len(paths)
     runners = {str(i): RUNTIMES.get(rt)(p, threads=th) for i, (p, (rt, th)) in enumerate(zip(paths, deps, strict=True))}
-    got = interleaved(runners, ctx.val.normalized()[:1].numpy(), rounds=rounds, runs=ctx.space.latency_runs)
+    got = interleaved(runners, ctx.task.inputs(ctx.val, 1).numpy(), rounds=rounds, runs=ctx.space.latency_runs)
     return [float(got[str(i)]["median_of_rounds_ms"]) for i in range(len(paths))]
 
 

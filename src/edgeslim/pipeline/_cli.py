@@ -217,25 +217,37 @@ def _run_folder(a: argparse.Namespace) -> str:
     return a.out or "runs/optimize"
 
 
+def _load_data(dataset: str, model: Any) -> tuple[Any, Any]:
+    """The (train, val) splits of ``dataset``; detection data at the detector's own input size
+    (``model.input_size``, e.g. 160 for the shipped ``yolo_mobilenet_v2``)."""
+    from edgeslim import data as es_data
+
+    size = getattr(model, "input_size", None)
+    if getattr(model, "edgeslim_task", None) == "detect" and isinstance(size, int):
+        return es_data.load(dataset, size=size)
+    return es_data.load(dataset)
+
+
 def _from_options(a: argparse.Namespace, out: str) -> dict[str, Any]:
     """optimize()'s arguments from the command line; the options are recorded for --resume RUN / --worker."""
-    from edgeslim import data as es_data
     from edgeslim import models
     from edgeslim.pipeline._space import Space, space_from
 
     budget = budget_from_args(a)  # every option is checked before the model and data load
-    space = space_from(a.space) if a.space else Space()
-    if a.samples is not None:
-        if a.samples < 1:
-            raise ConfigError(f"--samples={a.samples} is not allowed; use an integer >= 1")
-        space = space.replace(search_samples=a.samples)
-    if a.recovery_processes is not None:
-        if a.recovery_processes < 1:
-            raise ConfigError(f"--recovery-processes={a.recovery_processes} is not allowed; use an integer >= 1")
-        space = space.replace(recovery_processes=a.recovery_processes)
+    space = space_from(a.space) if a.space else None
+    if a.samples is not None and a.samples < 1:
+        raise ConfigError(f"--samples={a.samples} is not allowed; use an integer >= 1")
+    if a.recovery_processes is not None and a.recovery_processes < 1:
+        raise ConfigError(f"--recovery-processes={a.recovery_processes} is not allowed; use an integer >= 1")
     dataset = a.dataset or "fashion-mnist"
     model = models.load(a.model, dataset, pretrained=not a.no_pretrained, weights=a.weights)
-    train, val = es_data.load(dataset)
+    train, val = _load_data(dataset, model)
+    if space is None:  # the default space of the model's task
+        space = Space.for_detection() if getattr(model, "edgeslim_task", None) == "detect" else Space()
+    if a.samples is not None:
+        space = space.replace(search_samples=a.samples)
+    if a.recovery_processes is not None:
+        space = space.replace(recovery_processes=a.recovery_processes)
     heartbeat = a.heartbeat or 10
     command = {
         "model": a.model,
@@ -291,7 +303,6 @@ _RUN_OPTIONS = (
 def _from_record(a: argparse.Namespace, out: str) -> tuple[dict[str, Any], bool]:
     """optimize()'s arguments from ``out/run.json`` (what the run was started with); True when its storage URL
     had a password (which run.json does not keep)."""
-    from edgeslim import data as es_data
     from edgeslim import models
     from edgeslim.pipeline._budget import Budget
     from edgeslim.pipeline._space import Space
@@ -321,7 +332,7 @@ def _from_record(a: argparse.Namespace, out: str) -> tuple[dict[str, Any], bool]
     model = models.load(
         cmd["model"], cmd["dataset"], pretrained=cmd.get("pretrained", True), weights=cmd.get("weights")
     )
-    train, val = es_data.load(cmd["dataset"])
+    train, val = _load_data(cmd["dataset"], model)
     kw = {
         "model": model,
         "data": (train, val),

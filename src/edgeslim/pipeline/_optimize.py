@@ -64,6 +64,7 @@ from edgeslim.pipeline._candidate import (
 )
 from edgeslim.pipeline._report import pareto_front, write_report
 from edgeslim.pipeline._space import Space, describe, restructured
+from edgeslim.pipeline._task import check_space, task_of
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +103,7 @@ class OptimizeReport:
         fin, base = c["final"], d["baseline_final"]
         lines = [
             head,
-            f"  accuracy {100 * fin['accuracy']:.2f}% vs FP32 {100 * base['accuracy']:.2f}% "
+            f"  {d.get('metric', 'accuracy')} {100 * fin['accuracy']:.2f}% vs FP32 {100 * base['accuracy']:.2f}% "
             f"({d['final_data']}), latency {fin['latency_ms']:.4g} ms vs {base['latency_ms']:.4g} ms "
             f"({base['latency_ms'] / fin['latency_ms']:.2f}x, {d['latency_source']}), size "
             f"{fin['size_mb']:.3g} MB"
@@ -168,7 +169,7 @@ def _check_args(
             raise ConfigError(f"optimize({name}={v!r}) is not allowed; use a number > 0 (trials: an integer) or None")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ConfigError(f"optimize(seed={seed!r}) is not allowed; use an integer >= 0")
-    _store.check_data(*data)
+    task_of(model).check_data(*data)
     return data[0], data[1]
 
 
@@ -261,7 +262,9 @@ def optimize(
     """
     t_start = time.perf_counter()
     train, val = _check_args(model, data, budget, space, max_trials, max_minutes, seed)
-    space = space or Space()
+    task = task_of(model)
+    space = space or (Space.for_detection() if task.kind == "detect" else Space())
+    check_space(task, space)
     _check_space_fits_budget(space, budget)
     if max_trials is None and max_minutes is None:
         max_trials = DEFAULT_TRIALS
@@ -271,7 +274,7 @@ def optimize(
     if out.exists() and not out.is_dir():
         raise ConfigError(f"optimize(out={str(out)!r}) is a file, not a folder")
     base = copy.deepcopy(model).eval()
-    x = val.normalized()[:1] if example_inputs is None else example_inputs
+    x = task.inputs(val, 1) if example_inputs is None else example_inputs
     try:
         with torch.no_grad():
             base(x)
@@ -284,7 +287,7 @@ def optimize(
     ident = {
         "model_class": type(base).__name__,
         "base_model_sha256": base_hash,
-        "data_sha256": _store.key(_store.data_hash(train), _store.data_hash(val)),
+        "data_sha256": _store.key(task.data_hash(train), task.data_hash(val)),
         "budget": budget.to_dict(),
         "space": space.to_dict(),
         "seed": seed,
@@ -330,6 +333,7 @@ def optimize(
             cache=_store.Cache(out / "cache"),
             early_layers=early_layers(base, space),
             notes=[space_note] if space_note else [],
+            task=task,
         )
         if not budget.on_host:
             ctx.device = budget.device()
@@ -415,7 +419,7 @@ def _baseline(ctx: Context, study: Any) -> dict[str, Any]:
             from edgeslim.runtime import RUNTIMES, latency
 
             runner = RUNTIMES.get("onnxruntime")(art, threads=1)
-            host_ms = latency(runner, ctx.val.normalized()[:1].numpy(), warmup=10, runs=ctx.space.latency_runs)[
+            host_ms = latency(runner, ctx.task.inputs(ctx.val, 1).numpy(), warmup=10, runs=ctx.space.latency_runs)[
                 "p50_ms"
             ]
             ctx.calibration = calibrate(
@@ -1036,6 +1040,8 @@ def _finish(
         "runtime": budget.runtime,
         "threads": budget.threads,
         "latency_source": "measured on the host" if budget.on_host else f"predicted for {budget.device_name()}",
+        "task": ctx.task.kind,
+        "metric": ctx.task.metric_label,
         "host": ctx.host,
         "search_data": f"{len(ctx.search_val)} samples of {ctx.val.name}/{ctx.val.split} (seeded subset; search proxy)",
         "final_data": f"all {len(ctx.val)} samples of {ctx.val.name}/{ctx.val.split}",

@@ -84,13 +84,13 @@ def scatter_svg(doc: dict[str, Any], x_key: str, x_title: str, x_limit: float | 
     out.append(f'<text x="{left + pw / 2}" y="{h - 22}" text-anchor="middle">{e(x_title)}</text>')
     out.append(
         f'<text x="14" y="{top + ph / 2}" text-anchor="middle" transform="rotate(-90 14 {top + ph / 2})">'
-        f"top-1 accuracy, % (search subset, measured)</text>"
+        f"{e(doc.get('metric', 'top-1 accuracy'))}, % (search subset, measured)</text>"
     )
     if floor is not None and y0 <= floor <= y1:
         out.append(
             f'<line x1="{left}" y1="{py(floor):.1f}" x2="{left + pw}" y2="{py(floor):.1f}" stroke="{RED}" '
             f'stroke-dasharray="6 4"/><text x="{left + 6}" y="{py(floor) - 5:.1f}" fill="{RED}">'
-            f"accuracy floor ({100 * budget['max_accuracy_drop']:.2g} pt drop)</text>"
+            f"{e(doc.get('metric', 'accuracy'))} floor ({100 * budget['max_accuracy_drop']:.2g} pt drop)</text>"
         )
     if x_limit is not None and x0 <= x_limit <= x1:
         out.append(
@@ -108,8 +108,9 @@ def scatter_svg(doc: dict[str, Any], x_key: str, x_title: str, x_limit: float | 
     chosen = doc["chosen"]["trial"]
     for r, (c, a) in zip(rows, pts, strict=True):
         ok = not r["violations"]
-        tip = f"trial {r['number']}: {r['description']}; accuracy {100 * a:.2f}%, {x_key} {_num(c)}" + (
-            "; meets the budget" if ok else "; " + "; ".join(v["text"] for v in r["violations"])
+        tip = (
+            f"trial {r['number']}: {r['description']}; {doc.get('metric', 'accuracy')} {100 * a:.2f}%, {x_key} {_num(c)}"
+            + ("; meets the budget" if ok else "; " + "; ".join(v["text"] for v in r["violations"]))
         )
         out.append(
             f'<circle cx="{px(c):.1f}" cy="{py(a):.1f}" r="5" fill="{GREEN if ok else GREY}" '
@@ -241,7 +242,7 @@ def _final_table(doc: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     head = ["figure", "FP32 input model", f"chosen (trial {doc['chosen']['trial']})", "change"]
     rows = [
         [
-            f"top-1 accuracy ({doc['final_data']})",
+            f"{doc.get('metric', 'top-1 accuracy')} ({doc['final_data']})",
             _fig(base, "accuracy"),
             _fig(fin, "accuracy"),
             f"{100 * (fin['accuracy'] - base['accuracy']):+.2f} pt",
@@ -284,15 +285,15 @@ def _step_rows(doc: dict[str, Any]) -> list[list[str]]:
         if name in ("factorize", "cluster") and "summary" in s:
             bought.append(s["summary"])
         if "torch_accuracy_search" in s:
-            bought.append(f"torch accuracy on the search subset after it {100 * s['torch_accuracy_search']:.2f}%")
+            metric = doc.get("metric", "accuracy")
+            bought.append(f"torch {metric} on the search subset after it {100 * s['torch_accuracy_search']:.2f}%")
         if "quantize_summary" in s:
             bought.append(s["quantize_summary"])
         if "validation" in s:
             v = s["validation"]
-            bought.append(
-                f"ONNX vs torch: cosine {v['cosine']:.5f}, top-1 agreement {v['top1_agreement']:.3f} on "
-                f"{v['samples']} samples"
-            )
+            agree = f", top-1 agreement {v['top1_agreement']:.3f}" if v.get("top1_agreement") is not None else ""
+            sqnr = f", SQNR {v['sqnr_db']:.1f} dB" if v.get("sqnr_db") is not None else ""
+            bought.append(f"ONNX vs torch: cosine {v['cosine']:.5f}{sqnr}{agree} on {v['samples']} samples")
         out.append([name, f"{cost:.1f} s" + (" (cached)" if s.get("cached") else ""), "; ".join(bought)])
     return out
 
@@ -340,7 +341,7 @@ def markdown(doc: dict[str, Any]) -> str:
         "",
         "## Trials",
         "",
-        f"Search figures: accuracy on {esc(doc['search_data'])}; latency "
+        f"Search figures: {esc(doc.get('metric', 'accuracy'))} on {esc(doc['search_data'])}; latency "
         f"{esc(doc['latency_source'])}. Stopped: {esc(doc['study']['stopped'])}.",
         "",
     ]

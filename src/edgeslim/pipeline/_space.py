@@ -385,6 +385,29 @@ class Space(Config):
             raise self._bad("finetune_lr", "must be a number in (0, 10)")
 
     # ------------------------------------------------------------------------------------------ params
+    @classmethod
+    def for_detection(cls, **overrides: Any) -> Space:
+        """The default space for detectors (what ``optimize`` searches for one when no space is given): channel
+        pruning up to 60% of the MACs with BatchNorm recalibration, recovery by ``train_detector`` (AdamW, peak
+        learning rate 1e-3, batch 16) or by distillation from the input detector (score + box KD), INT8 PTQ (the
+        ONNX capture with its head rules: per-channel or not, min-max / percentile / MSE ranges) or FP32;
+        accuracy is mAP@[.5:.95] on a 300-image search subset. Not searched for detectors: block removal, mixed
+        precision, CLE and bias correction (see :func:`edgeslim.pipeline._task.check_space`)."""
+        base = cls(
+            drop_blocks=(0,),
+            target_macs=(0.0, 0.3, 0.4, 0.5, 0.6),
+            finetune_steps=(0, 300, 1000),
+            finetune_lr=1e-3,
+            finetune_batch_size=16,
+            bn_samples=512,
+            equalize=(False,),
+            bias_correction=(False,),
+            mixed_precision=(False,),
+            calib_samples=256,
+            search_samples=300,
+        )
+        return base.replace(**overrides) if overrides else base
+
     def choices(self, name: str) -> tuple[Any, ...]:
         """The choices of dimension ``name``; ``(None,)`` for a deployment dimension left to the budget."""
         return tuple(getattr(self, _DIMS[name])) or (None,)

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from edgeslim.core.errors import ConfigError, DataError, OutputExistsError
+from edgeslim.core.errors import ConfigError, OutputExistsError
 from edgeslim.core.io import write_json
 
 # the generic store (storage URL, heartbeats, requeueing, advisory lock, seeded sampler) lives in core/ so that the
@@ -63,14 +63,6 @@ def state_hash(model: nn.Module) -> str:
         t = v.detach().cpu().contiguous()
         h.update(f"{k}:{t.dtype}:{tuple(t.shape)}".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
-def data_hash(ds: Any) -> str:
-    """sha256 of an ImageDataset's name, split, images, labels and normalisation."""
-    h = hashlib.sha256(f"{ds.name}|{ds.split}|{len(ds)}|{ds.mean}|{ds.std}".encode())
-    h.update(ds.images.contiguous().numpy().tobytes())
-    h.update(ds.labels.contiguous().numpy().tobytes())
     return h.hexdigest()
 
 
@@ -140,25 +132,6 @@ class Cache:
 
 
 # ---------------------------------------------------------------------------------------------- run folder
-def check_data(train: Any, val: Any) -> None:
-    for name, ds in (("train", train), ("val", val)):
-        if not (hasattr(ds, "normalized") and hasattr(ds, "labels") and hasattr(ds, "take")):
-            raise DataError(
-                f"optimize: data[{name!r}] must be an edgeslim ImageDataset (edgeslim.data.load(...)), "
-                f"got {type(ds).__name__}"
-            )
-        if len(ds) == 0:
-            raise DataError(f"optimize: the {name} split ({ds.name}/{ds.split}) is empty")
-    if tuple(train.input_shape) != tuple(val.input_shape):
-        raise DataError(
-            f"optimize: train samples are {tuple(train.input_shape)} but validation samples {tuple(val.input_shape)}"
-        )
-    if len(set(val.labels.tolist())) < 2:
-        raise DataError(
-            f"optimize: the validation split ({val.name}/{val.split}) holds a single class: accuracy on it says nothing"
-        )
-
-
 @contextlib.contextmanager
 def locked(out: Path, *, name: str = ".optimize.lock", wait: bool = False) -> Iterator[None]:
     """Hold an exclusive lock on ``out`` (the file ``name`` in it): for the whole run with the folder's own
@@ -272,9 +245,7 @@ __all__ = [
     "GRACE_INTERVALS",
     "Cache",
     "StudyLock",
-    "check_data",
     "check_run",
-    "data_hash",
     "default_storage",
     "file_hash",
     "key",

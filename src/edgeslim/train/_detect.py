@@ -225,6 +225,7 @@ class DetectTrainResult:
     history: list[dict]
     best_map: float
     resumed_from_epoch: int
+    stopped_at_step: int | None = None
 
 
 def _batches(data: Any, order: torch.Tensor, batch_size: int):
@@ -304,6 +305,7 @@ def train_detector(
     eval_every: int = 1,
     loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, float]]]
     | None = None,
+    stop: Callable[[], bool] | None = None,
     **overrides: Any,
 ) -> DetectTrainResult:
     """Train a copy of a detector (edgeslim layout) on a detection dataset; the input model is not modified.
@@ -318,7 +320,9 @@ def train_detector(
     ``loss_fn(model, x, out, det_loss) -> (loss, parts)``, when given, turns each step's detection loss into the
     loss that is minimised (e.g. adds distillation terms; ``model`` is the copy being trained, ``x`` the augmented
     batch it saw, ``out`` its output); ``parts`` (floats) are averaged into the epoch's history. It needs the input
-    images at every step, so it cannot be combined with ``cache_frozen``.
+    images at every step, so it cannot be combined with ``cache_frozen``. ``stop`` is asked before every step (e.g.
+    a deadline); True ends training there, and ``stopped_at_step`` (0-based, counted over the whole run) says where
+    (the weights are then the partly trained ones: no evaluation, no checkpoint of the unfinished epoch).
     """
     from edgeslim.runtime import evaluate_detector
 
@@ -398,6 +402,7 @@ def train_detector(
                      time.perf_counter() - t0, mb)  # fmt: skip
             if progress:
                 _progress_line(f"cached the frozen blocks' outputs ({mb:.0f} MiB) in {time.perf_counter() - t0:.0f} s")
+    stopped_at: int | None = None
     for epoch in range(start_epoch, config.epochs):
         model.train()
         for m in frozen:
@@ -420,6 +425,9 @@ def train_detector(
                 disable=not progress,
             )
         for batch in bar:
+            if stop is not None and stop():
+                stopped_at = epoch * steps_per_epoch + steps
+                break
             if cache is not None:
                 idx = batch
                 flip = (
@@ -459,6 +467,11 @@ def train_detector(
                 sums[key] = sums.get(key, 0.0) + float(v)
             if hasattr(bar, "set_postfix") and steps % 10 == 0:
                 bar.set_postfix(loss=f"{sums['loss'] / steps:.3f}")
+        if stopped_at is not None:
+            if hasattr(bar, "close"):
+                bar.close()
+            log.info("training stopped before step %d (stop() said so)", stopped_at)
+            break
         row: dict[str, Any] = {"epoch": epoch + 1, **{k: v / max(steps, 1) for k, v in sums.items()}}
         row["train_seconds"] = round(time.perf_counter() - t0, 1)
         last = epoch + 1 == config.epochs
@@ -504,10 +517,10 @@ def train_detector(
                 force=True,
             )
     model = model.to(memory_format=torch.contiguous_format)
-    if best_state is not None:
+    if best_state is not None and stopped_at is None:
         model.load_state_dict(best_state)
     model.requires_grad_(True)
-    return DetectTrainResult(model.eval(), history, best_map, start_epoch)
+    return DetectTrainResult(model.eval(), history, best_map, start_epoch, stopped_at)
 
 
 __all__ = ["ClsLoss", "DetectTrainConfig", "DetectTrainResult", "assign", "detection_loss", "train_detector"]

@@ -12,7 +12,7 @@ ONNX Runtime (pycocotools mAP@[.5:.95], NMS outside the graph) on ``--eval-image
 ONNX Runtime at 1 and 2 threads, every file interleaved with the unpruned FP32 ONNX in one run;
 speedup / MAC gain = (t_unpruned / t_pruned) / (MACs_unpruned / MACs_pruned).
 
-    python benchmarks/detect_prune.py [--targets 0.4] [--recovery finetune distill] [--epochs 1 --steps 150]
+    python benchmarks/detect_prune.py [--targets 0.4] [--recovery finetune distill] [--recovery-steps 250]
                                       [--int8] [--eval-images 300]
 
 Prints a markdown table and writes benchmarks/results/detect_prune.json. Not a test: numbers vary run to run; the
@@ -34,6 +34,7 @@ from _harness import host
 import edgeslim as es
 from edgeslim.core.counting import count_macs
 from edgeslim.core.io import write_json
+from edgeslim.pipeline._task import epochs_and_cap
 from edgeslim.prune import PruneConfig
 from edgeslim.train import DetectTrainConfig, train_detector
 
@@ -53,8 +54,7 @@ def main() -> None:
     p.add_argument("--round-to", type=int, default=8)
     p.add_argument("--recal", type=int, default=512, help="training images for BatchNorm recalibration")
     p.add_argument("--recovery", nargs="+", default=["finetune", "distill"], choices=["finetune", "distill"])
-    p.add_argument("--epochs", type=int, default=1, help="recovery epochs (0: no recovery)")
-    p.add_argument("--steps", type=int, default=150, help="recovery steps per epoch (batch --batch-size)")
+    p.add_argument("--recovery-steps", type=int, default=250, help="recovery optimizer steps in all (0: none)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--freeze", type=int, default=0, help="first backbone blocks kept frozen while recovering")
@@ -123,26 +123,28 @@ def main() -> None:
         label = f"pruned -{target:.0%} MACs, BN recalibrated only"
         rows.append({"row": label, **pruned, "macs": macs, "map": m_pruned["map"], "map50": m_pruned["map50"]})
         arts[label] = art
-        if args.epochs == 0:
+        if args.recovery_steps == 0:
             continue
+        epochs, cap = epochs_and_cap(len(tr), args.batch_size, args.recovery_steps)
         tcfg = DetectTrainConfig(
-            epochs=args.epochs,
+            epochs=epochs,
             batch_size=args.batch_size,
             lr=args.lr,
-            warmup_steps=min(20, args.steps),
+            warmup_steps=min(20, args.recovery_steps),
             freeze_backbone=args.freeze,
         )
         for how in args.recovery:
             t1 = time.perf_counter()
             if how == "finetune":
-                rec = train_detector(small, tr, None, tcfg, progress=False, max_steps_per_epoch=args.steps).model
+                rec = train_detector(small, tr, None, tcfg, progress=False, max_steps_per_epoch=cap).model
             else:
                 rec = es.distill(small, base, kd_cfg, data=(tr, None), train_config=tcfg, progress=False,
-                                 max_steps_per_epoch=args.steps)  # fmt: skip
+                                 max_steps_per_epoch=cap)  # fmt: skip
             minutes = round((time.perf_counter() - t1) / 60, 2)
             label = f"pruned -{target:.0%} MACs + {how}"
             m_after, art = evaluate(rec.eval(), va, x, td / f"p{target}-{how}.onnx")
-            recovery = {"method": how, **tcfg.to_dict(), "steps_per_epoch": args.steps, "minutes": minutes}
+            recovery = {"method": how, **tcfg.to_dict(), "steps_per_epoch": cap, "steps": epochs * cap,
+                        "minutes": minutes}  # fmt: skip
             if how == "distill":
                 recovery["distill"] = kd_cfg.to_dict()
             rows.append({"row": label, **pruned, "recovery": recovery, "macs": macs, "map": m_after["map"],

@@ -105,3 +105,16 @@ def test_bad_detector_pairings_are_one_clear_line(sets, teacher_and_student):
         es.distill(student, teacher, KD.replace(student_layers=("nek",)), data=(train, None), train_config=CFG)
     with pytest.raises(ModelError, match="detection output layout"):
         es.distill(student, TinyCNN(), KD, data=(train, None), train_config=CFG)
+
+
+def test_train_detector_stops_before_a_step_when_told_and_says_where(sets):
+    train, _ = sets
+    asked = []
+
+    def stop() -> bool:
+        asked.append(1)
+        return len(asked) > 3
+
+    res = train_detector(tiny_detector(), train, None, CFG, progress=False, stop=stop)
+    assert res.stopped_at_step == 3 and res.history == []  # 3 steps of the first epoch ran, no epoch finished
+    assert train_detector(tiny_detector(), train, None, CFG.replace(epochs=1), progress=False).stopped_at_step is None

@@ -104,7 +104,7 @@ def test_detector_recovery_runs_both_ways_with_the_detector_trainer(run):
     done = {how: [json.loads(p.read_text()) for p in (out / "cache").glob(f"{how}-*/done.json")]
             for how in ("finetune", "distill")}  # fmt: skip
     assert len(done["finetune"]) == 1 and len(done["distill"]) == 1  # one structure, cached across calibrations
-    for how, recs in done.items():
+    for recs in done.values():
         (rec,) = recs
         assert "box_weight" in rec["config"] and rec["steps"] == 24  # a DetectTrainConfig: train_detector ran
         assert 0 <= rec["torch_accuracy_search"] <= 1
@@ -126,3 +126,52 @@ def test_detector_optimize_refuses_what_it_cannot_do_in_one_line(detect_data, tm
         optimize(tiny_detector(num_classes=2), data=(train, val), space=FAST, out=tmp_path / "e")
     with pytest.raises(DataError, match=r"ImageDataset"):
         optimize(TinyCNN(), data=(train, val), out=tmp_path / "f")
+
+
+def test_cli_loads_detection_data_at_the_detectors_input_size(tmp_path):
+    from edgeslim.pipeline._cli import _load_data
+
+    folder = tiny_coco(tmp_path / "set", 8, 4)
+    train, val = _load_data(f"coco:{folder}", tiny_detector())  # built for 64x64 inputs
+    assert train.image_size == val.image_size == 64 and len(train) == 8 and len(val) == 4
+    with pytest.raises(DataError, match=r"multiple of 32"):
+        _load_data(f"coco:{folder}", es.models.YoloMobileNetV2(3, width=16, width_mult=0.25, input_size=100))
+
+
+SPEC = "edgeslim.models:YoloMobileNetV2(num_classes=3, width=16, width_mult=0.25, input_size=64)"
+
+
+def test_cli_quantizes_prunes_and_exports_a_detector_on_coco_data(detect_data, tmp_path):
+    import subprocess
+    import sys
+
+    model, train, _ = detect_data
+    weights = tmp_path / "w.pt"
+    torch.save(model.state_dict(), weights)
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "edgeslim.cli", args[0], SPEC, "--weights", str(weights), "--dataset", train.name]
+        return subprocess.run([*cmd, *args[1:], "--json"], capture_output=True, text=True)
+
+    q = cli("quantize", "--samples", "32", "--out", str(tmp_path / "q.onnx"))
+    assert q.returncode == 0, q.stderr
+    res = json.loads(q.stdout)
+    assert res["artifact"]["precision"] == "int8" and res["quantize"]["capture"] == "onnx"
+    # the file is a detector: its mAP on the val split is close to the float model's
+    art = es.core.artifact.Artifact.load(tmp_path / "q.onnx")
+    _, val = es.data.load(train.name, size=64)
+    m_q = es.runtime.evaluate_detector(art, val, runtime="onnxruntime")["map"]
+    m_f = es.runtime.evaluate_detector(model, val, runtime="torch")["map"]
+    assert m_q > 0.5 * m_f > 0
+    p = cli("prune", "--target-macs", "0.4", "--round-to", "4", "--recalibrate-bn", "32", "--out",
+            str(tmp_path / "p.recipe"))  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["report"]["mac_reduction"] >= 0.35
+    e = cli("export", "--out", str(tmp_path / "f.onnx"))
+    assert e.returncode == 0, e.stderr
+    assert json.loads(e.stdout)["validation"]["cosine"] > 0.9999
+    bad = subprocess.run(
+        [sys.executable, "-m", "edgeslim.cli", "quantize", SPEC.replace("num_classes=3", "num_classes=2"),
+         "--dataset", train.name, "--out", str(tmp_path / "b.onnx")], capture_output=True, text=True,
+    )  # fmt: skip
+    assert bad.returncode == 2 and "has 3 classes but model" in bad.stderr and "Traceback" not in bad.stderr

@@ -209,10 +209,39 @@ def _preprocess(a: argparse.Namespace) -> Any:
     return {k: v for k, v in given.items() if v is not None} or None
 
 
+def _is_detection_data(name: str) -> bool:
+    from edgeslim.data import DETECTION_SOURCES
+
+    return name.startswith("coco:") or name in DETECTION_SOURCES
+
+
 def _load_data(a: argparse.Namespace, model: Any = None):
+    """The (train, val) splits of ``--dataset``; detection data at ``--input-size``, else at the detector's own
+    input size (``model.input_size``, see :func:`edgeslim.data.load`)."""
     from edgeslim import data
 
+    if _is_detection_data(a.dataset):  # --input-size, else the detector's own size
+        return data.load(a.dataset, size=getattr(a, "input_size", None), model=model)
     return data.load(a.dataset, preprocess=_preprocess(a), model=model)
+
+
+def _inputs(val: Any, n: int) -> Any:
+    """The first ``n`` inputs of a split as one batch (detection sets give (image, target) pairs)."""
+    import torch
+
+    if hasattr(val, "normalized"):
+        return val.normalized()[:n]
+    return torch.stack([val[i][0] for i in range(min(n, len(val)))])
+
+
+def _export_inputs(val: Any) -> Any:
+    """What export validates on: the split itself (top-1 agreement too), or 32 detection images."""
+    return val if hasattr(val, "normalized") else _inputs(val, 32)
+
+
+def _agreement(art: Any) -> str:
+    v = art.validation.get("top1_agreement")
+    return f", top-1 agreement {v:.3f}" if v is not None else ""
 
 
 def _save_model(a: argparse.Namespace, model: Any, out: Path) -> Path:
@@ -228,6 +257,15 @@ def _check_model_data(a: argparse.Namespace, model: Any, val: Any) -> None:
     from edgeslim.core.errors import DataError
     from edgeslim.runtime._measure import check_classes
 
+    if not hasattr(val, "normalized"):  # detection data: a detector with the same classes
+        from edgeslim.core.detection import check_detector, check_output
+
+        n = check_detector(model, f"model {a.model!r}")
+        if val.num_classes != n:
+            raise DataError(f"--dataset {a.dataset!r} has {val.num_classes} classes but model {a.model!r} detects {n}")
+        with torch.no_grad():
+            check_output(model.eval()(_inputs(val, 1)), n, f"model {a.model!r}'s output")
+        return
     try:
         with torch.no_grad():
             out = model.eval()(val.take(1).normalized())  # one sample: a streamed folder decodes one image
@@ -305,10 +343,10 @@ def cmd_quantize(a: argparse.Namespace) -> None:
     _check_model_data(a, model, val)
     if cfg.mode == "static":
         _check_samples(a, cfg.num_samples, len(train), f"training samples of {a.dataset} to calibrate on")
-    q = quantize(model, cfg, data=train, example_inputs=val.normalized()[:8])
+    q = quantize(model, cfg, data=train, example_inputs=_inputs(val, 8))
     art = None
     if out.suffix == ".onnx":
-        art = export(q, "onnx", example_inputs=val, path=out, force=a.force)
+        art = export(q, "onnx", example_inputs=_export_inputs(val), path=out, force=a.force)
         _validation_note(a, art)
     _save_model(a, q, recipe)
     write_text(config_yaml, cfg.to_yaml(), force=a.force)
@@ -317,8 +355,7 @@ def cmd_quantize(a: argparse.Namespace) -> None:
     if art is not None:
         text += (
             f"\nwrote {art.path} ({art.size_bytes:,} bytes); validation: cosine "
-            f"{art.validation['cosine']:.4f}, SQNR {art.validation['sqnr_db']:.1f} dB, top-1 agreement "
-            f"{art.validation['top1_agreement']:.3f}"
+            f"{art.validation['cosine']:.4f}, SQNR {art.validation['sqnr_db']:.1f} dB{_agreement(art)}"
         )
     _emit(
         a,
@@ -362,7 +399,7 @@ def cmd_prune(a: argparse.Namespace) -> None:
     model = _load_model(a)
     train, val = _load_data(a, model)
     _check_model_data(a, model, val)
-    p = prune(model, cfg, example_inputs=val.normalized()[:2], data=train)
+    p = prune(model, cfg, example_inputs=_inputs(val, 2), data=train)
     rep = p.prune_report
     if to_recipe:
         _save_model(a, p, out)
@@ -418,13 +455,13 @@ def cmd_export(a: argparse.Namespace) -> None:
     model = _load_model(a)
     _, val = _load_data(a, model)
     _check_model_data(a, model, val)
-    art = export(model, "onnx", example_inputs=val, path=out, precision=a.precision, force=a.force)
+    art = export(model, "onnx", example_inputs=_export_inputs(val), path=out, precision=a.precision, force=a.force)
     _validation_note(a, art)
     _emit(
         a,
         art.to_dict(),
         f"wrote {art.path} ({art.precision}, {art.size_bytes:,} bytes); validation: "
-        f"cosine {art.validation['cosine']:.6f}, top-1 agreement {art.validation['top1_agreement']:.3f}",
+        f"cosine {art.validation['cosine']:.6f}{_agreement(art)}",
     )
 
 

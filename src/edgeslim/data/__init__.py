@@ -77,8 +77,10 @@ def load(
         seed: seed of the deterministic train/val split where the source has no official one (for
             ``fmnist-detect``: the generation seed).
         preprocess: for ``folder:`` and ``elpv`` data, resize / crop / normalisation (:class:`ImagePreprocess`).
-        model: for ``folder:`` data with ``normalize="model"``, the model whose own preprocessing is used.
-        size: detection data only: side of the square images, 160 or 320 (default 320).
+        model: for ``folder:`` data with ``normalize="model"``, the model whose own preprocessing is used; for
+            detection data without ``size``, a detector whose ``input_size`` gives it.
+        size: detection data only: side of the square images (generated data: 160 or 320; ``coco:`` data: a
+            multiple of 32); default the ``model``'s ``input_size``, else 320.
         limit: detection data only: keep the first ``limit`` images of each split (``fmnist-detect`` then
             generates only those; they are the full set's first images).
     """
@@ -86,6 +88,9 @@ def load(
     if name.startswith("coco:") or name in DETECTION_SOURCES:
         if preprocess is not None:
             raise DataError(f"preprocess applies to folder:<path> datasets; detection data {name!r} takes size=")
+        own = getattr(model, "input_size", None) if getattr(model, "edgeslim_task", None) == "detect" else None
+        if size is None and isinstance(own, int) and not isinstance(own, bool):
+            size = own
         if name.startswith("coco:"):
             return coco_source(name[len("coco:") :], size=320 if size is None else size, seed=seed, limit=limit)
         return DETECTION_SOURCES[name](root=root, seed=seed, size=320 if size is None else size, limit=limit)

@@ -24,7 +24,6 @@ device profile from the exported graph (roofline calibrated on this host's measu
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +38,7 @@ from edgeslim.core.modules import first_match
 from edgeslim.pipeline._budget import MB, Budget
 from edgeslim.pipeline._space import CLUSTER_MIN_WEIGHTS_PER_CLUSTER, Space, recovery_steps
 from edgeslim.pipeline._store import Cache, key
-from edgeslim.pipeline._task import Classify
+from edgeslim.pipeline._task import Classify, recovery_train_config  # noqa: F401 - benchmarks import it here
 
 log = logging.getLogger(__name__)
 
@@ -427,25 +426,6 @@ def recovery_config(ctx: Context, n_steps: int) -> tuple[Any, int]:
     """The train config of a recovery of ``n_steps`` optimizer steps (a TrainConfig, or a DetectTrainConfig for
     detectors), and the steps per epoch it is capped at."""
     return ctx.task.train_config(ctx.space, len(ctx.train), n_steps, ctx.seed)
-
-
-def recovery_train_config(space: Space, n_train: int, n_steps: int, *, seed: int = 0) -> tuple[Any, int]:
-    """``n_steps`` optimizer steps of ``space``'s recovery fine-tune on ``n_train`` samples, as a TrainConfig and
-    the steps per epoch it is capped at (for ``fit(..., max_steps_per_epoch=cap)``)."""
-    from edgeslim.train import TrainConfig
-
-    per_epoch = math.ceil(n_train / space.finetune_batch_size)
-    epochs = math.ceil(n_steps / per_epoch)
-    cap = math.ceil(n_steps / epochs)
-    tcfg = TrainConfig(
-        epochs=epochs,
-        lr=space.finetune_lr,
-        batch_size=space.finetune_batch_size,
-        seed=seed,
-        warmup_steps=min(100, n_steps // 10),
-        augment=False,
-    )
-    return tcfg, cap
 
 
 def recover(

@@ -218,14 +218,10 @@ def _run_folder(a: argparse.Namespace) -> str:
 
 
 def _load_data(dataset: str, model: Any) -> tuple[Any, Any]:
-    """The (train, val) splits of ``dataset``; detection data at the detector's own input size
-    (``model.input_size``, e.g. 160 for the shipped ``yolo_mobilenet_v2``)."""
+    """The (train, val) splits of ``dataset`` (detection data at the detector's own input size)."""
     from edgeslim import data as es_data
 
-    size = getattr(model, "input_size", None)
-    if getattr(model, "edgeslim_task", None) == "detect" and isinstance(size, int):
-        return es_data.load(dataset, size=size)
-    return es_data.load(dataset)
+    return es_data.load(dataset, model=model)
 
 
 def _from_options(a: argparse.Namespace, out: str) -> dict[str, Any]:

@@ -10,6 +10,7 @@ labels, or distill the input model into it). The search itself does not depend o
 from __future__ import annotations
 
 import hashlib
+import math
 from typing import Any
 
 import torch
@@ -21,6 +22,30 @@ from edgeslim.core.errors import ConfigError, DataError
 DISTILL_KW = {"losses": ("kd",), "temperature": 4.0, "hard_weight": 1.0, "cache_teacher": False}
 #: the distillation recovery of detectors: score + box KD from the input model plus the ground-truth loss
 DETECT_DISTILL_KW = {"losses": ("kd",), "hard_weight": 1.0}
+
+
+def epochs_and_cap(n_train: int, batch_size: int, n_steps: int) -> tuple[int, int]:
+    """(epochs, steps per epoch) that give ``n_steps`` optimizer steps (or a few more: whole epochs of equal
+    length) on ``n_train`` samples in batches of ``batch_size``."""
+    epochs = math.ceil(n_steps / math.ceil(n_train / batch_size))
+    return epochs, math.ceil(n_steps / epochs)
+
+
+def recovery_train_config(space: Any, n_train: int, n_steps: int, *, seed: int = 0) -> tuple[Any, int]:
+    """``n_steps`` optimizer steps of ``space``'s recovery fine-tune on ``n_train`` samples, as a TrainConfig and
+    the steps per epoch it is capped at (for ``fit(..., max_steps_per_epoch=cap)``)."""
+    from edgeslim.train import TrainConfig
+
+    epochs, cap = epochs_and_cap(n_train, space.finetune_batch_size, n_steps)
+    tcfg = TrainConfig(
+        epochs=epochs,
+        lr=space.finetune_lr,
+        batch_size=space.finetune_batch_size,
+        seed=seed,
+        warmup_steps=min(100, n_steps // 10),
+        augment=False,
+    )
+    return tcfg, cap
 
 
 class Classify:
@@ -72,8 +97,6 @@ class Classify:
         return DISTILL_KW
 
     def train_config(self, space: Any, n_train: int, n_steps: int, seed: int) -> tuple[Any, int]:
-        from edgeslim.pipeline._candidate import recovery_train_config
-
         return recovery_train_config(space, n_train, n_steps, seed=seed)
 
     def recover(self, base: nn.Module, train: Any, model: nn.Module, how: str, tcfg: Any, cap: int, stop: Any):
@@ -167,13 +190,9 @@ class Detect(Classify):
     def train_config(self, space: Any, n_train: int, n_steps: int, seed: int) -> tuple[Any, int]:
         """``n_steps`` AdamW steps of :func:`edgeslim.train.train_detector` (``space.finetune_lr`` is the peak
         learning rate, ``finetune_batch_size`` the batch), every layer trained, and the steps per epoch."""
-        import math
-
         from edgeslim.train import DetectTrainConfig
 
-        per_epoch = math.ceil(n_train / space.finetune_batch_size)
-        epochs = math.ceil(n_steps / per_epoch)
-        cap = math.ceil(n_steps / epochs)
+        epochs, cap = epochs_and_cap(n_train, space.finetune_batch_size, n_steps)
         cfg = DetectTrainConfig(
             epochs=epochs,
             batch_size=space.finetune_batch_size,

@@ -3,7 +3,7 @@ the losses behave, the report and recipe say what was done, bad pairings are one
 
 import pytest
 import torch
-from tiny import TinyCNN, TinyDetectionSet, tiny_detector
+from tiny import TinyCNN, tiny_detect_sets, tiny_detector
 
 import edgeslim as es
 from edgeslim.core.errors import ConfigError, ModelError
@@ -19,8 +19,7 @@ KD = es.DistillConfig(losses=("kd", "hint"), weights=(1.0, 1.0), student_layers=
 
 @pytest.fixture(scope="module")
 def sets(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tinydet")
-    return TinyDetectionSet(96, folder, seed=1, split="train"), TinyDetectionSet(24, folder, seed=2, split="val")
+    return tiny_detect_sets(tmp_path_factory.mktemp("tinydet"))
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ the deployed file, bad input."""
 import numpy as np
 import pytest
 import torch
-from tiny import TinyCNN, TinyDetectionSet, tiny_detector
+from tiny import TinyCNN, tiny_detect_sets, tiny_detector
 
 import edgeslim as es
 from edgeslim.core.detection import DETECT_LAYOUT, detect_postprocess
@@ -18,8 +18,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def sets(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tinydet")
-    return TinyDetectionSet(96, folder, seed=1, split="train"), TinyDetectionSet(24, folder, seed=2, split="val")
+    return tiny_detect_sets(tmp_path_factory.mktemp("tinydet"))
 
 
 @pytest.fixture(scope="module")

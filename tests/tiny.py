@@ -480,6 +480,11 @@ class TinyDetectionSet(torch.utils.data.Dataset):
         return self.images[i], self.targets[i]
 
 
+def tiny_detect_sets(folder) -> tuple[TinyDetectionSet, TinyDetectionSet]:
+    """(train, val) tiny detection sets: 96 and 24 images of 64x64 (see :class:`TinyDetectionSet`)."""
+    return TinyDetectionSet(96, folder, seed=1, split="train"), TinyDetectionSet(24, folder, seed=2, split="val")
+
+
 def tiny_detector(num_classes: int = 3) -> nn.Module:
     """``yolo_mobilenet_v2`` narrowed for tests (MobileNetV2 x0.25, 16-channel neck), random init; 64x64 input."""
     from edgeslim.models import YoloMobileNetV2

@@ -895,7 +895,8 @@ def _best_text(study: Any, ctx: Context, baseline: dict[str, Any], deadline: flo
     f, b = t.user_attrs["figures"], baseline["figures"]
     state = "meets budget" if feasible else "closest, budget not met"
     return (
-        f"best #{t.number}: acc {100 * f['accuracy']:.2f}% ({100 * (f['accuracy'] - b['accuracy']):+.2f} pt), "
+        f"best #{t.number}: {'mAP' if ctx.task.kind == 'detect' else 'acc'} {100 * f['accuracy']:.2f}% "
+        f"({100 * (f['accuracy'] - b['accuracy']):+.2f} pt), "
         f"{b['latency_ms'] / f['latency_ms']:.2f}x, {state}{left}"
     )
 

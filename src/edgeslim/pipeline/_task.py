@@ -100,13 +100,15 @@ class Classify:
         return recovery_train_config(space, n_train, n_steps, seed=seed)
 
     def recover(self, base: nn.Module, train: Any, model: nn.Module, how: str, tcfg: Any, cap: int, stop: Any):
+        """Fine-tune ``model`` on ``train`` or distill the input model ``base`` into it (``cap`` steps per epoch);
+        ``stop`` (the deadline) ends it before a step. Returns (model, the step it stopped at or None)."""
         if how == "distill":
             from edgeslim.distill import DistillConfig, distill
 
             out = distill(
                 model,
                 base,
-                DistillConfig(**DISTILL_KW),
+                DistillConfig(**self.distill_kw()),
                 data=(train, None),
                 train_config=tcfg,
                 progress=False,
@@ -114,6 +116,9 @@ class Classify:
                 stop=stop,
             )
             return out, out.report.stopped_at_step
+        return self.finetune(train, model, tcfg, cap, stop)
+
+    def finetune(self, train: Any, model: nn.Module, tcfg: Any, cap: int, stop: Any):
         from edgeslim.train import fit
 
         res = fit(model, train, None, tcfg, max_steps_per_epoch=cap, progress=False, stop=stop)
@@ -203,21 +208,7 @@ class Detect(Classify):
         )
         return cfg, cap
 
-    def recover(self, base: nn.Module, train: Any, model: nn.Module, how: str, tcfg: Any, cap: int, stop: Any):
-        if how == "distill":
-            from edgeslim.distill import DistillConfig, distill
-
-            out = distill(
-                model,
-                base,
-                DistillConfig(**DETECT_DISTILL_KW),
-                data=(train, None),
-                train_config=tcfg,
-                progress=False,
-                max_steps_per_epoch=cap,
-                stop=stop,
-            )
-            return out, out.report.stopped_at_step
+    def finetune(self, train: Any, model: nn.Module, tcfg: Any, cap: int, stop: Any):
         from edgeslim.train import train_detector
 
         res = train_detector(model, train, None, tcfg, progress=False, max_steps_per_epoch=cap, stop=stop)

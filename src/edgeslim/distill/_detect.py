@@ -29,6 +29,7 @@ from torch import nn
 
 from edgeslim.core.errors import ConfigError, ModelError
 from edgeslim.distill._config import DistillConfig
+from edgeslim.distill._losses import _at, _match_spatial
 
 #: losses a detector can be distilled with
 DETECT_LOSSES = ("kd", "hint", "attention")
@@ -48,19 +49,12 @@ class _Capture:
     """Forward hooks that keep the outputs of named modules while on."""
 
     def __init__(self, model: nn.Module, names: tuple[str, ...], who: str) -> None:
-        mods = dict(model.named_modules())
-        for n in names:
-            if n not in mods:
-                from edgeslim.core.errors import near
+        from edgeslim.distill._api import _module  # the named module, or one line with the nearest valid names
 
-                some = [m for m in mods if m]
-                raise ConfigError(
-                    f"{who} has no module {n!r}{near(n, some)}; some valid names: {', '.join(some[:12])}"
-                    f"{' …' if len(some) > 12 else ''}"
-                )
+        mods = [_module(model, n, who) for n in names]
         self.names = names
         self.out: dict[str, Any] = {}
-        self.handles = [mods[n].register_forward_hook(self._hook(n)) for n in names]
+        self.handles = [m.register_forward_hook(self._hook(n)) for m, n in zip(mods, names, strict=True)]
 
     def _hook(self, name: str):
         def fn(module, inputs, output):
@@ -122,13 +116,7 @@ class _DetectStudent(nn.Module):
 
 
 def _relative_mse(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    if s.shape[-2:] != t.shape[-2:]:
-        s = F.adaptive_avg_pool2d(s, t.shape[-2:])
-    return F.mse_loss(s, t) / t.pow(2).mean().clamp_min(1e-8)
-
-
-def _at(f: torch.Tensor) -> torch.Tensor:
-    return F.normalize(f.pow(2).mean(1).flatten(1), dim=1)
+    return F.mse_loss(_match_spatial(s, t), t) / t.pow(2).mean().clamp_min(1e-8)
 
 
 def score_box_kd(s_out: torch.Tensor, t_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -211,8 +199,8 @@ def distill_detector(
     for s, t in zip(s_feats, t_feats, strict=True):
         if s.ndim != 4 or t.ndim != 4:
             raise ModelError(f"distill: detector feature pairs must be maps [B, C, H, W]; got {tuple(s.shape)}")
+    torch.manual_seed(train_config.seed)  # the adapters' initial weights follow the seed
     adapters = nn.ModuleList(nn.Conv2d(s.shape[1], t.shape[1], 1, bias=False) for s, t in zip(s_feats, t_feats))
-    torch.manual_seed(train_config.seed)
     for a in adapters:  # start from the identity where the widths agree (a pruned copy of the teacher's neck)
         if a.in_channels == a.out_channels:
             nn.init.eye_(a.weight.view(a.out_channels, a.in_channels))
@@ -241,7 +229,7 @@ def distill_detector(
             parts["hint"] = float(hint.detach())
         if weights.get("attention"):
             att = torch.stack(
-                [(_at(F.adaptive_avg_pool2d(s, t.shape[-2:])) - _at(t)).pow(2).mean() for s, t in zip(s_feats, t_feats)]
+                [(_at(_match_spatial(s, t)) - _at(t)).pow(2).mean() for s, t in zip(s_feats, t_feats, strict=True)]
             ).mean()
             loss = loss + weights["attention"] * att
             parts["attention"] = float(att.detach())

@@ -67,6 +67,9 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--runs", type=int, default=50)
     p.add_argument("--out", default="detect_prune.json", help="file name under benchmarks/results/")
+    p.add_argument(
+        "--keep", default=None, help="folder the ONNX files are written to and kept (default: a temp folder)"
+    )
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
@@ -77,7 +80,8 @@ def main() -> None:
     base = es.models.load(NAME, dataset=DATASET, pretrained=True).eval()
     x = torch.stack([va[i][0] for i in range(8)])
     macs0 = count_macs(base, x[:1])
-    td = Path(tempfile.mkdtemp(prefix="edgeslim-detect-prune-"))
+    td = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="edgeslim-detect-prune-"))
+    td.mkdir(parents=True, exist_ok=True)
     m0, art0 = evaluate(base, va, x, td / "fp32.onnx")
     rows = [{"row": "FP32 unpruned", "macs": macs0, "params": sum(p.numel() for p in base.parameters()),
              "map": m0["map"], "map50": m0["map50"]}]  # fmt: skip

@@ -176,3 +176,34 @@ def test_a_near_dead_weight_channel_gets_its_own_scale_raised_not_the_shared_inp
         ref, out = m(x[:8]), q(x[:8])
     assert float(torch.nn.functional.cosine_similarity(ref.flatten(), out.flatten(), dim=0)) > 0.995
     assert float((ref[:, 0] - out[:, 0]).abs().max()) < 0.1  # the dead channel's output is its bias
+
+
+def test_an_onnx_file_detector_with_a_transposed_output_is_found(tmp_path):
+    """``yolo_mobilenet_v2``'s file ends in Transpose(Concat(boxes, scores)) -> [B, A, 4 + C] with its anchor grid
+    computed from shapes: its output parts are found through the Transpose (symbolic shape inference), so the head
+    is measured part by part and export validates it as a detector, with no top-1."""
+    from tiny import tiny_detector
+
+    m = tiny_detector()
+    x = torch.rand(8, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    graph = to_onnx(m, x[:1], opset=17)
+    q = es.quantize(onnx.load_from_string(graph), es.QuantConfig(capture="onnx", num_samples=8), data=x)
+    assert q.plan.get("task") == "detect" and q.report.tail["detector_output"]
+    parts = {e["worst_part"] for e in q.report.tail["measured"]}
+    assert parts and all("[" in p for p in parts)  # scored per part (boxes, scores), not as one output
+    art = es.export(q, "onnx", example_inputs=x, path=tmp_path / "d.onnx")  # no top-1 floor on a detector
+    vs_fp32 = art.validation["vs_float_reference"]
+    assert set(vs_fp32["parts"]) == {"boxes", "scores"} and vs_fp32["top1_agreement"] is None
+
+
+def test_measure_gives_a_detectors_map_on_detection_data(tmp_path):
+    """``measure`` with detection data scores COCO mAP of the file in its runtime (no top-1), and times real images."""
+    from tiny import TinyDetectionSet, tiny_detector
+
+    val = TinyDetectionSet(8, tmp_path, size=64, seed=2)
+    art = es.export(tiny_detector(), "onnx", example_inputs=torch.stack([val[i][0] for i in range(4)]),
+                    path=tmp_path / "d.onnx")  # fmt: skip
+    m = es.measure(art, data=val, runs=3, peak_memory=False)
+    assert 0.0 <= m.figures["map"].value <= 1.0 and "map50" in m.figures and "accuracy" not in m.figures
+    assert "pycocotools on 8 images" in m.figures["map"].detail and "onnxruntime" in m.figures["map"].detail
+    assert "real images" in m.figures["latency_p50_ms@t1b1"].detail

@@ -92,6 +92,11 @@ def test_optimize_scores_detector_candidates_by_map_of_the_deployed_file(run):
     page = (out / "report.md").read_text()
     assert "mAP@[.5:.95]" in page
     assert "mAP@[.5:.95]" in res.report.summary()
+    # INT8 candidates of a detector keep float the layers measured slower in integer here (Space.quant_placement)
+    (q_step,) = [s for s in json.loads((out / "chosen" / "recipe.json").read_text())["steps"]
+                 if s["technique"] == "quantize"]  # fmt: skip
+    assert q_step["config"]["placement"] == "measured" and q_step["config"]["placement_threads"] == 1
+    assert "placement measured here (ORT, 1 thread(s))" in q_step["summary"]
     # the chosen detector replays from its recipe and its file gives detector outputs
     again = load_chosen(model, out / "chosen")
     x = torch.stack([val[i][0] for i in range(4)])
@@ -163,6 +168,12 @@ def test_cli_quantizes_prunes_and_exports_a_detector_on_coco_data(detect_data, t
     m_q = es.runtime.evaluate_detector(art, val, runtime="onnxruntime")["map"]
     m_f = es.runtime.evaluate_detector(model, val, runtime="torch")["map"]
     assert m_q > 0.5 * m_f > 0
+    # `measure` on the file with the detection data: its mAP in ONNX Runtime, at the file's own input size
+    meas = subprocess.run([sys.executable, "-m", "edgeslim.cli", "measure", str(tmp_path / "q.onnx"), "--dataset",
+                           train.name, "--runs", "3", "--json"], capture_output=True, text=True)  # fmt: skip
+    assert meas.returncode == 0, meas.stderr
+    figures = json.loads(meas.stdout)["figures"]
+    assert abs(figures["map"]["value"] - m_q) < 1e-6 and "accuracy" not in figures
     p = cli("prune", "--target-macs", "0.4", "--round-to", "4", "--recalibrate-bn", "32", "--out",
             str(tmp_path / "p.recipe"))  # fmt: skip
     assert p.returncode == 0, p.stderr

@@ -476,6 +476,10 @@ class TinyDetectionSet(torch.utils.data.Dataset):
     def image_ids(self) -> list[int]:
         return [t["image_id"] for t in self.targets]
 
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return (3, self.image_size, self.image_size)
+
     def __getitem__(self, i: int):
         return self.images[i], self.targets[i]
 

@@ -220,8 +220,12 @@ def _load_data(a: argparse.Namespace, model: Any = None):
     input size (``model.input_size``, see :func:`edgeslim.data.load`)."""
     from edgeslim import data
 
-    if _is_detection_data(a.dataset):  # --input-size, else the detector's own size
-        return data.load(a.dataset, size=getattr(a, "input_size", None), model=model)
+    if _is_detection_data(a.dataset):  # --input-size, else the detector's own size (or an artifact's input side)
+        size = getattr(a, "input_size", None)
+        shape = getattr(model, "input_shape", None)
+        if size is None and not hasattr(model, "input_size") and shape and int(shape[-1]) > 0:
+            size = int(shape[-1])
+        return data.load(a.dataset, size=size, model=model)
     return data.load(a.dataset, preprocess=_preprocess(a), model=model)
 
 

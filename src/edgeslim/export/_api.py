@@ -347,7 +347,7 @@ def _export(
             validation = _validate(model, tmp, x, ref, labels, prec, floors)
             phase("validate")
             pb.update()
-        integer = _integer_share(tmp, x, prec)
+        integer = _integer_share(tmp, x, prec, _placed_float(model), target.name)
         phase("integer_macs")
         if not macs and integer:
             macs = integer["total_macs"]  # an ONNX-file model: torch's counter sees no ops, the graph has them
@@ -383,7 +383,15 @@ def _check_graph(raw: Path, out: Path, precision: str) -> None:
     out.write_bytes(raw.read_bytes())
 
 
-def _integer_share(path: Path, x: Any, precision: str) -> dict[str, Any] | None:
+def _placed_float(model: Any) -> set[str]:
+    """The nodes a quantized model keeps float because they measured faster in float here (placement='measured')."""
+    placement = getattr(getattr(model, "report", None), "placement", None) or {}
+    return set(placement.get("float_nodes") or ())
+
+
+def _integer_share(
+    path: Path, x: Any, precision: str, placed: set[str] = frozenset(), name: str = ""
+) -> dict[str, Any] | None:
     """For INT8 files: the share of Conv/Gemm/MatMul MACs that run in integer kernels, measured on the graph."""
     if not precision.startswith("int8"):
         return None
@@ -404,12 +412,16 @@ def _integer_share(path: Path, x: Any, precision: str) -> dict[str, Any] | None:
     out = {k: im[k] for k in ("share", "integer_macs", "total_macs")}
     out["float_nodes"] = [n["node"] for n in im["nodes"] if not n["integer"]]
     if out["share"] is not None and out["share"] < MIN_INTEGER_SHARE:
+        faster = len(placed & set(out["float_nodes"]))
         log.warning(
-            "export: only %.1f%% of the MACs of %s run in integer kernels (%d of %d MAC nodes stay float)",
+            "export: only %.1f%% of the MACs of %s run in integer kernels (%d of %d MAC nodes stay float%s)",
             100 * out["share"],
-            path.name,
+            name or path.name,
             len(out["float_nodes"]),
             len(im["nodes"]),
+            f"; {faster} of them because they measured faster in float on this host (placement='measured')"
+            if faster
+            else "",
         )
     return out
 
@@ -571,7 +583,11 @@ def _detector_layout(model: nn.Module, ref: torch.Tensor, task: str) -> dict[str
     classifier; a detector whose output has no such axis is one clear error."""
     if task == "classify":
         return None
-    said = getattr(model, "edgeslim_task", None) or getattr(getattr(model, "float_model", None), "edgeslim_task", None)
+    said = (
+        getattr(model, "edgeslim_task", None)
+        or getattr(getattr(model, "float_model", None), "edgeslim_task", None)
+        or (getattr(model, "plan", None) or {}).get("task")  # the ONNX capture found a detector's output
+    )
     if task == "auto" and said != "detect":
         return None
     shape = tuple(ref.shape)

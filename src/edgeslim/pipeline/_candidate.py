@@ -195,9 +195,10 @@ def gate(ctx: Context, params: dict[str, Any], recal: float) -> None:
     if ctx.ungated:  # a promoted structure: chosen for its measured speed, its recovery is the point of the trial
         return
     drop = base_accuracy(ctx) - recal
+    what = getattr(ctx.task, "metric_label", "accuracy")  # a detector's is mAP@[.5:.95]
     if sp.finetune_gate is not None and drop > sp.finetune_gate:
         raise Gated(
-            f"not fine-tuned: after pruning (and BatchNorm recalibration) torch accuracy on the search "
+            f"not fine-tuned: after pruning (and BatchNorm recalibration) the torch model's {what} on the search "
             f"subset is {100 * drop:.1f} pt below the input model's, more than finetune_gate="
             f"{100 * sp.finetune_gate:.0f} pt",
             recal,
@@ -205,7 +206,7 @@ def gate(ctx: Context, params: dict[str, Any], recal: float) -> None:
     best = ctx.recal_best.get(depth(params))
     if sp.gate_margin is not None and best is not None and recal < best - sp.gate_margin:
         raise Gated(
-            f"not recovered: its BatchNorm-recalibrated accuracy {100 * recal:.1f}% is {100 * (best - recal):.1f} "
+            f"not recovered: its BatchNorm-recalibrated {what} {100 * recal:.1f}% is {100 * (best - recal):.1f} "
             f"pt below the best seen at the same depth ({depth(params)} removed: {100 * best:.1f}%), "
             f"more than gate_margin={100 * sp.gate_margin:g} pt",
             recal,
@@ -441,6 +442,8 @@ def quant_config(ctx: Context, params: dict[str, Any]) -> Any:
     from edgeslim.quantize._config import QuantConfig
 
     if params.get("quantize"):
+        runtime, threads = deployment(ctx, params)
+        measured = ctx.space.quant_placement == "measured" and ctx.budget.on_host and runtime == "onnxruntime"
         return QuantConfig(
             per_channel=params["per_channel"],
             calibration=params["calibration"],
@@ -448,6 +451,7 @@ def quant_config(ctx: Context, params: dict[str, Any]) -> Any:
             bias_correction=params["bias_correction"],
             num_samples=ctx.space.calib_samples,
             seed=ctx.seed,
+            **({"placement": "measured", "placement_threads": threads} if measured else {}),
         )
     if params.get("fp16"):
         return QuantConfig(mode="fp16")

@@ -176,6 +176,10 @@ class Space(Config):
         threads: deployment choices: intra-op thread counts (each at most ``Budget.threads``, the cores the
             deployment may use); empty: the budget's threads only.
         calib_samples: calibration images (class-balanced, from the training split).
+        quant_placement: ``all`` or ``measured`` (``QuantConfig.placement``): with ``measured``, each INT8
+            candidate keeps float the layers whose integer kernel ONNX Runtime runs slower on this host at the
+            deployment's threads (the ONNX capture; used only when the budget's target is ``host`` and its runtime
+            ``onnxruntime``, else ``all``). Default for detectors.
         cheap_trials: PTQ-only candidates queued first (no training; seconds each), before the sampler's.
         probe_structures: latency first: after the cheap trials, every pruning structure (``drop_blocks`` x
             ``target_macs`` x early layers kept or not, with the first scope choice) is queued without recovery, INT8
@@ -249,6 +253,7 @@ class Space(Config):
     runtimes: tuple[str, ...] = ()
     threads: tuple[int, ...] = ()
     calib_samples: int = 512
+    quant_placement: str = "all"
     cheap_trials: int = 4
     probe_structures: bool = True
     sweep: int = 8
@@ -283,6 +288,8 @@ class Space(Config):
             or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in self.drop_blocks)
         ):
             raise self._bad("drop_blocks", "must be distinct integers >= 0 (residual blocks removed; 0 = none)")
+        if self.quant_placement not in ("all", "measured"):
+            raise self._bad("quant_placement", "one of: all, measured")
         if (
             not self.target_macs
             or len(set(self.target_macs)) != len(self.target_macs)
@@ -392,7 +399,8 @@ class Space(Config):
         a sweep of 4 structures and 2 promoted ones (a detector's recovery step costs ~0.35 s on 2 CPU cores at
         160x160, 10-100x a small classifier's), recovery by ``train_detector`` (AdamW, peak
         learning rate 1e-3, batch 16) or by distillation from the input detector (score + box KD), INT8 PTQ (the
-        ONNX capture with its head rules: per-channel or not, min-max / percentile / MSE ranges) or FP32;
+        ONNX capture with its head rules and host-measured placement: per-channel or not, min-max / percentile /
+        MSE ranges) or FP32;
         accuracy is mAP@[.5:.95] on a 300-image search subset. Not searched for detectors: block removal, mixed
         precision, CLE and bias correction (see :func:`edgeslim.pipeline._task.check_space`)."""
         base = cls(
@@ -409,6 +417,7 @@ class Space(Config):
             bias_correction=(False,),
             mixed_precision=(False,),
             calib_samples=256,
+            quant_placement="measured",
             search_samples=300,
         )
         return base.replace(**overrides) if overrides else base

@@ -10,6 +10,7 @@ from edgeslim.quantize._capture import OnnxQuantizedModel, compare_speed
 from edgeslim.quantize._config import (
     ActivationType,
     Capture,
+    Placement,
     QuantConfig,
     QuantMode,
     WeightRange,
@@ -49,6 +50,7 @@ __all__ = [
     "LayerSensitivity",
     "Observer",
     "OnnxQuantizedModel",
+    "Placement",
     "QATConfig",
     "QATMethod",
     "QuantConfig",

@@ -56,6 +56,7 @@ class QuantReport:
     warnings: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     calibration_runtime: str = ""
+    placement: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"technique": self.technique, **asdict(self)}
@@ -96,6 +97,9 @@ class QuantReport:
                 f"tail Conv/Gemm/MatMul by sensitivity < {self.tail.get('threshold_db')} dB), "
                 f"{len(self.tail.get('float_by_design', []))} float by design (see float_ops)"
             )
+        if self.placement:
+            p = self.placement
+            text += f"; placement measured here (ORT, {p['threads']} thread(s)): {p.get('decision', '')}"
         notes = list(self.warnings)
         if share is not None and share < MIN_INTEGER_SHARE and self.precision.startswith("int8"):
             notes.insert(

@@ -31,7 +31,7 @@ from edgeslim.core.errors import (
 from edgeslim.core.onnx_model import OnnxModel, ort_session, run_session, to_onnx
 from edgeslim.quantize import _onnx
 from edgeslim.quantize._api import range_note
-from edgeslim.quantize._config import Capture, QuantConfig, QuantMode
+from edgeslim.quantize._config import Capture, Placement, QuantConfig, QuantMode
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,16 @@ def choose(model: nn.Module, config: QuantConfig, probe: Any) -> tuple[str, str,
     if config.capture == Capture.ONNX:
         _onnx.check_onnx_config(config)
         return "onnx", "asked for (capture='onnx')", None
+    if config.placement == Placement.MEASURED:
+        if config.capture == Capture.FX:
+            raise ConfigError(
+                "QuantConfig.placement='measured' times ONNX Runtime's kernels on the ONNX capture; it is not "
+                "available with capture='fx' (use capture='onnx' or 'auto')"
+            )
+        fx_only = _onnx.needs_fx(config)
+        if fx_only:
+            raise ConfigError(f"QuantConfig.placement='measured' needs the ONNX capture, but {fx_only} needs fx")
+        return "onnx", "placement='measured' times each layer's kernels on the ONNX graph", None
     try:
         cov = fx_coverage(model, probe)
     except QuantizationError as e:
@@ -317,6 +327,20 @@ def quantize_onnx(
         report.corrections["per_tensor_layers"] = {
             v["node"]: {k: v[k] for k in ("per_tensor_sqnr_db", "per_channel_sqnr_db")} for v in granularity.values()
         }
+    if config.placement == Placement.MEASURED and config.mode == QuantMode.STATIC:
+        from edgeslim.quantize import _placement
+
+        _end(timings, "convert")
+        per_tensor = sorted(granularity)
+        placed, report.placement = _placement.place(
+            graph,
+            lambda extra: _onnx.build_qdq(graph, ranges, {**excluded, **extra}, config, per_tensor),
+            excluded,
+            _placement_feeds(graph, batches),
+            threads=config.placement_threads,
+        )
+        excluded.update(placed)
+        _end(timings, "placement")
     qgraph = _onnx.build_qdq(graph, ranges, excluded, config, sorted(granularity))
     _end(timings, "convert")
     plan = {
@@ -337,6 +361,13 @@ def quantize_onnx(
     fill_onnx_report(report, q, why, pre_err)
     _end(timings, "report")
     return q
+
+
+def _placement_feeds(graph: bytes, batches: list[Any]) -> dict[str, np.ndarray]:
+    """One calibration sample as ONNX Runtime feeds of ``graph`` (typed as its inputs), for timing."""
+    from edgeslim.core.onnx_model import slice_inputs
+
+    return _feeds_for(ort_session(graph, optimize=False), slice_inputs(batches[0], 0, 1))
 
 
 def _end(timings: Any, phase: str) -> None:

@@ -38,6 +38,16 @@ class Capture(StrEnum):
     ONNX = "onnx"
 
 
+class Placement(StrEnum):
+    """Which quantizable layers run integer kernels. ``all``: every one the capture quantizes. ``measured`` (ONNX
+    capture, static): the layers whose integer kernel ONNX Runtime runs slower than their float one on this host (e.g.
+    a 3-channel stem convolution, narrow depthwise convolutions on x86 without VNNI) stay float, when timing the whole
+    file shows it faster that way (see :mod:`edgeslim.quantize._placement`)."""
+
+    ALL = "all"
+    MEASURED = "measured"
+
+
 class ActivationType(StrEnum):
     """Activation integer type. ``uint8`` with ``int8`` weights is the fast path on x86 without VNNI."""
 
@@ -93,6 +103,10 @@ class QuantConfig(Config):
         check_speed: after quantizing, time the INT8 file against the FP32 file on this host (ONNX Runtime,
             batch 1, interleaved rounds) and put the result in the report; the summary says plainly when INT8 is
             slower.
+        placement: ``all`` (default) or ``measured`` (:class:`Placement`): keep float the layers whose integer
+            kernel is slower on this host, decided by ONNX Runtime's profiler and proved by timing the whole file
+            (``QuantReport.placement`` holds the figures). Static mode; takes the ONNX capture (``auto`` picks it).
+        placement_threads: the thread count the placement is measured at (the deployment's).
     """
 
     kind = "quantize"
@@ -118,6 +132,8 @@ class QuantConfig(Config):
     capture: Capture = Capture.AUTO
     tail_sqnr_db: float | None = 50.0
     check_speed: bool = False
+    placement: Placement = Placement.ALL
+    placement_threads: int = 1
 
     @property
     def weights_7bit(self) -> bool:
@@ -168,6 +184,10 @@ class QuantConfig(Config):
                 raise self._bad("per_tensor_sqnr_db", "only applies with per_channel=True (every layer is per tensor)")
             if not 0.0 < self.per_tensor_sqnr_db <= 100.0:
                 raise self._bad("per_tensor_sqnr_db", "must be in (0, 100] dB, or None for per-channel everywhere")
+        if self.placement == Placement.MEASURED and self.mode != QuantMode.STATIC:
+            raise self._bad("placement", "'measured' applies to static mode (integer kernels timed against float)")
+        if not 1 <= self.placement_threads <= 256:
+            raise self._bad("placement_threads", "must be in 1..256")
         if self.num_samples < 1:
             raise self._bad("num_samples", "must be >= 1")
         if not all(isinstance(e, str) and e for e in self.exclude):

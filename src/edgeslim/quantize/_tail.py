@@ -47,8 +47,17 @@ MAX_CANDIDATES = 48
 
 
 def _graph(graph: bytes) -> Any:
+    """The graph with inferred shapes: ONNX Runtime's symbolic inference first (it follows Shape -> Range ->
+    Expand chains such as a detector's anchor grid, which ONNX's own inference leaves unknown), else ONNX's."""
     onnx = _onnx._onnx()
-    return onnx.shape_inference.infer_shapes(onnx.load_from_string(graph))
+    model = onnx.load_from_string(graph)
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        return SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+    except Exception as e:  # noqa: BLE001 - an op the symbolic inference does not know: ONNX's own inference
+        log.debug("symbolic shape inference failed (%s); using onnx.shape_inference", type(e).__name__)
+        return onnx.shape_inference.infer_shapes(model)
 
 
 def _names(model: Any) -> None:
@@ -111,7 +120,8 @@ def tail(graph: bytes) -> list[Any]:
 
 def output_parts(graph: bytes) -> dict[str, list[tuple[str, int, int, int]]]:
     """output -> its parts ``(label, axis, start, stop)``: the inputs of a graph-output Concat along its axis
-    (e.g. boxes and class scores), or the whole output."""
+    (e.g. boxes and class scores; also through one Transpose, with the axis as it lands in the output), or the
+    whole output."""
     model = _graph(graph)
     producer = {o: n for n in model.graph.node for o in n.output}
     shapes = {
@@ -122,16 +132,22 @@ def output_parts(graph: bytes) -> dict[str, list[tuple[str, int, int, int]]]:
     for o in model.graph.output:
         n = producer.get(o.name)
         parts = [(o.name, 0, 0, -1)]
+        perm: list[int] | None = None
+        if n is not None and n.op_type == "Transpose":  # e.g. [B, 4 + C, A] -> [B, A, 4 + C]
+            perm = next((list(a.ints) for a in n.attribute if a.name == "perm"), None)
+            n = producer.get(n.input[0])
         if n is not None and n.op_type == "Concat":
+            cat = n.output[0]
             axis = next((a.i for a in n.attribute if a.name == "axis"), 0)
-            rank = len(shapes.get(o.name, []))
+            rank = len(shapes.get(cat, []))
             axis = axis + rank if axis < 0 else axis
             sizes = [(shapes.get(t) or [None] * (axis + 1))[axis] if axis < len(shapes.get(t) or []) else None
                      for t in n.input]  # fmt: skip
-            if rank and None not in sizes and len(sizes) > 1:
+            out_axis = axis if perm is None else (perm.index(axis) if axis in perm else None)
+            if rank and out_axis is not None and None not in sizes and len(sizes) > 1:
                 parts, start = [], 0
                 for t, s in zip(n.input, sizes, strict=True):
-                    parts.append((f"{o.name}[{t}]", axis, start, start + int(s)))
+                    parts.append((f"{o.name}[{t}]", out_axis, start, start + int(s)))
                     start += int(s)
         out[o.name] = parts
     return out
@@ -139,13 +155,17 @@ def output_parts(graph: bytes) -> dict[str, list[tuple[str, int, int, int]]]:
 
 def detector_output(graph: bytes, parts: Mapping[str, Any]) -> str | None:
     """The graph's single output when it is a detector's (a Concat of 4 box values and C >= 1 class scores along
-    one axis), else None."""
+    one axis, the boxes in one or more leading inputs), else None."""
     if len(parts) != 1:
         return None
     name, p = next(iter(parts.items()))
-    if len(p) == 2 and p[0][3] - p[0][2] == 4 and p[1][3] - p[1][2] >= 1:
-        return name
-    return None
+    sizes = [stop - start for _, _, start, stop in p]
+    if len(p) < 2 or min(sizes) < 1:
+        return None
+    # the leading inputs hold the 4 box values (one input, or e.g. x1y1 and x2y2 when the exporter merged nested
+    # Concats), the rest the C >= 1 class scores
+    lead = [sum(sizes[: k + 1]) for k in range(len(sizes) - 1)]
+    return name if 4 in lead else None
 
 
 def part_sqnr(

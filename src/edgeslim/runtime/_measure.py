@@ -303,7 +303,20 @@ def _measure(
     )
     _static_figures(m, target, shape)
 
-    if data is not None:
+    detection = data is not None and hasattr(data, "annotation_file") and hasattr(data, "image_ids")
+    if detection:  # a detector on detection data: COCO mAP of the target in this runtime (NMS outside the graph)
+        from edgeslim.runtime._detect import evaluate_detector
+
+        res = evaluate_detector(target, data, runtime=runtime, threads=max(threads))
+        how = (
+            f"pycocotools on {res['images']} images of {getattr(data, 'name', 'the dataset')}/"
+            f"{getattr(data, 'split', 'val')}, measured on {res['runtime']}, "
+            f"NMS outside the graph, {cpu}"
+        )
+        m.add("map", res["map"], "fraction", "measured", f"COCO mAP@[.5:.95], {how}")
+        m.add("map50", res["map50"], "fraction", "measured", f"COCO mAP@.5, {how}")
+        m.context["map_samples"] = len(data)
+    elif data is not None:
         r = runners[max(threads)]
         bs = r.fixed_batch or 256
         correct = 0
@@ -329,7 +342,10 @@ def _measure(
 
     settings = bar(desc=f"latency ({runtime})", total=len(batch_sizes) * len(runners), unit="setting")
     for b in batch_sizes:
-        if data is not None:
+        if detection:
+            x = torch.stack([data[i][0] for i in range(min(b, len(data)))]).numpy()
+            x, inputs = np.concatenate([x] * -(-b // len(x)))[:b], f"real images of {getattr(data, 'name', 'the data')}"
+        elif data is not None:
             x = data.normalized()[:b].numpy()
             x, inputs = np.concatenate([x] * -(-b // len(x)))[:b], f"real samples of {data.name}"
         else:

@@ -85,6 +85,11 @@ def test_placement_decision_follows_the_measurements(monkeypatch):
     monkeypatch.setattr(_placement, "_time_files", timed(0.995))
     reasons, record = _placement.place(graph, build, {}, feeds)
     assert reasons == {} and record["float_nodes"] == [] and "all stay integer" in record["decision"]
+    # the float model faster than any quantized file: kept choice or not, the decision says so
+    monkeypatch.setattr(_placement, "_time_files", lambda graphs, *a: (
+        {k: {"all integer": 1.0, "float": 0.5}.get(k, 0.8) for k in graphs}, dict.fromkeys(graphs, 5)))  # fmt: skip
+    reasons, record = _placement.place(graph, build, {}, feeds)
+    assert list(reasons) == [slow] and "WARNING: the float model is faster here" in record["decision"]
     # faster by the median, but in too few rounds: a noisy fluke does not decide either
     monkeypatch.setattr(_placement, "_time_files", timed(0.8, won=_placement.MIN_ROUNDS_WON - 1))
     reasons, record = _placement.place(graph, build, {}, feeds)

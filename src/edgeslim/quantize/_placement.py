@@ -215,7 +215,7 @@ def place(
             f"in at least {MIN_ROUNDS_WON} of {ROUNDS} rounds (best {best_ms:.3f} ms vs {ms['all integer']:.3f} ms all "
             "integer): all stay integer"
         )
-        return {}, record
+        return {}, _float_faster(record, ms)
     by_node = {n: (f, q) for _, n, f, q in losing}
     chosen = sets[best]
     record["float_nodes"] = chosen
@@ -232,10 +232,23 @@ def place(
         )
         for n in chosen
     }
-    return reasons, record
+    return reasons, _float_faster(record, ms)
 
 
-def _time_files(graphs: Mapping[str, bytes], feeds: Mapping[str, np.ndarray], threads: int, timer: Any) -> dict:
+def _float_faster(record: dict[str, Any], ms: Mapping[str, float]) -> dict[str, Any]:
+    """Say it when even the best quantized file is slower than the float model here (nothing silent)."""
+    best = min(v for k, v in ms.items() if k != "float")
+    if ms["float"] < best:
+        record["decision"] += (
+            f"; WARNING: the float model is faster here ({ms['float']:.3f} ms vs {best:.3f} ms): keep FP32 for speed"
+        )
+    return record
+
+
+def _time_files(
+    graphs: Mapping[str, bytes], feeds: Mapping[str, np.ndarray], threads: int, timer: Any
+) -> tuple[dict[str, float], dict[str, int]]:
+    """(median ms, rounds won against the all-integer file) of each graph, timed interleaved in ORT."""
     from edgeslim.core.onnx_model import ort_session
 
     runners = {}

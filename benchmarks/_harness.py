@@ -46,3 +46,27 @@ def latency_rounds(
         runs_of, rounds=rounds, runs=runs, warmup=0, rewarm=warmup, max_seconds_per_turn=max_seconds
     )
     return {k: r["median_of_rounds_ms"] for k, r in res.items()}
+
+
+def latency_by_threads(
+    arts: dict[str, Any], x: Any, threads: tuple[int, ...] = (1, 2), *, rounds: int, runs: int, shuffle: bool = False
+) -> dict[str, dict[Any, float]]:
+    """label -> {threads: median over interleaved rounds of per-round medians (ms), ``f"spread{t}"``: their
+    round spread in percent}: every artifact (or ONNX file) in ONNX Runtime, batch ``x``, one interleaved run per
+    thread count."""
+    import edgeslim as es
+
+    lat: dict[str, dict[Any, float]] = {}
+    for t in threads:
+        res = es.runtime.interleaved_latency(
+            {k: es.runtime.load(a, "onnxruntime", threads=t) for k, a in arts.items()},
+            x,
+            rounds=rounds,
+            runs=runs,
+            warmup=10,
+            shuffle=shuffle,
+        )
+        for k, r in res.items():
+            lat.setdefault(k, {})[t] = r["median_of_rounds_ms"]
+            lat[k][f"spread{t}"] = r["round_spread_pct"]
+    return lat

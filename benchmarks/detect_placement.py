@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import torch
-from _harness import host
+from _harness import host, latency_by_threads
 
 import edgeslim as es
 from edgeslim.core.io import write_json
@@ -94,19 +94,7 @@ def main() -> None:
             arts[row["row"]] = art
             print(f"{row['row']}: mAP {row['map']:.4f}, {ptq_s:.1f} s", file=sys.stderr, flush=True)
     base = f"{args.files[0].removesuffix('.onnx')} FP32"
-    lat: dict[str, dict[int, float]] = {}
-    for t in (1, 2):
-        res = es.runtime.interleaved_latency(
-            {k: es.runtime.load(a, "onnxruntime", threads=t) for k, a in arts.items()},
-            x[:1].numpy(),
-            rounds=args.rounds,
-            runs=args.runs,
-            warmup=10,
-            shuffle=True,
-        )
-        for k, r in res.items():
-            lat.setdefault(k, {})[t] = r["median_of_rounds_ms"]
-            lat[k][f"spread{t}"] = r["round_spread_pct"]
+    lat = latency_by_threads(arts, x[:1].numpy(), rounds=args.rounds, runs=args.runs, shuffle=True)
     m0 = rows[0]["map"]
     for r in rows:
         r["map_drop_pts"] = round(100 * (m0 - r["map"]), 2)

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 import torch
-from _harness import host
+from _harness import host, latency_by_threads
 
 import edgeslim as es
 from edgeslim.core.counting import count_macs
@@ -156,17 +156,7 @@ def main() -> None:
             arts[label] = art
             if args.int8:
                 int8_row(rec, f"{label} + INT8", macs, {"target": target, "recovery": recovery})
-    lat: dict[str, dict[int, float]] = {}
-    for t in (1, 2):
-        res = es.runtime.interleaved_latency(
-            {k: es.runtime.load(a, "onnxruntime", threads=t) for k, a in arts.items()},
-            x[:1].numpy(),
-            rounds=args.rounds,
-            runs=args.runs,
-            warmup=10,
-        )
-        for k, r in res.items():
-            lat.setdefault(k, {})[t] = r["median_of_rounds_ms"]
+    lat = latency_by_threads(arts, x[:1].numpy(), rounds=args.rounds, runs=args.runs)
     for r in rows:
         r["map_drop_pts"] = round(100 * (m0["map"] - r["map"]), 2)
         for t in (1, 2):

@@ -205,8 +205,10 @@ def measure(
 
     Args:
         target: an :class:`Artifact`, a path to an ``.onnx`` file, or a ``torch.nn.Module``.
-        data: an ``ImageDataset``: real inputs for latency and labels for top-1 accuracy. Without it latency
-            runs on zeros and accuracy is not reported.
+        data: an ``ImageDataset``: real inputs for latency and labels for top-1 accuracy; or, for a detector, a
+            ``DetectionDataset``: real images for latency and COCO ``map`` / ``map50`` (pycocotools, computed on
+            the target's output in this runtime, NMS outside the graph) instead of top-1. Without it latency runs
+            on zeros and accuracy is not reported.
         runtime: a name in ``RUNTIMES``; by default ``onnxruntime`` for files and ``torch`` for modules.
         threads: intra-op thread counts to measure latency at.
         batch_sizes: batch sizes to measure latency at (batch > 1 needs a dynamic batch dimension).

@@ -154,22 +154,21 @@ class YoloMobileNetV2(nn.Module):
             cls = torch.cat([c.reshape(-1, self.num_classes, h * w) for (c, _), (h, w) in zip(outs, sizes)], 2)
             box = torch.cat([b.reshape(-1, 4, h * w) for (_, b), (h, w) in zip(outs, sizes)], 2)
         # cls [B, C, A]; box [B, 4, A]: left, top, right, bottom in strides
-        centres, strides = self._grid(feats, box)
+        centres, strides = self._grid_traced(feats, box) if sizes is None else self._grid(sizes, box)
         d = F.softplus(box) * strides
         xyxy = torch.cat([centres - d[:, :2], centres + d[:, 2:]], 1)
         return torch.cat([xyxy, torch.sigmoid(cls)], 1).transpose(1, 2)
 
-    def _grid(self, feats: list[torch.Tensor], like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    @staticmethod
+    def _grid(sizes: list[tuple[int, int]], like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Anchor centres ``[1, 2, A]`` (pixels) and strides ``[1, 1, A]`` for the levels' sizes.
 
         Built from the sizes as Python numbers, so an exported graph holds them as constants (its input size is
         fixed; computed from the traced shapes they cost ~60 Shape/Range/Expand/... nodes, about 10% of the
-        deployed detector's time). Under torch.fx, whose sizes are proxies, they are computed in the graph."""
-        key = self._sizes(feats)
-        if key is None:
-            return self._grid_traced(feats, like)
+        deployed detector's time). Under torch.fx, whose sizes are proxies, :meth:`_grid_traced` computes them in
+        the graph."""
         centres, strides = [], []
-        for (h, w), stride in zip(key, STRIDES, strict=True):
+        for (h, w), stride in zip(sizes, STRIDES, strict=True):
             ys, xs = torch.meshgrid(torch.arange(h) + 0.5, torch.arange(w) + 0.5, indexing="ij")
             centres.append(torch.stack([xs.reshape(-1), ys.reshape(-1)]) * stride)
             strides.append(torch.full((h * w,), float(stride)))

@@ -258,9 +258,12 @@ def ort_quantize_static(fp32: Path, out: Path, calib: np.ndarray) -> None:
 
 EDGESLIM_ROW = "edgeslim INT8 (quantize capture=onnx, head by sensitivity)"
 EDGESLIM_PLACED_ROW = "edgeslim INT8, placement measured here (1 thread)"
+EDGESLIM_OV_ROW = "edgeslim INT8, laid out for OpenVINO (runtime='openvino')"
 
 
-def edgeslim_int8(fp32: Path, out: Path, train: Any, placement: str = "all") -> dict[str, Any]:
+def edgeslim_int8(
+    fp32: Path, out: Path, train: Any, placement: str = "all", runtime: str = "onnxruntime"
+) -> dict[str, Any]:
     """edgeslim's static INT8 of the FP32 ONNX file (``quantize(path, QuantConfig(capture="onnx"))``, its defaults:
     MSE activation ranges, U8 activations, per-channel S8 weights, the head's float nodes found by the range-ratio
     rule and the tail sensitivity pass), calibrated on the same first 256 train images (a DetectionDataset).
@@ -269,15 +272,17 @@ def edgeslim_int8(fp32: Path, out: Path, train: Any, placement: str = "all") -> 
 
     q = es.quantize(
         str(fp32),
-        es.QuantConfig(capture="onnx", num_samples=CALIB_IMAGES, placement=placement),
+        es.QuantConfig(capture="onnx", num_samples=CALIB_IMAGES, placement=placement, runtime=runtime),
         data=train.subset(CALIB_IMAGES),
     )
     out.write_bytes(q.onnx_bytes())
     r = q.report
     return {
         "settings": "edgeslim.quantize(capture='onnx') defaults: mse ranges, U8 activations, S8 per-channel weights"
-        + (f"; placement={placement!r}" if placement != "all" else ""),
+        + (f"; placement={placement!r}" if placement != "all" else "")
+        + (f"; runtime={runtime!r} (Q/DQ layout)" if runtime != "onnxruntime" else ""),
         "placement": r.placement,
+        "layout": r.layout,
         "calibration": f"first {CALIB_IMAGES} train images (DetectionDataset, RGB /255 NCHW)",
         "summary": r.summary(),
         "kept_float": list(r.float_ops),
@@ -297,6 +302,7 @@ EXPORTS: dict[str, tuple[str, dict | None]] = {
     "LiteRT INT8 (Ultralytics format=tflite)": ("litert", {"format": "tflite", "quantize": 8}),
     EDGESLIM_ROW: ("onnxruntime", {"edgeslim": True}),
     EDGESLIM_PLACED_ROW: ("onnxruntime", {"edgeslim": True, "placement": "measured"}),
+    EDGESLIM_OV_ROW: ("openvino", {"edgeslim": True, "runtime": "openvino"}),
 }
 
 
@@ -330,7 +336,15 @@ def export_all(best: Path, data: Path, train: Any, only: Sequence[str] = ()) -> 
         try:
             if args is not None and args.get("edgeslim"):  # edgeslim's INT8 of row 0's FP32 file
                 path = d / "best_edgeslim_int8.onnx"
-                rec.update(edgeslim_int8(Path(out["FP32 ONNX"]["path"]), path, train, args.get("placement", "all")))
+                rec.update(
+                    edgeslim_int8(
+                        Path(out["FP32 ONNX"]["path"]),
+                        path,
+                        train,
+                        args.get("placement", "all"),
+                        args.get("runtime", "onnxruntime"),
+                    )
+                )
             elif args is None:  # ORT quantize_static on row 0's FP32 file
                 fp32 = Path(out["FP32 ONNX"]["path"])
                 path = d / "best_ort_int8.onnx"

@@ -361,6 +361,45 @@ class TinyFunctional(nn.Module):
         return torch.randn(batch, 1, 8, 8, generator=torch.Generator().manual_seed(0))
 
 
+class TinyCSP(nn.Module):
+    """A YOLOv8-like neck in miniature (3x32x32 input): Conv-BN-SiLU stages, a C2f-style split / bottleneck / concat,
+    an SPPF-style max-pool concat, a nearest upsample joined to an earlier level, a HardSwish conv and a conv head."""
+
+    @staticmethod
+    def _cba(cin: int, cout: int, k: int = 3, s: int = 1, act: type[nn.Module] = nn.SiLU) -> nn.Sequential:
+        return nn.Sequential(nn.Conv2d(cin, cout, k, s, k // 2, bias=False), nn.BatchNorm2d(cout), act())
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = self._cba(3, 16, 3, 2)
+        self.cv1 = self._cba(16, 16, 1)
+        self.m = nn.Sequential(self._cba(8, 8), self._cba(8, 8))
+        self.cv2 = self._cba(24, 16, 1)
+        self.down = self._cba(16, 32, 3, 2, nn.Hardswish)
+        self.pool = nn.MaxPool2d(5, 1, 2)
+        self.sppf = self._cba(64, 32, 1)
+        self.fuse = self._cba(48, 16, 1)
+        self.head = nn.Conv2d(16, 8, 1)
+        for m in self.modules():  # non-trivial BN statistics, so folding and ranges matter
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        a, b = self.cv1(x).chunk(2, 1)
+        y = self.cv2(torch.cat((a, b, b + self.m(b)), 1))
+        z = self.down(y)
+        z = self.sppf(torch.cat((z, self.pool(z)), 1))
+        up = nn.functional.interpolate(z, scale_factor=2.0, mode="nearest")
+        return self.head(self.fuse(torch.cat((up, y), 1)))
+
+    @staticmethod
+    def example_inputs(batch: int = 16) -> torch.Tensor:
+        return torch.rand(batch, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
 class TinyViT(nn.Module):
     """A ViT-like net (3x16x16 input): a 4x4 patch-embedding conv (16 tokens of 32), a class token and position
     embedding, two ``nn.TransformerEncoderLayer`` (2 heads, GELU, pre-norm), a LayerNorm and a Linear head."""

@@ -347,7 +347,7 @@ def _export(
             validation = _validate(model, tmp, x, ref, labels, prec, floors)
             phase("validate")
             pb.update()
-        integer = _integer_share(tmp, x, prec, _placed_float(model), target.name)
+        integer = _integer_share(tmp, x, prec, _placed_float(model), target.name, _layout_runtime(model))
         phase("integer_macs")
         if not macs and integer:
             macs = integer["total_macs"]  # an ONNX-file model: torch's counter sees no ops, the graph has them
@@ -389,8 +389,16 @@ def _placed_float(model: Any) -> set[str]:
     return set(placement.get("float_nodes") or ())
 
 
+def _layout_runtime(model: Any) -> str:
+    """The runtime a quantized model's Q/DQ pairs are laid out for (``QuantConfig.runtime``)."""
+    from edgeslim.quantize import QuantConfig
+
+    config = getattr(model, "config", None)
+    return config.runtime if isinstance(config, QuantConfig) else "onnxruntime"
+
+
 def _integer_share(
-    path: Path, x: Any, precision: str, placed: set[str] = frozenset(), name: str = ""
+    path: Path, x: Any, precision: str, placed: set[str] = frozenset(), name: str = "", runtime: str = "onnxruntime"
 ) -> dict[str, Any] | None:
     """For INT8 files: the share of Conv/Gemm/MatMul MACs that run in integer kernels, measured on the graph."""
     if not precision.startswith("int8"):
@@ -405,7 +413,7 @@ def _integer_share(
     types = {i.name: i.type for i in sess.get_inputs()}
     feeds = {k: v.astype(np.float32) if types.get(k) == "tensor(float)" else v for k, v in feeds.items()}
     try:
-        im = integer_macs(path.read_bytes(), feeds)
+        im = integer_macs(path.read_bytes(), feeds, runtime=runtime)
     except Exception as e:  # noqa: BLE001 - the share is a record; a graph it cannot read is said, not fatal
         log.warning("export: cannot measure the integer-MAC share of %s: %s", path.name, e)
         return None

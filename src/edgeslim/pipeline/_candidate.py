@@ -444,7 +444,7 @@ def quant_config(ctx: Context, params: dict[str, Any]) -> Any:
     if params.get("quantize"):
         runtime, threads = deployment(ctx, params)
         measured = ctx.space.quant_placement == "measured" and ctx.budget.on_host and runtime == "onnxruntime"
-        return QuantConfig(
+        config = QuantConfig(
             per_channel=params["per_channel"],
             calibration=params["calibration"],
             equalize=bool(params.get("equalize")),
@@ -453,6 +453,7 @@ def quant_config(ctx: Context, params: dict[str, Any]) -> Any:
             seed=ctx.seed,
             **({"placement": "measured", "placement_threads": threads} if measured else {}),
         )
+        return laid_out_for(config, runtime)
     if params.get("fp16"):
         return QuantConfig(mode="fp16")
     return None
@@ -602,6 +603,17 @@ def latency_label(ctx: Context, runner_desc: str, runs: int, blocks: list[float]
             )
         return f"measured on {runner_desc}, batch 1, {how}, host {ctx.host['cpu']} ({ctx.host['cores']} cores)"
     return f"predicted for {ctx.device.name}: {ctx.latency_how}; not measured on the device"
+
+
+def laid_out_for(config: Any, runtime: str) -> Any:
+    """``config`` with its Q/DQ pairs laid out for the deployment's ``runtime`` (``QuantConfig.runtime``) when
+    edgeslim has a layout for it and the config can take the ONNX capture; else as it is (ORT's layout)."""
+    from edgeslim.quantize._layout import LAYOUTS
+    from edgeslim.quantize._onnx import needs_fx
+
+    if runtime in LAYOUTS and config.mode == "static" and config.placement == "all" and not needs_fx(config):
+        return config.replace(runtime=runtime)
+    return config
 
 
 def deployment(ctx: Context, params: dict[str, Any] | None) -> tuple[str, int]:

@@ -57,6 +57,7 @@ class QuantReport:
     timings: dict[str, float] = field(default_factory=dict)
     calibration_runtime: str = ""
     placement: dict[str, Any] | None = None
+    layout: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"technique": self.technique, **asdict(self)}
@@ -100,6 +101,15 @@ class QuantReport:
         if self.placement:
             p = self.placement
             text += f"; placement measured here (ORT, {p['threads']} thread(s)): {p.get('decision', '')}"
+        if self.layout:
+            lay = self.layout
+            text += (
+                f"; laid out for {lay['runtime']} ({lay['activation_pairs_dropped']} Conv->activation Q/DQ pairs "
+                f"and {lay['preserving_pairs_dropped']} after precision-preserving ops dropped, "
+                f"{lay['concat_inputs_unified']} Concat inputs on shared ranges, "
+                f"{len(lay['concats_requantized'])} Concat(s) requantizing); in ONNX Runtime this file runs slower "
+                "than one laid out for it"
+            )
         notes = list(self.warnings)
         if share is not None and share < MIN_INTEGER_SHARE and self.precision.startswith("int8"):
             notes.insert(

@@ -13,7 +13,9 @@ import contextlib
 import copy
 import logging
 import os
+import tempfile
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -94,6 +96,16 @@ def choose(model: nn.Module, config: QuantConfig, probe: Any) -> tuple[str, str,
         if fx_only:
             raise ConfigError(f"QuantConfig.placement='measured' needs the ONNX capture, but {fx_only} needs fx")
         return "onnx", "placement='measured' times each layer's kernels on the ONNX graph", None
+    if config.runtime != "onnxruntime":
+        if config.capture == Capture.FX:
+            raise ConfigError(
+                f"QuantConfig.runtime={config.runtime!r} lays out the Q/DQ pairs of the ONNX capture; it is not "
+                "available with capture='fx' (use capture='onnx' or 'auto')"
+            )
+        fx_only = _onnx.needs_fx(config)
+        if fx_only:
+            raise ConfigError(f"QuantConfig.runtime={config.runtime!r} needs the ONNX capture, but {fx_only} needs fx")
+        return "onnx", f"runtime={config.runtime!r}: the ONNX graph's Q/DQ pairs are laid out for it", None
     try:
         cov = fx_coverage(model, probe)
     except QuantizationError as e:
@@ -341,7 +353,9 @@ def quantize_onnx(
         )
         excluded.update(placed)
         _end(timings, "placement")
-    qgraph = _onnx.build_qdq(graph, ranges, excluded, config, sorted(granularity))
+    layout: dict[str, Any] = {}
+    qgraph = _onnx.build_qdq(graph, ranges, excluded, config, sorted(granularity), record=layout)
+    report.layout = layout or None
     _end(timings, "convert")
     plan = {
         "inputs": spec,
@@ -386,7 +400,7 @@ def fill_onnx_report(report: Any, q: OnnxQuantizedModel, why: str, pre_err: str 
         )
     else:
         report.preprocessing = None
-    im = _onnx.integer_macs(q.onnx_bytes(), _onnx_feeds(q))
+    im = _onnx.integer_macs(q.onnx_bytes(), _onnx_feeds(q), runtime=q.config.runtime)
     modules = not isinstance(q.float_model, OnnxModel)
     per_tensor = report.corrections.get("per_tensor_layers") or {}
     depthwise = set(_onnx.depthwise_weights(_onnx._onnx().load_from_string(q.onnx_bytes())).values())
@@ -430,7 +444,10 @@ def fill_onnx_report(report: Any, q: OnnxQuantizedModel, why: str, pre_err: str 
         "share": im["share"],
         "integer_macs": im["integer_macs"],
         "total_macs": im["total_macs"],
-        "source": "the quantized ONNX graph (Conv/Gemm/MatMul fed by DequantizeLinear on both inputs, or integer ops)",
+        "source": "the quantized ONNX graph (Conv/Gemm/MatMul fed by DequantizeLinear on both inputs, or integer ops)"
+        if q.config.runtime == "onnxruntime"
+        else f"the quantized ONNX graph as {q.config.runtime} reads it (Conv/Gemm/MatMul whose inputs reach a "
+        "DequantizeLinear through precision-preserving ops)",
     }
     report.float_ops = [
         {"node": k, "reason": v} for k, v in q.plan["excluded"].items() if k not in {n["node"] for n in im["nodes"]}
@@ -531,10 +548,29 @@ def compare_speed(
     x = first_sample(example_inputs)
     fgraph = to_onnx(float_model, x, opset=OPSET)
     qgraph = quantized_graph(quantized, x)
-    sessions = {"float": ort_session(fgraph, threads=threads), "quantized": ort_session(qgraph, threads=threads)}
-    feeds = {k: _feeds_for(s, x) for k, s in sessions.items()}
-    runners = {k: (lambda s=s, f=feeds[k]: s.run(None, f)) for k, s in sessions.items()}
-    lat = interleaved_latency(runners, rounds=rounds, runs=runs, warmup=3, shuffle=True)
+    config = getattr(quantized, "config", None)
+    runtime = config.runtime if isinstance(config, QuantConfig) else "onnxruntime"
+    with tempfile.TemporaryDirectory() as td:
+        if runtime == "onnxruntime":
+            sessions = {
+                "float": ort_session(fgraph, threads=threads),
+                "quantized": ort_session(qgraph, threads=threads),
+            }
+            feeds = {k: _feeds_for(s, x) for k, s in sessions.items()}
+            runners = {k: (lambda s=s, f=feeds[k]: s.run(None, f)) for k, s in sessions.items()}
+            desc = "onnxruntime (CPUExecutionProvider)"
+        else:  # the runtime the file is laid out for
+            from edgeslim.runtime import load
+
+            loaded = {}
+            for k, g in (("float", fgraph), ("quantized", qgraph)):
+                path = Path(td) / f"{k}.onnx"
+                path.write_bytes(g)
+                loaded[k] = load(str(path), runtime, threads=threads)
+            sample = x if not isinstance(x, torch.Tensor) else x.detach().cpu().numpy()
+            runners = {k: (lambda r=r: r.run(sample)) for k, r in loaded.items()}
+            desc = loaded["quantized"].describe()
+        lat = interleaved_latency(runners, rounds=rounds, runs=runs, warmup=3, shuffle=True)
     f_ms, q_ms = lat["float"]["median_of_rounds_ms"], lat["quantized"]["median_of_rounds_ms"]
     spread = max(lat["float"]["round_spread_pct"], lat["quantized"]["round_spread_pct"])
     return {
@@ -546,7 +582,7 @@ def compare_speed(
         "rounds": rounds,
         "batch": 1,
         "spread_pct": round(float(spread), 1),
-        "runtime": "onnxruntime (CPUExecutionProvider)",
+        "runtime": desc,
         "host": host_info().get("cpu", ""),
     }
 
@@ -564,9 +600,6 @@ def quantized_graph(quantized: Any, x: Any) -> bytes:
     """The quantized model's ONNX file in memory (the ONNX capture's own; the fx capture's via edgeslim.export)."""
     if isinstance(quantized, OnnxQuantizedModel):
         return quantized.onnx_bytes()
-    import tempfile
-    from pathlib import Path
-
     from edgeslim.export import export
 
     with tempfile.TemporaryDirectory() as td:
@@ -574,17 +607,21 @@ def quantized_graph(quantized: Any, x: Any) -> bytes:
         return art.path.read_bytes()
 
 
+def _rt(speed: dict[str, Any]) -> str:
+    return str(speed.get("runtime", "onnxruntime")).split(" (")[0]
+
+
 def speed_note(speed: dict[str, Any] | None) -> str:
     if not speed:
         return ""
     if speed["slower"]:
         return (
-            f"WARNING: the INT8 file is SLOWER than FP32 on this host ({speed['quantized_ms']:.3f} ms vs "
+            f"WARNING: the INT8 file is SLOWER than FP32 on this host in {_rt(speed)} ({speed['quantized_ms']:.3f} ms vs "
             f"{speed['float_ms']:.3f} ms, {speed['speedup']:.2f}x, {speed['threads']} thread(s), batch 1): keep "
             "the FP32 model for speed here"
         )
     return (
-        f"INT8 {speed['speedup']:.2f}x the FP32 speed on this host ({speed['quantized_ms']:.3f} vs "
+        f"INT8 {speed['speedup']:.2f}x the FP32 speed on this host in {_rt(speed)} ({speed['quantized_ms']:.3f} vs "
         f"{speed['float_ms']:.3f} ms, {speed['threads']} thread(s), batch 1)"
     )
 

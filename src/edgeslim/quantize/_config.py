@@ -107,6 +107,12 @@ class QuantConfig(Config):
             kernel is slower on this host, decided by ONNX Runtime's profiler and proved by timing the whole file
             (``QuantReport.placement`` holds the figures). Static mode; takes the ONNX capture (``auto`` picks it).
         placement_threads: the thread count the placement is measured at (the deployment's).
+        runtime: the runtime the static INT8 graph is laid out for: ``onnxruntime`` (default: every quantizable
+            op's output quantized, so Convs fuse into QLinearConv) or ``openvino`` (Q/DQ pairs where OpenVINO's
+            low-precision transformations want them: none between a Conv and its activation, none after
+            precision-preserving ops, a Concat's inputs on one shared range; see
+            :mod:`edgeslim.quantize._layout`). The file still runs in ONNX Runtime (same results), slower there.
+            Static mode; takes the ONNX capture (``auto`` picks it).
     """
 
     kind = "quantize"
@@ -134,6 +140,7 @@ class QuantConfig(Config):
     check_speed: bool = False
     placement: Placement = Placement.ALL
     placement_threads: int = 1
+    runtime: str = "onnxruntime"
 
     @property
     def weights_7bit(self) -> bool:
@@ -186,6 +193,18 @@ class QuantConfig(Config):
                 raise self._bad("per_tensor_sqnr_db", "must be in (0, 100] dB, or None for per-channel everywhere")
         if self.placement == Placement.MEASURED and self.mode != QuantMode.STATIC:
             raise self._bad("placement", "'measured' applies to static mode (integer kernels timed against float)")
+        from edgeslim.quantize._layout import LAYOUTS
+
+        if self.runtime not in LAYOUTS:
+            raise self._bad("runtime", f"one of: {', '.join(LAYOUTS)}")
+        if self.runtime != "onnxruntime" and self.mode != QuantMode.STATIC:
+            raise self._bad("runtime", "a Q/DQ layout applies to static mode (dynamic and fp16 have no Q/DQ pairs)")
+        if self.runtime != "onnxruntime" and self.placement == Placement.MEASURED:
+            raise self._bad(
+                "runtime",
+                "placement='measured' times ONNX Runtime's kernels; it cannot place layers for "
+                f"runtime={self.runtime!r} (use placement='all')",
+            )
         if not 1 <= self.placement_threads <= 256:
             raise self._bad("placement_threads", "must be in 1..256")
         if self.num_samples < 1:

@@ -586,21 +586,36 @@ def build_qdq(
     excluded: Mapping[str, str],
     config: QuantConfig,
     per_tensor: list[str] | tuple[str, ...] = (),
+    record: dict[str, Any] | None = None,
 ) -> bytes:
-    """The quantized graph for ``config.mode`` (the apply step; deterministic given its inputs)."""
+    """The quantized graph for ``config.mode`` (the apply step; deterministic given its inputs). Static graphs
+    are laid out for ``config.runtime`` (``record`` receives what the layout pass changed)."""
     if config.mode == QuantMode.STATIC:
-        return write_qdq(graph, ranges, excluded, config, per_tensor=per_tensor)
+        from edgeslim.quantize._layout import LAYOUTS
+
+        qdq = write_qdq(graph, ranges, excluded, config, per_tensor=per_tensor)
+        layout = LAYOUTS[config.runtime]
+        if layout is None:
+            return qdq
+        qdq, changed = layout(qdq)
+        if record is not None:
+            record.update(changed)
+        return qdq
     if config.mode == QuantMode.DYNAMIC:
         return write_dynamic(graph, excluded, config)
     return write_fp16(graph)
 
 
-def integer_macs(quantized: bytes, feeds: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+def integer_macs(
+    quantized: bytes, feeds: dict[str, np.ndarray] | None = None, runtime: str = "onnxruntime"
+) -> dict[str, Any]:
     """Which Conv/ConvTranspose/Gemm/MatMul run in integer kernels in ``quantized`` and their share of the MACs.
 
     A node counts as integer when both its data inputs are ``DequantizeLinear`` outputs and its bias (if any) a
     dequantized int32 tensor (ORT then fuses the node into QLinearConv/QGemm/QLinearMatMul), or when it is an integer
-    op already (dynamic quantization's ConvInteger/MatMulInteger).
+    op already (dynamic quantization's ConvInteger/MatMulInteger). For ``runtime="openvino"`` (a graph laid out
+    for it) a data input counts when it reaches a DequantizeLinear through precision-preserving ops (OpenVINO's
+    low-precision transformations carry the quantization through them) and the bias may stay float.
 
     Returns:
         ``integer_macs``, ``total_macs``, ``share`` (``None`` when the graph has no MACs), ``nodes``: one entry per
@@ -614,10 +629,20 @@ def integer_macs(quantized: bytes, feeds: dict[str, np.ndarray] | None = None) -
     producer = {o: n for n in model.graph.node for o in n.output}
     int32 = {i.name for i in model.graph.initializer if i.data_type == onnx.TensorProto.INT32}
 
+    lpt = None
+    if runtime == "openvino":
+        from edgeslim.quantize._layout import _Graph, integer_input
+
+        lpt = _Graph(model)
+
     def from_dq(t: str) -> bool:
+        if lpt is not None:
+            return integer_input(lpt, t)
         return t in producer and producer[t].op_type == "DequantizeLinear"
 
     def int_bias(n) -> bool:  # ORT fuses Conv/Gemm with a bias only when it is a dequantized int32 tensor
+        if lpt is not None:
+            return True
         if n.op_type not in ("Conv", "ConvTranspose", "Gemm") or len(n.input) < 3 or not n.input[2]:
             return True
         return from_dq(n.input[2]) and producer[n.input[2]].input[0] in int32

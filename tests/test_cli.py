@@ -143,3 +143,16 @@ def test_an_onnx_file_is_a_model_for_quantize(tmp_path):
     ops = {n.op_type for n in onnx.load(str(q)).graph.node}
     assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
     assert res["artifact"]["validation"]["vs_float_reference"]["top1_agreement"] >= 0.9
+
+
+def test_quantize_lays_an_onnx_file_out_for_openvino_from_the_command_line(tmp_path):
+    fp32, q = tmp_path / "fp32.onnx", tmp_path / "q.onnx"
+    r = run_cli("export", "small_cnn", "--out", str(fp32), "--json")
+    assert r.returncode == 0, r.stderr
+    r = run_cli("quantize", str(fp32), "--samples", "64", "--runtime", "openvino", "--out", str(q), "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["quantize"]["layout"]["runtime"] == "openvino"
+    assert res["artifact"]["meta"]["integer_macs"]["share"] >= 0.9
+    r = run_cli("quantize", str(fp32), "--runtime", "openvino", "--placement", "measured", "--out", str(q), "--force")
+    assert r.returncode == 2 and "placement='measured'" in r.stderr and "Traceback" not in r.stderr

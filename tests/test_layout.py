@@ -7,7 +7,7 @@ import numpy as np
 import onnx
 import pytest
 from onnx import numpy_helper
-from tiny import TinyCSP, TinyFunctional
+from tiny import TinyCSP, TinyFunctional, TinySameConv
 
 import edgeslim as es
 from edgeslim.core.errors import ConfigError
@@ -139,5 +139,40 @@ def test_optimize_lays_int8_candidates_out_for_their_runtime():
     assert laid_out_for(es.QuantConfig(), "onnxruntime").runtime == "onnxruntime"
     # settings only the fx capture does keep ORT's layout (the file still runs in OpenVINO), as do runtimes
     # without a layout of their own
-    assert laid_out_for(es.QuantConfig(bias_correction=True), "openvino").runtime == "onnxruntime"
+    assert laid_out_for(es.QuantConfig(equalize=True), "openvino").runtime == "onnxruntime"
     assert laid_out_for(es.QuantConfig(), "litert").runtime == "onnxruntime"
+
+
+def test_openvino_export_relays_an_ort_layout_model(tmp_path):
+    """An INT8 model quantized for ONNX Runtime (either capture) exported to OpenVINO gets the OpenVINO layout: a
+    graph pass on its calibrated scales, validated in OpenVINO against the torch model."""
+    pytest.importorskip("openvino")
+    model, x = TinyCSP().eval(), TinyCSP.example_inputs(32)
+    no_top1 = es.ValidationFloors(min_top1_agreement=0.0, float_top1_agreement=0.0)
+    for capture in ("fx", "onnx"):
+        q = es.quantize(model, es.QuantConfig(capture=capture, num_samples=32), data=x)
+        art = es.export(q, "openvino", example_inputs=x[:8], path=tmp_path / f"{capture}.xml", floors=no_top1)
+        lay = art.meta["qdq_layout"]
+        assert lay["runtime"] == "openvino" and "at export" in lay["when"], capture
+        assert lay["activation_pairs_dropped"] >= 5, (capture, lay)
+        assert art.validation["vs_float_reference"]["sqnr_db"] > 20, capture
+
+
+def test_zero_pads_before_convolutions_carry_the_quantization_and_fold_into_them(tmp_path):
+    """EfficientNet-Lite's "same" padding (F.pad before F.conv2d): no pair after a zero Pad, and OpenVINO folds each
+    Pad into the convolution it feeds (no Pad layer left in the compiled model)."""
+    model, x = TinySameConv().eval(), TinySameConv.example_inputs(32)
+    q = es.quantize(model, es.QuantConfig(num_samples=32, runtime="openvino"), data=x)
+    g = _layout._Graph(_graph(q))
+    pads = [n for n in g.model.graph.node if n.op_type == "Pad"]
+    assert len(pads) >= 2
+    assert not [c for p in pads for c in g.consumers[p.output[0]] if c.op_type == "QuantizeLinear"]
+    assert q.report.layout["preserving_pairs_dropped"] >= 2 and q.report.integer_mac_share >= 0.99
+    ov = pytest.importorskip("openvino")
+    path = tmp_path / "m.onnx"
+    path.write_bytes(q.onnx_bytes())
+    core = ov.Core()
+    compiled = core.compile_model(core.read_model(str(path)), "CPU", {"INFERENCE_NUM_THREADS": 1})
+    kinds = [str(op.get_rt_info()["layerType"].astype(str)) for op in compiled.get_runtime_model().get_ordered_ops()]
+    assert "Pad" not in kinds, kinds
+    assert _sqnr_db(q(x[:1]).detach().numpy(), compiled(x[:1].numpy())[0]) > 20

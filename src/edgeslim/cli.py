@@ -336,6 +336,8 @@ def cmd_quantize(a: argparse.Namespace) -> None:
             "per_tensor_sqnr_db": a.per_tensor_above,
             "reduce_range": {"on": True, "off": False}.get(a.reduce_range),
             "capture": a.capture,
+            "runtime": a.runtime,
+            "placement": a.placement,
         }.items()
         if v is not None
     }
@@ -801,6 +803,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="how the model's operations are found: fx (torch graph: needed by AdaRound, bias correction, "
         "QAT), onnx (the exported ONNX graph: sees functional convs, attention, HF models; an .onnx "
         "model always), auto (default: fx when it covers >= 90%% of the MACs)",
+    )
+    q.add_argument(
+        "--runtime",
+        choices=["onnxruntime", "openvino"],
+        help="the runtime the INT8 file's Q/DQ pairs are laid out for (static; default onnxruntime): openvino drops "
+        "the pairs OpenVINO cannot fuse (Conv->activation, after pad/split/concat/pool) and shares Concat ranges",
+    )
+    q.add_argument(
+        "--placement",
+        choices=["all", "measured"],
+        help="measured: layers whose integer kernel ONNX Runtime runs slower on this host stay float, when the "
+        "whole file times faster that way (static; default all)",
     )
     q.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor instead of per channel")
     q.add_argument(

@@ -271,10 +271,13 @@ def _export(
         raise ConfigError(f"format {format!r} takes precision {' or '.join(_edge.PRECISIONS[format])}, not {prec!r}")
     x, labels = _examples(example_inputs, floors.samples)
     has_graph = callable(getattr(model, "onnx_bytes", None))  # quantized on its ONNX graph, or an ONNX file
-    if (isinstance(x, Mapping) or has_graph) and format != "onnx":
+    # OpenVINO converts edgeslim's ONNX file, so a model quantized on its ONNX graph (or an ONNX file) goes there too
+    if (isinstance(x, Mapping) or (has_graph and format != "openvino")) and format != "onnx":
         raise ConfigError(
             f"format {format!r} takes models with one tensor input built in torch; this model "
-            f"({type(model).__name__}) exports to 'onnx' only"
+            f"({type(model).__name__}) exports to 'onnx'"
+            + (" or 'openvino'" if not isinstance(x, Mapping) else "")
+            + " only"
         )
     target = Path(path) if path else Path(f"{type(model).__name__.lower()}-{prec}{_edge.SUFFIX[format]}")
     if target.suffix != _edge.SUFFIX[format]:
@@ -389,6 +392,17 @@ def _placed_float(model: Any) -> set[str]:
     return set(placement.get("float_nodes") or ())
 
 
+def _relay_for_openvino(path: Path) -> dict[str, Any]:
+    """Lay the Q/DQ pairs of an INT8 ONNX file written for ONNX Runtime out for OpenVINO, in place (a pure graph
+    pass on the calibrated scales: what ``QuantConfig(runtime="openvino")`` does at quantize time), so an OpenVINO
+    artifact fuses each activation into its convolution whatever the model was quantized for."""
+    from edgeslim.quantize._layout import for_openvino
+
+    graph, record = for_openvino(path.read_bytes())
+    path.write_bytes(graph)
+    return {**record, "when": "at export (the model's Q/DQ pairs were laid out for onnxruntime)"}
+
+
 def _layout_runtime(model: Any) -> str:
     """The runtime a quantized model's Q/DQ pairs are laid out for (``QuantConfig.runtime``)."""
     from edgeslim.quantize import QuantConfig
@@ -473,7 +487,12 @@ def _export_edge(
             onnx_art = export(
                 model, "onnx", example_inputs=x, path=Path(td) / "model.onnx", validate=False, opset=opset
             )
+            layout = None
+            if prec == "int8" and _layout_runtime(model) != "openvino":
+                layout = _relay_for_openvino(onnx_art.path)
             meta = _edge.write_openvino(onnx_art.path, tmp)
+            if layout is not None:
+                meta["qdq_layout"] = layout
         elif fmt == "tflite":
             meta = _edge.write_tflite(model, x, tmp, prec, calib)
         else:

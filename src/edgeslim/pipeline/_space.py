@@ -414,7 +414,7 @@ class Space(Config):
             finetune_batch_size=16,
             bn_samples=512,
             equalize=(False,),
-            bias_correction=(False,),
+            bias_correction=(True,),
             mixed_precision=(False,),
             calib_samples=256,
             quant_placement="measured",

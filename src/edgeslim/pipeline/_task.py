@@ -238,7 +238,7 @@ def check_space(task: Classify, space: Any) -> None:
             "Space.mixed_precision=(True, ...): mixed precision is not searched for detectors (its layer "
             "sensitivity is scored by top-1 accuracy); use (False,)"
         )
-    torch_only = [f for f in ("equalize", "bias_correction") if True in getattr(space, f)]
+    torch_only = [f for f in ("equalize",) if True in getattr(space, f)]
     if torch_only:
         raise ConfigError(
             f"Space.{torch_only[0]}=(True, ...): not searched for detectors (it needs the torch fake-quant capture; "

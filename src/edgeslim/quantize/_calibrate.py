@@ -175,6 +175,9 @@ class Observer:
         self.count_zeros = count_zeros  # only the entropy method reads it; counting costs a pass over the tensor
         self._radius = 0.0  # the one-pass histogram covers [-radius, radius] in ONE_PASS_BINS bins
         self._calls = 0
+        self.channel_sums = False  # also sum each channel (axis 1) for its mean (the ONNX capture's bias correction)
+        self.channel_total: np.ndarray | None = None
+        self.channel_count = 0.0
 
     def observe(self, x: torch.Tensor) -> bool:
         """One pass: min, max and a zero-aligned histogram whose range doubles when a batch goes beyond it.
@@ -185,6 +188,10 @@ class Observer:
         costs no pass of its own).
         """
         samples = int(x.shape[0]) if x.ndim > 1 else 1
+        if self.channel_sums and x.ndim >= 2:
+            s = x.detach().double().sum([d for d in range(x.ndim) if d != 1]).numpy()
+            self.channel_total = s if self.channel_total is None else self.channel_total + s
+            self.channel_count += x.numel() / max(int(x.shape[1]), 1)
         x = x.detach().float().reshape(-1)
         if x.numel() == 0:
             return True

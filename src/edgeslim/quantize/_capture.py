@@ -249,6 +249,7 @@ class OnnxQuantizedModel(nn.Module):
                         f"the recorded {what} {len(lost)} {kind} the model's ONNX graph does not "
                         f"have (e.g. {lost[:3]}): the model is not the one quantized"
                     )
+            graph = _onnx.with_bias_deltas(graph, self.plan.get("bias_deltas") or {})
             self._graph = _onnx.build_qdq(graph, self.plan["ranges"], self.plan["excluded"], self.config, per_tensor)
         return self._graph
 
@@ -310,7 +311,9 @@ def quantize_onnx(
     else:
         graph = _onnx.constants_to_initializers(graph)
     _end(timings, "capture")
-    ranges = _onnx.calibrate(graph, batches, config) if config.mode == QuantMode.STATIC else {}
+    correct = config.bias_correction is not False and config.mode == QuantMode.STATIC  # None: on for this capture
+    means: dict[str, np.ndarray] | None = {} if correct else None
+    ranges = _onnx.calibrate(graph, batches, config, means) if config.mode == QuantMode.STATIC else {}
     if config.mode == QuantMode.STATIC:
         report.calibration_runtime = "onnxruntime (one pass)"
         ranges, widened = _onnx.widen_for_bias(graph, ranges, config)
@@ -357,6 +360,15 @@ def quantize_onnx(
     qgraph = _onnx.build_qdq(graph, ranges, excluded, config, sorted(granularity), record=layout)
     report.layout = layout or None
     _end(timings, "convert")
+    deltas: dict[str, list[float]] = {}
+    if means is not None:  # bias correction: the weight rounding's mean output shift, measured, then rebuilt
+        deltas = _onnx.bias_deltas(graph, qgraph, means)
+        if deltas:
+            qgraph = _onnx.build_qdq(
+                _onnx.with_bias_deltas(graph, deltas), ranges, excluded, config, sorted(granularity)
+            )
+        report.corrections["bias_corrected_layers"] = len(deltas)
+        _end(timings, "bias_correction")
     plan = {
         "inputs": spec,
         "keyed": keyed,
@@ -367,6 +379,8 @@ def quantize_onnx(
     }
     if granularity:  # weights quantized per tensor (per_tensor_sqnr_db): a replay keeps the record, not the rule
         plan["per_tensor"] = sorted(granularity)
+    if deltas:  # bias correction's shifts (measured on the calibration data): a replay adds them, no data needed
+        plan["bias_deltas"] = deltas
     if tail_record and tail_record.get("detector_output"):
         plan["task"] = "detect"  # export validates its boxes and scores apart, with no top-1 (kept by a recipe)
     cfg = config.replace(capture=Capture.ONNX)

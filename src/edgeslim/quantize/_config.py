@@ -93,7 +93,11 @@ class QuantConfig(Config):
         adaround_iterations: optimisation steps per layer for AdaRound (AIMET uses 10k; 500-2k fit a CPU).
         adaround_samples: calibration samples AdaRound reconstructs each layer on (at most ``num_samples``).
         bias_correction: subtract each quantized layer's mean output error on the calibration data from its
-            bias (static mode).
+            bias (static mode). ``None`` (default): on for the ONNX capture, off for fx. The fx capture measures
+            each layer's error layer by layer on the fake-quant model (a pass per layer); the ONNX capture removes
+            the shift weight rounding causes, ``-sum(dW * E[x])`` per output channel with the per-channel input
+            means measured in the calibration pass (no extra pass: under a second on YOLOv8n; +1.3 to +2.9 dB SQNR
+            vs FP32 on MobileNetV2 and an EfficientNet-like net at 224x224).
         seed: seed of the calibration subset.
         capture: ``auto`` (default), ``fx`` or ``onnx`` (:class:`Capture`): how the model's operations are found.
         tail_sqnr_db: the ONNX capture's head precision (static mode): every node between a graph output and the
@@ -133,7 +137,7 @@ class QuantConfig(Config):
     adaround: bool = False
     adaround_iterations: int = 1000
     adaround_samples: int = 256
-    bias_correction: bool = False
+    bias_correction: bool | None = None
     seed: int = 0
     capture: Capture = Capture.AUTO
     tail_sqnr_db: float | None = 50.0

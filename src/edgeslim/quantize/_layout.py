@@ -30,9 +30,11 @@ from typing import Any
 import numpy as np
 
 #: ops whose output values are a subset / rearrangement of their inputs': a quantized input stays quantized through
-#: them (Resize only in nearest mode: a linear resize makes values between the grid's)
+#: them (Resize only in nearest mode: a linear resize makes values between the grid's; Pad only with zeros, which
+#: every range holds exactly, and then OpenVINO folds it into the next convolution's padding)
 PRESERVING = frozenset(
     {
+        "Pad",
         "Split",
         "MaxPool",
         "Resize",
@@ -115,6 +117,13 @@ def _preserves(g: _Graph, n: Any) -> bool:
     if n.op_type == "Resize":
         mode = next((a.s.decode() for a in n.attribute if a.name == "mode"), "nearest")
         return mode == "nearest"
+    if n.op_type == "Pad":
+        mode = next((a.s.decode() for a in n.attribute if a.name == "mode"), "constant")
+        if mode != "constant":
+            return False
+        if len(n.input) > 2 and n.input[2]:
+            return n.input[2] in g.inits and not _array(g, n.input[2]).any()
+        return True
     return True
 
 

@@ -182,11 +182,14 @@ def float_activations(model) -> list[str]:
     return out
 
 
-def calibrate(graph: bytes, batches: list[Any], config: QuantConfig) -> dict[str, tuple[float, float]]:
+def calibrate(
+    graph: bytes, batches: list[Any], config: QuantConfig, means: dict[str, np.ndarray] | None = None
+) -> dict[str, tuple[float, float]]:
     """One clipping range per float activation of ``graph``, from edgeslim's calibration method on ``batches``.
 
     One pass over the data in ONNX Runtime (``_observe.observe_graph``): min, max and a histogram per tensor. Graph
-    inputs keep their observed range (clipping input data only loses information).
+    inputs keep their observed range (clipping input data only loses information). ``means`` (for bias correction)
+    receives the per-channel mean (axis 1) of every Conv/Gemm data input, from the same pass.
     """
     from edgeslim.quantize._observe import observe_graph
 
@@ -197,9 +200,26 @@ def calibrate(graph: bytes, batches: list[Any], config: QuantConfig) -> dict[str
     entropy = config.calibration == "entropy"
     same = shared_ranges(model, set(names))
     observers = {n: Observer(count_zeros=entropy) for n in names if n not in same}
+    if means is not None:
+        for n in model.graph.node:
+            if n.op_type in ("Conv", "Gemm") and n.input and n.input[0]:
+                t = n.input[0]
+                while t in same:  # a zero Pad's output: its input's means (the border zeros are left out)
+                    t = same[t]
+                observers.setdefault(t, Observer(count_zeros=entropy)).channel_sums = True
     signed = config.activation_type == ActivationType.INT8
     qmin, qmax = (-128, 127) if signed else (0, 255)
     infinite = observe_graph(graph, observers, batches)
+    if means is not None:
+        for n in model.graph.node:
+            if n.op_type in ("Conv", "Gemm") and n.input and n.input[0]:
+                t = n.input[0]
+                while t in same:
+                    t = same[t]
+                obs = observers.get(t)
+                if obs is not None and obs.channel_count and t not in infinite:
+                    means[n.input[0]] = obs.channel_total / obs.channel_count
+    observers = {n: o for n, o in observers.items() if n in names and n not in same}
     method = CALIBRATORS.get(config.calibration)
     ranges = dict.fromkeys(infinite, (-math.inf, math.inf))
     for n, obs in observers.items():
@@ -541,7 +561,158 @@ def write_qdq(
                     **({"TensorQuantOverrides": overrides} if overrides else {}),
                 },
             )
-        return dst.read_bytes()
+        return float_inputs_for(dst.read_bytes(), excluded)
+
+
+def _subgraph_reads(graph: Any) -> set[str]:
+    """Names read inside the If/Loop/Scan bodies of ``graph`` (they may read the outer graph's initializers)."""
+    out: set[str] = set()
+    for n in graph.node:
+        for a in n.attribute:
+            for g in [a.g] if a.HasField("g") else list(a.graphs):
+                out |= {t for m in g.node for t in m.input} | _subgraph_reads(g)
+    return out
+
+
+def float_inputs_for(quantized: bytes, excluded: Mapping[str, str]) -> bytes:
+    """Excluded Conv/Gemm/MatMul nodes read their float inputs, not the dequantized ones.
+
+    ORT's QDQ writer leaves an excluded node between a DequantizeLinear (its input, quantized for another reader)
+    and a QuantizeLinear (its output, the next layer's input); ONNX Runtime's graph optimizer then fuses that float
+    node into an integer kernel anyway (it quantizes the constant weights itself), so the layer kept float for
+    accuracy or speed would run in integer. Reading the value before the Q/DQ pair keeps it float, as the report says.
+    """
+    mac = set(excluded)
+    onnx = _onnx()
+    model = onnx.load_from_string(quantized)
+    producer = {o: n for n in model.graph.node for o in n.output}
+    changed = False
+    for n in model.graph.node:
+        if n.op_type not in MAC_OPS or n.name not in mac:
+            continue
+        data = (0, 1) if n.op_type == "MatMul" else (0,)
+        for j in data:
+            if j >= len(n.input):
+                continue
+            dq = producer.get(n.input[j])
+            q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+            if q is not None and q.op_type == "QuantizeLinear":
+                n.input[j] = q.input[0]
+                changed = True
+    used = {t for n in model.graph.node for t in n.input} | {o.name for o in model.graph.output}
+    for _ in range(2):  # a DQ nobody reads any more, then its Q
+        keep = [
+            n
+            for n in model.graph.node
+            if n.op_type not in ("QuantizeLinear", "DequantizeLinear") or any(o in used for o in n.output)
+        ]
+        del model.graph.node[:]
+        model.graph.node.extend(keep)
+        used = {t for n in model.graph.node for t in n.input} | {o.name for o in model.graph.output}
+    # and no initializer nobody reads (ORT's writer leaves the float copies of shared biases it duplicated)
+    used |= _subgraph_reads(model.graph)
+    unused = [i for i in model.graph.initializer if i.name not in used]
+    if not changed and not unused:
+        return quantized
+    for i in unused:
+        model.graph.initializer.remove(i)
+    return model.SerializeToString()
+
+
+def bias_deltas(graph: bytes, quantized: bytes, means: Mapping[str, np.ndarray]) -> dict[str, list[float]]:
+    """Bias correction on the ONNX graph: for each Conv/Gemm whose weights ``quantized`` dequantizes, the shift of
+    its mean output that weight rounding causes, ``-sum(dW * E[x])`` per output channel (``E[x]``: the float input's
+    per-channel mean on the calibration data), to add to its bias. The weight-error term of Nagel et al.'s bias
+    correction (DFQ, 2019), with measured input means; activation rounding is left alone (unbiased to first order).
+
+    Returns ``{node name: [delta per output channel]}`` for nodes found in both graphs.
+    """
+    from onnx import numpy_helper
+
+    onnx = _onnx()
+    fmodel, qmodel = onnx.load_from_string(graph), onnx.load_from_string(quantized)
+    finit = {i.name: i for i in fmodel.graph.initializer}
+    qinit = {i.name: i for i in qmodel.graph.initializer}
+    qprod = {o: n for n in qmodel.graph.node for o in n.output}
+    qnodes = {n.name: n for n in qmodel.graph.node if n.name}
+    out: dict[str, list[float]] = {}
+    for i, n in enumerate(fmodel.graph.node):
+        name = n.name or node_name(n, i)
+        q = qnodes.get(name)
+        if n.op_type not in ("Conv", "Gemm") or q is None or len(n.input) < 2 or n.input[1] not in finit:
+            continue
+        mean = means.get(n.input[0])
+        dq = qprod.get(q.input[1])
+        if mean is None or dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in qinit:
+            continue
+        w = numpy_helper.to_array(finit[n.input[1]]).astype(np.float64)
+        wq = numpy_helper.to_array(qinit[dq.input[0]]).astype(np.float64)
+        scale = numpy_helper.to_array(qinit[dq.input[1]]).astype(np.float64)
+        zp = numpy_helper.to_array(qinit[dq.input[2]]).astype(np.float64) if len(dq.input) > 2 else np.zeros(1)
+        axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
+        if scale.size > 1:
+            shape = [1] * wq.ndim
+            shape[axis] = -1
+            scale, zp = scale.reshape(shape), zp.reshape(shape)
+        dw = (wq - zp) * scale - w
+        if n.op_type == "Conv":
+            groups = next((a.i for a in n.attribute if a.name == "group"), 1)
+            cout, cin_g = dw.shape[0], dw.shape[1]
+            if mean.shape[0] != cin_g * groups or cout % groups:
+                continue
+            per_in = dw.reshape(cout, cin_g, -1).sum(-1)  # [Cout, Cin/g]
+            m = mean.reshape(groups, cin_g)[np.arange(cout) // (cout // groups)]  # each output's group's inputs
+            delta = -(per_in * m).sum(1)
+        else:
+            attrs = {a.name: a.i for a in n.attribute if a.name in ("transA", "transB")}
+            if attrs.get("transA"):
+                continue
+            wmat = dw.T if attrs.get("transB") else dw  # [K, N]
+            if wmat.ndim != 2 or mean.shape[0] != wmat.shape[0]:
+                continue
+            delta = -(mean @ wmat)
+        out[name] = [float(v) for v in delta]
+    return out
+
+
+def with_bias_deltas(graph: bytes, deltas: Mapping[str, list[float]]) -> bytes:
+    """``graph`` with ``deltas[node]`` added to each named Conv/Gemm's bias (a zero bias made for nodes without)."""
+    from onnx import numpy_helper
+
+    if not deltas:
+        return graph
+    onnx = _onnx()
+    model = onnx.load_from_string(graph)
+    inits = {i.name: i for i in model.graph.initializer}
+    users: dict[str, int] = {}
+    for n in model.graph.node:
+        for t in n.input:
+            users[t] = users.get(t, 0) + 1
+    for i, n in enumerate(model.graph.node):
+        name = n.name or node_name(n, i)
+        if name not in deltas:
+            continue
+        d = np.asarray(deltas[name], dtype=np.float32)
+        if len(n.input) > 2 and n.input[2]:
+            if n.input[2] not in inits:
+                continue
+            b = numpy_helper.to_array(inits[n.input[2]]).astype(np.float32)
+            if b.shape != d.shape:
+                continue
+            if users.get(n.input[2], 0) > 1:  # a bias shared with another node gets its own copy
+                new = f"{name}_bias_corrected"
+                model.graph.initializer.append(numpy_helper.from_array(b + d, new))
+                n.input[2] = new
+            else:
+                inits[n.input[2]].CopyFrom(numpy_helper.from_array(b + d, n.input[2]))
+        else:
+            new = f"{name}_bias_corrected"
+            model.graph.initializer.append(numpy_helper.from_array(d, new))
+            if len(n.input) == 2:
+                n.input.append(new)
+            else:  # an empty bias name
+                n.input[2] = new
+    return model.SerializeToString()
 
 
 def write_dynamic(graph: bytes, excluded: Mapping[str, str], config: QuantConfig) -> bytes:
@@ -691,7 +862,6 @@ def check_onnx_config(config: QuantConfig) -> None:
     """Refuse settings the ONNX capture does not do (they need the torch fake-quant model: ``capture="fx"``)."""
     torch_only = {
         "adaround": config.adaround,
-        "bias_correction": config.bias_correction,
         "equalize": config.equalize,
         "int8_layers": bool(config.int8_layers),
         "quantize_output": config.quantize_output,

@@ -17,6 +17,7 @@ from tiny import (
     tiny_bert_inputs,
     wide_channel_convs,
 )
+from torch import nn
 
 import edgeslim as es
 from edgeslim.core.errors import ConfigError, ExportError
@@ -374,3 +375,42 @@ def test_onnx_capture_bias_correction_removes_the_weight_rounding_shift(tmp_path
     assert before > 1e-3 and after < before / 3, (before, after)  # here: 0.0019 -> 0.0002
     back = es.load(es.save(corrected, tmp_path / "q.recipe"), model=TinySameConv().eval())
     assert back.onnx_bytes() == corrected.onnx_bytes()
+
+
+class _Fork(nn.Module):
+    """conv-BN-ReLU6 read by two convs (one to be kept float), joined by an add, then a last conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.c1, self.bn = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.c2, self.c3, self.c4 = nn.Conv2d(16, 16, 3, padding=1), nn.Conv2d(16, 16, 1), nn.Conv2d(16, 8, 1)
+        self.bn.running_mean.uniform_(-1, 1)  # many negative pre-activations: the clamp matters
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = nn.functional.relu6(self.bn(self.c1(x)))
+        return self.c4(nn.functional.relu6(self.c2(a)) + self.c3(a))
+
+
+def test_a_layer_kept_float_after_a_folded_relu6_keeps_its_clamped_input(tmp_path):
+    """ORT's writer folds a ReLU6 into the Q/DQ pair after a Conv (the tensor before the pair is the unclamped Conv
+    output): a layer kept float there keeps its dequantized (clamped) input, so its output stays close to FP32, and
+    its reason says ONNX Runtime's optimizer may still run it as an integer kernel (it sits between a DQ and a Q)."""
+    model = _Fork().eval()
+    x = torch.randn(32, 3, 12, 12, generator=torch.Generator().manual_seed(0)) * 2
+    ref = model(x).detach().numpy()
+    cfg = es.QuantConfig(num_samples=32, capture="onnx")
+    q_all = es.quantize(model, cfg, data=x)
+    q_float = es.quantize(model, cfg.replace(exclude=("c2",)), data=x)
+    skipped = {s["module"]: s["reason"] for s in q_float.report.skipped_layers}
+    assert list(skipped) == ["c2"] and "may quantize its weights" in skipped["c2"]
+
+    def sqnr(q) -> float:
+        with torch.no_grad():
+            y = q(x).numpy()
+        return float(10 * np.log10((ref**2).sum() / ((ref - y) ** 2).sum()))
+
+    assert sqnr(q_float) > 25 and sqnr(q_float) >= sqnr(q_all) - 1.0, (sqnr(q_float), sqnr(q_all))
+    art = es.export(q_float, "onnx", example_inputs=x[:8], path=tmp_path / "q.onnx",
+                    floors=es.ValidationFloors(min_top1_agreement=0.0, float_top1_agreement=0.0))  # fmt: skip
+    assert optimized_op_types(art.path)["QLinearConv"] >= 3  # c1, c3, c4 integer (the kept input costs none)

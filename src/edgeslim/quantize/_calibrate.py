@@ -189,7 +189,11 @@ class Observer:
         """
         samples = int(x.shape[0]) if x.ndim > 1 else 1
         if self.channel_sums and x.ndim >= 2:
-            s = x.detach().double().sum([d for d in range(x.ndim) if d != 1]).numpy()
+            # per-sample sums in float32 (fast, accurate enough: at most H*W values each), then added in float64
+            per_sample = x.detach().float()
+            if x.ndim > 2:
+                per_sample = per_sample.sum(list(range(2, x.ndim)))
+            s = per_sample.double().sum(0).numpy()
             self.channel_total = s if self.channel_total is None else self.channel_total + s
             self.channel_count += x.numel() / max(int(x.shape[1]), 1)
         x = x.detach().float().reshape(-1)

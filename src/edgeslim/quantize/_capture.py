@@ -418,6 +418,7 @@ def fill_onnx_report(report: Any, q: OnnxQuantizedModel, why: str, pre_err: str 
     modules = not isinstance(q.float_model, OnnxModel)
     per_tensor = report.corrections.get("per_tensor_layers") or {}
     depthwise = set(_onnx.depthwise_weights(_onnx._onnx().load_from_string(q.onnx_bytes())).values())
+    fusable = _onnx.ort_may_fuse(q.onnx_bytes()) if q.config.runtime == "onnxruntime" else set()
     for n in im["nodes"]:
         module = _module_label(n["node"], modules)
         if n["integer"]:
@@ -443,7 +444,13 @@ def fill_onnx_report(report: Any, q: OnnxQuantizedModel, why: str, pre_err: str 
                     "type": n["op"],
                     "module": module,
                     "macs": n["macs"],
-                    "reason": _onnx.float_reason(n["node"], n["op"], q.plan["excluded"], q.config),
+                    "reason": _onnx.float_reason(n["node"], n["op"], q.plan["excluded"], q.config)
+                    + (
+                        " (it sits between a DequantizeLinear and a QuantizeLinear: ONNX Runtime's optimizer may "
+                        "quantize its weights and run it as an integer kernel)"
+                        if n["node"] in fusable
+                        else ""
+                    ),
                 }
             )
     for node in im["unknown"]:

@@ -561,7 +561,7 @@ def write_qdq(
                     **({"TensorQuantOverrides": overrides} if overrides else {}),
                 },
             )
-        return float_inputs_for(dst.read_bytes(), excluded)
+        return float_inputs_for(dst.read_bytes(), excluded, model)
 
 
 def _subgraph_reads(graph: Any) -> set[str]:
@@ -574,31 +574,72 @@ def _subgraph_reads(graph: Any) -> set[str]:
     return out
 
 
-def float_inputs_for(quantized: bytes, excluded: Mapping[str, str]) -> bytes:
-    """Excluded Conv/Gemm/MatMul nodes read their float inputs, not the dequantized ones.
+def ort_may_fuse(quantized: bytes) -> set[str]:
+    """Float Conv/Gemm/MatMul nodes between a DequantizeLinear and a QuantizeLinear (through a ReLU/Clip), whose
+    constant float weights ONNX Runtime's optimizer may quantize itself, running them as integer kernels."""
+    onnx = _onnx()
+    model = onnx.load_from_string(quantized)
+    producer = {o: n for n in model.graph.node for o in n.output}
+    readers: dict[str, list[Any]] = {}
+    for m in model.graph.node:
+        for t in m.input:
+            readers.setdefault(t, []).append(m)
+    inits = {i.name for i in model.graph.initializer}
+    out = set()
+    for n in model.graph.node:
+        if n.op_type not in MAC_OPS or len(n.input) < 2 or n.input[1] not in inits:
+            continue
+        p = producer.get(n.input[0])
+        after = readers.get(n.output[0], [])
+        if len(after) == 1 and after[0].op_type in ("Relu", "Clip"):
+            after = readers.get(after[0].output[0], [])
+        if p is not None and p.op_type == "DequantizeLinear" and any(r.op_type == "QuantizeLinear" for r in after):
+            out.add(n.name)
+    return out
+
+
+def float_inputs_for(quantized: bytes, excluded: Mapping[str, str], float_model: Any) -> bytes:
+    """Excluded Conv/Gemm/MatMul nodes read their float inputs, not the dequantized ones, where that costs nothing.
 
     ORT's QDQ writer leaves an excluded node between a DequantizeLinear (its input, quantized for another reader)
     and a QuantizeLinear (its output, the next layer's input); ONNX Runtime's graph optimizer then fuses that float
     node into an integer kernel anyway (it quantizes the constant weights itself), so the layer kept float for
     accuracy or speed would run in integer. Reading the value before the Q/DQ pair keeps it float, as the report says.
+    Done only where the pair's input is the float graph's own tensor, made by an op that is not a Conv/Gemm/MatMul
+    (e.g. a Pad): a ReLU/Clip the writer folded into the pair would be lost, and a quantized Conv would lose its
+    integer kernel (its output then has a float reader). In those cases the layer keeps its dequantized input and
+    ONNX Runtime may fuse it (the report's reason says so).
     """
     mac = set(excluded)
     onnx = _onnx()
     model = onnx.load_from_string(quantized)
     producer = {o: n for n in model.graph.node for o in n.output}
+    fproducer = {o: n for n in float_model.graph.node for o in n.output}
+    readers: dict[str, list[Any]] = {}
+    for m in model.graph.node:
+        for t in m.input:
+            readers.setdefault(t, []).append(m)
     changed = False
     for n in model.graph.node:
         if n.op_type not in MAC_OPS or n.name not in mac:
             continue
-        data = (0, 1) if n.op_type == "MatMul" else (0,)
-        for j in data:
+        after = readers.get(n.output[0], [])
+        if len(after) == 1 and after[0].op_type in ("Relu", "Clip"):  # ORT fuses the activation first
+            after = readers.get(after[0].output[0], [])
+        if not any(r.op_type == "QuantizeLinear" for r in after):
+            continue  # no DQ -> node -> Q pattern: ONNX Runtime keeps it float as it is
+        for j in (0, 1) if n.op_type == "MatMul" else (0,):
             if j >= len(n.input):
                 continue
             dq = producer.get(n.input[j])
             q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
-            if q is not None and q.op_type == "QuantizeLinear":
-                n.input[j] = q.input[0]
-                changed = True
+            if q is None or q.op_type != "QuantizeLinear":
+                continue
+            made, fp = producer.get(q.input[0]), fproducer.get(q.input[0])
+            if made is None or fp is None or made.op_type != fp.op_type or made.op_type in MAC_OPS:
+                continue
+            n.input[j] = q.input[0]
+            changed = True
     used = {t for n in model.graph.node for t in n.input} | {o.name for o in model.graph.output}
     for _ in range(2):  # a DQ nobody reads any more, then its Q
         keep = [

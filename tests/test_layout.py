@@ -43,7 +43,7 @@ def test_openvino_layout_drops_activation_and_preserving_pairs_and_shares_concat
     assert lay["runtime"] == "openvino" and lay["activation_pairs_dropped"] >= 5  # every Conv->SiLU/HardSwish
     assert lay["preserving_pairs_dropped"] >= 2 and lay["concat_inputs_unified"] >= 4
     assert "laid out for openvino" in ov_q.report.summary()
-    g = _layout._Graph(_graph(ov_q))
+    g = _layout.QdqGraph(_graph(ov_q))
     for n in g.model.graph.node:
         if n.op_type == "QuantizeLinear" and n.input[0] not in g.inits:
             # no pair between a Conv and its activation, none right after a precision-preserving op
@@ -63,7 +63,7 @@ def test_openvino_layout_drops_activation_and_preserving_pairs_and_shares_concat
             }
             assert len(params) == 1, (n.name, params)
     # the ORT layout quantizes every Conv output (it fuses into QLinearConv); the OpenVINO one leaves them to the act
-    ort_g = _layout._Graph(_graph(ort_q))
+    ort_g = _layout.QdqGraph(_graph(ort_q))
     conv_q = [n for n in ort_g.model.graph.node if n.op_type == "QuantizeLinear" and ort_g.op(n.input[0]) == "Conv"]
     assert len(conv_q) >= 5
     # every Conv still runs integer as OpenVINO reads the graph (and the report says so)
@@ -163,7 +163,7 @@ def test_zero_pads_before_convolutions_carry_the_quantization_and_fold_into_them
     Pad into the convolution it feeds (no Pad layer left in the compiled model)."""
     model, x = TinySameConv().eval(), TinySameConv.example_inputs(32)
     q = es.quantize(model, es.QuantConfig(num_samples=32, runtime="openvino"), data=x)
-    g = _layout._Graph(_graph(q))
+    g = _layout.QdqGraph(_graph(q))
     pads = [n for n in g.model.graph.node if n.op_type == "Pad"]
     assert len(pads) >= 2
     assert not [c for p in pads for c in g.consumers[p.output[0]] if c.op_type == "QuantizeLinear"]

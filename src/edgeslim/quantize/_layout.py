@@ -62,7 +62,9 @@ CONCAT_RANGE_RATIO = 16.0
 PRODUCERS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 
 
-class _Graph:
+class QdqGraph:
+    """A Q/DQ ONNX model with its producer / consumer maps, rebuilt after each batch of pair removals."""
+
     def __init__(self, model: Any) -> None:
         self.model = model
         self.inits = {i.name: i for i in model.graph.initializer}
@@ -111,7 +113,7 @@ class _Graph:
         return len(rename)
 
 
-def _preserves(g: _Graph, n: Any) -> bool:
+def _preserves(g: QdqGraph, n: Any) -> bool:
     if n.op_type not in PRESERVING:
         return False
     if n.op_type == "Resize":
@@ -127,7 +129,7 @@ def _preserves(g: _Graph, n: Any) -> bool:
     return True
 
 
-def quantized_source(g: _Graph, tensor: str, _depth: int = 0) -> list[Any] | None:
+def quantized_source(g: QdqGraph, tensor: str, _depth: int = 0) -> list[Any] | None:
     """The DequantizeLinear nodes ``tensor`` comes from through precision-preserving ops (one per data input of
     each Concat on the way), or None when some path reaches a float value."""
     p = g.producer.get(tensor)
@@ -147,7 +149,7 @@ def quantized_source(g: _Graph, tensor: str, _depth: int = 0) -> list[Any] | Non
     return found
 
 
-def _fused_activation_pairs(g: _Graph) -> tuple[set[int], dict[str, str]]:
+def _fused_activation_pairs(g: QdqGraph) -> tuple[set[int], dict[str, str]]:
     drop: set[int] = set()
     rename: dict[str, str] = {}
     for q in g.model.graph.node:
@@ -161,7 +163,7 @@ def _fused_activation_pairs(g: _Graph) -> tuple[set[int], dict[str, str]]:
     return drop, rename
 
 
-def _gated_activation(g: _Graph, dq_outs: list[str], users: list[Any]) -> bool:
+def _gated_activation(g: QdqGraph, dq_outs: list[str], users: list[Any]) -> bool:
     """Whether every reader of the Conv's dequantized output is an elementwise activation of that output alone (a
     gate's Mul multiplies it by a Sigmoid/HardSigmoid of it), so OpenVINO fuses the chain into the Conv."""
     gates = {u.output[0] for u in users if u.op_type in GATES}
@@ -176,18 +178,18 @@ def _gated_activation(g: _Graph, dq_outs: list[str], users: list[Any]) -> bool:
     return True
 
 
-def _width(g: _Graph, dq: Any) -> float:
+def _width(g: QdqGraph, dq: Any) -> float:
     scale = _array(g, dq.input[1])
     return float(np.max(scale)) * 255.0
 
 
-def _array(g: _Graph, name: str) -> np.ndarray:
+def _array(g: QdqGraph, name: str) -> np.ndarray:
     from onnx import numpy_helper
 
     return numpy_helper.to_array(g.inits[name])
 
 
-def _scalar_params(g: _Graph, dq: Any) -> tuple[float, int, Any] | None:
+def _scalar_params(g: QdqGraph, dq: Any) -> tuple[float, int, Any] | None:
     if len(dq.input) < 3 or dq.input[1] not in g.inits or dq.input[2] not in g.inits:
         return None
     s, z = _array(g, dq.input[1]), _array(g, dq.input[2])
@@ -196,7 +198,7 @@ def _scalar_params(g: _Graph, dq: Any) -> tuple[float, int, Any] | None:
     return float(s), int(z), z.dtype
 
 
-def _unify(g: _Graph, group: list[Any]) -> bool:
+def _unify(g: QdqGraph, group: list[Any]) -> bool:
     """Give every quantizer of ``group`` (its DQs and the Qs feeding them) the union of their ranges."""
     from onnx import numpy_helper
 
@@ -231,7 +233,7 @@ def _unify(g: _Graph, group: list[Any]) -> bool:
     return True
 
 
-def _drop_preserving_pairs(g: _Graph, concat: bool) -> int:
+def _drop_preserving_pairs(g: QdqGraph, concat: bool) -> int:
     """Drop the Q/DQ pairs on the outputs of precision-preserving ops (Concats only when ``concat``) whose data
     inputs are quantized already."""
     drop: set[int] = set()
@@ -247,7 +249,7 @@ def _drop_preserving_pairs(g: _Graph, concat: bool) -> int:
     return g.apply(drop, rename)
 
 
-def _share_concat_ranges(g: _Graph) -> tuple[int, list[str]]:
+def _share_concat_ranges(g: QdqGraph) -> tuple[int, list[str]]:
     """Concats in graph order: the quantizers of each one's inputs (traced through precision-preserving ops and the
     Concats before it) join one group with one range (union-find over the quantized tensors, so a tensor feeding two
     Concats ties both), and its own output pair goes. A Concat whose groups' ranges are more than
@@ -303,7 +305,7 @@ def for_openvino(graph: bytes) -> tuple[bytes, dict[str, Any]]:
     for i, n in enumerate(model.graph.node):
         if not n.name:
             n.name = f"{n.op_type}_{i}"
-    g = _Graph(model)
+    g = QdqGraph(model)
     drop, rename = _fused_activation_pairs(g)
     fused = g.apply(drop, rename)
     preserved = _drop_preserving_pairs(g, concat=False)
@@ -318,7 +320,7 @@ def for_openvino(graph: bytes) -> tuple[bytes, dict[str, Any]]:
     return model.SerializeToString(), record
 
 
-def integer_input(g: _Graph, tensor: str) -> bool:
+def integer_input(g: QdqGraph, tensor: str) -> bool:
     """OpenVINO's view: a Conv/MatMul input is integer when it reaches a DequantizeLinear through
     precision-preserving ops (a weight: when it is a DequantizeLinear of an initializer)."""
     p = g.producer.get(tensor)

@@ -843,9 +843,9 @@ def integer_macs(
 
     lpt = None
     if runtime == "openvino":
-        from edgeslim.quantize._layout import _Graph, integer_input
+        from edgeslim.quantize._layout import QdqGraph, integer_input
 
-        lpt = _Graph(model)
+        lpt = QdqGraph(model)
 
     def from_dq(t: str) -> bool:
         if lpt is not None:

@@ -350,7 +350,7 @@ def _export(
             validation = _validate(model, tmp, x, ref, labels, prec, floors)
             phase("validate")
             pb.update()
-        integer = _integer_share(tmp, x, prec, _placed_float(model), target.name, _layout_runtime(model))
+        integer = _integer_share(tmp, x, prec, model, target.name)
         phase("integer_macs")
         if not macs and integer:
             macs = integer["total_macs"]  # an ONNX-file model: torch's counter sees no ops, the graph has them
@@ -392,35 +392,32 @@ def _placed_float(model: Any) -> set[str]:
     return set(placement.get("float_nodes") or ())
 
 
-def _relay_for_openvino(path: Path) -> dict[str, Any]:
-    """Lay the Q/DQ pairs of an INT8 ONNX file written for ONNX Runtime out for OpenVINO, in place (a pure graph
-    pass on the calibrated scales: what ``QuantConfig(runtime="openvino")`` does at quantize time), so an OpenVINO
-    artifact fuses each activation into its convolution whatever the model was quantized for."""
-    from edgeslim.quantize._layout import for_openvino
+def _relay_for_openvino(path: Path, model: Any) -> dict[str, Any] | None:
+    """Lay the Q/DQ pairs of ``model``'s INT8 ONNX file out for OpenVINO, in place, when they were laid out for
+    ONNX Runtime (a pure graph pass on the calibrated scales: what ``QuantConfig(runtime="openvino")`` does at
+    quantize time), so an OpenVINO artifact fuses each activation into its convolution whatever the model was
+    quantized for. None when the file is laid out for OpenVINO already."""
+    from edgeslim.quantize._layout import for_openvino, runtime_of
+
+    if runtime_of(model) == "openvino":
+        return None
 
     graph, record = for_openvino(path.read_bytes())
     path.write_bytes(graph)
     return {**record, "when": "at export (the model's Q/DQ pairs were laid out for onnxruntime)"}
 
 
-def _layout_runtime(model: Any) -> str:
-    """The runtime a quantized model's Q/DQ pairs are laid out for (``QuantConfig.runtime``)."""
-    from edgeslim.quantize import QuantConfig
-
-    config = getattr(model, "config", None)
-    return config.runtime if isinstance(config, QuantConfig) else "onnxruntime"
-
-
-def _integer_share(
-    path: Path, x: Any, precision: str, placed: set[str] = frozenset(), name: str = "", runtime: str = "onnxruntime"
-) -> dict[str, Any] | None:
-    """For INT8 files: the share of Conv/Gemm/MatMul MACs that run in integer kernels, measured on the graph."""
+def _integer_share(path: Path, x: Any, precision: str, model: Any, name: str = "") -> dict[str, Any] | None:
+    """For INT8 files: the share of Conv/Gemm/MatMul MACs that run in integer kernels, measured on the graph as the
+    runtime ``model`` is laid out for reads it."""
     if not precision.startswith("int8"):
         return None
     from edgeslim.core.onnx_model import as_feeds
     from edgeslim.quantize._capture import MIN_INTEGER_SHARE
+    from edgeslim.quantize._layout import runtime_of
     from edgeslim.quantize._onnx import integer_macs
 
+    placed, runtime = _placed_float(model), runtime_of(model)
     sess = ort_session(path)
     names = [i.name for i in sess.get_inputs()]
     feeds = as_feeds(slice_inputs(x, 0, 1), names)
@@ -487,9 +484,7 @@ def _export_edge(
             onnx_art = export(
                 model, "onnx", example_inputs=x, path=Path(td) / "model.onnx", validate=False, opset=opset
             )
-            layout = None
-            if prec == "int8" and _layout_runtime(model) != "openvino":
-                layout = _relay_for_openvino(onnx_art.path)
+            layout = _relay_for_openvino(onnx_art.path, model) if prec == "int8" else None
             meta = _edge.write_openvino(onnx_art.path, tmp)
             if layout is not None:
                 meta["qdq_layout"] = layout

@@ -74,6 +74,19 @@ def fx_coverage(model: nn.Module, probe: Any) -> dict[str, Any]:
     return {"quantizable_macs": int(covered), "total_macs": int(total), "layers": names, "folded": gm}
 
 
+def _onnx_only(config: QuantConfig, setting: str, what: str) -> tuple[str, str, None]:
+    """The ONNX capture for a ``setting`` only it does, or one line when the config rules that capture out."""
+    if config.capture == Capture.FX:
+        raise ConfigError(
+            f"QuantConfig.{setting} {what} on the ONNX capture; it is not available with capture='fx' (use "
+            "capture='onnx' or 'auto')"
+        )
+    fx_only = _onnx.needs_fx(config)
+    if fx_only:
+        raise ConfigError(f"QuantConfig.{setting} needs the ONNX capture, but {fx_only} needs fx")
+    return "onnx", f"{setting} {what} on the ONNX graph", None
+
+
 def choose(model: nn.Module, config: QuantConfig, probe: Any) -> tuple[str, str, dict[str, Any] | None]:
     """(capture, why, fx coverage or None) for ``model`` under ``config``."""
     if isinstance(model, OnnxModel):
@@ -87,25 +100,9 @@ def choose(model: nn.Module, config: QuantConfig, probe: Any) -> tuple[str, str,
         _onnx.check_onnx_config(config)
         return "onnx", "asked for (capture='onnx')", None
     if config.placement == Placement.MEASURED:
-        if config.capture == Capture.FX:
-            raise ConfigError(
-                "QuantConfig.placement='measured' times ONNX Runtime's kernels on the ONNX capture; it is not "
-                "available with capture='fx' (use capture='onnx' or 'auto')"
-            )
-        fx_only = _onnx.needs_fx(config)
-        if fx_only:
-            raise ConfigError(f"QuantConfig.placement='measured' needs the ONNX capture, but {fx_only} needs fx")
-        return "onnx", "placement='measured' times each layer's kernels on the ONNX graph", None
+        return _onnx_only(config, "placement='measured'", "times ONNX Runtime's kernels")
     if config.runtime != "onnxruntime":
-        if config.capture == Capture.FX:
-            raise ConfigError(
-                f"QuantConfig.runtime={config.runtime!r} lays out the Q/DQ pairs of the ONNX capture; it is not "
-                "available with capture='fx' (use capture='onnx' or 'auto')"
-            )
-        fx_only = _onnx.needs_fx(config)
-        if fx_only:
-            raise ConfigError(f"QuantConfig.runtime={config.runtime!r} needs the ONNX capture, but {fx_only} needs fx")
-        return "onnx", f"runtime={config.runtime!r}: the ONNX graph's Q/DQ pairs are laid out for it", None
+        return _onnx_only(config, f"runtime={config.runtime!r}", "lays out the Q/DQ pairs")
     try:
         cov = fx_coverage(model, probe)
     except QuantizationError as e:
@@ -417,8 +414,9 @@ def fill_onnx_report(report: Any, q: OnnxQuantizedModel, why: str, pre_err: str 
     im = _onnx.integer_macs(q.onnx_bytes(), _onnx_feeds(q), runtime=q.config.runtime)
     modules = not isinstance(q.float_model, OnnxModel)
     per_tensor = report.corrections.get("per_tensor_layers") or {}
-    depthwise = set(_onnx.depthwise_weights(_onnx._onnx().load_from_string(q.onnx_bytes())).values())
-    fusable = _onnx.ort_may_fuse(q.onnx_bytes()) if q.config.runtime == "onnxruntime" else set()
+    qmodel = _onnx._onnx().load_from_string(q.onnx_bytes())
+    depthwise = set(_onnx.depthwise_weights(qmodel).values())
+    fusable = _onnx.ort_may_fuse(qmodel) if q.config.runtime == "onnxruntime" else set()
     for n in im["nodes"]:
         module = _module_label(n["node"], modules)
         if n["integer"]:
@@ -569,8 +567,9 @@ def compare_speed(
     x = first_sample(example_inputs)
     fgraph = to_onnx(float_model, x, opset=OPSET)
     qgraph = quantized_graph(quantized, x)
-    config = getattr(quantized, "config", None)
-    runtime = config.runtime if isinstance(config, QuantConfig) else "onnxruntime"
+    from edgeslim.quantize._layout import runtime_of
+
+    runtime = runtime_of(quantized)
     with tempfile.TemporaryDirectory() as td:
         if runtime == "onnxruntime":
             sessions = {

@@ -233,16 +233,16 @@ def _unify(g: QdqGraph, group: list[Any]) -> bool:
     return True
 
 
-def _drop_preserving_pairs(g: QdqGraph, concat: bool) -> int:
-    """Drop the Q/DQ pairs on the outputs of precision-preserving ops (Concats only when ``concat``) whose data
-    inputs are quantized already."""
+def _drop_preserving_pairs(g: QdqGraph) -> int:
+    """Drop the Q/DQ pairs on the outputs of precision-preserving ops other than Concat (those go with their shared
+    ranges, :func:`_share_concat_ranges`) whose data inputs are quantized already."""
     drop: set[int] = set()
     rename: dict[str, str] = {}
     for q in g.model.graph.node:
         if not g.is_activation_q(q):
             continue
         p = g.producer.get(q.input[0])
-        if p is None or not _preserves(g, p) or (p.op_type == "Concat") != concat:
+        if p is None or not _preserves(g, p) or p.op_type == "Concat":
             continue
         if quantized_source(g, q.input[0]) is not None:
             g.drop_pair(q, drop, rename)
@@ -308,7 +308,7 @@ def for_openvino(graph: bytes) -> tuple[bytes, dict[str, Any]]:
     g = QdqGraph(model)
     drop, rename = _fused_activation_pairs(g)
     fused = g.apply(drop, rename)
-    preserved = _drop_preserving_pairs(g, concat=False)
+    preserved = _drop_preserving_pairs(g)
     unified, requant = _share_concat_ranges(g)
     record = {
         "runtime": "openvino",
@@ -334,3 +334,12 @@ LAYOUTS: dict[str, Callable[[bytes], tuple[bytes, dict[str, Any]]] | None] = {
     "onnxruntime": None,
     "openvino": for_openvino,
 }
+
+
+def runtime_of(model: Any) -> str:
+    """The runtime a quantized model's Q/DQ pairs are laid out for (``QuantConfig.runtime``; ``onnxruntime`` for
+    anything else)."""
+    from edgeslim.quantize._config import QuantConfig
+
+    config = getattr(model, "config", None)
+    return config.runtime if isinstance(config, QuantConfig) else "onnxruntime"

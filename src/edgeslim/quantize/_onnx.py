@@ -200,25 +200,22 @@ def calibrate(
     entropy = config.calibration == "entropy"
     same = shared_ranges(model, set(names))
     observers = {n: Observer(count_zeros=entropy) for n in names if n not in same}
+    mean_of: dict[str, str] = {}  # Conv/Gemm data input -> the tensor whose channel means it takes
     if means is not None:
         for n in model.graph.node:
             if n.op_type in ("Conv", "Gemm") and n.input and n.input[0]:
                 t = n.input[0]
                 while t in same:  # a zero Pad's output: its input's means (the border zeros are left out)
                     t = same[t]
+                mean_of[n.input[0]] = t
                 observers.setdefault(t, Observer(count_zeros=entropy)).channel_sums = True
     signed = config.activation_type == ActivationType.INT8
     qmin, qmax = (-128, 127) if signed else (0, 255)
     infinite = observe_graph(graph, observers, batches)
-    if means is not None:
-        for n in model.graph.node:
-            if n.op_type in ("Conv", "Gemm") and n.input and n.input[0]:
-                t = n.input[0]
-                while t in same:
-                    t = same[t]
-                obs = observers.get(t)
-                if obs is not None and obs.channel_count and t not in infinite:
-                    means[n.input[0]] = obs.channel_total / obs.channel_count
+    for x, t in mean_of.items():
+        obs = observers[t]
+        if obs.channel_count and t not in infinite:
+            means[x] = obs.channel_total / obs.channel_count
     observers = {n: o for n, o in observers.items() if n in names and n not in same}
     method = CALIBRATORS.get(config.calibration)
     ranges = dict.fromkeys(infinite, (-math.inf, math.inf))
@@ -574,26 +571,35 @@ def _subgraph_reads(graph: Any) -> set[str]:
     return out
 
 
-def ort_may_fuse(quantized: bytes) -> set[str]:
-    """Float Conv/Gemm/MatMul nodes between a DequantizeLinear and a QuantizeLinear (through a ReLU/Clip), whose
-    constant float weights ONNX Runtime's optimizer may quantize itself, running them as integer kernels."""
-    onnx = _onnx()
-    model = onnx.load_from_string(quantized)
-    producer = {o: n for n in model.graph.node for o in n.output}
-    readers: dict[str, list[Any]] = {}
+def _readers(model: Any) -> dict[str, list[Any]]:
+    out: dict[str, list[Any]] = {}
     for m in model.graph.node:
         for t in m.input:
-            readers.setdefault(t, []).append(m)
+            out.setdefault(t, []).append(m)
+    return out
+
+
+def _quantized_after(n: Any, readers: Mapping[str, list[Any]]) -> bool:
+    """Whether ``n``'s output feeds a QuantizeLinear, directly or through a sole ReLU/Clip (which ONNX Runtime fuses
+    into ``n`` first): the output half of the DQ -> node -> Q pattern its optimizer turns into an integer kernel."""
+    after = readers.get(n.output[0], [])
+    if len(after) == 1 and after[0].op_type in ("Relu", "Clip"):
+        after = readers.get(after[0].output[0], [])
+    return any(r.op_type == "QuantizeLinear" for r in after)
+
+
+def ort_may_fuse(model: Any) -> set[str]:
+    """Float Conv/Gemm/MatMul nodes of a loaded Q/DQ ``model`` between a DequantizeLinear and a QuantizeLinear,
+    whose constant float weights ONNX Runtime's optimizer may quantize itself, running them as integer kernels."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    readers = _readers(model)
     inits = {i.name for i in model.graph.initializer}
     out = set()
     for n in model.graph.node:
         if n.op_type not in MAC_OPS or len(n.input) < 2 or n.input[1] not in inits:
             continue
         p = producer.get(n.input[0])
-        after = readers.get(n.output[0], [])
-        if len(after) == 1 and after[0].op_type in ("Relu", "Clip"):
-            after = readers.get(after[0].output[0], [])
-        if p is not None and p.op_type == "DequantizeLinear" and any(r.op_type == "QuantizeLinear" for r in after):
+        if p is not None and p.op_type == "DequantizeLinear" and _quantized_after(n, readers):
             out.add(n.name)
     return out
 
@@ -615,19 +621,11 @@ def float_inputs_for(quantized: bytes, excluded: Mapping[str, str], float_model:
     model = onnx.load_from_string(quantized)
     producer = {o: n for n in model.graph.node for o in n.output}
     fproducer = {o: n for n in float_model.graph.node for o in n.output}
-    readers: dict[str, list[Any]] = {}
-    for m in model.graph.node:
-        for t in m.input:
-            readers.setdefault(t, []).append(m)
+    readers = _readers(model)
     changed = False
     for n in model.graph.node:
-        if n.op_type not in MAC_OPS or n.name not in mac:
-            continue
-        after = readers.get(n.output[0], [])
-        if len(after) == 1 and after[0].op_type in ("Relu", "Clip"):  # ORT fuses the activation first
-            after = readers.get(after[0].output[0], [])
-        if not any(r.op_type == "QuantizeLinear" for r in after):
-            continue  # no DQ -> node -> Q pattern: ONNX Runtime keeps it float as it is
+        if n.op_type not in MAC_OPS or n.name not in mac or not _quantized_after(n, readers):
+            continue  # not excluded, or no DQ -> node -> Q pattern: ONNX Runtime keeps it float as it is
         for j in (0, 1) if n.op_type == "MatMul" else (0,):
             if j >= len(n.input):
                 continue
@@ -641,7 +639,7 @@ def float_inputs_for(quantized: bytes, excluded: Mapping[str, str], float_model:
             n.input[j] = q.input[0]
             changed = True
     used = {t for n in model.graph.node for t in n.input} | {o.name for o in model.graph.output}
-    for _ in range(2):  # a DQ nobody reads any more, then its Q
+    for _ in range(2 if changed else 0):  # a DQ nobody reads any more, then its Q
         keep = [
             n
             for n in model.graph.node
